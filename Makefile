@@ -1,0 +1,37 @@
+# Every target sets itself up: a fresh clone needs only Python 3.11 and `make demo` / `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Exactly this torch: a looser pin would pull a multi-GB CUDA build instead of the CPU wheel on disk.
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[test]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ringattn demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV)/bin/ringattn bench all --out docs/bench
+
+docs: bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

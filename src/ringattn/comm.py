@@ -1,0 +1,86 @@
+"""Point-to-point exchange on a ring, and the small collectives the rest of ringattn needs.
+
+All transfers are posted together with ``batch_isend_irecv`` (gloo and NCCL alike) and waited on
+later, so the next block is in flight while the current one is computed. Every rank posts the same
+sequence of exchanges; tags keep key/value blocks, travelling gradients and returned gradients apart
+on backends that match by tag (gloo), and the fixed order keeps them apart on those that do not (NCCL).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+TAG_KV, TAG_GRAD, TAG_RETURN = 11, 12, 13
+
+
+def group_rank_world(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) without an initialised process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+@dataclass
+class Stats:
+    """What a profiled call did on this rank (see ``ringattn.profile``)."""
+
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    flops: float = 0.0
+    bytes_sent: int = 0
+    steps: int = 0
+    calls: int = 0
+    per_call: list = field(default_factory=list)
+
+
+_STATS: Stats | None = None
+
+
+def stats() -> Stats | None:
+    return _STATS
+
+
+def set_stats(s: Stats | None) -> None:
+    global _STATS
+    _STATS = s
+
+
+class Pending:
+    def __init__(self, works, tensors):
+        self.works, self.tensors = works, tensors
+
+    def wait(self):
+        t0 = time.perf_counter()
+        for w in self.works:
+            w.wait()
+        if _STATS is not None:
+            _STATS.wait_s += time.perf_counter() - t0
+        return self.tensors
+
+
+class Ring:
+    """Neighbour exchange in one process group (ranks are the group's own)."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world = group_rank_world(group)
+
+    def _global(self, r: int) -> int:
+        r %= self.world
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def exchange(self, send: tuple[torch.Tensor, ...], to: int, recv_like: tuple[torch.Tensor, ...],
+                 frm: int, tag: int, dtype: torch.dtype | None = None) -> Pending:
+        """Send ``send`` to rank ``rank + to`` and receive as many tensors from ``rank + frm``."""
+        recv = tuple(torch.empty_like(t, dtype=dtype or t.dtype) for t in recv_like)
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self._global(self.rank + to), self.group, tag)
+               for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self._global(self.rank + frm), self.group, tag) for t in recv]
+        works = dist.batch_isend_irecv(ops)
+        if _STATS is not None:
+            _STATS.bytes_sent += sum(t.numel() * t.element_size() for t in send)
+        return Pending(works, recv)

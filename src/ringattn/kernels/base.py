@@ -1,0 +1,47 @@
+"""The contract every per-block attention backend implements.
+
+Tensors use the flash-attn layout: ``q`` ``(batch, nq, heads, d)``, ``k`` ``(batch, nk, kv_heads, d)``,
+``v`` ``(batch, nk, kv_heads, dv)``; query head ``i`` reads key/value head ``i // (heads // kv_heads)``.
+``causal`` is aligned top-left (query row ``i`` sees keys ``j <= i``) whatever ``nq`` and ``nk`` are.
+``mask`` is an optional boolean ``(nq, nk)`` tensor, True = visible; rows with nothing visible must come
+back with ``out = 0`` and ``lse = -inf``.
+
+``forward`` returns ``(out, lse)``: ``out`` ``(batch, nq, heads, dv)`` in any floating dtype (the ring
+accumulates it in float32/float64), ``lse`` ``(batch, heads, nq)`` float32 (float64 for float64 input).
+``backward`` takes the *final* out and lse of the whole rows (not this block's) and returns this block
+pair's share of ``(dq, dk, dv)`` (FlashAttention-2: D = rowsum(dO * O), P = exp(S * scale - lse)).
+``lse`` may hold ``-inf`` for rows that see no key anywhere; their gradients are zero.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Backend(Protocol):
+    name: str
+
+    def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool: ...
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def backward(
+        self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, nq, h, _ = q.shape
+    out = q.new_zeros(b, nq, h, v.shape[-1])
+    lse = torch.full((b, h, nq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    return out, lse

@@ -1,0 +1,93 @@
+"""Attention of one local query block against one key/value block, as a list of kernel calls.
+
+``masks.plan_block`` turns (query positions, key positions, mask) into tasks; this module runs them on
+a backend and merges the partial results by logsumexp into a float32 (float64) accumulator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..masks import Kind, MaskSpec, Segment, Task, plan_block
+from .base import Backend, lse_dtype
+
+
+class Partial:
+    """Running (out, lse) of a set of query rows; starts empty (out = 0, lse = -inf)."""
+
+    def __init__(self, q: torch.Tensor, v_head_dim: int):
+        b, n, h, _ = q.shape
+        acc = lse_dtype(q.dtype)
+        self.out = torch.zeros(b, n, h, v_head_dim, dtype=acc, device=q.device)
+        self.lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
+
+    def merge(self, q0: int, q1: int, out: torch.Tensor, lse: torch.Tensor) -> None:
+        merge_into(self.out[:, q0:q1], self.lse[:, :, q0:q1], out, lse)
+
+
+def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """In place: (acc_out, acc_lse) <- merge of itself with (out, lse); an all -inf side adds nothing.
+
+    ``out`` is ``(b, n, h, dv)``, ``lse`` ``(b, h, n)``. new_lse = logaddexp(lse_a, lse_b) and
+    out = exp(lse_a - new_lse) out_a + exp(lse_b - new_lse) out_b, computed around the row maximum so
+    that two -inf sides give lse -inf and out 0 rather than NaN.
+    """
+    lse = lse.to(acc_lse.dtype)
+    mx = torch.maximum(acc_lse, lse)
+    mx = mx.masked_fill(torch.isneginf(mx), 0.0)
+    wa = torch.exp(acc_lse - mx)
+    wb = torch.exp(lse - mx)
+    total = wa + wb
+    acc_lse.copy_(mx + torch.log(total))
+    inv = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
+    wa = (wa * inv).transpose(1, 2).unsqueeze(-1)
+    wb = (wb * inv).transpose(1, 2).unsqueeze(-1)
+    acc_out.mul_(wa).add_(out.to(acc_out.dtype) * wb)
+
+
+def run_forward(backend: Backend, q, k, v, tasks: tuple[Task, ...], spec: MaskSpec, scale: float,
+                acc: Partial) -> None:
+    for t in tasks:
+        mask = spec.dense(t.qseg.positions(q.device), t.kseg.positions(q.device)) \
+            if t.kind is Kind.PARTIAL else None
+        out, lse = backend.forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], scale=scale,
+                                   causal=t.kind is Kind.CAUSAL, mask=mask)
+        acc.merge(t.q0, t.q1, out, lse)
+
+
+def run_backward(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, ...], spec: MaskSpec,
+                 scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                 dlse: torch.Tensor | None = None) -> None:
+    """Adds this block pair's gradient shares into the float32/64 accumulators dq, dk, dv.
+
+    ``dlse`` (gradient flowing into the returned lse) is only taken by the reference backend.
+    """
+    for t in tasks:
+        mask = spec.dense(t.qseg.positions(q.device), t.kseg.positions(q.device)) \
+            if t.kind is Kind.PARTIAL else None
+        extra = {} if dlse is None else {"dlse": dlse[:, :, t.q0:t.q1]}
+        gq, gk, gv = backend.backward(
+            dout[:, t.q0:t.q1], q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], out[:, t.q0:t.q1],
+            lse[:, :, t.q0:t.q1], scale=scale, causal=t.kind is Kind.CAUSAL, mask=mask, **extra)
+        dq[:, t.q0:t.q1] += gq
+        dk[:, t.k0:t.k1] += gk
+        dv[:, t.k0:t.k1] += gv
+
+
+def block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: tuple[Segment, ...],
+    k_segments: tuple[Segment, ...], spec: MaskSpec, *, scale: float | None = None,
+    backend: Backend | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of one query block against one key/value block at the given global positions.
+
+    Rows that see no key come back with out 0 and lse -inf. ``out`` is in the accumulation dtype
+    (float32, or float64 for float64 input), ``lse`` ``(batch, heads, nq)``.
+    """
+    from . import select
+
+    backend = backend or select(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = Partial(q, v.shape[-1])
+    run_forward(backend, q, k, v, plan_block(spec, q_segments, k_segments), spec, scale, acc)
+    return acc.out, acc.lse

@@ -1,0 +1,60 @@
+"""CPU backend: torch's fused flash-attention op, which returns the logsumexp we need to merge blocks.
+
+``aten._scaled_dot_product_flash_attention_for_cpu`` takes ``(b, h, s, d)`` (strided views of our
+``(b, s, h, d)`` tensors are fine), handles GQA natively by head broadcasting, and accepts an additive
+mask. What it does not do, and this module covers: a value head dim different from the key head dim
+(zero-padded here, which changes no score), empty inputs (it crashes), and fully masked rows (it
+returns lse = 0 for them; we need -inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import empty_result, lse_dtype
+
+_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _pad_to(x: torch.Tensor, d: int) -> torch.Tensor:
+    return x if x.shape[-1] == d else F.pad(x, (0, d - x.shape[-1]))
+
+
+class CpuFlashBackend:
+    name = "cpu-flash"
+
+    def supports(self, q, k, v) -> bool:
+        return q.device.type == "cpu" and q.dtype in (torch.float64, torch.float32, torch.float16,
+                                                       torch.bfloat16)
+
+    def forward(self, q, k, v, *, scale, causal, mask):
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            return empty_result(q, v)
+        d, dv = q.shape[-1], v.shape[-1]
+        width = max(d, dv)
+        qt, kt, vt = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v))
+        out, lse = _fwd(qt, kt, vt, 0.0, causal, attn_mask=_bias(mask, q.dtype), scale=scale)
+        out = out.transpose(1, 2)[..., :dv]
+        if mask is not None:
+            lse = lse.masked_fill(~mask.any(-1), float("-inf"))
+        return out, lse.to(lse_dtype(q.dtype))
+
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
+        if q.shape[1] == 0 or k.shape[1] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        d, dv = q.shape[-1], v.shape[-1]
+        width = max(d, dv)
+        qt, kt, vt, ot, dot = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v, out.to(q.dtype),
+                                                                            dout.to(q.dtype)))
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
+        dq, dk, dvv = _bwd(dot, qt, kt, vt, ot, lse.to(lse_dtype(q.dtype)).contiguous(), 0.0, causal,
+                           attn_mask=_bias(mask, q.dtype), scale=scale)
+        return (dq.transpose(1, 2)[..., :d], dk.transpose(1, 2)[..., :d], dvv.transpose(1, 2)[..., :dv])

@@ -1,0 +1,207 @@
+"""Masks on global positions, and the classification of block pairs.
+
+Every mask ringattn supports is a predicate on the global position ``i`` of a query and ``j`` of a key
+(see ``shared/API.md``): keys at ``j >= seq_len`` are padding, ``causal`` keeps ``j <= i``,
+``window=(left, right)`` keeps ``i - left <= j <= i + right`` (``-1`` = unbounded) and ``cu_seqlens``
+keeps pairs inside one document. A rank's tokens are a few arithmetic runs of positions
+(:class:`Segment`), so whether a block pair is empty, fully visible, a (shifted) causal triangle or
+genuinely partial is decided from a handful of integers, without building any mask. Only partial
+tiles get a dense boolean mask, and only tile-sized.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass
+
+import torch
+
+# Partial block pairs are cut into tiles of this many queries x keys before a dense mask is built:
+# small enough that a mask never costs more than a score tile, big enough for the kernel to run well.
+TILE = 512
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Global positions ``start, start + stride, ..., start + (length - 1) * stride``."""
+
+    start: int
+    length: int
+    stride: int = 1
+
+    @property
+    def last(self) -> int:
+        return self.start + (self.length - 1) * self.stride
+
+    def sub(self, lo: int, hi: int) -> Segment:
+        """Local rows ``[lo, hi)`` of this segment."""
+        return Segment(self.start + lo * self.stride, hi - lo, self.stride)
+
+    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.arange(self.length, device=device, dtype=torch.long) * self.stride + self.start
+
+    def count_below(self, limit: int) -> int:
+        """How many leading positions are ``< limit`` (positions increase along a segment)."""
+        if limit <= self.start:
+            return 0
+        return min(self.length, -(-(limit - self.start) // self.stride))
+
+
+class Kind(enum.Enum):
+    EMPTY = 0  # nothing visible: skip, no kernel call
+    FULL = 1  # everything visible: mask-free kernel call
+    CAUSAL = 2  # key j visible to query i iff j <= i + shift: the kernel's own causal flag
+    PARTIAL = 3  # anything else: dense mask, tile by tile
+
+
+@dataclass(frozen=True)
+class Pair:
+    """How to compute one query segment against one key segment.
+
+    ``k_len`` keys are used (padding keys at the end are cut off). For ``CAUSAL``, query row ``i``
+    sees key ``j`` iff ``j <= i + shift``; ``shift <= 0`` (rows ``< -shift`` see nothing).
+    """
+
+    kind: Kind
+    k_len: int = 0
+    shift: int = 0
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """The global mask of one attention call. Hashable, so plans can be cached on it."""
+
+    seq_len: int
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    doc_bounds: tuple[int, ...] | None = None  # cu_seqlens as Python ints
+
+    # Visible iff lo <= i - j <= hi; None = unbounded.
+    @property
+    def lo(self) -> int | None:
+        lo = 0 if self.causal else None
+        if self.window is not None and self.window[1] >= 0:
+            lo = -self.window[1] if lo is None else max(lo, -self.window[1])
+        return lo
+
+    @property
+    def hi(self) -> int | None:
+        if self.window is not None and self.window[0] >= 0:
+            return self.window[0]
+        return None
+
+    def doc_of(self, pos: int) -> int:
+        """Document index of a position; padding positions get an index no key has."""
+        assert self.doc_bounds is not None
+        return bisect.bisect_right(self.doc_bounds, pos) - 1
+
+    def classify(self, qs: Segment, ks: Segment) -> Pair:
+        if qs.length == 0:
+            return Pair(Kind.EMPTY)
+        k_len = ks.count_below(self.seq_len)
+        if k_len == 0:
+            return Pair(Kind.EMPTY)
+        ks = Segment(ks.start, k_len, ks.stride)
+        lo, hi = self.lo, self.hi
+        dmin, dmax = qs.start - ks.last, qs.last - ks.start  # range of i - j over the pair
+        if (lo is not None and dmax < lo) or (hi is not None and dmin > hi):
+            return Pair(Kind.EMPTY)
+        docs_cut = False
+        if self.doc_bounds is not None:
+            q0, q1 = self.doc_of(qs.start), self.doc_of(qs.last)
+            k0, k1 = self.doc_of(ks.start), self.doc_of(ks.last)
+            if q1 < k0 or k1 < q0:
+                return Pair(Kind.EMPTY)
+            docs_cut = not (q0 == q1 == k0 == k1)
+        lo_cuts = lo is not None and dmin < lo
+        hi_cuts = hi is not None and dmax > hi
+        if not (docs_cut or lo_cuts or hi_cuts):
+            return Pair(Kind.FULL, k_len)
+        if not docs_cut and not hi_cuts and qs.stride == ks.stride:
+            # Only the lower bound cuts: i - j >= lo  <=>  j - i <= (qs.start - ks.start - lo) / stride.
+            shift = (qs.start - ks.start - lo) // qs.stride
+            if shift <= 0:
+                return Pair(Kind.CAUSAL, k_len, shift)
+        return Pair(Kind.PARTIAL, k_len)
+
+    def dense(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Boolean ``(len(qpos), len(kpos))`` mask, True = visible. For tiles only."""
+        d = qpos[:, None] - kpos[None, :]
+        keep = (kpos < self.seq_len)[None, :].expand_as(d).clone()
+        if self.lo is not None:
+            keep &= d >= self.lo
+        if self.hi is not None:
+            keep &= d <= self.hi
+        if self.doc_bounds is not None:
+            bounds = torch.tensor(self.doc_bounds, device=qpos.device)
+            qd = torch.bucketize(qpos, bounds, right=True)
+            kd = torch.bucketize(kpos, bounds, right=True)
+            keep &= qd[:, None] == kd[None, :]
+        return keep
+
+
+@dataclass(frozen=True)
+class Task:
+    """One kernel call: query rows ``[q0, q1)`` and key rows ``[k0, k1)`` of the local blocks."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    kind: Kind
+    shift: int = 0
+    qseg: Segment | None = None  # set for PARTIAL: positions needed to build the mask
+    kseg: Segment | None = None
+
+
+def plan_block(
+    spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], tile: int | None = None
+) -> tuple[Task, ...]:
+    """The kernel calls that compute local query block ``qsegs`` against key block ``ksegs``.
+
+    Segments are consecutive in local row order. Partial pairs are split into tiles so that each
+    tile again gets the cheapest exact treatment (most window and document tiles are empty or full).
+    """
+    tile = TILE if tile is None else tile
+    tasks: list[Task] = []
+    qoff = 0
+    for qs in qsegs:
+        koff = 0
+        for ks in ksegs:
+            _plan_pair(spec, qs, ks, qoff, koff, tile, tasks)
+            koff += ks.length
+        qoff += qs.length
+    return tuple(tasks)
+
+
+def _plan_pair(spec, qs, ks, qoff, koff, tile, out) -> None:
+    pair = spec.classify(qs, ks)
+    if pair.kind is Kind.EMPTY:
+        return
+    if pair.kind is Kind.FULL or pair.kind is Kind.CAUSAL:
+        q0 = qoff + max(0, -pair.shift) if pair.kind is Kind.CAUSAL else qoff
+        out.append(Task(q0, qoff + qs.length, koff, koff + pair.k_len, pair.kind))
+        return
+    ks = Segment(ks.start, pair.k_len, ks.stride)
+    if qs.length <= tile and ks.length <= tile:
+        out.append(Task(qoff, qoff + qs.length, koff, koff + ks.length, Kind.PARTIAL, qseg=qs, kseg=ks))
+        return
+    for a in range(0, qs.length, tile):
+        qa = qs.sub(a, min(a + tile, qs.length))
+        for b in range(0, ks.length, tile):
+            kb = ks.sub(b, min(b + tile, ks.length))
+            sub = spec.classify(qa, kb)
+            if sub.kind is Kind.PARTIAL:
+                kb = Segment(kb.start, sub.k_len, kb.stride)
+                out.append(Task(qoff + a, qoff + a + qa.length, koff + b, koff + b + kb.length,
+                                Kind.PARTIAL, qseg=qa, kseg=kb))
+            else:
+                _plan_pair(spec, qa, kb, qoff + a, koff + b, tile, out)
+
+
+def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: int) -> float:
+    """Forward FLOPs of one task (flash-attn convention; a causal triangle counts half)."""
+    nq, nk = task.q1 - task.q0, task.k1 - task.k0
+    f = 2.0 * batch * heads * nq * nk * (head_dim + v_head_dim)
+    return f / 2 if task.kind is Kind.CAUSAL else f

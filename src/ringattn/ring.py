@@ -1,0 +1,238 @@
+"""Ring Attention (Liu, Zaharia, Abbeel 2023): exact attention with key/value blocks passed around a ring.
+
+Each rank keeps its query block. At every step it posts the exchange that brings the next key/value
+block, computes attention against the block it holds, and merges the partial (out, lse) by logsumexp.
+
+The schedule is a list of *offsets*: at offset ``o`` a rank holds the block of rank ``rank - o``.
+``0, 1, ..., a`` is the forward ring (blocks move to ``rank + 1``) and ``-1, ..., -b`` the reverse ring
+(blocks move to ``rank - 1``). Offsets whose block pair is empty on every rank are left out, so a
+sliding window on the contiguous layout takes about ``ceil(left / local_len) + 1`` steps instead of W
+(plus the right side when non-causal). Backward replays the schedule: dQ accumulates locally, dK/dV
+accumulate in float32 buffers that travel with their block and are sent straight back to the owner
+at the end of each direction.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import comm
+from .comm import TAG_GRAD, TAG_KV, TAG_RETURN, Ring
+from .kernels import BACKENDS, lse_dtype, select
+from .kernels.block import Partial, run_backward, run_forward
+from .layouts import segments
+from .masks import MaskSpec, Task, plan_block, task_flops
+from .validate import agree, check_qkv, make_spec
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    steps: tuple[int, ...]  # offsets, same on every rank
+    tasks: dict  # offset -> this rank's kernel tasks
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int) -> RingPlan:
+    segs = [segments(layout, r, world, local_len) for r in range(world)]
+
+    def busy(r: int, o: int) -> bool:
+        qsegs, ksegs = segs[r], segs[(r - o) % world]
+        return any(spec.classify(qs, ks).kind.value != 0 for qs in qsegs for ks in ksegs)
+
+    needed = [o for o in range(1, world) if any(busy(r, o) for r in range(world))]
+    # Cover the needed offsets with a forward run 1..a and a reverse run W-1..W-b, fewest steps total.
+    best = None
+    for a in range(world):
+        b = max((world - o for o in needed if o > a), default=0)
+        if best is None or a + b < best[0] + best[1]:
+            best = (a, b)
+    a, b = best
+    steps = (0, *range(1, a + 1), *(-i for i in range(1, b + 1)))
+    tasks = {o: plan_block(spec, segs[rank], segs[(rank - o) % world]) for o in steps}
+    return RingPlan(steps, tasks)
+
+
+@dataclass(frozen=True)
+class _Call:
+    group: object
+    plan: RingPlan
+    spec: MaskSpec
+    scale: float
+
+
+def _count(tasks: tuple[Task, ...], q, v, backward: bool) -> None:
+    s = comm.stats()
+    if s is not None:
+        f = sum(task_flops(t, q.shape[0], q.shape[2], q.shape[3], v.shape[3]) for t in tasks)
+        s.flops += 2.5 * f if backward else f
+
+
+def _timed(fn, *args):
+    s = comm.stats()
+    if s is None:
+        return fn(*args)
+    t0 = time.perf_counter()
+    r = fn(*args)
+    s.compute_s += time.perf_counter() - t0
+    return r
+
+
+def _prefetch(ring: Ring, steps, i: int, cur, own) -> comm.Pending | None:
+    """Post the exchange that brings the block of step i + 1."""
+    if i + 1 >= len(steps) or ring.world == 1:
+        return None
+    nxt = steps[i + 1]
+    d = 1 if nxt > 0 else -1
+    block = own if nxt == -1 else cur  # the reverse ring starts from each rank's own block
+    return ring.exchange(block, d, block, -d, TAG_KV)
+
+
+def _ring_forward(q, k, v, call: _Call):
+    ring = Ring(call.group)
+    backend = select(q, k, v)
+    acc = Partial(q, v.shape[-1])
+    steps = call.plan.steps
+    cur = (k, v)
+    for i, o in enumerate(steps):
+        pending = _prefetch(ring, steps, i, cur, (k, v))
+        tasks = call.plan.tasks[o]
+        if tasks:
+            _count(tasks, q, v, False)
+            _timed(run_forward, backend, q, cur[0], cur[1], tasks, call.spec, call.scale, acc)
+        if pending is not None:
+            cur = pending.wait()
+    s = comm.stats()
+    if s is not None:
+        s.steps += len(steps)
+    return acc.out.to(q.dtype), acc.lse
+
+
+def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
+    ring = Ring(call.group)
+    backend = select(q, k, v)
+    if dlse is not None:
+        # Gradient through lse folds into D (D - dlse); only the reference backend takes it.
+        backend = BACKENDS["reference"]
+    acc = lse_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    steps = call.plan.steps
+    cur, grads_in, returns = (k, v), None, []
+    for i, o in enumerate(steps):
+        pending = _prefetch(ring, steps, i, cur, (k, v))
+        if o == 0:
+            target = (dk, dv)
+        elif abs(o) == 1:
+            target = (torch.zeros(k.shape, dtype=acc, device=q.device),
+                      torch.zeros(v.shape, dtype=acc, device=q.device))
+        else:
+            target = grads_in.wait()
+        tasks = call.plan.tasks[o]
+        if tasks:
+            _count(tasks, q, v, True)
+            _timed(run_backward, backend, dout, q, cur[0], cur[1], out, lse, tasks, call.spec, call.scale,
+                   dq, *target, dlse)
+        if o != 0:
+            d = 1 if o > 0 else -1
+            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            if nxt == o + d:  # the block moves on: its gradient buffers travel with it
+                grads_in = ring.exchange(target, d, target, -d, TAG_GRAD)
+            else:  # end of this direction: straight back to the owner, rank - o
+                returns.append(ring.exchange(target, -o, target, o, TAG_RETURN))
+        if pending is not None:
+            cur = pending.wait()
+    for r in returns:
+        gk, gv = r.wait()
+        dk += gk
+        dv += gv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call: _Call):
+        out, lse = _ring_forward(q, k, v, call)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None and not bool((dlse != 0).any()):
+            dlse = None
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.call, dlse)
+        return dq, dk, dv, None
+
+
+def _describe(q, k, v, spec, layout, scale) -> str:
+    return (f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} {q.dtype} {q.device.type} "
+            f"layout={layout} {spec} scale={scale!r}")
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    layout: str = "contiguous",
+    seq_len: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: ``(batch, local_len, heads, head_dim)``, this rank's queries.
+        k: ``(batch, local_len, kv_heads, head_dim)``; ``heads % kv_heads == 0`` and query head ``i``
+            reads key/value head ``i // (heads // kv_heads)``. Only the kv_heads travel.
+        v: ``(batch, local_len, kv_heads, v_head_dim)``.
+        group: the process group holding the sequence (None = default group; without an
+            initialised ``torch.distributed``, exact single-process attention).
+        causal: keep key ``j`` for query ``i`` iff ``j <= i`` (global positions).
+        window: ``(left, right)``: keep ``i - left <= j <= i + right``; -1 = unbounded on that side.
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``: which global positions each rank holds
+            (see ``ringattn.shard``).
+        seq_len: the true global length; positions ``>= seq_len`` are padding, never attended to.
+            None = ``world * local_len``.
+        cu_seqlens: int tensor ``[0, ..., seq_len]`` of packed-document boundaries (batch 1).
+        softmax_scale: None = ``1 / sqrt(head_dim)``.
+        return_lse: also return the logsumexp ``(batch, heads, local_len)``, float32 (float64 for
+            float64 input).
+
+    Returns:
+        ``out`` ``(batch, local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
+        no key (padding under a document mask) are 0 with lse ``-inf``. Differentiable in q, k and v.
+    """
+    rank, world = comm.group_rank_world(group)
+    error, spec, desc = None, None, ""
+    try:
+        check_qkv(q, k, v)
+        spec = make_spec(world=world, local_len=q.shape[1], layout=layout, causal=causal, window=window,
+                         seq_len=seq_len, cu_seqlens=cu_seqlens, batch=q.shape[0])
+        if softmax_scale is not None and (isinstance(softmax_scale, bool)
+                                          or not isinstance(softmax_scale, (int, float))):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        desc = _describe(q, k, v, spec, layout, softmax_scale)
+    except (TypeError, ValueError) as e:
+        error = e
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    agree(desc, error, group, device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    plan = make_plan(spec, layout if world > 1 else "contiguous", rank, world, q.shape[1])
+    s = comm.stats()
+    if s is not None:
+        s.calls += 1
+    out, lse = _RingAttention.apply(q, k, v, _Call(group, plan, spec, scale))
+    return (out, lse) if return_lse else out

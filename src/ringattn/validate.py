@@ -1,0 +1,126 @@
+"""Argument checking, and making every rank agree on the call before anyone blocks in a P2P exchange.
+
+Each rank checks its own arguments, then all ranks compare a short description of the call (shapes,
+dtype, mask, layout, and whether the local check failed) with one tiny all-reduce. If any rank's check
+failed or the descriptions differ, every rank raises the same ``ValueError`` — nobody is left waiting
+in the ring for a peer that already gave up. The all-reduce runs on every call (about a hundred
+microseconds on gloo), because skipping it for "known" calls would let a rank with a new, bad call
+block in a collective its peers never enter.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from .layouts import LAYOUTS
+from .masks import MaskSpec
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, local_len, heads, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k and v must share the batch size, got {q.shape[0]}, {k.shape[0]}, "
+                         f"{v.shape[0]}")
+    if not (q.shape[1] == k.shape[1] == v.shape[1]):
+        raise ValueError(f"q, k and v must share local_len (dim 1), got {q.shape[1]}, {k.shape[1]}, "
+                         f"{v.shape[1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if q.shape[3] == 0 or v.shape[3] == 0:
+        raise ValueError("head_dim must be positive")
+
+
+def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_len, cu_seqlens,
+              batch: int) -> MaskSpec:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if layout == "zigzag" and world > 1 and local_len % 2:
+        raise ValueError(f"layout='zigzag' needs an even local_len, got {local_len} "
+                         "(ringattn.shard pads to a multiple of 2 * world)")
+    total = world * local_len
+    if seq_len is None:
+        seq_len = total
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+        raise TypeError(f"seq_len must be an int or None, got {type(seq_len).__name__}")
+    if not 0 <= seq_len <= total:
+        raise ValueError(f"seq_len must be in [0, world * local_len = {total}], got {seq_len}")
+    if window is not None:
+        ok = (isinstance(window, (tuple, list)) and len(window) == 2
+              and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window))
+        if not ok:
+            raise ValueError(f"window must be (left, right) with ints >= -1 (-1 = unbounded), got {window!r}")
+        window = (int(window[0]), int(window[1]))
+        if window == (-1, -1):
+            window = None
+    bounds = None
+    if cu_seqlens is not None:
+        bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
+    return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds)
+
+
+def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an integer torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} with shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens (packed documents) needs batch size 1, got {batch}")
+    b = tuple(int(x) for x in cu_seqlens.tolist())
+    if len(b) < 2 or b[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and hold at least one document, got {list(b)[:8]}")
+    if any(y <= x for x, y in zip(b, b[1:])):
+        raise ValueError("cu_seqlens must be strictly increasing (documents of length >= 1)")
+    if b[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at the valid length seq_len = {seq_len}, got {b[-1]}")
+    return b
+
+
+def agree(description: str, error: Exception | None, group, device: torch.device) -> None:
+    """Raise on every rank if any rank's check failed or the ranks' descriptions differ."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if error is not None:
+            raise error
+        return
+    h = zlib.crc32(description.encode()) & 0x7FFFFFFF
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([h, -h, 1 if error is not None else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    mismatch = int(t[0]) != -int(t[1])
+    if not mismatch and int(t[2]) == 0:
+        return
+    # Slow path, taken by every rank together: find out what went wrong where.
+    mine = f"error: {error}" if error is not None else description
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if error is not None:
+        raise error
+    bad = [f"rank {r}: {d}" for r, d in enumerate(everyone) if d.startswith("error: ")]
+    if bad:
+        raise ValueError("another rank rejected its arguments, so this call was abandoned: " + "; ".join(bad))
+    lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(everyone))
+    raise ValueError(f"ranks disagree on the attention call (every rank must pass the same shapes, dtype, "
+                     f"masks and layout): {lines}")

@@ -1,0 +1,124 @@
+"""One attention case run on every rank and checked against the float64 dense reference.
+
+Importable by spawned workers. Every rank builds the same global inputs from the seed, runs the path
+under test on its shard, and compares its shard of out / lse / dq / dk / dv with the same shard of the
+reference, errors relative to the reference's largest magnitude over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import ringattn
+from ringattn import comm, masks, ring
+
+from .reference import TOL, attention_ref, dense_mask
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    seq_len: int
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    v_head_dim: int | None = None
+    batch: int = 2
+    dtype: str = "float64"
+    layout: str = "contiguous"
+    causal: bool = False
+    window: tuple | None = None
+    cu_seqlens: list | None = None
+    seed: int = 0
+    tile: int | None = None  # shrink masks.TILE to exercise tiling on small inputs
+    strategy: str = "ring"
+    scale_logits: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+
+def ref_with_grads(q, k, v, dout, keep, scale=None):
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    h, kvh = q.shape[2], k.shape[2]
+    kr = k.repeat_interleave(h // kvh, dim=2)
+    vr = v.repeat_interleave(h // kvh, dim=2)
+    sc = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bihd,bjhd->bhij", q, kr) * sc
+    rows = keep.any(-1)
+    s = torch.where(keep, s, torch.where(rows[:, None], float("-inf"), 0.0))
+    p = torch.softmax(s, -1) * keep
+    out = torch.einsum("bhij,bjhd->bihd", p, vr)
+    (out * dout.double()).sum().backward()
+    _, lse = attention_ref(q.detach(), k.detach(), v.detach(), keep, scale)
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+def run_case(case: Case) -> dict:
+    rank, world = comm.group_rank_world()
+    dtype = DTYPES[case.dtype]
+    if case.tile is not None:
+        masks.TILE = case.tile
+        ring.make_plan.cache_clear()
+    g = torch.Generator().manual_seed(case.seed)
+    S, b = case.seq_len, case.batch
+    dv = case.v_head_dim or case.head_dim
+    q = torch.randn(b, S, case.heads, case.head_dim, generator=g, dtype=torch.float64) * case.scale_logits
+    k = torch.randn(b, S, case.kv_heads, case.head_dim, generator=g, dtype=torch.float64)
+    v = torch.randn(b, S, case.kv_heads, dv, generator=g, dtype=torch.float64)
+    dout = torch.randn(b, S, case.heads, dv, generator=g, dtype=torch.float64)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    cu = torch.tensor(case.cu_seqlens, dtype=torch.int32) if case.cu_seqlens is not None else None
+    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu)
+    r_out, r_lse, r_dq, r_dk, r_dv = ref_with_grads(q, k, v, dout, keep)
+
+    lay = case.layout
+    qs, ks, vs = (ringattn.shard(t, layout=lay).requires_grad_() for t in (q, k, v))
+    ds = ringattn.shard(dout, layout=lay)
+    kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True)
+    if case.strategy == "ring":
+        out, lse = ringattn.ring_attention(qs, ks, vs, **kw)
+    else:
+        out, lse = ringattn.attention(qs, ks, vs, strategy=case.strategy, **kw, **case.extra)
+    (out.double() * ds.double()).sum().backward()
+
+    local = qs.shape[1]
+    pos = ringattn.global_positions(lay, rank, world, local)
+    valid = pos < S
+
+    def shard_ref(x, dim=1):
+        return ringattn.shard(x, layout=lay, dim=dim)
+
+    def err(x, ref, full_ref, dim=1, only_valid=False):
+        x, ref = x.double(), ref.double()
+        if only_valid:
+            x, ref = x.index_select(dim, valid.nonzero().flatten()), ref.index_select(dim, valid.nonzero().flatten())
+        fin = torch.isfinite(ref)
+        if not torch.equal(fin, torch.isfinite(x)):
+            return float("inf")
+        if not torch.equal(x[~fin], ref[~fin]):
+            return float("inf")
+        finite = full_ref[torch.isfinite(full_ref)]
+        denom = float(finite.abs().max()) if finite.numel() else 0.0
+        denom = denom if denom > 1e-12 else 1.0  # a reference that vanishes: compare absolutely
+        return float((x[fin] - ref[fin]).abs().max() / denom) if fin.any() else 0.0
+
+    errs = {
+        "out": err(out, shard_ref(r_out), r_out, only_valid=True),
+        "lse": err(lse, shard_ref(r_lse, dim=2), r_lse, dim=2, only_valid=True),
+        "dq": err(qs.grad, shard_ref(r_dq), r_dq),
+        "dk": err(ks.grad, shard_ref(r_dk), r_dk),
+        "dv": err(vs.grad, shard_ref(r_dv), r_dv),
+    }
+    assert out.dtype == dtype and out.shape == (b, local, case.heads, dv)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(out).all(), "non-finite output"
+    return errs
+
+
+def assert_close(results: list[dict], case: Case, tol: float | None = None) -> None:
+    tol = TOL[DTYPES[case.dtype]] if tol is None else tol
+    bad = {f"rank{r}.{k}": e for r, errs in enumerate(results) for k, e in errs.items() if not e <= tol}
+    assert not bad, f"{case}: errors above {tol}: {bad}"

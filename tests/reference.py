@@ -1,0 +1,59 @@
+"""The float64 dense reference every attention path is tested against, written independently of ringattn."""
+
+from __future__ import annotations
+
+import torch
+
+
+def dense_mask(n: int, *, causal=False, window=None, seq_len=None, cu_seqlens=None) -> torch.Tensor:
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    keep = torch.ones(n, n, dtype=torch.bool)
+    if seq_len is not None:
+        keep &= j < seq_len
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep &= j >= i - left
+        if right >= 0:
+            keep &= j <= i + right
+    if cu_seqlens is not None:
+        doc = torch.full((n,), -1, dtype=torch.long)
+        for d, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            doc[a:b] = d
+        keep &= (doc[:, None] == doc[None, :]) & (doc[:, None] >= 0)
+    return keep
+
+
+def attention_ref(q, k, v, keep, scale=None):
+    """q (b, n, h, d), k/v (b, n, kvh, *), keep (n, n) bool -> out (b, n, h, dv), lse (b, h, n), float64.
+
+    Rows with nothing visible give out 0 and lse -inf.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    h, kvh = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(h // kvh, dim=2)
+    v = v.repeat_interleave(h // kvh, dim=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
+    return torch.einsum("bhij,bjhd->bihd", p, v), lse
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error relative to the reference's largest magnitude (finite entries)."""
+    x, ref = x.double(), ref.double()
+    fin = torch.isfinite(ref)
+    if not torch.equal(fin, torch.isfinite(x)) or not torch.equal(x[~fin], ref[~fin]):
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    scale = ref[fin].abs().max().clamp_min(1e-30)
+    return float((x[fin] - ref[fin]).abs().max() / scale)
+
+
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
