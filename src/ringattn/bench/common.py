@@ -1,0 +1,41 @@
+"""Shared helpers for the benchmark suites: machine description, timing, plotting."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+
+import torch
+
+
+def machine() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def best_of(fn, repeats: int = 3, warmup: int = 1) -> float:
+    """Fastest wall time of ``fn()`` over ``repeats`` runs, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
