@@ -16,6 +16,7 @@ from ringattn import comm, masks, ring
 
 from .reference import TOL, attention_ref, dense_mask
 
+DEFAULT_TILE = masks.TILE
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
@@ -59,8 +60,9 @@ def ref_with_grads(q, k, v, dout, keep, scale=None):
 def run_case(case: Case) -> dict:
     rank, world = comm.group_rank_world()
     dtype = DTYPES[case.dtype]
-    if case.tile is not None:
-        masks.TILE = case.tile
+    tile = case.tile or DEFAULT_TILE
+    if tile != masks.TILE:
+        masks.TILE = tile
         ring.make_plan.cache_clear()
     g = torch.Generator().manual_seed(case.seed)
     S, b = case.seq_len, case.batch
@@ -92,7 +94,7 @@ def run_case(case: Case) -> dict:
         return ringattn.shard(x, layout=lay, dim=dim)
 
     def err(x, ref, full_ref, dim=1, only_valid=False):
-        x, ref = x.double(), ref.double()
+        x, ref = x.detach().double(), ref.double()
         if only_valid:
             x, ref = x.index_select(dim, valid.nonzero().flatten()), ref.index_select(dim, valid.nonzero().flatten())
         fin = torch.isfinite(ref)

@@ -38,7 +38,7 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Backend:
     return BACKENDS["reference"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _self_check(name: str, device: str, dtype: torch.dtype) -> bool:
     """Run an untested-in-CI backend once against the reference; fall back on any disagreement."""
     b, ref = BACKENDS[name], BACKENDS["reference"]

@@ -1,0 +1,157 @@
+"""Single-process exactness of the per-block kernels, the merge, and ring_attention with world size 1."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ringattn.kernels import BACKENDS
+from ringattn.kernels.block import block_attention, merge_into
+from ringattn.masks import Kind, MaskSpec, Segment, plan_block
+
+from .cases import Case, assert_close, run_case
+from .reference import TOL, attention_ref, rel_err
+
+CPU_BACKENDS = ["cpu-flash", "reference"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal,use_mask", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("kv_heads,dv", [(1, 16), (2, 8), (4, 24)])
+def test_backend_forward_backward(backend, dtype, causal, use_mask, kv_heads, dv):
+    g = torch.Generator().manual_seed(kv_heads * 7 + dv)
+    nq, nk, h, d = 37, 53, 4, 16  # nq != nk: the causal diagonal is top-left aligned
+    q = torch.randn(2, nq, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(2, nk, kv_heads, d, generator=g, dtype=torch.float64)
+    v = torch.randn(2, nk, kv_heads, dv, generator=g, dtype=torch.float64)
+    do = torch.randn(2, nq, h, dv, generator=g, dtype=torch.float64)
+    keep = torch.ones(nq, nk, dtype=torch.bool)
+    if causal:
+        keep = torch.ones(nq, nk, dtype=torch.bool).tril()
+    mask = None
+    if use_mask:
+        mask = torch.rand(nq, nk, generator=g) > 0.5
+        mask[3] = False  # a row that sees nothing in this block
+        keep = mask
+    ro, rl = attention_ref(q, k, v, keep)
+    b = BACKENDS[backend]
+    x = [t.to(dtype) for t in (q, k, v, do)]
+    out, lse = b.forward(*x[:3], scale=d ** -0.5, causal=causal, mask=mask)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = TOL[dtype]
+    assert rel_err(out, ro) <= tol and rel_err(lse, rl) <= tol
+    if use_mask:
+        assert torch.isneginf(lse[:, :, 3]).all() and (out[:, 3] == 0).all()
+    # Backward against autograd through the reference, given the reference's final out/lse.
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    o2, _ = attention_ref(qq, kk, vv, keep.logical_or(~keep.any(-1, keepdim=True)) if use_mask else keep)
+    o2 = torch.where(keep.any(-1)[None, :, None, None], o2, torch.zeros_like(o2))
+    (o2 * do).sum().backward()
+    dq, dk, dvv = b.backward(x[3], *x[:3], ro.to(dtype), rl, scale=d ** -0.5, causal=causal, mask=mask)
+    for got, ref in ((dq, qq.grad), (dk, kk.grad), (dvv, vv.grad)):
+        assert rel_err(got, ref) <= tol
+
+
+def test_merge_handles_empty_sides():
+    out_a = torch.zeros(1, 3, 2, 4, dtype=torch.float64)
+    lse_a = torch.full((1, 2, 3), float("-inf"), dtype=torch.float64)
+    out_b = torch.randn(1, 3, 2, 4, dtype=torch.float64)
+    lse_b = torch.randn(1, 2, 3, dtype=torch.float64)
+    lse_b[:, :, 1] = float("-inf")
+    out_b[:, 1] = 0
+    merge_into(out_a, lse_a, out_b, lse_b)
+    assert torch.equal(lse_a, lse_b) and torch.allclose(out_a, out_b)
+    assert not torch.isnan(out_a).any()
+    # Two genuine halves merge to the whole: softmax over [s1, s2] from softmax over each.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 5, 2, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 9, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 9, 2, 8, generator=g, dtype=torch.float64)
+    o1, l1 = attention_ref(q, k[:, :4], v[:, :4], torch.ones(5, 4, dtype=torch.bool))
+    o2, l2 = attention_ref(q, k[:, 4:], v[:, 4:], torch.ones(5, 5, dtype=torch.bool))
+    ro, rl = attention_ref(q, k, v, torch.ones(5, 9, dtype=torch.bool))
+    merge_into(o1, l1, o2, l2)
+    assert rel_err(o1, ro) <= 1e-12 and rel_err(l1, rl) <= 1e-12
+
+
+def _brute_kind(spec: MaskSpec, qs: Segment, ks: Segment) -> torch.Tensor:
+    return spec.dense(qs.positions(), ks.positions())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [None, (0, 0), (3, -1), (5, 2), (-1, 4)])
+@pytest.mark.parametrize("docs", [None, (0, 5, 6, 20, 40)])
+def test_classification_is_exact(causal, window, docs):
+    """Every classification agrees with the dense mask it stands for."""
+    spec = MaskSpec(seq_len=40, causal=causal, window=window, doc_bounds=docs)
+    segs = [Segment(s, n, st) for s, n, st in itertools.product((0, 3, 17, 30), (1, 4, 9), (1, 3))]
+    for qs, ks in itertools.product(segs, segs):
+        keep = _brute_kind(spec, qs, ks)
+        pair = spec.classify(qs, ks)
+        kvalid = ks.positions() < 40
+        if pair.kind is Kind.EMPTY:
+            assert not keep.any(), (qs, ks)
+            continue
+        assert pair.k_len == int(kvalid.sum()) and not keep[:, pair.k_len:].any()
+        kk = keep[:, :pair.k_len]
+        if pair.kind is Kind.FULL:
+            assert kk.all(), (qs, ks, spec)
+        elif pair.kind is Kind.CAUSAL:
+            i = torch.arange(qs.length)[:, None]
+            j = torch.arange(pair.k_len)[None, :]
+            assert torch.equal(kk, j <= i + pair.shift), (qs, ks, spec, pair)
+
+
+@pytest.mark.parametrize("tile", [4, 512])
+def test_plan_block_covers_mask(tile):
+    spec = MaskSpec(seq_len=45, causal=True, window=(7, -1), doc_bounds=(0, 1, 13, 45))
+    qsegs = (Segment(0, 12), Segment(36, 12))
+    ksegs = (Segment(12, 12), Segment(24, 12))
+    tasks = plan_block(spec, qsegs, ksegs, tile=tile)
+    covered = torch.zeros(24, 24, dtype=torch.bool)
+    qpos = torch.cat([s.positions() for s in qsegs])
+    kpos = torch.cat([s.positions() for s in ksegs])
+    for t in tasks:
+        keep = spec.dense(qpos[t.q0:t.q1], kpos[t.k0:t.k1])
+        if t.kind is Kind.FULL:
+            assert keep.all()
+        assert not covered[t.q0:t.q1, t.k0:t.k1].any(), "tasks overlap"
+        covered[t.q0:t.q1, t.k0:t.k1] = True
+    assert torch.equal(covered | ~spec.dense(qpos, kpos), torch.ones_like(covered)), "a visible pair is missed"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_attention_api(backend):
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 10, 2, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, 10, 1, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 10, 1, 8, generator=g, dtype=torch.float64)
+    spec = MaskSpec(seq_len=20, causal=True)
+    out, lse = block_attention(q, k, v, (Segment(10, 10),), (Segment(5, 10),), spec, backend=BACKENDS[backend])
+    keep = spec.dense(Segment(10, 10).positions(), Segment(5, 10).positions())
+    ro, rl = attention_ref(q, k, v, keep)
+    assert rel_err(out, ro) <= 1e-12 and rel_err(lse, rl) <= 1e-12
+
+
+MASKS = [
+    dict(causal=False), dict(causal=True), dict(window=(3, 2)), dict(causal=True, window=(5, -1)),
+    dict(cu_seqlens=[0, 1, 8, 20]), dict(causal=True, cu_seqlens=[0, 6, 7]),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [1, 7, 37, 131])
+@pytest.mark.parametrize("mask", range(len(MASKS)))
+def test_single_process_ring_attention(monkeypatch, backend, dtype, n, mask):
+    monkeypatch.setenv("RINGATTN_BACKEND", backend)
+    kw = dict(MASKS[mask])
+    if "cu_seqlens" in kw:
+        kw["cu_seqlens"] = [x for x in kw["cu_seqlens"] if x < n] + [n]
+    for kvh, dv in ((1, 16), (2, 8), (4, 16)):
+        case = Case(seq_len=n, kv_heads=kvh, v_head_dim=dv, dtype=dtype, batch=1 if "cu_seqlens" in kw else 2,
+                    tile=16, seed=n + kvh, **kw)
+        assert_close([run_case(case)], case)
