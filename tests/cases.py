@@ -57,6 +57,18 @@ def ref_with_grads(q, k, v, dout, keep, scale=None):
     return out.detach(), lse, q.grad, k.grad, v.grad
 
 
+_MESHES: dict = {}
+
+
+def mesh_for(shape: tuple[int, int]):
+    """A cached ("ring", "ulysses") DeviceMesh over the default group (built once per worker)."""
+    if shape not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESHES[shape] = init_device_mesh("cpu", shape, mesh_dim_names=("ring", "ulysses"))
+    return _MESHES[shape]
+
+
 def run_case(case: Case) -> dict:
     rank, world = comm.group_rank_world()
     dtype = DTYPES[case.dtype]
@@ -77,21 +89,27 @@ def run_case(case: Case) -> dict:
     r_out, r_lse, r_dq, r_dk, r_dv = ref_with_grads(q, k, v, dout, keep)
 
     lay = case.layout
-    qs, ks, vs = (ringattn.shard(t, layout=lay).requires_grad_() for t in (q, k, v))
-    ds = ringattn.shard(dout, layout=lay)
+    extra = dict(case.extra)
+    # extra={"mesh_shape": (R, U)}: a 2-D mesh for strategy="hybrid"; shards follow the mesh.
+    mesh = mesh_for(tuple(extra.pop("mesh_shape"))) if "mesh_shape" in extra else None
+    if mesh is not None:
+        extra["mesh"] = mesh
+    qs, ks, vs = (ringattn.shard(t, layout=lay, mesh=mesh).requires_grad_() for t in (q, k, v))
+    ds = ringattn.shard(dout, layout=lay, mesh=mesh)
     kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True)
     if case.strategy == "ring":
         out, lse = ringattn.ring_attention(qs, ks, vs, **kw)
     else:
-        out, lse = ringattn.attention(qs, ks, vs, strategy=case.strategy, **kw, **case.extra)
+        out, lse = ringattn.attention(qs, ks, vs, strategy=case.strategy, **kw, **extra)
     (out.double() * ds.double()).sum().backward()
 
     local = qs.shape[1]
-    pos = ringattn.global_positions(lay, rank, world, local)
+    pos = ringattn.layouts.mesh_positions(lay, mesh, local) if mesh is not None else \
+        ringattn.global_positions(lay, rank, world, local)
     valid = pos < S
 
     def shard_ref(x, dim=1):
-        return ringattn.shard(x, layout=lay, dim=dim)
+        return ringattn.shard(x, layout=lay, dim=dim, mesh=mesh)
 
     def err(x, ref, full_ref, dim=1, only_valid=False):
         x, ref = x.detach().double(), ref.double()

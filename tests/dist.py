@@ -11,6 +11,7 @@ import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 
 import torch
@@ -64,13 +65,19 @@ class Pool:
         for q in self.jobs:
             q.put((fn, args, kwargs))
         out, errors = [None] * self.world, []
-        for _ in range(self.world):
+        deadline = time.monotonic() + timeout
+        pending = self.world
+        while pending:
             try:
-                rank, ok, val = self.results.get(timeout=timeout)
+                rank, ok, val = self.results.get(timeout=1.0)
             except queue.Empty:
-                self.close(force=True)
-                raise RankFailure(f"{fn.__name__} on {self.world} ranks: no answer within {timeout}s "
-                                  f"(hang?); errors so far: {errors}") from None
+                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.close(force=True)
+                    why = f"ranks {dead} died" if dead else f"no answer within {timeout}s (hang?)"
+                    raise RankFailure(f"{fn.__name__} on {self.world} ranks: {why}; errors so far: {errors}") from None
+                continue
+            pending -= 1
             if ok:
                 out[rank] = val
             else:

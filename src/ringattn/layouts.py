@@ -3,6 +3,12 @@
 ``contiguous``: rank r holds ``[r*c, (r+1)*c)``. ``zigzag``: the padded sequence is cut into 2W chunks
 and rank r holds chunks r and 2W-1-r, so every rank has the same causal work. ``striped``: rank r holds
 ``r, r+W, r+2W, ...`` (Striped Attention), balanced as well.
+
+With a 2-D device mesh (``mesh=``, for the hybrid strategy) the layout applies to the *ring* dimension
+of R ranks, each holding a block of ``U * local_len`` positions, and the U ranks of the *ulysses*
+dimension split that block's rows contiguously in order (see ``hybrid_segments``). Mesh dimensions are
+found by name (``mesh_dim_names`` containing "ring" and "ulysses"), else dim 0 is the ring and dim 1
+the Ulysses dimension.
 """
 
 from __future__ import annotations
@@ -34,6 +40,44 @@ def segments(layout: str, rank: int, world: int, local_len: int) -> tuple[Segmen
     return (Segment(rank, c, world),)
 
 
+def mesh_dims(mesh) -> tuple[int | str, int | str]:
+    """(ring dim, ulysses dim) of a 2-D DeviceMesh: by name if named "ring"/"ulysses", else (0, 1)."""
+    if getattr(mesh, "ndim", None) != 2 or not hasattr(mesh, "get_group"):
+        raise ValueError(f"mesh must be a 2-D torch.distributed.device_mesh.DeviceMesh, got {mesh!r}")
+    names = mesh.mesh_dim_names or ()
+    if "ring" in names and "ulysses" in names:
+        return "ring", "ulysses"
+    return 0, 1
+
+
+def mesh_coords(mesh) -> tuple[int, int, int, int]:
+    """(ring rank, ring size, ulysses rank, ulysses size) of this process in a 2-D mesh."""
+    rd, ud = mesh_dims(mesh)
+    sizes = dict(zip(mesh.mesh_dim_names or (0, 1), mesh.mesh.shape))
+    ring_world = sizes[rd] if isinstance(rd, str) else mesh.mesh.shape[rd]
+    uly_world = sizes[ud] if isinstance(ud, str) else mesh.mesh.shape[ud]
+    return mesh.get_local_rank(rd), int(ring_world), mesh.get_local_rank(ud), int(uly_world)
+
+
+def hybrid_segments(layout: str, ring_rank: int, ring_world: int, uly_rank: int, uly_world: int,
+                    local_len: int) -> tuple[Segment, ...]:
+    """Positions of one mesh rank: rows ``[u*c, (u+1)*c)`` of ring block ``ring_rank`` (of U*c rows)."""
+    lo, hi = uly_rank * local_len, (uly_rank + 1) * local_len
+    out, row = [], 0
+    for s in segments(layout, ring_rank, ring_world, uly_world * local_len):
+        a, b = max(lo, row), min(hi, row + s.length)
+        if a < b:
+            out.append(s.sub(a - row, b - row))
+        row += s.length
+    return tuple(out)
+
+
+def mesh_positions(layout: str, mesh, local_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Global position of each local token of this process under ``mesh`` (hybrid strategy)."""
+    segs = hybrid_segments(layout, *mesh_coords(mesh), local_len)
+    return torch.cat([s.positions(device) for s in segs])
+
+
 def global_positions(layout: str, rank: int, world: int, local_len: int,
                      device: torch.device | str | None = None) -> torch.Tensor:
     """Global position of each local token (e.g. for rotary embeddings or position_ids)."""
@@ -45,18 +89,34 @@ def padded_len(seq_len: int, world: int, layout: str) -> int:
     return -(-seq_len // m) * m
 
 
+def _pad(x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
+    if total == x.shape[dim]:
+        return x
+    pad = list(x.shape)
+    pad[dim] = total - x.shape[dim]
+    return torch.cat([x, x.new_zeros(pad)], dim=dim)
+
+
 def _group_info(group) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1, mesh=None) -> torch.Tensor:
     """This rank's part of a full tensor (same on every rank), zero-padded along ``dim`` first up to a
-    multiple of W (2W for zigzag)."""
+    multiple of W (2W for zigzag). With ``mesh`` (a 2-D DeviceMesh, hybrid strategy) W is the mesh
+    size and positions follow ``hybrid_segments``."""
     check_layout(layout)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if mesh is not None:
+        rr, rw, ur, uw = mesh_coords(mesh)
+        dim = dim % x.dim()
+        total = padded_len(x.shape[dim], rw * uw, layout)
+        x = _pad(x, dim, total)
+        idx = mesh_positions(layout, mesh, total // (rw * uw), x.device)
+        return x.index_select(dim, idx)
     rank, world = _group_info(group)
     dim = dim % x.dim()
     n = x.shape[dim]
@@ -71,17 +131,23 @@ def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int =
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, layout, dim, seq_len):
-        rank, world = _group_info(group)
-        ctx.info = (rank, world, layout, dim, x.shape[dim])
+    def forward(ctx, x, group, layout, dim, seq_len, mesh=None):
         c = x.shape[dim]
         moved = x.movedim(dim, 0).contiguous()
-        if world > 1:
-            gathered = moved.new_empty((world * c, *moved.shape[1:]))
-            dist.all_gather_into_tensor(gathered, moved, group=group)
+        if mesh is None:
+            rank, world = _group_info(group)
+            ctx.info = (rank, world, layout, dim, c)
+            gathered = _gather(moved, group, world)
+            order = torch.cat([global_positions(layout, r, world, c, x.device) for r in range(world)])
         else:
-            gathered = moved
-        order = torch.cat([global_positions(layout, r, world, c, x.device) for r in range(world)])
+            rr, rw, ur, uw = mesh_coords(mesh)
+            ctx.info = (None, rw * uw, layout, dim, c)
+            ctx.own = mesh_positions(layout, mesh, c, x.device)
+            rd, ud = mesh_dims(mesh)
+            # Ulysses dim first (a ring block in row order), then the ring blocks: (ring, ulysses) order.
+            gathered = _gather(_gather(moved, mesh.get_group(ud), uw), mesh.get_group(rd), rw)
+            order = torch.cat([s.positions(x.device) for r in range(rw) for u in range(uw)
+                               for s in hybrid_segments(layout, r, rw, u, uw, c)])
         full = torch.empty_like(gathered)
         full[order] = gathered
         return full[:seq_len].movedim(0, dim)
@@ -94,13 +160,24 @@ class _Unshard(torch.autograd.Function):
         g = grad.movedim(dim, 0)
         if g.shape[0] < world * c:
             g = torch.cat([g, g.new_zeros((world * c - g.shape[0], *g.shape[1:]))])
-        idx = global_positions(layout, rank, world, c, grad.device)
-        return g.index_select(0, idx).movedim(0, dim), None, None, None, None
+        idx = ctx.own if rank is None else global_positions(layout, rank, world, c, grad.device)
+        return g.index_select(0, idx).movedim(0, dim), None, None, None, None, None
+
+
+def _gather(moved: torch.Tensor, group, world: int) -> torch.Tensor:
+    if world == 1:
+        return moved
+    gathered = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, moved, group=group)
+    return gathered
 
 
 def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1,
-            seq_len: int | None = None) -> torch.Tensor:
+            seq_len: int | None = None, mesh=None) -> torch.Tensor:
     """The full tensor on every rank, in global order, cut to ``seq_len``; differentiable.
+
+    With ``mesh`` (the 2-D DeviceMesh of the hybrid strategy) the inverse of ``shard(..., mesh=mesh)``.
 
     Backward assumes every rank computes the same loss from the full tensor (the usual pattern): each
     rank's shard receives its slice of that gradient.
@@ -108,7 +185,11 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
     check_layout(layout)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    _, world = _group_info(group)
+    if mesh is not None:
+        _, rw, _, uw = mesh_coords(mesh)
+        world = rw * uw
+    else:
+        _, world = _group_info(group)
     dim = dim % x.dim()
     total = world * x.shape[dim]
     seq_len = total if seq_len is None else seq_len
@@ -116,4 +197,4 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
         raise ValueError(f"seq_len must be in [0, {total}] (world * local length), got {seq_len}")
     if layout == "zigzag" and world > 1 and x.shape[dim] % 2:
         raise ValueError(f"layout='zigzag' needs an even local length, got {x.shape[dim]}")
-    return _Unshard.apply(x, group, layout, dim, seq_len)
+    return _Unshard.apply(x, group, layout, dim, seq_len, mesh)

@@ -1,0 +1,440 @@
+"""``ringattn bench multihost``: ring attention across "machines" joined by real, shaped network links.
+
+Every host is a network namespace (``ringattn.netns``); ranks rendezvous over the namespaces' own
+addresses with gloo, as under ``torchrun`` on real machines, and the links between hosts are shaped
+with ``tc`` (HTB rate; ``netem`` delay where the kernel has it). Three experiments:
+
+1. ``overlap``: two hosts, one rank each, a fixed link rate; sweep the local length ``c`` and compare
+   the ring's forward+backward time with the same ranks' kernel (compute-only) time, from
+   ``ringattn.profile()``. The length where the exposed communication wait vanishes is compared with
+   the Ring Attention paper's condition ``c >= F / B`` adapted to float32 and kv_heads:
+   per step ``4 b c^2 h d`` FLOPs against ``2 b c kv_heads d * 4`` bytes of K and V, so
+   ``c* = F * kv_heads * 4 / (2 * heads * B)``, with ``F`` the one-thread kernel FLOP/s measured on the
+   ranks and ``B`` the gloo bandwidth measured over the shaped link.
+2. ``hybrid``: two hosts with two ranks each, a slow link between hosts (loopback inside a host):
+   flat ring vs. all-gather vs. hybrid (Ulysses inside a host, ring across), and ``strategy="auto"``.
+3. ``scaling``: 8 and 16 ranks (one per host, over-subscribed cores): per-rank compute time and bytes
+   moved of each strategy vs. world size at a fixed global length, and the load balance (max / mean
+   FLOPs across ranks) of each causal layout.
+
+Jobs (``*_job``) run inside the namespaces via ``python -m ringattn.netns``; ``run`` drives them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from .. import netns
+from .common import machine, pyplot
+
+BYTES_FP32 = 4
+
+
+# -- configuration ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OverlapConfig:
+    rates_mbit: tuple[float, ...] = (200.0, 800.0)
+    lengths: tuple[int, ...] = (128, 176, 256, 352, 512, 720, 1024, 1440, 2048)
+    heads: int = 4
+    kv_heads: int = 4
+    head_dim: int = 64
+    repeats: int = 3
+    kernel_len: int = 1024  # block length at which the kernel FLOP/s F is measured
+    eps: float = 0.05  # "communication stops showing": forward wait below eps of forward compute
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    rates_mbit: tuple[float | None, ...] = (100.0, 400.0, 1600.0, None)
+    local_len: int = 1024
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 64
+    causal: bool = True
+    layout: str = "zigzag"
+    repeats: int = 2
+    strategies: tuple[str, ...] = ("ring", "allgather", "hybrid", "auto")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    worlds: tuple[int, ...] = (2, 4, 8, 16)
+    seq_len: int = 4096
+    heads: int = 16
+    kv_heads: int = 4
+    head_dim: int = 32
+    rate_mbit: float | None = 1000.0
+    combos: tuple[tuple[str, str], ...] = (("ring", "contiguous"), ("ring", "zigzag"), ("ring", "striped"),
+                                           ("allgather", "contiguous"), ("allgather", "zigzag"),
+                                           ("ulysses", "zigzag"))
+
+
+QUICK_OVERLAP = OverlapConfig(rates_mbit=(400.0,), lengths=(128, 256, 512, 1024), repeats=1, kernel_len=512)
+QUICK_HYBRID = HybridConfig(rates_mbit=(100.0, None), local_len=512, repeats=1)
+QUICK_SCALING = ScalingConfig(worlds=(8, 16), seq_len=2048)
+
+
+# -- helpers used inside the workers --------------------------------------------------------------------
+def _rank_world() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _qkv(b: int, n: int, h: int, kvh: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n, h, d, generator=g).requires_grad_()
+    k = torch.randn(b, n, kvh, d, generator=g).requires_grad_()
+    v = torch.randn(b, n, kvh, d, generator=g).requires_grad_()
+    dout = torch.randn(b, n, h, d, generator=g)
+    return q, k, v, dout
+
+
+def _stats(st) -> dict:
+    return {"compute_s": st.compute_s, "wait_s": st.wait_s, "flops": st.flops, "bytes_sent": st.bytes_sent,
+            "steps": st.steps}
+
+
+def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int = 3) -> dict:
+    """This rank's forward and backward FLOP/s of one non-causal ``n x n`` block, no communication."""
+    from ..kernels import select
+
+    q, k, v, dout = (t.detach() for t in _qkv(1, n, heads, kv_heads, head_dim, 1))
+    be = select(q, k, v)
+    scale = head_dim ** -0.5
+    flops = 4.0 * n * n * heads * head_dim
+    out, lse = be.forward(q, k, v, scale=scale, causal=False, mask=None)
+    tf = tb = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out, lse = be.forward(q, k, v, scale=scale, causal=False, mask=None)
+        t1 = time.perf_counter()
+        be.backward(dout, q, k, v, out, lse, scale=scale, causal=False, mask=None)
+        t2 = time.perf_counter()
+        tf, tb = min(tf, t1 - t0), min(tb, t2 - t1)
+    return {"fwd_flops_per_s": flops / tf, "bwd_flops_per_s": 2.5 * flops / tb, "n": n}
+
+
+def link_bandwidth(nbytes: int, repeats: int = 3) -> dict:
+    """Ring-style exchange of ``nbytes`` (send to rank + 1, receive from rank - 1, all at once):
+    bytes per second each rank gets through, best of ``repeats`` (what a ring step sees)."""
+    from ..comm import Ring
+
+    ring = Ring()
+    x = torch.zeros(nbytes // BYTES_FP32)
+    ring.exchange((x,), 1, (x,), -1, 0).wait()
+    best = math.inf
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        ring.exchange((x,), 1, (x,), -1, 0).wait()
+        best = min(best, time.perf_counter() - t0)
+    small = torch.zeros(1)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        ring.exchange((small,), 1, (small,), -1, 0).wait()
+    return {"bytes_per_s": nbytes / best, "small_msg_s": (time.perf_counter() - t0) / 20, "nbytes": nbytes}
+
+
+def _fwd_bwd(fn, q, k, v, dout) -> dict:
+    """One profiled forward and backward; wall and Stats of each phase on this rank."""
+    import ringattn
+
+    for t in (q, k, v):
+        t.grad = None
+    dist.barrier()
+    with ringattn.profile() as sf:
+        t0 = time.perf_counter()
+        out = fn(q, k, v)
+        t1 = time.perf_counter()
+    with ringattn.profile() as sb:
+        out.backward(dout)
+        t2 = time.perf_counter()
+    return {"fwd_wall_s": t1 - t0, "bwd_wall_s": t2 - t1, "fwd": _stats(sf), "bwd": _stats(sb)}
+
+
+# -- experiment 1: overlap threshold ---------------------------------------------------------------------
+def overlap_job(lengths: list[int], heads: int, kv_heads: int, head_dim: int, repeats: int,
+                kernel_len: int) -> dict:
+    """Inside a host: kernel rate, link bandwidth, then ring fwd+bwd at each local length."""
+    import ringattn
+
+    rank, world = _rank_world()
+    dist.barrier()
+    kr = kernel_rate(kernel_len, heads, kv_heads, head_dim)  # all ranks at once, as during the ring
+    bw = link_bandwidth(8 << 20)
+    sweep = []
+    for n in lengths:
+        q, k, v, dout = _qkv(1, n, heads, kv_heads, head_dim, 100 + rank)
+        ring = lambda q, k, v: ringattn.ring_attention(q, k, v)  # noqa: E731
+        _fwd_bwd(ring, q, k, v, dout)  # warm-up: plan cache, allocator, TCP windows
+        runs = [_fwd_bwd(ring, q, k, v, dout) for _ in range(repeats)]
+        best = min(runs, key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"])
+        sweep.append({"local_len": n, **best})
+    return {"rank": rank, "world": world, "kernel": kr, "link": bw, "sweep": sweep}
+
+
+def predicted_threshold(flops_per_s: float, bytes_per_s: float, heads: int, kv_heads: int,
+                        bytes_per_elem: int = BYTES_FP32) -> float:
+    """The paper's overlap condition for one ring step, adapted to the element size and kv_heads:
+    ``4 c^2 h d / F = 2 c kvh d e / B``  =>  ``c* = F kvh e / (2 h B)`` (``F / B`` for bf16, h = kvh)."""
+    return flops_per_s * kv_heads * bytes_per_elem / (2.0 * heads * bytes_per_s)
+
+
+def measured_threshold(lengths: list[int], exposed: list[float], eps: float) -> float | None:
+    """The length (log-interpolated) past which the exposed fraction stays below ``eps``."""
+    last_above = max((i for i, e in enumerate(exposed) if e > eps), default=None)
+    if last_above is None:
+        return None if not lengths else float(lengths[0])  # hidden everywhere measured: at most this
+    if last_above == len(lengths) - 1:
+        return None  # never hidden in the sweep
+    i = last_above
+    e0, e1 = exposed[i], exposed[i + 1]
+    f = (e0 - eps) / (e0 - e1) if e0 != e1 else 0.0
+    return float(math.exp(math.log(lengths[i]) + f * (math.log(lengths[i + 1]) - math.log(lengths[i]))))
+
+
+def _mean(xs) -> float:
+    return float(statistics.fmean(xs))
+
+
+def run_overlap(cfg: OverlapConfig, quick: bool) -> dict:
+    results = []
+    for rate in cfg.rates_mbit:
+        with netns.Cluster(netns.ClusterSpec(hosts=2, link=netns.Link(rate_mbit=rate))) as c:
+            ranks = c.run(f"{__name__}:overlap_job", dict(lengths=list(cfg.lengths), heads=cfg.heads,
+                          kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, repeats=cfg.repeats,
+                          kernel_len=cfg.kernel_len), timeout=900)
+        F = _mean(r["kernel"]["fwd_flops_per_s"] for r in ranks)
+        B = _mean(r["link"]["bytes_per_s"] for r in ranks)
+        rows = []
+        for i, n in enumerate(cfg.lengths):
+            per = [r["sweep"][i] for r in ranks]
+            fwd_c = _mean(p["fwd"]["compute_s"] for p in per)
+            bwd_c = _mean(p["bwd"]["compute_s"] for p in per)
+            rows.append({
+                "local_len": n,
+                "ring_fwd_bwd_s": _mean(p["fwd_wall_s"] + p["bwd_wall_s"] for p in per),
+                "compute_fwd_bwd_s": fwd_c + bwd_c,
+                "fwd_wall_s": _mean(p["fwd_wall_s"] for p in per), "fwd_compute_s": fwd_c,
+                "fwd_wait_s": _mean(p["fwd"]["wait_s"] for p in per),
+                "bwd_wall_s": _mean(p["bwd_wall_s"] for p in per), "bwd_compute_s": bwd_c,
+                "bwd_wait_s": _mean(p["bwd"]["wait_s"] for p in per),
+                "bytes_sent_per_rank": _mean(p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per),
+                "flops_per_rank": _mean(p["fwd"]["flops"] + p["bwd"]["flops"] for p in per),
+                "fwd_exposed": _mean(p["fwd"]["wait_s"] / p["fwd"]["compute_s"] for p in per),
+                "fwd_bwd_overhead": _mean((p["fwd_wall_s"] + p["bwd_wall_s"]) /
+                                          (p["fwd"]["compute_s"] + p["bwd"]["compute_s"]) - 1 for p in per),
+                "kernel_fwd_flops_per_s": _mean(p["fwd"]["flops"] / p["fwd"]["compute_s"] for p in per),
+            })
+        pred = predicted_threshold(F, B, cfg.heads, cfg.kv_heads)
+        pred_nominal = predicted_threshold(F, rate * 1e6 / 8, cfg.heads, cfg.kv_heads)
+        meas = measured_threshold(list(cfg.lengths), [r["fwd_exposed"] for r in rows], cfg.eps)
+        ratio = None if meas is None else max(pred, meas) / min(pred, meas)
+        results.append({
+            "rate_mbit": rate, "kernel_flops_per_s": F, "kernel_bwd_flops_per_s":
+                _mean(r["kernel"]["bwd_flops_per_s"] for r in ranks),
+            "link_bytes_per_s": B, "small_msg_s": _mean(r["link"]["small_msg_s"] for r in ranks),
+            "predicted_threshold": pred, "predicted_threshold_nominal_rate": pred_nominal,
+            "measured_threshold": meas, "ratio": ratio, "within_1_5": ratio is not None and ratio <= 1.5,
+            "rows": rows,
+        })
+        print(f"  overlap @ {rate:g} Mbit/s: F={F / 1e9:.1f} GFLOP/s B={B / 1e6:.1f} MB/s "
+              f"predicted c*={pred:.0f} measured c*={meas if meas is None else round(meas)} "
+              f"ratio={ratio if ratio is None else round(ratio, 2)}", flush=True)
+    return {"config": asdict(cfg), "results": results}
+
+
+# -- experiment 3: scaling past 8 ranks -------------------------------------------------------------------
+def scaling_job(seq_len: int, heads: int, kv_heads: int, head_dim: int, combos: list) -> dict:
+    """Inside a host: causal fwd+bwd of each (strategy, layout) at a fixed global length."""
+    import ringattn
+
+    rank, world = _rank_world()
+    n = seq_len // world
+    out = {"rank": rank, "world": world, "local_len": n, "runs": {}}
+    for strategy, layout in combos:
+        q, k, v, dout = _qkv(1, n, heads, kv_heads, head_dim, 7 + rank)
+
+        def fn(q, k, v, strategy=strategy, layout=layout):
+            return ringattn.attention(q, k, v, strategy=strategy, causal=True, layout=layout)
+
+        try:
+            res = _fwd_bwd(fn, q, k, v, dout)
+        except (ValueError, ImportError, NotImplementedError) as e:  # raised on every rank alike
+            res = {"error": f"{type(e).__name__}: {e}"}
+        out["runs"][f"{strategy}/{layout}"] = res
+    return out
+
+
+def theory_bytes_per_rank(strategy: str, world: int, seq_len: int, heads: int, kv_heads: int,
+                          head_dim: int) -> float:
+    """Bytes one rank sends in a causal fwd+bwd with float32 activations (no skipped steps assumed).
+
+    ring: W-1 K/V blocks forward; backward K/V again plus float32 dK/dV per hop, and the return hop.
+    allgather: its K/V share to W-1 ranks, reduce-scatter of dK/dV back.
+    ulysses: q, k, v, out all-to-all forward, dout and dq, dk, dv backward, (W-1)/W of each.
+    """
+    c, e, W = seq_len // world, BYTES_FP32, world
+    kv = 2 * c * kv_heads * head_dim * e
+    qo = c * heads * head_dim * e
+    if W == 1:
+        return 0.0
+    if strategy == "ring":
+        return (W - 1) * kv + (W - 1) * kv + (W - 1) * kv
+    if strategy == "allgather":
+        return (W - 1) * kv + (W - 1) * kv
+    if strategy == "ulysses":
+        return (W - 1) / W * (4 * qo + 2 * kv)  # fwd q,k,v,out; bwd dout,dq,dk,dv (kv replication aside)
+    return float("nan")
+
+
+def run_scaling(cfg: ScalingConfig, quick: bool) -> dict:
+    worlds = []
+    for W in cfg.worlds:
+        t0 = time.perf_counter()
+        with netns.Cluster(netns.ClusterSpec(hosts=W, link=netns.Link(rate_mbit=cfg.rate_mbit))) as c:
+            ranks = c.run(f"{__name__}:scaling_job", dict(seq_len=cfg.seq_len, heads=cfg.heads,
+                          kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                          combos=[list(x) for x in cfg.combos]), timeout=900)
+        combos = {}
+        for key in ranks[0]["runs"]:
+            per = [r["runs"][key] for r in ranks]
+            if "error" in per[0]:
+                combos[key] = {"error": per[0]["error"]}
+                continue
+            flops = [p["fwd"]["flops"] + p["bwd"]["flops"] for p in per]
+            comp = [p["fwd"]["compute_s"] + p["bwd"]["compute_s"] for p in per]
+            sent = [p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per]
+            wait = [p["fwd"]["wait_s"] + p["bwd"]["wait_s"] for p in per]
+            strategy = key.split("/")[0]
+            combos[key] = {
+                "bytes_sent_per_rank_mean": _mean(sent), "bytes_sent_per_rank_max": max(sent),
+                "bytes_theory": theory_bytes_per_rank(strategy, W, cfg.seq_len, cfg.heads, cfg.kv_heads,
+                                                      cfg.head_dim),
+                "flops_max_over_mean": max(flops) / _mean(flops) if _mean(flops) > 0 else None,
+                "flops_per_rank_mean": _mean(flops),
+                "compute_s_per_rank_mean": _mean(comp), "compute_s_per_rank_max": max(comp),
+                "compute_max_over_mean": max(comp) / _mean(comp),
+                "wait_s_per_rank_mean": _mean(wait),
+                "wall_s_max": max(p["fwd_wall_s"] + p["bwd_wall_s"] for p in per),
+            }
+        worlds.append({"world": W, "local_len": cfg.seq_len // W, "combos": combos,
+                       "harness_s": time.perf_counter() - t0})
+        print(f"  scaling W={W}: " + ", ".join(
+            f"{k} {v['bytes_sent_per_rank_mean'] / 1e6:.1f}MB lb={v['flops_max_over_mean']:.2f}"
+            for k, v in combos.items() if "error" not in v), flush=True)
+    return {"config": asdict(cfg), "worlds": worlds}
+
+
+# -- experiment 2: two hosts x two ranks ----------------------------------------------------------------
+def hybrid_available() -> str | None:
+    """Why the hybrid experiment cannot run (``None`` when it can)."""
+    try:
+        from ..strategies import hybrid  # noqa: F401
+        from .. import plan  # noqa: F401
+    except ImportError as e:
+        return f"strategies not available yet: {e}"
+    return None
+
+
+def run_hybrid(cfg: HybridConfig, quick: bool) -> dict:
+    why = hybrid_available()
+    if why:
+        print(f"  hybrid: skipped ({why})", flush=True)
+        return {"config": asdict(cfg), "skipped": why}
+    raise NotImplementedError  # filled in once strategies/hybrid.py lands
+
+
+# -- driver ---------------------------------------------------------------------------------------------
+def run(out: pathlib.Path, quick: bool) -> dict:
+    """Run the three experiments; writes ``multihost*.png`` and ``multihost_<exp>.json`` into ``out``."""
+    why = netns.unavailable()
+    if why:
+        print(f"  multihost: skipped ({why})", flush=True)
+        return {"machine": machine(), "skipped": why}
+    cfgs = (QUICK_OVERLAP, QUICK_HYBRID, QUICK_SCALING) if quick else \
+        (OverlapConfig(), HybridConfig(), ScalingConfig())
+    result = {"machine": machine(), "quick": quick, "netem": netns.has_netem()}
+    for name, fn, cfg in (("overlap", run_overlap, cfgs[0]), ("scaling", run_scaling, cfgs[2]),
+                          ("hybrid", run_hybrid, cfgs[1])):
+        t0 = time.perf_counter()
+        result[name] = fn(cfg, quick)
+        result[name]["elapsed_s"] = time.perf_counter() - t0
+        (out / f"multihost_{name}.json").write_text(json.dumps(result[name], indent=2, default=str))
+    plot(result, out)
+    left = [n for n in netns.list_namespaces() if n.startswith(netns.BASE_PREFIX)]
+    result["namespaces_left"] = left
+    return result
+
+
+def plot(result: dict, out: pathlib.Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    ov = result["overlap"]["results"]
+    ax, ax2 = axes[0, 0], axes[1, 0]
+    for r in ov:
+        ls = [row["local_len"] for row in r["rows"]]
+        line, = ax.plot(ls, [row["ring_fwd_bwd_s"] * 1e3 for row in r["rows"]], "o-",
+                        label=f"ring fwd+bwd, {r['rate_mbit']:g} Mbit/s")
+        ax.plot(ls, [row["compute_fwd_bwd_s"] * 1e3 for row in r["rows"]], "x--", color=line.get_color(),
+                label="  compute only (same ranks)")
+        ax2.plot(ls, [row["fwd_exposed"] for row in r["rows"]], "o-", color=line.get_color(),
+                 label=f"{r['rate_mbit']:g} Mbit/s")
+        ax2.axvline(r["predicted_threshold"], color=line.get_color(), ls=":", lw=1.5)
+        if r["measured_threshold"]:
+            ax2.axvline(r["measured_threshold"], color=line.get_color(), ls="-", lw=0.8)
+    eps = result["overlap"]["config"]["eps"]
+    ax2.axhline(eps, color="gray", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="local length c (tokens per rank)", ylabel="ms",
+           title="1. ring vs compute-only, 2 hosts")
+    ax2.set(xscale="log", yscale="symlog", xlabel="local length c",
+            ylabel="forward wait / forward compute",
+            title="exposed comm; dotted: predicted c*, solid: measured")
+    ax.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+
+    sc = result["scaling"]["worlds"]
+    ax, ax2 = axes[0, 1], axes[1, 1]
+    keys = sorted({k for w in sc for k, v in w["combos"].items() if "error" not in v})
+    for key in keys:
+        ws = [w["world"] for w in sc if key in w["combos"] and "error" not in w["combos"][key]]
+        vals = [w["combos"][key] for w in sc if key in w["combos"] and "error" not in w["combos"][key]]
+        ax.plot(ws, [v["bytes_sent_per_rank_mean"] / 1e6 for v in vals], "o-", label=key)
+        ax2.plot(ws, [v["flops_max_over_mean"] for v in vals], "o-", label=key)
+    ax.set(xscale="log", xlabel="world size (one rank per host)", ylabel="MB sent per rank (fwd+bwd)",
+           title=f"3. communication per rank, S={result['scaling']['config']['seq_len']} causal")
+    ax2.set(xscale="log", xlabel="world size", ylabel="max / mean FLOPs over ranks",
+            title="3. causal load balance")
+    ax.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    ax = axes[0, 2]
+    for key in keys:
+        ws = [w["world"] for w in sc if key in w["combos"] and "error" not in w["combos"][key]]
+        vals = [w["combos"][key] for w in sc if key in w["combos"] and "error" not in w["combos"][key]]
+        ax.plot(ws, [v["compute_s_per_rank_max"] for v in vals], "o-", label=key)
+    ax.set(xscale="log", yscale="log", xlabel="world size", ylabel="s",
+           title="3. max per-rank compute time (over-subscribed cores)")
+    ax.legend(fontsize=7)
+
+    ax = axes[1, 2]
+    hy = result["hybrid"]
+    if "skipped" in hy:
+        ax.text(0.5, 0.5, "2. hybrid: " + hy["skipped"], ha="center", va="center", wrap=True, fontsize=8)
+        ax.set_axis_off()
+    else:
+        plot_hybrid(ax, hy)
+    fig.tight_layout()
+    fig.savefig(out / "multihost.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_hybrid(ax, hy: dict) -> None:
+    raise NotImplementedError

@@ -1,0 +1,96 @@
+"""Decode attention over a KV cache sharded across ranks (the flash-decoding / tree-attention merge).
+
+Each rank holds a slice of the cache: some keys/values and their global positions. A new token's query
+attends to the local slice only, giving a partial ``(out, lse)``; the partials are merged across ranks
+by logsumexp, exactly as ring attention merges blocks. One all-gather of ``(out, lse)`` per call moves
+``heads * (v_head_dim + 1)`` numbers per query token and rank — O(heads * head_dim), independent of the
+context length. Every rank merges the same gathered data in the same order, so all ranks end with
+bit-identical outputs (generation relies on it: every rank samples the same token).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .kernels import lse_dtype
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                      k_pos: torch.Tensor, *, scale: float | None = None, causal: bool = True,
+                      window: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries over one cache slice, unnormalised across slices.
+
+    Args:
+        q: ``(b, t, heads, d)`` queries at global positions ``q_pos`` ``(t,)``.
+        k, v: ``(b, n, kv_heads, d)`` / ``(b, n, kv_heads, dv)`` cached keys/values at global positions
+            ``k_pos`` ``(n,)``; a negative position marks an empty slot (never attended to).
+        causal: keep ``k_pos <= q_pos``. window: ``(left, right)``, -1 = unbounded.
+
+    Returns:
+        ``out`` ``(b, t, heads, dv)`` and ``lse`` ``(b, t, heads)``, both float32 (float64 for float64
+        input); rows that see nothing are out 0, lse ``-inf``.
+    """
+    acc = lse_dtype(q.dtype)
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    keep = (k_pos >= 0)[None, :].expand(t, -1)
+    rel = k_pos[None, :] - q_pos[:, None]  # j - i
+    if causal:
+        keep = keep & (rel <= 0)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            keep = keep & (rel >= -left)
+        if right >= 0:
+            keep = keep & (rel <= right)
+    # Grouped-query attention without repeating K/V: query head i reads kv head i // (h // kvh).
+    qg = q.to(acc).reshape(b, t, kvh, h // kvh, d)
+    s = torch.einsum("btkgd,bnkd->bkgtn", qg, k.to(acc)) * scale
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (b, kvh, g, t)
+    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+    out = torch.einsum("bkgtn,bnkd->btkgd", p, v.to(acc)).reshape(b, t, h, v.shape[-1])
+    return out, lse.permute(0, 3, 1, 2).reshape(b, t, h)
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor, *, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge every rank's partial ``(out (b, t, h, dv), lse (b, t, h))`` of the same queries.
+
+    One all-gather of the packed ``[out | lse]``; the result is identical on every rank.
+    """
+    _, world = comm.group_rank_world(group)
+    if world == 1:
+        return out, lse
+    packed = torch.cat([out, lse[..., None]], dim=-1).contiguous()
+    gathered = packed.new_empty((world * packed.shape[0], *packed.shape[1:]))
+    s = comm.stats()
+    if s is not None:
+        s.bytes_sent += packed.numel() * packed.element_size()
+    dist.all_gather_into_tensor(gathered, packed, group=group)
+    gathered = gathered.view(world, *packed.shape)
+    outs, lses = gathered[..., :-1], gathered[..., -1]
+    m = lses.amax(dim=0)
+    m_safe = m.masked_fill(torch.isneginf(m), 0.0)  # rows nobody sees: weights all 0, out 0
+    w = torch.exp(lses - m_safe)  # (W, b, t, h); exp(-inf) = 0 for empty slices
+    den = w.sum(dim=0)
+    merged = (w[..., None] * outs).sum(dim=0) / den.clamp_min(torch.finfo(den.dtype).tiny)[..., None]
+    return merged, m_safe + torch.log(den)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                     k_pos: torch.Tensor, *, group=None, scale: float | None = None, causal: bool = True,
+                     window: tuple[int, int] | None = None,
+                     return_lse: bool = False):
+    """Exact attention of new queries over a KV cache split across ``group``: local partial + merge.
+
+    Arguments as in ``partial_attention`` (``k``, ``v``, ``k_pos`` are this rank's cache slice; every rank
+    passes the same ``q`` and ``q_pos``). Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or
+    ``(out, lse)``. Not differentiable (inference).
+    """
+    out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, causal=causal, window=window)
+    out, lse = merge_partials(out, lse, group=group)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

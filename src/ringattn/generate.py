@@ -1,0 +1,385 @@
+"""Long-context generation with ringattn's LLaMA-style model: ring prefill, sharded KV-cache decoding.
+
+Prefill: every rank runs the model on its shard of the prompt (``cfg.layout``), attention by
+``cfg.strategy`` (ring by default), and keeps the keys/values it computed — the cache is born sharded
+and no rank ever holds all of it. Decode: every rank runs the new token through the layers (the same
+few matmuls on every rank), the token's key/value go to one rank (round robin by position, so the
+shards stay balanced), and attention is a local partial over each rank's cache slice merged across
+ranks (``ringattn.decode``): per token and layer one all-gather of ``heads * (head_dim + 1)`` numbers,
+independent of the context length. Every rank ends each step with bit-identical logits, so greedy and
+seeded sampling pick the same token everywhere without further communication.
+
+CLI::
+
+    ringattn generate --nproc 2 --prompt-len 8192 --max-new-tokens 32 --layout zigzag --check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .comm import Stats
+from .decode import merge_partials, partial_attention
+from .layouts import global_positions, padded_len, shard
+from .validate import agree
+
+# -- sampling ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is picked. ``temperature=0`` is greedy (top_k / top_p ignored)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # nucleus: smallest set of tokens with probability mass >= top_p
+    seed: int = 0  # the same on every rank, so every rank draws the same token
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite float >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens ``(b,)`` from logits ``(b, vocab)``: greedy, or temperature / top-k / top-p sampling."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    x = logits.double() / cfg.temperature
+    if cfg.top_k and cfg.top_k < x.shape[-1]:
+        kth = x.topk(cfg.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if cfg.top_p < 1:
+        srt, idx = x.sort(dim=-1, descending=True)
+        p = srt.softmax(-1)
+        # Keep a token if the mass strictly before it is < top_p (the top token always stays).
+        drop = (p.cumsum(-1) - p) >= cfg.top_p
+        x = x.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+    probs = x.softmax(-1)
+    # Draw on the CPU generator: the same seed gives the same token on every rank and device.
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+# -- the sharded cache ---------------------------------------------------------------------------
+
+
+class ShardedKVCache:
+    """This rank's slice of every layer's keys and values, with their global positions.
+
+    Slots are filled in order; ``positions[i] = -1`` marks an empty slot or prompt padding (never
+    attended to). Decoded token ``p`` lives on rank ``p % world``.
+    """
+
+    def __init__(self, n_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (batch, capacity, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.positions = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[0]
+
+    def add_prompt(self, positions: torch.Tensor, seq_len: int) -> None:
+        """Reserve slots for this rank's prompt shard; padding positions (>= seq_len) stay empty."""
+        n = positions.shape[0]
+        self.positions[:n] = torch.where(positions < seq_len, positions, torch.full_like(positions, -1))
+        self.length = n
+
+    def add_token(self, position: int) -> int:
+        """Reserve the next slot for a decoded token; returns the slot."""
+        if self.length >= self.capacity:
+            raise RuntimeError(f"KV cache full ({self.capacity} slots on this rank)")
+        self.positions[self.length] = position
+        self.length += 1
+        return self.length - 1
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer][:, start:start + k.shape[1]] = k
+        self.v[layer][:, start:start + v.shape[1]] = v
+
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.length
+        return self.k[layer][:, :n], self.v[layer][:, :n], self.positions[:n]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerationResult:
+    """Generated tokens and how long it took (on this rank)."""
+
+    tokens: torch.Tensor  # (b, n_new)
+    logits: torch.Tensor | None  # (b, n_new, vocab): the logits each token was drawn from
+    prompt_len: int
+    prefill_s: float
+    decode_s: float  # the decode steps (every token after the first)
+    decode_steps: int
+    bytes_per_token: float  # sent by this rank per decode step (all layers)
+    cache_slots: int  # this rank's cache length at the end
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decoded tokens per second (batch included), decode steps only."""
+        return self.tokens.shape[0] * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _check(model, prompt, max_new_tokens) -> None:
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype not in (
+            torch.int32, torch.int64):
+        raise ValueError(f"prompt must be an int tensor (batch, prompt_len), got "
+                         f"{getattr(prompt, 'dtype', type(prompt).__name__)} "
+                         f"{tuple(getattr(prompt, 'shape', ()))}")
+    if prompt.shape[1] < 1 or prompt.shape[0] < 1:
+        raise ValueError(f"prompt must hold at least one token per sequence, got shape {tuple(prompt.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    vocab = model.cfg.vocab_size
+    if int(prompt.min()) < 0 or int(prompt.max()) >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got [{int(prompt.min())}, "
+                         f"{int(prompt.max())}]")
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
+             sampling: SamplingConfig | None = None, stop_token: int | None = None,
+             return_logits: bool = False) -> GenerationResult:
+    """Generate ``max_new_tokens`` after ``prompt`` with the KV cache sharded across ``group``.
+
+    Args:
+        model: a ``ringattn.model.Llama`` (same weights on every rank); its ``cfg.layout`` and
+            ``cfg.strategy`` shard and attend the prompt.
+        prompt: ``(batch, prompt_len)`` token ids, the full prompt, identical on every rank.
+        max_new_tokens: how many tokens to generate (fewer if every sequence emits ``stop_token``).
+        group: the process group holding the sequence (None = default group, or one process).
+        sampling: ``SamplingConfig``; None = greedy.
+        return_logits: keep the ``(batch, vocab)`` logits of every step (float32 or the model's dtype).
+
+    Returns:
+        ``GenerationResult`` with the same ``tokens`` on every rank, and timings.
+    """
+    sampling = sampling or SamplingConfig()
+    rank, world = comm.group_rank_world(group)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    error = None
+    try:
+        _check(model, prompt, max_new_tokens)
+    except (TypeError, ValueError) as e:
+        error = e
+    desc = f"generate {tuple(getattr(prompt, 'shape', ()))} {max_new_tokens} {sampling} {stop_token}"
+    agree(desc, error, group, device)
+    cfg = model.cfg
+    layout = cfg.layout if world > 1 else "contiguous"
+    prompt = prompt.to(device=device, dtype=torch.long)
+    b, plen = prompt.shape
+    local = padded_len(plen, world, layout) // world
+    cache = ShardedKVCache(cfg.n_layers, b, local + -(-max_new_tokens // world) + 1, cfg.n_kv_heads,
+                           cfg.head_dim, dtype, device)
+    gen = torch.Generator().manual_seed(sampling.seed)
+
+    # Prefill: ring attention over the sharded prompt; each layer's local K/V go straight into the cache.
+    t0 = time.perf_counter()
+    positions = global_positions(layout, rank, world, local, device)
+    cache.add_prompt(positions, plen)
+    attend = model.attend_fn(group=group, seq_len=plen)
+
+    def prefill_attend(i: int):
+        def fn(q, k, v):
+            cache.write(i, 0, k, v)
+            return attend(q, k, v)
+        return fn
+
+    h = model.embed(shard(prompt, group=group, layout=layout))
+    rope = model.rope(positions, h.dtype)
+    for i, layer in enumerate(model.layers):
+        h = layer(h, rope, prefill_attend(i))
+    # The last prompt token lives on one rank; an all-reduce with zeros elsewhere hands it to all.
+    last = torch.zeros(b, 1, h.shape[-1], dtype=h.dtype, device=device)
+    hit = (positions == plen - 1).nonzero()
+    if len(hit):
+        last.copy_(h[:, int(hit[0, 0])][:, None])
+    if world > 1:
+        dist.all_reduce(last, group=group)
+    logits = model.logits(last)[:, 0]
+    prefill_s = time.perf_counter() - t0
+
+    tokens, kept = [], []
+    stats, prev = Stats(), comm.stats()
+    comm.set_stats(stats)
+    t1 = time.perf_counter()
+    try:
+        for step in range(max_new_tokens):
+            tok = sample(logits, sampling, gen)
+            tokens.append(tok)
+            if return_logits:
+                kept.append(logits)
+            done = stop_token is not None and bool((torch.stack(tokens, 1) == stop_token).any(1).all())
+            if step == max_new_tokens - 1 or done:
+                break
+            logits = _decode_step(model, cache, tok, plen + step, rank, world, group)
+    finally:
+        comm.set_stats(prev)
+        if prev is not None:
+            for name in ("compute_s", "wait_s", "flops", "bytes_sent", "steps", "calls"):
+                setattr(prev, name, getattr(prev, name) + getattr(stats, name))
+    decode_s = time.perf_counter() - t1
+    steps = len(tokens) - 1
+    return GenerationResult(
+        tokens=torch.stack(tokens, 1), logits=torch.stack(kept, 1) if return_logits else None,
+        prompt_len=plen, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
+        bytes_per_token=stats.bytes_sent / steps if steps else 0.0, cache_slots=cache.length, stats=stats)
+
+
+def _decode_step(model, cache: ShardedKVCache, tok: torch.Tensor, position: int, rank: int, world: int,
+                 group) -> torch.Tensor:
+    """Run one token (every rank) at ``position``; its K/V join the cache of rank ``position % world``."""
+    mine = position % world == rank
+    slot = cache.add_token(position) if mine else -1
+    pos = torch.tensor([position], device=tok.device)
+
+    def attend_layer(i: int):
+        def fn(q, k, v):
+            if mine:
+                cache.write(i, slot, k, v)
+            ck, cv, cpos = cache.view(i)
+            out, lse = partial_attention(q, ck, cv, pos, cpos)
+            return merge_partials(out, lse, group=group)[0].to(q.dtype)
+        return fn
+
+    h = model.embed(tok[:, None])
+    rope = model.rope(pos, h.dtype)
+    for i, layer in enumerate(model.layers):
+        h = layer(h, rope, attend_layer(i))
+    return model.logits(h)[:, 0]
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nproc", type=int, default=2, help="local processes (ignored under torchrun)")
+    parser.add_argument("--prompt-len", type=int, default=4096, help="random prompt of this many tokens")
+    parser.add_argument("--prompt", type=str, default=None, help="prompt text (byte-level tokens) instead")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling and prompt seed")
+    parser.add_argument("--layout", choices=("contiguous", "zigzag", "striped"), default="zigzag")
+    parser.add_argument("--strategy", default="ring", help="prefill attention strategy")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--model-seed", type=int, default=0, help="random weights from this seed")
+    parser.add_argument("--check", action="store_true",
+                        help="re-run single-process with an unsharded cache and compare the tokens")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write the result here")
+
+
+def _model(args):
+    from .model import LlamaConfig, build
+
+    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
+                      layout=args.layout, strategy=args.strategy)
+    return build(cfg, seed=args.model_seed, dtype=DTYPES[args.dtype])
+
+
+def _prompt(args) -> torch.Tensor:
+    if args.prompt is not None:
+        ids = torch.tensor(list(args.prompt.encode("utf-8")), dtype=torch.long)
+        return ids[None].repeat(args.batch, 1)
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, 256, (args.batch, args.prompt_len), generator=g)
+
+
+def _sampling(args) -> SamplingConfig:
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _summary(res: GenerationResult, world: int) -> dict:
+    return {"world": world, "prompt_len": res.prompt_len, "batch": res.tokens.shape[0],
+            "new_tokens": res.tokens.shape[1], "tokens": res.tokens.tolist(),
+            "prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_tokens_per_s": res.tokens_per_s,
+            "bytes_per_token": res.bytes_per_token, "cache_slots_per_rank": res.cache_slots}
+
+
+def _worker(args, out_path: str | None) -> None:
+    torch.set_num_threads(1)
+    rank, world = comm.group_rank_world()
+    res = generate(_model(args), _prompt(args), args.max_new_tokens, sampling=_sampling(args))
+    if rank == 0 and out_path:
+        pathlib.Path(out_path).write_text(json.dumps(_summary(res, world)))
+
+
+def _print(s: dict) -> None:
+    print(f"{s['world']} rank(s), prompt {s['prompt_len']} tokens x batch {s['batch']}: prefill "
+          f"{s['prefill_s']:.2f} s, {s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.1f} "
+          f"tokens/s, {s['bytes_per_token']:.0f} bytes sent per token per rank, "
+          f"{s['cache_slots_per_rank']} cache slots per rank")
+    for row in s["tokens"]:
+        text = bytes(t for t in row if 32 <= t < 127).decode("ascii")
+        print(f"  tokens {row[:16]}{' ...' if len(row) > 16 else ''}  text {text!r}")
+
+
+def run(args) -> int:
+    """``ringattn generate``: run on ``--nproc`` local ranks (or torchrun's), print tokens and tokens/s."""
+    import tempfile
+
+    from . import launch
+
+    _sampling(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if launch.under_torchrun():
+        launch.init_from_env()
+        res = generate(_model(args), _prompt(args), args.max_new_tokens, sampling=_sampling(args))
+        if dist.get_rank() == 0:
+            _print(_summary(res, dist.get_world_size()))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(pathlib.Path(tmp) / "result.json")
+        launch.spawn(_worker, args.nproc, args, path)
+        summary = json.loads(pathlib.Path(path).read_text())
+    _print(summary)
+    code = 0
+    if args.check:
+        torch.set_num_threads(1)
+        single = generate(_model(args), _prompt(args), args.max_new_tokens, sampling=_sampling(args))
+        same = single.tokens.tolist() == summary["tokens"]
+        summary["check_single_process_tokens_per_s"] = single.tokens_per_s
+        summary["check_same_tokens"] = same
+        print(f"check: single process, unsharded cache: {single.tokens_per_s:.1f} tokens/s; "
+              f"same tokens: {same}")
+        code = 0 if same else 1
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return code
+
+
+__all__ = ["GenerationResult", "SamplingConfig", "ShardedKVCache", "generate", "sample"]

@@ -1,0 +1,278 @@
+"""Hugging Face transformers integration: ``attn_implementation="ring"`` for context-parallel models.
+
+``register(group, layout)`` adds ring attention to transformers' attention interface and a mask function
+that builds no mask (ring attention applies causal / sliding-window masks on global positions itself).
+Every rank then runs the same model on its shard of the sequence::
+
+    ringattn.hf.register(group=None, layout="zigzag")
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ring")
+    batch = ringattn.hf.shard_batch(input_ids, group=None, layout="zigzag")
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    loss = ringattn.hf.causal_lm_loss(logits, batch["shift_labels"], batch["num_items_in_batch"])
+    loss.backward()
+    ringattn.hf.sync_gradients(model)          # sum the ranks' partial parameter gradients
+
+Why it is exact: rotary embeddings only need each token's global position (the sharded ``position_ids``),
+norms and MLPs are per token, and attention is the only place tokens meet. The loss labels are shifted on
+the *full* sequence before sharding, so a shard's last token is scored against the next shard's first.
+
+Padding: ``shard_batch`` pads the tail up to a multiple of the world size (2x for zigzag). Under a causal
+mask no real token sees a later one, so tail padding changes nothing; its labels are ignored. A 2-D
+``attention_mask`` with zeros (left padding) is rejected; put padding at the end instead.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .layouts import check_layout, global_positions, padded_len
+from .ring import ring_attention
+from .validate import agree
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class RingSettings:
+    """What ``attn_implementation="ring"`` uses: the sequence-parallel group, layout and strategy."""
+
+    group: object = None
+    layout: str = "contiguous"
+    strategy: str = "ring"
+
+
+_SETTINGS: dict[str, RingSettings] = {}
+
+
+def settings(name: str = "ring") -> RingSettings:
+    """The settings registered under ``name`` (raises ``KeyError`` if ``register`` was not called)."""
+    return _SETTINGS[name]
+
+
+def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", name: str = "ring") -> None:
+    """Make ``attn_implementation=name`` (default ``"ring"``) available to transformers models.
+
+    Args:
+        group: the process group the sequence is split over (None = default group).
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``: must match how the inputs were sharded
+            (``shard_batch(..., layout=...)``).
+        strategy: any ``ringattn.attention`` strategy (``"ring"`` by default).
+        name: the attention-implementation name to register. Calling again updates the settings.
+    """
+    check_layout(layout)
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a str, got {type(strategy).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("ringattn.hf needs transformers: pip install 'ringattn[hf]'") from e
+    _SETTINGS[name] = RingSettings(group, layout, strategy)
+    AttentionInterface.register(name, _make_attention(name))
+    AttentionMaskInterface.register(name, _make_mask(name))
+
+
+def _make_attention(name: str):
+    def ring_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                               scaling: float | None = None, sliding_window: int | None = None,
+                               softcap: float | None = None, is_causal: bool | None = None,
+                               **kwargs):
+        return attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                 scaling=scaling, sliding_window=sliding_window, softcap=softcap,
+                                 is_causal=is_causal, settings=_SETTINGS[name], **kwargs)
+
+    ring_attention_forward.__name__ = f"{name}_attention_forward"
+    return ring_attention_forward
+
+
+def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None,
+                      is_causal: bool | None = None, settings: RingSettings | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """The transformers attention-interface function: ``query`` ``(b, heads, s, d)``, ``key``/``value``
+    ``(b, kv_heads, s, d)`` of this rank's shard -> ``(out (b, s, heads, d), None)``.
+
+    ``sliding_window=w`` (transformers' convention: keys ``j > i - w``) becomes ``window=(w - 1, ...)``.
+    ``cu_seq_lens_q`` (global packed-document boundaries, batch 1), when passed to the model, becomes
+    ringattn's ``cu_seqlens``.
+    """
+    settings = settings or RingSettings()
+    if dropout:
+        raise ValueError(f"attention dropout is not supported by ring attention, got dropout={dropout}; "
+                         "set config.attention_dropout = 0")
+    if softcap is not None:
+        raise ValueError("attention logit softcapping (softcap) is not supported by ring attention")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attention sinks (s_aux) are not supported by ring attention")
+    if isinstance(attention_mask, torch.Tensor):
+        raise ValueError("ring attention takes no dense attention_mask; masks are applied on global "
+                         "positions (causal, sliding window, cu_seq_lens_q for packed documents)")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"ring attention needs as many keys as queries on each rank, got {query.shape[2]} "
+                         f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False, "
+                         "and decode with ringattn.generate")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    window = None
+    if sliding_window is not None:
+        w = int(sliding_window) - 1
+        window = (w, -1 if causal else w)
+    cu = kwargs.get("cu_seq_lens_q")
+    seq_len = int(cu[-1]) if cu is not None else None
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    kw = dict(group=settings.group, causal=causal, window=window, layout=settings.layout, seq_len=seq_len,
+              cu_seqlens=cu, softmax_scale=scaling)
+    if settings.strategy == "ring":
+        out = ring_attention(q, k, v, **kw)
+    else:
+        from . import attention
+
+        out = attention(q, k, v, strategy=settings.strategy, **kw)
+    return out, None
+
+
+def _make_mask(name: str):
+    def ring_mask(batch_size: int = 1, q_length: int = 0, kv_length: int = 0, q_offset: int = 0,
+                  kv_offset: int = 0, mask_function=None, attention_mask=None, **kwargs):
+        """No dense mask: ring attention masks on global positions. A 2-D padding mask must be all ones."""
+        if attention_mask is None:
+            return None
+        error = None
+        if not bool(attention_mask.all()):
+            error = ValueError("ring attention does not take a padding attention_mask with zeros; put "
+                               "padding at the end of the sequence (shard_batch does) and give it "
+                               "label -100, or pass attention_mask=None")
+        s = _SETTINGS[name]
+        agree(f"mask {tuple(attention_mask.shape)}", error, s.group, attention_mask.device)
+        return None
+
+    return ring_mask
+
+
+def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, group=None,
+                layout: str = "contiguous", position_ids: torch.Tensor | None = None,
+                ignore_index: int = IGNORE_INDEX) -> dict:
+    """This rank's shard of a causal-LM batch, with labels shifted on the full sequence first.
+
+    Args:
+        input_ids: ``(batch, seq_len)`` full token ids, identical on every rank.
+        labels: ``(batch, seq_len)`` targets aligned with ``input_ids`` (the usual HF convention: the
+            model shifts them); None = ``input_ids``. ``ignore_index`` entries are not scored.
+        group, layout: the sequence-parallel group and layout (as passed to ``register``).
+        position_ids: ``(batch, seq_len)`` or ``(seq_len,)``; None = ``0 .. seq_len-1``.
+
+    Returns:
+        ``{"input_ids", "position_ids", "shift_labels", "num_items_in_batch", "seq_len"}``:
+        ``(batch, local_len)`` shards (the tail padded up to a multiple of W, 2W for zigzag; padding has
+        id 0, continuing positions and label ``ignore_index``), ``shift_labels[i]`` = the label of token
+        ``i + 1``, and the global count of scored tokens.
+    """
+    check_layout(layout)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a 2-D (batch, seq_len) tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    b, n = input_ids.shape
+    labels = input_ids if labels is None else labels
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (b, n):
+        raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    rank, world = comm.group_rank_world(group)
+    total = padded_len(n, world, layout)
+    pad = total - n
+    if position_ids is None:
+        position_ids = torch.arange(total, device=input_ids.device).expand(b, total)
+    else:
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.shape[-1] != n:
+            raise ValueError(f"position_ids must have seq_len {n} entries, got {tuple(position_ids.shape)}")
+        position_ids = position_ids.expand(b, n)
+        last = position_ids[:, -1:]
+        position_ids = torch.cat([position_ids, last + torch.arange(1, pad + 1, device=last.device)], 1)
+    shifted = torch.full((b, total), ignore_index, dtype=labels.dtype, device=labels.device)
+    shifted[:, : n - 1] = labels[:, 1:]
+    ids = torch.cat([input_ids, input_ids.new_zeros(b, pad)], 1)
+    idx = global_positions(layout, rank, world, total // world, input_ids.device)
+    return {
+        "input_ids": ids.index_select(1, idx),
+        "position_ids": position_ids.index_select(1, idx),
+        "shift_labels": shifted.index_select(1, idx),
+        "num_items_in_batch": int((shifted != ignore_index).sum()),
+        "seq_len": n,
+    }
+
+
+class _AllReduceValue(torch.autograd.Function):
+    """Sum over ranks in forward; identity in backward (each rank's gradient is its own part)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.clone()
+        if comm.group_rank_world(group)[1] > 1:
+            dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: int | None = None,
+                   *, group=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The global mean next-token loss of a sharded batch, on every rank.
+
+    Args:
+        logits: ``(batch, local_len, vocab)`` this rank's logits.
+        shift_labels: ``(batch, local_len)`` from ``shard_batch`` (already shifted across shards).
+        num_items_in_batch: the global number of scored tokens (``shard_batch`` gives it); None = sum
+            over ranks (one extra all-reduce).
+
+    Returns:
+        A scalar equal on every rank to the single-process ``CrossEntropy`` mean. Its gradient is this
+        rank's share only, so after ``backward`` sum parameter gradients over ranks (``sync_gradients``).
+    """
+    if logits.dim() != 3 or tuple(shift_labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"logits (batch, local_len, vocab) and shift_labels (batch, local_len) must match, "
+                         f"got {tuple(logits.shape)} and {tuple(shift_labels.shape)}")
+    flat = logits.flatten(0, 1)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()  # as transformers does: the loss in at least float32
+    local = torch.nn.functional.cross_entropy(flat, shift_labels.flatten().to(logits.device),
+                                              ignore_index=ignore_index, reduction="sum")
+    if num_items_in_batch is None:
+        n = (shift_labels != ignore_index).sum().to(local)
+        num_items_in_batch = _AllReduceValue.apply(n, group).detach()
+    return _AllReduceValue.apply(local / num_items_in_batch, group)
+
+
+def sync_gradients(model: torch.nn.Module, *, group=None) -> None:
+    """Sum every parameter's ``.grad`` over the ranks of ``group`` (the ranks hold partial gradients of one
+    sequence). Parameters without a gradient on some rank are treated as zero there, so all ranks agree."""
+    _, world = comm.group_rank_world(group)
+    if world == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    # A description check first, so ranks holding different models raise instead of mis-summing.
+    desc = ";".join(f"{tuple(p.shape)}{p.dtype}" for p in params)
+    agree(f"sync_gradients {zlib.crc32(desc.encode())}", None, group, params[0].device)
+    for dtype in sorted({p.dtype for p in params}, key=str):
+        ps = [p for p in params if p.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
+        dist.all_reduce(flat, group=group)
+        off = 0
+        for p in ps:
+            g = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)

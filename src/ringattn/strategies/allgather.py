@@ -1,0 +1,240 @@
+"""All-gather context parallelism (Llama 3): every rank gathers all keys and values, then attends.
+
+Only the ``kv_heads`` are gathered, ``kv_head_chunk`` of them at a time, with the next chunk's gather
+in flight while the current chunk is computed, so at most two chunks of the full-length K/V are
+alive. Each chunk is one pass of kernel calls over the whole sequence (planned once by
+``masks.plan_block`` on the real global positions, so masks skip what they hide). Backward gathers
+K/V again chunk by chunk and sends the dK/dV partial sums home by reduce-scatter (float32/64), again
+overlapped with the next chunk.
+
+The gathered rows arrive in rank order. For the zigzag layout they are permuted into global order (one
+contiguous run of positions: one causal kernel call per query chunk); contiguous already is in
+order; striped stays in rank order, where every rank's block is a stride-W run and the pair
+classifies as a shifted causal triangle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import comm
+from ..kernels import BACKENDS, lse_dtype, select
+from ..kernels.block import Partial, run_backward, run_forward
+from ..layouts import global_positions, segments
+from ..masks import MaskSpec, Segment, Task, plan_block
+from ..validate import agree
+from . import check_call, device_of, gather_op, reduce_scatter_op
+from .ulysses import count_flops
+
+# Default bound on one gathered chunk of K+V (the next one is in flight too).
+CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class _Call:
+    group: object
+    world: int
+    spec: MaskSpec
+    scale: float
+    tasks: tuple[Task, ...]
+    chunks: tuple[tuple[int, int], ...]  # kv head ranges
+    to_global: torch.Tensor | None  # gathered (rank-order) row feeding each kernel row; None = identity
+
+
+def head_chunks(kv_heads: int, per_chunk: int) -> tuple[tuple[int, int], ...]:
+    return tuple((g, min(g + per_chunk, kv_heads)) for g in range(0, kv_heads, per_chunk))
+
+
+def default_chunk(k: torch.Tensor, v: torch.Tensor, world: int) -> int:
+    """KV heads per chunk: within ``CHUNK_BYTES``, and at least two chunks when there is a gather to
+    overlap."""
+    b, n, kvh = k.shape[:3]
+    per_head = b * n * world * (k.shape[3] + v.shape[3]) * k.element_size()
+    fit = max(1, CHUNK_BYTES // max(per_head, 1))
+    if world > 1 and kvh > 1:
+        fit = min(fit, math.ceil(kvh / 2))
+    return min(fit, kvh)
+
+
+def _key_layout(layout: str, world: int, local_len: int, device):
+    """(key segments in kernel row order, permutation from rank order or None)."""
+    if world == 1 or layout == "contiguous":
+        return (Segment(0, world * local_len),), None
+    if layout == "zigzag":
+        order = torch.cat([global_positions(layout, r, world, local_len, device) for r in range(world)])
+        return (Segment(0, world * local_len),), torch.argsort(order)
+    return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
+
+
+def _start_gather(k, v, g0: int, g1: int, call: _Call):
+    """Post the gather of kv heads [g0, g1) of every rank; returns (work, buffer, local sizes)."""
+    kc, vc = k[:, :, g0:g1], v[:, :, g0:g1]
+    send = torch.cat([kc.reshape(-1), vc.reshape(-1)])
+    if call.world == 1:
+        return None, send, (kc.shape, vc.shape)
+    recv = send.new_empty(call.world * send.numel())
+    work = gather_op()(recv, send, group=call.group, async_op=True)
+    s = comm.stats()
+    if s is not None:  # a ring all-gather forwards W - 1 blocks per rank
+        s.bytes_sent += send.numel() * send.element_size() * (call.world - 1)
+    return work, recv, (kc.shape, vc.shape)
+
+
+def _finish_gather(pending, call: _Call):
+    """The gathered (k, v) of one chunk, full length, in kernel row order."""
+    work, buf, (kshape, vshape) = pending
+    if work is not None:
+        comm.Pending([work], None).wait()
+    w = call.world
+    parts = buf.view(w, -1)
+    nk = math.prod(kshape)
+    out = []
+    for part, shape in ((parts[:, :nk], kshape), (parts[:, nk:], vshape)):
+        b, c, hc, d = shape
+        x = part.reshape(w, b, c, hc, d).transpose(0, 1).reshape(b, w * c, hc, d)
+        out.append(x if call.to_global is None else x.index_select(1, call.to_global))
+    return out
+
+
+def _forward(q, k, v, call: _Call):
+    backend = select(q, k, v)
+    b, n, h, _ = q.shape
+    dv = v.shape[-1]
+    ratio = h // k.shape[2]
+    acc_t = lse_dtype(q.dtype)
+    out = torch.empty(b, n, h, dv, dtype=acc_t, device=q.device)
+    lse = torch.empty(b, h, n, dtype=acc_t, device=q.device)
+    pending = _start_gather(k, v, *call.chunks[0], call)
+    for i, (g0, g1) in enumerate(call.chunks):
+        kf, vf = _finish_gather(pending, call)
+        if i + 1 < len(call.chunks):
+            pending = _start_gather(k, v, *call.chunks[i + 1], call)
+        hs = slice(g0 * ratio, g1 * ratio)
+        qc = q[:, :, hs]
+        acc = Partial(qc, dv)
+        count_flops(call.tasks, qc, vf, False)
+        run_forward(backend, qc, kf, vf, call.tasks, call.spec, call.scale, acc)
+        out[:, :, hs] = acc.out
+        lse[:, hs] = acc.lse
+    return out.to(q.dtype), lse
+
+
+def _backward(dout, q, k, v, out, lse, call: _Call, dlse):
+    backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
+    ratio = q.shape[2] // k.shape[2]
+    acc_t = lse_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    w = call.world
+    pending = _start_gather(k, v, *call.chunks[0], call)
+    scatters = []
+    for i, (g0, g1) in enumerate(call.chunks):
+        kf, vf = _finish_gather(pending, call)
+        if i + 1 < len(call.chunks):
+            pending = _start_gather(k, v, *call.chunks[i + 1], call)
+        hs = slice(g0 * ratio, g1 * ratio)
+        gk = torch.zeros(kf.shape, dtype=acc_t, device=q.device)
+        gv = torch.zeros(vf.shape, dtype=acc_t, device=q.device)
+        count_flops(call.tasks, q[:, :, hs], vf, True)
+        run_backward(backend, dout[:, :, hs], q[:, :, hs], kf, vf, out[:, :, hs], lse[:, hs], call.tasks,
+                     call.spec, call.scale, dq[:, :, hs], gk, gv, None if dlse is None else dlse[:, hs])
+        if call.to_global is not None:  # back to rank order for the scatter
+            gk = torch.empty_like(gk).index_copy_(1, call.to_global, gk)
+            gv = torch.empty_like(gv).index_copy_(1, call.to_global, gv)
+        scatters.append(((g0, g1), _start_scatter(gk, gv, w, call)))
+    for (g0, g1), (work, res, kshape) in scatters:
+        if work is not None:
+            comm.Pending([work], None).wait()
+        nk = math.prod(kshape)
+        dk[:, :, g0:g1] = res[:nk].view(kshape)
+        dv[:, :, g0:g1] = res[nk:].view(*kshape[:3], v.shape[3])
+    return dq.to(q.dtype), dk, dv
+
+
+def _start_scatter(gk, gv, w: int, call: _Call):
+    """Sum every rank's dK/dV share of each block at the block's owner (reduce-scatter)."""
+    b, n, hc, d = gk.shape
+    c = n // w
+
+    def by_rank(x):
+        return x.view(b, w, c, hc, -1).transpose(0, 1).reshape(w, -1)
+
+    send = torch.cat([by_rank(gk), by_rank(gv)], dim=1).reshape(-1)
+    kshape = (b, c, hc, d)
+    if w == 1:
+        return None, send, kshape
+    res = send.new_empty(send.numel() // w)
+    work = reduce_scatter_op()(res, send, group=call.group, async_op=True)
+    s = comm.stats()
+    if s is not None:
+        s.bytes_sent += res.numel() * res.element_size() * (w - 1)
+    return work, res, kshape
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, call: _Call):
+        out, lse = _forward(q, k, v, call)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call = call
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None and not bool((dlse != 0).any()):
+            dlse = None
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.call, dlse)
+        return dq, dk, dv, None
+
+
+def allgather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    layout: str = "contiguous",
+    seq_len: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+    kv_head_chunk: int | None = None,
+):
+    """Exact attention by gathering K/V; same arguments and results as ``ring_attention``.
+
+    ``kv_head_chunk``: K/V heads gathered per step (None: as many as fit in ``CHUNK_BYTES``, at
+    least two steps when there is more than one K/V head, so that the gather overlaps compute).
+    """
+    rank, world = comm.group_rank_world(group)
+    error, spec, scale, desc = None, None, None, ""
+    try:
+        spec, scale, desc = check_call(q, k, v, strategy="allgather", world=world, layout=layout,
+                                       causal=causal, window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
+                                       softmax_scale=softmax_scale)
+        if kv_head_chunk is not None and (isinstance(kv_head_chunk, bool) or not isinstance(kv_head_chunk, int)
+                                          or kv_head_chunk < 1):
+            raise ValueError(f"kv_head_chunk must be a positive int or None, got {kv_head_chunk!r}")
+        desc += f" kv_head_chunk={kv_head_chunk}"
+    except (TypeError, ValueError) as e:
+        error = e
+    agree(desc, error, group, device_of(q))
+    n = q.shape[1]
+    ksegs, to_global = _key_layout(layout, world, n, q.device)
+    lay = layout if world > 1 else "contiguous"
+    tasks = plan_block(spec, segments(lay, rank, world, n), ksegs)
+    per = kv_head_chunk or default_chunk(k, v, world)
+    call = _Call(group, world, spec, scale, tasks, head_chunks(k.shape[2], per), to_global)
+    s = comm.stats()
+    if s is not None:
+        s.calls += 1
+    out, lse = _AllGatherAttention.apply(q, k, v, call)
+    return (out, lse) if return_lse else out

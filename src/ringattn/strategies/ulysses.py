@@ -1,0 +1,139 @@
+"""DeepSpeed-Ulysses: trade the sequence split for a head split, attend locally, trade back.
+
+Each rank starts with its ``local_len`` tokens of all heads. One all-to-all gives every rank all
+``W * local_len`` tokens of ``heads / W`` heads; attention over the whole sequence is then local and
+exact; a second all-to-all returns the output (and lse) to the sequence split. Three all-to-alls of
+q, k, v and one of the output per forward, and the mirror image in backward; nothing overlaps.
+
+After the all-to-all the tokens sit in *rank order* (rank 0's tokens, then rank 1's, ...), which is
+global order only for the contiguous layout. For zigzag and striped they are permuted into global
+order first, so the kernels see one contiguous run of positions (one causal call instead of many
+partial ones), and the output is permuted back.
+
+GQA: query head ``i`` reads K/V head ``i // (heads // kv_heads)``; ``heads`` must be divisible by W.
+When ``kv_heads`` is not a multiple of W, every K/V head is replicated ``W / gcd(kv_heads, W)`` times
+before the all-to-all (more bytes on the wire; gradients of the copies are summed), so that each
+rank holds the K/V heads its query heads read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import comm
+from ..kernels import BACKENDS, lse_dtype, select
+from ..kernels.block import Partial, run_backward, run_forward
+from ..layouts import global_positions
+from ..masks import MaskSpec, Segment, Task, plan_block, task_flops
+from ..validate import agree
+from . import AllToAll, check_call, device_of, kv_replication
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    spec: MaskSpec
+    scale: float
+    tasks: tuple[Task, ...]
+
+
+def count_flops(tasks: tuple[Task, ...], q: torch.Tensor, v: torch.Tensor, backward: bool) -> None:
+    s = comm.stats()
+    if s is not None:
+        f = sum(task_flops(t, q.shape[0], q.shape[2], q.shape[3], v.shape[3]) for t in tasks)
+        s.flops += 2.5 * f if backward else f
+
+
+class LocalAttention(torch.autograd.Function):
+    """Exact attention of local q, k, v at known global positions (the tasks of ``plan_block``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call: LocalCall):
+        acc = Partial(q, v.shape[-1])
+        count_flops(call.tasks, q, v, False)
+        run_forward(select(q, k, v), q, k, v, call.tasks, call.spec, call.scale, acc)
+        out = acc.out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, acc.lse)
+        ctx.call = call
+        return out, acc.lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        call = ctx.call
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None and not bool((dlse != 0).any()):
+            dlse = None
+        # A gradient through lse folds into D (D - dlse); only the reference backend takes it.
+        backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
+        acc = lse_dtype(q.dtype)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        count_flops(call.tasks, q, v, True)
+        run_backward(backend, dout, q, k, v, out, lse, call.tasks, call.spec, call.scale, dq, dk, dv, dlse)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def rank_order(layout: str, world: int, local_len: int, device) -> torch.Tensor | None:
+    """Global position of each row of the all-to-all result (rank order); None if that is 0, 1, 2, ..."""
+    if layout == "contiguous" or world == 1:
+        return None
+    return torch.cat([global_positions(layout, r, world, local_len, device) for r in range(world)])
+
+
+def head_parallel_attention(q, k, v, group, spec: MaskSpec, scale: float, order: torch.Tensor | None,
+                            replicate: int):
+    """The Ulysses core on ``group``: (out, lse) of this rank's tokens, differentiable.
+
+    ``order`` gives the global position of each token after the all-to-all (None = already in order).
+    """
+    if replicate > 1:
+        k = k.repeat_interleave(replicate, dim=2)
+        v = v.repeat_interleave(replicate, dim=2)
+    qh, kh, vh = (AllToAll.apply(t, group, 2, 1) for t in (q, k, v))
+    if order is not None:
+        to_global = torch.argsort(order)
+        qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
+    n = qh.shape[1]
+    tasks = plan_block(spec, (Segment(0, n),), (Segment(0, n),))
+    out, lse = LocalAttention.apply(qh, kh, vh, LocalCall(spec, scale, tasks))
+    if order is not None:  # back to rank order: row j of rank order holds global position order[j]
+        out, lse = out.index_select(1, order), lse.index_select(2, order)
+    return AllToAll.apply(out, group, 1, 2), AllToAll.apply(lse, group, 2, 1)
+
+
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group=None,
+    causal: bool = False,
+    window: tuple[int, int] | None = None,
+    layout: str = "contiguous",
+    seq_len: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Exact attention by all-to-all head parallelism; same arguments and results as ``ring_attention``.
+
+    Needs ``heads`` divisible by the group size; K/V heads are replicated when ``kv_heads`` is not a
+    multiple of it (see the module docstring).
+    """
+    _, world = comm.group_rank_world(group)
+    error, spec, scale, desc = None, None, None, ""
+    try:
+        spec, scale, desc = check_call(q, k, v, strategy="ulysses", world=world, layout=layout, causal=causal,
+                                       window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
+                                       softmax_scale=softmax_scale, local_world=world)
+    except (TypeError, ValueError) as e:
+        error = e
+    agree(desc, error, group, device_of(q))
+    s = comm.stats()
+    if s is not None:
+        s.calls += 1
+    order = rank_order(layout, world, q.shape[1], q.device)
+    out, lse = head_parallel_attention(q, k, v, group, spec, scale, order, kv_replication(k.shape[2], world))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,177 @@
+"""Hugging Face integration: a context-parallel run with attn_implementation="ring" equals the
+single-process eager model — logits, loss and every parameter gradient — for Llama, Mistral (sliding
+window) and Qwen2 (mixed full / sliding layers), tiny random float64 models, no downloads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ringattn
+from ringattn import comm
+
+transformers = pytest.importorskip("transformers")
+
+from ringattn import hf  # noqa: E402
+
+from .reference import rel_err  # noqa: E402
+
+TOL = 1e-9
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def tiny_model(family: str, seed: int = 0):
+    common = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  attention_dropout=0.0, tie_word_embeddings=False)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=7)
+        cls = transformers.MistralForCausalLM
+    elif family == "qwen2":
+        cfg = transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=5,
+                                       max_window_layers=1)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        raise ValueError(family)
+    # The float64 reference is SDPA: transformers' "eager" path does its softmax in float32.
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = cls(cfg).double()
+    # Non-trivial norms, so their gradients are tested for real.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def inputs(vocab: int, batch: int, seq_len: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(batch, seq_len, generator=g) < 0.2] = hf.IGNORE_INDEX
+    return ids, labels
+
+
+def compare_family(family: str, layout: str, seq_len: int, batch: int = 2, seed: int = 0,
+                   packed: list | None = None) -> dict:
+    """Run on every rank: eager single-process reference vs. the ring run on this rank's shard."""
+    hf.register(layout=layout)
+    ref = tiny_model(family, seed)
+    cp = copy.deepcopy(ref)
+    cp.set_attn_implementation("ring")
+    ids, labels = inputs(ref.config.vocab_size, batch, seq_len, seed + 1)
+
+    extra, pos = {}, None
+    if packed is not None:
+        cu = torch.tensor(packed, dtype=torch.int32)
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(packed[:-1], packed[1:])])[None]
+        extra = {"cu_seq_lens_q": cu}
+        # Labels must not cross documents: the last token of each document predicts nothing.
+        for b in packed[1:-1]:
+            labels[:, b] = hf.IGNORE_INDEX
+    out = ref(input_ids=ids, position_ids=pos, use_cache=False)
+    # The reference loss in float64 (transformers' own loss upcasts only to float32).
+    ref_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=hf.IGNORE_INDEX)
+    ref_loss.backward()
+
+    sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
+    logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False, **extra).logits
+    loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
+    loss.backward()
+    hf.sync_gradients(cp)
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq_len)
+
+    errs = {"logits": rel_err(full, out.logits.detach()), "loss": rel_err(loss.detach(), ref_loss.detach())}
+    grads = dict(cp.named_parameters())
+    for n, p in ref.named_parameters():
+        errs[f"grad {n}"] = rel_err(grads[n].grad, p.grad)
+    return errs
+
+
+def run_families(layout: str, seq_len: int) -> dict:
+    return {f: compare_family(f, layout, seq_len) for f in FAMILIES}
+
+
+def check(results: list[dict]) -> None:
+    for rank, per_family in enumerate(results):
+        for family, errs in per_family.items():
+            bad = {k: v for k, v in errs.items() if not v <= TOL}
+            assert not bad, f"rank {rank} {family}: {bad}"
+            assert len(errs) > 10  # logits, loss and every parameter's gradient were compared
+
+
+@pytest.mark.parametrize("layout", ringattn.LAYOUTS)
+@pytest.mark.parametrize("world", [2, 4])
+def test_hf_models_match_eager(ranks, world, layout):
+    # 29 tokens: not a multiple of W (or 2W), so the padded tail is exercised as well.
+    check(ranks.run(world, run_families, layout, 29))
+
+
+def test_hf_single_process_matches_eager():
+    assert comm.group_rank_world()[1] == 1
+    check([run_families("contiguous", 13)])
+
+
+def packed_case(layout: str) -> dict:
+    return {"llama": compare_family("llama", layout, 24, batch=1, packed=[0, 5, 17, 24])}
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_hf_packed_documents(ranks, layout):
+    check(ranks.run(2, packed_case, layout))
+
+
+def bad_mask_case() -> str:
+    hf.register()
+    rank, _ = comm.group_rank_world()
+    model = tiny_model("llama")
+    model.set_attn_implementation("ring")
+    ids = torch.randint(0, 61, (1, 8))
+    mask = torch.ones(1, 8, dtype=torch.long)
+    if rank == 1:
+        mask[0, 0] = 0  # only one rank has padding: every rank must still raise
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_padding_mask_rejected_on_every_rank(ranks):
+    msgs = ranks.run(2, bad_mask_case)
+    assert all("attention_mask" in m for m in msgs), msgs
+
+
+def test_dropout_and_cache_rejected():
+    hf.register()
+    model = tiny_model("llama")
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    model.set_attn_implementation("ring")
+    model.train()
+    with pytest.raises(ValueError, match="dropout"):
+        model(input_ids=torch.randint(0, 61, (1, 6)), use_cache=False)
+    model.eval()
+    out = model(input_ids=torch.randint(0, 61, (1, 6)), use_cache=True)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(input_ids=torch.randint(0, 61, (1, 1)), past_key_values=out.past_key_values, use_cache=True)
+
+
+def test_shard_batch_arguments():
+    with pytest.raises(ValueError, match="input_ids"):
+        hf.shard_batch(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        hf.shard_batch(torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="layout"):
+        hf.register(layout="diagonal")
+    sb = hf.shard_batch(torch.arange(5)[None], layout="contiguous")
+    assert sb["shift_labels"].tolist() == [[1, 2, 3, 4, -100]]
+    assert sb["num_items_in_batch"] == 4

@@ -1,0 +1,152 @@
+"""Context-parallel training: exact steps on 2 and 4 ranks, resume after a kill, and learning."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ringattn
+from ringattn import checkpoint
+from ringattn.model import LlamaConfig
+from ringattn.train import Parallel, TrainConfig, local_batch, make_optimizer, setup_parallel, train, train_step
+from tests.reference import TOL
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_chunk=16)
+# seq_len 101 is not a multiple of 2W: padding is exercised on every layout; clip 0.05 is active.
+TC = TrainConfig(model=MODEL, seq_len=101, batch=2, steps=4, lr=1e-2, warmup=2, clip=0.05, dtype="float64",
+                 progress=False, eval_samples=0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+
+
+def _one_step(tc: TrainConfig, par: Parallel | None = None):
+    """Loss, clipped gradients and updated parameters after step 1 (step 0 fills Adam's state first)."""
+    from ringattn.data import make_task
+    from ringattn.model import build
+
+    par = par or setup_parallel(tc.dp)
+    task = make_task(tc.task, seed=tc.seed)
+    model = build(tc.model, seed=tc.seed, dtype=torch.float64)
+    opt = make_optimizer(model, tc)
+    out = []
+    for step in range(2):
+        batch = local_batch(task, tc, par, step * tc.batch, tc.seq_len, tc.batch)
+        out.append(train_step(model, opt, batch, par, tc, step))
+    return (out, {k: p.grad.clone() for k, p in model.named_parameters()},
+            {k: p.detach().clone() for k, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("world,dp", [(2, 1), (4, 1), (4, 2)])
+@pytest.mark.parametrize("layout", ringattn.LAYOUTS)
+def test_train_step_matches_single_process(ranks, world, dp, layout):
+    tc = dataclasses.replace(TC, model=dataclasses.replace(MODEL, layout=layout), dp=dp)
+    ref_losses, ref_grads, ref_params = _one_step(tc, Parallel())
+    results = ranks.run(world, _one_step, tc)
+    tol = TOL[torch.float64]
+    for rank, (losses, grads, params) in enumerate(results):
+        for (loss, norm), (ref_loss, ref_norm) in zip(losses, ref_losses):
+            assert abs(loss - ref_loss) <= tol * ref_loss, (rank, loss, ref_loss)
+            assert abs(norm - ref_norm) <= tol * ref_norm, (rank, norm, ref_norm)
+        for name in ref_params:
+            assert rel_err(grads[name], ref_grads[name]) <= tol, (rank, name)
+            assert rel_err(params[name], ref_params[name]) <= tol, (rank, name)
+            # every rank holds bitwise the same parameters: the replicas never drift apart
+            assert torch.equal(params[name], results[0][2][name]), (rank, name)
+
+
+def test_short_run_learns_passkey():
+    tc = TrainConfig(model=LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_chunk=64),
+                     task="passkey", seq_len=128, batch=4, steps=40, lr=3e-3, warmup=5, progress=False,
+                     eval_lens=(128,), eval_samples=4)
+    s = train(tc)
+    assert s["loss_last"] < 0.5 * s["loss_first"], s
+    assert s["tokens_per_s"] > 0 and s["peak_mem_mb_per_rank"] > 0
+    assert set(s["eval_accuracy"]) == {"128"} and 0.0 <= s["eval_accuracy"]["128"] <= 1.0
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "ringattn.cli", "train", *args]
+
+
+RUN = ["--nproc", "2", "--layout", "zigzag", "--task", "mqar", "--seq-len", "64", "--batch", "2",
+       "--steps", "6", "--ckpt-every", "2", "--dim", "32", "--layers", "1", "--eval-samples", "2",
+       "--no-progress", "--json"]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+
+
+def _final_state(ckpt_dir: pathlib.Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    last = checkpoint.latest(ckpt_dir)
+    out = ckpt_dir.parent / (ckpt_dir.name + ".pt")
+    dcp_to_torch_save(str(last), str(out))
+    return last.name, torch.load(out, weights_only=False)
+
+
+def _assert_same(a, b, path=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    else:
+        assert a == b, path
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    r = subprocess.run(_cli(*RUN, "--ckpt-dir", str(whole)), capture_output=True, text=True, env=_env(),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+
+    # Same run, killed (SIGKILL to its whole process group: the parent and its rank processes) once
+    # the step-2 checkpoint is complete, while it is still training.
+    p = subprocess.Popen(_cli(*RUN, "--ckpt-dir", str(broken), "--throttle", "1.0"), env=_env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while checkpoint.latest(broken) is None and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        assert checkpoint.latest(broken) is not None and p.poll() is None, "no checkpoint before the kill"
+        os.killpg(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=30)
+    killed_at = checkpoint.latest(broken).name
+    assert killed_at in ("step-00000002", "step-00000004"), killed_at
+    # A half-written save (as a kill mid-save leaves it) must be ignored by resume.
+    (broken / ".tmp-step-00000099").mkdir()
+    (broken / ".tmp-step-00000099" / "__0_0.distcp").write_bytes(b"garbage")
+
+    r2 = subprocess.run(_cli(*RUN, "--ckpt-dir", str(broken)), capture_output=True, text=True, env=_env(),
+                        timeout=120)
+    assert r2.returncode == 0, r2.stderr
+    s1, s2 = json.loads(r.stdout.splitlines()[-1]), json.loads(r2.stdout.splitlines()[-1])
+    assert s2["start_step"] == int(killed_at.split("-")[1]) and s2["loss_last"] == s1["loss_last"]
+    name1, st1 = _final_state(whole)
+    name2, st2 = _final_state(broken)
+    assert name1 == name2 == "step-00000006"
+    _assert_same(st1, st2)  # parameters, optimizer state, data position and RNG, bit for bit
+    assert not list(broken.glob(".tmp-*"))
+
+
+def test_cli_rejects_bad_arguments():
+    r = subprocess.run(_cli("--nproc", "3", "--dp", "2", "--steps", "1"), capture_output=True, text=True,
+                       env=_env(), timeout=60)
+    assert r.returncode == 1 and "--dp" in r.stderr, r.stderr
+    r = subprocess.run(_cli("--heads", "3", "--steps", "1"), capture_output=True, text=True, env=_env(),
+                       timeout=60)
+    assert r.returncode == 1 and "n_heads" in r.stderr, r.stderr
