@@ -177,3 +177,20 @@ def test_cli_generate(tmp_path):
     assert code == 0
     s = json.loads(out.read_text())
     assert s["check_same_tokens"] and len(s["tokens"][0]) == 4 and s["decode_tokens_per_s"] > 0
+
+
+def bad_decode_case() -> str:
+    rank, _ = comm.group_rank_world()
+    q = torch.randn(1, 1, 4, 8)
+    k = torch.randn(1, 5, 2, 8)
+    kp = torch.arange(5) if rank == 0 else torch.arange(4)  # rank 1: wrong number of positions
+    try:
+        decode_attention(q, k, k, torch.tensor([5]), kp)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_decode_attention_bad_input_rejected_on_every_rank(ranks):
+    msgs = ranks.run(2, bad_decode_case)
+    assert "k_pos" in msgs[1] and "another rank" in msgs[0], msgs

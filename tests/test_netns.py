@@ -71,16 +71,15 @@ def test_two_hosts_exact_and_isolated():
 
 def test_failure_tears_down_and_reports():
     cluster = netns.Cluster(netns.ClusterSpec(hosts=2, link=netns.Link(rate_mbit=500)))
-    with pytest.raises(netns.NetnsError, match="ZeroDivisionError"):
-        with cluster:
-            assert "rate 500Mbit" in cluster.qdiscs()
-            cluster.run("tests.test_netns:failing_job", timeout=60)
+    with pytest.raises(netns.NetnsError, match="ZeroDivisionError"), cluster:
+        assert "rate 500Mbit" in cluster.qdiscs()
+        cluster.run("tests.test_netns:failing_job", timeout=60)
     assert not set(cluster.namespaces()) and not any(n.startswith(cluster.prefix) for n in netns.list_namespaces())
 
 
 def failing_job() -> None:
     if dist.get_rank() == 1:
-        1 / 0
+        raise ZeroDivisionError("rank 1 fails on purpose")
     dist.barrier()  # rank 0 blocks here; the parent kills it once rank 1 has failed
 
 

@@ -34,7 +34,7 @@ def _one_step(tc: TrainConfig, par: Parallel | None = None):
     from ringattn.data import make_task
     from ringattn.model import build
 
-    par = par or setup_parallel(tc.dp)
+    par = par or setup_parallel(tc.dp, tc.ulysses)
     task = make_task(tc.task, seed=tc.seed)
     model = build(tc.model, seed=tc.seed, dtype=torch.float64)
     opt = make_optimizer(model, tc)
@@ -62,6 +62,19 @@ def test_train_step_matches_single_process(ranks, world, dp, layout):
             assert rel_err(params[name], ref_params[name]) <= tol, (rank, name)
             # every rank holds bitwise the same parameters: the replicas never drift apart
             assert torch.equal(params[name], results[0][2][name]), (rank, name)
+
+
+@pytest.mark.parametrize("strategy,ulysses,dp", [("allgather", 0, 1), ("ulysses", 0, 2), ("hybrid", 2, 1)])
+def test_train_step_other_strategies(ranks, strategy, ulysses, dp):
+    tc = dataclasses.replace(TC, model=dataclasses.replace(MODEL, layout="zigzag", strategy=strategy), dp=dp,
+                             ulysses=ulysses)
+    ref_losses, ref_grads, ref_params = _one_step(dataclasses.replace(tc, ulysses=0), Parallel())
+    tol = TOL[torch.float64]
+    for losses, grads, params in ranks.run(4, _one_step, tc):
+        assert all(abs(a[0] - b[0]) <= tol * b[0] for a, b in zip(losses, ref_losses))
+        for name in ref_params:
+            assert rel_err(grads[name], ref_grads[name]) <= tol, name
+            assert rel_err(params[name], ref_params[name]) <= tol, name
 
 
 def test_short_run_learns_passkey():

@@ -15,17 +15,20 @@ import torch.distributed as dist
 
 from . import comm
 from .kernels import lse_dtype
+from .validate import agree
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                       k_pos: torch.Tensor, *, scale: float | None = None, causal: bool = True,
-                      window: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      window: tuple[int, int] | None = None,
+                      heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries over one cache slice, unnormalised across slices.
 
     Args:
         q: ``(b, t, heads, d)`` queries at global positions ``q_pos`` ``(t,)``.
         k, v: ``(b, n, kv_heads, d)`` / ``(b, n, kv_heads, dv)`` cached keys/values at global positions
-            ``k_pos`` ``(n,)``; a negative position marks an empty slot (never attended to).
+            ``k_pos`` ``(n,)`` (``(b, kv_heads, n, d)`` with ``heads_first``, the cache's own layout, which
+            reads each head's keys contiguously); a negative position marks an empty slot.
         causal: keep ``k_pos <= q_pos``. window: ``(left, right)``, -1 = unbounded.
 
     Returns:
@@ -34,7 +37,10 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
     """
     acc = lse_dtype(q.dtype)
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    if not heads_first:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    kvh = k.shape[1]
+    g = h // kvh
     scale = d ** -0.5 if scale is None else scale
     keep = (k_pos >= 0)[None, :].expand(t, -1)
     rel = k_pos[None, :] - q_pos[:, None]  # j - i
@@ -46,14 +52,16 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
             keep = keep & (rel >= -left)
         if right >= 0:
             keep = keep & (rel <= right)
-    # Grouped-query attention without repeating K/V: query head i reads kv head i // (h // kvh).
-    qg = q.to(acc).reshape(b, t, kvh, h // kvh, d)
-    s = torch.einsum("btkgd,bnkd->bkgtn", qg, k.to(acc)) * scale
-    s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (b, kvh, g, t)
+    # Grouped-query attention without repeating K/V: query head i reads kv head i // g, so the g heads
+    # of a group and the t queries form the rows of one (g*t, n) score matrix per kv head.
+    qg = q.to(acc).reshape(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+    s = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (b, kvh, g*t, n)
+    s = s.view(b, kvh, g, t, -1).masked_fill(~keep, float("-inf")).view(b, kvh, g * t, -1)
+    lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-    out = torch.einsum("bkgtn,bnkd->btkgd", p, v.to(acc)).reshape(b, t, h, v.shape[-1])
-    return out, lse.permute(0, 3, 1, 2).reshape(b, t, h)
+    out = torch.matmul(p, v.to(acc))  # (b, kvh, g*t, dv)
+    out = out.view(b, kvh, g, t, -1).permute(0, 3, 1, 2, 4).reshape(b, t, h, -1)
+    return out, lse.view(b, kvh, g, t).permute(0, 3, 1, 2).reshape(b, t, h)
 
 
 def merge_partials(out: torch.Tensor, lse: torch.Tensor, *, group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +88,29 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, *, group=None) -> tuple
     return merged, m_safe + torch.log(den)
 
 
+def _check(q, k, v, q_pos, k_pos, window) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("q_pos", q_pos), ("k_pos", k_pos)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4 or not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a 4-D float tensor (batch, len, heads, dim), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if q_pos.dim() != 1 or q_pos.shape[0] != q.shape[1] or q_pos.dtype.is_floating_point:
+        raise ValueError(f"q_pos must be 1-D int with one position per query ({q.shape[1]}), got "
+                         f"{q_pos.dtype} {tuple(q_pos.shape)}")
+    if k_pos.dim() != 1 or k_pos.shape[0] != k.shape[1] or k_pos.dtype.is_floating_point:
+        raise ValueError(f"k_pos must be 1-D int with one position per cached key ({k.shape[1]}), got "
+                         f"{k_pos.dtype} {tuple(k_pos.shape)}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of kv_heads ({k.shape[2]})")
+    if window is not None and not (isinstance(window, (tuple, list)) and len(window) == 2
+                                   and all(isinstance(w, int) and w >= -1 for w in window)):
+        raise ValueError(f"window must be (left, right) with ints >= -1, got {window!r}")
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor, *, group=None, scale: float | None = None, causal: bool = True,
                      window: tuple[int, int] | None = None,
@@ -90,6 +121,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     passes the same ``q`` and ``q_pos``). Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or
     ``(out, lse)``. Not differentiable (inference).
     """
+    error, desc = None, ""
+    try:
+        _check(q, k, v, q_pos, k_pos, window)
+        desc = f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {causal} {window}"
+    except (TypeError, ValueError) as e:
+        error = e
+    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    agree(desc, error, group, device)
     out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, causal=causal, window=window)
     out, lse = merge_partials(out, lse, group=group)
     out = out.to(q.dtype)

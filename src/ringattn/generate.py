@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import pathlib
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -85,7 +86,8 @@ class ShardedKVCache:
 
     def __init__(self, n_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (batch, capacity, kv_heads, head_dim)
+        # Heads first: decoding reads each head's keys as one contiguous (n, head_dim) matrix.
+        shape = (batch, kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.positions = torch.full((capacity,), -1, dtype=torch.long, device=device)
@@ -110,12 +112,14 @@ class ShardedKVCache:
         return self.length - 1
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer][:, start:start + k.shape[1]] = k
-        self.v[layer][:, start:start + v.shape[1]] = v
+        """Store ``k``, ``v`` ``(b, n, kv_heads, d)`` in slots ``start .. start + n``."""
+        self.k[layer][:, :, start:start + k.shape[1]] = k.transpose(1, 2)
+        self.v[layer][:, :, start:start + v.shape[1]] = v.transpose(1, 2)
 
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's ``k``, ``v`` ``(b, kv_heads, n, d)`` and positions ``(n,)`` of ``layer``."""
         n = self.length
-        return self.k[layer][:, :n], self.v[layer][:, :n], self.positions[:n]
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n], self.positions[:n]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -137,6 +141,14 @@ class GenerationResult:
     bytes_per_token: float  # sent by this rank per decode step (all layers)
     cache_slots: int  # this rank's cache length at the end
     stats: Stats = field(default_factory=Stats)
+    step_s: list = field(default_factory=list)  # wall time of each decode step
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        """Decoded tokens per second from the median step time (robust to a busy machine)."""
+        if not self.step_s:
+            return float("nan")
+        return self.tokens.shape[0] / statistics.median(self.step_s)
 
     @property
     def tokens_per_s(self) -> float:
@@ -224,7 +236,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     logits = model.logits(last)[:, 0]
     prefill_s = time.perf_counter() - t0
 
-    tokens, kept = [], []
+    tokens, kept, step_s = [], [], []
     stats, prev = Stats(), comm.stats()
     comm.set_stats(stats)
     t1 = time.perf_counter()
@@ -237,7 +249,9 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
             done = stop_token is not None and bool((torch.stack(tokens, 1) == stop_token).any(1).all())
             if step == max_new_tokens - 1 or done:
                 break
+            ts = time.perf_counter()
             logits = _decode_step(model, cache, tok, plen + step, rank, world, group)
+            step_s.append(time.perf_counter() - ts)
     finally:
         comm.set_stats(prev)
         if prev is not None:
@@ -248,7 +262,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     return GenerationResult(
         tokens=torch.stack(tokens, 1), logits=torch.stack(kept, 1) if return_logits else None,
         prompt_len=plen, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
-        bytes_per_token=stats.bytes_sent / steps if steps else 0.0, cache_slots=cache.length, stats=stats)
+        bytes_per_token=stats.bytes_sent / steps if steps else 0.0, cache_slots=cache.length, stats=stats,
+        step_s=step_s)
 
 
 def _decode_step(model, cache: ShardedKVCache, tok: torch.Tensor, position: int, rank: int, world: int,
@@ -263,7 +278,7 @@ def _decode_step(model, cache: ShardedKVCache, tok: torch.Tensor, position: int,
             if mine:
                 cache.write(i, slot, k, v)
             ck, cv, cpos = cache.view(i)
-            out, lse = partial_attention(q, ck, cv, pos, cpos)
+            out, lse = partial_attention(q, ck, cv, pos, cpos, heads_first=True)
             return merge_partials(out, lse, group=group)[0].to(q.dtype)
         return fn
 
@@ -326,6 +341,7 @@ def _summary(res: GenerationResult, world: int) -> dict:
     return {"world": world, "prompt_len": res.prompt_len, "batch": res.tokens.shape[0],
             "new_tokens": res.tokens.shape[1], "tokens": res.tokens.tolist(),
             "prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_tokens_per_s": res.tokens_per_s,
+            "decode_tokens_per_s_median": res.median_tokens_per_s,
             "bytes_per_token": res.bytes_per_token, "cache_slots_per_rank": res.cache_slots}
 
 
@@ -340,7 +356,8 @@ def _worker(args, out_path: str | None) -> None:
 def _print(s: dict) -> None:
     print(f"{s['world']} rank(s), prompt {s['prompt_len']} tokens x batch {s['batch']}: prefill "
           f"{s['prefill_s']:.2f} s, {s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.1f} "
-          f"tokens/s, {s['bytes_per_token']:.0f} bytes sent per token per rank, "
+          f"tokens/s (median step: {s['decode_tokens_per_s_median']:.1f}), "
+          f"{s['bytes_per_token']:.0f} bytes sent per token per rank, "
           f"{s['cache_slots_per_rank']} cache slots per rank")
     for row in s["tokens"]:
         text = bytes(t for t in row if 32 <= t < 127).decode("ascii")

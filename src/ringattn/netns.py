@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib
 import itertools
 import json
@@ -132,10 +133,8 @@ def _kill_inside(ns: str) -> None:
     """SIGKILL processes still inside a namespace we own (stray workers would keep it alive)."""
     p = _sh(IP, "netns", "pids", ns, check=False)
     for pid in p.stdout.split():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 @dataclass(frozen=True)
@@ -165,6 +164,9 @@ class ClusterSpec:
     hosts: int
     link: Link = field(default_factory=Link)
     mtu: int = 1500
+    # Per-namespace sysctls. Cluster nodes commonly turn off TCP's slow start after idle: without that,
+    # every ring step's message (sent after a compute step of idleness) restarts from a small window.
+    sysctls: tuple[tuple[str, str], ...] = (("net.ipv4.tcp_slow_start_after_idle", "0"),)
 
     def __post_init__(self):
         if not 1 <= self.hosts <= 250:
@@ -261,6 +263,8 @@ class Cluster:
             _sh(IP, "-n", self.switch, "link", "set", port, "up")
             _sh(IP, "-n", h.netns, "addr", "add", f"{h.address}/24", "dev", h.ifname)
             _sh(IP, "-n", h.netns, "link", "set", h.ifname, "up")
+            for key, value in self.spec.sysctls:
+                _sh(IP, "netns", "exec", h.netns, "sysctl", "-q", "-w", f"{key}={value}")
         self.shape(self.spec.link)
 
     def shape(self, link: Link) -> None:
@@ -316,11 +320,10 @@ class Cluster:
                         "--local-rank", str(r % ranks_per_host), "--master", master, "--ifname", host.ifname,
                         "--job", job, "--args", json.dumps(args or {}), "--out", str(out),
                         "--threads", str(threads)]
-                fh = open(log, "w")
                 logs.append(log)
-                p = subprocess.Popen(self.exec_argv(host, argv), stdout=fh, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
-                fh.close()
+                with open(log, "w") as fh:
+                    p = subprocess.Popen(self.exec_argv(host, argv), stdout=fh, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})}, start_new_session=True)
                 procs.append(p)
                 self._procs.append(p)
             deadline = time.monotonic() + timeout
@@ -354,14 +357,10 @@ def _tails(logs: list[pathlib.Path], procs: list[subprocess.Popen], n: int = 200
 
 def _kill_group(p: subprocess.Popen) -> None:
     if p.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)  # the worker's own session: ip netns exec + python
-        except ProcessLookupError:
-            pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         p.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _sigterm_to_exit(signum, frame):

@@ -23,7 +23,7 @@ import torch
 from . import comm
 from .comm import TAG_GRAD, TAG_KV, TAG_RETURN, Ring
 from .kernels import BACKENDS, lse_dtype, select
-from .kernels.block import Partial, run_backward, run_forward
+from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
 from .masks import MaskSpec, Task, plan_block, task_flops
 from .validate import agree, check_qkv, make_spec
@@ -118,9 +118,8 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         # Gradient through lse folds into D (D - dlse); only the reference backend takes it.
         backend = BACKENDS["reference"]
     acc = lse_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    dq = Sum(q.shape, acc, q.device)
+    dk, dv = Sum(k.shape, acc, q.device), Sum(v.shape, acc, q.device)
     steps = call.plan.steps
     cur, grads_in, returns = (k, v), None, []
     for i, o in enumerate(steps):
@@ -128,10 +127,9 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         if o == 0:
             target = (dk, dv)
         elif abs(o) == 1:
-            target = (torch.zeros(k.shape, dtype=acc, device=q.device),
-                      torch.zeros(v.shape, dtype=acc, device=q.device))
+            target = (Sum(k.shape, acc, q.device), Sum(v.shape, acc, q.device))
         else:
-            target = grads_in.wait()
+            target = tuple(Sum(t.shape, acc, q.device, initial=t) for t in grads_in.wait())
         tasks = call.plan.tasks[o]
         if tasks:
             _count(tasks, q, v, True)
@@ -140,16 +138,18 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         if o != 0:
             d = 1 if o > 0 else -1
             nxt = steps[i + 1] if i + 1 < len(steps) else None
+            bufs = (target[0].get(), target[1].get())
             if nxt == o + d:  # the block moves on: its gradient buffers travel with it
-                grads_in = ring.exchange(target, d, target, -d, TAG_GRAD)
+                grads_in = ring.exchange(bufs, d, bufs, -d, TAG_GRAD)
             else:  # end of this direction: straight back to the owner, rank - o
-                returns.append(ring.exchange(target, -o, target, o, TAG_RETURN))
+                returns.append(ring.exchange(bufs, -o, bufs, o, TAG_RETURN))
         if pending is not None:
             cur = pending.wait()
     for r in returns:
         gk, gv = r.wait()
-        dk += gk
-        dv += gv
+        dk.add(0, k.shape[1], gk)
+        dv.add(0, v.shape[1], gv)
+    dq, dk, dv = dq.get(), dk.get(), dv.get()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import checkpoint, comm, launch
+from . import comm, launch
 from .data import TASKS, Task, make_task
 from .layouts import LAYOUTS
 from .model import Llama, LlamaConfig, build
@@ -57,6 +57,7 @@ class TrainConfig:
     clip: float = 1.0  # global gradient-norm clip; 0 = off
     loss_chunk: int = 0  # blockwise loss: logits for this many tokens at a time (0 = all)
     dp: int = 1  # data-parallel size; context-parallel size = world / dp
+    ulysses: int = 0  # strategy "hybrid": Ulysses size inside the context-parallel ranks (ring = cp / it)
     dtype: str = "float32"
     seed: int = 0
     ckpt_dir: str | None = None
@@ -81,23 +82,41 @@ class Parallel:
     cp_rank: int = 0
     mesh: object = None
     cp_group: object = None
+    cp_mesh: object = None  # hybrid strategy: the 2-D ("ring", "ulysses") mesh holding the sequence
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    @property
+    def seq(self) -> dict:
+        """Keywords naming where the sequence lives: ``{"group": ..}`` or, for hybrid, ``{"mesh": ..}``."""
+        return {"mesh": self.cp_mesh} if self.cp_mesh is not None else {"group": self.cp_group}
 
-def setup_parallel(dp: int) -> Parallel:
-    """The ("dp", "cp") DeviceMesh over every rank of the default group."""
+
+def setup_parallel(dp: int, ulysses: int = 0) -> Parallel:
+    """The ("dp", "cp") DeviceMesh over every rank of the default group.
+
+    ``ulysses`` > 0 (hybrid strategy) splits cp further: a 3-D mesh ("dp", "ring", "ulysses").
+    """
     rank, world = comm.group_rank_world()
     if dp < 1 or world % dp:
         raise ValueError(f"dp must divide the number of ranks ({world}), got {dp}")
-    if world == 1:
+    if ulysses and (world // dp) % ulysses:
+        raise ValueError(f"ulysses ({ulysses}) must divide the context-parallel size ({world // dp})")
+    if world == 1 and not ulysses:
         return Parallel()
     from torch.distributed.device_mesh import init_device_mesh
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
-    mesh = init_device_mesh(device.type, (dp, world // dp), mesh_dim_names=("dp", "cp"))
-    return Parallel(rank, world, dp, world // dp, mesh.get_local_rank("dp"), mesh.get_local_rank("cp"), mesh,
-                    mesh.get_group("cp"), device)
+    cp = world // dp
+    if ulysses:
+        mesh = init_device_mesh(device.type, (dp, cp // ulysses, ulysses),
+                                mesh_dim_names=("dp", "ring", "ulysses"))
+        cp_mesh = mesh["ring", "ulysses"]
+        cp_rank = mesh.get_local_rank("ring") * ulysses + mesh.get_local_rank("ulysses")
+        return Parallel(rank, world, dp, cp, mesh.get_local_rank("dp"), cp_rank, mesh, None, cp_mesh, device)
+    mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    return Parallel(rank, world, dp, cp, mesh.get_local_rank("dp"), mesh.get_local_rank("cp"), mesh,
+                    mesh.get_group("cp"), None, device)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -121,8 +140,8 @@ def local_batch(task: Task, tc: TrainConfig, par: Parallel, samples: int, seq_le
     """This rank's (inputs, labels, seq_len): its dp row's sequences, its cp shard of them."""
     per_dp = n // par.dp
     b = task.batch(samples + par.dp_rank * per_dp, per_dp, seq_len)
-    inputs, labels, s = shard_batch(b.inputs, b.labels, group=par.cp_group, layout=tc.model.layout)
-    answer = shard_batch(b.inputs, b.answer.long(), group=par.cp_group, layout=tc.model.layout)[1]
+    inputs, labels, s = shard_batch(b.inputs, b.labels, layout=tc.model.layout, **par.seq)
+    answer = shard_batch(b.inputs, b.answer.long(), layout=tc.model.layout, **par.seq)[1]
     return inputs.to(par.device), labels.to(par.device), s, answer.to(par.device) == 1
 
 
@@ -151,7 +170,7 @@ def train_step(model: Llama, optim: torch.optim.Optimizer, batch, par: Parallel,
     for g in optim.param_groups:
         g["lr"] = lr_at(step, tc)
     optim.zero_grad(set_to_none=True)
-    loss = sharded_loss(model, inputs, labels, n_labels=n_labels, group=par.cp_group, seq_len=seq_len,
+    loss = sharded_loss(model, inputs, labels, n_labels=n_labels, seq_len=seq_len, **par.seq,
                         chunk=tc.loss_chunk)
     loss.backward()
     total = reduce_gradients(model, loss, par)
@@ -179,9 +198,9 @@ def evaluate(model: Llama, task: Task, tc: TrainConfig, par: Parallel, seq_len: 
     model.eval()
     for i in range(par.dp_rank, n, par.dp):
         b = task.batch(held_out + i, 1, seq_len)
-        inputs, labels, s = shard_batch(b.inputs, b.labels, group=par.cp_group, layout=tc.model.layout)
-        answer = shard_batch(b.inputs, b.answer.long(), group=par.cp_group, layout=tc.model.layout)[1] == 1
-        logits = model(inputs.to(par.device), group=par.cp_group, seq_len=s)
+        inputs, labels, s = shard_batch(b.inputs, b.labels, layout=tc.model.layout, **par.seq)
+        answer = shard_batch(b.inputs, b.answer.long(), layout=tc.model.layout, **par.seq)[1] == 1
+        logits = model(inputs.to(par.device), seq_len=s, **par.seq)
         pred = logits.argmax(-1).cpu()
         stats[i, 0] = answer.sum()
         stats[i, 1] = (answer & (pred != labels)).sum()
@@ -211,7 +230,9 @@ def _max_over_ranks(x: float, par: Parallel) -> float:
 
 def train(tc: TrainConfig) -> dict:
     """Run training on the ranks of the default group (or one process); returns the summary."""
-    par = setup_parallel(tc.dp)
+    if (tc.model.strategy == "hybrid") != bool(tc.ulysses):
+        raise ValueError("--strategy hybrid and --ulysses U go together (U: the Ulysses size)")
+    par = setup_parallel(tc.dp, tc.ulysses)
     if tc.batch % par.dp:
         raise ValueError(f"batch ({tc.batch}) must be a multiple of dp ({par.dp})")
     task = make_task(tc.task, seed=tc.seed, text_file=tc.text_file)
@@ -220,6 +241,8 @@ def train(tc: TrainConfig) -> dict:
     model = build(tc.model, seed=tc.seed, dtype=DTYPES[tc.dtype], device=par.device)
     optim = make_optimizer(model, tc)
     start, samples = 0, 0
+    if tc.ckpt_dir:
+        from . import checkpoint  # torch.distributed.checkpoint takes half a second to import
     if tc.ckpt_dir and tc.resume and (last := checkpoint.latest(tc.ckpt_dir)) is not None:
         pos = checkpoint.load(last, model, optim)
         start, samples = pos["step"], pos["samples"]
@@ -284,6 +307,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m, t = LlamaConfig(), TrainConfig()
     p.add_argument("--nproc", type=int, default=1, help="local gloo ranks to spawn (ignored under torchrun)")
     p.add_argument("--dp", type=int, default=t.dp, help="data-parallel size; context parallel = ranks / dp")
+    p.add_argument("--ulysses", type=int, default=0, help="hybrid strategy: Ulysses size (ring = cp / it)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--strategy", default=m.strategy, help="ring, allgather, ulysses, hybrid, auto (or dense)")
     p.add_argument("--layout", default=m.layout, choices=LAYOUTS)
@@ -341,6 +365,7 @@ def config_from_args(args) -> TrainConfig:
     tc = TrainConfig(model=model, task=args.task, text_file=args.text_file, seq_len=args.seq_len,
                      batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
                      weight_decay=args.weight_decay, clip=args.clip, loss_chunk=args.loss_chunk, dp=args.dp,
+                     ulysses=args.ulysses,
                      dtype=args.dtype, seed=args.seed, ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every,
                      resume=args.resume, eval_lens=lens, eval_samples=args.eval_samples,
                      progress=args.progress, json=args.json, throttle=args.throttle)
@@ -374,6 +399,10 @@ def _check_world(tc: TrainConfig, world: int) -> None:
         raise ValueError(f"--dp ({tc.dp}) must divide the number of ranks ({world})")
     if tc.batch % tc.dp:
         raise ValueError(f"--batch ({tc.batch}) must be a multiple of --dp ({tc.dp})")
+    if (tc.model.strategy == "hybrid") != bool(tc.ulysses):
+        raise ValueError("--strategy hybrid needs --ulysses U (and --ulysses needs --strategy hybrid)")
+    if tc.ulysses and (world // tc.dp) % tc.ulysses:
+        raise ValueError(f"--ulysses ({tc.ulysses}) must divide the context-parallel size ({world // tc.dp})")
     if tc.model.strategy == "dense" and world > 1:
         raise ValueError("--strategy dense runs in a single process only (--nproc 1)")
 

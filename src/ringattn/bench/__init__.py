@@ -13,7 +13,7 @@ import json
 import pathlib
 import time
 
-SUITES = ["kernel", "ring", "window", "strategies", "memory", "table3", "decode"]
+SUITES = ["kernel", "ring", "window", "strategies", "memory", "table3", "decode", "multihost"]
 
 
 def available() -> list[str]:

@@ -39,3 +39,22 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """Current (VmRSS) or peak since the last reset (VmHWM) resident memory of this process, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

@@ -41,12 +41,14 @@ BYTES_FP32 = 4
 # -- configuration ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OverlapConfig:
+    # 8 query heads sharing one K/V head (MQA): a 1-thread AVX-512 kernel here runs ~80 GFLOP/s, so with
+    # kv_heads = heads the threshold would need a link faster than gloo moves data on this machine.
     rates_mbit: tuple[float, ...] = (200.0, 800.0)
-    lengths: tuple[int, ...] = (128, 176, 256, 352, 512, 720, 1024, 1440, 2048)
-    heads: int = 4
-    kv_heads: int = 4
+    lengths: tuple[int, ...] = (128, 181, 256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096)
+    heads: int = 8
+    kv_heads: int = 1
     head_dim: int = 64
-    repeats: int = 3
+    repeats: int = 5
     kernel_len: int = 1024  # block length at which the kernel FLOP/s F is measured
     eps: float = 0.05  # "communication stops showing": forward wait below eps of forward compute
 
@@ -56,12 +58,12 @@ class HybridConfig:
     rates_mbit: tuple[float | None, ...] = (100.0, 400.0, 1600.0, None)
     local_len: int = 1024
     heads: int = 8
-    kv_heads: int = 8
+    kv_heads: int = 2
     head_dim: int = 64
     causal: bool = True
     layout: str = "zigzag"
     repeats: int = 2
-    strategies: tuple[str, ...] = ("ring", "allgather", "hybrid", "auto")
+    strategies: tuple[str, ...] = ("ring", "allgather", "ulysses", "hybrid", "auto")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class ScalingConfig:
                                            ("ulysses", "zigzag"))
 
 
-QUICK_OVERLAP = OverlapConfig(rates_mbit=(400.0,), lengths=(128, 256, 512, 1024), repeats=1, kernel_len=512)
+QUICK_OVERLAP = OverlapConfig(rates_mbit=(800.0,), lengths=(128, 181, 256, 362, 512, 724, 1024, 1448), repeats=3)
 QUICK_HYBRID = HybridConfig(rates_mbit=(100.0, None), local_len=512, repeats=1)
 QUICK_SCALING = ScalingConfig(worlds=(8, 16), seq_len=2048)
 
@@ -101,7 +103,7 @@ def _stats(st) -> dict:
             "steps": st.steps}
 
 
-def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int = 3) -> dict:
+def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int = 5) -> dict:
     """This rank's forward and backward FLOP/s of one non-causal ``n x n`` block, no communication."""
     from ..kernels import select
 
@@ -121,26 +123,36 @@ def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int =
     return {"fwd_flops_per_s": flops / tf, "bwd_flops_per_s": 2.5 * flops / tb, "n": n}
 
 
-def link_bandwidth(nbytes: int, repeats: int = 3) -> dict:
-    """Ring-style exchange of ``nbytes`` (send to rank + 1, receive from rank - 1, all at once):
-    bytes per second each rank gets through, best of ``repeats`` (what a ring step sees)."""
+def link_bandwidth(sizes: tuple[int, ...] = (1 << 16, 1 << 20, 4 << 20), repeats: int = 5) -> dict:
+    """Ring-style exchange (send to rank + 1, receive from rank - 1, both posted at once, as a ring
+    step does) of each size; best times, and the fit ``t = alpha + bytes / B`` over the sizes."""
     from ..comm import Ring
 
     ring = Ring()
-    x = torch.zeros(nbytes // BYTES_FP32)
-    ring.exchange((x,), 1, (x,), -1, 0).wait()
-    best = math.inf
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
+    times = []
+    for n in sizes:
+        x = torch.zeros(n // BYTES_FP32)
         ring.exchange((x,), 1, (x,), -1, 0).wait()
-        best = min(best, time.perf_counter() - t0)
-    small = torch.zeros(1)
-    dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        ring.exchange((small,), 1, (small,), -1, 0).wait()
-    return {"bytes_per_s": nbytes / best, "small_msg_s": (time.perf_counter() - t0) / 20, "nbytes": nbytes}
+        ts = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            ring.exchange((x,), 1, (x,), -1, 0).wait()
+            ts.append(time.perf_counter() - t0)
+        times.append(min(ts))  # other load on the shared CPU only ever adds time
+    mx, mt = statistics.fmean(sizes), statistics.fmean(times)
+    slope = sum((x - mx) * (t - mt) for x, t in zip(sizes, times)) / sum((x - mx) ** 2 for x in sizes)
+    return {"sizes": list(sizes), "median_s": times, "bytes_per_s": 1.0 / slope,
+            "alpha_s": max(0.0, mt - slope * mx)}
+
+
+def link_tx_bytes() -> int:
+    """Bytes this host's veth has sent so far (its namespace's own /sys view): what really crossed
+    the shaped link, TCP/IP headers included, loopback traffic between ranks of one host excluded."""
+    import os
+
+    path = pathlib.Path(f"/sys/class/net/{os.environ.get('GLOO_SOCKET_IFNAME', 'eth0')}/statistics/tx_bytes")
+    return int(path.read_text()) if path.exists() else 0
 
 
 def _fwd_bwd(fn, q, k, v, dout) -> dict:
@@ -169,15 +181,13 @@ def overlap_job(lengths: list[int], heads: int, kv_heads: int, head_dim: int, re
     rank, world = _rank_world()
     dist.barrier()
     kr = kernel_rate(kernel_len, heads, kv_heads, head_dim)  # all ranks at once, as during the ring
-    bw = link_bandwidth(8 << 20)
+    bw = link_bandwidth()
     sweep = []
     for n in lengths:
         q, k, v, dout = _qkv(1, n, heads, kv_heads, head_dim, 100 + rank)
         ring = lambda q, k, v: ringattn.ring_attention(q, k, v)  # noqa: E731
         _fwd_bwd(ring, q, k, v, dout)  # warm-up: plan cache, allocator, TCP windows
-        runs = [_fwd_bwd(ring, q, k, v, dout) for _ in range(repeats)]
-        best = min(runs, key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"])
-        sweep.append({"local_len": n, **best})
+        sweep.append({"local_len": n, "runs": [_fwd_bwd(ring, q, k, v, dout) for _ in range(repeats)]})
     return {"rank": rank, "world": world, "kernel": kr, "link": bw, "sweep": sweep}
 
 
@@ -186,6 +196,14 @@ def predicted_threshold(flops_per_s: float, bytes_per_s: float, heads: int, kv_h
     """The paper's overlap condition for one ring step, adapted to the element size and kv_heads:
     ``4 c^2 h d / F = 2 c kvh d e / B``  =>  ``c* = F kvh e / (2 h B)`` (``F / B`` for bf16, h = kvh)."""
     return flops_per_s * kv_heads * bytes_per_elem / (2.0 * heads * bytes_per_s)
+
+
+def predicted_threshold_latency(flops_per_s: float, bytes_per_s: float, alpha_s: float, heads: int,
+                                kv_heads: int, head_dim: int, bytes_per_elem: int = BYTES_FP32) -> float:
+    """The same condition with a per-message latency: ``4 c^2 h d / F = alpha + 2 c kvh d e / B``."""
+    a = 4.0 * heads * head_dim / flops_per_s
+    b = 2.0 * kv_heads * head_dim * bytes_per_elem / bytes_per_s
+    return (b + math.sqrt(b * b + 4 * a * alpha_s)) / (2 * a)
 
 
 def measured_threshold(lengths: list[int], exposed: list[float], eps: float) -> float | None:
@@ -216,7 +234,10 @@ def run_overlap(cfg: OverlapConfig, quick: bool) -> dict:
         B = _mean(r["link"]["bytes_per_s"] for r in ranks)
         rows = []
         for i, n in enumerate(cfg.lengths):
-            per = [r["sweep"][i] for r in ranks]
+            # The CPU is shared: interference only ever adds time, so each rank's best repeat is
+            # its cleanest view (fastest for times, least exposed for the wait).
+            runs = [r["sweep"][i]["runs"] for r in ranks]
+            per = [min(rs, key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"]) for rs in runs]
             fwd_c = _mean(p["fwd"]["compute_s"] for p in per)
             bwd_c = _mean(p["bwd"]["compute_s"] for p in per)
             rows.append({
@@ -229,25 +250,32 @@ def run_overlap(cfg: OverlapConfig, quick: bool) -> dict:
                 "bwd_wait_s": _mean(p["bwd"]["wait_s"] for p in per),
                 "bytes_sent_per_rank": _mean(p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per),
                 "flops_per_rank": _mean(p["fwd"]["flops"] + p["bwd"]["flops"] for p in per),
-                "fwd_exposed": _mean(p["fwd"]["wait_s"] / p["fwd"]["compute_s"] for p in per),
+                "fwd_exposed": _mean(min(r["fwd"]["wait_s"] / r["fwd"]["compute_s"] for r in rs) for rs in runs),
+                "fwd_exposed_median": _mean(statistics.median(r["fwd"]["wait_s"] / r["fwd"]["compute_s"]
+                                                              for r in rs) for rs in runs),
                 "fwd_bwd_overhead": _mean((p["fwd_wall_s"] + p["bwd_wall_s"]) /
                                           (p["fwd"]["compute_s"] + p["bwd"]["compute_s"]) - 1 for p in per),
                 "kernel_fwd_flops_per_s": _mean(p["fwd"]["flops"] / p["fwd"]["compute_s"] for p in per),
             })
         pred = predicted_threshold(F, B, cfg.heads, cfg.kv_heads)
         pred_nominal = predicted_threshold(F, rate * 1e6 / 8, cfg.heads, cfg.kv_heads)
+        alpha = _mean(r["link"]["alpha_s"] for r in ranks)
+        pred_lat = predicted_threshold_latency(F, B, alpha, cfg.heads, cfg.kv_heads, cfg.head_dim)
         meas = measured_threshold(list(cfg.lengths), [r["fwd_exposed"] for r in rows], cfg.eps)
         ratio = None if meas is None else max(pred, meas) / min(pred, meas)
         results.append({
             "rate_mbit": rate, "kernel_flops_per_s": F, "kernel_bwd_flops_per_s":
                 _mean(r["kernel"]["bwd_flops_per_s"] for r in ranks),
-            "link_bytes_per_s": B, "small_msg_s": _mean(r["link"]["small_msg_s"] for r in ranks),
+            "link_bytes_per_s": B, "link_alpha_s": alpha, "link": [r["link"] for r in ranks],
             "predicted_threshold": pred, "predicted_threshold_nominal_rate": pred_nominal,
+            "predicted_threshold_with_latency": pred_lat,
+            "ratio_with_latency": None if meas is None else max(pred_lat, meas) / min(pred_lat, meas),
             "measured_threshold": meas, "ratio": ratio, "within_1_5": ratio is not None and ratio <= 1.5,
             "rows": rows,
         })
         print(f"  overlap @ {rate:g} Mbit/s: F={F / 1e9:.1f} GFLOP/s B={B / 1e6:.1f} MB/s "
-              f"predicted c*={pred:.0f} measured c*={meas if meas is None else round(meas)} "
+              f"alpha={alpha * 1e3:.2f}ms predicted c*={pred:.0f} (with latency {pred_lat:.0f}) "
+              f"measured c*={meas if meas is None else round(meas)} "
               f"ratio={ratio if ratio is None else round(ratio, 2)}", flush=True)
     return {"config": asdict(cfg), "results": results}
 
@@ -266,9 +294,13 @@ def scaling_job(seq_len: int, heads: int, kv_heads: int, head_dim: int, combos: 
         def fn(q, k, v, strategy=strategy, layout=layout):
             return ringattn.attention(q, k, v, strategy=strategy, causal=True, layout=layout)
 
+        dist.barrier()
+        tx0 = link_tx_bytes()
         try:
             res = _fwd_bwd(fn, q, k, v, dout)
-        except (ValueError, ImportError, NotImplementedError) as e:  # raised on every rank alike
+            dist.barrier()
+            res["link_tx_bytes"] = link_tx_bytes() - tx0
+        except Exception as e:  # noqa: BLE001 - argument errors and bugs alike are raised on every rank
             res = {"error": f"{type(e).__name__}: {e}"}
         out["runs"][f"{strategy}/{layout}"] = res
     return out
@@ -279,7 +311,8 @@ def theory_bytes_per_rank(strategy: str, world: int, seq_len: int, heads: int, k
     """Bytes one rank sends in a causal fwd+bwd with float32 activations (no skipped steps assumed).
 
     ring: W-1 K/V blocks forward; backward K/V again plus float32 dK/dV per hop, and the return hop.
-    allgather: its K/V share to W-1 ranks, reduce-scatter of dK/dV back.
+    allgather: its K/V share forwarded W-1 times (ring all-gather), again in backward, and the
+    reduce-scatter of dK/dV: the same bytes as the ring.
     ulysses: q, k, v, out all-to-all forward, dout and dq, dk, dv backward, (W-1)/W of each.
     """
     c, e, W = seq_len // world, BYTES_FP32, world
@@ -289,8 +322,8 @@ def theory_bytes_per_rank(strategy: str, world: int, seq_len: int, heads: int, k
         return 0.0
     if strategy == "ring":
         return (W - 1) * kv + (W - 1) * kv + (W - 1) * kv
-    if strategy == "allgather":
-        return (W - 1) * kv + (W - 1) * kv
+    if strategy == "allgather":  # gathered again in backward, then reduce-scatter of dK/dV
+        return 3 * (W - 1) * kv
     if strategy == "ulysses":
         return (W - 1) / W * (4 * qo + 2 * kv)  # fwd q,k,v,out; bwd dout,dq,dk,dv (kv replication aside)
     return float("nan")
@@ -314,16 +347,21 @@ def run_scaling(cfg: ScalingConfig, quick: bool) -> dict:
             comp = [p["fwd"]["compute_s"] + p["bwd"]["compute_s"] for p in per]
             sent = [p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per]
             wait = [p["fwd"]["wait_s"] + p["bwd"]["wait_s"] for p in per]
+            busy = [p["fwd_wall_s"] + p["bwd_wall_s"] - w for p, w in zip(per, wait)]
             strategy = key.split("/")[0]
             combos[key] = {
                 "bytes_sent_per_rank_mean": _mean(sent), "bytes_sent_per_rank_max": max(sent),
+                "link_tx_bytes_per_rank_mean": _mean(p["link_tx_bytes"] for p in per),
                 "bytes_theory": theory_bytes_per_rank(strategy, W, cfg.seq_len, cfg.heads, cfg.kv_heads,
                                                       cfg.head_dim),
                 "flops_max_over_mean": max(flops) / _mean(flops) if _mean(flops) > 0 else None,
                 "flops_per_rank_mean": _mean(flops),
                 "compute_s_per_rank_mean": _mean(comp), "compute_s_per_rank_max": max(comp),
-                "compute_max_over_mean": max(comp) / _mean(comp),
+                "compute_max_over_mean": max(comp) / _mean(comp) if _mean(comp) > 0 else None,
                 "wait_s_per_rank_mean": _mean(wait),
+                # wall minus wait: compute plus local overheads; for strategies that do not time
+                # their kernels (compute_s 0) the only per-rank compute figure available
+                "busy_s_per_rank_mean": _mean(busy), "busy_s_per_rank_max": max(busy),
                 "wall_s_max": max(p["fwd_wall_s"] + p["bwd_wall_s"] for p in per),
             }
         worlds.append({"world": W, "local_len": cfg.seq_len // W, "combos": combos,
@@ -339,10 +377,50 @@ def hybrid_available() -> str | None:
     """Why the hybrid experiment cannot run (``None`` when it can)."""
     try:
         from ..strategies import hybrid  # noqa: F401
-        from .. import plan  # noqa: F401
     except ImportError as e:
-        return f"strategies not available yet: {e}"
+        return f"strategy 'hybrid' not available: {e}"
     return None
+
+
+def hybrid_job(local_len: int, heads: int, kv_heads: int, head_dim: int, causal: bool, layout: str,
+               repeats: int, strategies: list[str], ranks_per_host: int) -> dict:
+    """Inside a host: fwd+bwd of each strategy on a (hosts x ranks_per_host) mesh, ring across hosts."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import ringattn
+
+    rank, world = _rank_world()
+    mesh = init_device_mesh("cpu", (world // ranks_per_host, ranks_per_host),
+                            mesh_dim_names=("ring", "ulysses"))
+    q, k, v, dout = _qkv(1, local_len, heads, kv_heads, head_dim, 11 + rank)
+    out = {"rank": rank, "runs": {}}
+    for strategy in strategies:
+        kw = {"mesh": mesh} if strategy in ("hybrid", "auto") else {}
+
+        def fn(q, k, v, strategy=strategy, kw=kw):
+            return ringattn.attention(q, k, v, strategy=strategy, causal=causal, layout=layout, **kw)
+
+        dist.barrier()
+        tx0 = link_tx_bytes()
+        try:
+            runs = [_fwd_bwd(fn, q, k, v, dout) for _ in range(repeats + 1)]
+        except Exception as e:  # noqa: BLE001 - argument errors and bugs alike are raised on every rank
+            out["runs"][strategy] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        dist.barrier()
+        link = (link_tx_bytes() - tx0) / len(runs)  # per fwd+bwd, whole host (both its ranks)
+        best = min(runs[1:], key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"])
+        best["host_link_tx_bytes"] = link
+        if strategy == "auto":
+            best["chose"] = _auto_choice(q, k, v, mesh, causal, layout)
+        out["runs"][strategy] = best
+    return out
+
+
+def _auto_choice(q, k, v, mesh, causal: bool, layout: str) -> str:
+    from ..plan import choose_for_call
+
+    return choose_for_call(q, k, v, group=None, mesh=mesh, causal=causal, layout=layout)
 
 
 def run_hybrid(cfg: HybridConfig, quick: bool) -> dict:
@@ -350,7 +428,39 @@ def run_hybrid(cfg: HybridConfig, quick: bool) -> dict:
     if why:
         print(f"  hybrid: skipped ({why})", flush=True)
         return {"config": asdict(cfg), "skipped": why}
-    raise NotImplementedError  # filled in once strategies/hybrid.py lands
+    rows = []
+    with netns.Cluster(netns.ClusterSpec(hosts=2)) as c:
+        for rate in cfg.rates_mbit:
+            c.shape(netns.Link(rate_mbit=rate))
+            ranks = c.run(f"{__name__}:hybrid_job", dict(
+                local_len=cfg.local_len, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                causal=cfg.causal, layout=cfg.layout, repeats=cfg.repeats, strategies=list(cfg.strategies),
+                ranks_per_host=2), ranks_per_host=2, timeout=900)
+            row = {"rate_mbit": rate, "strategies": {}}
+            for s in cfg.strategies:
+                per = [r["runs"][s] for r in ranks]
+                if "error" in per[0]:
+                    row["strategies"][s] = {"error": per[0]["error"]}
+                    continue
+                row["strategies"][s] = {
+                    "fwd_bwd_s": max(p["fwd_wall_s"] + p["bwd_wall_s"] for p in per),
+                    "wait_s_mean": _mean(p["fwd"]["wait_s"] + p["bwd"]["wait_s"] for p in per),
+                    "bytes_sent_per_rank": _mean(p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per),
+                    # counted on the veth: what crossed the slow link, per host (ranks 0 and 2 see
+                    # their host's counter; the two ranks of a host read the same one)
+                    "host_link_tx_bytes": _mean(p["host_link_tx_bytes"] for p in per[::2]),
+                    **({"chose": per[0]["chose"]} if "chose" in per[0] else {}),
+                }
+            timed = {s: v["fwd_bwd_s"] for s, v in row["strategies"].items() if "error" not in v and s != "auto"}
+            row["fastest"] = min(timed, key=timed.get) if timed else None
+            auto = row["strategies"].get("auto", {})
+            row["auto_chose"] = auto.get("chose")
+            row["auto_picked_fastest"] = row["auto_chose"] == row["fastest"] if row["auto_chose"] else None
+            rows.append(row)
+            print(f"  hybrid @ {rate if rate else 'unshaped'} Mbit/s: " + ", ".join(
+                f"{s} {v['fwd_bwd_s']:.3f}s" for s, v in row["strategies"].items() if "error" not in v)
+                + f"; fastest {row['fastest']}, auto chose {row['auto_chose']}", flush=True)
+    return {"config": asdict(cfg), "rows": rows}
 
 
 # -- driver ---------------------------------------------------------------------------------------------
@@ -437,4 +547,18 @@ def plot(result: dict, out: pathlib.Path) -> None:
 
 
 def plot_hybrid(ax, hy: dict) -> None:
-    raise NotImplementedError
+    rows = hy["rows"]
+    labels = [f"{r['rate_mbit']:g}" if r["rate_mbit"] else "unshaped" for r in rows]
+    names = [s for s in hy["config"]["strategies"] if s != "auto"]
+    width = 0.8 / max(1, len(names))
+    for i, s in enumerate(names):
+        ys = [r["strategies"].get(s, {}).get("fwd_bwd_s", float("nan")) for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], ys, width, label=s)
+    for x, r in enumerate(rows):
+        if r.get("auto_chose"):
+            ax.annotate(f"auto: {r['auto_chose']}", (x + 0.4 - width / 2, 0), xytext=(0, -28),
+                        textcoords="offset points", ha="center", fontsize=7)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
+    ax.set(xlabel="link between hosts (Mbit/s)", ylabel="fwd+bwd s (slowest rank)", yscale="log",
+           title="2. two hosts x two ranks (causal, zigzag)")
+    ax.legend(fontsize=7)

@@ -13,16 +13,77 @@ from .base import Backend, lse_dtype
 
 
 class Partial:
-    """Running (out, lse) of a set of query rows; starts empty (out = 0, lse = -inf)."""
+    """Running (out, lse) of a set of query rows; starts empty (out = 0, lse = -inf).
+
+    Storage is allocated on the first merge that does not cover every row at once; a first result
+    that covers all rows in the accumulation dtype is adopted as it is (no copy).
+    """
 
     def __init__(self, q: torch.Tensor, v_head_dim: int):
         b, n, h, _ = q.shape
-        acc = lse_dtype(q.dtype)
-        self.out = torch.zeros(b, n, h, v_head_dim, dtype=acc, device=q.device)
-        self.lse = torch.full((b, h, n), float("-inf"), dtype=acc, device=q.device)
+        self.shape, self.dtype, self.device = (b, n, h, v_head_dim), lse_dtype(q.dtype), q.device
+        self._out: torch.Tensor | None = None
+        self._lse: torch.Tensor | None = None
+        self._written: list[tuple[int, int]] = []  # row ranges that hold a result already
+
+    def _alloc(self) -> None:
+        b, n, h, dv = self.shape
+        self._out = torch.zeros(b, n, h, dv, dtype=self.dtype, device=self.device)
+        self._lse = torch.full((b, h, n), float("-inf"), dtype=self.dtype, device=self.device)
+
+    @property
+    def out(self) -> torch.Tensor:
+        if self._out is None:
+            self._alloc()
+        return self._out
+
+    @property
+    def lse(self) -> torch.Tensor:
+        if self._lse is None:
+            self._alloc()
+        return self._lse
 
     def merge(self, q0: int, q1: int, out: torch.Tensor, lse: torch.Tensor) -> None:
-        merge_into(self.out[:, q0:q1], self.lse[:, :, q0:q1], out, lse)
+        n = self.shape[1]
+        if self._out is None and (q0, q1) == (0, n) and out.dtype == lse.dtype == self.dtype:
+            self._out, self._lse = out, lse
+        elif all(q1 <= a or b <= q0 for a, b in self._written):
+            # First result for these rows: a copy, no exp/log.
+            self.out[:, q0:q1] = out
+            self.lse[:, :, q0:q1] = lse
+        else:
+            merge_into(self.out[:, q0:q1], self.lse[:, :, q0:q1], out, lse)
+        self._written.append((q0, q1))
+
+
+class Sum:
+    """A float32/64 gradient accumulator ``(b, n, ...)`` over rows, allocated lazily.
+
+    A first contribution that covers every row in the accumulation dtype is adopted without a copy,
+    rows written for the first time are copied rather than added to zeros.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device, initial: torch.Tensor | None = None):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, device
+        self.t = initial
+        self._written: list[tuple[int, int]] = [] if initial is None else [(0, shape[1])]
+
+    def add(self, a: int, b: int, x: torch.Tensor) -> None:
+        if self.t is None and (a, b) == (0, self.shape[1]) and x.dtype == self.dtype:
+            self.t = x
+        else:
+            if self.t is None:
+                self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            if all(b <= lo or hi <= a for lo, hi in self._written):
+                self.t[:, a:b] = x
+            else:
+                self.t[:, a:b] += x
+        self._written.append((a, b))
+
+    def get(self) -> torch.Tensor:
+        if self.t is None:
+            self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self.t
 
 
 def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -56,8 +117,7 @@ def run_forward(backend: Backend, q, k, v, tasks: tuple[Task, ...], spec: MaskSp
 
 
 def run_backward(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, ...], spec: MaskSpec,
-                 scale: float, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                 dlse: torch.Tensor | None = None) -> None:
+                 scale: float, dq: Sum, dk: Sum, dv: Sum, dlse: torch.Tensor | None = None) -> None:
     """Adds this block pair's gradient shares into the float32/64 accumulators dq, dk, dv.
 
     ``dlse`` (gradient flowing into the returned lse) is only taken by the reference backend.
@@ -69,9 +129,9 @@ def run_backward(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, .
         gq, gk, gv = backend.backward(
             dout[:, t.q0:t.q1], q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], out[:, t.q0:t.q1],
             lse[:, :, t.q0:t.q1], scale=scale, causal=t.kind is Kind.CAUSAL, mask=mask, **extra)
-        dq[:, t.q0:t.q1] += gq
-        dk[:, t.k0:t.k1] += gk
-        dv[:, t.k0:t.k1] += gv
+        dq.add(t.q0, t.q1, gq)
+        dk.add(t.k0, t.k1, gk)
+        dv.add(t.k0, t.k1, gv)
 
 
 def block_attention(

@@ -235,7 +235,11 @@ class Llama(nn.Module):
     def hidden(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None, group=None, mesh=None,
                seq_len: int | None = None, attend: Attend | None = None) -> torch.Tensor:
         """Last layer's output (before the final norm), ``(b, local_len, dim)``."""
-        if positions is None:
+        if positions is None and mesh is not None:  # hybrid strategy: positions follow the 2-D mesh
+            from ..layouts import mesh_positions
+
+            positions = mesh_positions(self.cfg.layout, mesh, tokens.shape[1], tokens.device)
+        elif positions is None:
             rank, world = comm.group_rank_world(group)
             positions = global_positions(self.cfg.layout if world > 1 else "contiguous", rank, world,
                                          tokens.shape[1], tokens.device)
@@ -254,6 +258,7 @@ class Llama(nn.Module):
         """Logits ``(b, local_len, vocab)`` of this rank's tokens ``(b, local_len)``.
 
         ``group`` holds the sequence (split in ``cfg.layout``; None = default group, or one process);
+        for ``strategy="hybrid"`` pass the 2-D ``mesh`` instead (split as ``ringattn.shard(.., mesh=)``);
         ``positions`` default to the layout's global positions; ``seq_len`` is the true global length
         (later positions are padding); ``attend`` replaces attention entirely (e.g. a KV cache).
         """

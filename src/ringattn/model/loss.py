@@ -31,23 +31,25 @@ def shift_labels(tokens: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tens
     return torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), ignore_index)], dim=1)
 
 
-def shard_batch(inputs: torch.Tensor, labels: torch.Tensor, *, group=None,
-                layout: str = "contiguous") -> tuple[torch.Tensor, torch.Tensor, int]:
+def shard_batch(inputs: torch.Tensor, labels: torch.Tensor, *, group=None, layout: str = "contiguous",
+                mesh=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This rank's ``(inputs, labels)`` of full, already-shifted ``(b, s)`` sequences, and ``s``.
 
     The sequence is padded to a multiple of W (2W for zigzag): padding inputs are 0 and padding
     labels ``IGNORE``, so padding never counts in the loss; pass the returned ``s`` as ``seq_len``.
+    With ``mesh`` (the hybrid strategy's 2-D DeviceMesh) the split is ``ringattn.shard(.., mesh=mesh)``.
     """
     check_layout(layout)
     if inputs.shape != labels.shape or inputs.dim() != 2:
         raise ValueError(f"inputs and labels must both be (batch, seq), got {tuple(inputs.shape)} and "
                          f"{tuple(labels.shape)}")
-    _, world = comm.group_rank_world(group)
+    world = mesh.size() if mesh is not None else comm.group_rank_world(group)[1]
     s = inputs.shape[1]
     total = padded_len(s, world, layout)
     if total != s:
         labels = torch.cat([labels, labels.new_full((labels.shape[0], total - s), IGNORE)], dim=1)
-    return shard(inputs, group=group, layout=layout), shard(labels, group=group, layout=layout), s
+    kw = {"mesh": mesh} if mesh is not None else {"group": group}
+    return shard(inputs, layout=layout, **kw), shard(labels, layout=layout, **kw), s
 
 
 @torch.no_grad()

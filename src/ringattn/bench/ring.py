@@ -1,0 +1,156 @@
+"""Ring efficiency: 2 ranks x 1 thread vs. one process x 2 threads running torch SDPA, same run.
+
+ratio = single-process time / ring time (slowest rank), forward + backward. Per rank: compute time vs.
+time blocked on communication, FLOPs executed (max/mean over ranks: the load balance of the layout),
+and the peak memory growth of forward + backward at S = 32768.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import ringattn
+
+from ..launch import spawn
+from .common import machine, pyplot, reset_peak_rss, rss_mb
+
+CONFIGS = [  # name, layout, causal
+    ("non-causal contiguous", "contiguous", False),
+    ("causal zigzag", "zigzag", True),
+    ("causal striped", "striped", True),
+    ("causal contiguous", "contiguous", True),
+]
+
+
+def _inputs(S, heads, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, S, heads, d, generator=g) for _ in range(4)]
+
+
+def single_time(S: int, heads: int, d: int, causal: bool, repeats: int, threads: int = 2) -> float:
+    torch.set_num_threads(threads)
+    q, k, v, do = (t.transpose(1, 2).contiguous() for t in _inputs(S, heads, d))
+    best = float("inf")
+    for _ in range(repeats):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        t0 = time.perf_counter()
+        o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
+        o.backward(do)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _ring_rank(S, heads, d, layout, causal, repeats, path, measure_memory=False):
+    rank = dist.get_rank()
+    q, k, v, do = (ringattn.shard(t, layout=layout) for t in _inputs(S, heads, d))
+    best, st_best = float("inf"), None
+    for i in range(repeats + (0 if measure_memory else 1)):  # one warm-up unless measuring memory
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        dist.barrier()
+        if measure_memory:
+            base = rss_mb()
+            reset_peak_rss()
+        with ringattn.profile() as st:
+            t0 = time.perf_counter()
+            out = ringattn.ring_attention(qq, kk, vv, causal=causal, layout=layout)
+            out.backward(do)
+            el = time.perf_counter() - t0
+        t = torch.tensor([el])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank is done
+        if (i > 0 or measure_memory) and float(t) < best:
+            best, st_best = float(t), st
+    rec = {"time_s": best, "compute_s": st_best.compute_s, "wait_s": st_best.wait_s, "flops": st_best.flops,
+           "bytes_sent": st_best.bytes_sent, "steps": st_best.steps}
+    if measure_memory:
+        rec["peak_growth_mb"] = rss_mb("VmHWM") - base
+    recs = [None] * dist.get_world_size()
+    dist.all_gather_object(recs, rec)
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(recs, f)
+
+
+def ring_run(S, heads, d, layout, causal, repeats, nproc=2, measure_memory=False) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "r.json")
+        spawn(_ring_rank, nproc, S, heads, d, layout, causal, repeats, path, measure_memory)
+        with open(path) as f:
+            return json.load(f)
+
+
+def run(out: pathlib.Path, quick: bool) -> dict:
+    S = 2048 if quick else 8192
+    heads, d, reps = 8, 64, 1 if quick else 2
+    res = {"machine": machine(), "seq_len": S, "heads": heads, "head_dim": d, "dtype": "float32", "configs": {}}
+    for name, layout, causal in CONFIGS:
+        single, ring = float("inf"), None
+        for _ in range(reps):  # interleave, so drift in machine load hits both sides alike
+            single = min(single, single_time(S, heads, d, causal, 1))
+            r = ring_run(S, heads, d, layout, causal, 1)
+            if ring is None or r[0]["time_s"] < ring[0]["time_s"]:
+                ring = r
+        flops = [x["flops"] for x in ring]
+        row = {"single_s": single, "ring_s": ring[0]["time_s"], "ratio": single / ring[0]["time_s"],
+               "flops_max_over_mean": max(flops) / (sum(flops) / len(flops)),
+               "per_rank": ring}
+        res["configs"][name] = row
+        print(f"  {name:<22} single {single:6.2f}s  ring {row['ring_s']:6.2f}s  ratio {row['ratio']:.3f}  "
+              f"flops max/mean {row['flops_max_over_mean']:.3f}  "
+              + "  ".join(f"r{i}: compute {x['compute_s']:.2f}s wait {x['wait_s']:.3f}s" for i, x in enumerate(ring)),
+              flush=True)
+    sweep = [1024, 2048] if quick else [2048, 4096, 8192]
+    res["sweep"] = {}
+    for name, layout, causal in CONFIGS[:2]:
+        pts = []
+        for s in sweep:
+            if s == S:
+                pts.append((s, res["configs"][name]["ratio"]))
+                continue
+            single = single_time(s, heads, d, causal, 1)
+            ring = ring_run(s, heads, d, layout, causal, 1)
+            pts.append((s, single / ring[0]["time_s"]))
+        res["sweep"][name] = pts
+        print(f"  sweep {name}: " + ", ".join(f"S={s}: {r:.3f}" for s, r in pts), flush=True)
+    mem_S = 8192 if quick else 32768
+    mem = ring_run(mem_S, 1, 64, "zigzag", True, 1, measure_memory=True)
+    res["memory"] = {"seq_len": mem_S, "heads": 1, "head_dim": 64, "ranks": 2,
+                     "peak_growth_mb_per_rank": [m["peak_growth_mb"] for m in mem],
+                     "dense_scores_mb": mem_S ** 2 * 4 / 2 ** 20}
+    print(f"  memory S={mem_S}: peak growth per rank {[round(m['peak_growth_mb']) for m in mem]} MiB "
+          f"(dense scores {res['memory']['dense_scores_mb']:.0f} MiB)", flush=True)
+    _plot(res, out / "ring.png")
+    return res
+
+
+def _plot(res: dict, path: pathlib.Path) -> None:
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(res["configs"])
+    ratios = [res["configs"][n]["ratio"] for n in names]
+    a.bar(range(len(names)), ratios, color=["C0", "C1", "C2", "C3"])
+    a.axhline(0.95, color="k", ls="--", lw=1, label="goal 0.95")
+    a.set_xticks(range(len(names)), [n.replace(" ", "\n") for n in names], fontsize=8)
+    a.set_ylabel("single-process time / ring time")
+    a.set_title(f"2 ranks x 1 thread vs 1 process x 2 threads\nS={res['seq_len']}, fp32, fwd+bwd")
+    a.legend()
+    for n, pts in res["sweep"].items():
+        b.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    b.axhline(1.0, color="gray", lw=0.8)
+    b.set_xscale("log", base=2)
+    b.set_xlabel("sequence length")
+    b.set_ylabel("ratio")
+    b.set_title("ring efficiency vs sequence length (2 ranks)")
+    b.legend()
+    fig.text(0.01, 0.01, f"{res['machine']['date']}, {res['machine']['cpu_count']} cores, torch "
+             f"{res['machine']['torch']}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

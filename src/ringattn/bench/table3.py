@@ -1,0 +1,188 @@
+"""The paper's Table 3 in miniature: the longest sequence one training step fits in a memory budget.
+
+For a small LLaMA-style model, one full training step (forward, backward, AdamW) at batch 1, fp32,
+with: vanilla attention (materialised scores), memory-efficient (blockwise) attention, blockwise
+attention + blockwise FFN (BPT), and ring attention (BPT on each rank) on 2 and 4 ranks. The loss is
+blockwise in every configuration, so the columns differ only in attention and FFN.
+
+Memory is measured, not modelled: every configuration runs in fresh processes (one per rank) with
+glibc told to return freed memory (``MALLOC_MMAP_THRESHOLD_``, ``malloc_trim``); before each probe
+the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), and the probe's cost is
+``VmHWM - VmRSS before`` — everything the step allocates (activations, gradients, communication
+buffers, optimizer temporaries), the maximum over ranks. The length is found by doubling and then
+bisection; "fits" means that growth is within the per-rank budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from .common import machine, pyplot
+
+GRANULE = 256  # lengths are multiples of GRANULE * world
+
+
+def _configs(chunk: int) -> list[dict]:
+    return [
+        {"name": "vanilla", "nproc": 1, "strategy": "dense", "ffn_chunk": 0},
+        {"name": "memory-efficient attn", "nproc": 1, "strategy": "ring", "ffn_chunk": 0},
+        {"name": "BPT (blockwise attn + FFN)", "nproc": 1, "strategy": "ring", "ffn_chunk": chunk},
+        {"name": "ring attention, 2 ranks", "nproc": 2, "strategy": "ring", "ffn_chunk": chunk},
+        {"name": "ring attention, 4 ranks", "nproc": 4, "strategy": "ring", "ffn_chunk": chunk},
+    ]
+
+
+# -- inside a measuring process ---------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    """Free what can be freed, reset the peak-RSS mark; returns the current RSS in KiB."""
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to VmRSS (Linux >= 4.0)
+    return _status_kb("VmRSS")
+
+
+def _measure(spec: dict) -> None:
+    """Run the length search for one configuration on this rank; rank 0 writes the result."""
+    import torch.distributed as dist
+
+    from ..model import LlamaConfig
+    from ..train import Parallel, TrainConfig, make_optimizer, setup_parallel, train_step
+
+    par = setup_parallel(1) if dist.is_initialized() else Parallel()
+    cfg = LlamaConfig(dim=spec["dim"], n_layers=spec["layers"], n_heads=spec["heads"], n_kv_heads=spec["kv_heads"],
+                      strategy=spec["strategy"], ffn_chunk=spec["ffn_chunk"])
+    tc = TrainConfig(model=cfg, batch=1, steps=10**6, warmup=1, loss_chunk=spec["chunk"], progress=False)
+    from ..model import build
+
+    model = build(cfg, seed=0)
+    opt = make_optimizer(model, tc)
+    gen = torch.Generator().manual_seed(0)
+    world, rank = par.world, par.rank
+
+    def step(total: int) -> None:
+        tokens = torch.randint(0, cfg.vocab_size, (1, total + 1), generator=gen)
+        from ..model.loss import shard_batch
+
+        inputs, labels, s = shard_batch(tokens[:, :-1], tokens[:, 1:], group=par.cp_group)
+        train_step(model, opt, (inputs, labels, s), par, tc, 1)
+
+    def fits(total: int) -> tuple[bool, float, float]:
+        base = _reset_peak()
+        t0 = time.perf_counter()
+        step(total)
+        dt = time.perf_counter() - t0
+        grow = torch.tensor([(_status_kb("VmHWM") - base) / 1024, dt], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(grow, op=dist.ReduceOp.MAX)
+        return bool(grow[0] <= spec["budget_mb"]), float(grow[0]), float(grow[1])
+
+    step(GRANULE * world)  # warm-up: optimizer state, allocator pools, communication buffers
+    g = GRANULE * world
+    probes, lo, hi = [], 0, None
+    n = g
+    while n <= spec["max_len"]:  # doubling
+        ok, mb, dt = fits(n)
+        probes.append({"len": n, "mb": round(mb, 1), "s": round(dt, 2), "fits": ok})
+        if not ok:
+            hi = n
+            break
+        lo, n = n, 2 * n
+    for _ in range(spec["bisect"] if hi is not None and lo else 0):
+        mid = (lo + hi) // 2 // g * g
+        if mid in (lo, hi):
+            break
+        ok, mb, dt = fits(mid)
+        probes.append({"len": mid, "mb": round(mb, 1), "s": round(dt, 2), "fits": ok})
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    if rank == 0:
+        pathlib.Path(spec["result"]).write_text(json.dumps(
+            {"max_len": lo, "first_fail": hi, "capped": hi is None, "probes": probes}))
+
+
+def _entry(specs: list[dict]) -> None:
+    """Measure configurations one after another (single-rank ones share a process; each probe resets
+    the peak mark, and each configuration builds its model afresh)."""
+    from .. import launch
+
+    torch.set_num_threads(1)
+    for spec in specs:
+        if spec["nproc"] > 1:
+            launch.spawn(_measure, spec["nproc"], spec)
+        else:
+            _measure(spec)
+
+
+# -- the suite ------------------------------------------------------------------------------------
+def _run_configs(specs: list[dict]) -> list[dict]:
+    """Measure ``specs`` in a fresh Python process; returns their results in order."""
+    with tempfile.TemporaryDirectory() as d:
+        specs = [{**s, "result": str(pathlib.Path(d) / f"result{i}.json")} for i, s in enumerate(specs)]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
+               "OMP_NUM_THREADS": "1"}
+        code = f"import json; from ringattn.bench.table3 import _entry; _entry(json.loads({json.dumps(specs)!r}))"
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"table3 {[s['name'] for s in specs]} failed:\n{r.stderr[-3000:]}")
+        return [json.loads(pathlib.Path(s["result"]).read_text()) for s in specs]
+
+
+def run(out: pathlib.Path, quick: bool) -> dict:
+    """Max sequence length per configuration within the per-rank budget; writes table3.png."""
+    size = {"dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "chunk": 256}
+    budget = 16 if quick else 64
+    search = {"budget_mb": budget, "max_len": 2**15 if quick else 2**17, "bisect": 0 if quick else 3}
+    configs = [{**size, **search, **c} for c in _configs(size["chunk"])]
+    batches = [[c for c in configs if c["nproc"] == 1]] + [[c] for c in configs if c["nproc"] > 1]
+    rows = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        for c, res in zip(batch, _run_configs(batch)):
+            rows.append({**c, **res})
+            print(f"  {c['name']:<28} max {res['max_len']:>7,} tokens{' (cap)' if res['capped'] else ''}",
+                  flush=True)
+        print(f"  [{time.perf_counter() - t0:.0f}s]", flush=True)
+    bpt = next(r["max_len"] for r in rows if r["name"].startswith("BPT"))
+    print(f"\nTable 3 (this machine): max tokens for one training step, {budget} MiB per rank, "
+          f"model dim {size['dim']} x {size['layers']} layers, fp32")
+    print(f"  {'configuration':<28} {'max length':>11} {'x BPT':>6}")
+    for r in rows:
+        r["x_bpt"] = round(r["max_len"] / bpt, 2) if bpt else None
+        print(f"  {r['name']:<28} {r['max_len']:>11,} {r['x_bpt'] if r['x_bpt'] is not None else '-':>6}")
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    names = [r["name"] for r in rows]
+    vals = [r["max_len"] / 1024 for r in rows]
+    bars = ax.barh(names[::-1], vals[::-1], color=["#4c72b0"] * 2 + ["#55a868"] + ["#c44e52"] * 2)
+    for b, r in zip(bars, rows[::-1]):
+        ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {r['max_len'] / 1024:.1f}K", va="center")
+    ax.set_xlabel(f"max sequence length (K tokens) within {budget} MiB per rank")
+    ax.set_title("One training step: vanilla vs blockwise vs ring (Table 3 in miniature)")
+    ax.set_xlim(0, max(vals) * 1.2 if max(vals) else 1)
+    fig.tight_layout()
+    fig.savefig(out / "table3.png", dpi=120)
+    plt.close(fig)
+    return {"machine": machine(), "budget_mb_per_rank": budget, "model": size, "search": search,
+            "quick": quick, "rows": rows,
+            "paper": {"8x A100 NVLink 7B (K tokens)": {"vanilla": 2, "mem-eff": 16, "BPT": 32, "ring": 256}}}
