@@ -103,7 +103,7 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _attention_rank(cfg: DemoConfig, result_path: str) -> None:
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     g = torch.Generator().manual_seed(cfg.seed)
     S, h, kvh, d = cfg.seq_len, cfg.heads, cfg.kv_heads, cfg.head_dim
     q = torch.randn(1, S, h, d, generator=g)
