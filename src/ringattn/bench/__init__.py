@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", nargs="+", help=f"one or more of {SUITES}, or 'all'")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
+    p.add_argument("--report", default=None, metavar="MD",
+                   help="afterwards, render this markdown file from every result in --out")
 
 
 def run(args) -> int:
@@ -48,4 +50,9 @@ def run(args) -> int:
         result = importlib.import_module(f"ringattn.bench.{n}").run(out, args.quick)
         (out / f"{n}.json").write_text(json.dumps(result, indent=2, default=str))
         print(f"== bench {n}: done in {time.perf_counter() - t0:.0f}s -> {out / (n + '.json')}", flush=True)
+    if args.report:
+        from .report import write_report
+
+        write_report(out, pathlib.Path(args.report), have)
+        print(f"== report -> {args.report}")
     return 0

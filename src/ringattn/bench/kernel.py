@@ -90,3 +90,14 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     fig.savefig(out / "kernel.png", dpi=110)
     plt.close(fig)
     return res
+
+
+def summary(res: dict) -> str:
+    lines = ["| block length | mask | fwd: SDPA / ours | fwd+bwd: SDPA / ours | ours fwd GFLOP/s |",
+             "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['seq_len']} | {'causal' if r['causal'] else 'full'} | {r['ratio_fwd']:.3f} | "
+                     f"{r['ratio_fwdbwd']:.3f} | {r['ours_gflops_fwd']:.1f} |")
+    lines.append(f"\nWorst ratio {res['min_ratio']:.3f} (goal: >= 0.95, i.e. within 5 % of SDPA); "
+                 f"{res['threads']} thread, {res['heads']} heads x {res['head_dim']}, {res['dtype']}.")
+    return "\n".join(lines) + "\n"

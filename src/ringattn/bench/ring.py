@@ -154,3 +154,24 @@ def _plot(res: dict, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summary(res: dict) -> str:
+    lines = ["| configuration | single (2 threads) s | ring (2 ranks) s | ratio | FLOPs max/mean | "
+             "compute s per rank | blocked on comm s per rank |", "|---|---|---|---|---|---|---|"]
+    for name, r in res["configs"].items():
+        comp = ", ".join(f"{x['compute_s']:.2f}" for x in r["per_rank"])
+        wait = ", ".join(f"{x['wait_s']:.3f}" for x in r["per_rank"])
+        lines.append(f"| {name} | {r['single_s']:.2f} | {r['ring_s']:.2f} | {r['ratio']:.3f} | "
+                     f"{r['flops_max_over_mean']:.3f} | {comp} | {wait} |")
+    m = res["memory"]
+    lines.append(f"\nS = {res['seq_len']}, {res['heads']} heads x {res['head_dim']}, {res['dtype']}, forward + backward. "
+                 "Goals: ratio >= 0.95 for non-causal contiguous and causal zigzag; FLOPs max/mean 1.00 for "
+                 "zigzag and striped causal.")
+    lines.append(f"\nPeak memory growth of forward + backward at S = {m['seq_len']} ({m['heads']} head x "
+                 f"{m['head_dim']}, {m['ranks']} ranks, causal zigzag): "
+                 f"{', '.join(f'{x:.0f}' for x in m['peak_growth_mb_per_rank'])} MiB per rank "
+                 f"(goal <= 128 MiB; dense scores would be {m['dense_scores_mb']:.0f} MiB).")
+    lines.append("\nRatio vs. sequence length: " + "; ".join(
+        f"{n}: " + ", ".join(f"S={s} {r:.2f}" for s, r in pts) for n, pts in res["sweep"].items()))
+    return "\n".join(lines) + "\n"

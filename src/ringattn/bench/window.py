@@ -1,0 +1,110 @@
+"""Sliding window on the ring: steps and bytes per rank vs. full attention, and cost vs. length.
+
+With the contiguous layout the ring stops after ceil(left / local_len) + 1 steps, so at a fixed
+window the per-rank cost grows linearly with the sequence instead of quadratically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+import ringattn
+
+from ..launch import spawn
+from .common import machine, pyplot
+
+
+def _rank(S, heads, d, window, causal, path):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (ringattn.shard(torch.randn(1, S, heads, d, generator=g)) for _ in range(4))
+    best, st_best = float("inf"), None
+    for _ in range(2):  # warm-up + measured
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        dist.barrier()
+        with ringattn.profile() as st:
+            t0 = time.perf_counter()
+            ringattn.ring_attention(qq, kk, vv, causal=causal, window=window).backward(do)
+            el = torch.tensor([time.perf_counter() - t0])
+        dist.all_reduce(el, op=dist.ReduceOp.MAX)
+        if float(el) < best or st_best is None:
+            best, st_best = float(el), st
+    recs = [None] * dist.get_world_size()
+    dist.all_gather_object(recs, {"time_s": best, "steps": st_best.steps, "bytes_sent": st_best.bytes_sent,
+                                  "flops": st_best.flops, "wait_s": st_best.wait_s})
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump(recs, f)
+
+
+def measure(nproc, S, heads, d, window, causal=True) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "w.json")
+        spawn(_rank, nproc, S, heads, d, window, causal, path)
+        with open(path) as f:
+            return json.load(f)
+
+
+def run(out: pathlib.Path, quick: bool) -> dict:
+    heads, d, left = 4, 64, 512
+    res = {"machine": machine(), "heads": heads, "head_dim": d, "window": [left, -1], "layout": "contiguous"}
+    # 1. Steps and bytes per rank, 4 ranks.
+    S = 4096 if quick else 8192
+    comp = {}
+    for name, w in (("full causal", None), (f"window ({left}, -1)", (left, -1))):
+        recs = measure(4, S, heads, d, w)
+        comp[name] = {"steps_per_rank": recs[0]["steps"], "bytes_sent_per_rank": [r["bytes_sent"] for r in recs],
+                      "time_s": recs[0]["time_s"]}
+        print(f"  S={S} 4 ranks {name:<18} steps {recs[0]['steps']}  bytes/rank "
+              f"{max(r['bytes_sent'] for r in recs) / 2**20:.1f} MiB  time {recs[0]['time_s']:.2f}s", flush=True)
+    res["steps_and_bytes"] = {"seq_len": S, "ranks": 4, **comp}
+    # 2. Time vs. length at a fixed window, 2 ranks, next to full causal attention.
+    lengths = [2048, 4096, 8192] if quick else [4096, 8192, 16384, 32768, 65536]
+    curve = []
+    for s in lengths:
+        w = measure(2, s, heads, d, (left, -1))[0]["time_s"]
+        f = measure(2, s, heads, d, None)[0]["time_s"] if s <= (8192 if quick else 16384) else None
+        curve.append({"seq_len": s, "window_s": w, "full_causal_s": f})
+        print(f"  S={s:6d} 2 ranks: window {w:.2f}s" + (f"  full causal {f:.2f}s" if f else ""), flush=True)
+    res["time_vs_length"] = curve
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([c["seq_len"] for c in curve], [c["window_s"] for c in curve], "o-", label=f"window ({left}, -1)")
+    full = [c for c in curve if c["full_causal_s"]]
+    ax.plot([c["seq_len"] for c in full], [c["full_causal_s"] for c in full], "s--", label="full causal")
+    s0, t0 = curve[0]["seq_len"], curve[0]["window_s"]
+    ax.plot([c["seq_len"] for c in curve], [t0 * c["seq_len"] / s0 for c in curve], ":", color="gray",
+            label="linear in S")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("fwd+bwd time, slowest rank (s)")
+    ax.set_title("sliding-window ring attention, 2 ranks, contiguous, fp32")
+    ax.legend()
+    fig.text(0.01, 0.01, res["machine"]["date"], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "window.png", dpi=110)
+    plt.close(fig)
+    return res
+
+
+def summary(res: dict) -> str:
+    sb = res["steps_and_bytes"]
+    lines = [f"Steps and bytes sent per rank at S = {sb['seq_len']}, {sb['ranks']} ranks (contiguous, causal):\n",
+             "| attention | ring steps | MiB sent per rank (max) | fwd+bwd s |", "|---|---|---|---|"]
+    for name in (k for k in sb if k not in ("seq_len", "ranks")):
+        r = sb[name]
+        lines.append(f"| {name} | {r['steps_per_rank']} | {max(r['bytes_sent_per_rank']) / 2**20:.1f} | "
+                     f"{r['time_s']:.2f} |")
+    lines += ["\nTime vs. sequence length at a fixed window (2 ranks):\n",
+              "| S | window s | full causal s |", "|---|---|---|"]
+    for c in res["time_vs_length"]:
+        f = f"{c['full_causal_s']:.2f}" if c["full_causal_s"] else "—"
+        lines.append(f"| {c['seq_len']} | {c['window_s']:.2f} | {f} |")
+    return "\n".join(lines) + "\n"
