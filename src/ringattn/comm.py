@@ -49,14 +49,22 @@ def set_stats(s: Stats | None) -> None:
     _STATS = s
 
 
+class PeerError(RuntimeError):
+    """A point-to-point exchange could not complete: a peer died, hung past the timeout, or mismatched."""
+
+
 class Pending:
-    def __init__(self, works, tensors):
-        self.works, self.tensors = works, tensors
+    def __init__(self, works, tensors, what: str):
+        self.works, self.tensors, self.what = works, tensors, what
 
     def wait(self):
         t0 = time.perf_counter()
-        for w in self.works:
-            w.wait()
+        try:
+            for w in self.works:
+                w.wait()
+        except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+            raise PeerError(f"ringattn: ring exchange failed ({self.what}); a peer rank probably died or "
+                            f"timed out: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
         if _STATS is not None:
             _STATS.wait_s += time.perf_counter() - t0
         return self.tensors
@@ -80,7 +88,12 @@ class Ring:
         ops = [dist.P2POp(dist.isend, t.contiguous(), self._global(self.rank + to), self.group, tag)
                for t in send]
         ops += [dist.P2POp(dist.irecv, t, self._global(self.rank + frm), self.group, tag) for t in recv]
-        works = dist.batch_isend_irecv(ops)
+        what = f"rank {self.rank} sending to rank {(self.rank + to) % self.world}, receiving from rank " \
+               f"{(self.rank + frm) % self.world}"
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as e:
+            raise PeerError(f"ringattn: could not post the ring exchange ({what}): {e}") from e
         if _STATS is not None:
             _STATS.bytes_sent += sum(t.numel() * t.element_size() for t in send)
-        return Pending(works, recv)
+        return Pending(works, recv, what)

@@ -108,7 +108,11 @@ def agree(description: str, error: Exception | None, group, device: torch.device
     if dist.get_backend(group) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([h, -h, 1 if error is not None else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    except RuntimeError as e:
+        raise RuntimeError(f"ringattn: the ranks could not agree on the call (a peer rank probably died or "
+                           f"timed out): {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
     mismatch = int(t[0]) != -int(t[1])
     if not mismatch and int(t[2]) == 0:
         return
