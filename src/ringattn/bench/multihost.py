@@ -22,8 +22,10 @@ Jobs (``*_job``) run inside the namespaces via ``python -m ringattn.netns``; ``r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import pathlib
 import statistics
 import time
@@ -43,14 +45,14 @@ BYTES_FP32 = 4
 class OverlapConfig:
     # 8 query heads sharing one K/V head (MQA): a 1-thread AVX-512 kernel here runs ~80 GFLOP/s, so with
     # kv_heads = heads the threshold would need a link faster than gloo moves data on this machine.
-    rates_mbit: tuple[float, ...] = (200.0, 800.0)
+    rates_mbit: tuple[float, ...] = (100.0, 400.0)
     lengths: tuple[int, ...] = (128, 181, 256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096)
     heads: int = 8
     kv_heads: int = 1
     head_dim: int = 64
     repeats: int = 2
     chain_len: int = 3  # fwd+bwd calls measured back to back per repeat
-    kernel_len: int = 512  # block length at which the kernel FLOP/s F is measured (best of 10)
+    kernel_len: int = 512  # block length at which the kernel FLOP/s F is measured (median of 10)
     eps: float = 0.05  # "communication stops showing": forward wait below eps of forward compute
 
 
@@ -59,8 +61,9 @@ class HybridConfig:
     rates_mbit: tuple[float | None, ...] = (100.0, 400.0, 1600.0, None)
     local_len: int = 1024
     heads: int = 8
-    kv_heads: int = 2
+    kv_heads: tuple[int, ...] = (8, 2)  # multi-head, and grouped-query (ring traffic shrinks 4x)
     head_dim: int = 64
+    intra_bandwidth: float = 1.4e9  # gloo on loopback inside a host (FACTS.md), for the planner
     causal: bool = True
     layout: str = "zigzag"
     repeats: int = 2
@@ -80,8 +83,8 @@ class ScalingConfig:
                                            ("ulysses", "zigzag"))
 
 
-QUICK_OVERLAP = OverlapConfig(rates_mbit=(800.0,), lengths=(128, 181, 256, 362, 512, 724, 1024, 1448), repeats=2)
-QUICK_HYBRID = HybridConfig(rates_mbit=(100.0, None), local_len=512, repeats=1)
+QUICK_OVERLAP = OverlapConfig(rates_mbit=(200.0,), lengths=(256, 362, 512, 724, 1024, 1448, 2048), repeats=1)
+QUICK_HYBRID = HybridConfig(rates_mbit=(100.0, None), local_len=512, repeats=1, kv_heads=(2,))
 QUICK_SCALING = ScalingConfig(worlds=(8, 16), seq_len=2048)
 
 
@@ -105,8 +108,8 @@ def _stats(st) -> dict:
 
 
 def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int = 5) -> dict:
-    """This rank's forward and backward FLOP/s of one non-causal ``n x n`` block, no communication;
-    best of ``repeats`` (other load on a shared CPU only slows a run down)."""
+    """This rank's forward and backward FLOP/s of one non-causal ``n x n`` block, no communication:
+    the median of ``repeats`` (typical, under whatever else shares the CPU) and the best (peak)."""
     from ..kernels import select
 
     q, k, v, dout = (t.detach() for t in _qkv(1, n, heads, kv_heads, head_dim, 1))
@@ -114,18 +117,20 @@ def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int =
     scale = head_dim ** -0.5
     flops = 4.0 * n * n * heads * head_dim
     out, lse = be.forward(q, k, v, scale=scale, causal=False, mask=None)
-    tf = tb = math.inf
+    tf, tb = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out, lse = be.forward(q, k, v, scale=scale, causal=False, mask=None)
         t1 = time.perf_counter()
         be.backward(dout, q, k, v, out, lse, scale=scale, causal=False, mask=None)
         t2 = time.perf_counter()
-        tf, tb = min(tf, t1 - t0), min(tb, t2 - t1)
-    return {"fwd_flops_per_s": flops / tf, "bwd_flops_per_s": 2.5 * flops / tb, "n": n}
+        tf.append(t1 - t0)
+        tb.append(t2 - t1)
+    return {"fwd_flops_per_s": flops / statistics.median(tf), "fwd_flops_per_s_best": flops / min(tf),
+            "bwd_flops_per_s": 2.5 * flops / statistics.median(tb), "n": n}
 
 
-def link_bandwidth(sizes: tuple[int, ...] = (1 << 16, 1 << 20, 4 << 20), repeats: int = 5) -> dict:
+def link_bandwidth(sizes: tuple[int, ...] = (1 << 18, 1 << 20, 2 << 20), repeats: int = 5) -> dict:
     """Ring-style exchange (send to rank + 1, receive from rank - 1, both posted at once, as a ring
     step does) of each size; best times, and the fit ``t = alpha + bytes / B`` over the sizes."""
     from ..comm import Ring
@@ -165,6 +170,7 @@ def _fwd_bwd(fn, q, k, v, dout, barrier: bool = True) -> dict:
         t.grad = None
     if barrier:
         dist.barrier()
+    c0 = time.thread_time()
     with ringattn.profile() as sf:
         t0 = time.perf_counter()
         out = fn(q, k, v)
@@ -172,7 +178,10 @@ def _fwd_bwd(fn, q, k, v, dout, barrier: bool = True) -> dict:
     with ringattn.profile() as sb:
         out.backward(dout)
         t2 = time.perf_counter()
-    return {"fwd_wall_s": t1 - t0, "bwd_wall_s": t2 - t1, "fwd": _stats(sf), "bwd": _stats(sb)}
+    # CPU time of this rank's (single) compute thread: its work whatever the over-subscription;
+    # gloo's transport threads are not included.
+    cpu = time.thread_time() - c0
+    return {"fwd_wall_s": t1 - t0, "bwd_wall_s": t2 - t1, "cpu_s": cpu, "fwd": _stats(sf), "bwd": _stats(sb)}
 
 
 # -- experiment 1: overlap threshold ---------------------------------------------------------------------
@@ -243,10 +252,12 @@ def run_overlap(cfg: OverlapConfig, quick: bool) -> dict:
         B = _mean(r["link"]["bytes_per_s"] for r in ranks)
         rows = []
         for i, n in enumerate(cfg.lengths):
-            # The CPU is shared: interference only ever adds time, so each rank's best repeat is
-            # its cleanest view (fastest for times, least exposed for the wait).
+            # Times: each rank's fastest call (other load on the shared CPU only adds time). Exposure:
+            # the median call, since interference can also hide communication (a rank descheduled
+            # mid-kernel computes "longer" while its transfer runs on).
             runs = [r["sweep"][i]["runs"] for r in ranks]
             per = [min(rs, key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"]) for rs in runs]
+            exposed = [[r["fwd"]["wait_s"] / r["fwd"]["compute_s"] for r in rs] for rs in runs]
             fwd_c = _mean(p["fwd"]["compute_s"] for p in per)
             bwd_c = _mean(p["bwd"]["compute_s"] for p in per)
             rows.append({
@@ -259,9 +270,9 @@ def run_overlap(cfg: OverlapConfig, quick: bool) -> dict:
                 "bwd_wait_s": _mean(p["bwd"]["wait_s"] for p in per),
                 "bytes_sent_per_rank": _mean(p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per),
                 "flops_per_rank": _mean(p["fwd"]["flops"] + p["bwd"]["flops"] for p in per),
-                "fwd_exposed": _mean(min(r["fwd"]["wait_s"] / r["fwd"]["compute_s"] for r in rs) for rs in runs),
-                "fwd_exposed_median": _mean(statistics.median(r["fwd"]["wait_s"] / r["fwd"]["compute_s"]
-                                                              for r in rs) for rs in runs),
+                "fwd_exposed": _mean(statistics.median(e) for e in exposed),
+                "fwd_exposed_min": _mean(min(e) for e in exposed),
+                "fwd_exposed_max": _mean(max(e) for e in exposed),
                 "fwd_bwd_overhead": _mean((p["fwd_wall_s"] + p["bwd_wall_s"]) /
                                           (p["fwd"]["compute_s"] + p["bwd"]["compute_s"]) - 1 for p in per),
                 "kernel_fwd_flops_per_s": _mean(p["fwd"]["flops"] / p["fwd"]["compute_s"] for p in per),
@@ -276,7 +287,9 @@ def run_overlap(cfg: OverlapConfig, quick: bool) -> dict:
         meas = measured_threshold(list(cfg.lengths), [r["fwd_exposed"] for r in rows], cfg.eps)
         ratio = None if meas is None else max(pred, meas) / min(pred, meas)
         results.append({
-            "rate_mbit": rate, "kernel_flops_per_s": F, "kernel_bwd_flops_per_s":
+            "rate_mbit": rate, "kernel_flops_per_s": F,
+            "kernel_flops_per_s_best": _mean(r["kernel"]["fwd_flops_per_s_best"] for r in ranks),
+            "kernel_bwd_flops_per_s":
                 _mean(r["kernel"]["bwd_flops_per_s"] for r in ranks),
             "link_bytes_per_s": B, "link_alpha_s": alpha, "link": [r["link"] for r in ranks],
             "predicted_threshold": pred, "predicted_threshold_nominal_rate": pred_nominal,
@@ -287,7 +300,8 @@ def run_overlap(cfg: OverlapConfig, quick: bool) -> dict:
             "rows": rows,
         })
         print(f"  overlap @ {rate:g} Mbit/s: F={F / 1e9:.1f} GFLOP/s B={B / 1e6:.1f} MB/s "
-              f"alpha={alpha * 1e3:.2f}ms predicted c*={pred:.0f} (with latency {pred_lat:.0f}) "
+              f"alpha={alpha * 1e3:.2f}ms predicted c*={pred:.0f} (with latency {pred_lat:.0f}; with the "
+              f"in-ring kernel rate {F_ring / 1e9:.1f} GFLOP/s: {pred_ring:.0f}) "
               f"measured c*={meas if meas is None else round(meas)} "
               f"ratio={ratio if ratio is None else round(ratio, 2)}", flush=True)
     return {"config": asdict(cfg), "results": results}
@@ -310,6 +324,9 @@ def scaling_job(seq_len: int, heads: int, kv_heads: int, head_dim: int, combos: 
         dist.barrier()
         tx0 = link_tx_bytes()
         try:
+            # A small call first: lazy imports and first-call set-up stay out of the measurement.
+            _fwd_bwd(fn, *(t[:, :64].detach().requires_grad_(t.requires_grad) for t in (q, k, v, dout)))
+            tx0 = link_tx_bytes()
             res = _fwd_bwd(fn, q, k, v, dout)
             dist.barrier()
             res["link_tx_bytes"] = link_tx_bytes() - tx0
@@ -361,6 +378,7 @@ def run_scaling(cfg: ScalingConfig, quick: bool) -> dict:
             sent = [p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per]
             wait = [p["fwd"]["wait_s"] + p["bwd"]["wait_s"] for p in per]
             busy = [p["fwd_wall_s"] + p["bwd_wall_s"] - w for p, w in zip(per, wait)]
+            cpu = [p["cpu_s"] for p in per]
             strategy = key.split("/")[0]
             combos[key] = {
                 "bytes_sent_per_rank_mean": _mean(sent), "bytes_sent_per_rank_max": max(sent),
@@ -369,6 +387,10 @@ def run_scaling(cfg: ScalingConfig, quick: bool) -> dict:
                                                       cfg.head_dim),
                 "flops_max_over_mean": max(flops) / _mean(flops) if _mean(flops) > 0 else None,
                 "flops_per_rank_mean": _mean(flops),
+                # per-rank CPU time of the compute thread: the compute figure that over-subscription
+                # does not distort (kernel wall times include time the core ran other ranks)
+                "cpu_s_per_rank_mean": _mean(cpu), "cpu_s_per_rank_max": max(cpu),
+                "cpu_max_over_mean": max(cpu) / _mean(cpu),
                 "compute_s_per_rank_mean": _mean(comp), "compute_s_per_rank_max": max(comp),
                 "compute_max_over_mean": max(comp) / _mean(comp) if _mean(comp) > 0 else None,
                 "wait_s_per_rank_mean": _mean(wait),
@@ -395,45 +417,84 @@ def hybrid_available() -> str | None:
     return None
 
 
-def hybrid_job(local_len: int, heads: int, kv_heads: int, head_dim: int, causal: bool, layout: str,
-               repeats: int, strategies: list[str], ranks_per_host: int) -> dict:
-    """Inside a host: fwd+bwd of each strategy on a (hosts x ranks_per_host) mesh, ring across hosts."""
+def _cross_host_bandwidth(ranks_per_host: int, nbytes: int = 4 << 20, repeats: int = 3) -> float:
+    """Bytes/s each rank gets exchanging with its counterpart on the other host (all pairs at once,
+    both directions, as the ring dimension of the mesh does); the minimum over ranks, on every rank."""
+    rank, world = _rank_world()
+    peer = (rank + ranks_per_host) % world
+    x, y = torch.zeros(nbytes // BYTES_FP32), torch.zeros(nbytes // BYTES_FP32)
+    best = math.inf
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, y, peer)]):
+            w.wait()
+        best = min(best, time.perf_counter() - t0)
+    bw = torch.tensor([nbytes / best])
+    dist.all_reduce(bw, op=dist.ReduceOp.MIN)
+    return float(bw)
+
+
+def hybrid_job(local_len: int, heads: int, kv_heads_list: list[int], head_dim: int, causal: bool,
+               layout: str, repeats: int, strategies: list[str], ranks_per_host: int,
+               intra_bandwidth: float) -> dict:
+    """Inside a host: fwd+bwd of each strategy on a (hosts x ranks_per_host) mesh, ring across hosts.
+
+    Also measures what the planner needs (kernel FLOP/s per rank with every rank busy, the cross-host
+    bandwidth), configures ``ringattn.plan`` with it, and records its estimates and choices.
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     import ringattn
 
+    from .. import plan
+
     rank, world = _rank_world()
     mesh = init_device_mesh("cpu", (world // ranks_per_host, ranks_per_host),
                             mesh_dim_names=("ring", "ulysses"))
-    q, k, v, dout = _qkv(1, local_len, heads, kv_heads, head_dim, 11 + rank)
-    out = {"rank": rank, "runs": {}}
-    for strategy in strategies:
-        kw = {"mesh": mesh} if strategy in ("hybrid", "auto") else {}
-
-        def fn(q, k, v, strategy=strategy, kw=kw):
-            return ringattn.attention(q, k, v, strategy=strategy, causal=causal, layout=layout, **kw)
-
+    bw = _cross_host_bandwidth(ranks_per_host)
+    out = {"rank": rank, "cross_host_bytes_per_s": bw, "by_kv_heads": {}}
+    for kv_heads in kv_heads_list:
         dist.barrier()
-        tx0 = link_tx_bytes()
-        try:
-            runs = [_fwd_bwd(fn, q, k, v, dout) for _ in range(repeats + 1)]
-        except Exception as e:  # noqa: BLE001 - argument errors and bugs alike are raised on every rank
-            out["runs"][strategy] = {"error": f"{type(e).__name__}: {e}"}
-            continue
-        dist.barrier()
-        link = (link_tx_bytes() - tx0) / len(runs)  # per fwd+bwd, whole host (both its ranks)
-        best = min(runs[1:], key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"])
-        best["host_link_tx_bytes"] = link
-        if strategy == "auto":
-            best["chose"] = _auto_choice(q, k, v, mesh, causal, layout)
-        out["runs"][strategy] = best
+        f = torch.tensor([kernel_rate(local_len, heads, kv_heads, head_dim)["fwd_flops_per_s"]])
+        dist.all_reduce(f)  # the same Hardware on every rank, so "auto" decides the same everywhere
+        hw = plan.Hardware("netns-2-hosts", float(f) / world, bw, latency=2e-4, node_size=ranks_per_host,
+                           intra_bandwidth=intra_bandwidth, note="measured inside the namespaces")
+        plan.set_hardware(hw)
+        problem = plan.Problem(seq_len=world * local_len, world=world, heads=heads, kv_heads=kv_heads,
+                               head_dim=head_dim, dtype_bytes=BYTES_FP32, causal=causal, layout=layout,
+                               backward=True, mesh=(world // ranks_per_host, ranks_per_host))
+        ests = plan.estimate_all(problem, hw)
+        res = {"hardware": dataclasses.asdict(hw),
+               "planner": {e.strategy: {"time_s": e.time_s, "feasible": e.feasible, "comm_bytes": e.comm_bytes,
+                                        "exposed_s": e.exposed_s} for e in ests},
+               "planner_recommends": plan.recommend(ests), "runs": {}}
+        q, k, v, dout = _qkv(1, local_len, heads, kv_heads, head_dim, 11 + rank)
+        for strategy in strategies:
+            # "auto" without a mesh: the planner picks among the flat strategies (with a mesh it
+            # always answers "hybrid", since the shards were laid out for that mesh).
+            kw = {"mesh": mesh} if strategy == "hybrid" else {}
+
+            def fn(q, k, v, strategy=strategy, kw=kw):
+                return ringattn.attention(q, k, v, strategy=strategy, causal=causal, layout=layout, **kw)
+
+            dist.barrier()
+            tx0 = link_tx_bytes()
+            try:
+                runs = [_fwd_bwd(fn, q, k, v, dout) for _ in range(repeats + 1)]
+            except Exception as e:  # noqa: BLE001 - argument errors and bugs alike are raised on every rank
+                res["runs"][strategy] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            dist.barrier()
+            link = (link_tx_bytes() - tx0) / len(runs)  # per fwd+bwd, whole host (both its ranks)
+            best = min(runs[1:], key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"])
+            best["host_link_tx_bytes"] = link
+            if strategy == "auto":
+                best["chose"] = plan.choose_for_call(q, k, v, causal=causal, layout=layout)
+            res["runs"][strategy] = best
+        plan.set_hardware(None)
+        out["by_kv_heads"][str(kv_heads)] = res
     return out
-
-
-def _auto_choice(q, k, v, mesh, causal: bool, layout: str) -> str:
-    from ..plan import choose_for_call
-
-    return choose_for_call(q, k, v, group=None, mesh=mesh, causal=causal, layout=layout)
 
 
 def run_hybrid(cfg: HybridConfig, quick: bool) -> dict:
@@ -446,33 +507,42 @@ def run_hybrid(cfg: HybridConfig, quick: bool) -> dict:
         for rate in cfg.rates_mbit:
             c.shape(netns.Link(rate_mbit=rate))
             ranks = c.run(f"{__name__}:hybrid_job", dict(
-                local_len=cfg.local_len, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                local_len=cfg.local_len, heads=cfg.heads, kv_heads_list=list(cfg.kv_heads), head_dim=cfg.head_dim,
                 causal=cfg.causal, layout=cfg.layout, repeats=cfg.repeats, strategies=list(cfg.strategies),
-                ranks_per_host=2), ranks_per_host=2, timeout=900)
-            row = {"rate_mbit": rate, "strategies": {}}
-            for s in cfg.strategies:
-                per = [r["runs"][s] for r in ranks]
-                if "error" in per[0]:
-                    row["strategies"][s] = {"error": per[0]["error"]}
-                    continue
-                row["strategies"][s] = {
-                    "fwd_bwd_s": max(p["fwd_wall_s"] + p["bwd_wall_s"] for p in per),
-                    "wait_s_mean": _mean(p["fwd"]["wait_s"] + p["bwd"]["wait_s"] for p in per),
-                    "bytes_sent_per_rank": _mean(p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per),
-                    # counted on the veth: what crossed the slow link, per host (ranks 0 and 2 see
-                    # their host's counter; the two ranks of a host read the same one)
-                    "host_link_tx_bytes": _mean(p["host_link_tx_bytes"] for p in per[::2]),
-                    **({"chose": per[0]["chose"]} if "chose" in per[0] else {}),
-                }
-            timed = {s: v["fwd_bwd_s"] for s, v in row["strategies"].items() if "error" not in v and s != "auto"}
-            row["fastest"] = min(timed, key=timed.get) if timed else None
-            auto = row["strategies"].get("auto", {})
-            row["auto_chose"] = auto.get("chose")
-            row["auto_picked_fastest"] = row["auto_chose"] == row["fastest"] if row["auto_chose"] else None
-            rows.append(row)
-            print(f"  hybrid @ {rate if rate else 'unshaped'} Mbit/s: " + ", ".join(
-                f"{s} {v['fwd_bwd_s']:.3f}s" for s, v in row["strategies"].items() if "error" not in v)
-                + f"; fastest {row['fastest']}, auto chose {row['auto_chose']}", flush=True)
+                ranks_per_host=2, intra_bandwidth=cfg.intra_bandwidth), ranks_per_host=2, timeout=900)
+            for kvh in cfg.kv_heads:
+                res = [r["by_kv_heads"][str(kvh)] for r in ranks]
+                row = {"rate_mbit": rate, "kv_heads": kvh, "cross_host_bytes_per_s": ranks[0]["cross_host_bytes_per_s"],
+                       "hardware": res[0]["hardware"], "planner": res[0]["planner"],
+                       "planner_recommends": res[0]["planner_recommends"], "strategies": {}}
+                for s in cfg.strategies:
+                    per = [r["runs"][s] for r in res]
+                    if "error" in per[0]:
+                        row["strategies"][s] = {"error": per[0]["error"]}
+                        continue
+                    row["strategies"][s] = {
+                        "fwd_bwd_s": max(p["fwd_wall_s"] + p["bwd_wall_s"] for p in per),
+                        "wait_s_mean": _mean(p["fwd"]["wait_s"] + p["bwd"]["wait_s"] for p in per),
+                        "cpu_s_max": max(p["cpu_s"] for p in per),
+                        "bytes_sent_per_rank": _mean(p["fwd"]["bytes_sent"] + p["bwd"]["bytes_sent"] for p in per),
+                        # counted on the veth: what crossed the slow link, per host (the two ranks of
+                        # a host read the same counter, so every other rank)
+                        "host_link_tx_bytes": _mean(p["host_link_tx_bytes"] for p in per[::2]),
+                        **({"chose": per[0]["chose"]} if "chose" in per[0] else {}),
+                    }
+                timed = {s: v["fwd_bwd_s"] for s, v in row["strategies"].items() if "error" not in v and s != "auto"}
+                row["fastest"] = min(timed, key=timed.get) if timed else None
+                flat = {s: t for s, t in timed.items() if s != "hybrid"}
+                row["fastest_flat"] = min(flat, key=flat.get) if flat else None
+                row["auto_chose"] = row["strategies"].get("auto", {}).get("chose")
+                row["auto_picked_fastest_flat"] = (row["auto_chose"] == row["fastest_flat"]
+                                                   if row["auto_chose"] else None)
+                row["planner_picked_fastest"] = row["planner_recommends"] == row["fastest"]
+                rows.append(row)
+                print(f"  hybrid @ {f'{rate:g} Mbit/s' if rate else 'unshaped'}, kv_heads={kvh}: " + ", ".join(
+                    f"{s} {v['fwd_bwd_s']:.3f}s" for s, v in row["strategies"].items() if "error" not in v)
+                    + f"; fastest {row['fastest']} (flat: {row['fastest_flat']}), auto chose {row['auto_chose']},"
+                    f" planner recommends {row['planner_recommends']}", flush=True)
     return {"config": asdict(cfg), "rows": rows}
 
 
@@ -488,9 +558,11 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     result = {"machine": machine(), "quick": quick, "netem": netns.has_netem()}
     for name, fn, cfg in (("overlap", run_overlap, cfgs[0]), ("scaling", run_scaling, cfgs[2]),
                           ("hybrid", run_hybrid, cfgs[1])):
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), os.getloadavg()
         result[name] = fn(cfg, quick)
         result[name]["elapsed_s"] = time.perf_counter() - t0
+        # The 2 cores are shared with other users: record how busy the machine was.
+        result[name]["loadavg_1min_before_after"] = [load0[0], os.getloadavg()[0]]
         (out / f"multihost_{name}.json").write_text(json.dumps(result[name], indent=2, default=str))
     plot(result, out)
     left = [n for n in netns.list_namespaces() if n.startswith(netns.BASE_PREFIX)]
@@ -500,6 +572,8 @@ def run(out: pathlib.Path, quick: bool) -> dict:
 
 def plot(result: dict, out: pathlib.Path) -> None:
     plt = pyplot()
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     ov = result["overlap"]["results"]
     ax, ax2 = axes[0, 0], axes[1, 0]
@@ -510,7 +584,9 @@ def plot(result: dict, out: pathlib.Path) -> None:
         ax.plot(ls, [row["compute_fwd_bwd_s"] * 1e3 for row in r["rows"]], "x--", color=line.get_color(),
                 label="  compute only (same ranks)")
         ax2.plot(ls, [row["fwd_exposed"] for row in r["rows"]], "o-", color=line.get_color(),
-                 label=f"{r['rate_mbit']:g} Mbit/s")
+                 label=f"{r['rate_mbit']:g} Mbit/s (median call)")
+        ax2.fill_between(ls, [row["fwd_exposed_min"] for row in r["rows"]],
+                         [row["fwd_exposed_max"] for row in r["rows"]], color=line.get_color(), alpha=0.15)
         ax2.axvline(r["predicted_threshold"], color=line.get_color(), ls=":", lw=1.5)
         if r["measured_threshold"]:
             ax2.axvline(r["measured_threshold"], color=line.get_color(), ls="-", lw=0.8)
@@ -518,8 +594,9 @@ def plot(result: dict, out: pathlib.Path) -> None:
     ax2.axhline(eps, color="gray", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="local length c (tokens per rank)", ylabel="ms",
            title="1. ring vs compute-only, 2 hosts")
-    ax2.set(xscale="log", yscale="symlog", xlabel="local length c",
-            ylabel="forward wait / forward compute",
+    ax2.set_yscale("symlog", linthresh=0.05)
+    ax2.set(xscale="log", xlabel="local length c",
+            ylabel="forward wait / forward compute (band: min-max)",
             title="exposed comm; dotted: predicted c*, solid: measured")
     ax.legend(fontsize=7)
     ax2.legend(fontsize=7)
@@ -542,9 +619,10 @@ def plot(result: dict, out: pathlib.Path) -> None:
     for key in keys:
         ws = [w["world"] for w in sc if key in w["combos"] and "error" not in w["combos"][key]]
         vals = [w["combos"][key] for w in sc if key in w["combos"] and "error" not in w["combos"][key]]
-        ax.plot(ws, [v["compute_s_per_rank_max"] for v in vals], "o-", label=key)
-    ax.set(xscale="log", yscale="log", xlabel="world size", ylabel="s",
-           title="3. max per-rank compute time (over-subscribed cores)")
+        line, = ax.plot(ws, [v["cpu_s_per_rank_max"] for v in vals], "o-", label=f"{key} max")
+        ax.plot(ws, [v["cpu_s_per_rank_mean"] for v in vals], "x--", color=line.get_color(), label="  mean")
+    ax.set(xscale="log", yscale="log", xlabel="world size", ylabel="CPU s of the rank's compute thread",
+           title="3. per-rank compute (thread CPU time, fwd+bwd)")
     ax.legend(fontsize=7)
 
     ax = axes[1, 2]
@@ -554,6 +632,10 @@ def plot(result: dict, out: pathlib.Path) -> None:
         ax.set_axis_off()
     else:
         plot_hybrid(ax, hy)
+    for ax in (axes[0, 0], axes[1, 0], axes[0, 1], axes[1, 1], axes[0, 2]):
+        ax.xaxis.set_major_locator(LogLocator(base=2))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(out / "multihost.png", dpi=110)
     plt.close(fig)
@@ -561,17 +643,17 @@ def plot(result: dict, out: pathlib.Path) -> None:
 
 def plot_hybrid(ax, hy: dict) -> None:
     rows = hy["rows"]
-    labels = [f"{r['rate_mbit']:g}" if r["rate_mbit"] else "unshaped" for r in rows]
+    labels = [(f"{r['rate_mbit']:g}" if r["rate_mbit"] else "unshaped") + f"\nkvh={r['kv_heads']}" for r in rows]
     names = [s for s in hy["config"]["strategies"] if s != "auto"]
     width = 0.8 / max(1, len(names))
     for i, s in enumerate(names):
         ys = [r["strategies"].get(s, {}).get("fwd_bwd_s", float("nan")) for r in rows]
         ax.bar([x + i * width for x in range(len(rows))], ys, width, label=s)
+    top = max((v["fwd_bwd_s"] for r in rows for v in r["strategies"].values() if "fwd_bwd_s" in v), default=1)
     for x, r in enumerate(rows):
-        if r.get("auto_chose"):
-            ax.annotate(f"auto: {r['auto_chose']}", (x + 0.4 - width / 2, 0), xytext=(0, -28),
-                        textcoords="offset points", ha="center", fontsize=7)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels)
-    ax.set(xlabel="link between hosts (Mbit/s)", ylabel="fwd+bwd s (slowest rank)", yscale="log",
-           title="2. two hosts x two ranks (causal, zigzag)")
-    ax.legend(fontsize=7)
+        ax.text(x + 0.4 - width / 2, top * 1.15, f"auto:{r.get('auto_chose')}\nplan:{r['planner_recommends']}",
+                ha="center", va="bottom", fontsize=6)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
+    ax.set(xlabel="link between hosts (Mbit/s), kv_heads", ylabel="fwd+bwd s (slowest rank)", yscale="log",
+           title="2. two hosts x two ranks (causal, zigzag)", ylim=(None, top * 2.2))
+    ax.legend(fontsize=7, loc="lower left")

@@ -165,9 +165,9 @@ def summary(res: dict) -> str:
         lines.append(f"| {name} | {r['single_s']:.2f} | {r['ring_s']:.2f} | {r['ratio']:.3f} | "
                      f"{r['flops_max_over_mean']:.3f} | {comp} | {wait} |")
     m = res["memory"]
-    lines.append(f"\nS = {res['seq_len']}, {res['heads']} heads x {res['head_dim']}, {res['dtype']}, forward + backward. "
-                 "Goals: ratio >= 0.95 for non-causal contiguous and causal zigzag; FLOPs max/mean 1.00 for "
-                 "zigzag and striped causal.")
+    lines.append(f"\nS = {res['seq_len']}, {res['heads']} heads x {res['head_dim']}, {res['dtype']}, "
+                 "forward + backward. Goals: ratio >= 0.95 for non-causal contiguous and causal zigzag; "
+                 "FLOPs max/mean 1.00 for zigzag and striped causal.")
     lines.append(f"\nPeak memory growth of forward + backward at S = {m['seq_len']} ({m['heads']} head x "
                  f"{m['head_dim']}, {m['ranks']} ranks, causal zigzag): "
                  f"{', '.join(f'{x:.0f}' for x in m['peak_growth_mb_per_rank'])} MiB per rank "

@@ -22,7 +22,7 @@ import torch
 
 from .. import comm
 from ..kernels import BACKENDS, lse_dtype, select
-from ..kernels.block import Partial, run_backward, run_forward
+from ..kernels.block import Partial, Sum, run_backward, run_forward
 from ..layouts import global_positions, segments
 from ..masks import MaskSpec, Segment, Task, plan_block
 from ..validate import agree
@@ -69,6 +69,18 @@ def _key_layout(layout: str, world: int, local_len: int, device):
     return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
 
 
+def cut_at(keys: Segment, qsegs: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """A stride-1 key run cut where this rank's (stride-1) query runs start and end.
+
+    Then every (query run, key piece) pair is empty, full or an aligned causal square, instead of a
+    wide pair the kernels can only do tile by tile with dense masks.
+    """
+    cuts = sorted({keys.start, keys.start + keys.length}
+                  | {p for q in qsegs for p in (q.start, q.start + q.length)
+                     if keys.start < p < keys.start + keys.length})
+    return tuple(Segment(a, b - a) for a, b in zip(cuts, cuts[1:]))
+
+
 def _start_gather(k, v, g0: int, g1: int, call: _Call):
     """Post the gather of kv heads [g0, g1) of every rank; returns (work, buffer, local sizes)."""
     kc, vc = k[:, :, g0:g1], v[:, :, g0:g1]
@@ -87,7 +99,7 @@ def _finish_gather(pending, call: _Call):
     """The gathered (k, v) of one chunk, full length, in kernel row order."""
     work, buf, (kshape, vshape) = pending
     if work is not None:
-        comm.Pending([work], None).wait()
+        comm.Pending([work], None, "all-gather of K/V").wait()
     w = call.world
     parts = buf.view(w, -1)
     nk = math.prod(kshape)
@@ -126,7 +138,7 @@ def _backward(dout, q, k, v, out, lse, call: _Call, dlse):
     backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
     ratio = q.shape[2] // k.shape[2]
     acc_t = lse_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc_t, device=q.device)
+    dq = torch.empty(q.shape, dtype=acc_t, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     w = call.world
@@ -137,18 +149,21 @@ def _backward(dout, q, k, v, out, lse, call: _Call, dlse):
         if i + 1 < len(call.chunks):
             pending = _start_gather(k, v, *call.chunks[i + 1], call)
         hs = slice(g0 * ratio, g1 * ratio)
-        gk = torch.zeros(kf.shape, dtype=acc_t, device=q.device)
-        gv = torch.zeros(vf.shape, dtype=acc_t, device=q.device)
-        count_flops(call.tasks, q[:, :, hs], vf, True)
-        run_backward(backend, dout[:, :, hs], q[:, :, hs], kf, vf, out[:, :, hs], lse[:, hs], call.tasks,
-                     call.spec, call.scale, dq[:, :, hs], gk, gv, None if dlse is None else dlse[:, hs])
+        qc = q[:, :, hs]
+        dqc = Sum(qc.shape, acc_t, q.device)
+        gk, gv = Sum(kf.shape, acc_t, q.device), Sum(vf.shape, acc_t, q.device)
+        count_flops(call.tasks, qc, vf, True)
+        run_backward(backend, dout[:, :, hs], qc, kf, vf, out[:, :, hs], lse[:, hs], call.tasks,
+                     call.spec, call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs])
+        dq[:, :, hs] = dqc.get()
+        gk, gv = gk.get(), gv.get()
         if call.to_global is not None:  # back to rank order for the scatter
             gk = torch.empty_like(gk).index_copy_(1, call.to_global, gk)
             gv = torch.empty_like(gv).index_copy_(1, call.to_global, gv)
         scatters.append(((g0, g1), _start_scatter(gk, gv, w, call)))
     for (g0, g1), (work, res, kshape) in scatters:
         if work is not None:
-            comm.Pending([work], None).wait()
+            comm.Pending([work], None, "reduce-scatter of dK/dV").wait()
         nk = math.prod(kshape)
         dk[:, :, g0:g1] = res[:nk].view(kshape)
         dv[:, :, g0:g1] = res[nk:].view(*kshape[:3], v.shape[3])
@@ -161,7 +176,7 @@ def _start_scatter(gk, gv, w: int, call: _Call):
     c = n // w
 
     def by_rank(x):
-        return x.view(b, w, c, hc, -1).transpose(0, 1).reshape(w, -1)
+        return x.reshape(b, w, c, hc, -1).transpose(0, 1).reshape(w, -1)
 
     send = torch.cat([by_rank(gk), by_rank(gv)], dim=1).reshape(-1)
     kshape = (b, c, hc, d)
@@ -230,7 +245,10 @@ def allgather_attention(
     n = q.shape[1]
     ksegs, to_global = _key_layout(layout, world, n, q.device)
     lay = layout if world > 1 else "contiguous"
-    tasks = plan_block(spec, segments(lay, rank, world, n), ksegs)
+    qsegs = segments(lay, rank, world, n)
+    if len(ksegs) == 1:
+        ksegs = cut_at(ksegs[0], qsegs)
+    tasks = plan_block(spec, qsegs, ksegs)
     per = kv_head_chunk or default_chunk(k, v, world)
     call = _Call(group, world, spec, scale, tasks, head_chunks(k.shape[2], per), to_global)
     s = comm.stats()

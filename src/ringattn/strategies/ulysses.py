@@ -24,7 +24,7 @@ import torch
 
 from .. import comm
 from ..kernels import BACKENDS, lse_dtype, select
-from ..kernels.block import Partial, run_backward, run_forward
+from ..kernels.block import Partial, Sum, run_backward, run_forward
 from ..layouts import global_positions
 from ..masks import MaskSpec, Segment, Task, plan_block, task_flops
 from ..validate import agree
@@ -69,9 +69,10 @@ class LocalAttention(torch.autograd.Function):
         # A gradient through lse folds into D (D - dlse); only the reference backend takes it.
         backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
         acc = lse_dtype(q.dtype)
-        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        dq, dk, dv = (Sum(t.shape, acc, t.device) for t in (q, k, v))
         count_flops(call.tasks, q, v, True)
         run_backward(backend, dout, q, k, v, out, lse, call.tasks, call.spec, call.scale, dq, dk, dv, dlse)
+        dq, dk, dv = dq.get(), dk.get(), dv.get()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

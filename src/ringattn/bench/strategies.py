@@ -1,0 +1,120 @@
+"""``ringattn bench strategies``: measured time of each strategy vs. the planner's prediction.
+
+On 2 and 4 local gloo ranks (one thread each), every strategy runs causal forward+backward on the
+same zigzag-sharded problem; the planner predicts each from this machine's measured kernel FLOP/s and
+gloo bandwidth (``plan.measure``). The ratio measured / predicted and its error calibrate the model.
+Ranks share the machine's cores, which the measured hardware accounts for (``shared_cores``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import tempfile
+import time
+
+from .. import plan
+from ..launch import spawn
+from .common import machine, pyplot
+
+
+def _job(path: str, cfg: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import ringattn
+
+    world = dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    s, h, kvh, d = cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    full = [torch.randn(1, s, n, d, generator=g) for n in (h, kvh, kvh)]
+    dout_full = torch.randn(1, s, h, d, generator=g)
+    results = {}
+    for strat in cfg["strategies"][str(world)]:
+        mesh = None
+        if strat == "hybrid":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", tuple(cfg["mesh"]), mesh_dim_names=("ring", "ulysses"))
+        q, k, v = (ringattn.shard(t, layout="zigzag", mesh=mesh).requires_grad_() for t in full)
+        dout = ringattn.shard(dout_full, layout="zigzag", mesh=mesh)
+
+        def step(q=q, k=k, v=v, dout=dout, strat=strat, mesh=mesh):
+            out = ringattn.attention(q, k, v, strategy=strat, mesh=mesh, causal=True, layout="zigzag")
+            out.backward(dout)
+
+        step()
+        best = math.inf
+        for _ in range(cfg["repeats"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            t = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
+            best = min(best, float(t))
+        results[strat] = best
+    if dist.get_rank() == 0:
+        pathlib.Path(path).write_text(json.dumps(results))
+
+
+def run(out: pathlib.Path, quick: bool) -> dict:
+    cfg = dict(seq_len=1024, heads=4, kv_heads=2, head_dim=32, repeats=2) if quick else \
+        dict(seq_len=4096, heads=8, kv_heads=4, head_dim=64, repeats=3)
+    cfg["mesh"] = (2, 2)
+    cfg["strategies"] = {"2": ["ring", "allgather", "ulysses"], "4": ["ring", "allgather", "ulysses", "hybrid"]}
+    print("measuring this machine (kernel FLOP/s, gloo bandwidth) ...", flush=True)
+    hw = plan.measure(threads=1)
+    print(f"  {hw.flops / 1e9:.1f} GFLOP/s per thread, {hw.bandwidth / 1e9:.2f} GB/s, "
+          f"{hw.latency * 1e6:.0f} us latency, {hw.shared_cores} cores shared", flush=True)
+    rows = []
+    for world in (2, 4):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = str(pathlib.Path(tmp) / "times.json")
+            spawn(_job, world, path, cfg)
+            measured = json.loads(pathlib.Path(path).read_text())
+        for strat, t in measured.items():
+            p = plan.Problem(seq_len=cfg["seq_len"], world=world, heads=cfg["heads"], kv_heads=cfg["kv_heads"],
+                             head_dim=cfg["head_dim"], dtype_bytes=4, causal=True, layout="zigzag",
+                             backward=True, mesh=tuple(cfg["mesh"]) if strat == "hybrid" else None)
+            est = next(e for e in plan.estimate_all(p, hw) if e.strategy == strat)
+            rows.append({"world": world, "strategy": strat, "measured_s": t, "predicted_s": est.time_s,
+                         "ratio": t / est.time_s, "predicted_compute_s": est.compute_s,
+                         "predicted_exposed_comm_s": est.exposed_s})
+            print(f"  W={world} {strat:<10} measured {t * 1e3:8.1f} ms  predicted {est.time_s * 1e3:8.1f} ms  "
+                  f"ratio {t / est.time_s:.2f}", flush=True)
+    errors = [abs(r["ratio"] - 1) for r in rows]
+    _plot(out / "strategies.png", rows, cfg)
+    ratios = [r["ratio"] for r in rows]
+    return {
+        "machine": machine(),
+        "hardware": dataclasses.asdict(hw),
+        "config": {k: v for k, v in cfg.items() if k != "strategies"},
+        "results": rows,
+        "mean_abs_prediction_error": sum(errors) / len(errors),
+        "max_abs_prediction_error": max(errors),
+        # A constant factor is calibration; the spread of the ratios is what the model gets wrong.
+        "ratio_spread": max(ratios) / min(ratios),
+        "note": "ratio = measured / predicted, fwd+bwd, causal zigzag fp32, one thread per rank",
+    }
+
+
+def _plot(path: pathlib.Path, rows: list[dict], cfg: dict) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{r['strategy']}\nW={r['world']}" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["measured_s"] * 1e3 for r in rows], 0.4, label="measured")
+    ax.bar([i + 0.2 for i in x], [r["predicted_s"] * 1e3 for r in rows], 0.4, label="planner")
+    for i, r in enumerate(rows):
+        ax.text(i, max(r["measured_s"], r["predicted_s"]) * 1e3, f"{r['ratio']:.2f}x", ha="center", va="bottom",
+                fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("fwd+bwd time (ms)")
+    ax.set_title(f"strategies vs. planner: S={cfg['seq_len']} h={cfg['heads']} kv={cfg['kv_heads']} "
+                 f"d={cfg['head_dim']} causal zigzag fp32")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,595 @@
+"""A cost model for context-parallel attention, and ``ringattn plan``: which strategy to use.
+
+For each strategy the model counts, per rank: attention FLOPs (from the same ``masks.plan_block``
+classification the kernels use, so causal halves, windows and documents skip what they hide), bytes
+sent on the busiest link, peak activation memory, and a predicted time from the device's FLOP/s, the
+link's one-way bandwidth and a per-message latency:
+
+- ``ring``: W synchronous steps (fewer under windows); step ``i`` takes ``max(compute_i, transfer)``
+  because the next K/V block travels while this one is computed. Backward also carries float32
+  dK/dV with the blocks.
+- ``allgather``: the K/V gather (and, in backward, the dK/dV reduce-scatter) runs in ``n`` head
+  chunks overlapped with compute: ``first chunk's transfer + (n - 1) * max(compute, transfer) / n +
+  last chunk's compute``.
+- ``ulysses``: four all-to-alls forward (q, k, v, out) and four back, nothing hidden; compute is
+  perfectly balanced (every rank sees the whole sequence for ``heads / W`` heads).
+- ``hybrid``: Ulysses over U ranks of a node (intra-node bandwidth), ring over ``R = W / U`` nodes.
+
+The Ring Attention paper's overlap condition is built in: a ring step hides its transfer when the
+block ``c`` satisfies ``4 d c^2 h / F >= 2 * c * d * kv_heads * bytes / B``; for multi-head attention
+in bf16 that is ``c >= F / B`` tokens (``overlap_block``), and the paper's minimal sequence per device
+is ``6 c`` (``min_sequence``): Table 2.
+
+``strategy="auto"`` calls ``choose_for_call``: deterministic from the arguments and the configured
+hardware (``set_hardware``, ``$RINGATTN_HARDWARE``, else a preset guessed from the device), never
+from a measurement taken inside the call, so every rank chooses the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from .layouts import LAYOUTS, segments
+from .masks import MaskSpec, Segment, plan_block, task_flops
+
+STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+# Gathered K/V per allgather chunk (mirrors strategies.allgather.CHUNK_BYTES).
+CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One device and its links. Bandwidths are one-way bytes/s per device."""
+
+    name: str
+    flops: float  # attention FLOP/s one device sustains (dense, in the working dtype)
+    bandwidth: float  # the slowest link a ring crosses (inter-node when W > node_size)
+    latency: float = 5e-6  # seconds per message
+    memory: float = 80e9  # bytes per device for activations
+    node_size: int = 8  # devices joined by the fast intra-node link
+    intra_bandwidth: float | None = None  # inside a node; None = bandwidth
+    shared_cores: int | None = None  # CPU: all ranks share this many cores
+    note: str = ""
+
+    def rank_flops(self, world: int) -> float:
+        """FLOP/s one rank gets when ``world`` ranks run at once (CPU ranks share the cores)."""
+        if self.shared_cores is None:
+            return self.flops
+        return self.flops * min(1.0, self.shared_cores / max(world, 1))
+
+    def link(self, ranks: int) -> float:
+        """Bandwidth of a collective over ``ranks`` consecutive devices."""
+        if ranks <= self.node_size and self.intra_bandwidth is not None:
+            return self.intra_bandwidth
+        return self.bandwidth
+
+
+PRESETS: dict[str, Hardware] = {h.name: h for h in (
+    Hardware("a100-nvlink", 312e12, 300e9, 5e-6, 80e9, 8, None, note="paper Table 2: 312 TFLOP/s, 300 GB/s"),
+    Hardware("a100-infiniband", 312e12, 12.5e9, 5e-6, 80e9, 8, 300e9,
+             note="paper Table 2: 312 TFLOP/s, 12.5 GB/s across nodes; NVLink inside"),
+    Hardware("h100-nvlink", 989e12, 450e9, 5e-6, 80e9, 8, None, note="bf16 dense; NVLink 4, 450 GB/s one-way"),
+    Hardware("h100-infiniband", 989e12, 50e9, 5e-6, 80e9, 8, 450e9, note="400 Gb/s NDR per GPU across nodes"),
+    Hardware("tpu-v3", 123e12, 112e9, 5e-6, 16e9, 4, None, note="paper Table 2"),
+    Hardware("tpu-v4", 275e12, 268e9, 5e-6, 32e9, 4, None, note="paper Table 2"),
+    Hardware("tpu-v5e", 196e12, 186e9, 5e-6, 16e9, 4, None, note="paper Table 2"),
+    Hardware("cpu", 14e9, 1.4e9, 60e-6, 8e9, 64, None, shared_cores=2,
+             note="this 2-core machine, fp32, gloo on loopback (FACTS.md); --measure to refresh"),
+)}
+
+
+def overlap_block(hw: Hardware, heads: int = 1, kv_heads: int = 1, dtype_bytes: int = 2) -> float:
+    """Smallest block (tokens per ring step) whose compute hides its K/V transfer.
+
+    Per step a rank computes ``4 d c^2 h`` FLOPs and sends ``2 c d kv_heads * bytes``: hidden when
+    ``c >= F / B * kv_heads * bytes / (2 h)`` — ``F / B`` for multi-head bf16 (the paper's Table 2).
+    """
+    return hw.flops / hw.bandwidth * kv_heads * dtype_bytes / (2 * heads)
+
+
+def min_sequence(hw: Hardware, **kw) -> float:
+    """The paper's minimal sequence per device: six blocks (q, k, v in use, k, v arriving, out)."""
+    return 6 * overlap_block(hw, **kw)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention call (per layer), as the planner sees it."""
+
+    seq_len: int
+    world: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 128
+    v_head_dim: int | None = None
+    batch: int = 1
+    dtype_bytes: int = 2
+    causal: bool = True
+    window: tuple[int, int] | None = None
+    layout: str = "zigzag"
+    backward: bool = True
+    mesh: tuple[int, int] | None = None  # (ring, ulysses) for hybrid; None = chosen from node_size
+
+    def __post_init__(self):
+        for name in ("seq_len", "world", "heads", "kv_heads", "head_dim", "batch", "dtype_bytes"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.mesh is not None and math.prod(self.mesh) != self.world:
+            raise ValueError(f"mesh {self.mesh} does not have world = {self.world} ranks")
+
+    @property
+    def dv(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def local_len(self) -> int:
+        m = 2 * self.world if self.layout == "zigzag" and self.world > 1 else self.world
+        return -(-self.seq_len // m) * m // self.world
+
+    def spec(self) -> MaskSpec:
+        return MaskSpec(self.seq_len, self.causal, self.window, None)
+
+
+@dataclass
+class Estimate:
+    """The model's view of one strategy on one problem; times in seconds, sizes in bytes, per rank."""
+
+    strategy: str
+    feasible: bool
+    note: str = ""
+    flops: float = 0.0  # busiest rank, forward (+ backward)
+    compute_s: float = 0.0
+    comm_bytes: float = 0.0  # sent per rank
+    comm_s: float = 0.0  # time the transfers take, hidden or not
+    exposed_s: float = 0.0  # transfer time not hidden behind compute
+    time_s: float = math.inf
+    memory_bytes: float = 0.0  # peak activations of this attention call
+    hidden: bool = False
+    fits: bool = True
+
+
+def _tile(n: int) -> int:
+    # Partial block pairs are tiled for counting as the kernels tile them, but coarser for huge
+    # blocks so that planning a million tokens takes milliseconds, not minutes.
+    return max(512, -(-n // 16))
+
+
+@functools.lru_cache(maxsize=4096)
+def _pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], per_token: float) -> float:
+    """Forward FLOPs of a block pair per (batch * heads * (d + dv)) unit, scaled by ``per_token``."""
+    tasks = plan_block(spec, qsegs, ksegs, tile=_tile(sum(s.length for s in qsegs)))
+    return per_token * sum(task_flops(t, 1, 1, 1, 0) / 2 for t in tasks)
+
+
+def _unit(p: Problem, heads: int) -> float:
+    """task_flops(batch, heads, d, dv) / task_flops(1, 1, 1, 0) * 2 — FLOPs per visible (i, j) unit."""
+    return 2.0 * p.batch * heads * (p.head_dim + p.dv)
+
+
+def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> list[float]:
+    """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_plan`` schedules them)."""
+    spec = p.spec()
+    lay = p.layout if world > 1 else "contiguous"
+    segs = [segments(lay, r, world, local) for r in range(world)]
+    unit = _unit(p, heads)
+    per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit) for o in range(world)] for r in range(world)]
+    needed = [o for o in range(1, world) if any(per[r][o] > 0 for r in range(world))]
+    best = None
+    for a in range(world):
+        b = max((world - o for o in needed if o > a), default=0)
+        if best is None or a + b < best[0] + best[1]:
+            best = (a, b)
+    steps = [0, *range(1, best[0] + 1), *(world - i for i in range(1, best[1] + 1))]
+    return [max(per[r][o] for r in range(world)) for o in steps]
+
+
+def _pipelined(compute: list[float], transfer: float) -> tuple[float, float]:
+    """(time, exposed transfer) of steps whose next transfer runs during the current compute."""
+    total, exposed = 0.0, 0.0
+    for i, c in enumerate(compute):
+        x = transfer if i + 1 < len(compute) else 0.0
+        total += max(c, x)
+        exposed += max(0.0, x - c)
+    return total, exposed
+
+
+def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads: int,
+          bw: float) -> Estimate:
+    f_rank = hw.rank_flops(p.world)
+    e = p.dtype_bytes
+    step_f = _ring_step_flops(p, world, local, heads)
+    kv_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * e
+    x_fwd = hw.latency + kv_bytes / bw if world > 1 else 0.0
+    t, exposed = _pipelined([f / f_rank for f in step_f], x_fwd)
+    flops, sent = sum(step_f), kv_bytes * (len(step_f) - 1)
+    hidden = all(f / f_rank >= x_fwd for f in step_f[:-1] if f > 0)
+    if p.backward:
+        grad_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * 4  # float32 dK/dV travel along
+        x_bwd = 2 * hw.latency + (kv_bytes + grad_bytes) / bw if world > 1 else 0.0
+        tb, eb = _pipelined([2.5 * f / f_rank for f in step_f], x_bwd)
+        ret = hw.latency + grad_bytes / bw if world > 1 else 0.0  # the last hop home
+        t, exposed = t + tb + ret, exposed + eb + ret
+        flops += 2.5 * sum(step_f)
+        sent += (kv_bytes + grad_bytes) * (len(step_f) - 1) + grad_bytes * (world > 1)
+        hidden = hidden and all(2.5 * f / f_rank >= x_bwd for f in step_f[:-1] if f > 0)
+    steps = len(step_f)
+    mem = p.batch * local * (heads * (p.head_dim + p.dv) * e + 3 * kv_heads * (p.head_dim + p.dv) * e
+                             + heads * p.dv * 4 + heads * 4 * 2)
+    if p.backward:  # float32 dq, dk, dv, dk/dv in flight
+        mem += p.batch * local * (heads * p.head_dim + 3 * kv_heads * (p.head_dim + p.dv)) * 4
+    comm_s = (steps - 1) * x_fwd + ((steps - 1) * x_bwd + ret if p.backward else 0.0)
+    return Estimate("ring", True, f"{steps} steps of {local} tokens", flops, flops / f_rank, sent, comm_s,
+                    exposed, t, mem, hidden)
+
+
+def estimate_ring(p: Problem, hw: Hardware) -> Estimate:
+    return _ring(p, hw, p.world, p.local_len, p.heads, p.kv_heads, hw.link(p.world))
+
+
+def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
+    w, c, e = p.world, p.local_len, p.dtype_bytes
+    f_rank, bw = hw.rank_flops(w), hw.link(w)
+    spec, unit = p.spec(), _unit(p, p.heads)
+    lay = p.layout if w > 1 else "contiguous"
+    from .strategies.allgather import cut_at
+
+    def keys(r):
+        if lay == "striped":
+            return tuple(s for i in range(w) for s in segments(lay, i, w, c))
+        return cut_at(Segment(0, w * c), segments(lay, r, w, c))
+
+    fwd = max(_pair_flops(spec, segments(lay, r, w, c), keys(r), unit) for r in range(w))
+    per_head = p.batch * c * w * (p.head_dim + p.dv) * e
+    n = 1 if w == 1 else math.ceil(p.kv_heads / min(max(1, CHUNK_BYTES // per_head), math.ceil(p.kv_heads / 2)))
+    kv_local = p.batch * c * p.kv_heads * (p.head_dim + p.dv) * e
+    gather = ((w - 1) * (hw.latency * n + kv_local / bw)) if w > 1 else 0.0
+    cf = fwd / f_rank
+    t = gather / n + (n - 1) * max(cf, gather) / n + cf / n
+    exposed = gather / n + (n - 1) * max(0.0, gather - cf) / n
+    sent, flops, comm_s = kv_local * (w - 1), fwd, gather
+    hidden = n > 1 and gather <= cf
+    mem = p.batch * c * (p.heads * (p.head_dim + p.dv) * e + p.kv_heads * (p.head_dim + p.dv) * e
+                         + p.heads * p.dv * 4) + 2 * per_head * math.ceil(p.kv_heads / n)
+    if p.backward:
+        rs = (w - 1) * (hw.latency * n + kv_local * 4 / e / bw) if w > 1 else 0.0
+        cb = 2.5 * cf
+        xb = gather + rs
+        t += gather / n + (n - 1) * max(cb, xb) / n + cb / n + rs / n
+        exposed += gather / n + (n - 1) * max(0.0, xb - cb) / n + rs / n
+        sent += kv_local * (w - 1) * (1 + 4 / e)
+        flops += 2.5 * fwd
+        comm_s += xb
+        hidden = hidden and xb <= cb
+        mem += per_head * math.ceil(p.kv_heads / n) * 4 / e + p.batch * c * p.heads * p.head_dim * 4
+    return Estimate("allgather", True, f"{n} chunk(s) of {math.ceil(p.kv_heads / n)} kv heads", flops,
+                    flops / f_rank, sent, comm_s, exposed, t, mem, hidden)
+
+
+def _a2a_time(nbytes_local: float, ranks: int, hw: Hardware, bw: float) -> float:
+    """An all-to-all of a rank's ``nbytes_local``: it keeps 1/ranks and sends the rest."""
+    if ranks == 1:
+        return 0.0
+    return (ranks - 1) * hw.latency + nbytes_local * (ranks - 1) / ranks / bw
+
+
+def _ulysses_comm(p: Problem, hw: Hardware, ranks: int, local: int, bw: float) -> tuple[float, float, int]:
+    """(seconds, bytes sent, kv heads after replication) of Ulysses' all-to-alls over ``ranks``."""
+    from .strategies import kv_replication
+
+    kvh = p.kv_heads * kv_replication(p.kv_heads, ranks)
+    e, b = p.dtype_bytes, p.batch
+    tensors = [b * local * p.heads * p.head_dim * e, b * local * kvh * p.head_dim * e, b * local * kvh * p.dv * e,
+               b * local * p.heads * p.dv * e, b * local * p.heads * 4]  # q, k, v, out, lse
+    if p.backward:  # dout in; dq, dk, dv out
+        tensors += [b * local * p.heads * p.dv * e, tensors[0], tensors[1], tensors[2]]
+    t = sum(_a2a_time(x, ranks, hw, bw) for x in tensors)
+    return t, sum(tensors) * (ranks - 1) / ranks, kvh
+
+
+def estimate_ulysses(p: Problem, hw: Hardware) -> Estimate:
+    w = p.world
+    if p.heads % w:
+        return Estimate("ulysses", False, f"heads ({p.heads}) not divisible by world ({w})")
+    f_rank, bw = hw.rank_flops(w), hw.link(w)
+    n = w * p.local_len
+    fwd = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w))
+    flops = fwd * (3.5 if p.backward else 1.0)
+    comm_s, sent, kvh = _ulysses_comm(p, hw, w, p.local_len, bw)
+    e = p.dtype_bytes
+    hl, kl = p.heads // w, kvh // w
+    mem = p.batch * n * (hl * (p.head_dim + p.dv) * e + kl * (p.head_dim + p.dv) * e + hl * p.dv * 4) \
+        + 2 * p.batch * p.local_len * (p.heads * p.head_dim + kvh * (p.head_dim + p.dv)) * e
+    if p.backward:
+        mem += p.batch * n * (hl * p.head_dim + kl * (p.head_dim + p.dv)) * 4
+    note = f"{p.heads // w} heads x {n} tokens per rank" + (f"; K/V heads replicated to {kvh}" if kvh > p.kv_heads
+                                                            else "")
+    return Estimate("ulysses", True, note, flops, flops / f_rank, sent, comm_s, comm_s, flops / f_rank + comm_s,
+                    mem, False)
+
+
+def hybrid_mesh(p: Problem, hw: Hardware) -> tuple[int, int] | None:
+    """(ring, ulysses): the largest Ulysses group inside a node that splits the heads, with R > 1."""
+    if p.mesh is not None:
+        return p.mesh
+    for u in range(min(hw.node_size, p.world // 2), 1, -1):
+        if p.world % u == 0 and p.heads % u == 0:
+            return p.world // u, u
+    return None
+
+
+def estimate_hybrid(p: Problem, hw: Hardware) -> Estimate:
+    mesh = hybrid_mesh(p, hw)
+    if mesh is None or p.heads % mesh[1]:
+        return Estimate("hybrid", False, "no 2-D mesh with 1 < ulysses <= node size dividing the heads")
+    r, u = mesh
+    a2a_s, a2a_bytes, kvh = _ulysses_comm(p, hw, u, p.local_len, hw.link(u))
+    ring_bw = hw.bandwidth if p.world > hw.node_size else hw.link(p.world)
+    est = _ring(p, hw, r, u * p.local_len, p.heads // u, kvh // u, ring_bw)
+    est.strategy = "hybrid"
+    est.note = f"mesh {r} ring x {u} ulysses; " + est.note
+    est.comm_bytes += a2a_bytes
+    est.comm_s += a2a_s
+    est.exposed_s += a2a_s
+    est.time_s += a2a_s
+    est.hidden = False
+    est.memory_bytes += 2 * p.batch * p.local_len * (p.heads * p.head_dim + kvh * (p.head_dim + p.dv)) * p.dtype_bytes
+    return est
+
+
+ESTIMATORS = {"ring": estimate_ring, "allgather": estimate_allgather, "ulysses": estimate_ulysses,
+              "hybrid": estimate_hybrid}
+
+
+@functools.lru_cache(maxsize=256)
+def estimate_all(p: Problem, hw: Hardware) -> tuple[Estimate, ...]:
+    """One ``Estimate`` per strategy (``STRATEGY_ORDER``), with ``fits`` set against device memory."""
+    out = []
+    for name in STRATEGY_ORDER:
+        est = ESTIMATORS[name](p, hw)
+        est.fits = est.memory_bytes <= hw.memory
+        out.append(est)
+    return tuple(out)
+
+
+def recommend(estimates, allowed=STRATEGY_ORDER) -> str:
+    """Fastest feasible strategy that fits in memory (ties: the order of ``STRATEGY_ORDER``)."""
+    cands = [e for e in estimates if e.feasible and e.strategy in allowed]
+    fitting = [e for e in cands if e.fits] or cands
+    if not fitting:
+        return "ring"
+    best = min(e.time_s for e in fitting)
+    return next(e.strategy for e in fitting if e.time_s <= best * 1.0001)
+
+
+# ---- strategy="auto" ------------------------------------------------------------------------------
+
+_CONFIGURED: Hardware | None = None
+
+
+def set_hardware(hw: Hardware | str | None) -> None:
+    """The hardware ``strategy="auto"`` plans for (a preset name, a ``Hardware``, or None = detect).
+
+    Must be the same on every rank (e.g. a preset, or a measurement broadcast from rank 0).
+    """
+    global _CONFIGURED
+    _CONFIGURED = hardware(hw) if isinstance(hw, str) else hw
+
+
+def hardware(name: str) -> Hardware:
+    if name not in PRESETS:
+        raise ValueError(f"hardware must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]
+
+
+def configured_hardware(device=None) -> Hardware:
+    """``set_hardware``'s choice, else ``$RINGATTN_HARDWARE``, else a preset guessed from the device."""
+    if _CONFIGURED is not None:
+        return _CONFIGURED
+    env = os.environ.get("RINGATTN_HARDWARE")
+    if env:
+        return hardware(env)
+    if device is not None and getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+        return PRESETS["h100-nvlink" if ("H100" in name or "H200" in name) else "a100-nvlink"]
+    return PRESETS["cpu"]
+
+
+def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None, layout="contiguous",
+                    seq_len=None, **_ignored) -> str:
+    """The strategy ``ringattn.attention(strategy="auto")`` runs: the planner's choice for these
+    arguments on the configured hardware. With a ``mesh`` it is "hybrid" (the shards were made for
+    it). Arguments the strategies would reject fall back to "ring", which then raises on every rank.
+    """
+    if mesh is not None:
+        return "hybrid"
+    from . import comm
+
+    _, world = comm.group_rank_world(group)
+    if world == 1:
+        return "ring"
+    try:
+        w = tuple(window) if window is not None else None
+        p = Problem(seq_len=world * q.shape[1], world=world, heads=q.shape[2], kv_heads=k.shape[2],
+                    head_dim=q.shape[3], v_head_dim=v.shape[3], batch=q.shape[0],
+                    dtype_bytes=q.element_size(), causal=bool(causal), window=w, layout=layout,
+                    backward=bool(q.requires_grad or k.requires_grad or v.requires_grad))
+        if layout == "zigzag" and q.shape[1] % 2:
+            return "ring"
+        return recommend(estimate_all(p, configured_hardware(q.device)), allowed=("ring", "allgather", "ulysses"))
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return "ring"
+
+
+# ---- measuring this machine -----------------------------------------------------------------------
+
+def measure(threads: int = 1) -> Hardware:
+    """This machine: attention kernel FLOP/s (one rank, ``threads`` threads) and gloo bandwidth/latency."""
+    import tempfile
+
+    import torch
+
+    from .bench.common import best_of
+    from .kernels import select
+    from .launch import spawn
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dt = torch.bfloat16 if dev == "cuda" else torch.float32
+        s, h, d = (4096, 16, 128) if dev == "cuda" else (1024, 8, 64)
+        q, k, v = (torch.randn(1, s, h, d, device=dev, dtype=dt) for _ in range(3))
+        be = select(q, k, v)
+
+        def run():
+            be.forward(q, k, v, scale=d ** -0.5, causal=False, mask=None)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        flops = 4.0 * s * s * h * d / best_of(run, repeats=3)
+    finally:
+        torch.set_num_threads(prev)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "bw.json")
+        spawn(_measure_link, 2, path)
+        with open(path) as f:
+            link = json.load(f)
+    cores = None if dev == "cuda" else (os.cpu_count() or 1) // threads
+    return Hardware("measured", flops, link["bandwidth"], link["latency"], PRESETS["cpu"].memory, 64, None,
+                    cores, note=f"measured here: kernel on {dev}, gloo between 2 local ranks")
+
+
+def _measure_link(path: str) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from .comm import Ring
+
+    ring = Ring()
+    big, small = torch.zeros(1 << 20), torch.zeros(1)
+
+    def swap(t, n):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            ring.exchange((t,), 1, (t,), -1, 11).wait()
+        return (time.perf_counter() - t0) / n
+
+    swap(big, 2)
+    lat = min(swap(small, 20) for _ in range(3))
+    per = min(swap(big, 5) for _ in range(3))
+    if dist.get_rank() == 0:
+        with open(path, "w") as f:
+            json.dump({"latency": lat, "bandwidth": big.numel() * 4 / max(per - lat, 1e-9)}, f)
+
+
+# ---- the CLI --------------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=int, required=True, help="global sequence length (tokens)")
+    p.add_argument("--world", type=int, required=True, help="number of devices sharing the sequence")
+    p.add_argument("--heads", type=int, required=True, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: = heads)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--v-head-dim", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    p.add_argument("--no-causal", dest="causal", action="store_false", help="bidirectional (default: causal)")
+    p.add_argument("--window", type=int, nargs=2, metavar=("LEFT", "RIGHT"), default=None,
+                   help="sliding window, -1 = unbounded")
+    p.add_argument("--layout", choices=LAYOUTS, default="zigzag")
+    p.add_argument("--forward-only", action="store_true", help="inference: no backward pass")
+    p.add_argument("--mesh", type=int, nargs=2, metavar=("RING", "ULYSSES"), default=None,
+                   help="hybrid mesh shape (default: Ulysses over a node)")
+    p.add_argument("--hardware", default=None, help=f"a preset: {', '.join(PRESETS)} (default: cpu)")
+    p.add_argument("--measure", action="store_true", help="measure this machine instead of a preset")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _fmt_s(s: float) -> str:
+    if not math.isfinite(s):
+        return "-"
+    for unit, f in (("s", 1), ("ms", 1e-3), ("us", 1e-6)):
+        if s >= f:
+            return f"{s / f:.3g} {unit}"
+    return f"{s / 1e-6:.2g} us"
+
+
+def _fmt_b(b: float) -> str:
+    for unit, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= f:
+            return f"{b / f:.3g} {unit}"
+    return f"{b:.0f} B"
+
+
+def report(p: Problem, hw: Hardware) -> dict:
+    """Everything ``ringattn plan`` prints, as a JSON-able dict."""
+    ests = estimate_all(p, hw)
+    c = p.local_len
+    need = overlap_block(hw, p.heads, p.kv_heads, p.dtype_bytes)
+    return {
+        "problem": dataclasses.asdict(p),
+        "hardware": dataclasses.asdict(hw),
+        "strategies": [dataclasses.asdict(e) for e in ests],
+        "recommendation": recommend(ests),
+        "overlap": {"block": c, "min_block": need, "ring_hidden_by_condition": c >= need,
+                    "paper_min_block": overlap_block(hw), "paper_min_sequence": min_sequence(hw)},
+    }
+
+
+def run(args) -> int:
+    if args.measure and args.hardware:
+        raise ValueError("give --hardware or --measure, not both")
+    hw = measure() if args.measure else hardware(args.hardware or "cpu")
+    window = tuple(args.window) if args.window else None
+    if window is not None and any(x < -1 for x in window):
+        raise ValueError(f"--window values must be >= -1, got {list(window)}")
+    p = Problem(seq_len=args.seq_len, world=args.world, heads=args.heads,
+                kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, v_head_dim=args.v_head_dim,
+                batch=args.batch, dtype_bytes=DTYPE_BYTES[args.dtype], causal=args.causal, window=window,
+                layout=args.layout, backward=not args.forward_only, mesh=tuple(args.mesh) if args.mesh else None)
+    rep = report(p, hw)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=lambda x: None if x is math.inf else str(x)))
+        return 0
+    print(f"problem: seq_len={p.seq_len} world={p.world} heads={p.heads} kv_heads={p.kv_heads} "
+          f"head_dim={p.head_dim} batch={p.batch} {args.dtype} {'causal' if p.causal else 'bidirectional'}"
+          f"{f' window={window}' if window else ''} layout={p.layout} "
+          f"{'forward' if not p.backward else 'forward+backward'}")
+    print(f"hardware: {hw.name}: {hw.flops / 1e12:.3g} TFLOP/s, {hw.bandwidth / 1e9:.3g} GB/s link, "
+          f"{hw.latency * 1e6:.3g} us latency, {hw.memory / 1e9:.3g} GB{' (' + hw.note + ')' if hw.note else ''}")
+    head = f"{'strategy':<10} {'time':>9} {'compute':>9} {'comm':>9} {'exposed':>9} {'sent/rank':>10} " \
+           f"{'memory':>10} {'hidden':>6}  note"
+    print(head)
+    print("-" * len(head))
+    for e in rep["strategies"]:
+        if not e["feasible"]:
+            print(f"{e['strategy']:<10} {'n/a':>9}  {e['note']}")
+            continue
+        mem = _fmt_b(e["memory_bytes"]) + ("" if e["fits"] else "!")
+        print(f"{e['strategy']:<10} {_fmt_s(e['time_s']):>9} {_fmt_s(e['compute_s']):>9} {_fmt_s(e['comm_s']):>9} "
+              f"{_fmt_s(e['exposed_s']):>9} {_fmt_b(e['comm_bytes']):>10} {mem:>10} "
+              f"{'yes' if e['hidden'] else 'no':>6}  {e['note']}")
+    ov = rep["overlap"]
+    print(f"overlap condition (ring): block c = {ov['block']} tokens, needs c >= F/B * kv_heads*bytes/(2*heads) "
+          f"= {ov['min_block']:.0f} -> {'hidden' if ov['ring_hidden_by_condition'] else 'NOT hidden'}; "
+          f"paper Table 2 for {hw.name}: min block {ov['paper_min_block'] / 1e3:.1f}K, "
+          f"min sequence/device {ov['paper_min_sequence'] / 1e3:.1f}K")
+    print(f"recommendation: {rep['recommendation']}")
+    return 0
