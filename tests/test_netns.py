@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ringattn import netns
 
 WHY = netns.unavailable()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"network namespaces unavailable: {WHY}")
+needs_netns = pytest.mark.skipif(WHY is not None, reason=f"network namespaces unavailable: {WHY}")
 
 CASES = [
     dict(seq_len=64, causal=False, layout="contiguous"),
@@ -54,6 +54,7 @@ def _addresses() -> list[tuple[str, str]]:
     return out
 
 
+@needs_netns
 def test_two_hosts_exact_and_isolated():
     with netns.Cluster(netns.ClusterSpec(hosts=2)) as cluster:
         names = cluster.namespaces()
@@ -69,6 +70,7 @@ def test_two_hosts_exact_and_isolated():
             assert not bad, f"rank {r} {case}: {bad}"
 
 
+@needs_netns
 def test_failure_tears_down_and_reports():
     cluster = netns.Cluster(netns.ClusterSpec(hosts=2, link=netns.Link(rate_mbit=500)))
     with pytest.raises(netns.NetnsError, match="ZeroDivisionError"), cluster:
@@ -90,3 +92,38 @@ def test_link_rejects_bad_values():
         netns.Link(delay_ms=-1)
     with pytest.raises(ValueError, match="hosts"):
         netns.ClusterSpec(hosts=0)
+
+
+@needs_netns
+def test_cleanup_stale_removes_namespaces_of_dead_runs():
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now belongs to no process (reuse within this test is vanishingly unlikely)
+    name = f"{netns.BASE_PREFIX}{dead.pid}-0-h0"
+    subprocess.run([netns.IP, "netns", "add", name], check=True)
+    try:
+        assert name in netns.cleanup_stale()
+        assert name not in netns.list_namespaces()
+    finally:
+        subprocess.run([netns.IP, "netns", "del", name], capture_output=True)
+
+
+@needs_netns
+def test_sigterm_tears_down():
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom ringattn import netns\nc = netns.Cluster(netns.ClusterSpec(hosts=2))\n"
+            "c.__enter__()\nprint(c.prefix, flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        prefix = p.stdout.readline().strip()
+        assert prefix and any(n.startswith(prefix) for n in netns.list_namespaces())
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert not any(n.startswith(prefix) for n in netns.list_namespaces()), "SIGTERM left namespaces"

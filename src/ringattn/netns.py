@@ -77,7 +77,7 @@ def unavailable() -> str | None:
         return "creating network namespaces needs root (euid is not 0)"
     if IP is None or TC is None:
         return "iproute2 (ip, tc) not found"
-    probe = f"{BASE_PREFIX}probe-{os.getpid()}"
+    probe = f"{BASE_PREFIX}{os.getpid()}-probe"  # matches cleanup_stale's pattern if we crash here
     p = _sh(IP, "netns", "add", probe, check=False)
     if p.returncode != 0:
         return f"'ip netns add' failed: {p.stderr.strip()}"
@@ -92,7 +92,7 @@ def has_netem() -> bool:
     """Whether this kernel has the ``netem`` qdisc (needed to add latency; rate shaping needs only HTB)."""
     global _NETEM
     if _NETEM is None:
-        ns = f"{BASE_PREFIX}probe-{os.getpid()}-netem"
+        ns = f"{BASE_PREFIX}{os.getpid()}-probe-netem"
         _sh(IP, "netns", "add", ns)
         try:
             _NETEM = _sh(TC, "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
@@ -103,6 +103,7 @@ def has_netem() -> bool:
 
 
 def list_namespaces() -> list[str]:
+    """Names of all network namespaces (``ip netns list``)."""
     p = _sh(IP, "netns", "list", check=False)
     return [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
 
@@ -155,6 +156,7 @@ class Link:
             raise ValueError(f"delay_ms must be >= 0, got {self.delay_ms}")
 
     def describe(self) -> str:
+        """E.g. ``"400 Mbit/s"`` or ``"unshaped"``."""
         rate = "unshaped" if self.rate_mbit is None else f"{self.rate_mbit:g} Mbit/s"
         return rate + (f", {self.delay_ms:g} ms one-way" if self.delay_ms else "")
 
@@ -241,6 +243,7 @@ class Cluster:
             self._old_sigterm = None
 
     def namespaces(self) -> list[str]:
+        """The namespaces this cluster holds now (switch first); empty once closed."""
         return list(self._made)
 
     # -- topology ---------------------------------------------------------------------------------
@@ -298,6 +301,7 @@ class Cluster:
 
     # -- running ranks ----------------------------------------------------------------------------
     def exec_argv(self, host: Host, argv: list[str]) -> list[str]:
+        """``argv`` run inside ``host``'s namespace (for tools other than ``run``'s workers)."""
         return [IP, "netns", "exec", host.netns, *argv]
 
     def run(self, job: str, args: dict | None = None, *, ranks_per_host: int = 1, timeout: float = 300,
