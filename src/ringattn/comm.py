@@ -49,6 +49,12 @@ def set_stats(s: Stats | None) -> None:
     _STATS = s
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (gloo/NCCL errors run to many lines), or its repr."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
+
+
 class PeerError(RuntimeError):
     """A point-to-point exchange could not complete: a peer died, hung past the timeout, or mismatched."""
 
@@ -64,7 +70,7 @@ class Pending:
                 w.wait()
         except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
             raise PeerError(f"ringattn: ring exchange failed ({self.what}); a peer rank probably died or "
-                            f"timed out: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
+                            f"timed out: {first_line(e)}") from e
         if _STATS is not None:
             _STATS.wait_s += time.perf_counter() - t0
         return self.tensors
@@ -84,7 +90,10 @@ class Ring:
     def exchange(self, send: tuple[torch.Tensor, ...], to: int, recv_like: tuple[torch.Tensor, ...],
                  frm: int, tag: int, dtype: torch.dtype | None = None) -> Pending:
         """Send ``send`` to rank ``rank + to`` and receive as many tensors from ``rank + frm``."""
-        recv = tuple(torch.empty_like(t, dtype=dtype or t.dtype) for t in recv_like)
+        # Contiguous whatever recv_like's strides: gloo and NCCL refuse other receive buffers, and
+        # empty_like would copy the strides of a transposed (dense, non-contiguous) k or v.
+        recv = tuple(torch.empty_like(t, dtype=dtype or t.dtype, memory_format=torch.contiguous_format)
+                     for t in recv_like)
         ops = [dist.P2POp(dist.isend, t.contiguous(), self._global(self.rank + to), self.group, tag)
                for t in send]
         ops += [dist.P2POp(dist.irecv, t, self._global(self.rank + frm), self.group, tag) for t in recv]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .comm import group_rank_world
 from .masks import Segment
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -97,12 +98,6 @@ def _pad(x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(pad)], dim=dim)
 
 
-def _group_info(group) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1, mesh=None) -> torch.Tensor:
     """This rank's part of a full tensor (same on every rank), zero-padded along ``dim`` first up to a
     multiple of W (2W for zigzag). With ``mesh`` (a 2-D DeviceMesh, hybrid strategy) W is the mesh
@@ -117,14 +112,11 @@ def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int =
         x = _pad(x, dim, total)
         idx = mesh_positions(layout, mesh, total // (rw * uw), x.device)
         return x.index_select(dim, idx)
-    rank, world = _group_info(group)
+    rank, world = group_rank_world(group)
     dim = dim % x.dim()
     n = x.shape[dim]
     total = padded_len(n, world, layout)
-    if total != n:
-        pad = list(x.shape)
-        pad[dim] = total - n
-        x = torch.cat([x, x.new_zeros(pad)], dim=dim)
+    x = _pad(x, dim, total)
     idx = global_positions(layout, rank, world, total // world, x.device)
     return x.index_select(dim, idx)
 
@@ -135,7 +127,7 @@ class _Unshard(torch.autograd.Function):
         c = x.shape[dim]
         moved = x.movedim(dim, 0).contiguous()
         if mesh is None:
-            rank, world = _group_info(group)
+            rank, world = group_rank_world(group)
             ctx.info = (rank, world, layout, dim, c)
             gathered = _gather(moved, group, world)
             order = torch.cat([global_positions(layout, r, world, c, x.device) for r in range(world)])
@@ -189,7 +181,7 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
         _, rw, _, uw = mesh_coords(mesh)
         world = rw * uw
     else:
-        _, world = _group_info(group)
+        _, world = group_rank_world(group)
     dim = dim % x.dim()
     total = world * x.shape[dim]
     seq_len = total if seq_len is None else seq_len

@@ -173,8 +173,11 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _describe(q, k, v, spec, layout, scale) -> str:
+    # Whether autograd records the call is part of it: a rank that will run the backward ring while a
+    # peer will not would otherwise block until the group's timeout.
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return (f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} {q.dtype} {q.device.type} "
-            f"layout={layout} {spec} scale={scale!r}")
+            f"layout={layout} {spec} scale={scale!r} grad={grad}")
 
 
 def ring_attention(

@@ -15,6 +15,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from .comm import first_line
 from .layouts import LAYOUTS
 from .masks import MaskSpec
 
@@ -112,7 +113,7 @@ def agree(description: str, error: Exception | None, group, device: torch.device
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     except RuntimeError as e:
         raise RuntimeError(f"ringattn: the ranks could not agree on the call (a peer rank probably died or "
-                           f"timed out): {str(e).strip().splitlines()[0] if str(e).strip() else e!r}") from e
+                           f"timed out): {first_line(e)}") from e
     mismatch = int(t[0]) != -int(t[1])
     if not mismatch and int(t[2]) == 0:
         return

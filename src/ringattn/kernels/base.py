@@ -40,6 +40,12 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with a unit stride on its last dim. The fused ops assume one: the CPU op silently reads
+    wrong elements otherwise (e.g. for ``x[..., ::2]`` or an expanded last dim); other strides are fine."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, nq, h, _ = q.shape
     out = q.new_zeros(b, nq, h, v.shape[-1])

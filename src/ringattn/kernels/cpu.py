@@ -1,10 +1,11 @@
 """CPU backend: torch's fused flash-attention op, which returns the logsumexp we need to merge blocks.
 
 ``aten._scaled_dot_product_flash_attention_for_cpu`` takes ``(b, h, s, d)`` (strided views of our
-``(b, s, h, d)`` tensors are fine), handles GQA natively by head broadcasting, and accepts an additive
-mask. What it does not do, and this module covers: a value head dim different from the key head dim
-(zero-padded here, which changes no score), empty inputs (it crashes), and fully masked rows (it
-returns lse = 0 for them; we need -inf).
+``(b, s, h, d)`` tensors are fine, but the last dim must have unit stride: the op silently reads wrong
+elements otherwise), handles GQA natively by head broadcasting, and accepts an additive mask. What it does
+not do, and this module covers: a value head dim different from the key head dim (zero-padded here, which
+changes no score), empty inputs (it crashes), and fully masked rows (it returns lse = 0 for them; we need
+-inf).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import empty_result, lse_dtype
+from .base import empty_result, lse_dtype, unit_last_stride
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -25,7 +26,7 @@ def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 
 
 def _pad_to(x: torch.Tensor, d: int) -> torch.Tensor:
-    return x if x.shape[-1] == d else F.pad(x, (0, d - x.shape[-1]))
+    return unit_last_stride(x) if x.shape[-1] == d else F.pad(x, (0, d - x.shape[-1]))
 
 
 class CpuFlashBackend:

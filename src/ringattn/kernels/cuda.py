@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import empty_result
+from .base import empty_result, unit_last_stride
 from .reference import ReferenceBackend
 
 _ref = ReferenceBackend()
@@ -19,7 +19,7 @@ _ref = ReferenceBackend()
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
     g = heads // x.shape[2]
-    return x if g == 1 else x.repeat_interleave(g, dim=2)
+    return unit_last_stride(x) if g == 1 else x.repeat_interleave(g, dim=2)
 
 
 def _fold(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ class CudaFlashBackend:
             return _ref.forward(q, k, v, scale=scale, causal=causal, mask=mask)
         h = q.shape[2]
         res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.transpose(1, 2), _expand(k, h).transpose(1, 2), _expand(v, h).transpose(1, 2),
+            unit_last_stride(q).transpose(1, 2), _expand(k, h).transpose(1, 2), _expand(v, h).transpose(1, 2),
             0.0, causal, False, scale=scale)
         return res[0].transpose(1, 2), res[1].float()
 
@@ -56,9 +56,13 @@ class CudaFlashBackend:
             return _ref.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
         h, kvh = q.shape[2], k.shape[2]
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
+        # cum_seq_q/k must be undefined (None), as the dense forward returns them: a defined tensor, even
+        # an empty one, sends the op down its varlen path. The RNG state is unused without dropout.
         empty = torch.empty(0, dtype=torch.long, device=q.device)
+        dt = q.dtype
+        dout, q, out = (unit_last_stride(x.to(dt)) for x in (dout, q, out))
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout.to(q.dtype).transpose(1, 2), q.transpose(1, 2), _expand(k, h).transpose(1, 2),
-            _expand(v, h).transpose(1, 2), out.to(q.dtype).transpose(1, 2), lse, empty, empty,
+            dout.transpose(1, 2), q.transpose(1, 2), _expand(k, h).transpose(1, 2),
+            _expand(v, h).transpose(1, 2), out.transpose(1, 2), lse, None, None,
             q.shape[1], k.shape[1], 0.0, causal, empty, empty, scale=scale)
         return dq.transpose(1, 2), _fold(dk.transpose(1, 2), kvh), _fold(dv.transpose(1, 2), kvh)
