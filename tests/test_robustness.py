@@ -47,6 +47,7 @@ BAD = [
     (qkv, {"seq_len": 4.0}, TypeError, "seq_len must be an int"),
     (qkv, {"causal": "yes"}, TypeError, "causal must be a bool"),
     (qkv, {"softmax_scale": "x"}, TypeError, "softmax_scale"),
+    (qkv, {"softmax_scale": float("nan")}, ValueError, "softmax_scale must be finite"),
     (qkv, {"cu_seqlens": torch.tensor([0, 5, 3, 8])}, ValueError, "strictly increasing"),
     (qkv, {"cu_seqlens": torch.tensor([1, 8])}, ValueError, "start at 0"),
     (qkv, {"cu_seqlens": torch.tensor([0, 7])}, ValueError, "end at the valid length"),
@@ -62,6 +63,15 @@ def test_bad_input_is_named(i):
     with pytest.raises(exc) as e:
         ringattn.ring_attention(*make(), **kw)
     assert msg in str(e.value)
+
+
+def test_numpy_integers_are_accepted():
+    import numpy as np
+
+    q, k, v = qkv()
+    a = ringattn.ring_attention(q, k, v, window=(np.int64(2), np.int64(-1)), seq_len=np.int64(8))
+    b = ringattn.ring_attention(q, k, v, window=(2, -1), seq_len=8)
+    assert torch.equal(a, b)
 
 
 def test_bad_strategy_and_shard_args():

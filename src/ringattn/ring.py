@@ -26,7 +26,7 @@ from .kernels import BACKENDS, lse_dtype, select
 from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
 from .masks import MaskSpec, Task, plan_block, task_flops
-from .validate import agree, check_qkv, make_spec
+from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
 
 @dataclass(frozen=True)
@@ -153,12 +153,18 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
+class SavedAttention(torch.autograd.Function):
+    """``(out, lse) = fwd(q, k, v, call)``; backward calls ``bwd(dout, q, k, v, out, lse, call, dlse)``.
+
+    Shared by the strategies: only q, k, v, out and lse (O(local_len)) are saved, and the backward
+    recomputes block by block. ``dlse`` is None unless a gradient really flows into the returned lse.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, call: _Call):
-        out, lse = _ring_forward(q, k, v, call)
+    def forward(ctx, q, k, v, fwd, bwd, call):
+        out, lse = fwd(q, k, v, call)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call = call
+        ctx.bwd, ctx.call = bwd, call
         return out, lse
 
     @staticmethod
@@ -168,16 +174,8 @@ class _RingAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None and not bool((dlse != 0).any()):
             dlse = None
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, ctx.call, dlse)
-        return dq, dk, dv, None
-
-
-def _describe(q, k, v, spec, layout, scale) -> str:
-    # Whether autograd records the call is part of it: a rank that will run the backward ring while a
-    # peer will not would otherwise block until the group's timeout.
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return (f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} {q.dtype} {q.device.type} "
-            f"layout={layout} {spec} scale={scale!r} grad={grad}")
+        dq, dk, dv = ctx.bwd(dout, q, k, v, out, lse, ctx.call, dlse)
+        return dq, dk, dv, None, None, None
 
 
 def ring_attention(
@@ -224,18 +222,15 @@ def ring_attention(
         check_qkv(q, k, v)
         spec = make_spec(world=world, local_len=q.shape[1], layout=layout, causal=causal, window=window,
                          seq_len=seq_len, cu_seqlens=cu_seqlens, batch=q.shape[0])
-        if softmax_scale is not None and (isinstance(softmax_scale, bool)
-                                          or not isinstance(softmax_scale, (int, float))):
-            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-        desc = _describe(q, k, v, spec, layout, softmax_scale)
+        scale = softmax_scale_of(softmax_scale, q.shape[-1])
+        desc = describe("ring", q, k, v, spec, layout, scale)
     except (TypeError, ValueError) as e:
         error = e
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     agree(desc, error, group, device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = make_plan(spec, layout if world > 1 else "contiguous", rank, world, q.shape[1])
     s = comm.stats()
     if s is not None:
         s.calls += 1
-    out, lse = _RingAttention.apply(q, k, v, _Call(group, plan, spec, scale))
+    out, lse = SavedAttention.apply(q, k, v, _ring_forward, _ring_backward, _Call(group, plan, spec, scale))
     return (out, lse) if return_lse else out

@@ -10,6 +10,8 @@ block in a collective its peers never enter.
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 
 import torch
@@ -63,13 +65,14 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     total = world * local_len
     if seq_len is None:
         seq_len = total
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
         raise TypeError(f"seq_len must be an int or None, got {type(seq_len).__name__}")
+    seq_len = int(seq_len)
     if not 0 <= seq_len <= total:
         raise ValueError(f"seq_len must be in [0, world * local_len = {total}], got {seq_len}")
     if window is not None:
         ok = (isinstance(window, (tuple, list)) and len(window) == 2
-              and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window))
+              and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window))
         if not ok:
             raise ValueError(f"window must be (left, right) with ints >= -1 (-1 = unbounded), got {window!r}")
         window = (int(window[0]), int(window[1]))
@@ -79,6 +82,26 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     if cu_seqlens is not None:
         bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
     return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds)
+
+
+def softmax_scale_of(softmax_scale, head_dim: int) -> float:
+    """The scale to use: ``1 / sqrt(head_dim)`` for None, else a finite real number."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(float(softmax_scale)):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def describe(name: str, q, k, v, spec: MaskSpec, layout: str, scale: float) -> str:
+    """What every rank must agree on before the call communicates."""
+    # Whether autograd records the call is part of it: a rank that will run the backward while a peer
+    # will not would otherwise block until the group's timeout.
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return (f"{name} q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} {q.dtype} {q.device.type} "
+            f"layout={layout} {spec} scale={scale!r} grad={grad}")
 
 
 def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:

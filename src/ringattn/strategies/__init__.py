@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..masks import MaskSpec
-from ..validate import check_qkv, make_spec
+from ..validate import check_qkv, describe, make_spec, softmax_scale_of
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
 
@@ -67,16 +67,11 @@ def check_call(q, k, v, *, strategy: str, world: int, layout: str, causal, windo
     check_qkv(q, k, v)
     spec = make_spec(world=world, local_len=block_rows * q.shape[1], layout=layout, causal=causal, window=window,
                      seq_len=seq_len, cu_seqlens=cu_seqlens, batch=q.shape[0])
-    if softmax_scale is not None and (isinstance(softmax_scale, bool)
-                                      or not isinstance(softmax_scale, (int, float))):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    scale = softmax_scale_of(softmax_scale, q.shape[-1])
     if local_world is not None and q.shape[2] % local_world:
         raise ValueError(f"strategy={strategy!r} splits the heads over {local_world} ranks: heads "
                          f"({q.shape[2]}) must be divisible by {local_world}")
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    desc = (f"{strategy} q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} {q.dtype} {q.device.type} "
-            f"layout={layout} {spec} scale={scale!r}")
-    return spec, scale, desc
+    return spec, scale, describe(strategy, q, k, v, spec, layout, scale)
 
 
 def device_of(q) -> torch.device:

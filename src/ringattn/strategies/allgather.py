@@ -25,6 +25,7 @@ from ..kernels import BACKENDS, lse_dtype, select
 from ..kernels.block import Partial, Sum, run_backward, run_forward
 from ..layouts import global_positions, segments
 from ..masks import MaskSpec, Segment, Task, plan_block
+from ..ring import SavedAttention
 from ..validate import agree
 from . import check_call, device_of, gather_op, reduce_scatter_op
 from .ulysses import count_flops
@@ -190,25 +191,6 @@ def _start_scatter(gk, gv, w: int, call: _Call):
     return work, res, kshape
 
 
-class _AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, call: _Call):
-        out, lse = _forward(q, k, v, call)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call = call
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is not None and not bool((dlse != 0).any()):
-            dlse = None
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, ctx.call, dlse)
-        return dq, dk, dv, None
-
-
 def allgather_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -254,5 +236,5 @@ def allgather_attention(
     s = comm.stats()
     if s is not None:
         s.calls += 1
-    out, lse = _AllGatherAttention.apply(q, k, v, call)
+    out, lse = SavedAttention.apply(q, k, v, _forward, _backward, call)
     return (out, lse) if return_lse else out

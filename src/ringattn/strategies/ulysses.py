@@ -27,6 +27,7 @@ from ..kernels import BACKENDS, lse_dtype, select
 from ..kernels.block import Partial, Sum, run_backward, run_forward
 from ..layouts import global_positions
 from ..masks import MaskSpec, Segment, Task, plan_block, task_flops
+from ..ring import SavedAttention
 from ..validate import agree
 from . import AllToAll, check_call, device_of, kv_replication
 
@@ -45,35 +46,23 @@ def count_flops(tasks: tuple[Task, ...], q: torch.Tensor, v: torch.Tensor, backw
         s.flops += 2.5 * f if backward else f
 
 
-class LocalAttention(torch.autograd.Function):
+def local_forward(q, k, v, call: LocalCall):
     """Exact attention of local q, k, v at known global positions (the tasks of ``plan_block``)."""
+    acc = Partial(q, v.shape[-1])
+    count_flops(call.tasks, q, v, False)
+    run_forward(select(q, k, v), q, k, v, call.tasks, call.spec, call.scale, acc)
+    return acc.out.to(q.dtype), acc.lse
 
-    @staticmethod
-    def forward(ctx, q, k, v, call: LocalCall):
-        acc = Partial(q, v.shape[-1])
-        count_flops(call.tasks, q, v, False)
-        run_forward(select(q, k, v), q, k, v, call.tasks, call.spec, call.scale, acc)
-        out = acc.out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, acc.lse)
-        ctx.call = call
-        return out, acc.lse
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        call = ctx.call
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is not None and not bool((dlse != 0).any()):
-            dlse = None
-        # A gradient through lse folds into D (D - dlse); only the reference backend takes it.
-        backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
-        acc = lse_dtype(q.dtype)
-        dq, dk, dv = (Sum(t.shape, acc, t.device) for t in (q, k, v))
-        count_flops(call.tasks, q, v, True)
-        run_backward(backend, dout, q, k, v, out, lse, call.tasks, call.spec, call.scale, dq, dk, dv, dlse)
-        dq, dk, dv = dq.get(), dk.get(), dv.get()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+def local_backward(dout, q, k, v, out, lse, call: LocalCall, dlse):
+    # A gradient through lse folds into D (D - dlse); only the reference backend takes it.
+    backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
+    acc = lse_dtype(q.dtype)
+    dq, dk, dv = (Sum(t.shape, acc, t.device) for t in (q, k, v))
+    count_flops(call.tasks, q, v, True)
+    run_backward(backend, dout, q, k, v, out, lse, call.tasks, call.spec, call.scale, dq, dk, dv, dlse)
+    dq, dk, dv = dq.get(), dk.get(), dv.get()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def rank_order(layout: str, world: int, local_len: int, device) -> torch.Tensor | None:
@@ -98,7 +87,7 @@ def head_parallel_attention(q, k, v, group, spec: MaskSpec, scale: float, order:
         qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
     n = qh.shape[1]
     tasks = plan_block(spec, (Segment(0, n),), (Segment(0, n),))
-    out, lse = LocalAttention.apply(qh, kh, vh, LocalCall(spec, scale, tasks))
+    out, lse = SavedAttention.apply(qh, kh, vh, local_forward, local_backward, LocalCall(spec, scale, tasks))
     if order is not None:  # back to rank order: row j of rank order holds global position order[j]
         out, lse = out.index_select(1, order), lse.index_select(2, order)
     return AllToAll.apply(out, group, 1, 2), AllToAll.apply(lse, group, 2, 1)
