@@ -164,6 +164,13 @@ def plan_block(
     tile again gets the cheapest exact treatment (most window and document tiles are empty or full).
     """
     tile = TILE if tile is None else tile
+    if qsegs == ksegs and len(qsegs) > 1 and spec.lo == 0 and spec.hi is None and spec.doc_bounds is None \
+            and all(a.last < b.start for a, b in zip(qsegs, qsegs[1:])):
+        # A rank's own block whose positions increase along the local rows (zigzag): plain causal on
+        # the global positions is causal on the local rows, so one kernel call does all of it. Padding
+        # keys are a suffix of the local rows, since positions increase.
+        k_len = sum(s.count_below(spec.seq_len) for s in ksegs)
+        return (Task(0, sum(s.length for s in qsegs), 0, k_len, Kind.CAUSAL),) if k_len else ()
     tasks: list[Task] = []
     qoff = 0
     for qs in qsegs:
@@ -172,7 +179,39 @@ def plan_block(
             _plan_pair(spec, qs, ks, qoff, koff, tile, tasks)
             koff += ks.length
         qoff += qs.length
-    return tuple(tasks)
+    return tuple(_merge_full(tasks))
+
+
+def _merge_full(tasks: list[Task]) -> list[Task]:
+    """Join fully visible tasks that are adjacent in the local rows (same queries and touching keys, or
+    the other way round): one bigger kernel call instead of two, and one merge less (e.g. the two
+    zigzag chunks of a key block that a query chunk sees whole)."""
+    rest = [t for t in tasks if t.kind is not Kind.FULL]
+    full = [(t.q0, t.q1, t.k0, t.k1) for t in tasks if t.kind is Kind.FULL]
+    while True:
+        n = len(full)
+        full = _join_runs(full, key=lambda t: (t[0], t[1]), lo=2, hi=3)  # same queries, touching keys
+        full = _join_runs(full, key=lambda t: (t[2], t[3]), lo=0, hi=1)  # same keys, touching queries
+        if len(full) == n:
+            return rest + [Task(*t, Kind.FULL) for t in full]
+
+
+def _join_runs(boxes, key, lo, hi):
+    groups: dict = {}
+    for b in boxes:
+        groups.setdefault(key(b), []).append(b)
+    out = []
+    for same in groups.values():
+        same.sort(key=lambda b: b[lo])
+        cur = list(same[0])
+        for b in same[1:]:
+            if b[lo] == cur[hi]:
+                cur[hi] = b[hi]
+            else:
+                out.append(tuple(cur))
+                cur = list(b)
+        out.append(tuple(cur))
+    return out
 
 
 def _plan_pair(spec, qs, ks, qoff, koff, tile, out) -> None:

@@ -131,3 +131,16 @@ def _plot(path: pathlib.Path, cfg: DecodeBenchConfig, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def summary(res: dict) -> str:
+    c = res["config"]
+    lines = [f"{c['world']} ranks, {c['layout']}, model dim {c['dim']} x {c['layers']} layers, {c['new_tokens']} new "
+             "tokens per context, greedy.\n",
+             "| context | sharded tok/s | single 1 thread tok/s | single 2 threads tok/s "
+             "| bytes sent per token per rank | cache per rank MiB | same tokens |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['context']} | {r['sharded_tokens_per_s']:.0f} | {r['single_1thread_tokens_per_s']:.0f} | "
+                     f"{r['single_2threads_tokens_per_s']:.0f} | {r['bytes_per_token_per_rank']:.0f} | "
+                     f"{r['cache_bytes_per_rank'] / 2**20:.1f} | {r['same_tokens']} |")
+    return "\n".join(lines) + "\n"

@@ -118,3 +118,16 @@ def _plot(path: pathlib.Path, rows: list[dict], cfg: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summary(res: dict) -> str:
+    hw = res["hardware"]
+    lines = [f"Hardware measured in the same run: {hw['flops'] / 1e9:.0f} GFLOP/s per rank, "
+             f"{hw['bandwidth'] / 1e9:.2f} GB/s, latency {hw['latency'] * 1e3:.2f} ms. {res.get('note', '')}.\n",
+             "| ranks | strategy | measured ms | predicted ms | measured / predicted |", "|---|---|---|---|---|"]
+    for r in res["results"]:
+        lines.append(f"| {r['world']} | {r['strategy']} | {r['measured_s'] * 1e3:.0f} | {r['predicted_s'] * 1e3:.0f} | "
+                     f"{r['ratio']:.2f} |")
+    lines.append(f"\nMean absolute prediction error {res['mean_abs_prediction_error']:.2f}, largest "
+                 f"{res['max_abs_prediction_error']:.2f}.")
+    return "\n".join(lines) + "\n"

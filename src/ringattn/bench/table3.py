@@ -149,9 +149,9 @@ def _run_configs(specs: list[dict]) -> list[dict]:
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     """Max sequence length per configuration within the per-rank budget; writes table3.png."""
-    size = {"dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "chunk": 256}
-    budget = 16 if quick else 64
-    search = {"budget_mb": budget, "max_len": 2**15 if quick else 2**17, "bisect": 0 if quick else 3}
+    size = {"dim": 128, "layers": 4, "heads": 4, "kv_heads": 2, "chunk": 256}
+    budget = 16 if quick else 128
+    search = {"budget_mb": budget, "max_len": 2**15 if quick else 2**17, "bisect": 0 if quick else 4}
     configs = [{**size, **search, **c} for c in _configs(size["chunk"])]
     batches = [[c for c in configs if c["nproc"] == 1]] + [[c] for c in configs if c["nproc"] > 1]
     rows = []
@@ -186,3 +186,15 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     return {"machine": machine(), "budget_mb_per_rank": budget, "model": size, "search": search,
             "quick": quick, "rows": rows,
             "paper": {"8x A100 NVLink 7B (K tokens)": {"vanilla": 2, "mem-eff": 16, "BPT": 32, "ring": 256}}}
+
+
+def summary(res: dict) -> str:
+    m = res["model"]
+    lines = [f"Budget {res['budget_mb_per_rank']} MiB of peak-memory growth per rank; model dim {m['dim']} x "
+             f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} kv), fp32, batch 1.\n",
+             "| configuration | max tokens | x BPT |", "|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['name']} | {r['max_len']:,}{' (cap)' if r['capped'] else ''} | {r['x_bpt']} |")
+    p = next(iter(res["paper"].items()))
+    lines.append(f"\nThe paper, {p[0]}: " + ", ".join(f"{k} {v}" for k, v in p[1].items()) + " (ring = devices x BPT).")
+    return "\n".join(lines) + "\n"

@@ -103,7 +103,7 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
     inv = torch.where(total > 0, total.reciprocal(), torch.zeros_like(total))
     wa = (wa * inv).transpose(1, 2).unsqueeze(-1)
     wb = (wb * inv).transpose(1, 2).unsqueeze(-1)
-    acc_out.mul_(wa).add_(out.to(acc_out.dtype) * wb)
+    acc_out.mul_(wa).addcmul_(out.to(acc_out.dtype), wb)  # two passes over the rows, no temporary
 
 
 def run_forward(backend: Backend, q, k, v, tasks: tuple[Task, ...], spec: MaskSpec, scale: float,
