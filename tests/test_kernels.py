@@ -9,7 +9,7 @@ import torch
 
 from ringattn.kernels import BACKENDS
 from ringattn.kernels.block import block_attention, merge_into
-from ringattn.masks import Kind, MaskSpec, Segment, plan_block
+from ringattn.masks import Kind, MaskSpec, Segment, Task, plan_block, split_tasks, task_flops
 
 from .cases import Case, assert_close, run_case
 from .reference import TOL, attention_ref, rel_err
@@ -155,3 +155,23 @@ def test_single_process_ring_attention(monkeypatch, backend, dtype, n, mask):
         case = Case(seq_len=n, kv_heads=kvh, v_head_dim=dv, dtype=dtype, batch=1 if "cu_seqlens" in kw else 2,
                     tile=16, seed=n + kvh, **kw)
         assert_close([run_case(case)], case)
+
+
+@pytest.mark.parametrize("task", [Task(3, 40, 0, 37, Kind.CAUSAL), Task(0, 37, 5, 30, Kind.CAUSAL),
+                                  Task(2, 50, 1, 20, Kind.FULL), Task(0, 1, 0, 1, Kind.CAUSAL)])
+def test_split_tasks_covers_the_same_pairs(task):
+    """The backward's two halves of its own block see exactly the pairs the whole task sees."""
+    def pairs(ts):
+        m = torch.zeros(64, 64, dtype=torch.int32)
+        for t in ts:
+            i = torch.arange(t.q1 - t.q0)[:, None]
+            j = torch.arange(t.k1 - t.k0)[None, :]
+            keep = (j <= i) if t.kind is Kind.CAUSAL else torch.ones(t.q1 - t.q0, t.k1 - t.k0, dtype=torch.bool)
+            m[t.q0:t.q1, t.k0:t.k1] += keep.int()
+        return m
+
+    early, late = split_tasks((task,))
+    assert torch.equal(pairs(early + late), pairs((task,)))
+    if task.q1 - task.q0 > 8:
+        ce, cl = (sum(task_flops(t, 1, 1, 1, 1) for t in ts) for ts in (early, late))
+        assert 0.3 < ce / (ce + cl) < 0.7

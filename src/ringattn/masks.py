@@ -244,3 +244,36 @@ def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: in
     nq, nk = task.q1 - task.q0, task.k1 - task.k0
     f = 2.0 * batch * heads * nq * nk * (head_dim + v_head_dim)
     return f / 2 if task.kind is Kind.CAUSAL else f
+
+
+def split_tasks(tasks: tuple[Task, ...]) -> tuple[tuple[Task, ...], tuple[Task, ...]]:
+    """Cut a block's tasks into two halves of about equal cost, splitting a lone task by query rows.
+
+    The ring's backward computes the first half of its own block before the ring starts and keeps the
+    second to overlap the final return of dK/dV to their owners.
+    """
+    def cost(t: Task) -> float:
+        return task_flops(t, 1, 1, 1, 1)
+
+    if len(tasks) == 1:
+        t = tasks[0]
+        n = t.q1 - t.q0
+        if n < 2 or t.kind is Kind.PARTIAL:
+            return tasks, ()
+        if t.kind is Kind.FULL:
+            m = n // 2
+            return (Task(t.q0, t.q0 + m, t.k0, t.k1, t.kind),), (Task(t.q0 + m, t.q1, t.k0, t.k1, t.kind),)
+        # CAUSAL (row i sees key j <= i): rows [0, m) form a triangle worth about half when m = n / sqrt(2);
+        # rows [m, n) see keys [0, m) whole and the rest as a triangle again.
+        m = min(n - 1, max(1, int(n * 0.7071)), t.k1 - t.k0)
+        early = (Task(t.q0, t.q0 + m, t.k0, t.k0 + m, Kind.CAUSAL),)
+        late = (Task(t.q0 + m, t.q1, t.k0, t.k0 + m, Kind.FULL),)
+        if t.k0 + m < t.k1:
+            late += (Task(t.q0 + m, t.q1, t.k0 + m, t.k1, Kind.CAUSAL),)
+        return early, late
+    total, acc = sum(cost(t) for t in tasks), 0.0
+    for i, t in enumerate(tasks):
+        acc += cost(t)
+        if acc >= total / 2:
+            return tasks[: i + 1], tasks[i + 1:]
+    return tasks, ()

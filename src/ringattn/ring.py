@@ -25,7 +25,7 @@ from .comm import TAG_GRAD, TAG_KV, TAG_RETURN, Ring
 from .kernels import BACKENDS, lse_dtype, select
 from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
-from .masks import MaskSpec, Task, plan_block, task_flops
+from .masks import MaskSpec, Task, plan_block, split_tasks, task_flops
 from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
 
@@ -121,16 +121,18 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
     dq = Sum(q.shape, acc, q.device)
     dk, dv = Sum(k.shape, acc, q.device), Sum(v.shape, acc, q.device)
     steps = call.plan.steps
+    # Half of the own block now, half at the end, where it hides the dK/dV return to their owners.
+    own_now, own_last = split_tasks(call.plan.tasks[0]) if len(steps) > 1 else (call.plan.tasks[0], ())
     cur, grads_in, returns = (k, v), None, []
     for i, o in enumerate(steps):
         pending = _prefetch(ring, steps, i, cur, (k, v))
+        tasks = own_now if o == 0 else call.plan.tasks[o]
         if o == 0:
             target = (dk, dv)
         elif abs(o) == 1:
             target = (Sum(k.shape, acc, q.device), Sum(v.shape, acc, q.device))
         else:
             target = tuple(Sum(t.shape, acc, q.device, initial=t) for t in grads_in.wait())
-        tasks = call.plan.tasks[o]
         if tasks:
             _count(tasks, q, v, True)
             _timed(run_backward, backend, dout, q, cur[0], cur[1], out, lse, tasks, call.spec, call.scale,
@@ -145,6 +147,9 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
                 returns.append(ring.exchange(bufs, -o, bufs, o, TAG_RETURN))
         if pending is not None:
             cur = pending.wait()
+    if own_last:
+        _count(own_last, q, v, True)
+        _timed(run_backward, backend, dout, q, k, v, out, lse, own_last, call.spec, call.scale, dq, dk, dv, dlse)
     for r in returns:
         gk, gv = r.wait()
         dk.add(0, k.shape[1], gk)

@@ -88,7 +88,7 @@ def ring_run(S, heads, d, layout, causal, repeats, nproc=2, measure_memory=False
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     S = 2048 if quick else 8192
-    heads, d, reps = 8, 64, 1 if quick else 2
+    heads, d, reps = 8, 64, 1 if quick else 3
     res = {"machine": machine(), "seq_len": S, "heads": heads, "head_dim": d, "dtype": "float32", "configs": {}}
     for name, layout, causal in CONFIGS:
         single, ring = float("inf"), None
