@@ -104,7 +104,9 @@ def _ring_forward(q, k, v, call: _Call):
             _count(tasks, q, v, False)
             _timed(run_forward, backend, q, cur[0], cur[1], tasks, call.spec, call.scale, acc)
         if pending is not None:
-            cur = pending.wait()
+            # Drop the finished exchange at once: it still holds the block we sent, and keeping it
+            # until the next post would make three blocks live instead of two.
+            cur, pending = pending.wait(), None
     s = comm.stats()
     if s is not None:
         s.steps += len(steps)
@@ -133,6 +135,7 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             target = (Sum(k.shape, acc, q.device), Sum(v.shape, acc, q.device))
         else:
             target = tuple(Sum(t.shape, acc, q.device, initial=t) for t in grads_in.wait())
+            grads_in = None  # frees the gradient buffers we sent a step ago
         if tasks:
             _count(tasks, q, v, True)
             _timed(run_backward, backend, dout, q, cur[0], cur[1], out, lse, tasks, call.spec, call.scale,
@@ -145,8 +148,11 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
                 grads_in = ring.exchange(bufs, d, bufs, -d, TAG_GRAD)
             else:  # end of this direction: straight back to the owner, rank - o
                 returns.append(ring.exchange(bufs, -o, bufs, o, TAG_RETURN))
+            target = bufs = None  # the exchange keeps what it sends alive only as long as it needs it
         if pending is not None:
-            cur = pending.wait()
+            # Drop the finished exchange at once: it still holds the block we sent, and keeping it
+            # until the next post would make three blocks live instead of two.
+            cur, pending = pending.wait(), None
     if own_last:
         _count(own_last, q, v, True)
         _timed(run_backward, backend, dout, q, k, v, out, lse, own_last, call.spec, call.scale, dq, dk, dv, dlse)
