@@ -153,6 +153,7 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             # Drop the finished exchange at once: it still holds the block we sent, and keeping it
             # until the next post would make three blocks live instead of two.
             cur, pending = pending.wait(), None
+    cur = None  # the last visiting block is done with: free it before the last own-block work
     if own_last:
         _count(own_last, q, v, True)
         _timed(run_backward, backend, dout, q, k, v, out, lse, own_last, call.spec, call.scale, dq, dk, dv, dlse)
