@@ -120,6 +120,19 @@ def run(out: pathlib.Path, quick: bool) -> dict:
             pts.append((s, single / ring[0]["time_s"]))
         res["sweep"][name] = pts
         print(f"  sweep {name}: " + ", ".join(f"S={s}: {r:.3f}" for s, r in pts), flush=True)
+    # Efficiency vs. ranks: more ranks than cores share them, so the ideal ratio stays 1 (same total CPU).
+    res["ranks"] = {}
+    for name, layout, causal in CONFIGS[:2]:
+        single = single_time(S, heads, d, causal, 1)
+        pts = []
+        for w in (2, 4):
+            if w == 2:
+                pts.append((w, res["configs"][name]["ratio"]))
+                continue
+            ring = ring_run(S, heads, d, layout, causal, 1, nproc=w)
+            pts.append((w, single / ring[0]["time_s"]))
+        res["ranks"][name] = pts
+        print(f"  ranks {name}: " + ", ".join(f"W={w}: {r:.3f}" for w, r in pts), flush=True)
     mem_S = 8192 if quick else 32768
     mem = ring_run(mem_S, 1, 64, "zigzag", True, 1, measure_memory=True)
     res["memory"] = {"seq_len": mem_S, "heads": 1, "head_dim": 64, "ranks": 2,
@@ -133,7 +146,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
 
 def _plot(res: dict, path: pathlib.Path) -> None:
     plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
     names = list(res["configs"])
     ratios = [res["configs"][n]["ratio"] for n in names]
     a.bar(range(len(names)), ratios, color=["C0", "C1", "C2", "C3"])
@@ -150,6 +163,14 @@ def _plot(res: dict, path: pathlib.Path) -> None:
     b.set_ylabel("ratio")
     b.set_title("ring efficiency vs sequence length (2 ranks)")
     b.legend()
+    for n, pts in res.get("ranks", {}).items():
+        c.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    c.axhline(1.0, color="gray", lw=0.8)
+    c.set_xticks([2, 4])
+    c.set_xlabel(f"ranks (one thread each, on {res['machine']['cpu_count']} cores)")
+    c.set_ylabel("ratio")
+    c.set_title(f"ring efficiency vs ranks, S={res['seq_len']}")
+    c.legend()
     fig.text(0.01, 0.01, f"{res['machine']['date']}, {res['machine']['cpu_count']} cores, torch "
              f"{res['machine']['torch']}", fontsize=7)
     fig.tight_layout()
@@ -173,6 +194,9 @@ def summary(res: dict) -> str:
                  f"{m['head_dim']}, {m['ranks']} ranks, causal zigzag): "
                  f"{', '.join(f'{x:.0f}' for x in m['peak_growth_mb_per_rank'])} MiB per rank "
                  f"(goal <= 128 MiB; dense scores would be {m['dense_scores_mb']:.0f} MiB).")
+    if "ranks" in res:
+        lines.append("\nRatio vs. ranks (more ranks than cores share them): " + "; ".join(
+            f"{n}: " + ", ".join(f"W={w} {r:.2f}" for w, r in pts) for n, pts in res["ranks"].items()))
     lines.append("\nRatio vs. sequence length: " + "; ".join(
         f"{n}: " + ", ".join(f"S={s} {r:.2f}" for s, r in pts) for n, pts in res["sweep"].items()))
     return "\n".join(lines) + "\n"
