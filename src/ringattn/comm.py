@@ -55,6 +55,15 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else repr(e)
 
 
+def count_flops(tasks, q: torch.Tensor, v: torch.Tensor, backward: bool) -> None:
+    """Add the FLOPs of these kernel tasks to the profile, if one is active (backward = 2.5 x forward)."""
+    if _STATS is not None:
+        from .masks import task_flops
+
+        f = sum(task_flops(t, q.shape[0], q.shape[2], q.shape[3], v.shape[3]) for t in tasks)
+        _STATS.flops += 2.5 * f if backward else f
+
+
 class PeerError(RuntimeError):
     """A point-to-point exchange could not complete: a peer died, hung past the timeout, or mismatched."""
 

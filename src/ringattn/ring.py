@@ -25,7 +25,7 @@ from .comm import TAG_GRAD, TAG_KV, TAG_RETURN, Ring
 from .kernels import BACKENDS, lse_dtype, select
 from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
-from .masks import MaskSpec, Task, plan_block, split_tasks, task_flops
+from .masks import MaskSpec, plan_block, split_tasks
 from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
 
@@ -64,13 +64,6 @@ class _Call:
     scale: float
 
 
-def _count(tasks: tuple[Task, ...], q, v, backward: bool) -> None:
-    s = comm.stats()
-    if s is not None:
-        f = sum(task_flops(t, q.shape[0], q.shape[2], q.shape[3], v.shape[3]) for t in tasks)
-        s.flops += 2.5 * f if backward else f
-
-
 def _timed(fn, *args):
     s = comm.stats()
     if s is None:
@@ -101,7 +94,7 @@ def _ring_forward(q, k, v, call: _Call):
         pending = _prefetch(ring, steps, i, cur, (k, v))
         tasks = call.plan.tasks[o]
         if tasks:
-            _count(tasks, q, v, False)
+            comm.count_flops(tasks, q, v, False)
             _timed(run_forward, backend, q, cur[0], cur[1], tasks, call.spec, call.scale, acc)
         if pending is not None:
             # Drop the finished exchange at once: it still holds the block we sent, and keeping it
@@ -137,7 +130,7 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             target = tuple(Sum(t.shape, acc, q.device, initial=t) for t in grads_in.wait())
             grads_in = None  # frees the gradient buffers we sent a step ago
         if tasks:
-            _count(tasks, q, v, True)
+            comm.count_flops(tasks, q, v, True)
             _timed(run_backward, backend, dout, q, cur[0], cur[1], out, lse, tasks, call.spec, call.scale,
                    dq, *target, dlse)
         if o != 0:
@@ -155,7 +148,7 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             cur, pending = pending.wait(), None
     cur = None  # the last visiting block is done with: free it before the last own-block work
     if own_last:
-        _count(own_last, q, v, True)
+        comm.count_flops(own_last, q, v, True)
         _timed(run_backward, backend, dout, q, k, v, out, lse, own_last, call.spec, call.scale, dq, dk, dv, dlse)
     for r in returns:
         gk, gv = r.wait()

@@ -41,6 +41,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, m: dict) -> None:
+    """Stamp the machine and date on a figure, write it as PNG and release it."""
+    fig.text(0.01, 0.01, f"{m['date']}, {m['cpu_count']} cores, torch {m['torch']}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak-RSS counter (Linux); False where that is not possible."""
     try:

@@ -8,23 +8,13 @@ forward + backward, for full and causal blocks.
 from __future__ import annotations
 
 import pathlib
-import time
 
 import torch
 import torch.nn.functional as F
 
 import ringattn
 
-from .common import machine, pyplot
-
-
-def _time(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from .common import best_of, machine, pyplot, save_figure
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
@@ -55,10 +45,10 @@ def run(out: pathlib.Path, quick: bool) -> dict:
             ours_f(), sdpa_f(), ours_fb(), sdpa_fb()  # warm-up
             t = {"ours_fwd": [], "sdpa_fwd": [], "ours_fwdbwd": [], "sdpa_fwdbwd": []}
             for _ in range(reps):  # interleaved, best of
-                t["ours_fwd"].append(_time(ours_f, 1))
-                t["sdpa_fwd"].append(_time(sdpa_f, 1))
-                t["ours_fwdbwd"].append(_time(ours_fb, 1))
-                t["sdpa_fwdbwd"].append(_time(sdpa_fb, 1))
+                t["ours_fwd"].append(best_of(ours_f, 1, warmup=0))
+                t["sdpa_fwd"].append(best_of(sdpa_f, 1, warmup=0))
+                t["ours_fwdbwd"].append(best_of(ours_fb, 1, warmup=0))
+                t["sdpa_fwdbwd"].append(best_of(sdpa_fb, 1, warmup=0))
             best = {k_: min(v_) for k_, v_ in t.items()}
             flops = 4 * S * S * heads * d / (2 if causal else 1)
             row = {"seq_len": S, "causal": causal, **best,
@@ -85,10 +75,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     ax.set_ylabel("SDPA time / ringattn time")
     ax.set_title("single-block kernel vs torch SDPA (fp32, 1 thread, 8 x 64)")
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, res["machine"]["date"], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "kernel.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "kernel.png", res["machine"])
     return res
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import ringattn
 
 from ..launch import spawn
-from .common import machine, pyplot, reset_peak_rss, rss_mb
+from .common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
 
 
 def _rank(kind, S, path):
@@ -86,10 +86,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     ax.set_ylabel("peak memory growth, fwd+bwd (MiB)")
     ax.set_title("attention memory per process (1 head x 64, fp32, causal)")
     ax.legend(fontsize=8)
-    fig.text(0.01, 0.01, res["machine"]["date"], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "memory.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "memory.png", res["machine"])
     return res
 
 

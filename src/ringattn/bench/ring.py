@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import ringattn
 
 from ..launch import spawn
-from .common import machine, pyplot, reset_peak_rss, rss_mb
+from .common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
 
 CONFIGS = [  # name, layout, causal
     ("non-causal contiguous", "contiguous", False),
@@ -171,11 +171,7 @@ def _plot(res: dict, path: pathlib.Path) -> None:
     c.set_ylabel("ratio")
     c.set_title(f"ring efficiency vs ranks, S={res['seq_len']}")
     c.legend()
-    fig.text(0.01, 0.01, f"{res['machine']['date']}, {res['machine']['cpu_count']} cores, torch "
-             f"{res['machine']['torch']}", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, res["machine"])
 
 
 def summary(res: dict) -> str:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import ringattn
 
 from ..launch import spawn
-from .common import machine, pyplot
+from .common import machine, pyplot, save_figure
 
 
 def _rank(S, heads, d, window, causal, path):
@@ -87,10 +87,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     ax.set_ylabel("fwd+bwd time, slowest rank (s)")
     ax.set_title("sliding-window ring attention, 2 ranks, contiguous, fp32")
     ax.legend()
-    fig.text(0.01, 0.01, res["machine"]["date"], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "window.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "window.png", res["machine"])
     return res
 
 

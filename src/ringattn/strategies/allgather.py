@@ -28,7 +28,6 @@ from ..masks import MaskSpec, Segment, Task, plan_block
 from ..ring import SavedAttention
 from ..validate import agree
 from . import check_call, device_of, gather_op, reduce_scatter_op
-from .ulysses import count_flops
 
 # Default bound on one gathered chunk of K+V (the next one is in flight too).
 CHUNK_BYTES = 256 * 2**20
@@ -112,6 +111,16 @@ def _finish_gather(pending, call: _Call):
     return out
 
 
+def _gathered(k, v, call: _Call):
+    """Yield (g0, g1, full k, full v) per K/V head chunk, the next chunk's gather in flight meanwhile."""
+    pending = _start_gather(k, v, *call.chunks[0], call)
+    for i, (g0, g1) in enumerate(call.chunks):
+        kf, vf = _finish_gather(pending, call)
+        if i + 1 < len(call.chunks):
+            pending = _start_gather(k, v, *call.chunks[i + 1], call)
+        yield g0, g1, kf, vf
+
+
 def _forward(q, k, v, call: _Call):
     backend = select(q, k, v)
     b, n, h, _ = q.shape
@@ -120,15 +129,11 @@ def _forward(q, k, v, call: _Call):
     acc_t = lse_dtype(q.dtype)
     out = torch.empty(b, n, h, dv, dtype=acc_t, device=q.device)
     lse = torch.empty(b, h, n, dtype=acc_t, device=q.device)
-    pending = _start_gather(k, v, *call.chunks[0], call)
-    for i, (g0, g1) in enumerate(call.chunks):
-        kf, vf = _finish_gather(pending, call)
-        if i + 1 < len(call.chunks):
-            pending = _start_gather(k, v, *call.chunks[i + 1], call)
+    for g0, g1, kf, vf in _gathered(k, v, call):
         hs = slice(g0 * ratio, g1 * ratio)
         qc = q[:, :, hs]
         acc = Partial(qc, dv)
-        count_flops(call.tasks, qc, vf, False)
+        comm.count_flops(call.tasks, qc, vf, False)
         run_forward(backend, qc, kf, vf, call.tasks, call.spec, call.scale, acc)
         out[:, :, hs] = acc.out
         lse[:, hs] = acc.lse
@@ -143,17 +148,13 @@ def _backward(dout, q, k, v, out, lse, call: _Call, dlse):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     w = call.world
-    pending = _start_gather(k, v, *call.chunks[0], call)
     scatters = []
-    for i, (g0, g1) in enumerate(call.chunks):
-        kf, vf = _finish_gather(pending, call)
-        if i + 1 < len(call.chunks):
-            pending = _start_gather(k, v, *call.chunks[i + 1], call)
+    for g0, g1, kf, vf in _gathered(k, v, call):
         hs = slice(g0 * ratio, g1 * ratio)
         qc = q[:, :, hs]
         dqc = Sum(qc.shape, acc_t, q.device)
         gk, gv = Sum(kf.shape, acc_t, q.device), Sum(vf.shape, acc_t, q.device)
-        count_flops(call.tasks, qc, vf, True)
+        comm.count_flops(call.tasks, qc, vf, True)
         run_backward(backend, dout[:, :, hs], qc, kf, vf, out[:, :, hs], lse[:, hs], call.tasks,
                      call.spec, call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs])
         dq[:, :, hs] = dqc.get()

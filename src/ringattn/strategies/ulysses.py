@@ -26,7 +26,7 @@ from .. import comm
 from ..kernels import BACKENDS, lse_dtype, select
 from ..kernels.block import Partial, Sum, run_backward, run_forward
 from ..layouts import global_positions
-from ..masks import MaskSpec, Segment, Task, plan_block, task_flops
+from ..masks import MaskSpec, Segment, Task, plan_block
 from ..ring import SavedAttention
 from ..validate import agree
 from . import AllToAll, check_call, device_of, kv_replication
@@ -39,17 +39,10 @@ class LocalCall:
     tasks: tuple[Task, ...]
 
 
-def count_flops(tasks: tuple[Task, ...], q: torch.Tensor, v: torch.Tensor, backward: bool) -> None:
-    s = comm.stats()
-    if s is not None:
-        f = sum(task_flops(t, q.shape[0], q.shape[2], q.shape[3], v.shape[3]) for t in tasks)
-        s.flops += 2.5 * f if backward else f
-
-
 def local_forward(q, k, v, call: LocalCall):
     """Exact attention of local q, k, v at known global positions (the tasks of ``plan_block``)."""
     acc = Partial(q, v.shape[-1])
-    count_flops(call.tasks, q, v, False)
+    comm.count_flops(call.tasks, q, v, False)
     run_forward(select(q, k, v), q, k, v, call.tasks, call.spec, call.scale, acc)
     return acc.out.to(q.dtype), acc.lse
 
@@ -59,7 +52,7 @@ def local_backward(dout, q, k, v, out, lse, call: LocalCall, dlse):
     backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
     acc = lse_dtype(q.dtype)
     dq, dk, dv = (Sum(t.shape, acc, t.device) for t in (q, k, v))
-    count_flops(call.tasks, q, v, True)
+    comm.count_flops(call.tasks, q, v, True)
     run_backward(backend, dout, q, k, v, out, lse, call.tasks, call.spec, call.scale, dq, dk, dv, dlse)
     dq, dk, dv = dq.get(), dk.get(), dv.get()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
