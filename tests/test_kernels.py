@@ -6,9 +6,11 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ringattn.kernels import BACKENDS
-from ringattn.kernels.block import block_attention, merge_into
+from ringattn.kernels import BACKENDS, heads_major
+from ringattn.kernels.block import Sum, block_attention, merge_into
 from ringattn.masks import Kind, MaskSpec, Segment, Task, plan_block, split_tasks, task_flops
 
 from .cases import Case, assert_close, run_case
@@ -175,3 +177,44 @@ def test_split_tasks_covers_the_same_pairs(task):
     if task.q1 - task.q0 > 8:
         ce, cl = (sum(task_flops(t, 1, 1, 1, 1) for t in ts) for ts in (early, late))
         assert 0.3 < ce / (ce + cl) < 0.7
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12), st.booleans(), st.booleans()), max_size=6),
+       st.booleans())
+def test_sum_equals_dense_accumulation(adds, initial):
+    """The lazy gradient accumulator equals plain zeros-and-add whatever the order, overlap and storage of
+    the contributions, and never writes into a piece it was given until it adopts one as its buffer."""
+    shape = (2, 12, 3, 4)
+    g = torch.Generator().manual_seed(len(adds))
+    start = torch.randn(shape, dtype=torch.float64, generator=g) if initial else None
+    acc = Sum(shape, torch.float64, "cpu", initial=None if start is None else start.clone())
+    dense = torch.zeros(shape, dtype=torch.float64) if start is None else start.clone()
+    for a, b, heads_major_storage, half in adds:
+        a, b = min(a, b), max(a, b)
+        x = torch.randn(2, b - a, 3, 4, dtype=torch.float64, generator=g)
+        if heads_major_storage:
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        if half:
+            x = x.float()
+        dense[:, a:b] += x
+        acc.add(a, b, x)
+    torch.testing.assert_close(acc.get(), dense, rtol=1e-6, atol=1e-6)
+
+
+def test_sum_adopts_a_full_contribution_and_folds_pieces_into_it():
+    acc = Sum((1, 6, 2, 3), torch.float32, "cpu")
+    p1, p2, full = torch.ones(1, 2, 2, 3), 2 * torch.ones(1, 3, 2, 3), torch.zeros(1, 6, 2, 3)
+    acc.add(0, 2, p1)
+    acc.add(3, 6, p2)
+    acc.add(0, 6, full)
+    assert acc.get() is full  # no new buffer
+    assert torch.equal(full[0, :, 0, 0], torch.tensor([1.0, 1, 0, 2, 2, 2]))
+    assert torch.equal(p1, torch.ones(1, 2, 2, 3))  # the pieces themselves are untouched
+
+
+def test_heads_major_storage():
+    x = torch.randn(2, 5, 3, 4)
+    y = heads_major(x)
+    assert torch.equal(x, y) and y.transpose(1, 2).is_contiguous()
+    assert heads_major(y) is y

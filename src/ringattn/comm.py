@@ -99,13 +99,12 @@ class Ring:
     def exchange(self, send: tuple[torch.Tensor, ...], to: int, recv_like: tuple[torch.Tensor, ...],
                  frm: int, tag: int, dtype: torch.dtype | None = None) -> Pending:
         """Send ``send`` to rank ``rank + to`` and receive as many tensors from ``rank + frm``."""
-        # Contiguous whatever recv_like's strides: gloo and NCCL refuse other receive buffers, and
-        # empty_like would copy the strides of a transposed (dense, non-contiguous) k or v.
-        recv = tuple(torch.empty_like(t, dtype=dtype or t.dtype, memory_format=torch.contiguous_format)
-                     for t in recv_like)
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self._global(self.rank + to), self.group, tag)
-               for t in send]
-        ops += [dist.P2POp(dist.irecv, t, self._global(self.rank + frm), self.group, tag) for t in recv]
+        # gloo and NCCL send and receive contiguous buffers only. A 4-D (batch, n, heads, d) block goes on
+        # the wire in heads-major order, the storage the ring keeps it in anyway (no copy), and comes back
+        # in it; other tensors go as contiguous ones. Every rank applies the same rule, so both ends agree.
+        ops = [dist.P2POp(dist.isend, _wire(t), self._global(self.rank + to), self.group, tag) for t in send]
+        recv = tuple(_new_like(t, dtype or t.dtype) for t in recv_like)
+        ops += [dist.P2POp(dist.irecv, _wire(t), self._global(self.rank + frm), self.group, tag) for t in recv]
         what = f"rank {self.rank} sending to rank {(self.rank + to) % self.world}, receiving from rank " \
                f"{(self.rank + frm) % self.world}"
         try:
@@ -115,3 +114,19 @@ class Ring:
         if _STATS is not None:
             _STATS.bytes_sent += sum(t.numel() * t.element_size() for t in send)
         return Pending(works, recv, what)
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """The contiguous buffer that carries ``t``: heads-major for a 4-D tensor, row-major otherwise."""
+    if t.dim() == 4:
+        from .kernels import heads_major
+
+        return heads_major(t).transpose(1, 2)
+    return t.contiguous()
+
+
+def _new_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dim() == 4:
+        b, n, h, d = t.shape
+        return torch.empty(b, h, n, d, dtype=dtype, device=t.device).transpose(1, 2)
+    return torch.empty(t.shape, dtype=dtype, device=t.device)

@@ -240,37 +240,50 @@ def _plan_pair(spec, qs, ks, qoff, koff, tile, out) -> None:
 
 
 def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: int) -> float:
-    """Forward FLOPs of one task (flash-attn convention; a causal triangle counts half)."""
+    """Forward FLOPs of one task: 2 (d + dv) per visible (query, key) pair (a causal call counts the
+    pairs of its top-left triangle, row i seeing min(i + 1, nk) keys)."""
     nq, nk = task.q1 - task.q0, task.k1 - task.k0
-    f = 2.0 * batch * heads * nq * nk * (head_dim + v_head_dim)
-    return f / 2 if task.kind is Kind.CAUSAL else f
+    if task.kind is Kind.CAUSAL:
+        m = min(nq, nk)
+        pairs = m * (m + 1) // 2 + (nq - m) * nk
+    else:
+        pairs = nq * nk
+    return 2.0 * batch * heads * pairs * (head_dim + v_head_dim)
 
 
 def split_tasks(tasks: tuple[Task, ...]) -> tuple[tuple[Task, ...], tuple[Task, ...]]:
-    """Cut a block's tasks into two halves of about equal cost, splitting a lone task by query rows.
+    """Cut a block's tasks into two halves of about equal cost, splitting a lone task by key columns.
 
     The ring's backward computes the first half of its own block before the ring starts and keeps the
-    second to overlap the final return of dK/dV to their owners.
+    second to overlap the final return of dK/dV to their owners. A lone task is cut by keys, not
+    queries: the first half then covers every query row, so its dQ is adopted as the accumulator (no
+    copy), and each half is a single kernel call (a causal triangle cut at key m is rows [0, n) x keys
+    [0, m), causal, plus rows [m, n) x keys [m, nk), causal again).
     """
     def cost(t: Task) -> float:
         return task_flops(t, 1, 1, 1, 1)
 
     if len(tasks) == 1:
         t = tasks[0]
-        n = t.q1 - t.q0
-        if n < 2 or t.kind is Kind.PARTIAL:
+        nk = t.k1 - t.k0
+        if nk < 2 or t.q1 == t.q0 or t.kind is Kind.PARTIAL:
             return tasks, ()
-        if t.kind is Kind.FULL:
-            m = n // 2
-            return (Task(t.q0, t.q0 + m, t.k0, t.k1, t.kind),), (Task(t.q0 + m, t.q1, t.k0, t.k1, t.kind),)
-        # CAUSAL (row i sees key j <= i): rows [0, m) form a triangle worth about half when m = n / sqrt(2);
-        # rows [m, n) see keys [0, m) whole and the rest as a triangle again.
-        m = min(n - 1, max(1, int(n * 0.7071)), t.k1 - t.k0)
-        early = (Task(t.q0, t.q0 + m, t.k0, t.k0 + m, Kind.CAUSAL),)
-        late = (Task(t.q0 + m, t.q1, t.k0, t.k0 + m, Kind.FULL),)
-        if t.k0 + m < t.k1:
-            late += (Task(t.q0 + m, t.q1, t.k0 + m, t.k1, Kind.CAUSAL),)
-        return early, late
+
+        def halves(m: int) -> tuple[Task, Task]:
+            if t.kind is Kind.FULL:
+                return Task(t.q0, t.q1, t.k0, t.k0 + m, t.kind), Task(t.q0, t.q1, t.k0 + m, t.k1, t.kind)
+            return (Task(t.q0, t.q1, t.k0, t.k0 + m, Kind.CAUSAL),
+                    Task(t.q0 + min(m, t.q1 - t.q0), t.q1, t.k0 + m, t.k1, Kind.CAUSAL))
+
+        lo, hi, total = 1, nk - 1, cost(t)
+        while lo < hi:  # the smallest cut whose first half is worth at least half the whole
+            m = (lo + hi) // 2
+            if cost(halves(m)[0]) * 2 >= total:
+                hi = m
+            else:
+                lo = m + 1
+        early, late = halves(lo)
+        return (early,), ((late,) if late.q1 > late.q0 else ())
     total, acc = sum(cost(t) for t in tasks), 0.0
     for i, t in enumerate(tasks):
         acc += cost(t)

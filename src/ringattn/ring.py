@@ -22,7 +22,7 @@ import torch
 
 from . import comm
 from .comm import TAG_GRAD, TAG_KV, TAG_RETURN, Ring
-from .kernels import BACKENDS, lse_dtype, select
+from .kernels import BACKENDS, heads_major, lse_dtype, select
 from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
 from .masks import MaskSpec, plan_block, split_tasks
@@ -108,6 +108,7 @@ def _ring_forward(q, k, v, call: _Call):
 
 def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
     ring = Ring(call.group)
+    dout = heads_major(dout)
     backend = select(q, k, v)
     if dlse is not None:
         # Gradient through lse folds into D (D - dlse); only the reference backend takes it.
@@ -237,5 +238,7 @@ def ring_attention(
     s = comm.stats()
     if s is not None:
         s.calls += 1
+    # Blocks live in the kernels' heads-major storage for the whole call (one copy each here, if needed).
+    q, k, v = heads_major(q), heads_major(k), heads_major(v)
     out, lse = SavedAttention.apply(q, k, v, _ring_forward, _ring_backward, _Call(group, plan, spec, scale))
     return (out, lse) if return_lse else out

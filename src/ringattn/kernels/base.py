@@ -46,6 +46,25 @@ def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def heads_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(batch, n, heads, d)`` stored as ``(batch, heads, n, d)`` (the fused ops' native order);
+    a copy only if it is not stored that way already.
+
+    The ring keeps every block, accumulator and buffer on the wire in this storage: the kernels then read
+    and write whole rows per head (about 5% faster than the strided ``(batch, n, heads, d)`` views on CPU)
+    and the gradients they return are adopted or added without a strided pass.
+    """
+    if x.dim() == 4 and x.transpose(1, 2).is_contiguous():
+        return x
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def zeros_heads_major(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zero ``(batch, n, heads, d)`` tensor in heads-major storage."""
+    b, n, h, d = shape
+    return torch.zeros(b, h, n, d, dtype=dtype, device=device).transpose(1, 2)
+
+
 def empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, nq, h, _ = q.shape
     out = q.new_zeros(b, nq, h, v.shape[-1])

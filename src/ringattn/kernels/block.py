@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import Kind, MaskSpec, Segment, Task, plan_block
-from .base import Backend, lse_dtype
+from .base import Backend, lse_dtype, zeros_heads_major
 
 
 class Partial:
@@ -28,7 +28,7 @@ class Partial:
 
     def _alloc(self) -> None:
         b, n, h, dv = self.shape
-        self._out = torch.zeros(b, n, h, dv, dtype=self.dtype, device=self.device)
+        self._out = zeros_heads_major((b, n, h, dv), self.dtype, self.device)
         self._lse = torch.full((b, h, n), float("-inf"), dtype=self.dtype, device=self.device)
 
     @property
@@ -57,32 +57,56 @@ class Partial:
 
 
 class Sum:
-    """A float32/64 gradient accumulator ``(b, n, ...)`` over rows, allocated lazily.
+    """A float32/64 gradient accumulator ``(b, n, ...)`` over rows that allocates as little as it can.
 
-    A first contribution that covers every row in the accumulation dtype is adopted without a copy,
-    rows written for the first time are copied rather than added to zeros.
+    Contributions to disjoint row ranges are kept as they come (the kernel's own outputs, no copy) until
+    one covers every row in the accumulation dtype: that one becomes the accumulator and the pieces are
+    added into it. Only when pieces overlap, or ``get`` is called without a full one, is a buffer built.
+    The pieces never overlap, so together they hold at most one buffer's worth of memory.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device, initial: torch.Tensor | None = None):
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.t = initial
-        self._written: list[tuple[int, int]] = [] if initial is None else [(0, shape[1])]
+        self._pieces: list[tuple[int, int, torch.Tensor]] = []
 
     def add(self, a: int, b: int, x: torch.Tensor) -> None:
-        if self.t is None and (a, b) == (0, self.shape[1]) and x.dtype == self.dtype:
+        if a >= b:
+            return
+        if self.t is not None:
+            self.t[:, a:b] += x
+        elif (a, b) == (0, self.shape[1]) and x.dtype == self.dtype:
             self.t = x
+            self._fold()
+        elif all(b <= lo or hi <= a for lo, hi, _ in self._pieces):
+            self._pieces.append((a, b, x))
         else:
-            if self.t is None:
-                self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-            if all(b <= lo or hi <= a for lo, hi in self._written):
-                self.t[:, a:b] = x
-            else:
-                self.t[:, a:b] += x
-        self._written.append((a, b))
+            self._build()
+            self.t[:, a:b] += x
+
+    def _fold(self) -> None:
+        for a, b, x in self._pieces:
+            self.t[:, a:b] += x
+        self._pieces = []
+
+    def _build(self) -> None:
+        n = self.shape[1]
+        if len(self.shape) == 4:
+            b, _, h, d = self.shape
+            self.t = torch.empty(b, h, n, d, dtype=self.dtype, device=self.device).transpose(1, 2)
+        else:
+            self.t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        edge = 0
+        for a, b, x in sorted(self._pieces, key=lambda p: p[0]):
+            self.t[:, edge:a].zero_()
+            self.t[:, a:b] = x
+            edge = b
+        self.t[:, edge:n].zero_()
+        self._pieces = []
 
     def get(self) -> torch.Tensor:
         if self.t is None:
-            self.t = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self._build()
         return self.t
 
 
