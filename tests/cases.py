@@ -17,6 +17,7 @@ from ringattn import comm, masks, ring
 from .reference import TOL, attention_ref, dense_mask
 
 DEFAULT_TILE = masks.TILE
+DEFAULT_CHUNK = masks.CHUNK
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
@@ -36,6 +37,7 @@ class Case:
     cu_seqlens: list | None = None
     seed: int = 0
     tile: int | None = None  # shrink masks.TILE to exercise tiling on small inputs
+    chunk: int | None = None  # shrink masks.CHUNK to exercise the ring backward's key tiles
     strategy: str = "ring"
     scale_logits: float = 1.0
     extra: dict = field(default_factory=dict)
@@ -76,6 +78,7 @@ def run_case(case: Case) -> dict:
     if tile != masks.TILE:
         masks.TILE = tile
         ring.make_plan.cache_clear()
+    masks.CHUNK = case.chunk or DEFAULT_CHUNK
     g = torch.Generator().manual_seed(case.seed)
     S, b = case.seq_len, case.batch
     dv = case.v_head_dim or case.head_dim

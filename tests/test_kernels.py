@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ringattn.kernels import BACKENDS, heads_major
 from ringattn.kernels.block import Sum, block_attention, merge_into
-from ringattn.masks import Kind, MaskSpec, Segment, Task, plan_block, split_tasks, task_flops
+from ringattn.masks import Kind, MaskSpec, Segment, Task, plan_block, tile_tasks
 
 from .cases import Case, assert_close, run_case
 from .reference import TOL, attention_ref, rel_err
@@ -159,24 +159,29 @@ def test_single_process_ring_attention(monkeypatch, backend, dtype, n, mask):
         assert_close([run_case(case)], case)
 
 
-@pytest.mark.parametrize("task", [Task(3, 40, 0, 37, Kind.CAUSAL), Task(0, 37, 5, 30, Kind.CAUSAL),
-                                  Task(2, 50, 1, 20, Kind.FULL), Task(0, 1, 0, 1, Kind.CAUSAL)])
-def test_split_tasks_covers_the_same_pairs(task):
-    """The backward's two halves of its own block see exactly the pairs the whole task sees."""
-    def pairs(ts):
-        m = torch.zeros(64, 64, dtype=torch.int32)
-        for t in ts:
-            i = torch.arange(t.q1 - t.q0)[:, None]
-            j = torch.arange(t.k1 - t.k0)[None, :]
-            keep = (j <= i) if t.kind is Kind.CAUSAL else torch.ones(t.q1 - t.q0, t.k1 - t.k0, dtype=torch.bool)
-            m[t.q0:t.q1, t.k0:t.k1] += keep.int()
-        return m
+def _pairs(ts) -> torch.Tensor:
+    m = torch.zeros(64, 64, dtype=torch.int32)
+    for t in ts:
+        i = torch.arange(t.q1 - t.q0)[:, None]
+        j = torch.arange(t.k1 - t.k0)[None, :]
+        keep = (j <= i) if t.kind is Kind.CAUSAL else torch.ones(t.q1 - t.q0, t.k1 - t.k0, dtype=torch.bool)
+        m[t.q0:t.q1, t.k0:t.k1] += keep.int()
+    return m
 
-    early, late = split_tasks((task,))
-    assert torch.equal(pairs(early + late), pairs((task,)))
-    if task.q1 - task.q0 > 8:
-        ce, cl = (sum(task_flops(t, 1, 1, 1, 1) for t in ts) for ts in (early, late))
-        assert 0.3 < ce / (ce + cl) < 0.7
+
+@pytest.mark.parametrize("size", [1, 5, 8, 64])
+@pytest.mark.parametrize("task", [Task(3, 40, 0, 37, Kind.CAUSAL), Task(0, 37, 5, 30, Kind.CAUSAL),
+                                  Task(2, 50, 1, 20, Kind.FULL), Task(0, 1, 0, 1, Kind.CAUSAL),
+                                  Task(10, 20, 0, 60, Kind.CAUSAL)])
+def test_tile_tasks_cover_the_same_pairs_once(task, size):
+    """The backward's key tiles of a block see exactly the pairs the whole task sees, each once, and no
+    call is bigger than a tile."""
+    tiles = tile_tasks((task,), 64, size)
+    assert [(u, w) for u, w, _ in tiles] == [(u, min(u + size, 64)) for u in range(0, 64, size)]
+    pieces = [t for u, w, col in tiles for t in col]
+    assert all(u <= t.k0 and t.k1 <= w for u, w, col in tiles for t in col)
+    assert all(t.q1 - t.q0 <= size and t.k1 - t.k0 <= size for t in pieces)
+    assert torch.equal(_pairs(pieces), _pairs((task,)))
 
 
 @settings(max_examples=60, deadline=None)

@@ -19,12 +19,13 @@ def run_all(ranks, world, cases):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_ring_matches_dense(ranks, world, layout, causal, dtype):
-    # GQA ratios 4:1 (MQA), 4:2 and 4:4; odd global lengths, so the last ranks hold padding.
+    # GQA ratios 4:1 (MQA), 4:2 and 4:4; odd global lengths, so the last ranks hold padding. The last two
+    # cut the backward's visiting blocks into key/query tiles that divide the block unevenly.
     cases = [
         Case(seq_len=37, kv_heads=1, layout=layout, causal=causal, dtype=dtype, seed=1),
         Case(seq_len=16 * world + 7, kv_heads=2, layout=layout, causal=causal, dtype=dtype, seed=2,
-             v_head_dim=8),
-        Case(seq_len=131, kv_heads=4, layout=layout, causal=causal, dtype=dtype, seed=3, batch=1),
+             v_head_dim=8, chunk=6),
+        Case(seq_len=131, kv_heads=4, layout=layout, causal=causal, dtype=dtype, seed=3, batch=1, chunk=11),
     ]
     run_all(ranks, world, cases)
 
@@ -40,8 +41,8 @@ def test_shorter_than_world(ranks, world, layout):
 @pytest.mark.parametrize("world", [2, 4])
 def test_tiled_partial_blocks(ranks, world):
     # Large enough blocks that partial pairs are cut into tiles (TILE shrunk to 8).
-    cases = [Case(seq_len=101, layout=lay, causal=c, window=(13, 5) if not c else (13, -1), tile=8, seed=5)
-             for lay in LAYOUTS for c in (False, True)]
+    cases = [Case(seq_len=101, layout=lay, causal=c, window=(13, 5) if not c else (13, -1), tile=8, seed=5,
+                  chunk=chunk) for lay in LAYOUTS for c in (False, True) for chunk in (None, 12)]
     run_all(ranks, world, cases)
 
 

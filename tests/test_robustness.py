@@ -239,7 +239,8 @@ def cases(draw):
         cu = sorted({0, n, *[c for c in cuts if 0 < c < n]})
     return world, Case(seq_len=n, kv_heads=kvh, layout=layout, causal=causal, window=window, cu_seqlens=cu,
                        batch=1 if cu else 2, head_dim=8, v_head_dim=draw(st.sampled_from([8, 4])),
-                       tile=draw(st.sampled_from([None, 4])), seed=draw(st.integers(0, 99)))
+                       tile=draw(st.sampled_from([None, 4])), chunk=draw(st.sampled_from([None, 3, 7])),
+                       seed=draw(st.integers(0, 99)))
 
 
 @settings(max_examples=int(os.environ.get("RINGATTN_HYPOTHESIS_EXAMPLES", "30")), deadline=None,

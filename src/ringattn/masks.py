@@ -20,6 +20,7 @@ import torch
 # Partial block pairs are cut into tiles of this many queries x keys before a dense mask is built:
 # small enough that a mask never costs more than a score tile, big enough for the kernel to run well.
 TILE = 512
+CHUNK = 1024  # largest kernel call (query rows and keys) on a visiting block in the ring's backward
 
 
 @dataclass(frozen=True)
@@ -251,42 +252,44 @@ def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: in
     return 2.0 * batch * heads * pairs * (head_dim + v_head_dim)
 
 
-def split_tasks(tasks: tuple[Task, ...]) -> tuple[tuple[Task, ...], tuple[Task, ...]]:
-    """Cut a block's tasks into two halves of about equal cost, splitting a lone task by key columns.
+def restrict(t: Task, r0: int, r1: int, c0: int, c1: int) -> list[Task]:
+    """The part of task ``t`` in local query rows ``[r0, r1)`` and key rows ``[c0, c1)``, as kernel tasks.
 
-    The ring's backward computes the first half of its own block before the ring starts and keeps the
-    second to overlap the final return of dK/dV to their owners. A lone task is cut by keys, not
-    queries: the first half then covers every query row, so its dQ is adopted as the accumulator (no
-    copy), and each half is a single kernel call (a causal triangle cut at key m is rows [0, n) x keys
-    [0, m), causal, plus rows [m, n) x keys [m, nk), causal again).
+    A causal task is top-left aligned (row ``i`` of the task sees key ``j <= i``); its part in a row and
+    column range is a fully visible rectangle left of the diagonal plus a smaller top-left triangle.
     """
-    def cost(t: Task) -> float:
-        return task_flops(t, 1, 1, 1, 1)
+    q0, q1, k0, k1 = max(t.q0, r0), min(t.q1, r1), max(t.k0, c0), min(t.k1, c1)
+    if q0 >= q1 or k0 >= k1:
+        return []
+    if t.kind is Kind.FULL:
+        return [Task(q0, q1, k0, k1, Kind.FULL)]
+    if t.kind is Kind.PARTIAL:
+        return [Task(q0, q1, k0, k1, Kind.PARTIAL, qseg=t.qseg.sub(q0 - t.q0, q1 - t.q0),
+                     kseg=t.kseg.sub(k0 - t.k0, k1 - t.k0))]
+    # Causal, in the task's own coordinates: row i sees keys [0, i]; rows [a, b), keys [u, w).
+    a, b, u, w = q0 - t.q0, q1 - t.q0, k0 - t.k0, k1 - t.k0
+    a = max(a, u)  # rows above the key range see none of it
+    out = []
+    if a >= b:
+        return out
+    if a > u:
+        out.append(Task(t.q0 + a, t.q0 + b, t.k0 + u, t.k0 + min(a, w), Kind.FULL))
+    if a < w:
+        out.append(Task(t.q0 + a, t.q0 + b, t.k0 + a, t.k0 + w, Kind.CAUSAL))
+    return out
 
-    if len(tasks) == 1:
-        t = tasks[0]
-        nk = t.k1 - t.k0
-        if nk < 2 or t.q1 == t.q0 or t.kind is Kind.PARTIAL:
-            return tasks, ()
 
-        def halves(m: int) -> tuple[Task, Task]:
-            if t.kind is Kind.FULL:
-                return Task(t.q0, t.q1, t.k0, t.k0 + m, t.kind), Task(t.q0, t.q1, t.k0 + m, t.k1, t.kind)
-            return (Task(t.q0, t.q1, t.k0, t.k0 + m, Kind.CAUSAL),
-                    Task(t.q0 + min(m, t.q1 - t.q0), t.q1, t.k0 + m, t.k1, Kind.CAUSAL))
+def tile_tasks(tasks: tuple[Task, ...], n_keys: int, size: int) -> list[tuple[int, int, list[Task]]]:
+    """Cut tasks into calls of at most ``size`` query rows and ``size`` keys, grouped by key tile.
 
-        lo, hi, total = 1, nk - 1, cost(t)
-        while lo < hi:  # the smallest cut whose first half is worth at least half the whole
-            m = (lo + hi) // 2
-            if cost(halves(m)[0]) * 2 >= total:
-                hi = m
-            else:
-                lo = m + 1
-        early, late = halves(lo)
-        return (early,), ((late,) if late.q1 > late.q0 else ())
-    total, acc = sum(cost(t) for t in tasks), 0.0
-    for i, t in enumerate(tasks):
-        acc += cost(t)
-        if acc >= total / 2:
-            return tasks[: i + 1], tasks[i + 1:]
-    return tasks, ()
+    Returns ``(u, w, tasks)`` per key tile ``[u, w)`` (in order, empty tiles included). The ring's
+    backward runs visiting blocks this way: every call's dQ/dK/dV output, added into an accumulator
+    and dropped, stays a tile in size, and a finished key tile's dK/dV can leave before the block is done.
+    """
+    rows = max((t.q1 for t in tasks), default=0)
+    out = []
+    for u in range(0, n_keys, size):
+        w = min(u + size, n_keys)
+        col = [piece for t in tasks for r in range(0, rows, size) for piece in restrict(t, r, r + size, u, w)]
+        out.append((u, w, col))
+    return out

@@ -14,18 +14,19 @@ at the end of each direction.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
 
 import torch
 
-from . import comm
+from . import comm, masks
 from .comm import TAG_GRAD, TAG_KV, TAG_RETURN, Ring
 from .kernels import BACKENDS, heads_major, lse_dtype, select
 from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
-from .masks import MaskSpec, plan_block, split_tasks
+from .masks import MaskSpec, plan_block, tile_tasks
 from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
 
@@ -106,6 +107,10 @@ def _ring_forward(q, k, v, call: _Call):
     return acc.out.to(q.dtype), acc.lse
 
 
+def _shift_keys(tasks, u: int):
+    return [dataclasses.replace(t, k0=t.k0 - u, k1=t.k1 - u) for t in tasks]
+
+
 def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
     ring = Ring(call.group)
     dout = heads_major(dout)
@@ -114,47 +119,63 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         # Gradient through lse folds into D (D - dlse); only the reference backend takes it.
         backend = BACKENDS["reference"]
     acc = lse_dtype(q.dtype)
+    b, n, kvh, _ = k.shape
     dq = Sum(q.shape, acc, q.device)
     dk, dv = Sum(k.shape, acc, q.device), Sum(v.shape, acc, q.device)
     steps = call.plan.steps
-    # Half of the own block now, half at the end, where it hides the dK/dV return to their owners.
-    own_now, own_last = split_tasks(call.plan.tasks[0]) if len(steps) > 1 else (call.plan.tasks[0], ())
+
+    def compute(tasks, kk, vv, gk, gv):
+        if tasks:
+            comm.count_flops(tasks, q, v, True)
+            _timed(run_backward, backend, dout, q, kk, vv, out, lse, tuple(tasks), call.spec, call.scale,
+                   dq, gk, gv, dlse)
+
+    def land(ret):  # a returned tile of our own block's dK/dV
+        u, w, pending = ret
+        gk, gv = pending.wait()
+        dk.add(u, w, gk)
+        dv.add(u, w, gv)
+
     cur, grads_in, returns = (k, v), None, []
     for i, o in enumerate(steps):
         pending = _prefetch(ring, steps, i, cur, (k, v))
-        tasks = own_now if o == 0 else call.plan.tasks[o]
         if o == 0:
-            target = (dk, dv)
-        elif abs(o) == 1:
-            target = (Sum(k.shape, acc, q.device), Sum(v.shape, acc, q.device))
+            compute(call.plan.tasks[0], k, v, dk, dv)
         else:
-            target = tuple(Sum(t.shape, acc, q.device, initial=t) for t in grads_in.wait())
-            grads_in = None  # frees the gradient buffers we sent a step ago
-        if tasks:
-            comm.count_flops(tasks, q, v, True)
-            _timed(run_backward, backend, dout, q, cur[0], cur[1], out, lse, tasks, call.spec, call.scale,
-                   dq, *target, dlse)
-        if o != 0:
             d = 1 if o > 0 else -1
             nxt = steps[i + 1] if i + 1 < len(steps) else None
-            bufs = (target[0].get(), target[1].get())
-            if nxt == o + d:  # the block moves on: its gradient buffers travel with it
+            initial = grads_in.wait() if abs(o) > 1 else None
+            grads_in = None  # frees the gradient buffers we sent a step ago
+            tiles = tile_tasks(call.plan.tasks[o], n, masks.CHUNK)
+            if nxt == o + d:  # the block moves on: its gradient accumulators travel with it
+                gk, gv = (Sum(t.shape, acc, q.device, initial=None if initial is None else initial[j])
+                          for j, t in enumerate((k, v)))
+                compute([t for _, _, col in tiles for t in col], cur[0], cur[1], gk, gv)
+                bufs = (gk.get(), gv.get())
                 grads_in = ring.exchange(bufs, d, bufs, -d, TAG_GRAD)
-            else:  # end of this direction: straight back to the owner, rank - o
-                returns.append(ring.exchange(bufs, -o, bufs, o, TAG_RETURN))
-            target = bufs = None  # the exchange keeps what it sends alive only as long as it needs it
+                gk = gv = bufs = None  # the exchange keeps what it sends alive only as long as it needs it
+            else:
+                # Last step of this direction: the gradients go straight back to the owner (rank - o),
+                # key tile by key tile as each is finished, so the transfer overlaps the next tile's
+                # work and only a tile's worth of gradient buffers is ever in flight.
+                for u, w, col in tiles:
+                    gk, gv = (Sum((b, w - u, kvh, t.shape[-1]), acc, q.device,
+                                  initial=None if initial is None else initial[j][:, u:w])
+                              for j, t in enumerate((k, v)))
+                    compute(_shift_keys(col, u), cur[0][:, u:w], cur[1][:, u:w], gk, gv)
+                    bufs = (gk.get(), gv.get())
+                    returns.append((u, w, ring.exchange(bufs, -o, bufs, o, TAG_RETURN)))
+                    gk = gv = bufs = None
+                    while len(returns) > 1:
+                        land(returns.pop(0))
+                initial = None
         if pending is not None:
             # Drop the finished exchange at once: it still holds the block we sent, and keeping it
             # until the next post would make three blocks live instead of two.
             cur, pending = pending.wait(), None
-    cur = None  # the last visiting block is done with: free it before the last own-block work
-    if own_last:
-        comm.count_flops(own_last, q, v, True)
-        _timed(run_backward, backend, dout, q, k, v, out, lse, own_last, call.spec, call.scale, dq, dk, dv, dlse)
+    cur = None
     for r in returns:
-        gk, gv = r.wait()
-        dk.add(0, k.shape[1], gk)
-        dv.add(0, v.shape[1], gv)
+        land(r)
     dq, dk, dv = dq.get(), dk.get(), dv.get()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
