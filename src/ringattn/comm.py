@@ -72,6 +72,10 @@ class Pending:
     def __init__(self, works, tensors, what: str):
         self.works, self.tensors, self.what = works, tensors, what
 
+    def done(self) -> bool:
+        """Whether every transfer has finished (then ``wait`` returns at once); never blocks."""
+        return all(w.is_completed() for w in self.works)
+
     def wait(self):
         t0 = time.perf_counter()
         try:

@@ -30,6 +30,9 @@ from .masks import MaskSpec, plan_block, tile_tasks
 from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
 
+RETURNS_IN_FLIGHT = 4  # returned dK/dV key tiles a rank may have posted and not yet added
+
+
 @dataclass(frozen=True)
 class RingPlan:
     steps: tuple[int, ...]  # offsets, same on every rank
@@ -104,7 +107,9 @@ def _ring_forward(q, k, v, call: _Call):
     s = comm.stats()
     if s is not None:
         s.steps += len(steps)
-    return acc.out.to(q.dtype), acc.lse
+    # Row-major (batch, n, heads, dv) out, as a caller's projection wants it: ``out.flatten(2)`` is then a
+    # view, and the projection saves the same storage we do rather than a second copy of it.
+    return acc.out.to(q.dtype).contiguous(), acc.lse
 
 
 def _shift_keys(tasks, u: int):
@@ -166,7 +171,11 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
                     bufs = (gk.get(), gv.get())
                     returns.append((u, w, ring.exchange(bufs, -o, bufs, o, TAG_RETURN)))
                     gk = gv = bufs = None
-                    while len(returns) > 1:
+                    # Land finished tiles in posting order (a fixed order keeps the sums bitwise
+                    # reproducible); wait only past a few in flight: ranks finish their tiles at
+                    # different times (their work per key tile differs), and waiting for each in turn
+                    # would make every rank as slow as the slowest at every tile.
+                    while returns and (len(returns) > RETURNS_IN_FLIGHT or returns[0][2].done()):
                         land(returns.pop(0))
                 initial = None
         if pending is not None:
