@@ -10,6 +10,12 @@ sliding window on the contiguous layout takes about ``ceil(left / local_len) + 1
 (plus the right side when non-causal). Backward replays the schedule: dQ accumulates locally, dK/dV
 accumulate in float32 buffers that travel with their block and are sent straight back to the owner
 at the end of each direction.
+
+Memory: every block, accumulator and wire buffer is kept in the kernels' heads-major storage (no
+strided passes). A visiting block is computed in key x query tiles of at most ``masks.CHUNK`` (each
+kernel output added into an accumulator is a tile, not a block), and on the last step of a direction
+its dK/dV leave tile by tile as each is finished, so a rank holds one visiting block, the next in
+flight, and a few tiles beyond what a single process needs.
 """
 
 from __future__ import annotations
@@ -29,8 +35,7 @@ from .layouts import segments
 from .masks import MaskSpec, plan_block, tile_tasks
 from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
-
-RETURNS_IN_FLIGHT = 4  # returned dK/dV key tiles a rank may have posted and not yet added
+RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not yet added
 
 
 @dataclass(frozen=True)

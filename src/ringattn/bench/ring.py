@@ -89,13 +89,16 @@ def ring_run(S, heads, d, layout, causal, repeats, nproc=2, measure_memory=False
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     S = 2048 if quick else 8192
-    heads, d, reps = 8, 64, 1 if quick else 3
-    res = {"machine": machine(), "seq_len": S, "heads": heads, "head_dim": d, "dtype": "float32", "configs": {}}
+    # Best of reps x 2 timed runs on each side, interleaved so that drift in machine load hits both alike:
+    # single runs on this 2-core VM vary by +-8% from one to the next, and the best is the stable statistic.
+    heads, d, reps = 8, 64, 1 if quick else 5
+    res = {"machine": machine(), "seq_len": S, "heads": heads, "head_dim": d, "dtype": "float32", "configs": {},
+           "timed_runs_per_side": 2 * reps}
     for name, layout, causal in CONFIGS:
         single, ring = float("inf"), None
-        for _ in range(reps):  # interleave, so drift in machine load hits both sides alike
-            single = min(single, single_time(S, heads, d, causal, 1))
-            r = ring_run(S, heads, d, layout, causal, 1)
+        for _ in range(reps):
+            single = min(single, single_time(S, heads, d, causal, 2))
+            r = ring_run(S, heads, d, layout, causal, 2)
             if ring is None or r[0]["time_s"] < ring[0]["time_s"]:
                 ring = r
         flops = [x["flops"] for x in ring]
