@@ -188,13 +188,41 @@ def run(out: pathlib.Path, quick: bool) -> dict:
             "paper": {"8x A100 NVLink 7B (K tokens)": {"vanilla": 2, "mem-eff": 16, "BPT": 32, "ring": 256}}}
 
 
+def _pow2_max(row: dict) -> int:
+    """The longest length that fit among the doubling probes only (the paper's power-of-two granularity)."""
+    return max((p["len"] for p in row["probes"] if p["fits"] and p["len"] & (p["len"] - 1) == 0), default=0)
+
+
 def summary(res: dict) -> str:
     m = res["model"]
+    rows = res["rows"]
+    bpt = next(r for r in rows if r["name"].startswith("BPT"))
     lines = [f"Budget {res['budget_mb_per_rank']} MiB of peak-memory growth per rank; model dim {m['dim']} x "
-             f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} kv), fp32, batch 1.\n",
-             "| configuration | max tokens | x BPT |", "|---|---|---|"]
-    for r in res["rows"]:
-        lines.append(f"| {r['name']} | {r['max_len']:,}{' (cap)' if r['capped'] else ''} | {r['x_bpt']} |")
+             f"{m['layers']} layers, {m['heads']} heads ({m['kv_heads']} kv), fp32, batch 1. Lengths found by "
+             "doubling from 256 x ranks, then bisection to 1/16 of the last doubling.\n",
+             "| configuration | max tokens | x BPT | max tokens, powers of two only | x BPT, powers of two |",
+             "|---|---|---|---|---|"]
+    p2_bpt = _pow2_max(bpt)
+    for r in rows:
+        p2 = _pow2_max(r)
+        lines.append(f"| {r['name']} | {r['max_len']:,}{' (cap)' if r['capped'] else ''} | {r['x_bpt']} | "
+                     f"{p2:,} | {round(p2 / p2_bpt, 2) if p2_bpt else '-'} |")
+    # Per-rank peak of the ring at BPT's longest local length, where the ring's probes reached it.
+    local = bpt["max_len"]
+    bpt_mb = next((p["mb"] for p in bpt["probes"] if p["len"] == local), None)
+    extra = []
+    for r in rows:
+        if r["nproc"] > 1:
+            mb = next((p["mb"] for p in r["probes"] if p["len"] == local * r["nproc"]), None)
+            if mb is not None and bpt_mb is not None:
+                extra.append(f"{r['nproc']} ranks {mb:.1f} MiB (+{mb - bpt_mb:.1f})")
+    if extra:
+        lines.append(f"\nPeak per rank at BPT's longest local length ({local:,} tokens per rank): BPT "
+                     f"{bpt_mb:.1f} MiB, ring " + ", ".join(extra) + ". The ring holds, on top of what one "
+                     "process holds at the same local length, one layer's visiting key/value block, the next "
+                     "one in flight and a few gradient tiles (with travelling dK/dV on more than 2 ranks), so "
+                     "it reaches N x BPT exactly only where that extra fits in what BPT leaves of the budget.")
     p = next(iter(res["paper"].items()))
-    lines.append(f"\nThe paper, {p[0]}: " + ", ".join(f"{k} {v}" for k, v in p[1].items()) + " (ring = devices x BPT).")
+    lines.append(f"\nThe paper, {p[0]}: " + ", ".join(f"{k} {v}" for k, v in p[1].items()) +
+                 " (ring = devices x BPT; powers of two).")
     return "\n".join(lines) + "\n"
