@@ -42,6 +42,7 @@ RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not
 class RingPlan:
     steps: tuple[int, ...]  # offsets, same on every rank
     tasks: dict  # offset -> this rank's kernel tasks
+    held: dict  # offset -> the tasks of the rank that holds *our* block at that offset (rank + o)
 
 
 @functools.lru_cache(maxsize=256)
@@ -62,7 +63,8 @@ def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int
     a, b = best
     steps = (0, *range(1, a + 1), *(-i for i in range(1, b + 1)))
     tasks = {o: plan_block(spec, segs[rank], segs[(rank - o) % world]) for o in steps}
-    return RingPlan(steps, tasks)
+    held = {o: plan_block(spec, segs[(rank + o) % world], segs[rank]) for o in steps if o}
+    return RingPlan(steps, tasks, held)
 
 
 @dataclass(frozen=True)
@@ -140,11 +142,12 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             _timed(run_backward, backend, dout, q, kk, vv, out, lse, tuple(tasks), call.spec, call.scale,
                    dq, gk, gv, dlse)
 
-    def land(ret):  # a returned tile of our own block's dK/dV
+    def land(ret):  # a returned tile of our own block's dK/dV (none if its holder had no work there)
         u, w, pending = ret
-        gk, gv = pending.wait()
-        dk.add(u, w, gk)
-        dv.add(u, w, gv)
+        got = pending.wait()
+        if got:
+            dk.add(u, w, got[0])
+            dv.add(u, w, got[1])
 
     cur, grads_in, returns = (k, v), None, []
     for i, o in enumerate(steps):
@@ -168,13 +171,21 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
                 # Last step of this direction: the gradients go straight back to the owner (rank - o),
                 # key tile by key tile as each is finished, so the transfer overlaps the next tile's
                 # work and only a tile's worth of gradient buffers is ever in flight.
-                for u, w, col in tiles:
-                    gk, gv = (Sum((b, w - u, kvh, t.shape[-1]), acc, q.device,
-                                  initial=None if initial is None else initial[j][:, u:w])
-                              for j, t in enumerate((k, v)))
-                    compute(_shift_keys(col, u), cur[0][:, u:w], cur[1][:, u:w], gk, gv)
-                    bufs = (gk.get(), gv.get())
-                    returns.append((u, w, ring.exchange(bufs, -o, bufs, o, TAG_RETURN)))
+                # A tile nobody touched is neither sent nor awaited: both ends know it from the plans
+                # (ours, and that of the rank holding our block), as no travelling gradient reached it.
+                theirs = tile_tasks(call.plan.held[o], n, masks.CHUNK) if initial is None else tiles
+                for (u, w, col), (_, _, col_theirs) in zip(tiles, theirs):
+                    if not col and not col_theirs and initial is None:
+                        continue
+                    bufs = ()
+                    if col or initial is not None:
+                        gk, gv = (Sum((b, w - u, kvh, t.shape[-1]), acc, q.device,
+                                      initial=None if initial is None else initial[j][:, u:w])
+                                  for j, t in enumerate((k, v)))
+                        compute(_shift_keys(col, u), cur[0][:, u:w], cur[1][:, u:w], gk, gv)
+                        bufs = (gk.get(), gv.get())
+                    like = (k[:, u:w], v[:, u:w]) if col_theirs or initial is not None else ()
+                    returns.append((u, w, ring.exchange(bufs, -o, like, o, TAG_RETURN, dtype=acc)))
                     gk = gv = bufs = None
                     # Land finished tiles in posting order (a fixed order keeps the sums bitwise
                     # reproducible); wait only past a few in flight: ranks finish their tiles at
