@@ -36,6 +36,7 @@ from .masks import MaskSpec, plan_block, tile_tasks
 from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
 RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not yet added
+TILES_AHEAD = 2  # key/value tiles of a streamed block asked for ahead of the one being computed
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,18 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             dk.add(u, w, got[0])
             dv.add(u, w, got[1])
 
+    def last_of_direction(i: int) -> bool:
+        o = steps[i]
+        return o != 0 and (i + 1 == len(steps) or steps[i + 1] != o + (1 if o > 0 else -1))
+
+    # A neighbour's block that is used for one step only (a direction one step long, e.g. 2 ranks) is not
+    # prefetched whole: it streams in key tile by key tile during that step, each tile asked for one
+    # tile ahead and dropped once used, so at no time does a whole extra block sit beside our gradients.
+    streamed = {i for i in range(len(steps)) if abs(steps[i]) == 1 and last_of_direction(i)}
+
     cur, grads_in, returns = (k, v), None, []
     for i, o in enumerate(steps):
-        pending = _prefetch(ring, steps, i, cur, (k, v))
+        pending = None if i + 1 in streamed else _prefetch(ring, steps, i, cur, (k, v))
         if o == 0:
             compute(call.plan.tasks[0], k, v, dk, dv)
         else:
@@ -174,16 +184,38 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
                 # A tile nobody touched is neither sent nor awaited: both ends know it from the plans
                 # (ours, and that of the rank holding our block), as no travelling gradient reached it.
                 theirs = tile_tasks(call.plan.held[o], n, masks.CHUNK) if initial is None else tiles
-                for (u, w, col), (_, _, col_theirs) in zip(tiles, theirs):
+                if i in streamed:
+                    cur = None
+                    live = [j for j, (t, h) in enumerate(zip(tiles, theirs)) if t[2] or h[2]]
+
+                    def post_kv(j):  # our tile j to the rank that holds our block now; theirs from its owner
+                        u, w, col = tiles[j]
+                        send = (k[:, u:w], v[:, u:w]) if theirs[j][2] else ()
+                        return ring.exchange(send, d, (k[:, u:w], v[:, u:w]) if col else (), -d, TAG_KV)
+
+                    # A few tiles ahead: ranks reach a given tile at different times (their work per
+                    # key tile differs), and asking one tile ahead would tie each to the slowest.
+                    ahead = [post_kv(j) for j in live[:TILES_AHEAD]]
+                for j, ((u, w, col), (_, _, col_theirs)) in enumerate(zip(tiles, theirs)):
+                    if i in streamed:
+                        if j not in live:
+                            continue
+                        later = live.index(j) + TILES_AHEAD
+                        if later < len(live):
+                            ahead.append(post_kv(live[later]))
+                        kv_tile = ahead.pop(0).wait()
+                    else:
+                        kv_tile = (cur[0][:, u:w], cur[1][:, u:w])
                     if not col and not col_theirs and initial is None:
                         continue
                     bufs = ()
                     if col or initial is not None:
                         gk, gv = (Sum((b, w - u, kvh, t.shape[-1]), acc, q.device,
-                                      initial=None if initial is None else initial[j][:, u:w])
-                                  for j, t in enumerate((k, v)))
-                        compute(_shift_keys(col, u), cur[0][:, u:w], cur[1][:, u:w], gk, gv)
+                                      initial=None if initial is None else initial[x][:, u:w])
+                                  for x, t in enumerate((k, v)))
+                        compute(_shift_keys(col, u), kv_tile[0], kv_tile[1], gk, gv)
                         bufs = (gk.get(), gv.get())
+                    kv_tile = None
                     like = (k[:, u:w], v[:, u:w]) if col_theirs or initial is not None else ()
                     returns.append((u, w, ring.exchange(bufs, -o, like, o, TAG_RETURN, dtype=acc)))
                     gk = gv = bufs = None
