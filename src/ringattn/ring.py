@@ -14,8 +14,10 @@ at the end of each direction.
 Memory: every block, accumulator and wire buffer is kept in the kernels' heads-major storage (no
 strided passes). A visiting block is computed in key x query tiles of at most ``masks.CHUNK`` (each
 kernel output added into an accumulator is a tile, not a block), and on the last step of a direction
-its dK/dV leave tile by tile as each is finished, so a rank holds one visiting block, the next in
-flight, and a few tiles beyond what a single process needs.
+its dK/dV leave tile by tile as each is finished. A neighbour's block that is used for one step only
+(any direction one step long: 2 ranks, short windows) is not prefetched whole either but streams in
+tile by tile, two tiles ahead. On 2 ranks a rank then needs a few tiles beyond what a single process
+needs; on more, the travelling dK/dV and the next block in flight add about two blocks for one layer.
 """
 
 from __future__ import annotations
