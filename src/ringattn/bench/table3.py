@@ -218,10 +218,11 @@ def summary(res: dict) -> str:
                 extra.append(f"{r['nproc']} ranks {mb:.1f} MiB (+{mb - bpt_mb:.1f})")
     if extra:
         lines.append(f"\nPeak per rank at BPT's longest local length ({local:,} tokens per rank): BPT "
-                     f"{bpt_mb:.1f} MiB, ring " + ", ".join(extra) + ". The ring holds, on top of what one "
-                     "process holds at the same local length, one layer's visiting key/value block, the next "
-                     "one in flight and a few gradient tiles (with travelling dK/dV on more than 2 ranks), so "
-                     "it reaches N x BPT exactly only where that extra fits in what BPT leaves of the budget.")
+                     f"{bpt_mb:.1f} MiB, ring " + ", ".join(extra) + ". On 2 ranks the visiting block streams in "
+                     "key tiles and the ring needs a few tiles more than one process at the same local length; "
+                     "on more ranks, dK/dV travel with their block and the next block is in flight, about two "
+                     "blocks more for the layer in backward. The ring reaches N x BPT only where that extra "
+                     "fits in what BPT leaves of the budget.")
     p = next(iter(res["paper"].items()))
     lines.append(f"\nThe paper, {p[0]}: " + ", ".join(f"{k} {v}" for k, v in p[1].items()) +
                  " (ring = devices x BPT; powers of two).")
