@@ -58,12 +58,14 @@ def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int
 
     needed = [o for o in range(1, world) if any(busy(r, o) for r in range(world))]
     # Cover the needed offsets with a forward run 1..a and a reverse run W-1..W-b, fewest steps total.
-    best = None
-    for a in range(world):
-        b = max((world - o for o in needed if o > a), default=0)
-        if best is None or a + b < best[0] + best[1]:
-            best = (a, b)
-    a, b = best
+    # Among equally short schedules, the one with the fewest steps whose block moves on: there dK/dV
+    # travel with it and the next block is in flight (the memory-hungry steps); a direction one step long
+    # streams its block instead (e.g. 3 ranks causal: 0, 1, -1 rather than 0, -1, -2).
+    def cost(a: int, b: int) -> tuple[int, int]:
+        return a + b, max(a - 1, 0) + max(b - 1, 0)
+
+    a, b = min(((a, max((world - o for o in needed if o > a), default=0)) for a in range(world)),
+               key=lambda ab: cost(*ab))
     steps = (0, *range(1, a + 1), *(-i for i in range(1, b + 1)))
     tasks = {o: plan_block(spec, segs[rank], segs[(rank - o) % world]) for o in steps}
     held = {o: plan_block(spec, segs[(rank + o) % world], segs[rank]) for o in steps if o}
