@@ -108,3 +108,11 @@ def test_window_sends_less(ranks):
     win = ranks.run(4, bytes_for, (10, -1))
     for (bf, sf), (bw, sw) in zip(full, win):
         assert sf == 4 and sw == 2 and bw * 3 == bf
+
+
+def test_schedule_prefers_no_travelling_step():
+    """Among equally short schedules, 3 ranks causal walk one step each way (both blocks used for one step
+    only, so they stream) rather than two steps one way; 4 ranks keep the single long direction."""
+    spec3, spec4 = MaskSpec(seq_len=3 * 8, causal=True), MaskSpec(seq_len=4 * 8, causal=True)
+    assert all(make_plan(spec3, "zigzag", r, 3, 8).steps == (0, 1, -1) for r in range(3))
+    assert all(make_plan(spec4, "zigzag", r, 4, 8).steps == (0, -1, -2, -3) for r in range(4))
