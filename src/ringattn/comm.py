@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .kernels.base import heads_major, new_heads_major
+
 TAG_KV, TAG_GRAD, TAG_RETURN = 11, 12, 13
 
 
@@ -122,15 +124,10 @@ class Ring:
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
     """The contiguous buffer that carries ``t``: heads-major for a 4-D tensor, row-major otherwise."""
-    if t.dim() == 4:
-        from .kernels import heads_major
-
-        return heads_major(t).transpose(1, 2)
-    return t.contiguous()
+    return heads_major(t).transpose(1, 2) if t.dim() == 4 else t.contiguous()
 
 
 def _new_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if t.dim() == 4:
-        b, n, h, d = t.shape
-        return torch.empty(b, h, n, d, dtype=dtype, device=t.device).transpose(1, 2)
+        return new_heads_major(t.shape, dtype, t.device)
     return torch.empty(t.shape, dtype=dtype, device=t.device)

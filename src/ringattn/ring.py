@@ -160,9 +160,54 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         return o != 0 and (i + 1 == len(steps) or steps[i + 1] != o + (1 if o > 0 else -1))
 
     # A neighbour's block that is used for one step only (a direction one step long, e.g. 2 ranks) is not
-    # prefetched whole: it streams in key tile by key tile during that step, each tile asked for one
-    # tile ahead and dropped once used, so at no time does a whole extra block sit beside our gradients.
+    # prefetched whole: it streams in key tile by key tile during that step, TILES_AHEAD tiles ahead, each
+    # dropped once used, so at no time does a whole extra block sit beside our gradients.
     streamed = {i for i in range(len(steps)) if abs(steps[i]) == 1 and last_of_direction(i)}
+
+    def streamed_tiles(d, tiles, theirs, live):
+        """Key/value tile j of the neighbour's block, for j in ``live``; ours goes where it is needed."""
+        def post(j):
+            u, w, col = tiles[j]
+            send = (k[:, u:w], v[:, u:w]) if theirs[j][2] else ()
+            return ring.exchange(send, d, (k[:, u:w], v[:, u:w]) if col else (), -d, TAG_KV)
+
+        # Several tiles ahead: ranks reach a given tile at different times (their work per key tile
+        # differs), and asking one tile ahead would tie each to the slowest.
+        ahead = [post(j) for j in live[:TILES_AHEAD]]
+        for x in range(len(live)):
+            if x + TILES_AHEAD < len(live):
+                ahead.append(post(live[x + TILES_AHEAD]))
+            yield ahead.pop(0).wait()
+
+    def return_step(i, o, cur, initial):
+        """Last step of a direction: the gradients go straight back to the owner (rank - o), key tile by
+        key tile as each is finished, so the transfer overlaps the next tile's work and only a few tiles
+        of gradient buffers are ever in flight. A tile nobody touched is neither sent nor awaited: both
+        ends know it from the plans (ours, and that of the rank holding our block) unless travelling
+        gradients (``initial``) reached it."""
+        tiles = tile_tasks(call.plan.tasks[o], n, masks.CHUNK)
+        theirs = tile_tasks(call.plan.held[o], n, masks.CHUNK) if initial is None else tiles
+        live = [j for j, (t, h) in enumerate(zip(tiles, theirs)) if t[2] or h[2] or initial is not None]
+        source = streamed_tiles(1 if o > 0 else -1, tiles, theirs, live) if i in streamed else \
+            ((cur[0][:, u:w], cur[1][:, u:w]) for u, w, _ in (tiles[j] for j in live))
+        for j, kv_tile in zip(live, source):
+            (u, w, col), col_theirs = tiles[j], theirs[j][2]
+            bufs = ()
+            if col or initial is not None:
+                gk, gv = (Sum((b, w - u, kvh, t.shape[-1]), acc, q.device,
+                              initial=None if initial is None else initial[x][:, u:w])
+                          for x, t in enumerate((k, v)))
+                compute(_shift_keys(col, u), kv_tile[0], kv_tile[1], gk, gv)
+                bufs = (gk.get(), gv.get())
+            kv_tile = gk = gv = None
+            like = (k[:, u:w], v[:, u:w]) if col_theirs or initial is not None else ()
+            returns.append((u, w, ring.exchange(bufs, -o, like, o, TAG_RETURN, dtype=acc)))
+            bufs = None
+            # Land finished tiles in posting order (a fixed order keeps the sums bitwise reproducible);
+            # wait only past a few in flight: ranks finish their tiles at different times, and waiting
+            # for each in turn would make every rank as slow as the slowest at every tile.
+            while returns and (len(returns) > RETURNS_IN_FLIGHT or returns[0][2].done()):
+                land(returns.pop(0))
 
     cur, grads_in, returns = (k, v), None, []
     for i, o in enumerate(steps):
@@ -170,67 +215,22 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         if o == 0:
             compute(call.plan.tasks[0], k, v, dk, dv)
         else:
-            d = 1 if o > 0 else -1
-            nxt = steps[i + 1] if i + 1 < len(steps) else None
             initial = grads_in.wait() if abs(o) > 1 else None
             grads_in = None  # frees the gradient buffers we sent a step ago
-            tiles = tile_tasks(call.plan.tasks[o], n, masks.CHUNK)
-            if nxt == o + d:  # the block moves on: its gradient accumulators travel with it
-                gk, gv = (Sum(t.shape, acc, q.device, initial=None if initial is None else initial[j])
-                          for j, t in enumerate((k, v)))
-                compute([t for _, _, col in tiles for t in col], cur[0], cur[1], gk, gv)
+            if not last_of_direction(i):  # the block moves on: its gradient accumulators travel with it
+                d = 1 if o > 0 else -1
+                gk, gv = (Sum(t.shape, acc, q.device, initial=None if initial is None else initial[x])
+                          for x, t in enumerate((k, v)))
+                compute([t for _, _, col in tile_tasks(call.plan.tasks[o], n, masks.CHUNK) for t in col],
+                        cur[0], cur[1], gk, gv)
                 bufs = (gk.get(), gv.get())
                 grads_in = ring.exchange(bufs, d, bufs, -d, TAG_GRAD)
                 gk = gv = bufs = None  # the exchange keeps what it sends alive only as long as it needs it
             else:
-                # Last step of this direction: the gradients go straight back to the owner (rank - o),
-                # key tile by key tile as each is finished, so the transfer overlaps the next tile's
-                # work and only a tile's worth of gradient buffers is ever in flight.
-                # A tile nobody touched is neither sent nor awaited: both ends know it from the plans
-                # (ours, and that of the rank holding our block), as no travelling gradient reached it.
-                theirs = tile_tasks(call.plan.held[o], n, masks.CHUNK) if initial is None else tiles
                 if i in streamed:
-                    cur = None
-                    live = [j for j, (t, h) in enumerate(zip(tiles, theirs)) if t[2] or h[2]]
-
-                    def post_kv(j):  # our tile j to the rank that holds our block now; theirs from its owner
-                        u, w, col = tiles[j]
-                        send = (k[:, u:w], v[:, u:w]) if theirs[j][2] else ()
-                        return ring.exchange(send, d, (k[:, u:w], v[:, u:w]) if col else (), -d, TAG_KV)
-
-                    # A few tiles ahead: ranks reach a given tile at different times (their work per
-                    # key tile differs), and asking one tile ahead would tie each to the slowest.
-                    ahead = [post_kv(j) for j in live[:TILES_AHEAD]]
-                for j, ((u, w, col), (_, _, col_theirs)) in enumerate(zip(tiles, theirs)):
-                    if i in streamed:
-                        if j not in live:
-                            continue
-                        later = live.index(j) + TILES_AHEAD
-                        if later < len(live):
-                            ahead.append(post_kv(live[later]))
-                        kv_tile = ahead.pop(0).wait()
-                    else:
-                        kv_tile = (cur[0][:, u:w], cur[1][:, u:w])
-                    if not col and not col_theirs and initial is None:
-                        continue
-                    bufs = ()
-                    if col or initial is not None:
-                        gk, gv = (Sum((b, w - u, kvh, t.shape[-1]), acc, q.device,
-                                      initial=None if initial is None else initial[x][:, u:w])
-                                  for x, t in enumerate((k, v)))
-                        compute(_shift_keys(col, u), kv_tile[0], kv_tile[1], gk, gv)
-                        bufs = (gk.get(), gv.get())
-                    kv_tile = None
-                    like = (k[:, u:w], v[:, u:w]) if col_theirs or initial is not None else ()
-                    returns.append((u, w, ring.exchange(bufs, -o, like, o, TAG_RETURN, dtype=acc)))
-                    gk = gv = bufs = None
-                    # Land finished tiles in posting order (a fixed order keeps the sums bitwise
-                    # reproducible); wait only past a few in flight: ranks finish their tiles at
-                    # different times (their work per key tile differs), and waiting for each in turn
-                    # would make every rank as slow as the slowest at every tile.
-                    while returns and (len(returns) > RETURNS_IN_FLIGHT or returns[0][2].done()):
-                        land(returns.pop(0))
-                initial = None
+                    cur = None  # nothing of it is needed: the neighbour's block streams in instead
+                return_step(i, o, cur, initial)
+            initial = None
         if pending is not None:
             # Drop the finished exchange at once: it still holds the block we sent, and keeping it
             # until the next post would make three blocks live instead of two.

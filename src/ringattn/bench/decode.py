@@ -21,7 +21,7 @@ import torch
 from .. import launch
 from ..generate import generate
 from ..model import LlamaConfig, build
-from .common import machine, pyplot
+from .common import machine, pyplot, save_figure
 
 
 @dataclass(frozen=True)
@@ -128,9 +128,7 @@ def _plot(path: pathlib.Path, cfg: DecodeBenchConfig, rows: list[dict]) -> None:
     b.legend()
     fig.suptitle(f"dim {cfg.dim}, {cfg.layers} layers, {cfg.heads} heads, batch {cfg.batch}, float32, "
                  f"{cfg.layout}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, machine())
 
 
 def summary(res: dict) -> str:

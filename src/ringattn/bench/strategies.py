@@ -17,7 +17,7 @@ import time
 
 from .. import plan
 from ..launch import spawn
-from .common import machine, pyplot
+from .common import machine, pyplot, save_figure
 
 
 def _job(path: str, cfg: dict) -> None:
@@ -115,9 +115,7 @@ def _plot(path: pathlib.Path, rows: list[dict], cfg: dict) -> None:
     ax.set_title(f"strategies vs. planner: S={cfg['seq_len']} h={cfg['heads']} kv={cfg['kv_heads']} "
                  f"d={cfg['head_dim']} causal zigzag fp32")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, machine())
 
 
 def summary(res: dict) -> str:

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .common import machine, pyplot
+from .common import machine, pyplot, save_figure
 
 GRANULE = 256  # lengths are multiples of GRANULE * world
 
@@ -180,9 +180,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     ax.set_xlabel(f"max sequence length (K tokens) within {budget} MiB per rank")
     ax.set_title("One training step: vanilla vs blockwise vs ring (Table 3 in miniature)")
     ax.set_xlim(0, max(vals) * 1.2 if max(vals) else 1)
-    fig.tight_layout()
-    fig.savefig(out / "table3.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "table3.png", machine())
     return {"machine": machine(), "budget_mb_per_rank": budget, "model": size, "search": search,
             "quick": quick, "rows": rows,
             "paper": {"8x A100 NVLink 7B (K tokens)": {"vanilla": 2, "mem-eff": 16, "BPT": 32, "ring": 256}}}

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .base import Backend, empty_result, heads_major, lse_dtype, zeros_heads_major
+from .base import Backend, empty_result, heads_major, lse_dtype, new_heads_major
 from .cpu import CpuFlashBackend
 from .cuda import CudaFlashBackend
 from .reference import ReferenceBackend
@@ -22,7 +22,7 @@ BACKENDS: dict[str, Backend] = {
     b.name: b for b in (CpuFlashBackend(), CudaFlashBackend(), ReferenceBackend())
 }
 
-__all__ = ["BACKENDS", "Backend", "empty_result", "heads_major", "lse_dtype", "select", "zeros_heads_major"]
+__all__ = ["BACKENDS", "Backend", "empty_result", "heads_major", "lse_dtype", "new_heads_major", "select"]
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Backend:

@@ -59,10 +59,10 @@ def heads_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def zeros_heads_major(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """A zero ``(batch, n, heads, d)`` tensor in heads-major storage."""
+def new_heads_major(shape, dtype: torch.dtype, device, zero: bool = False) -> torch.Tensor:
+    """A new ``(batch, n, heads, d)`` tensor in heads-major storage, uninitialised unless ``zero``."""
     b, n, h, d = shape
-    return torch.zeros(b, h, n, d, dtype=dtype, device=device).transpose(1, 2)
+    return (torch.zeros if zero else torch.empty)(b, h, n, d, dtype=dtype, device=device).transpose(1, 2)
 
 
 def empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import Kind, MaskSpec, Segment, Task, plan_block
-from .base import Backend, lse_dtype, zeros_heads_major
+from .base import Backend, lse_dtype, new_heads_major
 
 
 class Partial:
@@ -28,7 +28,7 @@ class Partial:
 
     def _alloc(self) -> None:
         b, n, h, dv = self.shape
-        self._out = zeros_heads_major((b, n, h, dv), self.dtype, self.device)
+        self._out = new_heads_major((b, n, h, dv), self.dtype, self.device, zero=True)
         self._lse = torch.full((b, h, n), float("-inf"), dtype=self.dtype, device=self.device)
 
     @property
@@ -92,8 +92,7 @@ class Sum:
     def _build(self) -> None:
         n = self.shape[1]
         if len(self.shape) == 4:
-            b, _, h, d = self.shape
-            self.t = torch.empty(b, h, n, d, dtype=self.dtype, device=self.device).transpose(1, 2)
+            self.t = new_heads_major(self.shape, self.dtype, self.device)
         else:
             self.t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         edge = 0
