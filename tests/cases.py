@@ -93,7 +93,8 @@ def run_case(case: Case) -> dict:
 
     lay = case.layout
     extra = dict(case.extra)
-    # extra={"mesh_shape": (R, U)}: a 2-D mesh for strategy="hybrid"; shards follow the mesh.
+    # extra={"mesh_shape": (R, U)}: a 2-D mesh for strategy="hybrid"; shards follow the mesh. Anything
+    # else in extra is passed to the strategy (e.g. backward_exchange, kv_head_chunk).
     mesh = mesh_for(tuple(extra.pop("mesh_shape"))) if "mesh_shape" in extra else None
     if mesh is not None:
         extra["mesh"] = mesh
@@ -101,7 +102,7 @@ def run_case(case: Case) -> dict:
     ds = ringattn.shard(dout, layout=lay, mesh=mesh)
     kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True)
     if case.strategy == "ring":
-        out, lse = ringattn.ring_attention(qs, ks, vs, **kw)
+        out, lse = ringattn.ring_attention(qs, ks, vs, **kw, **extra)
     else:
         out, lse = ringattn.attention(qs, ks, vs, strategy=case.strategy, **kw, **extra)
     (out.double() * ds.double()).sum().backward()

@@ -59,9 +59,9 @@ def inputs(vocab: int, batch: int, seq_len: int, seed: int):
 
 
 def compare_family(family: str, layout: str, seq_len: int, batch: int = 2, seed: int = 0,
-                   packed: list | None = None) -> dict:
+                   packed: list | None = None, exchange: str = "ring") -> dict:
     """Run on every rank: eager single-process reference vs. the ring run on this rank's shard."""
-    hf.register(layout=layout)
+    hf.register(layout=layout, backward_exchange=exchange)
     ref = tiny_model(family, seed)
     cp = copy.deepcopy(ref)
     cp.set_attn_implementation("ring")
@@ -147,6 +147,18 @@ def bad_mask_case() -> str:
 def test_padding_mask_rejected_on_every_rank(ranks):
     msgs = ranks.run(2, bad_mask_case)
     assert all("attention_mask" in m for m in msgs), msgs
+
+
+def direct_case(layout: str) -> dict:
+    return {"llama": compare_family("llama", layout, 29, exchange="direct")}
+
+
+def test_hf_direct_backward_exchange(ranks):
+    check(ranks.run(4, direct_case, "zigzag"))
+    with pytest.raises(ValueError, match="backward_exchange"):
+        hf.register(backward_exchange="neighbours")
+    with pytest.raises(ValueError, match="has no ring"):
+        hf.register(strategy="ulysses", backward_exchange="direct")
 
 
 def test_dropout_and_cache_rejected():

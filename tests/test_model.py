@@ -115,3 +115,7 @@ def test_config_errors_name_the_field():
         LlamaConfig(ffn_chunk=-1)
     with pytest.raises(ValueError, match="dim"):
         LlamaConfig(dim=0)
+    with pytest.raises(ValueError, match="backward_exchange"):
+        LlamaConfig(backward_exchange="neighbours")
+    with pytest.raises(ValueError, match="backward_exchange='direct' is a ring setting"):
+        LlamaConfig(strategy="allgather", backward_exchange="direct")

@@ -119,3 +119,22 @@ def test_auto_is_deterministic_and_hardware_aware(monkeypatch):
     # tensors once where the ring forwards K/V W-1 times.
     assert pick(slow_link) == "ulysses"
     assert plan.choose_for_call(q, k, v, mesh=object()) == "hybrid"
+
+
+def test_direct_backward_exchange_is_modelled():
+    # The direct backward holds a few key tiles instead of the block in flight and the travelling dK/dV:
+    # less memory from 3 ranks on (2 blocks of K/V and 2 of float32 dK/dV here), the same bytes sent
+    # apart from the ring's final hop home, the same FLOPs. One rank has nothing to exchange.
+    hw = PRESETS["a100-nvlink"]
+    kw = dict(seq_len=4 * 65536, world=4, heads=8, kv_heads=2, head_dim=128)
+    ring = plan.estimate_ring(Problem(**kw), hw)
+    direct = plan.estimate_ring(Problem(**kw, backward_exchange="direct"), hw)
+    kv_row = 65536 * 2 * 256
+    assert ring.memory_bytes - direct.memory_bytes == pytest.approx(2 * kv_row * 4, rel=0.25)
+    assert direct.flops == ring.flops and direct.comm_bytes < ring.comm_bytes
+    assert "direct backward" in direct.note
+    one = dict(kw, world=1, seq_len=65536)
+    assert plan.estimate_ring(Problem(**one), hw).memory_bytes == \
+        plan.estimate_ring(Problem(**one, backward_exchange="direct"), hw).memory_bytes
+    with pytest.raises(ValueError, match="backward_exchange"):
+        Problem(**kw, backward_exchange="neighbours")

@@ -54,6 +54,7 @@ BAD = [
     (qkv, {"cu_seqlens": torch.tensor([0.0, 8.0])}, ValueError, "integer tensor"),
     (qkv, {"cu_seqlens": [0, 8]}, TypeError, "cu_seqlens must be an integer torch.Tensor"),
     (lambda: qkv(b=2), {"cu_seqlens": torch.tensor([0, 8])}, ValueError, "batch size 1"),
+    (qkv, {"backward_exchange": "neighbours"}, ValueError, "backward_exchange must be one of"),
 ]
 
 
@@ -100,6 +101,8 @@ def disagree(what: str):
         kw = {"layout": "zigzag" if rank else "striped"}
     elif what == "window":
         kw = {"window": (rank, -1)}
+    elif what == "backward_exchange":  # the backward would pair up different peers: must not start
+        kw = {"backward_exchange": "direct" if rank else "ring"}
     elif what == "bad_on_one_rank":
         kw = {"window": (-5, 0)} if rank == 1 else {}
     q, k, v = qkv(b, n, h, kvh, dtype=dtype)
@@ -111,7 +114,8 @@ def disagree(what: str):
     return None, time.perf_counter() - t0
 
 
-@pytest.mark.parametrize("what", ["local_len", "dtype", "heads", "mask", "layout", "window", "bad_on_one_rank"])
+@pytest.mark.parametrize("what", ["local_len", "dtype", "heads", "mask", "layout", "window", "backward_exchange",
+                                  "bad_on_one_rank"])
 def test_disagreeing_ranks_all_raise(ranks, what):
     results = ranks.run(3, disagree, what)
     for msg, secs in results:
@@ -240,7 +244,8 @@ def cases(draw):
     return world, Case(seq_len=n, kv_heads=kvh, layout=layout, causal=causal, window=window, cu_seqlens=cu,
                        batch=1 if cu else 2, head_dim=8, v_head_dim=draw(st.sampled_from([8, 4])),
                        tile=draw(st.sampled_from([None, 4])), chunk=draw(st.sampled_from([None, 3, 7])),
-                       seed=draw(st.integers(0, 99)))
+                       seed=draw(st.integers(0, 99)),
+                       extra={"backward_exchange": draw(st.sampled_from(["ring", "direct"]))})
 
 
 @settings(max_examples=int(os.environ.get("RINGATTN_HYPOTHESIS_EXAMPLES", "30")), deadline=None,

@@ -48,8 +48,8 @@ def _one_step(tc: TrainConfig, par: Parallel | None = None):
 
 def _reference(tc: TrainConfig):
     """The single-process step on the full sequences, with vanilla (materialised) attention."""
-    return _one_step(dataclasses.replace(tc, model=dataclasses.replace(tc.model, strategy="dense"), dp=1,
-                                         ulysses=0), Parallel())
+    model = dataclasses.replace(tc.model, strategy="dense", backward_exchange="ring")
+    return _one_step(dataclasses.replace(tc, model=model, dp=1, ulysses=0), Parallel())
 
 
 @pytest.mark.parametrize("world,dp", [(2, 1), (4, 1), (4, 2)])
@@ -70,10 +70,12 @@ def test_train_step_matches_single_process(ranks, world, dp, layout):
             assert torch.equal(params[name], results[0][2][name]), (rank, name)
 
 
-@pytest.mark.parametrize("strategy,ulysses,dp", [("allgather", 0, 1), ("ulysses", 0, 2), ("hybrid", 2, 1)])
-def test_train_step_other_strategies(ranks, strategy, ulysses, dp):
-    tc = dataclasses.replace(TC, model=dataclasses.replace(MODEL, layout="zigzag", strategy=strategy), dp=dp,
-                             ulysses=ulysses)
+@pytest.mark.parametrize("strategy,ulysses,dp,exchange", [("allgather", 0, 1, "ring"), ("ulysses", 0, 2, "ring"),
+                                                           ("hybrid", 2, 1, "ring"), ("ring", 0, 1, "direct"),
+                                                           ("hybrid", 2, 1, "direct")])
+def test_train_step_other_strategies(ranks, strategy, ulysses, dp, exchange):
+    model = dataclasses.replace(MODEL, layout="zigzag", strategy=strategy, backward_exchange=exchange)
+    tc = dataclasses.replace(TC, model=model, dp=dp, ulysses=ulysses)
     ref_losses, ref_grads, ref_params = _reference(tc)
     tol = TOL[torch.float64]
     for losses, grads, params in ranks.run(4, _one_step, tc):
@@ -169,3 +171,6 @@ def test_cli_rejects_bad_arguments():
     r = subprocess.run(_cli("--heads", "3", "--steps", "1"), capture_output=True, text=True, env=_env(),
                        timeout=60)
     assert r.returncode == 1 and "n_heads" in r.stderr, r.stderr
+    r = subprocess.run(_cli("--strategy", "ulysses", "--backward-exchange", "direct", "--steps", "1"),
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == 1 and "backward_exchange" in r.stderr, r.stderr

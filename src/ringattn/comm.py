@@ -103,14 +103,20 @@ class Ring:
         return r if self.group is None else dist.get_global_rank(self.group, r)
 
     def exchange(self, send: tuple[torch.Tensor, ...], to: int, recv_like: tuple[torch.Tensor, ...],
-                 frm: int, tag: int, dtype: torch.dtype | None = None) -> Pending:
-        """Send ``send`` to rank ``rank + to`` and receive as many tensors from ``rank + frm``."""
+                 frm: int, tag: int, dtype: torch.dtype | None = None, by_head: bool = False) -> Pending:
+        """Send ``send`` to rank ``rank + to`` and receive as many tensors from ``rank + frm``.
+
+        ``by_head``: 4-D tensors go as one message per (batch, head) row block, so that a slice along the
+        sequence of a heads-major block is sent from where it lies, without a copy. Both ends must pass
+        the same value (the ring's tile exchanges do, the whole-block ones do not).
+        """
         # gloo and NCCL send and receive contiguous buffers only. A 4-D (batch, n, heads, d) block goes on
         # the wire in heads-major order, the storage the ring keeps it in anyway (no copy), and comes back
         # in it; other tensors go as contiguous ones. Every rank applies the same rule, so both ends agree.
-        ops = [dist.P2POp(dist.isend, _wire(t), self._global(self.rank + to), self.group, tag) for t in send]
+        to_peer, from_peer = self._global(self.rank + to), self._global(self.rank + frm)
+        ops = [dist.P2POp(dist.isend, w, to_peer, self.group, tag) for t in send for w in _wire(t, by_head)]
         recv = tuple(_new_like(t, dtype or t.dtype) for t in recv_like)
-        ops += [dist.P2POp(dist.irecv, _wire(t), self._global(self.rank + frm), self.group, tag) for t in recv]
+        ops += [dist.P2POp(dist.irecv, w, from_peer, self.group, tag) for t in recv for w in _wire(t, by_head)]
         what = f"rank {self.rank} sending to rank {(self.rank + to) % self.world}, receiving from rank " \
                f"{(self.rank + frm) % self.world}"
         try:
@@ -122,9 +128,18 @@ class Ring:
         return Pending(works, recv, what)
 
 
-def _wire(t: torch.Tensor) -> torch.Tensor:
-    """The contiguous buffer that carries ``t``: heads-major for a 4-D tensor, row-major otherwise."""
-    return heads_major(t).transpose(1, 2) if t.dim() == 4 else t.contiguous()
+def _wire(t: torch.Tensor, by_head: bool = False) -> list[torch.Tensor]:
+    """The contiguous buffers that carry ``t``: heads-major for a 4-D tensor (one per (batch, head) if
+    ``by_head``), row-major otherwise. Views of ``t`` where its storage allows (always for a received
+    buffer, which ``_new_like`` makes heads-major)."""
+    if t.dim() != 4:
+        return [t.contiguous()]
+    rows = t.transpose(1, 2)  # (batch, heads, n, d)
+    if not by_head:
+        return [heads_major(t).transpose(1, 2)]
+    if not (rows.stride(3) == 1 and (rows.shape[2] <= 1 or rows.stride(2) == rows.shape[3])):
+        rows = heads_major(t).transpose(1, 2)
+    return [r for per_batch in rows.unbind(0) for r in per_batch.unbind(0)]
 
 
 def _new_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -44,6 +44,7 @@ class RingSettings:
     group: object = None
     layout: str = "contiguous"
     strategy: str = "ring"
+    backward_exchange: str = "ring"
 
 
 _SETTINGS: dict[str, RingSettings] = {}
@@ -54,7 +55,8 @@ def settings(name: str = "ring") -> RingSettings:
     return _SETTINGS[name]
 
 
-def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", name: str = "ring") -> None:
+def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", name: str = "ring",
+             backward_exchange: str = "ring") -> None:
     """Make ``attn_implementation=name`` (default ``"ring"``) available to transformers models.
 
     Args:
@@ -63,18 +65,24 @@ def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", 
             (``shard_batch(..., layout=...)``).
         strategy: any ``ringattn.attention`` strategy (``"ring"`` by default).
         name: the attention-implementation name to register. Calling again updates the settings.
+        backward_exchange: the ring's backward, ``"ring"`` or ``"direct"`` (see ``ring_attention``);
+            ``"direct"`` needs a strategy with a ring (``"ring"``, ``"hybrid"``, ``"auto"``).
     """
     check_layout(layout)
     if not isinstance(strategy, str):
         raise TypeError(f"strategy must be a str, got {type(strategy).__name__}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if backward_exchange not in ("ring", "direct"):
+        raise ValueError(f"backward_exchange must be 'ring' or 'direct', got {backward_exchange!r}")
+    if backward_exchange == "direct" and strategy not in ("ring", "hybrid", "auto"):
+        raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring")
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("ringattn.hf needs transformers: pip install 'ringattn[hf]'") from e
-    _SETTINGS[name] = RingSettings(group, layout, strategy)
+    _SETTINGS[name] = RingSettings(group, layout, strategy, backward_exchange)
     AttentionInterface.register(name, _make_attention(name))
     AttentionMaskInterface.register(name, _make_mask(name))
 
@@ -129,6 +137,8 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     kw = dict(group=settings.group, causal=causal, window=window, layout=settings.layout, seq_len=seq_len,
               cu_seqlens=cu, softmax_scale=scaling)
+    if settings.backward_exchange != "ring":
+        kw["backward_exchange"] = settings.backward_exchange
     if settings.strategy == "ring":
         out = ring_attention(q, k, v, **kw)
     else:

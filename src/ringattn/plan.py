@@ -7,7 +7,8 @@ link's one-way bandwidth and a per-message latency:
 
 - ``ring``: W synchronous steps (fewer under windows); step ``i`` takes ``max(compute_i, transfer)``
   because the next K/V block travels while this one is computed. Backward also carries float32
-  dK/dV with the blocks.
+  dK/dV with the blocks (``backward_exchange="ring"``), or streams each block from its owner and
+  returns dK/dV to it in key tiles (``"direct"``: same bytes, a message per tile, no block in flight).
 - ``allgather``: the K/V gather (and, in backward, the dK/dV reduce-scatter) runs in ``n`` head
   chunks overlapped with compute: ``first chunk's transfer + (n - 1) * max(compute, transfer) / n +
   last chunk's compute``.
@@ -36,7 +37,7 @@ import os
 from dataclasses import dataclass
 
 from .layouts import LAYOUTS, segments
-from .masks import MaskSpec, Segment, plan_block, task_flops
+from .masks import CHUNK, MaskSpec, Segment, plan_block, task_flops
 
 STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -116,6 +117,7 @@ class Problem:
     layout: str = "zigzag"
     backward: bool = True
     mesh: tuple[int, int] | None = None  # (ring, ulysses) for hybrid; None = chosen from node_size
+    backward_exchange: str = "ring"  # the ring's backward: "ring" or "direct" (see ring_attention)
 
     def __post_init__(self):
         for name in ("seq_len", "world", "heads", "kv_heads", "head_dim", "batch", "dtype_bytes"):
@@ -126,6 +128,8 @@ class Problem:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.backward_exchange not in ("ring", "direct"):
+            raise ValueError(f"backward_exchange must be 'ring' or 'direct', got {self.backward_exchange!r}")
         if self.mesh is not None and math.prod(self.mesh) != self.world:
             raise ValueError(f"mesh {self.mesh} does not have world = {self.world} ranks")
 
@@ -215,22 +219,40 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
     t, exposed = _pipelined([f / f_rank for f in step_f], x_fwd)
     flops, sent = sum(step_f), kv_bytes * (len(step_f) - 1)
     hidden = all(f / f_rank >= x_fwd for f in step_f[:-1] if f > 0)
+    direct = p.backward_exchange == "direct" and world > 1
     if p.backward:
-        grad_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * 4  # float32 dK/dV travel along
-        x_bwd = 2 * hw.latency + (kv_bytes + grad_bytes) / bw if world > 1 else 0.0
+        grad_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * 4  # float32 dK/dV
+        if direct:  # every block streamed from its owner and returned to it, a message per key tile
+            tiles = -(-local // CHUNK)
+            x_bwd = 2 * tiles * hw.latency + (kv_bytes + grad_bytes) / bw
+            ret = hw.latency + grad_bytes / tiles / bw  # the last tile home
+        else:  # dK/dV travel with their block, then go home in one hop
+            x_bwd = 2 * hw.latency + (kv_bytes + grad_bytes) / bw if world > 1 else 0.0
+            ret = hw.latency + grad_bytes / bw if world > 1 else 0.0
         tb, eb = _pipelined([2.5 * f / f_rank for f in step_f], x_bwd)
-        ret = hw.latency + grad_bytes / bw if world > 1 else 0.0  # the last hop home
         t, exposed = t + tb + ret, exposed + eb + ret
         flops += 2.5 * sum(step_f)
-        sent += (kv_bytes + grad_bytes) * (len(step_f) - 1) + grad_bytes * (world > 1)
+        sent += (kv_bytes + grad_bytes) * (len(step_f) - 1) + grad_bytes * (world > 1 and not direct)
         hidden = hidden and all(2.5 * f / f_rank >= x_bwd for f in step_f[:-1] if f > 0)
     steps = len(step_f)
-    mem = p.batch * local * (heads * (p.head_dim + p.dv) * e + 3 * kv_heads * (p.head_dim + p.dv) * e
-                             + heads * p.dv * 4 + heads * 4 * 2)
-    if p.backward:  # float32 dq, dk, dv, dk/dv in flight
-        mem += p.batch * local * (heads * p.head_dim + 3 * kv_heads * (p.head_dim + p.dv)) * 4
+    kv_row, rows = kv_heads * (p.head_dim + p.dv), p.batch * local
+    # q, out, own K/V, the float32 out accumulator and lse; in flight: the current and next K/V block.
+    mem = rows * (heads * (p.head_dim + p.dv) * e + kv_row * e + heads * p.dv * 4 + heads * 4 * 2)
+    in_flight = 2 * rows * kv_row * e
+    if p.backward:  # float32 dq, dk, dv of our own block
+        mem += rows * (heads * p.head_dim + kv_row) * 4
+        if direct:  # a few key tiles of K/V coming in and of dK/dV going home, instead of whole blocks
+            from .ring import RETURNS_IN_FLIGHT, TILES_AHEAD
+
+            tile_rows = p.batch * min(CHUNK, local)
+            tiles_live = tile_rows * kv_row * (e * (TILES_AHEAD + 1) + 4 * 2 * (RETURNS_IN_FLIGHT + 1))
+            in_flight = max(in_flight, tiles_live)
+        else:  # the travelling dK/dV and the ones coming in
+            in_flight += 2 * rows * kv_row * 4
+    mem += in_flight
     comm_s = (steps - 1) * x_fwd + ((steps - 1) * x_bwd + ret if p.backward else 0.0)
-    return Estimate("ring", True, f"{steps} steps of {local} tokens", flops, flops / f_rank, sent, comm_s,
+    how = ", direct backward" if direct and p.backward else ""
+    return Estimate("ring", True, f"{steps} steps of {local} tokens{how}", flops, flops / f_rank, sent, comm_s,
                     exposed, t, mem, hidden)
 
 
@@ -409,7 +431,7 @@ def configured_hardware(device=None) -> Hardware:
 
 
 def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None, layout="contiguous",
-                    seq_len=None, **_ignored) -> str:
+                    seq_len=None, backward_exchange="ring", **_ignored) -> str:
     """The strategy ``ringattn.attention(strategy="auto")`` runs: the planner's choice for these
     arguments on the configured hardware. With a ``mesh`` it is "hybrid" (the shards were made for
     it). Arguments the strategies would reject fall back to "ring", which then raises on every rank.
@@ -426,7 +448,8 @@ def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None
         p = Problem(seq_len=world * q.shape[1], world=world, heads=q.shape[2], kv_heads=k.shape[2],
                     head_dim=q.shape[3], v_head_dim=v.shape[3], batch=q.shape[0],
                     dtype_bytes=q.element_size(), causal=bool(causal), window=w, layout=layout,
-                    backward=bool(q.requires_grad or k.requires_grad or v.requires_grad))
+                    backward=bool(q.requires_grad or k.requires_grad or v.requires_grad),
+                    backward_exchange=backward_exchange)
         if layout == "zigzag" and q.shape[1] % 2:
             return "ring"
         return recommend(estimate_all(p, configured_hardware(q.device)), allowed=("ring", "allgather", "ulysses"))
@@ -515,6 +538,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sliding window, -1 = unbounded")
     p.add_argument("--layout", choices=LAYOUTS, default="zigzag")
     p.add_argument("--forward-only", action="store_true", help="inference: no backward pass")
+    p.add_argument("--backward-exchange", choices=["ring", "direct"], default="ring",
+                   help="the ring's backward: dK/dV travel with their block, or go straight to the owner")
     p.add_argument("--mesh", type=int, nargs=2, metavar=("RING", "ULYSSES"), default=None,
                    help="hybrid mesh shape (default: Ulysses over a node)")
     p.add_argument("--hardware", default=None, help=f"a preset: {', '.join(PRESETS)} (default: cpu)")
@@ -563,7 +588,8 @@ def run(args) -> int:
     p = Problem(seq_len=args.seq_len, world=args.world, heads=args.heads,
                 kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, v_head_dim=args.v_head_dim,
                 batch=args.batch, dtype_bytes=DTYPE_BYTES[args.dtype], causal=args.causal, window=window,
-                layout=args.layout, backward=not args.forward_only, mesh=tuple(args.mesh) if args.mesh else None)
+                layout=args.layout, backward=not args.forward_only, mesh=tuple(args.mesh) if args.mesh else None,
+                backward_exchange=args.backward_exchange)
     rep = report(p, hw)
     if args.json:
         print(json.dumps(rep, indent=2, default=lambda x: None if x is math.inf else str(x)))

@@ -9,7 +9,10 @@ The schedule is a list of *offsets*: at offset ``o`` a rank holds the block of r
 sliding window on the contiguous layout takes about ``ceil(left / local_len) + 1`` steps instead of W
 (plus the right side when non-causal). Backward replays the schedule: dQ accumulates locally, dK/dV
 accumulate in float32 buffers that travel with their block and are sent straight back to the owner
-at the end of each direction.
+at the end of each direction (``backward_exchange="ring"``, the paper's). With
+``backward_exchange="direct"`` the backward takes every visiting block straight from its owner, key tile
+by key tile, and returns each tile's dK/dV straight to it: the same bytes per step, but between ranks
+``o`` apart rather than neighbours, and no block moves on.
 
 Memory: every block, accumulator and wire buffer is kept in the kernels' heads-major storage (no
 strided passes). A visiting block is computed in key x query tiles of at most ``masks.CHUNK`` (each
@@ -17,7 +20,8 @@ kernel output added into an accumulator is a tile, not a block), and on the last
 its dK/dV leave tile by tile as each is finished. A neighbour's block that is used for one step only
 (any direction one step long: 2 ranks, short windows) is not prefetched whole either but streams in
 tile by tile, two tiles ahead. On 2 ranks a rank then needs a few tiles beyond what a single process
-needs; on more, the travelling dK/dV and the next block in flight add about two blocks for one layer.
+needs; on more, the travelling dK/dV and the next block in flight add about two blocks for one layer,
+unless the backward exchange is direct (a few tiles at any world size).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
 
 RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not yet added
 TILES_AHEAD = 2  # key/value tiles of a streamed block asked for ahead of the one being computed
+BACKWARD_EXCHANGES = ("ring", "direct")
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class _Call:
     plan: RingPlan
     spec: MaskSpec
     scale: float
+    direct: bool = False  # backward_exchange="direct"
 
 
 def _timed(fn, *args):
@@ -155,21 +161,23 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             dk.add(u, w, got[0])
             dv.add(u, w, got[1])
 
-    def last_of_direction(i: int) -> bool:
+    def last_of_direction(i: int) -> bool:  # the block goes home after this step (always, if direct)
         o = steps[i]
-        return o != 0 and (i + 1 == len(steps) or steps[i + 1] != o + (1 if o > 0 else -1))
+        return o != 0 and (call.direct or i + 1 == len(steps) or steps[i + 1] != o + (1 if o > 0 else -1))
 
-    # A neighbour's block that is used for one step only (a direction one step long, e.g. 2 ranks) is not
-    # prefetched whole: it streams in key tile by key tile during that step, TILES_AHEAD tiles ahead, each
-    # dropped once used, so at no time does a whole extra block sit beside our gradients.
-    streamed = {i for i in range(len(steps)) if abs(steps[i]) == 1 and last_of_direction(i)}
+    # A block that is used for one step only (a direction one step long, e.g. 2 ranks; every block if
+    # direct) is not prefetched whole: it streams in from its owner key tile by key tile during that
+    # step, TILES_AHEAD tiles ahead, each dropped once used, so at no time does a whole extra block sit
+    # beside our gradients.
+    streamed = {i for i in range(len(steps)) if last_of_direction(i) and (call.direct or abs(steps[i]) == 1)}
 
-    def streamed_tiles(d, tiles, theirs, live):
-        """Key/value tile j of the neighbour's block, for j in ``live``; ours goes where it is needed."""
+    def streamed_tiles(o, tiles, theirs, live):
+        """Key/value tile j of the block of rank - o, for j in ``live``; ours goes to rank + o where it
+        is needed (one message per head: a tile of our heads-major block is sent from where it lies)."""
         def post(j):
             u, w, col = tiles[j]
             send = (k[:, u:w], v[:, u:w]) if theirs[j][2] else ()
-            return ring.exchange(send, d, (k[:, u:w], v[:, u:w]) if col else (), -d, TAG_KV)
+            return ring.exchange(send, o, (k[:, u:w], v[:, u:w]) if col else (), -o, TAG_KV, by_head=True)
 
         # Several tiles ahead: ranks reach a given tile at different times (their work per key tile
         # differs), and asking one tile ahead would tie each to the slowest.
@@ -180,15 +188,15 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
             yield ahead.pop(0).wait()
 
     def return_step(i, o, cur, initial):
-        """Last step of a direction: the gradients go straight back to the owner (rank - o), key tile by
-        key tile as each is finished, so the transfer overlaps the next tile's work and only a few tiles
-        of gradient buffers are ever in flight. A tile nobody touched is neither sent nor awaited: both
-        ends know it from the plans (ours, and that of the rank holding our block) unless travelling
-        gradients (``initial``) reached it."""
+        """Last step of a direction (every step, if direct): the gradients go straight back to the owner
+        (rank - o), key tile by key tile as each is finished, so the transfer overlaps the next tile's
+        work and only a few tiles of gradient buffers are ever in flight. A tile nobody touched is neither
+        sent nor awaited: both ends know it from the plans (ours, and that of the rank holding our block)
+        unless travelling gradients (``initial``) reached it."""
         tiles = tile_tasks(call.plan.tasks[o], n, masks.CHUNK)
         theirs = tile_tasks(call.plan.held[o], n, masks.CHUNK) if initial is None else tiles
         live = [j for j, (t, h) in enumerate(zip(tiles, theirs)) if t[2] or h[2] or initial is not None]
-        source = streamed_tiles(1 if o > 0 else -1, tiles, theirs, live) if i in streamed else \
+        source = streamed_tiles(o, tiles, theirs, live) if i in streamed else \
             ((cur[0][:, u:w], cur[1][:, u:w]) for u, w, _ in (tiles[j] for j in live))
         for j, kv_tile in zip(live, source):
             (u, w, col), col_theirs = tiles[j], theirs[j][2]
@@ -215,7 +223,7 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         if o == 0:
             compute(call.plan.tasks[0], k, v, dk, dv)
         else:
-            initial = grads_in.wait() if abs(o) > 1 else None
+            initial = grads_in.wait() if grads_in is not None else None
             grads_in = None  # frees the gradient buffers we sent a step ago
             if not last_of_direction(i):  # the block moves on: its gradient accumulators travel with it
                 d = 1 if o > 0 else -1
@@ -280,6 +288,7 @@ def ring_attention(
     cu_seqlens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    backward_exchange: str = "ring",
 ):
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -300,6 +309,13 @@ def ring_attention(
         softmax_scale: None = ``1 / sqrt(head_dim)``.
         return_lse: also return the logsumexp ``(batch, heads, local_len)``, float32 (float64 for
             float64 input).
+        backward_exchange: how the backward moves blocks. ``"ring"`` (the paper's): K/V pass from
+            neighbour to neighbour and dK/dV travel with their block, the next block in flight; on
+            more than 2 ranks that holds about two blocks beyond a single process for the layer.
+            ``"direct"``: each rank streams the block it needs straight from its owner and returns the
+            dK/dV of each key tile straight to it, a few tiles beyond a single process at any world
+            size, with traffic between ranks up to W - 1 apart (no cost on a switch or NVLink; more
+            on a physical ring of nodes). Results are identical. The forward is the ring either way.
 
     Returns:
         ``out`` ``(batch, local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
@@ -312,7 +328,9 @@ def ring_attention(
         spec = make_spec(world=world, local_len=q.shape[1], layout=layout, causal=causal, window=window,
                          seq_len=seq_len, cu_seqlens=cu_seqlens, batch=q.shape[0])
         scale = softmax_scale_of(softmax_scale, q.shape[-1])
-        desc = describe("ring", q, k, v, spec, layout, scale)
+        if backward_exchange not in BACKWARD_EXCHANGES:
+            raise ValueError(f"backward_exchange must be one of {BACKWARD_EXCHANGES}, got {backward_exchange!r}")
+        desc = describe("ring", q, k, v, spec, layout, scale) + f" backward_exchange={backward_exchange}"
     except (TypeError, ValueError) as e:
         error = e
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
@@ -323,5 +341,6 @@ def ring_attention(
         s.calls += 1
     # Blocks live in the kernels' heads-major storage for the whole call (one copy each here, if needed).
     q, k, v = heads_major(q), heads_major(k), heads_major(v)
-    out, lse = SavedAttention.apply(q, k, v, _ring_forward, _ring_backward, _Call(group, plan, spec, scale))
+    call = _Call(group, plan, spec, scale, direct=backward_exchange == "direct")
+    out, lse = SavedAttention.apply(q, k, v, _ring_forward, _ring_backward, call)
     return (out, lse) if return_lse else out

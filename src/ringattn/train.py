@@ -286,7 +286,8 @@ def train(tc: TrainConfig) -> dict:
         "eval_accuracy": accuracy,
         "steps": tc.steps, "start_step": start, "world": par.world, "dp": par.dp, "cp": par.cp,
         "task": tc.task, "seq_len": tc.seq_len, "batch": tc.batch,
-        "strategy": tc.model.strategy, "layout": tc.model.layout, "dtype": tc.dtype,
+        "strategy": tc.model.strategy, "layout": tc.model.layout, "backward_exchange": tc.model.backward_exchange,
+        "dtype": tc.dtype,
     }
 
 
@@ -327,6 +328,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-chunk", type=int, default=256, help="blockwise FFN chunk in tokens (0 = off)")
     p.add_argument("--loss-chunk", type=int, default=0, help="blockwise loss chunk in tokens (0 = off)")
     p.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
+    p.add_argument("--backward-exchange", default=m.backward_exchange, choices=["ring", "direct"],
+                   help="ring backward: dK/dV travel with their block (ring) or go straight to the owner "
+                        "(direct: least memory, traffic between non-neighbours)")
     p.add_argument("--dtype", default=t.dtype, choices=list(DTYPES))
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--ckpt-dir", help="checkpoint folder; an existing checkpoint there is resumed")
@@ -355,7 +359,7 @@ def config_from_args(args) -> TrainConfig:
     try:
         model = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
                             strategy=args.strategy, layout=args.layout, ffn_chunk=args.ffn_chunk,
-                            checkpoint_layers=args.checkpoint_layers)
+                            checkpoint_layers=args.checkpoint_layers, backward_exchange=args.backward_exchange)
     except ValueError as e:
         raise ValueError(f"model: {e}") from None
     try:

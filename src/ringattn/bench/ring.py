@@ -49,7 +49,7 @@ def single_time(S: int, heads: int, d: int, causal: bool, repeats: int, threads:
     return best
 
 
-def _ring_rank(S, heads, d, layout, causal, repeats, path, measure_memory=False):
+def _ring_rank(S, heads, d, layout, causal, repeats, path, measure_memory=False, exchange="ring"):
     rank = dist.get_rank()
     q, k, v, do = (ringattn.shard(t, layout=layout) for t in _inputs(S, heads, d))
     best, st_best = float("inf"), None
@@ -61,7 +61,7 @@ def _ring_rank(S, heads, d, layout, causal, repeats, path, measure_memory=False)
             reset_peak_rss()
         with ringattn.profile() as st:
             t0 = time.perf_counter()
-            out = ringattn.ring_attention(qq, kk, vv, causal=causal, layout=layout)
+            out = ringattn.ring_attention(qq, kk, vv, causal=causal, layout=layout, backward_exchange=exchange)
             out.backward(do)
             el = time.perf_counter() - t0
         t = torch.tensor([el])
@@ -79,10 +79,10 @@ def _ring_rank(S, heads, d, layout, causal, repeats, path, measure_memory=False)
             json.dump(recs, f)
 
 
-def ring_run(S, heads, d, layout, causal, repeats, nproc=2, measure_memory=False) -> list[dict]:
+def ring_run(S, heads, d, layout, causal, repeats, nproc=2, measure_memory=False, exchange="ring") -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "r.json")
-        spawn(_ring_rank, nproc, S, heads, d, layout, causal, repeats, path, measure_memory)
+        spawn(_ring_rank, nproc, S, heads, d, layout, causal, repeats, path, measure_memory, exchange)
         with open(path) as f:
             return json.load(f)
 
@@ -124,7 +124,8 @@ def run(out: pathlib.Path, quick: bool) -> dict:
         res["sweep"][name] = pts
         print(f"  sweep {name}: " + ", ".join(f"S={s}: {r:.3f}" for s, r in pts), flush=True)
     # Efficiency vs. ranks: more ranks than cores share them, so the ideal ratio stays 1 (same total CPU).
-    res["ranks"] = {}
+    # On 4 ranks also with the direct backward exchange (on 2 ranks the two exchanges are the same).
+    res["ranks"], res["ranks_direct"] = {}, {}
     for name, layout, causal in CONFIGS[:2]:
         single = single_time(S, heads, d, causal, 1)
         pts = []
@@ -135,7 +136,10 @@ def run(out: pathlib.Path, quick: bool) -> dict:
             ring = ring_run(S, heads, d, layout, causal, 1, nproc=w)
             pts.append((w, single / ring[0]["time_s"]))
         res["ranks"][name] = pts
-        print(f"  ranks {name}: " + ", ".join(f"W={w}: {r:.3f}" for w, r in pts), flush=True)
+        direct = ring_run(S, heads, d, layout, causal, 1, nproc=4, exchange="direct")
+        res["ranks_direct"][name] = [(4, single / direct[0]["time_s"])]
+        print(f"  ranks {name}: " + ", ".join(f"W={w}: {r:.3f}" for w, r in pts) +
+              f", W=4 direct backward: {res['ranks_direct'][name][0][1]:.3f}", flush=True)
     mem_S = 8192 if quick else 32768
     mem = ring_run(mem_S, 1, 64, "zigzag", True, 1, measure_memory=True)
     res["memory"] = {"seq_len": mem_S, "heads": 1, "head_dim": 64, "ranks": 2,
@@ -166,8 +170,10 @@ def _plot(res: dict, path: pathlib.Path) -> None:
     b.set_ylabel("ratio")
     b.set_title("ring efficiency vs sequence length (2 ranks)")
     b.legend()
-    for n, pts in res.get("ranks", {}).items():
-        c.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n)
+    for i, (n, pts) in enumerate(res.get("ranks", {}).items()):
+        c.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=n, color=f"C{i}")
+        for w, r in res.get("ranks_direct", {}).get(n, []):
+            c.plot([w], [r], marker="x", ls="", color=f"C{i}", label=f"{n}, direct backward")
     c.axhline(1.0, color="gray", lw=0.8)
     c.set_xticks([2, 4])
     c.set_xlabel(f"ranks (one thread each, on {res['machine']['cpu_count']} cores)")
@@ -195,7 +201,9 @@ def summary(res: dict) -> str:
                  f"(goal <= 128 MiB; dense scores would be {m['dense_scores_mb']:.0f} MiB).")
     if "ranks" in res:
         lines.append("\nRatio vs. ranks (more ranks than cores share them): " + "; ".join(
-            f"{n}: " + ", ".join(f"W={w} {r:.2f}" for w, r in pts) for n, pts in res["ranks"].items()))
+            f"{n}: " + ", ".join(f"W={w} {r:.2f}" for w, r in pts) +
+            "".join(f", W={w} direct backward {r:.2f}" for w, r in res.get("ranks_direct", {}).get(n, []))
+            for n, pts in res["ranks"].items()))
     lines.append("\nRatio vs. sequence length: " + "; ".join(
         f"{n}: " + ", ".join(f"S={s} {r:.2f}" for s, r in pts) for n, pts in res["sweep"].items()))
     return "\n".join(lines) + "\n"

@@ -40,6 +40,11 @@ def _configs(chunk: int) -> list[dict]:
         {"name": "BPT (blockwise attn + FFN)", "nproc": 1, "strategy": "ring", "ffn_chunk": chunk},
         {"name": "ring attention, 2 ranks", "nproc": 2, "strategy": "ring", "ffn_chunk": chunk},
         {"name": "ring attention, 4 ranks", "nproc": 4, "strategy": "ring", "ffn_chunk": chunk},
+        # The same ring whose backward streams each block from its owner and returns dK/dV straight to
+        # it (``backward_exchange="direct"``): no travelling gradients or whole block in flight. On 2 ranks
+        # the two are the same exchange (every direction is one step long), so only 4 ranks are shown.
+        {"name": "ring attention, 4 ranks, direct bwd", "nproc": 4, "strategy": "ring", "ffn_chunk": chunk,
+         "backward_exchange": "direct"},
     ]
 
 
@@ -71,7 +76,8 @@ def _measure(spec: dict) -> None:
 
     par = setup_parallel(1) if dist.is_initialized() else Parallel()
     cfg = LlamaConfig(dim=spec["dim"], n_layers=spec["layers"], n_heads=spec["heads"], n_kv_heads=spec["kv_heads"],
-                      strategy=spec["strategy"], ffn_chunk=spec["ffn_chunk"])
+                      strategy=spec["strategy"], ffn_chunk=spec["ffn_chunk"],
+                      backward_exchange=spec.get("backward_exchange", "ring"))
     tc = TrainConfig(model=cfg, batch=1, steps=10**6, warmup=1, loss_chunk=spec["chunk"], progress=False)
     from ..model import build
 
@@ -159,31 +165,38 @@ def run(out: pathlib.Path, quick: bool) -> dict:
         t0 = time.perf_counter()
         for c, res in zip(batch, _run_configs(batch)):
             rows.append({**c, **res})
-            print(f"  {c['name']:<28} max {res['max_len']:>7,} tokens{' (cap)' if res['capped'] else ''}",
+            print(f"  {c['name']:<36} max {res['max_len']:>7,} tokens{' (cap)' if res['capped'] else ''}",
                   flush=True)
         print(f"  [{time.perf_counter() - t0:.0f}s]", flush=True)
     bpt = next(r["max_len"] for r in rows if r["name"].startswith("BPT"))
     print(f"\nTable 3 (this machine): max tokens for one training step, {budget} MiB per rank, "
           f"model dim {size['dim']} x {size['layers']} layers, fp32")
-    print(f"  {'configuration':<28} {'max length':>11} {'x BPT':>6}")
+    print(f"  {'configuration':<36} {'max length':>11} {'x BPT':>6}")
     for r in rows:
         r["x_bpt"] = round(r["max_len"] / bpt, 2) if bpt else None
-        print(f"  {r['name']:<28} {r['max_len']:>11,} {r['x_bpt'] if r['x_bpt'] is not None else '-':>6}")
+        print(f"  {r['name']:<36} {r['max_len']:>11,} {r['x_bpt'] if r['x_bpt'] is not None else '-':>6}")
 
+    plot(rows, budget, out / "table3.png", machine())
+    return {"machine": machine(), "budget_mb_per_rank": budget, "model": size, "search": search,
+            "quick": quick, "rows": rows,
+            "paper": {"8x A100 NVLink 7B (K tokens)": {"vanilla": 2, "mem-eff": 16, "BPT": 32, "ring": 256}}}
+
+
+def plot(rows: list[dict], budget: float, path: pathlib.Path, mach: dict) -> None:
+    """Bars of the max length per configuration (K tokens); BPT green, the ring rows red."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(8.5, 3.8))
     names = [r["name"] for r in rows]
     vals = [r["max_len"] / 1024 for r in rows]
-    bars = ax.barh(names[::-1], vals[::-1], color=["#4c72b0"] * 2 + ["#55a868"] + ["#c44e52"] * 2)
+    colors = ["#55a868" if n.startswith("BPT") else "#c44e52" if r["nproc"] > 1 else "#4c72b0"
+              for n, r in zip(names, rows)]
+    bars = ax.barh(names[::-1], vals[::-1], color=colors[::-1])
     for b, r in zip(bars, rows[::-1]):
         ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {r['max_len'] / 1024:.1f}K", va="center")
     ax.set_xlabel(f"max sequence length (K tokens) within {budget} MiB per rank")
     ax.set_title("One training step: vanilla vs blockwise vs ring (Table 3 in miniature)")
     ax.set_xlim(0, max(vals) * 1.2 if max(vals) else 1)
-    save_figure(fig, out / "table3.png", machine())
-    return {"machine": machine(), "budget_mb_per_rank": budget, "model": size, "search": search,
-            "quick": quick, "rows": rows,
-            "paper": {"8x A100 NVLink 7B (K tokens)": {"vanilla": 2, "mem-eff": 16, "BPT": 32, "ring": 256}}}
+    save_figure(fig, path, mach)
 
 
 def _pow2_max(row: dict) -> int:
@@ -213,14 +226,16 @@ def summary(res: dict) -> str:
         if r["nproc"] > 1:
             mb = next((p["mb"] for p in r["probes"] if p["len"] == local * r["nproc"]), None)
             if mb is not None and bpt_mb is not None:
-                extra.append(f"{r['nproc']} ranks {mb:.1f} MiB (+{mb - bpt_mb:.1f})")
+                how = ", direct bwd" if r.get("backward_exchange") == "direct" else ""
+                extra.append(f"{r['nproc']} ranks{how} {mb:.1f} MiB (+{mb - bpt_mb:.1f})")
     if extra:
         lines.append(f"\nPeak per rank at BPT's longest local length ({local:,} tokens per rank): BPT "
                      f"{bpt_mb:.1f} MiB, ring " + ", ".join(extra) + ". On 2 ranks the visiting block streams in "
                      "key tiles and the ring needs a few tiles more than one process at the same local length; "
                      "on more ranks, dK/dV travel with their block and the next block is in flight, about two "
-                     "blocks more for the layer in backward. The ring reaches N x BPT only where that extra "
-                     "fits in what BPT leaves of the budget.")
+                     "blocks more for the layer in backward, unless the backward exchange is direct (each block "
+                     "streamed from its owner, dK/dV returned to it tile by tile: a few tiles at any world "
+                     "size). The ring reaches N x BPT where that extra fits in what BPT leaves of the budget.")
     p = next(iter(res["paper"].items()))
     lines.append(f"\nThe paper, {p[0]}: " + ", ".join(f"{k} {v}" for k, v in p[1].items()) +
                  " (ring = devices x BPT; powers of two).")

@@ -55,6 +55,9 @@ class LlamaConfig:
     # (materialised softmax(QK^T), single process only: the vanilla baseline of the paper's Table 3)
     strategy: str = "ring"
     layout: str = "contiguous"  # which global positions each rank holds (see ringattn.shard)
+    # ring/hybrid/auto: "ring" (dK/dV travel with their block) or "direct" (backward streams each block
+    # from its owner and returns dK/dV straight to it: least memory; see ringattn.ring_attention)
+    backward_exchange: str = "ring"
     ffn_chunk: int = 0  # blockwise FFN: tokens per chunk, recomputed in backward; 0 = whole sequence
     checkpoint_layers: bool = False  # recompute each whole layer in backward (activation checkpointing)
     init_std: float = 0.02
@@ -74,6 +77,10 @@ class LlamaConfig:
             raise ValueError(f"head_dim = dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
         if self.ffn_chunk < 0:
             raise ValueError(f"ffn_chunk must be >= 0 (0 = off), got {self.ffn_chunk}")
+        if self.backward_exchange not in ("ring", "direct"):
+            raise ValueError(f"backward_exchange must be 'ring' or 'direct', got {self.backward_exchange!r}")
+        if self.backward_exchange == "direct" and self.strategy not in ("ring", "hybrid", "auto"):
+            raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={self.strategy!r} has no ring")
 
     @property
     def head_dim(self) -> int:
@@ -229,6 +236,8 @@ class Llama(nn.Module):
         from .. import attention
 
         kw = {"mesh": mesh} if mesh is not None else {}
+        if self.cfg.backward_exchange != "ring":
+            kw["backward_exchange"] = self.cfg.backward_exchange
         return functools.partial(attention, strategy=self.cfg.strategy, group=group, layout=self.cfg.layout,
                                  causal=True, seq_len=seq_len, **kw)
 

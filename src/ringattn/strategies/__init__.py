@@ -9,7 +9,9 @@
 - ``"auto"``: ``ringattn.plan.choose`` picks one of the above from the arguments and the configured
   hardware (deterministic, so every rank picks the same).
 
-Strategy-specific keywords: ``kv_head_chunk`` (allgather: kv heads gathered at a time).
+Strategy-specific keywords: ``kv_head_chunk`` (allgather: kv heads gathered at a time);
+``backward_exchange`` (ring and hybrid: ``"ring"`` or ``"direct"``, see ``ring_attention``). Under
+``"auto"`` a keyword the chosen strategy does not take is dropped: it tunes a strategy not chosen.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..masks import MaskSpec
 from ..validate import check_qkv, describe, make_spec, softmax_scale_of
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
+_TUNING = ("kv_head_chunk", "backward_exchange")  # strategy-specific keywords
 
 
 def dispatch(q, k, v, *, strategy: str = "ring", group=None, mesh=None, **kwargs):
@@ -34,6 +37,9 @@ def dispatch(q, k, v, *, strategy: str = "ring", group=None, mesh=None, **kwargs
         from ..plan import choose_for_call
 
         strategy = choose_for_call(q, k, v, group=group, mesh=mesh, **kwargs)
+        takes = {"allgather": ("kv_head_chunk",), "ring": ("backward_exchange",), "hybrid": ("backward_exchange",)}
+        kwargs = {key: val for key, val in kwargs.items()
+                  if key not in _TUNING or key in takes.get(strategy, ())}
     if strategy != "hybrid" and mesh is not None:
         raise ValueError(f"mesh is only used by strategy='hybrid' (got strategy={strategy!r}); "
                          "pass group= for the others")

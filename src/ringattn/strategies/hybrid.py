@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..layouts import mesh_coords, mesh_dims
-from ..ring import ring_attention
+from ..ring import BACKWARD_EXCHANGES, ring_attention
 from . import AllToAll, check_call, device_of, kv_replication
 
 
@@ -61,11 +61,13 @@ def hybrid_attention(
     cu_seqlens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    backward_exchange: str = "ring",
 ):
     """Exact attention: Ulysses all-to-all on the mesh's ulysses dim, ring attention on its ring dim.
 
     Same arguments and results as ``ring_attention`` with the shards made by
     ``ringattn.shard(x, mesh=mesh, layout=layout)``. Needs ``heads`` divisible by the Ulysses size.
+    ``backward_exchange`` is the ring's (see ``ring_attention``).
     """
     if mesh is None:
         raise ValueError("strategy='hybrid' needs mesh=, a 2-D DeviceMesh with a ring and a ulysses dimension")
@@ -78,7 +80,9 @@ def hybrid_attention(
         spec, _, desc = check_call(q, k, v, strategy="hybrid", world=ring_world, layout=layout, causal=causal,
                                    window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
                                    softmax_scale=softmax_scale, local_world=uly_world, block_rows=uly_world)
-        desc += f" mesh={ring_world}x{uly_world}"
+        if backward_exchange not in BACKWARD_EXCHANGES:
+            raise ValueError(f"backward_exchange must be one of {BACKWARD_EXCHANGES}, got {backward_exchange!r}")
+        desc += f" mesh={ring_world}x{uly_world} backward_exchange={backward_exchange}"
     except (TypeError, ValueError) as e:
         error = e
     _agree_on_mesh(desc, error, (uly_group, ring_group), device_of(q))
@@ -91,6 +95,6 @@ def hybrid_attention(
     qh, kh, vh = (AllToAll.apply(t, uly_group, 2, 1) for t in (q, k, v))
     out, lse = ring_attention(qh, kh, vh, group=ring_group, causal=causal, window=window, layout=layout,
                               seq_len=spec.seq_len, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
-                              return_lse=True)
+                              return_lse=True, backward_exchange=backward_exchange)
     out, lse = AllToAll.apply(out, uly_group, 1, 2), AllToAll.apply(lse, uly_group, 2, 1)
     return (out, lse) if return_lse else out
