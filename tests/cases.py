@@ -7,6 +7,7 @@ reference, errors relative to the reference's largest magnitude over the whole s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -146,3 +147,20 @@ def assert_close(results: list[dict], case: Case, tol: float | None = None) -> N
     tol = TOL[DTYPES[case.dtype]] if tol is None else tol
     bad = {f"rank{r}.{k}": e for r, errs in enumerate(results) for k, e in errs.items() if not e <= tol}
     assert not bad, f"{case}: errors above {tol}: {bad}"
+
+
+@contextlib.contextmanager
+def exchange_tags():
+    """The tag of every ring exchange this rank posts inside the block (a list, filled in place): tells
+    which backward exchange really ran, since both give the same numbers."""
+    tags, post = [], comm.Ring.exchange
+
+    def spy(self, send, to, recv_like, frm, tag, *args, **kwargs):
+        tags.append(tag)
+        return post(self, send, to, recv_like, frm, tag, *args, **kwargs)
+
+    comm.Ring.exchange = spy
+    try:
+        yield tags
+    finally:
+        comm.Ring.exchange = post

@@ -149,12 +149,23 @@ def test_padding_mask_rejected_on_every_rank(ranks):
     assert all("attention_mask" in m for m in msgs), msgs
 
 
-def direct_case(layout: str) -> dict:
-    return {"llama": compare_family("llama", layout, 29, exchange="direct")}
+def direct_case(layout: str) -> tuple[dict, bool, bool]:
+    """Llama with the direct exchange vs eager, and whether dK/dV travelled (ring) / did not (direct)."""
+    from ringattn.comm import TAG_GRAD
+
+    from .cases import exchange_tags
+
+    with exchange_tags() as direct:
+        errs = {"llama": compare_family("llama", layout, 29, exchange="direct")}
+    with exchange_tags() as ring:
+        compare_family("llama", layout, 29)
+    return errs, TAG_GRAD in ring, TAG_GRAD not in direct
 
 
 def test_hf_direct_backward_exchange(ranks):
-    check(ranks.run(4, direct_case, "zigzag"))
+    results = ranks.run(4, direct_case, "zigzag")
+    check([errs for errs, _, _ in results])
+    assert all(ring_travels and direct_does_not for _, ring_travels, direct_does_not in results)
     with pytest.raises(ValueError, match="backward_exchange"):
         hf.register(backward_exchange="neighbours")
     with pytest.raises(ValueError, match="has no ring"):

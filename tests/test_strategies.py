@@ -168,6 +168,16 @@ def test_single_process_without_dist():
         assert torch.allclose(ringattn.attention(q, k, v, strategy=s, causal=True), ref, atol=1e-12)
     with pytest.raises(ValueError, match="strategy must be one of"):
         ringattn.attention(q, k, v, strategy="bogus")
+    # backward_exchange is the ring's: the others take "ring" (a model may name it) and reject "direct";
+    # "auto" drops it when it picks a strategy without a ring.
+    for s in ("allgather", "ulysses"):
+        out = ringattn.attention(q, k, v, strategy=s, causal=True, backward_exchange="ring")
+        assert torch.allclose(out, ref, atol=1e-12)
+        with pytest.raises(ValueError, match="has no ring"):
+            ringattn.attention(q, k, v, strategy=s, causal=True, backward_exchange="direct")
+    for x in ("ring", "direct"):
+        out = ringattn.attention(q, k, v, strategy="auto", causal=True, backward_exchange=x)
+        assert torch.allclose(out, ref, atol=1e-12)
 
 
 def _mesh_roundtrip(layout: str, by_position: bool) -> bool:

@@ -85,6 +85,26 @@ def test_train_step_other_strategies(ranks, strategy, ulysses, dp, exchange):
             assert rel_err(params[name], ref_params[name]) <= tol, name
 
 
+def _travelling_gradients(tc: TrainConfig) -> bool:
+    from ringattn.comm import TAG_GRAD
+
+    from .cases import exchange_tags
+
+    with exchange_tags() as tags:
+        _one_step(tc)
+    return TAG_GRAD in tags
+
+
+@pytest.mark.parametrize("strategy,ulysses", [("ring", 0), ("hybrid", 1)])
+def test_backward_exchange_reaches_the_ring(ranks, strategy, ulysses):
+    # Both exchanges give the same step (above); this checks the model's setting is the one that runs:
+    # on a ring of 4, dK/dV travel between neighbours with "ring" and never with "direct".
+    for exchange, travels in (("ring", True), ("direct", False)):
+        model = dataclasses.replace(MODEL, layout="zigzag", strategy=strategy, backward_exchange=exchange)
+        tc = dataclasses.replace(TC, model=model, ulysses=ulysses)
+        assert ranks.run(4, _travelling_gradients, tc) == [travels] * 4, exchange
+
+
 def test_short_run_learns_passkey():
     tc = TrainConfig(model=LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_chunk=64),
                      task="passkey", seq_len=128, batch=4, steps=40, lr=3e-3, warmup=5, progress=False,

@@ -1,9 +1,11 @@
 """Point-to-point exchange on a ring, and the small collectives the rest of ringattn needs.
 
 All transfers are posted together with ``batch_isend_irecv`` (gloo and NCCL alike) and waited on
-later, so the next block is in flight while the current one is computed. Every rank posts the same
-sequence of exchanges; tags keep key/value blocks, travelling gradients and returned gradients apart
-on backends that match by tag (gloo), and the fixed order keeps them apart on those that do not (NCCL).
+later, so the next block is in flight while the current one is computed. Tags keep key/value blocks,
+travelling gradients and returned gradients apart on backends that match by tag (gloo). NCCL matches
+by order instead and runs each rank's exchanges one after another, so the ring posts them in one global
+order that every rank follows, skipping only exchanges it has no part in (``tests/test_exchange_order.py``
+checks that no two ranks can wait on each other).
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class Pending:
 
 
 class Ring:
-    """Neighbour exchange in one process group (ranks are the group's own)."""
+    """Exchanges with ranks at given offsets (neighbours, or owners of blocks) in one process group (ranks
+    are the group's own)."""
 
     def __init__(self, group=None):
         self.group = group
@@ -113,6 +116,10 @@ class Ring:
         # gloo and NCCL send and receive contiguous buffers only. A 4-D (batch, n, heads, d) block goes on
         # the wire in heads-major order, the storage the ring keeps it in anyway (no copy), and comes back
         # in it; other tensors go as contiguous ones. Every rank applies the same rule, so both ends agree.
+        # NCCL may split a group of many messages into launches differently on the two ends and hang
+        # (pytorch/pytorch#174942), and a copy of a tile costs little on a GPU: split by head on CPU only.
+        # Every rank's tensors are on the same kind of device (agreed before any exchange).
+        by_head = by_head and any(t.device.type == "cpu" for t in (*send, *recv_like))
         to_peer, from_peer = self._global(self.rank + to), self._global(self.rank + frm)
         ops = [dist.P2POp(dist.isend, w, to_peer, self.group, tag) for t in send for w in _wire(t, by_head)]
         recv = tuple(_new_like(t, dtype or t.dtype) for t in recv_like)

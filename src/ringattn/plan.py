@@ -8,7 +8,8 @@ link's one-way bandwidth and a per-message latency:
 - ``ring``: W synchronous steps (fewer under windows); step ``i`` takes ``max(compute_i, transfer)``
   because the next K/V block travels while this one is computed. Backward also carries float32
   dK/dV with the blocks (``backward_exchange="ring"``), or streams each block from its owner and
-  returns dK/dV to it in key tiles (``"direct"``: same bytes, a message per tile, no block in flight).
+  returns dK/dV to it in key tiles (``"direct"``, and the ring exchange on 2 ranks: same bytes, an
+  exchange per tile, no whole block in flight in backward).
 - ``allgather``: the K/V gather (and, in backward, the dK/dV reduce-scatter) runs in ``n`` head
   chunks overlapped with compute: ``first chunk's transfer + (n - 1) * max(compute, transfer) / n +
   last chunk's compute``.
@@ -36,8 +37,9 @@ import math
 import os
 from dataclasses import dataclass
 
+from . import masks
 from .layouts import LAYOUTS, segments
-from .masks import CHUNK, MaskSpec, Segment, plan_block, task_flops
+from .masks import MaskSpec, Segment, plan_block, task_flops
 
 STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -182,8 +184,9 @@ def _unit(p: Problem, heads: int) -> float:
     return 2.0 * p.batch * heads * (p.head_dim + p.dv)
 
 
-def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> list[float]:
-    """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_plan`` schedules them)."""
+def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> tuple[list[float], int]:
+    """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_plan`` schedules them), and
+    the longest direction's number of steps."""
     spec = p.spec()
     lay = p.layout if world > 1 else "contiguous"
     segs = [segments(lay, r, world, local) for r in range(world)]
@@ -196,7 +199,7 @@ def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> list[flo
         if best is None or a + b < best[0] + best[1]:
             best = (a, b)
     steps = [0, *range(1, best[0] + 1), *(world - i for i in range(1, best[1] + 1))]
-    return [max(per[r][o] for r in range(world)) for o in steps]
+    return [max(per[r][o] for r in range(world)) for o in steps], max(best)
 
 
 def _pipelined(compute: list[float], transfer: float) -> tuple[float, float]:
@@ -213,17 +216,20 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
           bw: float) -> Estimate:
     f_rank = hw.rank_flops(p.world)
     e = p.dtype_bytes
-    step_f = _ring_step_flops(p, world, local, heads)
+    step_f, longest = _ring_step_flops(p, world, local, heads)
     kv_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * e
     x_fwd = hw.latency + kv_bytes / bw if world > 1 else 0.0
     t, exposed = _pipelined([f / f_rank for f in step_f], x_fwd)
     flops, sent = sum(step_f), kv_bytes * (len(step_f) - 1)
     hidden = all(f / f_rank >= x_fwd for f in step_f[:-1] if f > 0)
-    direct = p.backward_exchange == "direct" and world > 1
+    # The backward streams every block in key tiles from its owner and returns dK/dV tile by tile when the
+    # exchange is direct, and also with the ring exchange where no direction is longer than one step
+    # (2 ranks, short windows); otherwise dK/dV travel with their block, the next block in flight.
+    direct = world > 1 and (p.backward_exchange == "direct" or longest <= 1)
     if p.backward:
         grad_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * 4  # float32 dK/dV
-        if direct:  # every block streamed from its owner and returned to it, a message per key tile
-            tiles = -(-local // CHUNK)
+        if direct:  # two exchanges per key tile (a group's messages go together: one latency each)
+            tiles = -(-local // masks.CHUNK)
             x_bwd = 2 * tiles * hw.latency + (kv_bytes + grad_bytes) / bw
             ret = hw.latency + grad_bytes / tiles / bw  # the last tile home
         else:  # dK/dV travel with their block, then go home in one hop
@@ -232,7 +238,7 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
         tb, eb = _pipelined([2.5 * f / f_rank for f in step_f], x_bwd)
         t, exposed = t + tb + ret, exposed + eb + ret
         flops += 2.5 * sum(step_f)
-        sent += (kv_bytes + grad_bytes) * (len(step_f) - 1) + grad_bytes * (world > 1 and not direct)
+        sent += (kv_bytes + grad_bytes) * (len(step_f) - 1)  # each step's dK/dV leave once, either way
         hidden = hidden and all(2.5 * f / f_rank >= x_bwd for f in step_f[:-1] if f > 0)
     steps = len(step_f)
     kv_row, rows = kv_heads * (p.head_dim + p.dv), p.batch * local
@@ -244,14 +250,14 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
         if direct:  # a few key tiles of K/V coming in and of dK/dV going home, instead of whole blocks
             from .ring import RETURNS_IN_FLIGHT, TILES_AHEAD
 
-            tile_rows = p.batch * min(CHUNK, local)
+            tile_rows = p.batch * min(masks.CHUNK, local)
             tiles_live = tile_rows * kv_row * (e * (TILES_AHEAD + 1) + 4 * 2 * (RETURNS_IN_FLIGHT + 1))
             in_flight = max(in_flight, tiles_live)
         else:  # the travelling dK/dV and the ones coming in
             in_flight += 2 * rows * kv_row * 4
     mem += in_flight
     comm_s = (steps - 1) * x_fwd + ((steps - 1) * x_bwd + ret if p.backward else 0.0)
-    how = ", direct backward" if direct and p.backward else ""
+    how = ", direct backward" if p.backward_exchange == "direct" and world > 1 and p.backward else ""
     return Estimate("ring", True, f"{steps} steps of {local} tokens{how}", flops, flops / f_rank, sent, comm_s,
                     exposed, t, mem, hidden)
 

@@ -171,21 +171,28 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
     # beside our gradients.
     streamed = {i for i in range(len(steps)) if last_of_direction(i) and (call.direct or abs(steps[i]) == 1)}
 
-    def streamed_tiles(o, tiles, theirs, live):
-        """Key/value tile j of the block of rank - o, for j in ``live``; ours goes to rank + o where it
-        is needed (one message per head: a tile of our heads-major block is sent from where it lies)."""
+    def streamed_tiles(o, tiles, theirs):
+        """For every key tile j in order: tile j of the block of rank - o, or None where we have no work in
+        it; ours goes to rank + o where that rank has work (one message per head on CPU: a tile of our
+        heads-major block is then sent from where it lies)."""
         def post(j):
             u, w, col = tiles[j]
             send = (k[:, u:w], v[:, u:w]) if theirs[j][2] else ()
-            return ring.exchange(send, o, (k[:, u:w], v[:, u:w]) if col else (), -o, TAG_KV, by_head=True)
+            recv = (k[:, u:w], v[:, u:w]) if col else ()
+            return ring.exchange(send, o, recv, -o, TAG_KV, by_head=True) if send or recv else None
 
         # Several tiles ahead: ranks reach a given tile at different times (their work per key tile
-        # differs), and asking one tile ahead would tie each to the slowest.
-        ahead = [post(j) for j in live[:TILES_AHEAD]]
-        for x in range(len(live)):
-            if x + TILES_AHEAD < len(live):
-                ahead.append(post(live[x + TILES_AHEAD]))
-            yield ahead.pop(0).wait()
+        # differs), and asking one tile ahead would tie each to the slowest. "Ahead" counts tile indices,
+        # which every rank shares, not the tiles this rank has work in: NCCL runs each rank's exchanges in
+        # posting order, so all ranks must post them in one global order (key/value tile j + TILES_AHEAD,
+        # then the return of tile j), or two ranks can each wait for an exchange the other has queued
+        # behind one that waits for them (tests/test_exchange_order.py).
+        ahead = [post(j) for j in range(min(TILES_AHEAD, len(tiles)))]
+        for j in range(len(tiles)):
+            if j + TILES_AHEAD < len(tiles):
+                ahead.append(post(j + TILES_AHEAD))
+            pending = ahead.pop(0)
+            yield None if pending is None else pending.wait()
 
     def return_step(i, o, cur, initial):
         """Last step of a direction (every step, if direct): the gradients go straight back to the owner
@@ -195,10 +202,12 @@ def _ring_backward(dout, q, k, v, out, lse, call: _Call, dlse):
         unless travelling gradients (``initial``) reached it."""
         tiles = tile_tasks(call.plan.tasks[o], n, masks.CHUNK)
         theirs = tile_tasks(call.plan.held[o], n, masks.CHUNK) if initial is None else tiles
-        live = [j for j, (t, h) in enumerate(zip(tiles, theirs)) if t[2] or h[2] or initial is not None]
-        source = streamed_tiles(o, tiles, theirs, live) if i in streamed else \
-            ((cur[0][:, u:w], cur[1][:, u:w]) for u, w, _ in (tiles[j] for j in live))
-        for j, kv_tile in zip(live, source):
+        live = {j for j, (t, h) in enumerate(zip(tiles, theirs)) if t[2] or h[2] or initial is not None}
+        source = streamed_tiles(o, tiles, theirs) if i in streamed else \
+            ((cur[0][:, u:w], cur[1][:, u:w]) for u, w, _ in tiles)
+        for j, kv_tile in enumerate(source):
+            if j not in live:
+                continue
             (u, w, col), col_theirs = tiles[j], theirs[j][2]
             bufs = ()
             if col or initial is not None:

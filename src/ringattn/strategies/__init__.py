@@ -10,8 +10,9 @@
   hardware (deterministic, so every rank picks the same).
 
 Strategy-specific keywords: ``kv_head_chunk`` (allgather: kv heads gathered at a time);
-``backward_exchange`` (ring and hybrid: ``"ring"`` or ``"direct"``, see ``ring_attention``). Under
-``"auto"`` a keyword the chosen strategy does not take is dropped: it tunes a strategy not chosen.
+``backward_exchange`` (ring and hybrid: ``"ring"`` or ``"direct"``, see ``ring_attention``; the others
+take only ``"ring"``). Under ``"auto"`` a keyword the chosen strategy does not use is dropped: it tunes a
+strategy that was not chosen.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def dispatch(q, k, v, *, strategy: str = "ring", group=None, mesh=None, **kwargs
 
         strategy = choose_for_call(q, k, v, group=group, mesh=mesh, **kwargs)
         takes = {"allgather": ("kv_head_chunk",), "ring": ("backward_exchange",), "hybrid": ("backward_exchange",)}
+        # (allgather and ulysses accept backward_exchange="ring" only: a "direct" meant for the ring is dropped)
         kwargs = {key: val for key, val in kwargs.items()
                   if key not in _TUNING or key in takes.get(strategy, ())}
     if strategy != "hybrid" and mesh is not None:
@@ -63,12 +65,13 @@ def dispatch(q, k, v, *, strategy: str = "ring", group=None, mesh=None, **kwargs
 
 
 def check_call(q, k, v, *, strategy: str, world: int, layout: str, causal, window, seq_len, cu_seqlens,
-               softmax_scale, local_world: int | None = None,
-               block_rows: int = 1) -> tuple[MaskSpec, float, str]:
+               softmax_scale, local_world: int | None = None, block_rows: int = 1,
+               backward_exchange: str = "ring") -> tuple[MaskSpec, float, str]:
     """Checks shared by the strategies; returns (mask spec, softmax scale, description to agree on).
 
     ``world`` is the number of sequence blocks the layout is defined over, each of ``block_rows *
     local_len`` rows; ``local_world`` the group that splits the heads (Ulysses), if any.
+    ``backward_exchange`` is the ring's; "direct" is an error for a strategy without a ring.
     """
     check_qkv(q, k, v)
     spec = make_spec(world=world, local_len=block_rows * q.shape[1], layout=layout, causal=causal, window=window,
@@ -77,7 +80,11 @@ def check_call(q, k, v, *, strategy: str, world: int, layout: str, causal, windo
     if local_world is not None and q.shape[2] % local_world:
         raise ValueError(f"strategy={strategy!r} splits the heads over {local_world} ranks: heads "
                          f"({q.shape[2]}) must be divisible by {local_world}")
-    return spec, scale, describe(strategy, q, k, v, spec, layout, scale)
+    if backward_exchange not in ("ring", "direct"):
+        raise ValueError(f"backward_exchange must be one of ('ring', 'direct'), got {backward_exchange!r}")
+    if backward_exchange == "direct" and strategy not in ("ring", "hybrid"):
+        raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring")
+    return spec, scale, describe(strategy, q, k, v, spec, layout, scale) + f" backward_exchange={backward_exchange}"
 
 
 def device_of(q) -> torch.device:

@@ -206,18 +206,20 @@ def allgather_attention(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     kv_head_chunk: int | None = None,
+    backward_exchange: str = "ring",
 ):
     """Exact attention by gathering K/V; same arguments and results as ``ring_attention``.
 
     ``kv_head_chunk``: K/V heads gathered per step (None: as many as fit in ``CHUNK_BYTES``, at
     least two steps when there is more than one K/V head, so that the gather overlaps compute).
+    ``backward_exchange``: only ``"ring"`` (accepted so that a model's setting can name it; no ring here).
     """
     rank, world = comm.group_rank_world(group)
     error, spec, scale, desc = None, None, None, ""
     try:
         spec, scale, desc = check_call(q, k, v, strategy="allgather", world=world, layout=layout,
                                        causal=causal, window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
-                                       softmax_scale=softmax_scale)
+                                       softmax_scale=softmax_scale, backward_exchange=backward_exchange)
         if kv_head_chunk is not None and (isinstance(kv_head_chunk, bool) or not isinstance(kv_head_chunk, int)
                                           or kv_head_chunk < 1):
             raise ValueError(f"kv_head_chunk must be a positive int or None, got {kv_head_chunk!r}")

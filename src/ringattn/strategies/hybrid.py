@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..layouts import mesh_coords, mesh_dims
-from ..ring import BACKWARD_EXCHANGES, ring_attention
+from ..ring import ring_attention
 from . import AllToAll, check_call, device_of, kv_replication
 
 
@@ -79,10 +79,9 @@ def hybrid_attention(
         # The layout is over the ring's blocks of U * local_len rows (zigzag: an even number).
         spec, _, desc = check_call(q, k, v, strategy="hybrid", world=ring_world, layout=layout, causal=causal,
                                    window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
-                                   softmax_scale=softmax_scale, local_world=uly_world, block_rows=uly_world)
-        if backward_exchange not in BACKWARD_EXCHANGES:
-            raise ValueError(f"backward_exchange must be one of {BACKWARD_EXCHANGES}, got {backward_exchange!r}")
-        desc += f" mesh={ring_world}x{uly_world} backward_exchange={backward_exchange}"
+                                   softmax_scale=softmax_scale, local_world=uly_world, block_rows=uly_world,
+                                   backward_exchange=backward_exchange)
+        desc += f" mesh={ring_world}x{uly_world}"
     except (TypeError, ValueError) as e:
         error = e
     _agree_on_mesh(desc, error, (uly_group, ring_group), device_of(q))

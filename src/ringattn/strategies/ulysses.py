@@ -99,18 +99,20 @@ def ulysses_attention(
     cu_seqlens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
+    backward_exchange: str = "ring",
 ):
     """Exact attention by all-to-all head parallelism; same arguments and results as ``ring_attention``.
 
     Needs ``heads`` divisible by the group size; K/V heads are replicated when ``kv_heads`` is not a
-    multiple of it (see the module docstring).
+    multiple of it (see the module docstring). ``backward_exchange``: only ``"ring"`` (no ring here).
     """
     _, world = comm.group_rank_world(group)
     error, spec, scale, desc = None, None, None, ""
     try:
         spec, scale, desc = check_call(q, k, v, strategy="ulysses", world=world, layout=layout, causal=causal,
                                        window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
-                                       softmax_scale=softmax_scale, local_world=world)
+                                       softmax_scale=softmax_scale, local_world=world,
+                                       backward_exchange=backward_exchange)
     except (TypeError, ValueError) as e:
         error = e
     agree(desc, error, group, device_of(q))
