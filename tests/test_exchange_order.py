@@ -7,7 +7,8 @@ of ranks, in posting order) in a group running at the same time on the peer. Ran
 (windows, documents, padding) post different subsets of exchanges; unless every rank's groups follow one
 global order, two ranks can each wait for a group the other has queued behind its own: a hang.
 
-Here every rank's forward and backward run in this process against a recording ``Ring``, and a
+Here every rank's forward and backward run in this process, through ``comm.Ring.exchange`` down to a
+recording ``batch_isend_irecv``; the messages of each pair must agree in tag, shape and dtype, and a
 simulation of NCCL's rule checks that the recorded groups all complete.
 """
 
@@ -17,50 +18,65 @@ import random
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from ringattn import masks, ring
+from ringattn import comm, masks, ring
 from ringattn.validate import make_spec
 
 
-class _Done:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def done(self) -> bool:
-        return False
-
-    def wait(self):
-        return self.tensors
+class _Op:
+    def __init__(self, op, tensor, peer, group=None, tag=0):
+        self.op, self.tensor, self.peer, self.tag = op, tensor, peer, tag
 
 
-def record(world, local, layout, causal, window, seq_len, direct, chunk, cu=None, monkeypatch=None):
-    """Per rank, the exchange groups it posts in one forward + backward: lists of (send|recv, pair)."""
+def record(world, local, layout, causal, window, seq_len, direct, chunk, cu=None, monkeypatch=None, batch=1):
+    """Per rank, the exchange groups it posts in one forward + backward, through ``comm.Ring.exchange``
+    down to ``batch_isend_irecv`` (replaced by a recorder): lists of (send|recv, (src, dst), tag, shape,
+    dtype), one per message."""
     monkeypatch.setattr(masks, "CHUNK", chunk)
+    monkeypatch.setattr(comm.dist, "P2POp", _Op)
     logs = []
     for rank in range(world):
         log = []
 
-        class Recorder:
-            def __init__(self, group=None):
-                self.rank, self.world = rank, world
+        def post(ops, rank=rank, log=log):
+            if not ops:  # the real batch_isend_irecv fails on an empty list
+                raise AssertionError("an exchange with no message was posted")
+            log.append([("send", (rank, op.peer)) if op.op is dist.isend else ("recv", (op.peer, rank))
+                        for op in ops])
+            log[-1] = [(*m, op.tag, tuple(op.tensor.shape), op.tensor.dtype) for m, op in zip(log[-1], ops)]
+            for op in ops:
+                if op.op is dist.irecv:
+                    op.tensor.zero_()
+            return []
 
-            def exchange(self, send, to, recv_like, frm, tag, dtype=None, by_head=False):
-                dst, src = (rank + to) % world, (rank + frm) % world
-                log.append([("send", (rank, dst)) for _ in send] + [("recv", (src, rank)) for _ in recv_like])
-                return _Done(tuple(torch.zeros(t.shape, dtype=dtype or t.dtype) for t in recv_like))
+        class Recorder(comm.Ring):
+            def __init__(self, group=None, rank=rank):
+                self.group, self.rank, self.world = None, rank, world
 
+        monkeypatch.setattr(comm.dist, "batch_isend_irecv", post)
         monkeypatch.setattr(ring, "Ring", Recorder)
         cu_t = torch.tensor(cu) if cu is not None else None
         spec = make_spec(world=world, local_len=local, layout=layout, causal=causal, window=window,
-                         seq_len=seq_len, cu_seqlens=cu_t, batch=1)
+                         seq_len=seq_len, cu_seqlens=cu_t, batch=batch)
         call = ring._Call(None, ring.make_plan(spec, layout, rank, world, local), spec, 0.5, direct=direct)
         g = torch.Generator().manual_seed(rank)
-        q, k, v = (ring.heads_major(torch.randn(1, local, h, 4, generator=g, dtype=torch.float64))
+        q, k, v = (ring.heads_major(torch.randn(batch, local, h, 4, generator=g, dtype=torch.float64))
                    for h in (2, 1, 1))
         out, lse = ring._ring_forward(q, k, v, call)
         ring._ring_backward(torch.ones_like(out), q, k, v, out, lse, call, None)
-        logs.append([grp for grp in log if grp])
+        logs.append(log)
     return logs
+
+
+def messages_match(logs) -> bool:
+    """Per ordered pair of ranks, the n-th message sent and the n-th received agree in tag, shape, dtype."""
+    sent, received = {}, {}
+    for log in logs:
+        for grp in log:
+            for kind, pair, *what in grp:
+                (sent if kind == "send" else received).setdefault(pair, []).append(tuple(what))
+    return sent == received
 
 
 def completes_under_nccl(logs) -> bool:
@@ -71,7 +87,7 @@ def completes_under_nccl(logs) -> bool:
         count, gs = {}, []
         for grp in log:
             ops = []
-            for kind, pair in grp:
+            for kind, pair, *_ in grp:
                 count[kind, pair] = count.get((kind, pair), 0) + 1
                 ops.append([kind, pair, count[kind, pair], False])
             gs.append(ops)
@@ -99,6 +115,10 @@ def test_the_simulation_catches_crossed_groups():
     assert not completes_under_nccl(crossed)
     matched = [[[("send", (0, 1))], [("recv", (1, 0))]], [[("recv", (0, 1))], [("send", (1, 0))]]]
     assert completes_under_nccl(matched)
+    # Two messages on one pair in opposite orders complete, but each meets the wrong kind.
+    swapped = [[[("send", (0, 1), 11, (4,), torch.float32)], [("send", (0, 1), 13, (2,), torch.float64)]],
+               [[("recv", (0, 1), 13, (2,), torch.float64)], [("recv", (0, 1), 11, (4,), torch.float32)]]]
+    assert not messages_match(swapped)
 
 
 # Ranks with different tiles at the same step: zigzag with a window (found by a review: 4 ranks, window
@@ -119,13 +139,14 @@ CONFIGS = [
 def test_every_rank_posts_in_one_global_order(cfg, direct, monkeypatch):
     world, local, layout, causal, window, seq_len, chunk, cu = cfg
     logs = record(world, local, layout, causal, window, seq_len, direct, chunk, cu, monkeypatch)
+    assert messages_match(logs), f"{cfg} direct={direct}: a message meets one of another kind"
     assert completes_under_nccl(logs), f"{cfg} direct={direct}: ranks would wait on each other under NCCL"
 
 
 def test_random_configurations_post_in_one_global_order(monkeypatch):
     rnd = random.Random(0)
     for _ in range(150):
-        world = rnd.choice([2, 3, 4, 5, 8])
+        world = rnd.choice([2, 3, 4, 5, 6, 7, 8])
         local, chunk = rnd.choice([8, 12, 16, 20]), rnd.choice([2, 3, 4])
         layout, causal, direct = rnd.choice(["contiguous", "zigzag", "striped"]), rnd.random() < 0.5, rnd.random() < 0.5
         seq_len = world * local - rnd.choice([0, 1, 5, local // 2])
@@ -133,5 +154,7 @@ def test_random_configurations_post_in_one_global_order(monkeypatch):
         cu = None
         if rnd.random() < 0.3:
             cu = sorted({0, seq_len, *rnd.sample(range(1, seq_len), 3)})
-        logs = record(world, local, layout, causal, window, seq_len, direct, chunk, cu, monkeypatch)
-        assert completes_under_nccl(logs), (world, local, layout, causal, window, seq_len, chunk, cu, direct)
+        batch = 1 if cu else rnd.choice([1, 2])
+        logs = record(world, local, layout, causal, window, seq_len, direct, chunk, cu, monkeypatch, batch)
+        what = (world, local, layout, causal, window, seq_len, chunk, cu, direct, batch)
+        assert messages_match(logs) and completes_under_nccl(logs), what

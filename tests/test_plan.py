@@ -124,7 +124,7 @@ def test_auto_is_deterministic_and_hardware_aware(monkeypatch):
 def test_direct_backward_exchange_is_modelled():
     # The direct backward holds a few key tiles instead of the next block in flight and the travelling
     # dK/dV (here 2 float32 dK/dV blocks less; the forward's block in flight stays), sends the same bytes
-    # and does the same FLOPs. On 2 ranks the ring exchange streams too: the two are the same there.
+    # and does the same FLOPs. On 2 and 3 ranks the ring exchange streams too: the two are the same there.
     hw = PRESETS["a100-nvlink"]
     kw = dict(seq_len=4 * 65536, world=4, heads=8, kv_heads=2, head_dim=128)
     ring = plan.estimate_ring(Problem(**kw), hw)
@@ -133,8 +133,9 @@ def test_direct_backward_exchange_is_modelled():
     assert ring.memory_bytes - direct.memory_bytes == pytest.approx(2 * kv_row * 4, rel=0.25)
     assert direct.flops == ring.flops and direct.comm_bytes == ring.comm_bytes
     assert "direct backward" in direct.note and "direct" not in ring.note
-    two = dict(kw, world=2, seq_len=2 * 65536)
-    assert plan.estimate_ring(Problem(**two), hw).memory_bytes == \
-        plan.estimate_ring(Problem(**two, backward_exchange="direct"), hw).memory_bytes
+    for w in (2, 3):  # 3 ranks: the ring's schedule 0, 1, -1 streams both directions
+        few = dict(kw, world=w, seq_len=w * 65536)
+        assert plan.estimate_ring(Problem(**few), hw).memory_bytes == \
+            plan.estimate_ring(Problem(**few, backward_exchange="direct"), hw).memory_bytes, w
     with pytest.raises(ValueError, match="backward_exchange"):
         Problem(**kw, backward_exchange="neighbours")

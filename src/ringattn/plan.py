@@ -192,14 +192,11 @@ def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> tuple[li
     segs = [segments(lay, r, world, local) for r in range(world)]
     unit = _unit(p, heads)
     per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit) for o in range(world)] for r in range(world)]
-    needed = [o for o in range(1, world) if any(per[r][o] > 0 for r in range(world))]
-    best = None
-    for a in range(world):
-        b = max((world - o for o in needed if o > a), default=0)
-        if best is None or a + b < best[0] + best[1]:
-            best = (a, b)
-    steps = [0, *range(1, best[0] + 1), *(world - i for i in range(1, best[1] + 1))]
-    return [max(per[r][o] for r in range(world)) for o in steps], max(best)
+    from .ring import directions
+
+    a, b = directions([o for o in range(1, world) if any(per[r][o] > 0 for r in range(world))], world)
+    steps = [0, *range(1, a + 1), *(world - i for i in range(1, b + 1))]
+    return [max(per[r][o] for r in range(world)) for o in steps], max(a, b)
 
 
 def _pipelined(compute: list[float], transfer: float) -> tuple[float, float]:

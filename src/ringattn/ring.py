@@ -53,6 +53,21 @@ class RingPlan:
     held: dict  # offset -> the tasks of the rank that holds *our* block at that offset (rank + o)
 
 
+def directions(needed: list[int], world: int) -> tuple[int, int]:
+    """Steps ``(a, b)`` of the forward run ``1..a`` and the reverse run ``-1..-b`` covering the offsets
+    ``needed`` (in ``1..world-1``; the reverse run reaches offset ``world - i`` at step ``-i``)."""
+    # Fewest steps total. Among equally short schedules, one where no block moves on if there is one: a
+    # direction one step long streams its block, while a longer one has dK/dV travelling and the next
+    # block in flight (e.g. 3 ranks causal: 0, 1, -1 rather than 0, -1, -2). Otherwise the first
+    # (measured: on 4 ranks, one long direction peaks lower than a short one next to a long one, whose
+    # returns overlap it).
+    def cost(a: int, b: int) -> tuple[int, bool]:
+        return a + b, a > 1 or b > 1
+
+    return min(((a, max((world - o for o in needed if o > a), default=0)) for a in range(world)),
+               key=lambda ab: cost(*ab))
+
+
 @functools.lru_cache(maxsize=256)
 def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int) -> RingPlan:
     segs = [segments(layout, r, world, local_len) for r in range(world)]
@@ -61,17 +76,7 @@ def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int
         qsegs, ksegs = segs[r], segs[(r - o) % world]
         return any(spec.classify(qs, ks).kind.value != 0 for qs in qsegs for ks in ksegs)
 
-    needed = [o for o in range(1, world) if any(busy(r, o) for r in range(world))]
-    # Cover the needed offsets with a forward run 1..a and a reverse run W-1..W-b, fewest steps total.
-    # Among equally short schedules, one where no block moves on if there is one: a direction one step
-    # long streams its block, while a longer one has dK/dV travelling and the next block in flight (e.g.
-    # 3 ranks causal: 0, 1, -1 rather than 0, -1, -2). Otherwise the first (measured: on 4 ranks, one
-    # long direction peaks lower than a short one next to a long one, whose returns overlap it).
-    def cost(a: int, b: int) -> tuple[int, bool]:
-        return a + b, a > 1 or b > 1
-
-    a, b = min(((a, max((world - o for o in needed if o > a), default=0)) for a in range(world)),
-               key=lambda ab: cost(*ab))
+    a, b = directions([o for o in range(1, world) if any(busy(r, o) for r in range(world))], world)
     steps = (0, *range(1, a + 1), *(-i for i in range(1, b + 1)))
     tasks = {o: plan_block(spec, segs[rank], segs[(rank - o) % world]) for o in steps}
     held = {o: plan_block(spec, segs[(rank + o) % world], segs[rank]) for o in steps if o}
