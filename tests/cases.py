@@ -150,17 +150,18 @@ def assert_close(results: list[dict], case: Case, tol: float | None = None) -> N
 
 
 @contextlib.contextmanager
-def exchange_tags():
-    """The tag of every ring exchange this rank posts inside the block (a list, filled in place): tells
-    which backward exchange really ran, since both give the same numbers."""
-    tags, post = [], comm.Ring.exchange
+def recorded_exchanges(what=lambda ring, send, to, tag: tag):
+    """``what(ring, send, to, tag)`` of every ring exchange this rank posts inside the block (a list,
+    filled in place); by default the tags, which tell which backward exchange really ran, since both
+    give the same numbers."""
+    log, post = [], comm.Ring.exchange
 
     def spy(self, send, to, recv_like, frm, tag, *args, **kwargs):
-        tags.append(tag)
+        log.append(what(self, send, to, tag))
         return post(self, send, to, recv_like, frm, tag, *args, **kwargs)
 
     comm.Ring.exchange = spy
     try:
-        yield tags
+        yield log
     finally:
         comm.Ring.exchange = post

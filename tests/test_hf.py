@@ -153,11 +153,11 @@ def direct_case(layout: str) -> tuple[dict, bool, bool]:
     """Llama with the direct exchange vs eager, and whether dK/dV travelled (ring) / did not (direct)."""
     from ringattn.comm import TAG_GRAD
 
-    from .cases import exchange_tags
+    from .cases import recorded_exchanges
 
-    with exchange_tags() as direct:
+    with recorded_exchanges() as direct:
         errs = {"llama": compare_family("llama", layout, 29, exchange="direct")}
-    with exchange_tags() as ring:
+    with recorded_exchanges() as ring:
         compare_family("llama", layout, 29)
     return errs, TAG_GRAD in ring, TAG_GRAD not in direct
 

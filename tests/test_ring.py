@@ -92,23 +92,22 @@ def backward_traffic(exchange: str, chunk: int):
     import torch
 
     import ringattn
-    from ringattn import comm, masks
+    from ringattn import masks
 
-    log, post, default = [], comm.Ring.exchange, masks.CHUNK
-    masks.CHUNK = chunk
+    from .cases import recorded_exchanges
 
-    def spy(self, send, to, recv_like, frm, tag, dtype=None, by_head=False):
-        log.append((tag, max((t.shape[1] for t in send if t.dim() == 4), default=0), to % self.world))
-        return post(self, send, to, recv_like, frm, tag, dtype, by_head)
+    def what(ring, send, to, tag):
+        return tag, max((t.shape[1] for t in send if t.dim() == 4), default=0), to % ring.world
 
+    default, masks.CHUNK = masks.CHUNK, chunk
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 32, h, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
     out = ringattn.ring_attention(q, k, v, causal=True, layout="zigzag", backward_exchange=exchange)
-    comm.Ring.exchange = spy
     try:
-        out.sum().backward()
+        with recorded_exchanges(what) as log:
+            out.sum().backward()
     finally:
-        comm.Ring.exchange, masks.CHUNK = post, default
+        masks.CHUNK = default
     return log
 
 

@@ -88,9 +88,9 @@ def test_train_step_other_strategies(ranks, strategy, ulysses, dp, exchange):
 def _travelling_gradients(tc: TrainConfig) -> bool:
     from ringattn.comm import TAG_GRAD
 
-    from .cases import exchange_tags
+    from .cases import recorded_exchanges
 
-    with exchange_tags() as tags:
+    with recorded_exchanges() as tags:
         _one_step(tc)
     return TAG_GRAD in tags
 

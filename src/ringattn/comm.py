@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .kernels.base import heads_major, new_heads_major
+from .kernels.base import heads_major, new_buffer
 
 TAG_KV, TAG_GRAD, TAG_RETURN = 11, 12, 13
 
@@ -122,7 +122,7 @@ class Ring:
         by_head = by_head and any(t.device.type == "cpu" for t in (*send, *recv_like))
         to_peer, from_peer = self._global(self.rank + to), self._global(self.rank + frm)
         ops = [dist.P2POp(dist.isend, w, to_peer, self.group, tag) for t in send for w in _wire(t, by_head)]
-        recv = tuple(_new_like(t, dtype or t.dtype) for t in recv_like)
+        recv = tuple(new_buffer(t.shape, dtype or t.dtype, t.device) for t in recv_like)
         ops += [dist.P2POp(dist.irecv, w, from_peer, self.group, tag) for t in recv for w in _wire(t, by_head)]
         what = f"rank {self.rank} sending to rank {(self.rank + to) % self.world}, receiving from rank " \
                f"{(self.rank + frm) % self.world}"
@@ -138,18 +138,12 @@ class Ring:
 def _wire(t: torch.Tensor, by_head: bool = False) -> list[torch.Tensor]:
     """The contiguous buffers that carry ``t``: heads-major for a 4-D tensor (one per (batch, head) if
     ``by_head``), row-major otherwise. Views of ``t`` where its storage allows (always for a received
-    buffer, which ``_new_like`` makes heads-major)."""
+    buffer, which ``new_buffer`` makes heads-major)."""
     if t.dim() != 4:
         return [t.contiguous()]
     rows = t.transpose(1, 2)  # (batch, heads, n, d)
-    if not by_head:
-        return [heads_major(t).transpose(1, 2)]
-    if not (rows.stride(3) == 1 and (rows.shape[2] <= 1 or rows.stride(2) == rows.shape[3])):
+    # One contiguous buffer needs the whole tensor heads-major; one per (batch, head) only each head's rows.
+    rows_contiguous = rows.stride(3) == 1 and (rows.shape[2] <= 1 or rows.stride(2) == rows.shape[3])
+    if not by_head or not rows_contiguous:
         rows = heads_major(t).transpose(1, 2)
-    return [r for per_batch in rows.unbind(0) for r in per_batch.unbind(0)]
-
-
-def _new_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if t.dim() == 4:
-        return new_heads_major(t.shape, dtype, t.device)
-    return torch.empty(t.shape, dtype=dtype, device=t.device)
+    return [rows] if not by_head else [r for per_batch in rows.unbind(0) for r in per_batch.unbind(0)]

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from . import comm
 from .layouts import check_layout, global_positions, padded_len
 from .ring import ring_attention
-from .validate import agree
+from .validate import agree, check_backward_exchange
 
 IGNORE_INDEX = -100
 
@@ -73,10 +73,7 @@ def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", 
         raise TypeError(f"strategy must be a str, got {type(strategy).__name__}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
-    if backward_exchange not in ("ring", "direct"):
-        raise ValueError(f"backward_exchange must be 'ring' or 'direct', got {backward_exchange!r}")
-    if backward_exchange == "direct" and strategy not in ("ring", "hybrid", "auto"):
-        raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring")
+    check_backward_exchange(backward_exchange, strategy)
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface

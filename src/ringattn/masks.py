@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -279,17 +280,17 @@ def restrict(t: Task, r0: int, r1: int, c0: int, c1: int) -> list[Task]:
     return out
 
 
-def tile_tasks(tasks: tuple[Task, ...], n_keys: int, size: int) -> list[tuple[int, int, list[Task]]]:
+@functools.lru_cache(maxsize=1024)
+def tile_tasks(tasks: tuple[Task, ...], n_keys: int, size: int) -> tuple[tuple[int, int, tuple[Task, ...]], ...]:
     """Cut tasks into calls of at most ``size`` query rows and ``size`` keys, grouped by key tile.
 
     Returns ``(u, w, tasks)`` per key tile ``[u, w)`` (in order, empty tiles included). The ring's
     backward runs visiting blocks this way: every call's dQ/dK/dV output, added into an accumulator
     and dropped, stays a tile in size, and a finished key tile's dK/dV can leave before the block is done.
+    Cached: every layer's backward asks for the same tiles of the same plan.
     """
     rows = max((t.q1 for t in tasks), default=0)
-    out = []
-    for u in range(0, n_keys, size):
-        w = min(u + size, n_keys)
-        col = [piece for t in tasks for r in range(0, rows, size) for piece in restrict(t, r, r + size, u, w)]
-        out.append((u, w, col))
-    return out
+    return tuple((u, min(u + size, n_keys),
+                  tuple(piece for t in tasks for r in range(0, rows, size)
+                        for piece in restrict(t, r, r + size, u, min(u + size, n_keys))))
+                 for u in range(0, n_keys, size))

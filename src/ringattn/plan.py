@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from . import masks
 from .layouts import LAYOUTS, segments
 from .masks import MaskSpec, Segment, plan_block, task_flops
+from .validate import BACKWARD_EXCHANGES, check_backward_exchange
 
 STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -130,8 +131,7 @@ class Problem:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if self.backward_exchange not in ("ring", "direct"):
-            raise ValueError(f"backward_exchange must be 'ring' or 'direct', got {self.backward_exchange!r}")
+        check_backward_exchange(self.backward_exchange)
         if self.mesh is not None and math.prod(self.mesh) != self.world:
             raise ValueError(f"mesh {self.mesh} does not have world = {self.world} ranks")
 
@@ -541,7 +541,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sliding window, -1 = unbounded")
     p.add_argument("--layout", choices=LAYOUTS, default="zigzag")
     p.add_argument("--forward-only", action="store_true", help="inference: no backward pass")
-    p.add_argument("--backward-exchange", choices=["ring", "direct"], default="ring",
+    p.add_argument("--backward-exchange", choices=BACKWARD_EXCHANGES, default="ring",
                    help="the ring's backward: dK/dV travel with their block, or go straight to the owner")
     p.add_argument("--mesh", type=int, nargs=2, metavar=("RING", "ULYSSES"), default=None,
                    help="hybrid mesh shape (default: Ulysses over a node)")

@@ -39,11 +39,10 @@ from .kernels import BACKENDS, heads_major, lse_dtype, select
 from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
 from .masks import MaskSpec, plan_block, tile_tasks
-from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
+from .validate import agree, check_backward_exchange, check_qkv, describe, make_spec, softmax_scale_of
 
 RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not yet added
 TILES_AHEAD = 2  # key/value tiles of a streamed block asked for ahead of the one being computed
-BACKWARD_EXCHANGES = ("ring", "direct")
 
 
 @dataclass(frozen=True)
@@ -342,8 +341,7 @@ def ring_attention(
         spec = make_spec(world=world, local_len=q.shape[1], layout=layout, causal=causal, window=window,
                          seq_len=seq_len, cu_seqlens=cu_seqlens, batch=q.shape[0])
         scale = softmax_scale_of(softmax_scale, q.shape[-1])
-        if backward_exchange not in BACKWARD_EXCHANGES:
-            raise ValueError(f"backward_exchange must be one of {BACKWARD_EXCHANGES}, got {backward_exchange!r}")
+        check_backward_exchange(backward_exchange)
         desc = describe("ring", q, k, v, spec, layout, scale) + f" backward_exchange={backward_exchange}"
     except (TypeError, ValueError) as e:
         error = e

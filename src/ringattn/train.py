@@ -36,6 +36,7 @@ from .data import TASKS, Task, make_task
 from .layouts import LAYOUTS
 from .model import Llama, LlamaConfig, build
 from .model.loss import count_labels, shard_batch, sharded_loss
+from .validate import BACKWARD_EXCHANGES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -328,7 +329,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-chunk", type=int, default=256, help="blockwise FFN chunk in tokens (0 = off)")
     p.add_argument("--loss-chunk", type=int, default=0, help="blockwise loss chunk in tokens (0 = off)")
     p.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
-    p.add_argument("--backward-exchange", default=m.backward_exchange, choices=["ring", "direct"],
+    p.add_argument("--backward-exchange", default=m.backward_exchange, choices=BACKWARD_EXCHANGES,
                    help="ring backward: dK/dV travel with their block (ring) or go straight to the owner "
                         "(direct: least memory, traffic between non-neighbours)")
     p.add_argument("--dtype", default=t.dtype, choices=list(DTYPES))

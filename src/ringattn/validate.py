@@ -22,6 +22,16 @@ from .layouts import LAYOUTS
 from .masks import MaskSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKWARD_EXCHANGES = ("ring", "direct")  # see ring_attention
+RING_STRATEGIES = ("ring", "hybrid", "auto")  # the strategies that (may) run the ring
+
+
+def check_backward_exchange(value, strategy: str = "ring") -> None:
+    """``backward_exchange`` is one of BACKWARD_EXCHANGES, and "direct" only where a ring runs."""
+    if value not in BACKWARD_EXCHANGES:
+        raise ValueError(f"backward_exchange must be one of {BACKWARD_EXCHANGES}, got {value!r}")
+    if value == "direct" and strategy not in RING_STRATEGIES:
+        raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring")
 
 
 def check_qkv(q, k, v) -> None:

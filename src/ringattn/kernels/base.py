@@ -65,6 +65,13 @@ def new_heads_major(shape, dtype: torch.dtype, device, zero: bool = False) -> to
     return (torch.zeros if zero else torch.empty)(b, h, n, d, dtype=dtype, device=device).transpose(1, 2)
 
 
+def new_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised buffer as the ring keeps one: heads-major if 4-D, row-major otherwise."""
+    if len(shape) == 4:
+        return new_heads_major(shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, nq, h, _ = q.shape
     out = q.new_zeros(b, nq, h, v.shape[-1])

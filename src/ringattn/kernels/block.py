@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import Kind, MaskSpec, Segment, Task, plan_block
-from .base import Backend, lse_dtype, new_heads_major
+from .base import Backend, lse_dtype, new_buffer, new_heads_major
 
 
 class Partial:
@@ -91,10 +91,7 @@ class Sum:
 
     def _build(self) -> None:
         n = self.shape[1]
-        if len(self.shape) == 4:
-            self.t = new_heads_major(self.shape, self.dtype, self.device)
-        else:
-            self.t = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.t = new_buffer(self.shape, self.dtype, self.device)
         edge = 0
         for a, b, x in sorted(self._pieces, key=lambda p: p[0]):
             self.t[:, edge:a].zero_()

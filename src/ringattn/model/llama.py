@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import comm
 from ..layouts import global_positions
+from ..validate import check_backward_exchange
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -77,10 +78,7 @@ class LlamaConfig:
             raise ValueError(f"head_dim = dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
         if self.ffn_chunk < 0:
             raise ValueError(f"ffn_chunk must be >= 0 (0 = off), got {self.ffn_chunk}")
-        if self.backward_exchange not in ("ring", "direct"):
-            raise ValueError(f"backward_exchange must be 'ring' or 'direct', got {self.backward_exchange!r}")
-        if self.backward_exchange == "direct" and self.strategy not in ("ring", "hybrid", "auto"):
-            raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={self.strategy!r} has no ring")
+        check_backward_exchange(self.backward_exchange, self.strategy)
 
     @property
     def head_dim(self) -> int:

@@ -24,10 +24,12 @@ import torch.distributed as dist
 
 from .. import comm
 from ..masks import MaskSpec
-from ..validate import check_qkv, describe, make_spec, softmax_scale_of
+from ..validate import check_backward_exchange, check_qkv, describe, make_spec, softmax_scale_of
 
 STRATEGIES = ("ring", "allgather", "ulysses", "hybrid", "auto")
-_TUNING = ("kv_head_chunk", "backward_exchange")  # strategy-specific keywords
+# Strategy-specific keywords, and the strategies that use them ("auto" passes each only to those; the
+# others accept backward_exchange="ring" only, so a "direct" meant for the ring is dropped).
+_TUNING = {"kv_head_chunk": ("allgather",), "backward_exchange": ("ring", "hybrid")}
 
 
 def dispatch(q, k, v, *, strategy: str = "ring", group=None, mesh=None, **kwargs):
@@ -38,10 +40,7 @@ def dispatch(q, k, v, *, strategy: str = "ring", group=None, mesh=None, **kwargs
         from ..plan import choose_for_call
 
         strategy = choose_for_call(q, k, v, group=group, mesh=mesh, **kwargs)
-        takes = {"allgather": ("kv_head_chunk",), "ring": ("backward_exchange",), "hybrid": ("backward_exchange",)}
-        # (allgather and ulysses accept backward_exchange="ring" only: a "direct" meant for the ring is dropped)
-        kwargs = {key: val for key, val in kwargs.items()
-                  if key not in _TUNING or key in takes.get(strategy, ())}
+        kwargs = {key: val for key, val in kwargs.items() if strategy in _TUNING.get(key, (strategy,))}
     if strategy != "hybrid" and mesh is not None:
         raise ValueError(f"mesh is only used by strategy='hybrid' (got strategy={strategy!r}); "
                          "pass group= for the others")
@@ -80,10 +79,7 @@ def check_call(q, k, v, *, strategy: str, world: int, layout: str, causal, windo
     if local_world is not None and q.shape[2] % local_world:
         raise ValueError(f"strategy={strategy!r} splits the heads over {local_world} ranks: heads "
                          f"({q.shape[2]}) must be divisible by {local_world}")
-    if backward_exchange not in ("ring", "direct"):
-        raise ValueError(f"backward_exchange must be one of ('ring', 'direct'), got {backward_exchange!r}")
-    if backward_exchange == "direct" and strategy not in ("ring", "hybrid"):
-        raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring")
+    check_backward_exchange(backward_exchange, strategy)
     return spec, scale, describe(strategy, q, k, v, spec, layout, scale) + f" backward_exchange={backward_exchange}"
 
 
