@@ -1,0 +1,46 @@
+"""The named modes of a call, one list of choices each, for the API, the validation and every CLI.
+
+Each is a ``StrEnum``: members compare equal to their strings, so ``layout="zigzag"`` and
+``layout=Layout.ZIGZAG`` are the same argument, and ``choices=list(Layout)`` lists them for argparse.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Layout(StrEnum):
+    """Which global positions a rank holds (see ``ringattn.layouts``)."""
+
+    CONTIGUOUS = "contiguous"
+    ZIGZAG = "zigzag"
+    STRIPED = "striped"
+
+
+class Strategy(StrEnum):
+    """How the sequence split is turned into exact attention (see ``ringattn.strategies``)."""
+
+    RING = "ring"
+    ALLGATHER = "allgather"
+    ULYSSES = "ulysses"
+    HYBRID = "hybrid"
+    AUTO = "auto"
+
+
+class BackwardExchange(StrEnum):
+    """How the ring's backward moves blocks (see Note [Backward exchange] in ``strategies/ring.py``)."""
+
+    RING = "ring"
+    DIRECT = "direct"
+
+
+# The strategies that run (or may run) the ring, and so take backward_exchange="direct".
+RING_STRATEGIES = frozenset({Strategy.RING, Strategy.HYBRID, Strategy.AUTO})
+
+
+def choose(enum: type[StrEnum], value, what: str) -> StrEnum:
+    """``value`` as a member of ``enum``, or a ``ValueError`` naming ``what`` and the choices."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{what} must be one of {tuple(str(m) for m in enum)}, got {value!r}") from None
