@@ -8,17 +8,17 @@ reference, errors relative to the reference's largest magnitude over the whole s
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 import ringattn
-from ringattn import comm, masks, ring
+from ringattn import comm
 
+from .backends import backend_for
 from .reference import TOL, attention_ref, dense_mask
 
-DEFAULT_TILE = masks.TILE
-DEFAULT_CHUNK = masks.CHUNK
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
 
@@ -37,8 +37,9 @@ class Case:
     window: tuple | None = None
     cu_seqlens: list | None = None
     seed: int = 0
-    tile: int | None = None  # shrink masks.TILE to exercise tiling on small inputs
-    chunk: int | None = None  # shrink masks.CHUNK to exercise the ring backward's key tiles
+    tile: int | None = None  # a smaller Capabilities.max_dense_tile, to exercise tiling on small inputs
+    chunk: int | None = None  # a smaller Capabilities.backward_tile: the ring backward's key tiles
+    backend: str | None = None  # a library or test backend (tests/backends.py); None = the library's choice
     strategy: str = "ring"
     scale_logits: float = 1.0
     extra: dict = field(default_factory=dict)
@@ -75,11 +76,7 @@ def mesh_for(shape: tuple[int, int]):
 def run_case(case: Case) -> dict:
     rank, world = comm.group_rank_world()
     dtype = DTYPES[case.dtype]
-    tile = case.tile or DEFAULT_TILE
-    if tile != masks.TILE:
-        masks.TILE = tile
-        ring.make_plan.cache_clear()
-    masks.CHUNK = case.chunk or DEFAULT_CHUNK
+    backend = backend_for(case.backend or os.environ.get("RINGATTN_TEST_BACKEND"), case.tile, case.chunk)
     g = torch.Generator().manual_seed(case.seed)
     S, b = case.seq_len, case.batch
     dv = case.v_head_dim or case.head_dim
@@ -101,7 +98,8 @@ def run_case(case: Case) -> dict:
         extra["mesh"] = mesh
     qs, ks, vs = (ringattn.shard(t, layout=lay, mesh=mesh).requires_grad_() for t in (q, k, v))
     ds = ringattn.shard(dout, layout=lay, mesh=mesh)
-    kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True)
+    kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True,
+              backend=backend)
     if case.strategy == "ring":
         out, lse = ringattn.ring_attention(qs, ks, vs, **kw, **extra)
     else:

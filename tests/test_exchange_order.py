@@ -20,7 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ringattn import comm, masks, ring
+from ringattn import comm
+from ringattn.call import AttentionCall, Options, Topology
+from ringattn.kernels import BACKENDS, heads_major, retiled
+from ringattn.modes import Layout, Strategy
+from ringattn.strategies import ring
 from ringattn.validate import make_spec
 
 
@@ -33,7 +37,7 @@ def record(world, local, layout, causal, window, seq_len, direct, chunk, cu=None
     """Per rank, the exchange groups it posts in one forward + backward, through ``comm.Ring.exchange``
     down to ``batch_isend_irecv`` (replaced by a recorder): lists of (send|recv, (src, dst), tag, shape,
     dtype), one per message."""
-    monkeypatch.setattr(masks, "CHUNK", chunk)
+    backend = retiled(BACKENDS["cpu-flash"], backward_tile=chunk)
     monkeypatch.setattr(comm.dist, "P2POp", _Op)
     logs = []
     for rank in range(world):
@@ -59,12 +63,13 @@ def record(world, local, layout, causal, window, seq_len, direct, chunk, cu=None
         cu_t = torch.tensor(cu) if cu is not None else None
         spec = make_spec(world=world, local_len=local, layout=layout, causal=causal, window=window,
                          seq_len=seq_len, cu_seqlens=cu_t, batch=batch)
-        call = ring._Call(None, ring.make_plan(spec, layout, rank, world, local), spec, 0.5, direct=direct)
+        call = AttentionCall(Strategy.RING, Options(backward_exchange="direct" if direct else "ring"),
+                             Topology(None, rank, world), Layout(layout), spec, 0.5, backend)
         g = torch.Generator().manual_seed(rank)
-        q, k, v = (ring.heads_major(torch.randn(batch, local, h, 4, generator=g, dtype=torch.float64))
+        q, k, v = (heads_major(torch.randn(batch, local, h, 4, generator=g, dtype=torch.float64))
                    for h in (2, 1, 1))
-        out, lse = ring._ring_forward(q, k, v, call)
-        ring._ring_backward(torch.ones_like(out), q, k, v, out, lse, call, None)
+        out, lse = ring._forward(q, k, v, call)
+        ring._backward(torch.ones_like(out), q, k, v, out, lse, call, None)
         logs.append(log)
     return logs
 

@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringattn.kernels import BACKENDS, heads_major
-from ringattn.kernels.block import Sum, block_attention, merge_into
-from ringattn.masks import Kind, MaskSpec, Segment, Task, plan_block, tile_tasks
+from ringattn.kernels import BACKENDS, Capabilities, heads_major
+from ringattn.kernels.block import GradAccumulator, OutLseAccumulator, merge_into, run_forward
+from ringattn.masks import Kind, MaskSpec, Segment, Task
+from ringattn.tasks import plan_block, tile_tasks
 
 from .cases import Case, assert_close, run_case
 from .reference import TOL, attention_ref, rel_err
@@ -41,7 +42,7 @@ def test_backend_forward_backward(backend, dtype, causal, use_mask, kv_heads, dv
     ro, rl = attention_ref(q, k, v, keep)
     b = BACKENDS[backend]
     x = [t.to(dtype) for t in (q, k, v, do)]
-    out, lse = b.forward(*x[:3], scale=d ** -0.5, causal=causal, mask=mask)
+    out, lse = b.forward_dense(*x[:3], scale=d ** -0.5, causal=causal, mask=mask)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     tol = TOL[dtype]
     assert rel_err(out, ro) <= tol and rel_err(lse, rl) <= tol
@@ -52,7 +53,7 @@ def test_backend_forward_backward(backend, dtype, causal, use_mask, kv_heads, dv
     o2, _ = attention_ref(qq, kk, vv, keep.logical_or(~keep.any(-1, keepdim=True)) if use_mask else keep)
     o2 = torch.where(keep.any(-1)[None, :, None, None], o2, torch.zeros_like(o2))
     (o2 * do).sum().backward()
-    dq, dk, dvv = b.backward(x[3], *x[:3], ro.to(dtype), rl, scale=d ** -0.5, causal=causal, mask=mask)
+    dq, dk, dvv = b.backward_dense(x[3], *x[:3], ro.to(dtype), rl, scale=d ** -0.5, causal=causal, mask=mask)
     for got, ref in ((dq, qq.grad), (dk, kk.grad), (dvv, vv.grad)):
         assert rel_err(got, ref) <= tol
 
@@ -80,7 +81,7 @@ def test_merge_handles_empty_sides():
 
 
 def _brute_kind(spec: MaskSpec, qs: Segment, ks: Segment) -> torch.Tensor:
-    return spec.dense(qs.positions(), ks.positions())
+    return spec.visible(qs.positions()[:, None], ks.positions()[None, :])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -112,17 +113,18 @@ def test_plan_block_covers_mask(tile):
     spec = MaskSpec(seq_len=45, causal=True, window=(7, -1), doc_bounds=(0, 1, 13, 45))
     qsegs = (Segment(0, 12), Segment(36, 12))
     ksegs = (Segment(12, 12), Segment(24, 12))
-    tasks = plan_block(spec, qsegs, ksegs, tile=tile)
+    tasks = plan_block(spec, qsegs, ksegs, Capabilities(max_dense_tile=tile))
     covered = torch.zeros(24, 24, dtype=torch.bool)
     qpos = torch.cat([s.positions() for s in qsegs])
     kpos = torch.cat([s.positions() for s in ksegs])
     for t in tasks:
-        keep = spec.dense(qpos[t.q0:t.q1], kpos[t.k0:t.k1])
+        keep = spec.visible(qpos[t.q0:t.q1][:, None], kpos[t.k0:t.k1][None, :])
         if t.kind is Kind.FULL:
             assert keep.all()
         assert not covered[t.q0:t.q1, t.k0:t.k1].any(), "tasks overlap"
         covered[t.q0:t.q1, t.k0:t.k1] = True
-    assert torch.equal(covered | ~spec.dense(qpos, kpos), torch.ones_like(covered)), "a visible pair is missed"
+    visible = spec.visible(qpos[:, None], kpos[None, :])
+    assert torch.equal(covered | ~visible, torch.ones_like(covered)), "a visible pair is missed"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -132,8 +134,11 @@ def test_block_attention_api(backend):
     k = torch.randn(1, 10, 1, 8, generator=g, dtype=torch.float64)
     v = torch.randn(1, 10, 1, 8, generator=g, dtype=torch.float64)
     spec = MaskSpec(seq_len=20, causal=True)
-    out, lse = block_attention(q, k, v, (Segment(10, 10),), (Segment(5, 10),), spec, backend=BACKENDS[backend])
-    keep = spec.dense(Segment(10, 10).positions(), Segment(5, 10).positions())
+    b = BACKENDS[backend]
+    acc = OutLseAccumulator(q, v.shape[-1])
+    run_forward(b, q, k, v, plan_block(spec, (Segment(10, 10),), (Segment(5, 10),), b.caps), spec, 0.125 ** 0.5, acc)
+    out, lse = acc.out, acc.lse
+    keep = spec.visible(Segment(10, 10).positions()[:, None], Segment(5, 10).positions()[None, :])
     ro, rl = attention_ref(q, k, v, keep)
     assert rel_err(out, ro) <= 1e-12 and rel_err(lse, rl) <= 1e-12
 
@@ -176,7 +181,7 @@ def _pairs(ts) -> torch.Tensor:
 def test_tile_tasks_cover_the_same_pairs_once(task, size):
     """The backward's key tiles of a block see exactly the pairs the whole task sees, each once, and no
     call is bigger than a tile."""
-    tiles = tile_tasks((task,), 64, size)
+    tiles = tile_tasks((task,), 64, Capabilities(backward_tile=size))
     assert [(u, w) for u, w, _ in tiles] == [(u, min(u + size, 64)) for u in range(0, 64, size)]
     pieces = [t for u, w, col in tiles for t in col]
     assert all(u <= t.k0 and t.k1 <= w for u, w, col in tiles for t in col)
@@ -193,7 +198,7 @@ def test_sum_equals_dense_accumulation(adds, initial):
     shape = (2, 12, 3, 4)
     g = torch.Generator().manual_seed(len(adds))
     start = torch.randn(shape, dtype=torch.float64, generator=g) if initial else None
-    acc = Sum(shape, torch.float64, "cpu", initial=None if start is None else start.clone())
+    acc = GradAccumulator(shape, torch.float64, "cpu", initial=None if start is None else start.clone())
     dense = torch.zeros(shape, dtype=torch.float64) if start is None else start.clone()
     for a, b, heads_major_storage, half in adds:
         a, b = min(a, b), max(a, b)
@@ -208,7 +213,7 @@ def test_sum_equals_dense_accumulation(adds, initial):
 
 
 def test_sum_adopts_a_full_contribution_and_folds_pieces_into_it():
-    acc = Sum((1, 6, 2, 3), torch.float32, "cpu")
+    acc = GradAccumulator((1, 6, 2, 3), torch.float32, "cpu")
     p1, p2, full = torch.ones(1, 2, 2, 3), 2 * torch.ones(1, 3, 2, 3), torch.zeros(1, 6, 2, 3)
     acc.add(0, 2, p1)
     acc.add(3, 6, p2)

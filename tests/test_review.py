@@ -16,11 +16,12 @@ import torch.distributed as dist
 
 import ringattn
 from ringattn import comm
-from ringattn.kernels import BACKENDS
+from ringattn.kernels import BACKENDS, Capabilities
 from ringattn.kernels.cuda import CudaFlashBackend
 from ringattn.layouts import segments
-from ringattn.masks import Kind, MaskSpec, Segment, plan_block
-from ringattn.ring import make_plan
+from ringattn.masks import Kind, MaskSpec, Segment
+from ringattn.schedule import make_plan
+from ringattn.tasks import plan_block
 
 from .cases import Case, assert_close, run_case
 from .reference import TOL, dense_mask, rel_err
@@ -63,10 +64,10 @@ def test_backends_take_any_strides(backend, odd):
             dout = odd(dout)
         dense = [x.contiguous() for x in xs]
         for causal, m in ((False, None), (True, None), (False, mask)):
-            o, lse = b.forward(*xs, scale=0.3, causal=causal, mask=m)
-            ro, rl = ref.forward(*dense, scale=0.3, causal=causal, mask=m)
-            grads = b.backward(dout, *xs, ro, rl, scale=0.3, causal=causal, mask=m)
-            rgrads = ref.backward(dout.contiguous(), *dense, ro, rl, scale=0.3, causal=causal, mask=m)
+            o, lse = b.forward_dense(*xs, scale=0.3, causal=causal, mask=m)
+            ro, rl = ref.forward_dense(*dense, scale=0.3, causal=causal, mask=m)
+            grads = b.backward_dense(dout, *xs, ro, rl, scale=0.3, causal=causal, mask=m)
+            rgrads = ref.backward_dense(dout.contiguous(), *dense, ro, rl, scale=0.3, causal=causal, mask=m)
             for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), (o, lse, *grads), (ro, rl, *rgrads)):
                 assert rel_err(x, y) <= 1e-12, (backend, odd.__name__, which, causal, m is not None, name)
 
@@ -98,7 +99,7 @@ def test_ring_takes_non_contiguous_inputs(ranks, layout):
 # --- the CUDA backend's call convention, on CPU with stand-in ops -------------------------------------
 
 def _fake_flash_forward(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale=None):
-    o, lse = BACKENDS["reference"].forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+    o, lse = BACKENDS["reference"].forward_dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            scale=scale, causal=is_causal, mask=None)
     # As the real op: cum_seq_q/k are undefined (None) for a dense (non-varlen) call.
     return o.transpose(1, 2), lse, None, None, q.shape[2], k.shape[2], None, None, None
@@ -111,7 +112,7 @@ def _fake_flash_backward(dout, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, m
     for x in (dout, q, k, v, out):
         assert x.stride(-1) == 1, "the fused op needs a unit last stride"
     t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
-    grads = BACKENDS["reference"].backward(t[0], t[1], t[2], t[3], t[4], lse, scale=scale, causal=is_causal,
+    grads = BACKENDS["reference"].backward_dense(t[0], t[1], t[2], t[3], t[4], lse, scale=scale, causal=is_causal,
                                            mask=None)
     return tuple(x.transpose(1, 2) for x in grads)
 
@@ -125,10 +126,10 @@ def test_cuda_backend_call_convention(monkeypatch):
     k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=F64) for _ in range(2))
     dout = torch.randn(1, 16, 4, 8, generator=g, dtype=F64)
     for causal in (False, True):
-        o, lse = cuda.forward(q, k, v, scale=0.25, causal=causal, mask=None)
-        ro, rl = ref.forward(q, k, v, scale=0.25, causal=causal, mask=None)
-        grads = cuda.backward(dout, q, k, v, ro, rl, scale=0.25, causal=causal, mask=None)
-        rgrads = ref.backward(dout, q, k, v, ro, rl, scale=0.25, causal=causal, mask=None)
+        o, lse = cuda.forward_dense(q, k, v, scale=0.25, causal=causal, mask=None)
+        ro, rl = ref.forward_dense(q, k, v, scale=0.25, causal=causal, mask=None)
+        grads = cuda.backward_dense(dout, q, k, v, ro, rl, scale=0.25, causal=causal, mask=None)
+        rgrads = ref.backward_dense(dout, q, k, v, ro, rl, scale=0.25, causal=causal, mask=None)
         for x, y in zip((o, lse, *grads), (ro, rl, *rgrads)):
             assert rel_err(x, y) <= 1e-6  # the backend hands back lse in float32
 
@@ -252,7 +253,7 @@ def test_plan_is_the_same_on_every_rank_and_covers_every_block():
             qpos = torch.cat([s.positions() for s in segs[r]])
             for o in range(world):
                 kpos = torch.cat([s.positions() for s in segs[(r - o) % world]])
-                if spec.dense(qpos, kpos).any():
+                if spec.visible(qpos[:, None], kpos[None, :]).any():
                     assert any(s % world == o for s in steps), (spec, layout, world, r, o)
 
 
@@ -275,9 +276,9 @@ def test_random_plan_blocks_reproduce_the_mask():
         qsegs, ksegs = segs(), segs()
         qpos = torch.cat([s.positions() for s in qsegs])
         kpos = torch.cat([s.positions() for s in ksegs])
-        want = spec.dense(qpos, kpos)
+        want = spec.visible(qpos[:, None], kpos[None, :])
         got = torch.zeros_like(want)
-        for t in plan_block(spec, qsegs, ksegs, tile=rnd.choice([3, 5, 512])):
+        for t in plan_block(spec, qsegs, ksegs, Capabilities(max_dense_tile=rnd.choice([3, 5, 512]))):
             keep = want[t.q0:t.q1, t.k0:t.k1]
             if t.kind is Kind.FULL:
                 assert keep.all()
@@ -287,7 +288,7 @@ def test_random_plan_blocks_reproduce_the_mask():
                 tile = torch.arange(t.k1 - t.k0)[None, :] <= i
                 assert torch.equal(keep, tile), (spec, qsegs, ksegs, t)
             else:
-                tile = spec.dense(t.qseg.positions(), t.kseg.positions())
+                tile = spec.visible(t.qseg.positions()[:, None], t.kseg.positions()[None, :])
                 assert torch.equal(tile, keep)
             assert not (got[t.q0:t.q1, t.k0:t.k1] & tile).any(), "tasks overlap"
             got[t.q0:t.q1, t.k0:t.k1] |= tile

@@ -92,22 +92,19 @@ def backward_traffic(exchange: str, chunk: int):
     import torch
 
     import ringattn
-    from ringattn import masks
+    from ringattn.kernels import BACKENDS, retiled
 
     from .cases import recorded_exchanges
 
     def what(ring, send, to, tag):
         return tag, max((t.shape[1] for t in send if t.dim() == 4), default=0), to % ring.world
 
-    default, masks.CHUNK = masks.CHUNK, chunk
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 32, h, 8, generator=g, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
-    out = ringattn.ring_attention(q, k, v, causal=True, layout="zigzag", backward_exchange=exchange)
-    try:
-        with recorded_exchanges(what) as log:
-            out.sum().backward()
-    finally:
-        masks.CHUNK = default
+    out = ringattn.ring_attention(q, k, v, causal=True, layout="zigzag", backward_exchange=exchange,
+                                  backend=retiled(BACKENDS["cpu-flash"], backward_tile=chunk))
+    with recorded_exchanges(what) as log:
+        out.sum().backward()
     return log
 
 

@@ -9,7 +9,7 @@ import torch
 
 import ringattn
 from ringattn.masks import MaskSpec
-from ringattn.ring import make_plan
+from ringattn.schedule import make_plan
 
 from .cases import Case, assert_close, run_case
 

@@ -1,50 +1,74 @@
 """ringattn: exact Ring Attention and context parallelism for PyTorch, on CPU (gloo) and GPU (NCCL).
 
-The public contract is ``shared/API.md``: ``ring_attention``, ``attention``, ``shard``, ``unshard`` and
-``ringattn.hf.register``.
+The public contract is ``docs/api.md``: ``ring_attention``, ``attention``, ``shard``, ``unshard``,
+``profile`` and ``ringattn.hf.register``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 
-from .comm import Stats
+import torch
+
+from . import call as _call
 from .layouts import LAYOUTS, global_positions, shard, unshard
-from .ring import ring_attention
+from .modes import BackwardExchange, Layout, Strategy
+from .profiling import Stats, profile
 
-__all__ = ["LAYOUTS", "Stats", "attention", "global_positions", "profile", "ring_attention", "shard",
-           "unshard"]
+__all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Stats", "Strategy", "attention", "global_positions",
+           "profile", "ring_attention", "shard", "unshard"]
 __version__ = "0.1.0"
 
 
-def attention(q, k, v, *, strategy: str = "ring", group=None, mesh=None, **kwargs):
-    """Context-parallel attention by any strategy; same contract and results as ``ring_attention``.
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, **options):
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: ``(batch, local_len, heads, head_dim)``, this rank's queries.
+        k: ``(batch, local_len, kv_heads, head_dim)``; ``heads % kv_heads == 0`` and query head ``i``
+            reads key/value head ``i // (heads // kv_heads)``. Only the kv_heads travel.
+        v: ``(batch, local_len, kv_heads, v_head_dim)``.
+        group: the process group holding the sequence (None = default group; without an
+            initialised ``torch.distributed``, exact single-process attention).
+        causal: keep key ``j`` for query ``i`` iff ``j <= i`` (global positions).
+        window: ``(left, right)``: keep ``i - left <= j <= i + right``; -1 = unbounded on that side.
+        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"`` (``ringattn.Layout``): which global
+            positions each rank holds (see ``ringattn.shard``).
+        seq_len: the true global length; positions ``>= seq_len`` are padding, never attended to.
+            None = ``world * local_len``.
+        cu_seqlens: int tensor ``[0, ..., seq_len]`` of packed-document boundaries (batch 1).
+        softmax_scale: None = ``1 / sqrt(head_dim)``.
+        return_lse: also return the logsumexp ``(batch, heads, local_len)``, float32 (float64 for
+            float64 input).
+        backward_exchange: how the backward moves blocks, ``"ring"`` (the paper's) or ``"direct"``; see
+            Note [Backward exchange: ring vs direct] in ``ringattn/schedule.py``. Results are identical.
+        kv_head_chunk: only for ``attention(strategy="allgather")``: K/V heads gathered per step.
+        backend: the per-block kernel: None (chosen by device and dtype), a name in
+            ``ringattn.kernels.BACKENDS`` or a ``ringattn.kernels.Backend``.
+
+    Returns:
+        ``out`` ``(batch, local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
+        no key (padding under a document mask) are 0 with lse ``-inf``. Differentiable in q, k and v.
+    """
+    return _call.enter(q, k, v, strategy=Strategy.RING, group=group, **options)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: Strategy | str = Strategy.RING,
+              group=None, mesh=None, **options):
+    """Context-parallel attention by any strategy; same keywords, contract and results as
+    ``ring_attention``.
 
     ``strategy``: ``"ring"``, ``"allgather"``, ``"ulysses"``, ``"hybrid"`` (needs a 2-D ``mesh``) or
     ``"auto"`` (the planner chooses).
     """
-    from .strategies import dispatch
-
-    return dispatch(q, k, v, strategy=strategy, group=group, mesh=mesh, **kwargs)
+    return _call.enter(q, k, v, strategy=strategy, group=group, mesh=mesh, **options)
 
 
-@contextlib.contextmanager
-def profile():
-    """Collect per-rank compute time, communication wait, FLOPs and bytes sent of the calls inside.
-
-    >>> with ringattn.profile() as st:
-    ...     out = ringattn.ring_attention(q, k, v, causal=True)
-    >>> st.compute_s, st.wait_s, st.flops, st.bytes_sent
-    """
-    from . import comm
-
-    prev = comm.stats()
-    st = Stats()
-    comm.set_stats(st)
-    try:
-        yield st
-    finally:
-        comm.set_stats(prev)
+_KW = inspect.Parameter.KEYWORD_ONLY
+ring_attention.__signature__ = _call.signature(inspect.Parameter("group", _KW, default=None))
+attention.__signature__ = _call.signature(
+    inspect.Parameter("strategy", _KW, default=Strategy.RING, annotation=Strategy | str),
+    inspect.Parameter("group", _KW, default=None), inspect.Parameter("mesh", _KW, default=None))
 
 
 def __getattr__(name):

@@ -1,4 +1,4 @@
-"""Point-to-point exchange on a ring, and the small collectives the rest of ringattn needs.
+"""Transport: point-to-point exchange on a ring, and the small collectives the rest of ringattn needs.
 
 All transfers are posted together with ``batch_isend_irecv`` (gloo and NCCL alike) and waited on
 later, so the next block is in flight while the current one is computed. Tags keep key/value blocks,
@@ -11,11 +11,11 @@ checks that no two ranks can wait on each other).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from . import profiling
 from .kernels.base import heads_major, new_buffer
 
 TAG_KV, TAG_GRAD, TAG_RETURN = 11, 12, 13
@@ -28,44 +28,10 @@ def group_rank_world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-@dataclass
-class Stats:
-    """What a profiled call did on this rank (see ``ringattn.profile``)."""
-
-    compute_s: float = 0.0
-    wait_s: float = 0.0
-    flops: float = 0.0
-    bytes_sent: int = 0
-    steps: int = 0
-    calls: int = 0
-    per_call: list = field(default_factory=list)
-
-
-_STATS: Stats | None = None
-
-
-def stats() -> Stats | None:
-    return _STATS
-
-
-def set_stats(s: Stats | None) -> None:
-    global _STATS
-    _STATS = s
-
-
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (gloo/NCCL errors run to many lines), or its repr."""
     text = str(e).strip()
     return text.splitlines()[0] if text else repr(e)
-
-
-def count_flops(tasks, q: torch.Tensor, v: torch.Tensor, backward: bool) -> None:
-    """Add the FLOPs of these kernel tasks to the profile, if one is active (backward = 2.5 x forward)."""
-    if _STATS is not None:
-        from .masks import task_flops
-
-        f = sum(task_flops(t, q.shape[0], q.shape[2], q.shape[3], v.shape[3]) for t in tasks)
-        _STATS.flops += 2.5 * f if backward else f
 
 
 class PeerError(RuntimeError):
@@ -88,8 +54,7 @@ class Pending:
         except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
             raise PeerError(f"ringattn: ring exchange failed ({self.what}); a peer rank probably died or "
                             f"timed out: {first_line(e)}") from e
-        if _STATS is not None:
-            _STATS.wait_s += time.perf_counter() - t0
+        profiling.count_wait(time.perf_counter() - t0)
         return self.tensors
 
 
@@ -130,8 +95,7 @@ class Ring:
             works = dist.batch_isend_irecv(ops)
         except RuntimeError as e:
             raise PeerError(f"ringattn: could not post the ring exchange ({what}): {e}") from e
-        if _STATS is not None:
-            _STATS.bytes_sent += sum(t.numel() * t.element_size() for t in send)
+        profiling.count_bytes(sum(t.numel() * t.element_size() for t in send))
         return Pending(works, recv, what)
 
 
@@ -147,3 +111,39 @@ def _wire(t: torch.Tensor, by_head: bool = False) -> list[torch.Tensor]:
     if not by_head or not rows_contiguous:
         rows = heads_major(t).transpose(1, 2)
     return [rows] if not by_head else [r for per_batch in rows.unbind(0) for r in per_batch.unbind(0)]
+
+
+def gather_op():
+    """``all_gather_single`` where torch has it, else the older ``all_gather_into_tensor``."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def reduce_scatter_op():
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split ``x`` into W parts along ``scatter_dim``, send part j to rank j, and concatenate the parts
+    received along ``gather_dim`` in rank order."""
+    _, world = group_rank_world(group)
+    if world == 1:
+        return x
+    send = torch.stack(x.chunk(world, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    profiling.count_bytes(send.numel() * send.element_size() * (world - 1) // world)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+class AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all``: the gradient travels back by the reverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
+        ctx.args = (group, scatter_dim, gather_dim)
+        return all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        group, scatter_dim, gather_dim = ctx.args
+        return all_to_all(grad.contiguous(), group, gather_dim, scatter_dim), None, None, None

@@ -13,15 +13,30 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .kernels import lse_dtype
-from .validate import agree
+from . import comm, profiling
+from .call import checked
+from .kernels import acc_dtype
+from .masks import MaskSpec
+from .validate import check_cu_seqlens
+
+# Decoding has no padded length: empty cache slots are marked by a negative position instead.
+_NO_PADDING = 2**62
+
+
+def decode_spec(causal: bool = True, window: tuple[int, int] | None = None,
+                doc_bounds: tuple[int, ...] | None = None) -> MaskSpec:
+    """The mask of a decode call, on global positions (the same predicate as every other path)."""
+    if window is not None:
+        window = (int(window[0]), int(window[1]))
+        if window == (-1, -1):
+            window = None
+    return MaskSpec(seq_len=_NO_PADDING, causal=causal, window=window, doc_bounds=doc_bounds)
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                       k_pos: torch.Tensor, *, scale: float | None = None, causal: bool = True,
-                      window: tuple[int, int] | None = None,
-                      heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      window: tuple[int, int] | None = None, heads_first: bool = False,
+                      spec: MaskSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries over one cache slice, unnormalised across slices.
 
     Args:
@@ -30,28 +45,21 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
             ``k_pos`` ``(n,)`` (``(b, kv_heads, n, d)`` with ``heads_first``, the cache's own layout, which
             reads each head's keys contiguously); a negative position marks an empty slot.
         causal: keep ``k_pos <= q_pos``. window: ``(left, right)``, -1 = unbounded.
+        spec: the whole mask instead of ``causal``/``window`` (e.g. with packed documents).
 
     Returns:
         ``out`` ``(b, t, heads, dv)`` and ``lse`` ``(b, t, heads)``, both float32 (float64 for float64
         input); rows that see nothing are out 0, lse ``-inf``.
     """
-    acc = lse_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     b, t, h, d = q.shape
     if not heads_first:
         k, v = k.transpose(1, 2), v.transpose(1, 2)
     kvh = k.shape[1]
     g = h // kvh
     scale = d ** -0.5 if scale is None else scale
-    keep = (k_pos >= 0)[None, :].expand(t, -1)
-    rel = k_pos[None, :] - q_pos[:, None]  # j - i
-    if causal:
-        keep = keep & (rel <= 0)
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            keep = keep & (rel >= -left)
-        if right >= 0:
-            keep = keep & (rel <= right)
+    spec = decode_spec(causal, window) if spec is None else spec
+    keep = spec.visible(q_pos[:, None], k_pos[None, :]) & (k_pos >= 0)[None, :]
     # Grouped-query attention without repeating K/V: query head i reads kv head i // g, so the g heads
     # of a group and the t queries form the rows of one (g*t, n) score matrix per kv head.
     qg = q.to(acc).reshape(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
@@ -74,9 +82,7 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, *, group=None) -> tuple
         return out, lse
     packed = torch.cat([out, lse[..., None]], dim=-1).contiguous()
     gathered = packed.new_empty((world * packed.shape[0], *packed.shape[1:]))
-    s = comm.stats()
-    if s is not None:
-        s.bytes_sent += packed.numel() * packed.element_size()
+    profiling.count_bytes(packed.numel() * packed.element_size())
     dist.all_gather_into_tensor(gathered, packed, group=group)
     gathered = gathered.view(world, *packed.shape)
     outs, lses = gathered[..., :-1], gathered[..., -1]
@@ -113,23 +119,25 @@ def _check(q, k, v, q_pos, k_pos, window) -> None:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor, *, group=None, scale: float | None = None, causal: bool = True,
-                     window: tuple[int, int] | None = None,
+                     window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
                      return_lse: bool = False):
     """Exact attention of new queries over a KV cache split across ``group``: local partial + merge.
 
     Arguments as in ``partial_attention`` (``k``, ``v``, ``k_pos`` are this rank's cache slice; every rank
-    passes the same ``q`` and ``q_pos``). Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or
-    ``(out, lse)``. Not differentiable (inference).
+    passes the same ``q`` and ``q_pos``); ``cu_seqlens`` (packed documents, as for ``ring_attention``)
+    keeps each query to the keys of its own document. Returns ``out`` ``(b, t, heads, dv)`` in q's dtype,
+    or ``(out, lse)``. Not differentiable (inference).
     """
-    error, desc = None, ""
-    try:
+    def make():
         _check(q, k, v, q_pos, k_pos, window)
-        desc = f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {causal} {window}"
-    except (TypeError, ValueError) as e:
-        error = e
-    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    agree(desc, error, group, device)
-    out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, causal=causal, window=window)
+        bounds = None
+        if cu_seqlens is not None:
+            bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), q.shape[0])
+        spec = decode_spec(causal, window, bounds)
+        return spec, f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {spec}"
+
+    spec = checked(make, group, q)
+    out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, spec=spec)
     out, lse = merge_partials(out, lse, group=group)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

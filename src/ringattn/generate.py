@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import comm
-from .comm import Stats
+from . import comm, profiling
 from .decode import merge_partials, partial_attention
 from .layouts import global_positions, padded_len, shard
+from .profiling import Stats
 from .validate import agree
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -237,10 +237,9 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     prefill_s = time.perf_counter() - t0
 
     tokens, kept, step_s = [], [], []
-    stats, prev = Stats(), comm.stats()
-    comm.set_stats(stats)
+    prev = profiling.active()
     t1 = time.perf_counter()
-    try:
+    with profiling.profile() as stats:
         for step in range(max_new_tokens):
             tok = sample(logits, sampling, gen)
             tokens.append(tok)
@@ -252,11 +251,8 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
             ts = time.perf_counter()
             logits = _decode_step(model, cache, tok, plen + step, rank, world, group)
             step_s.append(time.perf_counter() - ts)
-    finally:
-        comm.set_stats(prev)
-        if prev is not None:
-            for name in ("compute_s", "wait_s", "flops", "bytes_sent", "steps", "calls"):
-                setattr(prev, name, getattr(prev, name) + getattr(stats, name))
+    if prev is not None:
+        prev += stats
     decode_s = time.perf_counter() - t1
     steps = len(tokens) - 1
     return GenerationResult(

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import comm
+from . import comm, ring_attention
 from .layouts import check_layout, global_positions, padded_len
-from .ring import ring_attention
 from .validate import agree, check_backward_exchange
 
 IGNORE_INDEX = -100

@@ -13,13 +13,15 @@ the Ulysses dimension.
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.distributed as dist
 
-from .comm import group_rank_world
+from .comm import gather_op, group_rank_world
 from .masks import Segment
+from .modes import Layout
 
-LAYOUTS = ("contiguous", "zigzag", "striped")
+LAYOUTS = tuple(str(m) for m in Layout)
 
 
 def check_layout(layout: str) -> None:
@@ -160,8 +162,7 @@ def _gather(moved: torch.Tensor, group, world: int) -> torch.Tensor:
     if world == 1:
         return moved
     gathered = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(gathered, moved, group=group)
+    gather_op()(gathered, moved, group=group)
     return gathered
 
 
@@ -190,3 +191,26 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
     if layout == "zigzag" and world > 1 and x.shape[dim] % 2:
         raise ValueError(f"layout='zigzag' needs an even local length, got {x.shape[dim]}")
     return _Unshard.apply(x, group, layout, dim, seq_len, mesh)
+
+
+def cut_at(keys: Segment, qsegs: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """A stride-1 key run cut where this rank's (stride-1) query runs start and end.
+
+    Then every (query run, key piece) pair is empty, full or an aligned causal square, instead of a
+    wide pair the kernels can only do tile by tile with dense masks.
+    """
+    cuts = sorted({keys.start, keys.start + keys.length}
+                  | {p for q in qsegs for p in (q.start, q.start + q.length)
+                     if keys.start < p < keys.start + keys.length})
+    return tuple(Segment(a, b - a) for a, b in zip(cuts, cuts[1:]))
+
+
+def kv_replication(kv_heads: int, ranks: int) -> int:
+    """How many copies of each K/V head a head split over ``ranks`` needs.
+
+    Query heads are split into ``ranks`` contiguous groups. With ``kv_heads`` a multiple of ``ranks``
+    the K/V heads split the same way; otherwise each K/V head is repeated ``f = ranks / gcd`` times
+    (``kv_heads * f = lcm(kv_heads, ranks)``, which divides ``heads``), so that every rank's query heads
+    find their K/V heads locally and the contiguous GQA grouping is kept.
+    """
+    return ranks // math.gcd(kv_heads, ranks)

@@ -37,9 +37,11 @@ import math
 import os
 from dataclasses import dataclass
 
-from . import masks
-from .layouts import LAYOUTS, segments
-from .masks import MaskSpec, Segment, plan_block, task_flops
+from .kernels.base import Capabilities
+from .layouts import LAYOUTS, cut_at, kv_replication, segments
+from .masks import MaskSpec, Segment
+from .schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, directions
+from .tasks import plan_block, task_flops
 from .validate import BACKWARD_EXCHANGES, check_backward_exchange
 
 STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
@@ -166,6 +168,9 @@ class Estimate:
     fits: bool = True
 
 
+_BACKWARD_TILE = Capabilities().backward_tile
+
+
 def _tile(n: int) -> int:
     # Partial block pairs are tiled for counting as the kernels tile them, but coarser for huge
     # blocks so that planning a million tokens takes milliseconds, not minutes.
@@ -175,7 +180,7 @@ def _tile(n: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def _pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], per_token: float) -> float:
     """Forward FLOPs of a block pair per (batch * heads * (d + dv)) unit, scaled by ``per_token``."""
-    tasks = plan_block(spec, qsegs, ksegs, tile=_tile(sum(s.length for s in qsegs)))
+    tasks = plan_block(spec, qsegs, ksegs, Capabilities(max_dense_tile=_tile(sum(s.length for s in qsegs))))
     return per_token * sum(task_flops(t, 1, 1, 1, 0) / 2 for t in tasks)
 
 
@@ -192,8 +197,6 @@ def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> tuple[li
     segs = [segments(lay, r, world, local) for r in range(world)]
     unit = _unit(p, heads)
     per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit) for o in range(world)] for r in range(world)]
-    from .ring import directions
-
     a, b = directions([o for o in range(1, world) if any(per[r][o] > 0 for r in range(world))], world)
     steps = [0, *range(1, a + 1), *(world - i for i in range(1, b + 1))]
     return [max(per[r][o] for r in range(world)) for o in steps], max(a, b)
@@ -226,7 +229,7 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
     if p.backward:
         grad_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * 4  # float32 dK/dV
         if direct:  # two exchanges per key tile (a group's messages go together: one latency each)
-            tiles = -(-local // masks.CHUNK)
+            tiles = -(-local // _BACKWARD_TILE)
             x_bwd = 2 * tiles * hw.latency + (kv_bytes + grad_bytes) / bw
             ret = hw.latency + grad_bytes / tiles / bw  # the last tile home
         else:  # dK/dV travel with their block, then go home in one hop
@@ -245,9 +248,7 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
     if p.backward:  # float32 dq, dk, dv of our own block
         mem += rows * (heads * p.head_dim + kv_row) * 4
         if direct:  # a few key tiles of K/V coming in and of dK/dV going home, instead of whole blocks
-            from .ring import RETURNS_IN_FLIGHT, TILES_AHEAD
-
-            tile_rows = p.batch * min(masks.CHUNK, local)
+            tile_rows = p.batch * min(_BACKWARD_TILE, local)
             tiles_live = tile_rows * kv_row * (e * (TILES_AHEAD + 1) + 4 * 2 * (RETURNS_IN_FLIGHT + 1))
             in_flight = max(in_flight, tiles_live)
         else:  # the travelling dK/dV and the ones coming in
@@ -268,8 +269,6 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
     f_rank, bw = hw.rank_flops(w), hw.link(w)
     spec, unit = p.spec(), _unit(p, p.heads)
     lay = p.layout if w > 1 else "contiguous"
-    from .strategies.allgather import cut_at
-
     def keys(r):
         if lay == "striped":
             return tuple(s for i in range(w) for s in segments(lay, i, w, c))
@@ -311,8 +310,6 @@ def _a2a_time(nbytes_local: float, ranks: int, hw: Hardware, bw: float) -> float
 
 def _ulysses_comm(p: Problem, hw: Hardware, ranks: int, local: int, bw: float) -> tuple[float, float, int]:
     """(seconds, bytes sent, kv heads after replication) of Ulysses' all-to-alls over ``ranks``."""
-    from .strategies import kv_replication
-
     kvh = p.kv_heads * kv_replication(p.kv_heads, ranks)
     e, b = p.dtype_bytes, p.batch
     tensors = [b * local * p.heads * p.head_dim * e, b * local * kvh * p.head_dim * e, b * local * kvh * p.dv * e,

@@ -17,13 +17,13 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .comm import first_line
+from .comm import first_line, group_rank_world
 from .layouts import LAYOUTS
 from .masks import MaskSpec
+from .modes import RING_STRATEGIES, BackwardExchange
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKWARD_EXCHANGES = ("ring", "direct")  # see ring_attention
-RING_STRATEGIES = ("ring", "hybrid", "auto")  # the strategies that (may) run the ring
+BACKWARD_EXCHANGES = tuple(str(m) for m in BackwardExchange)  # see Note [Backward exchange: ring vs direct]
 
 
 def check_backward_exchange(value, strategy: str = "ring") -> None:
@@ -132,25 +132,41 @@ def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:
     return b
 
 
-def agree(description: str, error: Exception | None, group, device: torch.device) -> None:
-    """Raise on every rank if any rank's check failed or the ranks' descriptions differ."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+def agree(description: str, error: Exception | None, groups, device: torch.device) -> None:
+    """Raise on every rank if any rank's check failed or the ranks' descriptions differ.
+
+    ``groups``: one process group (None = the default one), or several whose union reaches every rank
+    that takes part (the hybrid strategy's Ulysses and ring groups: MAX over one and then the other
+    reaches the whole mesh).
+    """
+    groups = tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)
+    live = [g for g in groups if group_rank_world(g)[1] > 1]
+    if not live:
         if error is not None:
             raise error
         return
     h = zlib.crc32(description.encode()) & 0x7FFFFFFF
-    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+    if dist.get_backend(live[0]) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([h, -h, 1 if error is not None else 0], dtype=torch.int64, device=device)
     try:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        for g in live:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
     except RuntimeError as e:
         raise RuntimeError(f"ringattn: the ranks could not agree on the call (a peer rank probably died or "
                            f"timed out): {first_line(e)}") from e
     mismatch = int(t[0]) != -int(t[1])
     if not mismatch and int(t[2]) == 0:
         return
-    # Slow path, taken by every rank together: find out what went wrong where.
+    if len(live) > 1:
+        if error is not None:
+            raise error
+        if int(t[2]):
+            raise ValueError("another rank of the mesh rejected its arguments, so this call was abandoned")
+        raise ValueError("ranks of the mesh disagree on the attention call (every rank must pass the same "
+                         f"shapes, dtype, masks and layout); this rank: {description}")
+    # Slow path, taken by every rank of the group together: find out what went wrong where.
+    group = live[0]
     mine = f"error: {error}" if error is not None else description
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)

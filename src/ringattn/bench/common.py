@@ -12,7 +12,7 @@ import torch
 
 def machine() -> dict:
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,

@@ -7,13 +7,24 @@ on CPU, torch's fused flash op on CUDA (half precision), and the pure-torch tile
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import os
 import warnings
 
 import torch
 
-from .base import Backend, empty_result, heads_major, lse_dtype, new_heads_major
+from .base import (
+    Alignment,
+    Backend,
+    Capabilities,
+    DenseMaskKernel,
+    acc_dtype,
+    empty_result,
+    heads_major,
+    new_heads_major,
+)
 from .cpu import CpuFlashBackend
 from .cuda import CudaFlashBackend
 from .reference import ReferenceBackend
@@ -22,7 +33,8 @@ BACKENDS: dict[str, Backend] = {
     b.name: b for b in (CpuFlashBackend(), CudaFlashBackend(), ReferenceBackend())
 }
 
-__all__ = ["BACKENDS", "Backend", "empty_result", "heads_major", "lse_dtype", "new_heads_major", "select"]
+__all__ = ["BACKENDS", "Alignment", "Backend", "Capabilities", "DenseMaskKernel", "acc_dtype", "empty_result",
+           "heads_major", "new_heads_major", "retiled", "select"]
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Backend:
@@ -47,10 +59,10 @@ def _self_check(name: str, device: str, dtype: torch.dtype) -> bool:
     do = torch.randn(1, 96, 4, 64, device=device, dtype=dtype, generator=g)
     try:
         for causal in (False, True):
-            o, l_ = b.forward(q, k, v, scale=0.125, causal=causal, mask=None)
-            ro, rl = ref.forward(q, k, v, scale=0.125, causal=causal, mask=None)
-            grads = b.backward(do, q, k, v, ro, rl, scale=0.125, causal=causal, mask=None)
-            rgrads = ref.backward(do, q, k, v, ro, rl, scale=0.125, causal=causal, mask=None)
+            o, l_ = b.forward_dense(q, k, v, scale=0.125, causal=causal, mask=None)
+            ro, rl = ref.forward_dense(q, k, v, scale=0.125, causal=causal, mask=None)
+            grads = b.backward_dense(do, q, k, v, ro, rl, scale=0.125, causal=causal, mask=None)
+            rgrads = ref.backward_dense(do, q, k, v, ro, rl, scale=0.125, causal=causal, mask=None)
             pairs = [(o, ro), (l_, rl), *zip(grads, rgrads)]
             for x, y in pairs:
                 if not torch.allclose(x.float(), y.float(), atol=2e-2, rtol=2e-2):
@@ -60,3 +72,12 @@ def _self_check(name: str, device: str, dtype: torch.dtype) -> bool:
                       "using the reference backend", stacklevel=3)
         return False
     return True
+
+
+def retiled(backend: Backend, *, max_dense_tile: int | None = None, backward_tile: int | None = None) -> Backend:
+    """``backend`` with other tile sizes (a shallow copy; for tuning, and for tests on small inputs)."""
+    b = copy.copy(backend)
+    caps = backend.caps
+    b.caps = dataclasses.replace(caps, max_dense_tile=max_dense_tile or caps.max_dense_tile,
+                                 backward_tile=backward_tile or caps.backward_tile)
+    return b

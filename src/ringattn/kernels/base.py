@@ -2,41 +2,108 @@
 
 Tensors use the flash-attn layout: ``q`` ``(batch, nq, heads, d)``, ``k`` ``(batch, nk, kv_heads, d)``,
 ``v`` ``(batch, nk, kv_heads, dv)``; query head ``i`` reads key/value head ``i // (heads // kv_heads)``.
-``causal`` is aligned top-left (query row ``i`` sees keys ``j <= i``) whatever ``nq`` and ``nk`` are.
-``mask`` is an optional boolean ``(nq, nk)`` tensor, True = visible; rows with nothing visible must come
-back with ``out = 0`` and ``lse = -inf``.
 
-``forward`` returns ``(out, lse)``: ``out`` ``(batch, nq, heads, dv)`` in any floating dtype (the ring
-accumulates it in float32/float64), ``lse`` ``(batch, heads, nq)`` float32 (float64 for float64 input).
-``backward`` takes the *final* out and lse of the whole rows (not this block's) and returns this block
-pair's share of ``(dq, dk, dv)`` (FlashAttention-2: D = rowsum(dO * O), P = exp(S * scale - lse)).
-``lse`` may hold ``-inf`` for rows that see no key anywhere; their gradients are zero.
+A backend receives one planned :class:`~ringattn.masks.Task` at a time together with the call's
+:class:`~ringattn.masks.MaskSpec`, with ``q`` cut to the task's query rows and ``k``/``v`` to its keys:
+
+- ``FULL``: every pair visible.
+- ``CAUSAL``: row ``i`` of the task sees key ``j <= i`` (top-left), or ``j <= i + nk - nq``
+  (bottom-right); the planner only hands a backend tasks in its own ``causal_alignment``, and a
+  bottom-right backend only square ones, where both agree.
+- ``PARTIAL``: anything else; visibility is ``mask.visible`` on the task's positions ``qseg``/``kseg``.
+  Only a backend with ``PARTIAL`` in ``caps.native`` receives a whole pair; the others get tiles of at
+  most ``caps.max_dense_tile`` and may build a dense mask of that size (:class:`DenseMaskKernel`).
+
+``forward`` returns ``(out, lse)``: ``out`` ``(batch, nq, heads, dv)`` in any floating dtype (the strategies
+accumulate it in ``acc_dtype``), ``lse`` ``(batch, heads, nq)`` in ``acc_dtype``, natural log; rows that see
+no key come back with ``out = 0`` and ``lse = -inf`` whatever the kernel's own convention (each backend
+converts it in one place). ``backward`` takes the *final* out and lse of the whole rows (not this block's)
+and returns this block pair's share of ``(dq, dk, dv)`` (FlashAttention-2: D = rowsum(dO * O),
+P = exp(S * scale - lse)); ``lse`` may hold ``-inf`` for rows that see no key anywhere, whose gradients are
+zero. ``dlse`` (a gradient flowing into the returned lse; it folds into D) is only passed to backends whose
+``caps.takes_dlse`` is set.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 import torch
 
+from ..masks import Kind, MaskSpec, Task
+
+
+class Alignment(StrEnum):
+    TOP_LEFT = "top-left"  # row i sees keys j <= i (the CPU op, the reference, efficient attention)
+    BOTTOM_RIGHT = "bottom-right"  # row i sees keys j <= i + nk - nq (the FlashAttention family)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend takes without the planner lowering it (hashable: plans are cached on it)."""
+
+    native: frozenset[Kind] = frozenset({Kind.EMPTY, Kind.FULL, Kind.CAUSAL})
+    causal_alignment: Alignment = Alignment.TOP_LEFT
+    takes_dlse: bool = False
+    # A PARTIAL pair is cut into tiles of at most this many queries x keys before a dense mask is built
+    # (for a backend without native PARTIAL): small enough that a mask never costs more than a score tile,
+    # big enough for the kernel to run well.
+    max_dense_tile: int = 512
+    # Largest kernel call (query rows and keys) on a visiting block in the ring's backward: each call's
+    # dQ/dK/dV output added into an accumulator stays this size.
+    backward_tile: int = 1024
+
 
 class Backend(Protocol):
     name: str
+    caps: Capabilities
 
     def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool: ...
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-        mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, task: Task, mask: MaskSpec, *,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def backward(
-        self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-        lse: torch.Tensor, *, scale: float, causal: bool, mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, task: Task, mask: MaskSpec, *, scale: float,
+                 dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+class DenseMaskKernel:
+    """A backend whose kernel takes ``causal: bool`` (top-left) plus an optional dense boolean mask.
+
+    Lowers each task to those two arguments: the mask is built from ``MaskSpec.visible`` on the task's
+    positions, only for PARTIAL tasks (tile-sized, by the planner). Subclasses implement
+    ``forward_dense`` / ``backward_dense``; tests call those directly too.
+    """
+
+    name: str
+    caps: Capabilities = Capabilities()
+
+    def forward(self, q, k, v, task: Task, mask: MaskSpec, *, scale: float):
+        return self.forward_dense(q, k, v, scale=scale, causal=task.kind is Kind.CAUSAL,
+                                  mask=dense_mask(task, mask, q.device))
+
+    def backward(self, dout, q, k, v, out, lse, task: Task, mask: MaskSpec, *, scale: float, dlse=None):
+        extra = {} if dlse is None else {"dlse": dlse}
+        return self.backward_dense(dout, q, k, v, out, lse, scale=scale, causal=task.kind is Kind.CAUSAL,
+                                   mask=dense_mask(task, mask, q.device), **extra)
+
+    def forward_dense(self, q, k, v, *, scale, causal, mask): ...
+
+    def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask): ...
+
+
+def dense_mask(task: Task, mask: MaskSpec, device) -> torch.Tensor | None:
+    """The boolean ``(nq, nk)`` visibility of a PARTIAL task (None for the other kinds)."""
+    if task.kind is not Kind.PARTIAL:
+        return None
+    return mask.visible(task.qseg.positions(device)[:, None], task.kseg.positions(device)[None, :])
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype partial results, lse and gradients are accumulated in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -75,5 +142,9 @@ def new_buffer(shape, dtype: torch.dtype, device) -> torch.Tensor:
 def empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b, nq, h, _ = q.shape
     out = q.new_zeros(b, nq, h, v.shape[-1])
-    lse = torch.full((b, h, nq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
     return out, lse
+
+
+def zero_grads(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)

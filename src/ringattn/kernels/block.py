@@ -1,6 +1,6 @@
 """Attention of one local query block against one key/value block, as a list of kernel calls.
 
-``masks.plan_block`` turns (query positions, key positions, mask) into tasks; this module runs them on
+``tasks.plan_block`` turns (query positions, key positions, mask) into tasks; this module runs them on
 a backend and merges the partial results by logsumexp into a float32 (float64) accumulator.
 """
 
@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import Kind, MaskSpec, Segment, Task, plan_block
-from .base import Backend, lse_dtype, new_buffer, new_heads_major
+from ..masks import MaskSpec, Task
+from .base import Backend, acc_dtype, new_buffer, new_heads_major
 
 
-class Partial:
+class OutLseAccumulator:
     """Running (out, lse) of a set of query rows; starts empty (out = 0, lse = -inf).
 
     Storage is allocated on the first merge that does not cover every row at once; a first result
@@ -21,7 +21,7 @@ class Partial:
 
     def __init__(self, q: torch.Tensor, v_head_dim: int):
         b, n, h, _ = q.shape
-        self.shape, self.dtype, self.device = (b, n, h, v_head_dim), lse_dtype(q.dtype), q.device
+        self.shape, self.dtype, self.device = (b, n, h, v_head_dim), acc_dtype(q.dtype), q.device
         self._out: torch.Tensor | None = None
         self._lse: torch.Tensor | None = None
         self._written: list[tuple[int, int]] = []  # row ranges that hold a result already
@@ -56,7 +56,7 @@ class Partial:
         self._written.append((q0, q1))
 
 
-class Sum:
+class GradAccumulator:
     """A float32/64 gradient accumulator ``(b, n, ...)`` over rows that allocates as little as it can.
 
     Contributions to disjoint row ranges are kept as they come (the kernel's own outputs, no copy) until
@@ -127,47 +127,24 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
 
 
 def run_forward(backend: Backend, q, k, v, tasks: tuple[Task, ...], spec: MaskSpec, scale: float,
-                acc: Partial) -> None:
+                acc: OutLseAccumulator) -> None:
     for t in tasks:
-        mask = spec.dense(t.qseg.positions(q.device), t.kseg.positions(q.device)) \
-            if t.kind is Kind.PARTIAL else None
-        out, lse = backend.forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], scale=scale,
-                                   causal=t.kind is Kind.CAUSAL, mask=mask)
+        out, lse = backend.forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], t, spec, scale=scale)
         acc.merge(t.q0, t.q1, out, lse)
 
 
 def run_backward(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, ...], spec: MaskSpec,
-                 scale: float, dq: Sum, dk: Sum, dv: Sum, dlse: torch.Tensor | None = None) -> None:
+                 scale: float, dq: GradAccumulator, dk: GradAccumulator, dv: GradAccumulator,
+                 dlse: torch.Tensor | None = None) -> None:
     """Adds this block pair's gradient shares into the float32/64 accumulators dq, dk, dv.
 
-    ``dlse`` (gradient flowing into the returned lse) is only taken by the reference backend.
+    ``dlse`` (gradient flowing into the returned lse) only for a backend with ``caps.takes_dlse``.
     """
     for t in tasks:
-        mask = spec.dense(t.qseg.positions(q.device), t.kseg.positions(q.device)) \
-            if t.kind is Kind.PARTIAL else None
         extra = {} if dlse is None else {"dlse": dlse[:, :, t.q0:t.q1]}
         gq, gk, gv = backend.backward(
             dout[:, t.q0:t.q1], q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], out[:, t.q0:t.q1],
-            lse[:, :, t.q0:t.q1], scale=scale, causal=t.kind is Kind.CAUSAL, mask=mask, **extra)
+            lse[:, :, t.q0:t.q1], t, spec, scale=scale, **extra)
         dq.add(t.q0, t.q1, gq)
         dk.add(t.k0, t.k1, gk)
         dv.add(t.k0, t.k1, gv)
-
-
-def block_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_segments: tuple[Segment, ...],
-    k_segments: tuple[Segment, ...], spec: MaskSpec, *, scale: float | None = None,
-    backend: Backend | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of one query block against one key/value block at the given global positions.
-
-    Rows that see no key come back with out 0 and lse -inf. ``out`` is in the accumulation dtype
-    (float32, or float64 for float64 input), ``lse`` ``(batch, heads, nq)``.
-    """
-    from . import select
-
-    backend = backend or select(q, k, v)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    acc = Partial(q, v.shape[-1])
-    run_forward(backend, q, k, v, plan_block(spec, q_segments, k_segments), spec, scale, acc)
-    return acc.out, acc.lse

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import empty_result, lse_dtype, unit_last_stride
+from .base import DenseMaskKernel, acc_dtype, empty_result, unit_last_stride, zero_grads
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -29,14 +29,14 @@ def _pad_to(x: torch.Tensor, d: int) -> torch.Tensor:
     return unit_last_stride(x) if x.shape[-1] == d else F.pad(x, (0, d - x.shape[-1]))
 
 
-class CpuFlashBackend:
+class CpuFlashBackend(DenseMaskKernel):
     name = "cpu-flash"
 
     def supports(self, q, k, v) -> bool:
         return q.device.type == "cpu" and q.dtype in (torch.float64, torch.float32, torch.float16,
                                                        torch.bfloat16)
 
-    def forward(self, q, k, v, *, scale, causal, mask):
+    def forward_dense(self, q, k, v, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return empty_result(q, v)
         d, dv = q.shape[-1], v.shape[-1]
@@ -46,16 +46,16 @@ class CpuFlashBackend:
         out = out.transpose(1, 2)[..., :dv]
         if mask is not None:
             lse = lse.masked_fill(~mask.any(-1), float("-inf"))
-        return out, lse.to(lse_dtype(q.dtype))
+        return out, lse.to(acc_dtype(q.dtype))
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
+    def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            return zero_grads(q, k, v)
         d, dv = q.shape[-1], v.shape[-1]
         width = max(d, dv)
         qt, kt, vt, ot, dot = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v, out.to(q.dtype),
                                                                             dout.to(q.dtype)))
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-        dq, dk, dvv = _bwd(dot, qt, kt, vt, ot, lse.to(lse_dtype(q.dtype)).contiguous(), 0.0, causal,
+        dq, dk, dvv = _bwd(dot, qt, kt, vt, ot, lse.to(acc_dtype(q.dtype)).contiguous(), 0.0, causal,
                            attn_mask=_bias(mask, q.dtype), scale=scale)
         return (dq.transpose(1, 2)[..., :d], dk.transpose(1, 2)[..., :d], dvv.transpose(1, 2)[..., :dv])

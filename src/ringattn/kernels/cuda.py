@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import empty_result, unit_last_stride
+from .base import DenseMaskKernel, empty_result, unit_last_stride
 from .reference import ReferenceBackend
 
 _ref = ReferenceBackend()
@@ -27,7 +27,7 @@ def _fold(dx: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return dx if h == kv_heads else dx.view(b, n, kv_heads, h // kv_heads, d).sum(3)
 
 
-class CudaFlashBackend:
+class CudaFlashBackend(DenseMaskKernel):
     name = "cuda-flash"
 
     def supports(self, q, k, v) -> bool:
@@ -38,22 +38,22 @@ class CudaFlashBackend:
         # The kernel's causal diagonal is bottom-right aligned; ours is top-left: equal only if square.
         return mask is None and (not causal or q.shape[1] == k.shape[1])
 
-    def forward(self, q, k, v, *, scale, causal, mask):
+    def forward_dense(self, q, k, v, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return empty_result(q, v)
         if not self._fused_ok(q, k, causal, mask):
-            return _ref.forward(q, k, v, scale=scale, causal=causal, mask=mask)
+            return _ref.forward_dense(q, k, v, scale=scale, causal=causal, mask=mask)
         h = q.shape[2]
         res = torch.ops.aten._scaled_dot_product_flash_attention(
             unit_last_stride(q).transpose(1, 2), _expand(k, h).transpose(1, 2), _expand(v, h).transpose(1, 2),
             0.0, causal, False, scale=scale)
         return res[0].transpose(1, 2), res[1].float()
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
+    def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         if not self._fused_ok(q, k, causal, mask):
-            return _ref.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
+            return _ref.backward_dense(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
         h, kvh = q.shape[2], k.shape[2]
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
         # cum_seq_q/k must be undefined (None), as the dense forward returns them: a defined tensor, even

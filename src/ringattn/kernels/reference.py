@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import empty_result, lse_dtype
+from .base import Capabilities, DenseMaskKernel, acc_dtype, empty_result
 
 Q_TILE = 1024
 
@@ -19,8 +19,9 @@ def _causal_keep(q0: int, nq: int, nk: int, device) -> torch.Tensor:
     return torch.arange(nk, device=device)[None, :] <= i
 
 
-class ReferenceBackend:
+class ReferenceBackend(DenseMaskKernel):
     name = "reference"
+    caps = Capabilities(takes_dlse=True)
 
     def supports(self, q, k, v) -> bool:
         return True
@@ -28,7 +29,7 @@ class ReferenceBackend:
     @staticmethod
     def _scores(q, k, scale, causal, mask, q0):
         # q (b, t, kvh, g, d), k (b, nk, kvh, d) -> s (b, kvh, g, t, nk) in the accumulation dtype
-        acc = lse_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         s = torch.einsum("btkgd,bskd->bkgts", q.to(acc), k.to(acc)) * scale
         keep = None
         if causal:
@@ -40,12 +41,12 @@ class ReferenceBackend:
             s = s.masked_fill(~keep, float("-inf"))
         return s
 
-    def forward(self, q, k, v, *, scale, causal, mask):
+    def forward_dense(self, q, k, v, *, scale, causal, mask):
         b, nq, h, d = q.shape
         kvh = k.shape[2]
         if nq == 0 or k.shape[1] == 0:
             return empty_result(q, v)
-        acc = lse_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         qg = q.view(b, nq, kvh, h // kvh, d)
         out = q.new_empty(b, nq, h, v.shape[-1])
         lse = torch.empty(b, h, nq, dtype=acc, device=q.device)
@@ -63,10 +64,10 @@ class ReferenceBackend:
             lse[:, :, t0:t1] = l_.reshape(b, h, t1 - t0)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask, dlse=None):
+    def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask, dlse=None):
         b, nq, h, d = q.shape
         kvh, g = k.shape[2], h // k.shape[2]
-        acc = lse_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dk = torch.zeros(k.shape, dtype=acc, device=q.device)
         dv = torch.zeros(v.shape, dtype=acc, device=q.device)

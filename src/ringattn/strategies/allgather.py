@@ -3,7 +3,7 @@
 Only the ``kv_heads`` are gathered, ``kv_head_chunk`` of them at a time, with the next chunk's gather
 in flight while the current chunk is computed, so at most two chunks of the full-length K/V are
 alive. Each chunk is one pass of kernel calls over the whole sequence (planned once by
-``masks.plan_block`` on the real global positions, so masks skip what they hide). Backward gathers
+``tasks.plan_block`` on the real global positions, so masks skip what they hide). Backward gathers
 K/V again chunk by chunk and sends the dK/dV partial sums home by reduce-scatter (float32/64), again
 overlapped with the next chunk.
 
@@ -17,31 +17,44 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .. import comm
-from ..kernels import BACKENDS, lse_dtype, select
-from ..kernels.block import Partial, Sum, run_backward, run_forward
-from ..layouts import global_positions, segments
-from ..masks import MaskSpec, Segment, Task, plan_block
-from ..ring import SavedAttention
-from ..validate import agree
-from . import check_call, device_of, gather_op, reduce_scatter_op
+from .. import comm, profiling
+from ..autograd import SavedAttention
+from ..comm import gather_op, reduce_scatter_op
+from ..kernels import Backend, acc_dtype
+from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
+from ..layouts import cut_at, global_positions, segments
+from ..masks import Segment, Task
+from ..tasks import plan_block
+
+if TYPE_CHECKING:
+    from ..call import AttentionCall
 
 # Default bound on one gathered chunk of K+V (the next one is in flight too).
 CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
-class _Call:
-    group: object
-    world: int
-    spec: MaskSpec
-    scale: float
-    tasks: tuple[Task, ...]
+class GatherCall:
+    call: AttentionCall
+    qsegs: tuple[Segment, ...]  # this rank's queries
+    ksegs: tuple[Segment, ...]  # the gathered keys, in kernel row order
     chunks: tuple[tuple[int, int], ...]  # kv head ranges
     to_global: torch.Tensor | None  # gathered (rank-order) row feeding each kernel row; None = identity
+
+    @property
+    def group(self):
+        return self.call.group
+
+    @property
+    def world(self) -> int:
+        return self.call.topo.world
+
+    def tasks(self, backend: Backend) -> tuple[Task, ...]:
+        return plan_block(self.call.spec, self.qsegs, self.ksegs, backend.caps)
 
 
 def head_chunks(kv_heads: int, per_chunk: int) -> tuple[tuple[int, int], ...]:
@@ -69,19 +82,7 @@ def _key_layout(layout: str, world: int, local_len: int, device):
     return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
 
 
-def cut_at(keys: Segment, qsegs: tuple[Segment, ...]) -> tuple[Segment, ...]:
-    """A stride-1 key run cut where this rank's (stride-1) query runs start and end.
-
-    Then every (query run, key piece) pair is empty, full or an aligned causal square, instead of a
-    wide pair the kernels can only do tile by tile with dense masks.
-    """
-    cuts = sorted({keys.start, keys.start + keys.length}
-                  | {p for q in qsegs for p in (q.start, q.start + q.length)
-                     if keys.start < p < keys.start + keys.length})
-    return tuple(Segment(a, b - a) for a, b in zip(cuts, cuts[1:]))
-
-
-def _start_gather(k, v, g0: int, g1: int, call: _Call):
+def _start_gather(k, v, g0: int, g1: int, call: GatherCall):
     """Post the gather of kv heads [g0, g1) of every rank; returns (work, buffer, local sizes)."""
     kc, vc = k[:, :, g0:g1], v[:, :, g0:g1]
     send = torch.cat([kc.reshape(-1), vc.reshape(-1)])
@@ -89,13 +90,11 @@ def _start_gather(k, v, g0: int, g1: int, call: _Call):
         return None, send, (kc.shape, vc.shape)
     recv = send.new_empty(call.world * send.numel())
     work = gather_op()(recv, send, group=call.group, async_op=True)
-    s = comm.stats()
-    if s is not None:  # a ring all-gather forwards W - 1 blocks per rank
-        s.bytes_sent += send.numel() * send.element_size() * (call.world - 1)
+    profiling.count_bytes(send.numel() * send.element_size() * (call.world - 1))  # a ring all-gather forwards W-1
     return work, recv, (kc.shape, vc.shape)
 
 
-def _finish_gather(pending, call: _Call):
+def _finish_gather(pending, call: GatherCall):
     """The gathered (k, v) of one chunk, full length, in kernel row order."""
     work, buf, (kshape, vshape) = pending
     if work is not None:
@@ -111,7 +110,7 @@ def _finish_gather(pending, call: _Call):
     return out
 
 
-def _gathered(k, v, call: _Call):
+def _gathered(k, v, call: GatherCall):
     """Yield (g0, g1, full k, full v) per K/V head chunk, the next chunk's gather in flight meanwhile."""
     pending = _start_gather(k, v, *call.chunks[0], call)
     for i, (g0, g1) in enumerate(call.chunks):
@@ -121,29 +120,31 @@ def _gathered(k, v, call: _Call):
         yield g0, g1, kf, vf
 
 
-def _forward(q, k, v, call: _Call):
-    backend = select(q, k, v)
+def _forward(q, k, v, call: GatherCall):
+    backend, tasks = call.call.backend, call.tasks(call.call.backend)
     b, n, h, _ = q.shape
     dv = v.shape[-1]
     ratio = h // k.shape[2]
-    acc_t = lse_dtype(q.dtype)
+    acc_t = acc_dtype(q.dtype)
     out = torch.empty(b, n, h, dv, dtype=acc_t, device=q.device)
     lse = torch.empty(b, h, n, dtype=acc_t, device=q.device)
     for g0, g1, kf, vf in _gathered(k, v, call):
         hs = slice(g0 * ratio, g1 * ratio)
         qc = q[:, :, hs]
-        acc = Partial(qc, dv)
-        comm.count_flops(call.tasks, qc, vf, False)
-        run_forward(backend, qc, kf, vf, call.tasks, call.spec, call.scale, acc)
+        acc = OutLseAccumulator(qc, dv)
+        profiling.count_flops(tasks, qc, vf, backward=False)
+        with profiling.timed():
+            run_forward(backend, qc, kf, vf, tasks, call.call.spec, call.call.scale, acc)
         out[:, :, hs] = acc.out
         lse[:, hs] = acc.lse
     return out.to(q.dtype), lse
 
 
-def _backward(dout, q, k, v, out, lse, call: _Call, dlse):
-    backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
+def _backward(dout, q, k, v, out, lse, call: GatherCall, dlse):
+    backend = call.call.backend_for(dlse)
+    tasks = call.tasks(backend)
     ratio = q.shape[2] // k.shape[2]
-    acc_t = lse_dtype(q.dtype)
+    acc_t = acc_dtype(q.dtype)
     dq = torch.empty(q.shape, dtype=acc_t, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -152,11 +153,12 @@ def _backward(dout, q, k, v, out, lse, call: _Call, dlse):
     for g0, g1, kf, vf in _gathered(k, v, call):
         hs = slice(g0 * ratio, g1 * ratio)
         qc = q[:, :, hs]
-        dqc = Sum(qc.shape, acc_t, q.device)
-        gk, gv = Sum(kf.shape, acc_t, q.device), Sum(vf.shape, acc_t, q.device)
-        comm.count_flops(call.tasks, qc, vf, True)
-        run_backward(backend, dout[:, :, hs], qc, kf, vf, out[:, :, hs], lse[:, hs], call.tasks,
-                     call.spec, call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs])
+        dqc = GradAccumulator(qc.shape, acc_t, q.device)
+        gk, gv = GradAccumulator(kf.shape, acc_t, q.device), GradAccumulator(vf.shape, acc_t, q.device)
+        profiling.count_flops(tasks, qc, vf, backward=True)
+        with profiling.timed():
+            run_backward(backend, dout[:, :, hs], qc, kf, vf, out[:, :, hs], lse[:, hs], tasks,
+                         call.call.spec, call.call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs])
         dq[:, :, hs] = dqc.get()
         gk, gv = gk.get(), gv.get()
         if call.to_global is not None:  # back to rank order for the scatter
@@ -172,7 +174,7 @@ def _backward(dout, q, k, v, out, lse, call: _Call, dlse):
     return dq.to(q.dtype), dk, dv
 
 
-def _start_scatter(gk, gv, w: int, call: _Call):
+def _start_scatter(gk, gv, w: int, call: GatherCall):
     """Sum every rank's dK/dV share of each block at the block's owner (reduce-scatter)."""
     b, n, hc, d = gk.shape
     c = n // w
@@ -186,58 +188,18 @@ def _start_scatter(gk, gv, w: int, call: _Call):
         return None, send, kshape
     res = send.new_empty(send.numel() // w)
     work = reduce_scatter_op()(res, send, group=call.group, async_op=True)
-    s = comm.stats()
-    if s is not None:
-        s.bytes_sent += res.numel() * res.element_size() * (w - 1)
+    profiling.count_bytes(res.numel() * res.element_size() * (w - 1))
     return work, res, kshape
 
 
-def allgather_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group=None,
-    causal: bool = False,
-    window: tuple[int, int] | None = None,
-    layout: str = "contiguous",
-    seq_len: int | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    return_lse: bool = False,
-    kv_head_chunk: int | None = None,
-    backward_exchange: str = "ring",
-):
-    """Exact attention by gathering K/V; same arguments and results as ``ring_attention``.
-
-    ``kv_head_chunk``: K/V heads gathered per step (None: as many as fit in ``CHUNK_BYTES``, at
-    least two steps when there is more than one K/V head, so that the gather overlaps compute).
-    ``backward_exchange``: only ``"ring"`` (accepted so that a model's setting can name it; no ring here).
-    """
-    rank, world = comm.group_rank_world(group)
-    error, spec, scale, desc = None, None, None, ""
-    try:
-        spec, scale, desc = check_call(q, k, v, strategy="allgather", world=world, layout=layout,
-                                       causal=causal, window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
-                                       softmax_scale=softmax_scale, backward_exchange=backward_exchange)
-        if kv_head_chunk is not None and (isinstance(kv_head_chunk, bool) or not isinstance(kv_head_chunk, int)
-                                          or kv_head_chunk < 1):
-            raise ValueError(f"kv_head_chunk must be a positive int or None, got {kv_head_chunk!r}")
-        desc += f" kv_head_chunk={kv_head_chunk}"
-    except (TypeError, ValueError) as e:
-        error = e
-    agree(desc, error, group, device_of(q))
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
+    """Gather K/V chunk by chunk and attend; (out, lse), differentiable."""
+    topo = call.topo
     n = q.shape[1]
-    ksegs, to_global = _key_layout(layout, world, n, q.device)
-    lay = layout if world > 1 else "contiguous"
-    qsegs = segments(lay, rank, world, n)
+    ksegs, to_global = _key_layout(call.layout, topo.world, n, q.device)
+    qsegs = segments(call.layout, topo.rank, topo.world, n)
     if len(ksegs) == 1:
         ksegs = cut_at(ksegs[0], qsegs)
-    tasks = plan_block(spec, qsegs, ksegs)
-    per = kv_head_chunk or default_chunk(k, v, world)
-    call = _Call(group, world, spec, scale, tasks, head_chunks(k.shape[2], per), to_global)
-    s = comm.stats()
-    if s is not None:
-        s.calls += 1
-    out, lse = SavedAttention.apply(q, k, v, _forward, _backward, call)
-    return (out, lse) if return_lse else out
+    per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)
+    gather = GatherCall(call, qsegs, ksegs, head_chunks(k.shape[2], per), to_global)
+    return SavedAttention.apply(q, k, v, _forward, _backward, gather)

@@ -19,41 +19,52 @@ rank holds the K/V heads its query heads read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .. import comm
-from ..kernels import BACKENDS, lse_dtype, select
-from ..kernels.block import Partial, Sum, run_backward, run_forward
-from ..layouts import global_positions
-from ..masks import MaskSpec, Segment, Task, plan_block
-from ..ring import SavedAttention
-from ..validate import agree
-from . import AllToAll, check_call, device_of, kv_replication
+from .. import profiling
+from ..autograd import SavedAttention
+from ..comm import AllToAll
+from ..kernels import acc_dtype
+from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
+from ..layouts import global_positions, kv_replication
+from ..masks import Segment
+from ..tasks import plan_block
+
+if TYPE_CHECKING:
+    from ..call import AttentionCall
 
 
 @dataclass(frozen=True)
 class LocalCall:
-    spec: MaskSpec
-    scale: float
-    tasks: tuple[Task, ...]
+    """Attention over the whole gathered sequence (positions 0..n-1 in order) on this rank's heads."""
+
+    call: AttentionCall
+    n: int
+
+    def tasks(self, backend):
+        return plan_block(self.call.spec, (Segment(0, self.n),), (Segment(0, self.n),), backend.caps)
 
 
-def local_forward(q, k, v, call: LocalCall):
-    """Exact attention of local q, k, v at known global positions (the tasks of ``plan_block``)."""
-    acc = Partial(q, v.shape[-1])
-    comm.count_flops(call.tasks, q, v, False)
-    run_forward(select(q, k, v), q, k, v, call.tasks, call.spec, call.scale, acc)
+def local_forward(q, k, v, local: LocalCall):
+    acc = OutLseAccumulator(q, v.shape[-1])
+    backend = local.call.backend
+    tasks = local.tasks(backend)
+    profiling.count_flops(tasks, q, v, backward=False)
+    with profiling.timed():
+        run_forward(backend, q, k, v, tasks, local.call.spec, local.call.scale, acc)
     return acc.out.to(q.dtype), acc.lse
 
 
-def local_backward(dout, q, k, v, out, lse, call: LocalCall, dlse):
-    # A gradient through lse folds into D (D - dlse); only the reference backend takes it.
-    backend = select(q, k, v) if dlse is None else BACKENDS["reference"]
-    acc = lse_dtype(q.dtype)
-    dq, dk, dv = (Sum(t.shape, acc, t.device) for t in (q, k, v))
-    comm.count_flops(call.tasks, q, v, True)
-    run_backward(backend, dout, q, k, v, out, lse, call.tasks, call.spec, call.scale, dq, dk, dv, dlse)
+def local_backward(dout, q, k, v, out, lse, local: LocalCall, dlse):
+    backend = local.call.backend_for(dlse)
+    tasks = local.tasks(backend)
+    acc = acc_dtype(q.dtype)
+    dq, dk, dv = (GradAccumulator(t.shape, acc, t.device) for t in (q, k, v))
+    profiling.count_flops(tasks, q, v, backward=True)
+    with profiling.timed():
+        run_backward(backend, dout, q, k, v, out, lse, tasks, local.call.spec, local.call.scale, dq, dk, dv, dlse)
     dq, dk, dv = dq.get(), dk.get(), dv.get()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -65,12 +76,12 @@ def rank_order(layout: str, world: int, local_len: int, device) -> torch.Tensor 
     return torch.cat([global_positions(layout, r, world, local_len, device) for r in range(world)])
 
 
-def head_parallel_attention(q, k, v, group, spec: MaskSpec, scale: float, order: torch.Tensor | None,
-                            replicate: int):
-    """The Ulysses core on ``group``: (out, lse) of this rank's tokens, differentiable.
+def head_parallel_attention(q, k, v, call: AttentionCall, order: torch.Tensor | None, replicate: int):
+    """The Ulysses core on ``call.topo.head_group``: (out, lse) of this rank's tokens, differentiable.
 
     ``order`` gives the global position of each token after the all-to-all (None = already in order).
     """
+    group = call.topo.head_group
     if replicate > 1:
         k = k.repeat_interleave(replicate, dim=2)
         v = v.repeat_interleave(replicate, dim=2)
@@ -78,47 +89,14 @@ def head_parallel_attention(q, k, v, group, spec: MaskSpec, scale: float, order:
     if order is not None:
         to_global = torch.argsort(order)
         qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
-    n = qh.shape[1]
-    tasks = plan_block(spec, (Segment(0, n),), (Segment(0, n),))
-    out, lse = SavedAttention.apply(qh, kh, vh, local_forward, local_backward, LocalCall(spec, scale, tasks))
+    out, lse = SavedAttention.apply(qh, kh, vh, local_forward, local_backward, LocalCall(call, qh.shape[1]))
     if order is not None:  # back to rank order: row j of rank order holds global position order[j]
         out, lse = out.index_select(1, order), lse.index_select(2, order)
     return AllToAll.apply(out, group, 1, 2), AllToAll.apply(lse, group, 2, 1)
 
 
-def ulysses_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group=None,
-    causal: bool = False,
-    window: tuple[int, int] | None = None,
-    layout: str = "contiguous",
-    seq_len: int | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    softmax_scale: float | None = None,
-    return_lse: bool = False,
-    backward_exchange: str = "ring",
-):
-    """Exact attention by all-to-all head parallelism; same arguments and results as ``ring_attention``.
-
-    Needs ``heads`` divisible by the group size; K/V heads are replicated when ``kv_heads`` is not a
-    multiple of it (see the module docstring). ``backward_exchange``: only ``"ring"`` (no ring here).
-    """
-    _, world = comm.group_rank_world(group)
-    error, spec, scale, desc = None, None, None, ""
-    try:
-        spec, scale, desc = check_call(q, k, v, strategy="ulysses", world=world, layout=layout, causal=causal,
-                                       window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
-                                       softmax_scale=softmax_scale, local_world=world,
-                                       backward_exchange=backward_exchange)
-    except (TypeError, ValueError) as e:
-        error = e
-    agree(desc, error, group, device_of(q))
-    s = comm.stats()
-    if s is not None:
-        s.calls += 1
-    order = rank_order(layout, world, q.shape[1], q.device)
-    out, lse = head_parallel_attention(q, k, v, group, spec, scale, order, kv_replication(k.shape[2], world))
-    return (out, lse) if return_lse else out
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
+    """All-to-all to a head split, exact attention over the whole sequence, all-to-all back."""
+    world = call.topo.world
+    order = rank_order(call.layout, world, q.shape[1], q.device)
+    return head_parallel_attention(q, k, v, call, order, kv_replication(k.shape[2], world))

@@ -1,0 +1,198 @@
+"""The front door: every attention call enters here, whatever the strategy.
+
+One signature (:class:`Options`), one validation, one cross-rank agreement, one description, one profile
+count, and one backend choice per call; the strategy then receives a finished :class:`AttentionCall`.
+Adding a keyword is one field of ``Options`` (plus its check in ``_build``): ``ring_attention`` and
+``attention`` take their signatures from it. ``decode_attention`` enters through :func:`checked` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import profiling
+from .comm import group_rank_world
+from .kernels import BACKENDS, Backend, select
+from .layouts import mesh_coords, mesh_dims
+from .masks import MaskSpec
+from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
+from .strategies import IMPLEMENTATIONS, resolve_auto
+from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """The keywords of an attention call (see ``ring_attention`` for what each means)."""
+
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    layout: Layout | str = Layout.CONTIGUOUS
+    seq_len: int | None = None
+    cu_seqlens: torch.Tensor | None = None
+    softmax_scale: float | None = None
+    return_lse: bool = False
+    backward_exchange: BackwardExchange | str = BackwardExchange.RING
+    kv_head_chunk: int | None = None
+    backend: str | Backend | None = None
+
+
+# Keywords that tune one kind of strategy, and the strategies that take a non-default value.
+# "auto" drops them for a strategy that was not chosen: they tune a strategy that was not picked.
+TUNING: dict[str, tuple[object, frozenset[Strategy]]] = {
+    "kv_head_chunk": (None, frozenset({Strategy.ALLGATHER})),
+    "backward_exchange": (BackwardExchange.RING, RING_STRATEGIES),
+}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where a strategy runs: the group its layout is over (``world`` blocks of ``block_rows`` local
+    lengths), the group that splits the heads, if any, and every group that must agree on the call."""
+
+    group: object
+    rank: int
+    world: int
+    block_rows: int = 1
+    head_group: object = None
+    head_world: int = 1
+    agree_over: tuple = (None,)
+    mesh: object = None
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One validated, agreed call, as every strategy receives it."""
+
+    strategy: Strategy
+    options: Options
+    topo: Topology
+    layout: Layout  # contiguous when the layout's group has one rank (every layout is the same then)
+    spec: MaskSpec
+    scale: float
+    backend: Backend
+
+    @property
+    def group(self):
+        return self.topo.group
+
+    @property
+    def backward_exchange(self) -> BackwardExchange:
+        return BackwardExchange(self.options.backward_exchange)
+
+    def backend_for(self, dlse: torch.Tensor | None) -> Backend:
+        """The backend of this call's backward: its own, unless a gradient flows into lse and it cannot
+        take one."""
+        if dlse is None or self.backend.caps.takes_dlse:
+            return self.backend
+        return BACKENDS["reference"]
+
+
+def topology(strategy: Strategy, group, mesh) -> Topology:
+    """The strategy's groups; misuse of ``group=`` / ``mesh=`` is an error at once (nothing to agree on)."""
+    if strategy is not Strategy.HYBRID:
+        if mesh is not None:
+            raise ValueError(f"mesh is only used by strategy='hybrid' (got strategy={strategy!r}); "
+                             "pass group= for the others")
+        rank, world = group_rank_world(group)
+        heads = (group, world) if strategy is Strategy.ULYSSES else (None, 1)
+        return Topology(group, rank, world, 1, *heads, agree_over=(group,))
+    if group is not None:
+        raise ValueError("strategy='hybrid' takes its process groups from mesh=; leave group=None")
+    if mesh is None:
+        raise ValueError("strategy='hybrid' needs mesh=, a 2-D DeviceMesh with a ring and a ulysses dimension")
+    ring_dim, uly_dim = mesh_dims(mesh)
+    ring_rank, ring_world, _, uly_world = mesh_coords(mesh)
+    ring_group, uly_group = mesh.get_group(ring_dim), mesh.get_group(uly_dim)
+    # The layout is over the ring's blocks of U * local_len rows; two small agreements (the Ulysses group,
+    # then the ring group) reach every rank of the mesh.
+    return Topology(ring_group, ring_rank, ring_world, uly_world, uly_group, uly_world,
+                    agree_over=(uly_group, ring_group), mesh=mesh)
+
+
+def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) -> tuple[AttentionCall, str]:
+    """Check every argument on this rank; the call and the description all ranks must agree on."""
+    try:
+        opts = Options(**options)
+    except TypeError as e:
+        raise TypeError(f"attention(): {e}".replace("Options.__init__() ", "")) from None
+    check_qkv(q, k, v)
+    layout = choose(Layout, opts.layout, "layout")
+    spec = make_spec(world=topo.world, local_len=topo.block_rows * q.shape[1], layout=layout, causal=opts.causal,
+                     window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0])
+    scale = softmax_scale_of(opts.softmax_scale, q.shape[-1])
+    exchange = choose(BackwardExchange, opts.backward_exchange, "backward_exchange")
+    if exchange is BackwardExchange.DIRECT and strategy not in RING_STRATEGIES:
+        raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring")
+    chunk = opts.kv_head_chunk
+    if chunk is not None:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"kv_head_chunk must be a positive int or None, got {chunk!r}")
+        if strategy is not Strategy.ALLGATHER:
+            raise ValueError(f"kv_head_chunk is an allgather setting; strategy={strategy!r} gathers no K/V")
+    if topo.head_world > 1 and q.shape[2] % topo.head_world:
+        raise ValueError(f"strategy={strategy!r} splits the heads over {topo.head_world} ranks: heads "
+                         f"({q.shape[2]}) must be divisible by {topo.head_world}")
+    backend = _backend(opts.backend, q, k, v)
+    call = AttentionCall(strategy, opts, topo, layout if topo.world > 1 else Layout.CONTIGUOUS, spec, scale,
+                         backend)
+    desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" backward_exchange={exchange}"
+            f" kv_head_chunk={chunk} backend={backend.name} blocks={topo.world}x{topo.block_rows}"
+            f" heads_split={topo.head_world}")
+    return call, desc
+
+
+def _backend(choice, q, k, v) -> Backend:
+    if choice is None:
+        return select(q, k, v)
+    if isinstance(choice, str):
+        if choice not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or a Backend, got {choice!r}")
+        choice = BACKENDS[choice]
+    if not (hasattr(choice, "caps") and hasattr(choice, "forward") and hasattr(choice, "supports")):
+        raise TypeError(f"backend must be a name or a ringattn.kernels.Backend, got {type(choice).__name__}")
+    if not choice.supports(q, k, v):
+        raise ValueError(f"backend {choice.name!r} does not support {q.dtype} tensors on {q.device.type}")
+    return choice
+
+
+def checked(make: Callable[[], tuple[Any, str]], groups, like) -> Any:
+    """Run ``make`` (this rank's checks; returns ``(result, description)``) and agree across ``groups``:
+    every rank raises if any rank's checks failed (whatever the exception) or the descriptions differ,
+    before anyone communicates. Counts the call in the active profile."""
+    error, result, desc = None, None, ""
+    try:
+        result, desc = make()
+    except Exception as e:  # noqa: BLE001 - every failure must reach the agreement, or peers hang
+        error = e
+    device = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+    agree(desc, error, groups, device)
+    profiling.count_call()
+    return result
+
+
+def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh=None, **options):
+    """``ringattn.attention``: validate, agree, choose the backend once, and run the strategy."""
+    strategy = choose(Strategy, strategy, "strategy")
+    if strategy is Strategy.AUTO:
+        strategy = resolve_auto(q, k, v, group=group, mesh=mesh, **options)
+        options = {key: val for key, val in options.items()
+                   if key not in TUNING or strategy in TUNING[key][1] or val == TUNING[key][0]}
+    topo = topology(strategy, group, mesh)
+    call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
+    out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
+    return (out, lse) if call.options.return_lse else out
+
+
+def signature(*leading: inspect.Parameter) -> inspect.Signature:
+    """``(q, k, v, *, <leading>, <every Options field>)``: the public functions' one signature."""
+    pos = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor)
+           for n in ("q", "k", "v")]
+    kw = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+          for f in dataclasses.fields(Options)]
+    return inspect.Signature([*pos, *leading, *kw])

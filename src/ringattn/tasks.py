@@ -1,0 +1,228 @@
+"""Kernel tasks: how one local query block against one key block becomes a few kernel calls.
+
+``MaskSpec.classify`` (masks.py) says what a pair of position runs is; this module turns that into
+:class:`~ringattn.masks.Task` records a backend runs, lowering only what the backend cannot take
+natively (its :class:`~ringattn.kernels.base.Capabilities`):
+
+- a PARTIAL pair becomes tiles of at most ``caps.max_dense_tile`` (each tile classified again: most
+  window and document tiles are empty or full), unless the backend runs PARTIAL natively;
+- packed documents are planned one piece per document first (every piece is full, causal or a window
+  band, so no dense mask is needed: measured 2.1-2.4x faster on the CPU op than masked tiles);
+- a causal task for a bottom-right aligned kernel becomes a square triangle plus a full rectangle.
+
+The same tasks feed the FLOP model (``task_flops``) of the profiler and of the planner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+from .kernels.base import Alignment, Capabilities
+from .masks import Kind, MaskSpec, Segment, Task
+
+# Documents are planned piece by piece only while the pieces are at least this long on average: a
+# kernel call per tiny document costs more than one masked tile over many of them.
+MIN_DOC_PIECE = 64
+DEFAULT_CAPS = Capabilities()
+
+
+@functools.lru_cache(maxsize=4096)
+def plan_block(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...],
+               caps: Capabilities = DEFAULT_CAPS) -> tuple[Task, ...]:
+    """The kernel calls that compute local query block ``qsegs`` against key block ``ksegs``.
+
+    Segments are consecutive in local row order. Cached: every layer asks for the same plans.
+    """
+    if qsegs == ksegs and len(qsegs) > 1 and spec.lo == 0 and spec.hi is None and spec.doc_bounds is None \
+            and all(a.last < b.start for a, b in zip(qsegs, qsegs[1:])):
+        # A rank's own block whose positions increase along the local rows (zigzag): plain causal on
+        # the global positions is causal on the local rows, so one kernel call does all of it. Padding
+        # keys are a suffix of the local rows, since positions increase.
+        k_len = sum(s.count_below(spec.seq_len) for s in ksegs)
+        tasks = [Task(0, sum(s.length for s in qsegs), 0, k_len, Kind.CAUSAL)] if k_len else []
+        return tuple(lower(tasks, caps))
+    tasks: list[Task] = []
+    qoff = 0
+    for qs in qsegs:
+        koff = 0
+        for ks in ksegs:
+            _plan_pair(spec, qs, ks, qoff, koff, caps, tasks)
+            koff += ks.length
+        qoff += qs.length
+    return tuple(lower(_merge_full(tasks), caps))
+
+
+def lower(tasks, caps: Capabilities) -> list[Task]:
+    """Tasks in the backend's causal alignment: unchanged for top-left; for bottom-right every causal
+    task becomes square (the two alignments agree there) plus a full rectangle of the rows below it."""
+    if caps.causal_alignment is Alignment.TOP_LEFT:
+        return list(tasks)
+    out = []
+    for t in tasks:
+        nq, nk = t.q1 - t.q0, t.k1 - t.k0
+        if t.kind is not Kind.CAUSAL or nq == nk:
+            out.append(t)
+        elif nq < nk:  # keys right of the last row's diagonal are seen by nobody
+            out.append(dataclasses.replace(t, k1=t.k0 + nq))
+        else:  # rows below the square see every key
+            out.append(dataclasses.replace(t, q1=t.q0 + nk))
+            out.append(Task(t.q0 + nk, t.q1, t.k0, t.k1, Kind.FULL))
+    return out
+
+
+def _merge_full(tasks: list[Task]) -> list[Task]:
+    """Join fully visible tasks that are adjacent in the local rows (same queries and touching keys, or
+    the other way round): one bigger kernel call instead of two, and one merge less (e.g. the two
+    zigzag chunks of a key block that a query chunk sees whole)."""
+    rest = [t for t in tasks if t.kind is not Kind.FULL]
+    full = [(t.q0, t.q1, t.k0, t.k1) for t in tasks if t.kind is Kind.FULL]
+    while True:
+        n = len(full)
+        full = _join_runs(full, key=lambda t: (t[0], t[1]), lo=2, hi=3)  # same queries, touching keys
+        full = _join_runs(full, key=lambda t: (t[2], t[3]), lo=0, hi=1)  # same keys, touching queries
+        if len(full) == n:
+            return rest + [Task(*t, Kind.FULL) for t in full]
+
+
+def _join_runs(boxes, key, lo, hi):
+    groups: dict = {}
+    for b in boxes:
+        groups.setdefault(key(b), []).append(b)
+    out = []
+    for same in groups.values():
+        same.sort(key=lambda b: b[lo])
+        cur = list(same[0])
+        for b in same[1:]:
+            if b[lo] == cur[hi]:
+                cur[hi] = b[hi]
+            else:
+                out.append(tuple(cur))
+                cur = list(b)
+        out.append(tuple(cur))
+    return out
+
+
+def _plan_pair(spec: MaskSpec, qs: Segment, ks: Segment, qoff: int, koff: int, caps: Capabilities,
+               out: list[Task]) -> None:
+    pair = spec.classify(qs, ks)
+    if pair.kind is Kind.EMPTY:
+        return
+    if pair.kind is Kind.FULL or pair.kind is Kind.CAUSAL:
+        q0 = qoff + max(0, -pair.shift) if pair.kind is Kind.CAUSAL else qoff
+        out.append(Task(q0, qoff + qs.length, koff, koff + pair.k_len, pair.kind))
+        return
+    ks = Segment(ks.start, pair.k_len, ks.stride)
+    if Kind.PARTIAL in caps.native:
+        out.append(Task(qoff, qoff + qs.length, koff, koff + ks.length, Kind.PARTIAL, qseg=qs, kseg=ks))
+        return
+    if spec.doc_bounds is not None and _plan_by_document(spec, qs, ks, qoff, koff, caps, out):
+        return
+    tile = caps.max_dense_tile
+    if qs.length <= tile and ks.length <= tile:
+        out.append(Task(qoff, qoff + qs.length, koff, koff + ks.length, Kind.PARTIAL, qseg=qs, kseg=ks))
+        return
+    for a in range(0, qs.length, tile):
+        qa = qs.sub(a, min(a + tile, qs.length))
+        for b in range(0, ks.length, tile):
+            kb = ks.sub(b, min(b + tile, ks.length))
+            sub = spec.classify(qa, kb)
+            if sub.kind is Kind.PARTIAL:
+                kb = Segment(kb.start, sub.k_len, kb.stride)
+                out.append(Task(qoff + a, qoff + a + qa.length, koff + b, koff + b + kb.length,
+                                Kind.PARTIAL, qseg=qa, kseg=kb))
+            else:
+                _plan_pair(spec, qa, kb, qoff + a, koff + b, caps, out)
+
+
+def document_pieces(spec: MaskSpec, seg: Segment) -> list[tuple[int, Segment]]:
+    """``seg`` cut where documents begin: ``(local row offset, piece)``, each piece inside one document
+    (a document is a range of positions, so its part of an arithmetic run is again one)."""
+    cuts = sorted({0, seg.length} | {seg.count_below(b) for b in spec.doc_bounds if seg.start < b <= seg.last})
+    return [(a, seg.sub(a, b)) for a, b in zip(cuts, cuts[1:])]
+
+
+def _plan_by_document(spec, qs, ks, qoff, koff, caps, out) -> bool:
+    """Plan a pair that documents cut as one pair per shared document; False if the pieces are too small
+    for that to pay (the caller tiles instead)."""
+    qp, kp = document_pieces(spec, qs), document_pieces(spec, ks)
+    if min(qs.length / len(qp), ks.length / len(kp)) < MIN_DOC_PIECE:
+        return False
+    within = dataclasses.replace(spec, doc_bounds=None)  # each pair below lies inside one document
+    j = 0
+    for a, qa in qp:
+        doc = spec.doc_of(qa.start)
+        while j < len(kp) and spec.doc_of(kp[j][1].last) < doc:
+            j += 1
+        for b, kb in kp[j:]:
+            kdoc = spec.doc_of(kb.start)
+            if kdoc > doc:
+                break
+            if kdoc == doc:
+                _plan_pair(within, qa, kb, qoff + a, koff + b, caps, out)
+    return True
+
+
+def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: int) -> float:
+    """Forward FLOPs of one task: 2 (d + dv) per visible (query, key) pair (a causal call counts the
+    pairs of its top-left triangle, row i seeing min(i + 1, nk) keys)."""
+    nq, nk = task.q1 - task.q0, task.k1 - task.k0
+    if task.kind is Kind.CAUSAL:
+        m = min(nq, nk)
+        pairs = m * (m + 1) // 2 + (nq - m) * nk
+    else:
+        pairs = nq * nk
+    return 2.0 * batch * heads * pairs * (head_dim + v_head_dim)
+
+
+def restrict(t: Task, r0: int, r1: int, c0: int, c1: int) -> list[Task]:
+    """The part of task ``t`` in local query rows ``[r0, r1)`` and key rows ``[c0, c1)``, as kernel tasks.
+
+    A causal task is top-left aligned (row ``i`` of the task sees key ``j <= i``); its part in a row and
+    column range is a fully visible rectangle left of the diagonal plus a smaller top-left triangle.
+    """
+    q0, q1, k0, k1 = max(t.q0, r0), min(t.q1, r1), max(t.k0, c0), min(t.k1, c1)
+    if q0 >= q1 or k0 >= k1:
+        return []
+    if t.kind is Kind.FULL:
+        return [Task(q0, q1, k0, k1, Kind.FULL)]
+    if t.kind is Kind.PARTIAL:
+        return [Task(q0, q1, k0, k1, Kind.PARTIAL, qseg=t.qseg.sub(q0 - t.q0, q1 - t.q0),
+                     kseg=t.kseg.sub(k0 - t.k0, k1 - t.k0))]
+    # Causal, in the task's own coordinates: row i sees keys [0, i]; rows [a, b), keys [u, w).
+    a, b, u, w = q0 - t.q0, q1 - t.q0, k0 - t.k0, k1 - t.k0
+    a = max(a, u)  # rows above the key range see none of it
+    out = []
+    if a >= b:
+        return out
+    if a > u:
+        out.append(Task(t.q0 + a, t.q0 + b, t.k0 + u, t.k0 + min(a, w), Kind.FULL))
+    if a < w:
+        out.append(Task(t.q0 + a, t.q0 + b, t.k0 + a, t.k0 + w, Kind.CAUSAL))
+    return out
+
+
+class KeyTile(NamedTuple):
+    """Key rows ``[start, stop)`` of a block and the tasks that touch them (keys in block rows)."""
+
+    start: int
+    stop: int
+    tasks: tuple[Task, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def tile_tasks(tasks: tuple[Task, ...], n_keys: int, caps: Capabilities = DEFAULT_CAPS) -> tuple[KeyTile, ...]:
+    """Cut tasks into calls of at most ``caps.backward_tile`` query rows and keys, grouped by key tile.
+
+    One :class:`KeyTile` per key tile, in order, empty ones included. The ring's backward runs visiting
+    blocks this way: every call's dQ/dK/dV output, added into an accumulator and dropped, stays a tile in
+    size, and a finished key tile's dK/dV can leave before the block is done. Cached: every layer's backward asks for the same tiles of the same plan.
+    """
+    size = caps.backward_tile
+    rows = max((t.q1 for t in tasks), default=0)
+    return tuple(
+        KeyTile(u, min(u + size, n_keys), tuple(lower(
+            [p for t in tasks for r in range(0, rows, size)
+             for p in restrict(t, r, r + size, u, min(u + size, n_keys))], caps)))
+        for u in range(0, n_keys, size))
