@@ -36,11 +36,11 @@ class BottomRightBackend(ReferenceBackend):
 TEST_BACKENDS = {b.name: b for b in (NativePartialBackend(), BottomRightBackend())}
 
 
-def backend_for(name: str | None, tile: int | None, chunk: int | None):
-    """The ``backend=`` of a test case: by name (library or test backend), with its tile sizes changed;
-    None when nothing is asked (the library chooses)."""
-    if name is None and tile is None and chunk is None:
+def backend_for(name: str | None, tile: int | None = None, chunk: int | None = None, doc_piece: int | None = None):
+    """The ``backend=`` of a test case: by name (library or test backend), with its planning sizes
+    changed; None when nothing is asked (the library chooses)."""
+    if name is None and tile is None and chunk is None and doc_piece is None:
         return None
     name = name or "cpu-flash"
     base = TEST_BACKENDS.get(name) or BACKENDS[name]
-    return retiled(base, max_dense_tile=tile, backward_tile=chunk)
+    return retiled(base, max_dense_tile=tile, backward_tile=chunk, min_document_piece=doc_piece)

@@ -39,6 +39,7 @@ class Case:
     seed: int = 0
     tile: int | None = None  # a smaller Capabilities.max_dense_tile, to exercise tiling on small inputs
     chunk: int | None = None  # a smaller Capabilities.backward_tile: the ring backward's key tiles
+    doc_piece: int | None = None  # a smaller Capabilities.min_document_piece: per-document planning
     backend: str | None = None  # a library or test backend (tests/backends.py); None = the library's choice
     strategy: str = "ring"
     scale_logits: float = 1.0
@@ -76,7 +77,8 @@ def mesh_for(shape: tuple[int, int]):
 def run_case(case: Case) -> dict:
     rank, world = comm.group_rank_world()
     dtype = DTYPES[case.dtype]
-    backend = backend_for(case.backend or os.environ.get("RINGATTN_TEST_BACKEND"), case.tile, case.chunk)
+    backend = backend_for(case.backend or os.environ.get("RINGATTN_TEST_BACKEND"), case.tile, case.chunk,
+                          case.doc_piece)
     g = torch.Generator().manual_seed(case.seed)
     S, b = case.seq_len, case.batch
     dv = case.v_head_dim or case.head_dim

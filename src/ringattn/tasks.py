@@ -22,9 +22,6 @@ from typing import NamedTuple
 from .kernels.base import Alignment, Capabilities
 from .masks import Kind, MaskSpec, Segment, Task
 
-# Documents are planned piece by piece only while the pieces are at least this long on average: a
-# kernel call per tiny document costs more than one masked tile over many of them.
-MIN_DOC_PIECE = 64
 DEFAULT_CAPS = Capabilities()
 
 
@@ -147,7 +144,7 @@ def _plan_by_document(spec, qs, ks, qoff, koff, caps, out) -> bool:
     """Plan a pair that documents cut as one pair per shared document; False if the pieces are too small
     for that to pay (the caller tiles instead)."""
     qp, kp = document_pieces(spec, qs), document_pieces(spec, ks)
-    if min(qs.length / len(qp), ks.length / len(kp)) < MIN_DOC_PIECE:
+    if min(qs.length / len(qp), ks.length / len(kp)) < caps.min_document_piece:
         return False
     within = dataclasses.replace(spec, doc_bounds=None)  # each pair below lies inside one document
     j = 0
@@ -217,7 +214,8 @@ def tile_tasks(tasks: tuple[Task, ...], n_keys: int, caps: Capabilities = DEFAUL
 
     One :class:`KeyTile` per key tile, in order, empty ones included. The ring's backward runs visiting
     blocks this way: every call's dQ/dK/dV output, added into an accumulator and dropped, stays a tile in
-    size, and a finished key tile's dK/dV can leave before the block is done. Cached: every layer's backward asks for the same tiles of the same plan.
+    size, and a finished key tile's dK/dV can leave before the block is done. Cached: every layer's
+    backward asks for the same tiles of the same plan.
     """
     size = caps.backward_tile
     rows = max((t.q1 for t in tasks), default=0)

@@ -74,10 +74,9 @@ def _self_check(name: str, device: str, dtype: torch.dtype) -> bool:
     return True
 
 
-def retiled(backend: Backend, *, max_dense_tile: int | None = None, backward_tile: int | None = None) -> Backend:
-    """``backend`` with other tile sizes (a shallow copy; for tuning, and for tests on small inputs)."""
+def retiled(backend: Backend, **sizes: int | None) -> Backend:
+    """``backend`` with other planning sizes (``max_dense_tile``, ``backward_tile``, ``min_document_piece``;
+    None keeps its own): a shallow copy, for tuning and for tests on small inputs."""
     b = copy.copy(backend)
-    caps = backend.caps
-    b.caps = dataclasses.replace(caps, max_dense_tile=max_dense_tile or caps.max_dense_tile,
-                                 backward_tile=backward_tile or caps.backward_tile)
+    b.caps = dataclasses.replace(backend.caps, **{k: v for k, v in sizes.items() if v is not None})
     return b

@@ -54,6 +54,9 @@ class Capabilities:
     # Largest kernel call (query rows and keys) on a visiting block in the ring's backward: each call's
     # dQ/dK/dV output added into an accumulator stays this size.
     backward_tile: int = 1024
+    # Packed documents are planned one piece per document while the pieces are at least this long on
+    # average: a kernel call per tiny document costs more than one masked tile over many of them.
+    min_document_piece: int = 64
 
 
 class Backend(Protocol):
