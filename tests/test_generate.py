@@ -18,11 +18,11 @@ from .reference import TOL, attention_ref, rel_err
 # -- the decode-attention primitive -------------------------------------------------------------
 
 
-def decode_case(n: int, t: int, window, seed: int = 0) -> dict:
+def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = None) -> dict:
     """Every rank holds a random subset of a cache of n positions (some slots empty); t new queries."""
     rank, world = comm.group_rank_world()
     g = torch.Generator().manual_seed(seed)
-    b, h, kvh, d, dv = 2, 4, 2, 8, 6
+    b, h, kvh, d, dv = 1 if docs is not None else 2, 4, 2, 8, 6
     k = torch.randn(b, n, kvh, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, n, kvh, dv, generator=g, dtype=torch.float64)
     q = torch.randn(b, t, h, d, generator=g, dtype=torch.float64) * 2
@@ -34,12 +34,16 @@ def decode_case(n: int, t: int, window, seed: int = 0) -> dict:
     kp = torch.cat([mine, torch.tensor([-1, -1])])
     kl = torch.cat([k[:, mine], torch.randn(b, 2, kvh, d, dtype=torch.float64)], 1)
     vl = torch.cat([v[:, mine], torch.randn(b, 2, kvh, dv, dtype=torch.float64)], 1)
-    out, lse = decode_attention(q, kl, vl, q_pos, kp, group=None, window=window, return_lse=True)
+    cu = None if docs is None else torch.tensor(docs)
+    out, lse = decode_attention(q, kl, vl, q_pos, kp, group=None, window=window, cu_seqlens=cu, return_lse=True)
 
     i, j = q_pos[:, None], torch.arange(n)[None, :]
     keep = j <= i
     if window is not None:
         keep &= j >= i - window[0]
+    if docs is not None:
+        bounds = torch.tensor(docs)
+        keep &= torch.bucketize(i, bounds, right=True) == torch.bucketize(j, bounds, right=True)
     r_out, r_lse = attention_ref(q, k, v, keep)
     return {"out": rel_err(out, r_out), "lse": rel_err(lse, r_lse.transpose(1, 2))}
 
@@ -48,6 +52,13 @@ def decode_case(n: int, t: int, window, seed: int = 0) -> dict:
 @pytest.mark.parametrize("window", [None, (5, 0)])
 def test_decode_attention_exact(ranks, world, window):
     for errs in ranks.run(world, decode_case, 23, 3, window):
+        assert errs["out"] <= TOL[torch.float64] and errs["lse"] <= TOL[torch.float64], errs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_decode_attention_packed_documents(ranks, world):
+    """Each new query sees only the cached keys of its own document (the shared mask predicate)."""
+    for errs in ranks.run(world, decode_case, 23, 3, None, 1, [0, 6, 21, 23]):
         assert errs["out"] <= TOL[torch.float64] and errs["lse"] <= TOL[torch.float64], errs
 
 
