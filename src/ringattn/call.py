@@ -19,7 +19,7 @@ import torch
 from . import profiling
 from .comm import group_rank_world
 from .kernels import BACKENDS, Backend, select
-from .layouts import mesh_coords, mesh_dims
+from .layouts import effective_layout, mesh_coords, mesh_dims
 from .masks import MaskSpec
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .strategies import IMPLEMENTATIONS, resolve_auto
@@ -139,8 +139,7 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
         raise ValueError(f"strategy={strategy!r} splits the heads over {topo.head_world} ranks: heads "
                          f"({q.shape[2]}) must be divisible by {topo.head_world}")
     backend = _backend(opts.backend, q, k, v)
-    call = AttentionCall(strategy, opts, topo, layout if topo.world > 1 else Layout.CONTIGUOUS, spec, scale,
-                         backend)
+    call = AttentionCall(strategy, opts, topo, effective_layout(layout, topo.world), spec, scale, backend)
     desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" backward_exchange={exchange}"
             f" kv_head_chunk={chunk} backend={backend.name} blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")

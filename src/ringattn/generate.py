@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from . import comm, profiling
 from .decode import merge_partials, partial_attention
-from .layouts import global_positions, padded_len, shard
+from .layouts import effective_layout, global_positions, padded_len, shard
 from .profiling import Stats
 from .validate import agree
 
@@ -202,7 +202,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     desc = f"generate {tuple(getattr(prompt, 'shape', ()))} {max_new_tokens} {sampling} {stop_token}"
     agree(desc, error, group, device)
     cfg = model.cfg
-    layout = cfg.layout if world > 1 else "contiguous"
+    layout = effective_layout(cfg.layout, world)
     prompt = prompt.to(device=device, dtype=torch.long)
     b, plen = prompt.shape
     local = padded_len(plen, world, layout) // world

@@ -24,6 +24,11 @@ from .modes import Layout
 LAYOUTS = tuple(str(m) for m in Layout)
 
 
+def effective_layout(layout: str, world: int) -> Layout:
+    """The layout a group of ``world`` ranks really has: on one rank every layout is contiguous."""
+    return Layout(layout) if world > 1 else Layout.CONTIGUOUS
+
+
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

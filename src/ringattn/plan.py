@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass
 
 from .kernels.base import Capabilities
-from .layouts import LAYOUTS, cut_at, kv_replication, segments
+from .layouts import LAYOUTS, cut_at, effective_layout, kv_replication, segments
 from .masks import MaskSpec, Segment
 from .schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, directions
 from .tasks import plan_block, task_flops
@@ -193,7 +193,7 @@ def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> tuple[li
     """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_plan`` schedules them), and
     the longest direction's number of steps."""
     spec = p.spec()
-    lay = p.layout if world > 1 else "contiguous"
+    lay = effective_layout(p.layout, world)
     segs = [segments(lay, r, world, local) for r in range(world)]
     unit = _unit(p, heads)
     per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit) for o in range(world)] for r in range(world)]
@@ -268,7 +268,7 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
     w, c, e = p.world, p.local_len, p.dtype_bytes
     f_rank, bw = hw.rank_flops(w), hw.link(w)
     spec, unit = p.spec(), _unit(p, p.heads)
-    lay = p.layout if w > 1 else "contiguous"
+    lay = effective_layout(p.layout, w)
     def keys(r):
         if lay == "striped":
             return tuple(s for i in range(w) for s in segments(lay, i, w, c))

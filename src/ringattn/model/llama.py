@@ -33,7 +33,7 @@ import torch.utils.checkpoint as ckpt
 from torch import nn
 
 from .. import comm
-from ..layouts import global_positions
+from ..layouts import effective_layout, global_positions
 from ..validate import check_backward_exchange
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -248,7 +248,7 @@ class Llama(nn.Module):
             positions = mesh_positions(self.cfg.layout, mesh, tokens.shape[1], tokens.device)
         elif positions is None:
             rank, world = comm.group_rank_world(group)
-            positions = global_positions(self.cfg.layout if world > 1 else "contiguous", rank, world,
+            positions = global_positions(effective_layout(self.cfg.layout, world), rank, world,
                                          tokens.shape[1], tokens.device)
         h = self.embed(tokens)
         rope = self.rope(positions, h.dtype)
