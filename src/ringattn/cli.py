@@ -14,7 +14,6 @@ import sys
 # sub-command -> (module, one-line help)
 COMMANDS = {
     "demo": ("ringattn.demo", "ring attention on a long sequence, checked against exact attention"),
-    "bench": ("ringattn.bench", "benchmark suites, JSON + PNG plots"),
     "plan": ("ringattn.plan", "cost model: which context-parallel strategy to use"),
     "train": ("ringattn.train", "context-parallel training of the small LLaMA-style model"),
     "generate": ("ringattn.generate", "long-context generation with a sharded KV cache"),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import ringattn
 
-from .bench.common import reset_peak_rss, rss_mb
+from ._measure import reset_peak_rss, rss_mb
 from .launch import spawn
 
 

@@ -468,7 +468,7 @@ def measure(threads: int = 1) -> Hardware:
 
     import torch
 
-    from .bench.common import best_of
+    from ._measure import best_of
     from .kernels import select
     from .launch import spawn
 
