@@ -15,8 +15,8 @@ import pathlib
 import time
 
 from ringattn import plan
+from ringattn.cli.plan import measure
 from ringattn.launch import spawn_collect
-from ringattn.plan import measure
 
 from ..common import machine, pyplot, save_figure
 
