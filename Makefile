@@ -29,7 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(VENV)/bin/ringattn bench all --out docs/bench --report docs/benchmarks.md
+	$(PY) -m benchmarks all --out docs/bench --report docs/benchmarks.md
 
 docs: bench
 

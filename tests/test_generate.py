@@ -179,15 +179,24 @@ def test_bad_prompt_rejected_on_every_rank(ranks):
     assert all("prompt" in m for m in msgs), msgs
 
 
-def test_cli_generate(tmp_path):
+def test_cli_generate(tmp_path, capsys):
     from ringattn.cli import main
 
     out = tmp_path / "gen.json"
     code = main(["generate", "--nproc", "2", "--prompt-len", "40", "--max-new-tokens", "4", "--dim", "32",
-                 "--layers", "1", "--check", "--json", str(out)])
+                 "--layers", "1", "--check", "--json", "--json-out", str(out)])
     assert code == 0
     s = json.loads(out.read_text())
     assert s["check_same_tokens"] and len(s["tokens"][0]) == 4 and s["decode_tokens_per_s"] > 0
+    assert json.loads(capsys.readouterr().out) == s  # --json: the same summary on stdout
+
+
+def test_cli_generate_json_takes_no_path(capsys):
+    from ringattn.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--json", "out.json"])
+    assert e.value.code == 2 and "--json-out PATH" in capsys.readouterr().err
 
 
 def bad_decode_case() -> str:

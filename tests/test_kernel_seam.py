@@ -17,7 +17,7 @@ from ringattn.masks import Kind, MaskSpec, Segment
 from ringattn.tasks import plan_block, tile_tasks
 
 from .cases import Case, assert_close, run_case
-from .test_window_docs import doc_cases
+from .test_masks_on_ring import doc_cases
 
 LAYOUTS = ["contiguous", "zigzag", "striped"]
 

@@ -7,16 +7,12 @@ import torch
 
 import ringattn
 from ringattn.model import LlamaConfig, build
-from ringattn.model.loss import IGNORE, count_labels, loss_sum, shard_batch, sharded_labels, shift_labels
-from tests.reference import TOL
+from ringattn.model.loss import IGNORE_INDEX, count_labels, loss_sum, shard_batch, sharded_labels, shift_labels
+
+from .reference import TOL, rel_err
 
 CFG = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_chunk=8)
 SEQ = 37  # not a multiple of 2W: the tail is padding on every layout
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
 
 
 def _tokens(seq=SEQ, batch=2):
@@ -28,7 +24,7 @@ def _single(cfg, tokens):
     """Full-sequence loss and parameter gradients in one process."""
     model = build(cfg, seed=3, dtype=torch.float64)
     labels = shift_labels(tokens)
-    n = int((labels != IGNORE).sum())
+    n = int((labels != IGNORE_INDEX).sum())
     loss = loss_sum(model.logits, model.hidden(tokens), labels) / n
     loss.backward()
     return float(loss.detach()), {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -78,7 +74,7 @@ def test_blockwise_loss_is_exact():
     head = torch.nn.Linear(16, 50, bias=False).double()
     h = torch.randn(2, 30, 16, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 50, (2, 30))
-    labels[0, 3] = IGNORE
+    labels[0, 3] = IGNORE_INDEX
     ref = loss_sum(head, h, labels)
     (gh_ref,) = torch.autograd.grad(ref, h)
     got = loss_sum(head, h, labels, chunk=7)

@@ -11,8 +11,7 @@ import socket
 
 import pytest
 import torch.distributed as dist
-
-from ringattn import netns
+from benchmarks.harness import netns
 
 WHY = netns.unavailable()
 needs_netns = pytest.mark.skipif(WHY is not None, reason=f"network namespaces unavailable: {WHY}")
@@ -115,9 +114,10 @@ def test_sigterm_tears_down():
     import subprocess
     import sys
 
-    code = ("import time\nfrom ringattn import netns\nc = netns.Cluster(netns.ClusterSpec(hosts=2))\n"
+    code = ("import time\nfrom benchmarks.harness import netns\nc = netns.Cluster(netns.ClusterSpec(hosts=2))\n"
             "c.__enter__()\nprint(c.prefix, flush=True)\ntime.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where benchmarks/ lives
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root)
     try:
         prefix = p.stdout.readline().strip()
         assert prefix and any(n.startswith(prefix) for n in netns.list_namespaces())

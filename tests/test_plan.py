@@ -63,7 +63,7 @@ def test_window_skips_blocks():
 
 def test_ulysses_needs_divisible_heads():
     ests = {e.strategy: e for e in estimate_all(Problem(seq_len=4096, world=8, heads=12, kv_heads=4),
-                                                PRESETS["cpu"])}
+                                                PRESETS["cpu-gloo-loopback"])}
     assert not ests["ulysses"].feasible and "divisible" in ests["ulysses"].note
     assert ests["ring"].feasible
 

@@ -261,7 +261,7 @@ def test_property_random_configurations(ranks, wc):
 @pytest.mark.parametrize("argv", [["bench", "nonexistent"], ["frobnicate"], ["demo", "--nproc", "0"],
                                   ["demo", "--seq-len", "abc"]])
 def test_cli_bad_arguments_are_one_line(argv):
-    r = subprocess.run([sys.executable, "-m", "ringattn.cli", *argv], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "ringattn", *argv], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr and err and "error" in err[-1], r.stderr

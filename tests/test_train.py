@@ -16,17 +16,14 @@ import ringattn
 from ringattn import checkpoint
 from ringattn.model import LlamaConfig
 from ringattn.train import Parallel, TrainConfig, local_batch, make_optimizer, setup_parallel, train, train_step
-from tests.reference import TOL
+
+from .reference import TOL, rel_err
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_chunk=16)
 # seq_len 101 is not a multiple of 2W: padding is exercised on every layout; clip 0.05 is active.
 TC = TrainConfig(model=MODEL, seq_len=101, batch=2, steps=4, lr=1e-2, warmup=2, clip=0.05, dtype="float64",
-                 progress=False, eval_samples=0)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+                 eval_samples=0)
 
 
 def _one_step(tc: TrainConfig, par: Parallel | None = None):
@@ -107,7 +104,7 @@ def test_backward_exchange_reaches_the_ring(ranks, strategy, ulysses):
 
 def test_short_run_learns_passkey():
     tc = TrainConfig(model=LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_chunk=64),
-                     task="passkey", seq_len=128, batch=4, steps=40, lr=3e-3, warmup=5, progress=False,
+                     task="passkey", seq_len=128, batch=4, steps=40, lr=3e-3, warmup=5,
                      eval_lens=(128,), eval_samples=4)
     s = train(tc)
     assert s["loss_last"] < 0.5 * s["loss_first"], s
@@ -116,7 +113,7 @@ def test_short_run_learns_passkey():
 
 
 def _cli(*args) -> list[str]:
-    return [sys.executable, "-m", "ringattn.cli", "train", *args]
+    return [sys.executable, "-m", "ringattn", "train", *args]
 
 
 RUN = ["--nproc", "2", "--layout", "zigzag", "--task", "mqar", "--seq-len", "64", "--batch", "2",
@@ -177,6 +174,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert r2.returncode == 0, r2.stderr
     s1, s2 = json.loads(r.stdout.splitlines()[-1]), json.loads(r2.stdout.splitlines()[-1])
     assert s2["start_step"] == int(killed_at.split("-")[1]) and s2["loss_last"] == s1["loss_last"]
+    assert f"resumed from {killed_at} in {broken}" in r2.stderr and s2["resumed_from"] == str(broken / killed_at)
+    assert "resumed" not in r.stderr and s1["resumed_from"] is None
     name1, st1 = _final_state(whole)
     name2, st2 = _final_state(broken)
     assert name1 == name2 == "step-00000006"
@@ -187,7 +186,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 def test_cli_rejects_bad_arguments():
     r = subprocess.run(_cli("--nproc", "3", "--dp", "2", "--steps", "1"), capture_output=True, text=True,
                        env=_env(), timeout=60)
-    assert r.returncode == 1 and "--dp" in r.stderr, r.stderr
+    assert r.returncode == 1 and "dp (2) must divide" in r.stderr, r.stderr
     r = subprocess.run(_cli("--heads", "3", "--steps", "1"), capture_output=True, text=True, env=_env(),
                        timeout=60)
     assert r.returncode == 1 and "n_heads" in r.stderr, r.stderr

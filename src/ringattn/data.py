@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.loss import IGNORE
+from .model.loss import IGNORE_INDEX
 
 FILLER = (b"The grass is green. The sky is blue. The sun is yellow. Here we go. "
           b"There and back again. ")
@@ -66,7 +66,7 @@ class Task:
         seqs, sup, ans = zip(*(self.sequence(start + i, seq_len) for i in range(n)))
         seq = torch.stack(seqs)
         labels = seq[:, 1:].clone()
-        labels[~torch.stack(sup)] = IGNORE
+        labels[~torch.stack(sup)] = IGNORE_INDEX
         return Batch(seq[:, :-1].contiguous(), labels, torch.stack(ans))
 
 

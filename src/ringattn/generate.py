@@ -9,17 +9,14 @@ ranks (``ringattn.decode``): per token and layer one all-gather of ``heads * (he
 independent of the context length. Every rank ends each step with bit-identical logits, so greedy and
 seeded sampling pick the same token everywhere without further communication.
 
-CLI::
+Command line (``ringattn.cli.generate``)::
 
     ringattn generate --nproc 2 --prompt-len 8192 --max-new-tokens 32 --layout zigzag --check
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import pathlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm, profiling
+from .cli.flags import flag
 from .decode import merge_partials, partial_attention
 from .layouts import effective_layout, global_positions, padded_len, shard
 from .profiling import Stats
@@ -40,10 +38,12 @@ from .validate import agree
 class SamplingConfig:
     """How the next token is picked. ``temperature=0`` is greedy (top_k / top_p ignored)."""
 
-    temperature: float = 0.0
-    top_k: int = 0  # 0 = no top-k cut
-    top_p: float = 1.0  # nucleus: smallest set of tokens with probability mass >= top_p
-    seed: int = 0  # the same on every rank, so every rank draws the same token
+    temperature: float = field(default=0.0, metadata=flag("sampling temperature (0 = greedy)"))
+    top_k: int = field(default=0, metadata=flag("keep the k most likely tokens (0 = no cut)"))
+    # nucleus: the smallest set of tokens with probability mass >= top_p
+    top_p: float = field(default=1.0, metadata=flag("nucleus sampling mass (1 = off)"))
+    # the same on every rank, so every rank draws the same token
+    seed: int = field(default=0, metadata=flag("sampling (and random prompt) seed"))
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -283,116 +283,6 @@ def _decode_step(model, cache: ShardedKVCache, tok: torch.Tensor, position: int,
     for i, layer in enumerate(model.layers):
         h = layer(h, rope, attend_layer(i))
     return model.logits(h)[:, 0]
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=2, help="local processes (ignored under torchrun)")
-    parser.add_argument("--prompt-len", type=int, default=4096, help="random prompt of this many tokens")
-    parser.add_argument("--prompt", type=str, default=None, help="prompt text (byte-level tokens) instead")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0, help="sampling and prompt seed")
-    parser.add_argument("--layout", choices=("contiguous", "zigzag", "striped"), default="zigzag")
-    parser.add_argument("--strategy", default="ring", help="prefill attention strategy")
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--model-seed", type=int, default=0, help="random weights from this seed")
-    parser.add_argument("--check", action="store_true",
-                        help="re-run single-process with an unsharded cache and compare the tokens")
-    parser.add_argument("--json", type=pathlib.Path, default=None, help="write the result here")
-
-
-def _model(args):
-    from .model import LlamaConfig, build
-
-    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                      layout=args.layout, strategy=args.strategy)
-    return build(cfg, seed=args.model_seed, dtype=DTYPES[args.dtype])
-
-
-def _prompt(args) -> torch.Tensor:
-    if args.prompt is not None:
-        ids = torch.tensor(list(args.prompt.encode("utf-8")), dtype=torch.long)
-        return ids[None].repeat(args.batch, 1)
-    g = torch.Generator().manual_seed(args.seed)
-    return torch.randint(0, 256, (args.batch, args.prompt_len), generator=g)
-
-
-def _sampling(args) -> SamplingConfig:
-    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-
-
-def _summary(res: GenerationResult, world: int) -> dict:
-    return {"world": world, "prompt_len": res.prompt_len, "batch": res.tokens.shape[0],
-            "new_tokens": res.tokens.shape[1], "tokens": res.tokens.tolist(),
-            "prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_tokens_per_s": res.tokens_per_s,
-            "decode_tokens_per_s_median": res.median_tokens_per_s,
-            "bytes_per_token": res.bytes_per_token, "cache_slots_per_rank": res.cache_slots}
-
-
-def _worker(args, out_path: str | None) -> None:
-    torch.set_num_threads(1)
-    rank, world = comm.group_rank_world()
-    res = generate(_model(args), _prompt(args), args.max_new_tokens, sampling=_sampling(args))
-    if rank == 0 and out_path:
-        pathlib.Path(out_path).write_text(json.dumps(_summary(res, world)))
-
-
-def _print(s: dict) -> None:
-    print(f"{s['world']} rank(s), prompt {s['prompt_len']} tokens x batch {s['batch']}: prefill "
-          f"{s['prefill_s']:.2f} s, {s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.1f} "
-          f"tokens/s (median step: {s['decode_tokens_per_s_median']:.1f}), "
-          f"{s['bytes_per_token']:.0f} bytes sent per token per rank, "
-          f"{s['cache_slots_per_rank']} cache slots per rank")
-    for row in s["tokens"]:
-        text = bytes(t for t in row if 32 <= t < 127).decode("ascii")
-        print(f"  tokens {row[:16]}{' ...' if len(row) > 16 else ''}  text {text!r}")
-
-
-def run(args) -> int:
-    """``ringattn generate``: run on ``--nproc`` local ranks (or torchrun's), print tokens and tokens/s."""
-    import tempfile
-
-    from . import launch
-
-    _sampling(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if launch.under_torchrun():
-        launch.init_from_env()
-        res = generate(_model(args), _prompt(args), args.max_new_tokens, sampling=_sampling(args))
-        if dist.get_rank() == 0:
-            _print(_summary(res, dist.get_world_size()))
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(pathlib.Path(tmp) / "result.json")
-        launch.spawn(_worker, args.nproc, args, path)
-        summary = json.loads(pathlib.Path(path).read_text())
-    _print(summary)
-    code = 0
-    if args.check:
-        torch.set_num_threads(1)
-        single = generate(_model(args), _prompt(args), args.max_new_tokens, sampling=_sampling(args))
-        same = single.tokens.tolist() == summary["tokens"]
-        summary["check_single_process_tokens_per_s"] = single.tokens_per_s
-        summary["check_same_tokens"] = same
-        print(f"check: single process, unsharded cache: {single.tokens_per_s:.1f} tokens/s; "
-              f"same tokens: {same}")
-        code = 0 if same else 1
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1))
-    return code
 
 
 __all__ = ["GenerationResult", "SamplingConfig", "ShardedKVCache", "generate", "sample"]

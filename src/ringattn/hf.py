@@ -30,10 +30,13 @@ import torch
 import torch.distributed as dist
 
 from . import comm, ring_attention
-from .layouts import check_layout, global_positions, padded_len
+from .layouts import check_layout, padded_len, shard
+from .model.loss import IGNORE_INDEX, sum_gradients
+from .model.loss import shard_batch as _shard_tokens
 from .validate import agree, check_backward_exchange
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "RingSettings", "attention_forward", "causal_lm_loss", "register", "settings",
+           "shard_batch", "sync_gradients"]
 
 
 @dataclass
@@ -189,11 +192,10 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (b, n):
         raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
-    rank, world = comm.group_rank_world(group)
-    total = padded_len(n, world, layout)
-    pad = total - n
+    _, world = comm.group_rank_world(group)
+    pad = padded_len(n, world, layout) - n
     if position_ids is None:
-        position_ids = torch.arange(total, device=input_ids.device).expand(b, total)
+        position_ids = torch.arange(n + pad, device=input_ids.device).expand(b, n + pad)
     else:
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
@@ -202,14 +204,12 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         position_ids = position_ids.expand(b, n)
         last = position_ids[:, -1:]
         position_ids = torch.cat([position_ids, last + torch.arange(1, pad + 1, device=last.device)], 1)
-    shifted = torch.full((b, total), ignore_index, dtype=labels.dtype, device=labels.device)
-    shifted[:, : n - 1] = labels[:, 1:]
-    ids = torch.cat([input_ids, input_ids.new_zeros(b, pad)], 1)
-    idx = global_positions(layout, rank, world, total // world, input_ids.device)
+    shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], 1)
+    ids, shift_labels, _ = _shard_tokens(input_ids, shifted, group=group, layout=layout, ignore_index=ignore_index)
     return {
-        "input_ids": ids.index_select(1, idx),
-        "position_ids": position_ids.index_select(1, idx),
-        "shift_labels": shifted.index_select(1, idx),
+        "input_ids": ids,
+        "position_ids": shard(position_ids, group=group, layout=layout),
+        "shift_labels": shift_labels,
         "num_items_in_batch": int((shifted != ignore_index).sum()),
         "seq_len": n,
     }
@@ -270,15 +270,4 @@ def sync_gradients(model: torch.nn.Module, *, group=None) -> None:
     # A description check first, so ranks holding different models raise instead of mis-summing.
     desc = ";".join(f"{tuple(p.shape)}{p.dtype}" for p in params)
     agree(f"sync_gradients {zlib.crc32(desc.encode())}", None, group, params[0].device)
-    for dtype in sorted({p.dtype for p in params}, key=str):
-        ps = [p for p in params if p.dtype == dtype]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps])
-        dist.all_reduce(flat, group=group)
-        off = 0
-        for p in ps:
-            g = flat[off:off + p.numel()].view_as(p)
-            off += p.numel()
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
+    sum_gradients(model, group=group)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
+import tempfile
 import traceback
 from collections.abc import Callable
 
@@ -98,3 +100,23 @@ def spawn(fn: Callable, nproc: int, *args, threads: int = 1) -> None:
             f"exit codes {[p.exitcode for p in procs]}"
         first = errors[0][1].strip().splitlines()[-1] if errors else "a rank exited abnormally"
         raise RankError(f"rank {errors[0][0] if errors else '?'}: {first}\n{detail}")
+
+
+def _run_and_keep(fn: Callable, path: str, *args) -> None:
+    result = fn(*args)
+    if dist.get_rank() == 0:
+        with open(path, "wb") as f:
+            pickle.dump(result, f)
+
+
+def spawn_collect(fn: Callable, nproc: int, *args, threads: int = 1):
+    """``spawn(fn, nproc, *args)`` and return what ``fn`` returned on rank 0 (it must pickle).
+
+    Ranks gather what they need into rank 0's return value themselves (e.g. ``all_gather_object``);
+    the other ranks' return values are dropped.
+    """
+    with tempfile.TemporaryDirectory(prefix="ringattn-") as tmp:
+        path = os.path.join(tmp, "rank0.pkl")
+        spawn(_run_and_keep, nproc, fn, path, *args, threads=threads)
+        with open(path, "rb") as f:
+            return pickle.load(f)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+import torch
+
 
 class Layout(StrEnum):
     """Which global positions a rank holds (see ``ringattn.layouts``)."""
@@ -44,3 +46,8 @@ def choose(enum: type[StrEnum], value, what: str) -> StrEnum:
         return enum(value)
     except ValueError:
         raise ValueError(f"{what} must be one of {tuple(str(m) for m in enum)}, got {value!r}") from None
+
+
+# The dtypes a command line or a test case names, by torch's own names.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}

@@ -1,4 +1,4 @@
-"""A cost model for context-parallel attention, and ``ringattn plan``: which strategy to use.
+"""A cost model for context-parallel attention: which strategy to use (``ringattn plan`` prints it).
 
 For each strategy the model counts, per rank: attention FLOPs (from the same ``masks.plan_block``
 classification the kernels use, so causal halves, windows and documents skip what they hide), bytes
@@ -29,10 +29,8 @@ from a measurement taken inside the call, so every rank chooses the same.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from .layouts import LAYOUTS, cut_at, effective_layout, kv_replication, segments
 from .masks import MaskSpec, Segment
 from .schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, directions
 from .tasks import plan_block, task_flops
-from .validate import BACKWARD_EXCHANGES, check_backward_exchange
+from .validate import check_backward_exchange
 
 STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -86,9 +84,11 @@ PRESETS: dict[str, Hardware] = {h.name: h for h in (
     Hardware("tpu-v3", 123e12, 112e9, 5e-6, 16e9, 4, None, note="paper Table 2"),
     Hardware("tpu-v4", 275e12, 268e9, 5e-6, 32e9, 4, None, note="paper Table 2"),
     Hardware("tpu-v5e", 196e12, 186e9, 5e-6, 16e9, 4, None, note="paper Table 2"),
-    Hardware("cpu", 14e9, 1.4e9, 60e-6, 8e9, 64, None, shared_cores=2,
-             note="this 2-core machine, fp32, gloo on loopback (FACTS.md); --measure to refresh"),
+    Hardware("cpu-gloo-loopback", 14e9, 1.4e9, 60e-6, 8e9, 64, None, shared_cores=2,
+             note="2 shared CPU cores, fp32: 14 GFLOP/s, gloo on loopback 1.4 GB/s, 60 us; --measure to refresh"),
 )}
+# The name the CPU preset had first; set_hardware("cpu") and $RINGATTN_HARDWARE=cpu keep working.
+ALIASES = {"cpu": "cpu-gloo-loopback"}
 
 
 def overlap_block(hw: Hardware, heads: int = 1, kv_heads: int = 1, dtype_bytes: int = 2) -> float:
@@ -410,6 +410,8 @@ def set_hardware(hw: Hardware | str | None) -> None:
 
 
 def hardware(name: str) -> Hardware:
+    """The preset called ``name`` (or an alias of one, ``ALIASES``)."""
+    name = ALIASES.get(name, name)
     if name not in PRESETS:
         raise ValueError(f"hardware must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name]
@@ -427,7 +429,7 @@ def configured_hardware(device=None) -> Hardware:
 
         name = torch.cuda.get_device_name(device)
         return PRESETS["h100-nvlink" if ("H100" in name or "H200" in name) else "a100-nvlink"]
-    return PRESETS["cpu"]
+    return PRESETS["cpu-gloo-loopback"]
 
 
 def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None, layout="contiguous",
@@ -457,112 +459,6 @@ def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None
         return "ring"
 
 
-# ---- measuring this machine -----------------------------------------------------------------------
-
-def measure(threads: int = 1) -> Hardware:
-    """This machine: attention kernel FLOP/s (one rank, ``threads`` threads) and gloo bandwidth/latency."""
-    import tempfile
-
-    import torch
-
-    from .bench.common import best_of
-    from .kernels import select
-    from .launch import spawn
-
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-        dt = torch.bfloat16 if dev == "cuda" else torch.float32
-        s, h, d = (4096, 16, 128) if dev == "cuda" else (1024, 8, 64)
-        q, k, v = (torch.randn(1, s, h, d, device=dev, dtype=dt) for _ in range(3))
-        be = select(q, k, v)
-
-        def run():
-            be.forward(q, k, v, scale=d ** -0.5, causal=False, mask=None)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-
-        flops = 4.0 * s * s * h * d / best_of(run, repeats=3)
-    finally:
-        torch.set_num_threads(prev)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bw.json")
-        spawn(_measure_link, 2, path)
-        with open(path) as f:
-            link = json.load(f)
-    cores = None if dev == "cuda" else (os.cpu_count() or 1) // threads
-    return Hardware("measured", flops, link["bandwidth"], link["latency"], PRESETS["cpu"].memory, 64, None,
-                    cores, note=f"measured here: kernel on {dev}, gloo between 2 local ranks")
-
-
-def _measure_link(path: str) -> None:
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    from .comm import Ring
-
-    ring = Ring()
-    big, small = torch.zeros(1 << 20), torch.zeros(1)
-
-    def swap(t, n):
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            ring.exchange((t,), 1, (t,), -1, 11).wait()
-        return (time.perf_counter() - t0) / n
-
-    swap(big, 2)
-    lat = min(swap(small, 20) for _ in range(3))
-    per = min(swap(big, 5) for _ in range(3))
-    if dist.get_rank() == 0:
-        with open(path, "w") as f:
-            json.dump({"latency": lat, "bandwidth": big.numel() * 4 / max(per - lat, 1e-9)}, f)
-
-
-# ---- the CLI --------------------------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", type=int, required=True, help="global sequence length (tokens)")
-    p.add_argument("--world", type=int, required=True, help="number of devices sharing the sequence")
-    p.add_argument("--heads", type=int, required=True, help="query heads")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: = heads)")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--v-head-dim", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    p.add_argument("--no-causal", dest="causal", action="store_false", help="bidirectional (default: causal)")
-    p.add_argument("--window", type=int, nargs=2, metavar=("LEFT", "RIGHT"), default=None,
-                   help="sliding window, -1 = unbounded")
-    p.add_argument("--layout", choices=LAYOUTS, default="zigzag")
-    p.add_argument("--forward-only", action="store_true", help="inference: no backward pass")
-    p.add_argument("--backward-exchange", choices=BACKWARD_EXCHANGES, default="ring",
-                   help="the ring's backward: dK/dV travel with their block, or go straight to the owner")
-    p.add_argument("--mesh", type=int, nargs=2, metavar=("RING", "ULYSSES"), default=None,
-                   help="hybrid mesh shape (default: Ulysses over a node)")
-    p.add_argument("--hardware", default=None, help=f"a preset: {', '.join(PRESETS)} (default: cpu)")
-    p.add_argument("--measure", action="store_true", help="measure this machine instead of a preset")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _fmt_s(s: float) -> str:
-    if not math.isfinite(s):
-        return "-"
-    for unit, f in (("s", 1), ("ms", 1e-3), ("us", 1e-6)):
-        if s >= f:
-            return f"{s / f:.3g} {unit}"
-    return f"{s / 1e-6:.2g} us"
-
-
-def _fmt_b(b: float) -> str:
-    for unit, f in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if b >= f:
-            return f"{b / f:.3g} {unit}"
-    return f"{b:.0f} B"
-
-
 def report(p: Problem, hw: Hardware) -> dict:
     """Everything ``ringattn plan`` prints, as a JSON-able dict."""
     ests = estimate_all(p, hw)
@@ -576,46 +472,3 @@ def report(p: Problem, hw: Hardware) -> dict:
         "overlap": {"block": c, "min_block": need, "ring_hidden_by_condition": c >= need,
                     "paper_min_block": overlap_block(hw), "paper_min_sequence": min_sequence(hw)},
     }
-
-
-def run(args) -> int:
-    if args.measure and args.hardware:
-        raise ValueError("give --hardware or --measure, not both")
-    hw = measure() if args.measure else hardware(args.hardware or "cpu")
-    window = tuple(args.window) if args.window else None
-    if window is not None and any(x < -1 for x in window):
-        raise ValueError(f"--window values must be >= -1, got {list(window)}")
-    p = Problem(seq_len=args.seq_len, world=args.world, heads=args.heads,
-                kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim, v_head_dim=args.v_head_dim,
-                batch=args.batch, dtype_bytes=DTYPE_BYTES[args.dtype], causal=args.causal, window=window,
-                layout=args.layout, backward=not args.forward_only, mesh=tuple(args.mesh) if args.mesh else None,
-                backward_exchange=args.backward_exchange)
-    rep = report(p, hw)
-    if args.json:
-        print(json.dumps(rep, indent=2, default=lambda x: None if x is math.inf else str(x)))
-        return 0
-    print(f"problem: seq_len={p.seq_len} world={p.world} heads={p.heads} kv_heads={p.kv_heads} "
-          f"head_dim={p.head_dim} batch={p.batch} {args.dtype} {'causal' if p.causal else 'bidirectional'}"
-          f"{f' window={window}' if window else ''} layout={p.layout} "
-          f"{'forward' if not p.backward else 'forward+backward'}")
-    print(f"hardware: {hw.name}: {hw.flops / 1e12:.3g} TFLOP/s, {hw.bandwidth / 1e9:.3g} GB/s link, "
-          f"{hw.latency * 1e6:.3g} us latency, {hw.memory / 1e9:.3g} GB{' (' + hw.note + ')' if hw.note else ''}")
-    head = f"{'strategy':<10} {'time':>9} {'compute':>9} {'comm':>9} {'exposed':>9} {'sent/rank':>10} " \
-           f"{'memory':>10} {'hidden':>6}  note"
-    print(head)
-    print("-" * len(head))
-    for e in rep["strategies"]:
-        if not e["feasible"]:
-            print(f"{e['strategy']:<10} {'n/a':>9}  {e['note']}")
-            continue
-        mem = _fmt_b(e["memory_bytes"]) + ("" if e["fits"] else "!")
-        print(f"{e['strategy']:<10} {_fmt_s(e['time_s']):>9} {_fmt_s(e['compute_s']):>9} {_fmt_s(e['comm_s']):>9} "
-              f"{_fmt_s(e['exposed_s']):>9} {_fmt_b(e['comm_bytes']):>10} {mem:>10} "
-              f"{'yes' if e['hidden'] else 'no':>6}  {e['note']}")
-    ov = rep["overlap"]
-    print(f"overlap condition (ring): block c = {ov['block']} tokens, needs c >= F/B * kv_heads*bytes/(2*heads) "
-          f"= {ov['min_block']:.0f} -> {'hidden' if ov['ring_hidden_by_condition'] else 'NOT hidden'}; "
-          f"paper Table 2 for {hw.name}: min block {ov['paper_min_block'] / 1e3:.1f}K, "
-          f"min sequence/device {ov['paper_min_sequence'] / 1e3:.1f}K")
-    print(f"recommendation: {rep['recommendation']}")
-    return 0

@@ -10,7 +10,10 @@ sequence; across DP this normalisation is the usual average when every rank has 
 All ranks then hold bitwise the same gradient, hence the same clipping norm and the same update.
 
     ringattn train --nproc 4 --dp 2 --task passkey --seq-len 512 --steps 200 --json
-    torchrun --nproc-per-node 8 -m ringattn.cli train --dp 2 ...
+    torchrun --nproc-per-node 8 -m ringattn train --dp 2 ...
+
+(the command line is ``ringattn.cli.train``; its flags are the ``flag`` fields of ``TrainConfig`` and
+``LlamaConfig``).
 
 Order of one step: data (samples ``[samples, samples + batch)``, pure function of the index) → shard
 → forward/backward → all-reduce → clip → AdamW with the cosine-with-warmup learning rate of the step.
@@ -20,55 +23,96 @@ Checkpoints (``--ckpt-dir``, every ``--ckpt-every`` steps and at the end) restor
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import resource
-import sys
+import pathlib
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from . import comm, launch
+from . import comm
+from ._measure import peak_rss_mb
+from .cli.flags import flag
 from .data import TASKS, Task, make_task
-from .layouts import LAYOUTS
 from .model import Llama, LlamaConfig, build
-from .model.loss import count_labels, shard_batch, sharded_loss
-from .validate import BACKWARD_EXCHANGES
+from .model.loss import count_labels, shard_batch, sharded_loss, sum_gradients
+from .modes import DTYPES
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated ints, got {text!r}") from None
 
 
 @dataclass
 class TrainConfig:
+    """One training run; validated on construction. Fields with ``flag`` are ``ringattn train``'s flags."""
+
     model: LlamaConfig = field(default_factory=LlamaConfig)
-    task: str = "passkey"
-    text_file: str | None = None
-    seq_len: int = 256
-    batch: int = 4  # global batch, in sequences (split over dp)
-    steps: int = 100
-    lr: float = 3e-3
+    task: str = field(default="passkey", metadata=flag("synthetic task, or byte-level text", choices=TASKS))
+    text_file: str | None = field(default=None, metadata=flag("byte-level training text for --task text"))
+    seq_len: int = field(default=256, metadata=flag("tokens per sequence"))
+    batch: int = field(default=4, metadata=flag("global batch size in sequences (split over dp)"))
+    steps: int = field(default=100, metadata=flag("optimisation steps"))
+    lr: float = field(default=3e-3, metadata=flag("peak learning rate"))
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup: int = 10
-    weight_decay: float = 0.1
+    warmup: int = field(default=10, metadata=flag("linear warm-up steps"))
+    weight_decay: float = field(default=0.1, metadata=flag("AdamW weight decay (not on norms)"))
     betas: tuple[float, float] = (0.9, 0.95)
-    clip: float = 1.0  # global gradient-norm clip; 0 = off
-    loss_chunk: int = 0  # blockwise loss: logits for this many tokens at a time (0 = all)
-    dp: int = 1  # data-parallel size; context-parallel size = world / dp
-    ulysses: int = 0  # strategy "hybrid": Ulysses size inside the context-parallel ranks (ring = cp / it)
-    dtype: str = "float32"
-    seed: int = 0
-    ckpt_dir: str | None = None
-    ckpt_every: int = 0  # 0 = only at the end (when ckpt_dir is set)
-    resume: bool = True
-    eval_lens: tuple[int, ...] = ()  # () = seq_len / 2, seq_len, 2 * seq_len
-    eval_samples: int = 16
-    progress: bool = True
-    json: bool = False
-    throttle: float = 0.0  # sleep per step (seconds): makes a short run long enough to interrupt
+    clip: float = field(default=1.0, metadata=flag("global gradient-norm clip (0 = off)"))
+    loss_chunk: int = field(default=0, metadata=flag("blockwise loss chunk in tokens (0 = off)"))
+    dp: int = field(default=1, metadata=flag("data-parallel size; context parallel = ranks / dp"))
+    ulysses: int = field(default=0, metadata=flag("hybrid strategy: Ulysses size (ring = cp / it)"))
+    dtype: str = field(default="float32", metadata=flag("parameter and activation dtype", choices=DTYPES))
+    seed: int = field(default=0, metadata=flag("model, data and RNG seed"))
+    ckpt_dir: str | None = field(default=None, metadata=flag(
+        "checkpoint folder; an existing checkpoint there is resumed"))
+    ckpt_every: int = field(default=0, metadata=flag("save every K steps (and always at the end)"))
+    resume: bool = field(default=True, metadata=flag("ignore existing checkpoints", name="--no-resume"))
+    eval_lens: tuple[int, ...] = field(default=(), metadata=flag(
+        "comma-separated context lengths for accuracy (default L/2,L,2L)", type=_ints))
+    eval_samples: int = field(default=16, metadata=flag("held-out samples per length (0 = no eval)"))
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch", "dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup", "ckpt_every", "eval_samples", "loss_chunk", "ulysses"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.batch % self.dp:
+            raise ValueError(f"batch ({self.batch}) must be a multiple of dp ({self.dp})")
+        if (self.model.strategy == "hybrid") != bool(self.ulysses):
+            raise ValueError("strategy 'hybrid' and ulysses U go together (--strategy hybrid --ulysses U)")
+        self.eval_lens = tuple(self.eval_lens)
+        task = make_task(self.task, seed=self.seed, text_file=self.text_file)  # checks the task and the file
+        for n in (self.seq_len, *self.eval_lens):
+            if n < task.min_len:
+                raise ValueError(f"task {self.task!r} needs sequences of >= {task.min_len} tokens, got {n}")
+
+    def check_world(self, world: int) -> None:
+        """The checks that need the number of ranks (before any rank starts)."""
+        _check_mesh(self.dp, self.ulysses, world)
+        if self.model.strategy == "dense" and world > 1:
+            raise ValueError("strategy 'dense' runs in a single process only (--nproc 1)")
+
+
+class Progress(Protocol):
+    """What ``train`` reports as it goes (every rank calls it; a printer shows rank 0's)."""
+
+    def start(self, step: int, steps: int, resumed_from: pathlib.Path | None) -> None: ...
+
+    def step(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -98,10 +142,7 @@ def setup_parallel(dp: int, ulysses: int = 0) -> Parallel:
     ``ulysses`` > 0 (hybrid strategy) splits cp further: a 3-D mesh ("dp", "ring", "ulysses").
     """
     rank, world = comm.group_rank_world()
-    if dp < 1 or world % dp:
-        raise ValueError(f"dp must divide the number of ranks ({world}), got {dp}")
-    if ulysses and (world // dp) % ulysses:
-        raise ValueError(f"ulysses ({ulysses}) must divide the context-parallel size ({world // dp})")
+    _check_mesh(dp, ulysses, world)
     if world == 1 and not ulysses:
         return Parallel()
     from torch.distributed.device_mesh import init_device_mesh
@@ -118,6 +159,13 @@ def setup_parallel(dp: int, ulysses: int = 0) -> Parallel:
     mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
     return Parallel(rank, world, dp, cp, mesh.get_local_rank("dp"), mesh.get_local_rank("cp"), mesh,
                     mesh.get_group("cp"), None, device)
+
+
+def _check_mesh(dp: int, ulysses: int, world: int) -> None:
+    if dp < 1 or world % dp:
+        raise ValueError(f"dp ({dp}) must divide the number of ranks ({world})")
+    if ulysses and (world // dp) % ulysses:
+        raise ValueError(f"ulysses ({ulysses}) must divide the context-parallel size ({world // dp})")
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -148,16 +196,7 @@ def local_batch(task: Task, tc: TrainConfig, par: Parallel, samples: int, seq_le
 
 def reduce_gradients(model: torch.nn.Module, loss: torch.Tensor, par: Parallel) -> torch.Tensor:
     """Sum every parameter gradient and the loss over all ranks (one flat all-reduce); returns the loss."""
-    params = list(model.parameters())
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
-    if par.world > 1:
-        dist.all_reduce(flat)
-    off = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[off: off + g.numel()].view_as(g).clone()
-        off += g.numel()
-    return flat[-1]
+    return sum_gradients(model, with_value=loss)
 
 
 def train_step(model: Llama, optim: torch.optim.Optimizer, batch, par: Parallel, tc: TrainConfig,
@@ -218,7 +257,7 @@ def peak_mem_mb(par: Parallel) -> float:
     """Peak memory of this process: CUDA allocator peak on GPU, else peak resident set size."""
     if par.device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_mb()
 
 
 def _max_over_ranks(x: float, par: Parallel) -> float:
@@ -229,31 +268,27 @@ def _max_over_ranks(x: float, par: Parallel) -> float:
     return float(t)
 
 
-def train(tc: TrainConfig) -> dict:
-    """Run training on the ranks of the default group (or one process); returns the summary."""
-    if (tc.model.strategy == "hybrid") != bool(tc.ulysses):
-        raise ValueError("--strategy hybrid and --ulysses U go together (U: the Ulysses size)")
+def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
+    """Run training on the ranks of the default group (or one process); returns the summary.
+
+    ``progress`` hears of the start (and the checkpoint resumed from) and of every step.
+    """
+    tc.check_world(comm.group_rank_world()[1])
     par = setup_parallel(tc.dp, tc.ulysses)
-    if tc.batch % par.dp:
-        raise ValueError(f"batch ({tc.batch}) must be a multiple of dp ({par.dp})")
     task = make_task(tc.task, seed=tc.seed, text_file=tc.text_file)
     # A seeded global RNG per rank (a fresh process's is random): runs repeat, and resume restores it.
     torch.manual_seed(tc.seed * 100_003 + par.rank)
     model = build(tc.model, seed=tc.seed, dtype=DTYPES[tc.dtype], device=par.device)
     optim = make_optimizer(model, tc)
-    start, samples = 0, 0
+    start, samples, last = 0, 0, None
     if tc.ckpt_dir:
         from . import checkpoint  # torch.distributed.checkpoint takes half a second to import
     if tc.ckpt_dir and tc.resume and (last := checkpoint.latest(tc.ckpt_dir)) is not None:
         pos = checkpoint.load(last, model, optim)
         start, samples = pos["step"], pos["samples"]
 
-    bar = None
-    if par.rank == 0 and tc.progress and start < tc.steps:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", file=sys.stderr,
-                   dynamic_ncols=True)
+    if progress is not None:
+        progress.start(start, tc.steps, last)
     losses, t_train, tokens = [], 0.0, 0
     for step in range(start, tc.steps):
         t0 = time.perf_counter()
@@ -266,16 +301,13 @@ def train(tc: TrainConfig) -> dict:
         losses.append(loss)
         if not math.isfinite(loss):
             raise RuntimeError(f"loss is {loss} at step {step}: lower --lr or use float32")
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tc.batch * tc.seq_len / dt:,.0f}", gnorm=f"{norm:.2f}")
-            bar.update(1)
-        if tc.throttle:
-            time.sleep(tc.throttle)
+        if progress is not None:
+            progress.step(step, loss, norm, tc.batch * tc.seq_len / dt)
         done = step + 1
         if tc.ckpt_dir and ((tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps):
             checkpoint.save(tc.ckpt_dir, model, optim, step=done, samples=samples)
-    if bar is not None:
-        bar.close()
+    if progress is not None:
+        progress.close()
 
     lens = tc.eval_lens or tuple(sorted({max(task.min_len, tc.seq_len // 2), tc.seq_len, 2 * tc.seq_len}))
     accuracy = {str(n): evaluate(model, task, tc, par, n) for n in lens} if tc.eval_samples else {}
@@ -285,129 +317,9 @@ def train(tc: TrainConfig) -> dict:
         "tokens_per_s": tokens / t_train if t_train else None,
         "peak_mem_mb_per_rank": _max_over_ranks(peak_mem_mb(par), par),
         "eval_accuracy": accuracy,
-        "steps": tc.steps, "start_step": start, "world": par.world, "dp": par.dp, "cp": par.cp,
+        "steps": tc.steps, "start_step": start, "resumed_from": str(last) if last else None,
+        "world": par.world, "dp": par.dp, "cp": par.cp,
         "task": tc.task, "seq_len": tc.seq_len, "batch": tc.batch,
         "strategy": tc.model.strategy, "layout": tc.model.layout, "backward_exchange": tc.model.backward_exchange,
         "dtype": tc.dtype,
     }
-
-
-def _worker(tc: TrainConfig) -> None:
-    summary = train(tc)
-    if comm.group_rank_world()[0] == 0:
-        if tc.json:
-            print(json.dumps(summary), flush=True)
-        else:
-            acc = ", ".join(f"{k}: {v:.2f}" for k, v in summary["eval_accuracy"].items() if v is not None)
-            print(f"loss {summary['loss_first']} -> {summary['loss_last']}, "
-                  f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, peak {summary['peak_mem_mb_per_rank']:.0f} MB"
-                  f"/rank{', accuracy ' + acc if acc else ''}", flush=True)
-
-
-# -- command line ---------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    m, t = LlamaConfig(), TrainConfig()
-    p.add_argument("--nproc", type=int, default=1, help="local gloo ranks to spawn (ignored under torchrun)")
-    p.add_argument("--dp", type=int, default=t.dp, help="data-parallel size; context parallel = ranks / dp")
-    p.add_argument("--ulysses", type=int, default=0, help="hybrid strategy: Ulysses size (ring = cp / it)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--strategy", default=m.strategy, help="ring, allgather, ulysses, hybrid, auto (or dense)")
-    p.add_argument("--layout", default=m.layout, choices=LAYOUTS)
-    p.add_argument("--task", default=t.task, choices=TASKS)
-    p.add_argument("--text-file", help="byte-level training text for --task text")
-    p.add_argument("--seq-len", type=int, default=t.seq_len)
-    p.add_argument("--batch", type=int, default=t.batch, help="global batch size in sequences")
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--warmup", type=int, default=t.warmup)
-    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    p.add_argument("--clip", type=float, default=t.clip, help="gradient-norm clip (0 = off)")
-    p.add_argument("--dim", type=int, default=m.dim)
-    p.add_argument("--layers", type=int, default=m.n_layers)
-    p.add_argument("--heads", type=int, default=m.n_heads)
-    p.add_argument("--kv-heads", type=int, default=m.n_kv_heads)
-    p.add_argument("--ffn-chunk", type=int, default=256, help="blockwise FFN chunk in tokens (0 = off)")
-    p.add_argument("--loss-chunk", type=int, default=0, help="blockwise loss chunk in tokens (0 = off)")
-    p.add_argument("--checkpoint-layers", action="store_true", help="recompute each layer in backward")
-    p.add_argument("--backward-exchange", default=m.backward_exchange, choices=BACKWARD_EXCHANGES,
-                   help="ring backward: dK/dV travel with their block (ring) or go straight to the owner "
-                        "(direct: least memory, traffic between non-neighbours)")
-    p.add_argument("--dtype", default=t.dtype, choices=list(DTYPES))
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--ckpt-dir", help="checkpoint folder; an existing checkpoint there is resumed")
-    p.add_argument("--ckpt-every", type=int, default=0, help="save every K steps (and always at the end)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
-    p.add_argument("--eval-lens", help="comma-separated context lengths for accuracy (default L/2,L,2L)")
-    p.add_argument("--eval-samples", type=int, default=t.eval_samples, help="per length (0 = no eval)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--json", action="store_true", help="print a final JSON summary line")
-    p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
-
-
-def config_from_args(args) -> TrainConfig:
-    """A validated TrainConfig from parsed arguments (ValueError names the bad option)."""
-    for name in ("seq_len", "batch", "threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("steps", "warmup", "ckpt_every", "eval_samples", "ffn_chunk", "loss_chunk"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    strategies = ("ring", "allgather", "ulysses", "hybrid", "auto", "dense")
-    if args.strategy not in strategies:
-        raise ValueError(f"--strategy must be one of {strategies}, got {args.strategy!r}")
-    try:
-        model = LlamaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,
-                            strategy=args.strategy, layout=args.layout, ffn_chunk=args.ffn_chunk,
-                            checkpoint_layers=args.checkpoint_layers, backward_exchange=args.backward_exchange)
-    except ValueError as e:
-        raise ValueError(f"model: {e}") from None
-    try:
-        lens = tuple(int(x) for x in args.eval_lens.split(",")) if args.eval_lens else ()
-    except ValueError:
-        raise ValueError(f"--eval-lens must be comma-separated ints, got {args.eval_lens!r}") from None
-    tc = TrainConfig(model=model, task=args.task, text_file=args.text_file, seq_len=args.seq_len,
-                     batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
-                     weight_decay=args.weight_decay, clip=args.clip, loss_chunk=args.loss_chunk, dp=args.dp,
-                     ulysses=args.ulysses,
-                     dtype=args.dtype, seed=args.seed, ckpt_dir=args.ckpt_dir, ckpt_every=args.ckpt_every,
-                     resume=args.resume, eval_lens=lens, eval_samples=args.eval_samples,
-                     progress=args.progress, json=args.json, throttle=args.throttle)
-    task = make_task(tc.task, seed=tc.seed, text_file=tc.text_file)  # checks the task and the file
-    for n in (tc.seq_len, *lens):
-        if n < task.min_len:
-            raise ValueError(f"task {tc.task!r} needs sequences of >= {task.min_len} tokens, got {n}")
-    return tc
-
-
-def run(args) -> int:
-    tc = config_from_args(args)
-    if launch.under_torchrun():
-        launch.init_from_env(args.threads)
-        _check_world(tc, dist.get_world_size())
-        _worker(tc)
-        return 0
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    _check_world(tc, args.nproc)
-    if args.nproc == 1:
-        torch.set_num_threads(args.threads)
-        _worker(tc)
-    else:
-        launch.spawn(_worker, args.nproc, tc, threads=args.threads)
-    return 0
-
-
-def _check_world(tc: TrainConfig, world: int) -> None:
-    if world % tc.dp:
-        raise ValueError(f"--dp ({tc.dp}) must divide the number of ranks ({world})")
-    if tc.batch % tc.dp:
-        raise ValueError(f"--batch ({tc.batch}) must be a multiple of --dp ({tc.dp})")
-    if (tc.model.strategy == "hybrid") != bool(tc.ulysses):
-        raise ValueError("--strategy hybrid needs --ulysses U (and --ulysses needs --strategy hybrid)")
-    if tc.ulysses and (world // tc.dp) % tc.ulysses:
-        raise ValueError(f"--ulysses ({tc.ulysses}) must divide the context-parallel size ({world // tc.dp})")
-    if tc.model.strategy == "dense" and world > 1:
-        raise ValueError("--strategy dense runs in a single process only (--nproc 1)")
-

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,9 @@ import torch.utils.checkpoint as ckpt
 from torch import nn
 
 from .. import comm
+from ..cli.flags import flag
 from ..layouts import effective_layout, global_positions
+from ..modes import BackwardExchange, Layout, Strategy
 from ..validate import check_backward_exchange
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,22 +47,29 @@ class LlamaConfig:
     """Model shape and how attention / memory saving run."""
 
     vocab_size: int = 256  # byte-level tokens
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2  # grouped-query attention: n_heads % n_kv_heads == 0
+    dim: int = field(default=128, metadata=flag("model width"))
+    n_layers: int = field(default=2, metadata=flag("decoder layers", name="--layers"))
+    n_heads: int = field(default=4, metadata=flag("query heads", name="--heads"))
+    n_kv_heads: int = field(default=2, metadata=flag(  # grouped-query attention: n_heads % n_kv_heads == 0
+        "key/value heads (grouped-query attention)", name="--kv-heads"))
     ffn_hidden: int | None = None  # None = 4 * dim (the "4x-wide" SwiGLU hidden)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     # attention: any ringattn strategy ("ring", "allgather", "ulysses", "hybrid", "auto"), or "dense"
     # (materialised softmax(QK^T), single process only: the vanilla baseline of the paper's Table 3)
-    strategy: str = "ring"
-    layout: str = "contiguous"  # which global positions each rank holds (see ringattn.shard)
+    strategy: str = field(default="ring", metadata=flag(
+        "attention strategy ('dense': materialised scores, one process only)", choices=[*Strategy, "dense"]))
+    layout: str = field(default="contiguous", metadata=flag(  # which global positions each rank holds
+        "which global positions each rank holds", choices=Layout))
     # ring/hybrid/auto: "ring" (dK/dV travel with their block) or "direct" (backward streams each block
     # from its owner and returns dK/dV straight to it: least memory; see ringattn.ring_attention)
-    backward_exchange: str = "ring"
-    ffn_chunk: int = 0  # blockwise FFN: tokens per chunk, recomputed in backward; 0 = whole sequence
-    checkpoint_layers: bool = False  # recompute each whole layer in backward (activation checkpointing)
+    backward_exchange: str = field(default="ring", metadata=flag(
+        "ring backward: dK/dV travel with their block (ring) or go straight to the owner (direct: least "
+        "memory, traffic between non-neighbours)", choices=BackwardExchange))
+    ffn_chunk: int = field(default=0, metadata=flag(  # recomputed in backward; 0 = whole sequence
+        "blockwise FFN chunk in tokens (0 = off)"))
+    checkpoint_layers: bool = field(default=False, metadata=flag(  # activation checkpointing
+        "recompute each layer in backward"))
     init_std: float = 0.02
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ tokens (one all-gather of the int tokens, no activation traffic).
 Normalisation: the single-process loss is the mean over every valid label of the global batch. Each
 rank returns ``sum of its token losses / N`` with ``N`` the number of valid labels over *all* ranks
 (``count_labels``); the sum over ranks of these is the global loss, and the sum over ranks of the
-parameter gradients is exactly its gradient.
+parameter gradients is exactly its gradient (``sum_gradients``).
 """
 
 from __future__ import annotations
@@ -23,20 +23,21 @@ import torch.utils.checkpoint as ckpt
 from .. import comm
 from ..layouts import check_layout, padded_len, shard, unshard
 
-IGNORE = -100
+# The label that is never scored: PyTorch's cross_entropy default, and Hugging Face's.
+IGNORE_INDEX = -100
 
 
-def shift_labels(tokens: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+def shift_labels(tokens: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Labels ``(b, s)`` for full sequences ``(b, s)``: the next token, ``ignore_index`` at the end."""
     return torch.cat([tokens[:, 1:], tokens.new_full((tokens.shape[0], 1), ignore_index)], dim=1)
 
 
 def shard_batch(inputs: torch.Tensor, labels: torch.Tensor, *, group=None, layout: str = "contiguous",
-                mesh=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                mesh=None, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This rank's ``(inputs, labels)`` of full, already-shifted ``(b, s)`` sequences, and ``s``.
 
     The sequence is padded to a multiple of W (2W for zigzag): padding inputs are 0 and padding
-    labels ``IGNORE``, so padding never counts in the loss; pass the returned ``s`` as ``seq_len``.
+    labels ``ignore_index``, so padding never counts in the loss; pass the returned ``s`` as ``seq_len``.
     With ``mesh`` (the hybrid strategy's 2-D DeviceMesh) the split is ``ringattn.shard(.., mesh=mesh)``.
     """
     check_layout(layout)
@@ -47,7 +48,7 @@ def shard_batch(inputs: torch.Tensor, labels: torch.Tensor, *, group=None, layou
     s = inputs.shape[1]
     total = padded_len(s, world, layout)
     if total != s:
-        labels = torch.cat([labels, labels.new_full((labels.shape[0], total - s), IGNORE)], dim=1)
+        labels = torch.cat([labels, labels.new_full((labels.shape[0], total - s), ignore_index)], dim=1)
     kw = {"mesh": mesh} if mesh is not None else {"group": group}
     return shard(inputs, layout=layout, **kw), shard(labels, layout=layout, **kw), s
 
@@ -63,13 +64,14 @@ def sharded_labels(local_tokens: torch.Tensor, *, group=None, layout: str = "con
     labels = shift_labels(full)
     _, world = comm.group_rank_world(group)
     total = world * local_tokens.shape[1]
-    labels = torch.cat([labels, labels.new_full((labels.shape[0], total - labels.shape[1]), IGNORE)], dim=1)
+    pad = labels.new_full((labels.shape[0], total - labels.shape[1]), IGNORE_INDEX)
+    labels = torch.cat([labels, pad], dim=1)
     return shard(labels, group=group, layout=layout)
 
 
 def count_labels(labels: torch.Tensor, group=None) -> int:
     """Valid (non-ignored) labels summed over ``group`` (None: every rank of the default group)."""
-    n = (labels != IGNORE).sum().to(torch.int64).reshape(1)
+    n = (labels != IGNORE_INDEX).sum().to(torch.int64).reshape(1)
     if comm.group_rank_world(group)[1] > 1:
         if dist.get_backend(group) == "nccl" and n.device.type != "cuda":
             n = n.cuda()
@@ -79,11 +81,11 @@ def count_labels(labels: torch.Tensor, group=None) -> int:
 
 def _loss_sum(head, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = head(h).float() if h.dtype in (torch.float16, torch.bfloat16) else head(h)
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def loss_sum(head, h: torch.Tensor, labels: torch.Tensor, *, chunk: int = 0) -> torch.Tensor:
-    """Sum of token cross-entropies of ``head(h)`` against ``labels`` (``IGNORE`` skipped).
+    """Sum of token cross-entropies of ``head(h)`` against ``labels`` (``IGNORE_INDEX`` skipped).
 
     ``chunk`` > 0 computes logits ``chunk`` tokens at a time and recomputes them in backward, so the
     ``(tokens x vocab)`` logits of the whole local sequence never exist at once (blockwise loss).
@@ -108,3 +110,39 @@ def sharded_loss(model, tokens: torch.Tensor, labels: torch.Tensor, *, n_labels:
         raise ValueError(f"n_labels must be >= 1 (valid labels over all ranks), got {n_labels}")
     h = model.hidden(tokens, group=group, mesh=mesh, seq_len=seq_len)
     return loss_sum(model.logits, h, labels, chunk=chunk) / n_labels
+
+
+def sum_gradients(model: torch.nn.Module, *, group=None, with_value: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+    """Sum every parameter's ``.grad`` over the ranks of ``group``: the ranks hold partial gradients.
+
+    A parameter without a gradient counts as zero (and gets one), so every rank ends with the same
+    gradients. One all-reduce per parameter dtype; ``with_value`` (a scalar such as the loss) rides
+    along in the first and its sum is returned.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, world = comm.group_rank_world(group)
+    value = None if with_value is None else with_value.detach().reshape(1)
+    for i, dtype in enumerate(sorted({p.dtype for p in params}, key=str)):
+        ps = [p for p in params if p.dtype == dtype]
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in ps]
+        if i == 0 and value is not None:
+            parts.append(value.to(dtype))
+        flat = torch.cat(parts)
+        if world > 1:
+            dist.all_reduce(flat, group=group)
+        off = 0
+        for p in ps:
+            g = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        if i == 0 and value is not None:
+            value = flat[-1]
+    if value is not None and not params:
+        if world > 1:
+            dist.all_reduce(value, group=group)
+        value = value[0]
+    return value

@@ -1,7 +1,9 @@
-"""The ``ringattn`` command: one sub-command per module, each with ``add_arguments`` and ``run``.
+"""The ``ringattn`` command (also ``python -m ringattn``): one sub-command per module of this package,
+each with ``add_arguments`` and ``run``.
 
 Bad arguments end in a one-line error and a non-zero exit, never a traceback (set
-``RINGATTN_DEBUG=1`` to see one).
+``RINGATTN_DEBUG=1`` to see one). The benchmark suites are not a sub-command: they live in a source
+checkout's ``benchmarks/`` (``make bench``, ``python -m benchmarks``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import sys
 
 # sub-command -> (module, one-line help)
 COMMANDS = {
-    "demo": ("ringattn.demo", "ring attention on a long sequence, checked against exact attention"),
-    "bench": ("ringattn.bench", "benchmark suites, JSON + PNG plots"),
-    "plan": ("ringattn.plan", "cost model: which context-parallel strategy to use"),
-    "train": ("ringattn.train", "context-parallel training of the small LLaMA-style model"),
-    "generate": ("ringattn.generate", "long-context generation with a sharded KV cache"),
+    "demo": ("ringattn.cli.demo", "ring attention on a long sequence, checked against exact attention"),
+    "plan": ("ringattn.cli.plan", "cost model: which context-parallel strategy to use"),
+    "train": ("ringattn.cli.train", "context-parallel training of the small LLaMA-style model"),
+    "generate": ("ringattn.cli.generate", "long-context generation with a sharded KV cache"),
 }
 
 
@@ -31,12 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue  # not built yet
-            raise
+        mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=help_)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
@@ -44,14 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return f"ringattn {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        given = sys.argv[1:] if argv is None else list(argv)
+        at = given.index(extra[0])
+        if at > 0 and given[at - 1] == "--json":
+            parser.error(f"--json takes no value (it prints JSON on stdout), got {extra[0]!r}; "
+                         "to write the JSON to a file use --json-out PATH")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -66,7 +69,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ringattn {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

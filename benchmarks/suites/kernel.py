@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import ringattn
 
-from .common import best_of, machine, pyplot, save_figure
+from ..common import best_of, machine, pyplot, save_figure
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:

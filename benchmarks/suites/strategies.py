@@ -1,26 +1,27 @@
-"""``ringattn bench strategies``: measured time of each strategy vs. the planner's prediction.
+"""``python -m benchmarks strategies``: measured time of each strategy vs. the planner's prediction.
 
 On 2 and 4 local gloo ranks (one thread each), every strategy runs causal forward+backward on the
-same zigzag-sharded problem; the planner predicts each from this machine's measured kernel FLOP/s and
-gloo bandwidth (``plan.measure``). The ratio measured / predicted and its error calibrate the model.
-Ranks share the machine's cores, which the measured hardware accounts for (``shared_cores``).
+same zigzag-sharded problem; the planner predicts each from the kernel FLOP/s and gloo bandwidth
+measured in the same run (what ``ringattn plan --measure`` measures). The ratio measured / predicted
+and its error calibrate the model. Ranks share the machine's cores, which the measured hardware
+accounts for (``shared_cores``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
-import tempfile
 import time
 
-from .. import plan
-from ..launch import spawn
-from .common import machine, pyplot, save_figure
+from ringattn import plan
+from ringattn.cli.plan import measure
+from ringattn.launch import spawn_collect
+
+from ..common import machine, pyplot, save_figure
 
 
-def _job(path: str, cfg: dict) -> None:
+def _job(cfg: dict) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -55,8 +56,7 @@ def _job(path: str, cfg: dict) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a call is as slow as its slowest rank
             best = min(best, float(t))
         results[strat] = best
-    if dist.get_rank() == 0:
-        pathlib.Path(path).write_text(json.dumps(results))
+    return results
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
@@ -65,15 +65,12 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     cfg["mesh"] = (2, 2)
     cfg["strategies"] = {"2": ["ring", "allgather", "ulysses"], "4": ["ring", "allgather", "ulysses", "hybrid"]}
     print("measuring this machine (kernel FLOP/s, gloo bandwidth) ...", flush=True)
-    hw = plan.measure(threads=1)
+    hw = measure(threads=1)
     print(f"  {hw.flops / 1e9:.1f} GFLOP/s per thread, {hw.bandwidth / 1e9:.2f} GB/s, "
           f"{hw.latency * 1e6:.0f} us latency, {hw.shared_cores} cores shared", flush=True)
     rows = []
     for world in (2, 4):
-        with tempfile.TemporaryDirectory() as tmp:
-            path = str(pathlib.Path(tmp) / "times.json")
-            spawn(_job, world, path, cfg)
-            measured = json.loads(pathlib.Path(path).read_text())
+        measured = spawn_collect(_job, world, cfg)
         for strat, t in measured.items():
             p = plan.Problem(seq_len=cfg["seq_len"], world=world, heads=cfg["heads"], kv_heads=cfg["kv_heads"],
                              head_dim=cfg["head_dim"], dtype_bytes=4, causal=True, layout="zigzag",

@@ -7,22 +7,19 @@ attention (torch's fused flash SDPA), and ring attention per rank on 2 and 4 ran
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import tempfile
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
+from ringattn.launch import spawn_collect
 
-from ..launch import spawn
-from .common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
+from ..common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
 
 
-def _rank(kind, S, path):
+def _rank(kind, S) -> float:
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(1, S, 1, 64, generator=g) for _ in range(4)]
     if kind == "ring":
@@ -44,17 +41,11 @@ def _rank(kind, S, path):
         (s.softmax(-1) @ v).backward(do)
     peak = torch.tensor([rss_mb("VmHWM") - base])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        with open(path, "w") as f:
-            json.dump(float(peak), f)
+    return float(peak)
 
 
 def measure(kind, nproc, S) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.json")
-        spawn(_rank, nproc, kind, S, path)
-        with open(path) as f:
-            return json.load(f)
+    return spawn_collect(_rank, nproc, kind, S)
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:

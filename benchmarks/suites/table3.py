@@ -28,7 +28,9 @@ import time
 
 import torch
 
-from .common import machine, pyplot, save_figure
+from ringattn._measure import reset_peak_rss, rss_mb
+
+from ..common import machine, pyplot, save_figure
 
 GRANULE = 256  # lengths are multiples of GRANULE * world
 
@@ -49,38 +51,29 @@ def _configs(chunk: int) -> list[dict]:
 
 
 # -- inside a measuring process ---------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> int:
-    """Free what can be freed, reset the peak-RSS mark; returns the current RSS in KiB."""
+def _reset_peak() -> float:
+    """Free what can be freed, reset the peak-RSS mark; returns the current RSS in MiB."""
     gc.collect()
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to VmRSS (Linux >= 4.0)
-    return _status_kb("VmRSS")
+    if not reset_peak_rss():
+        raise RuntimeError("table3 needs Linux's /proc/self/clear_refs to reset the peak-RSS mark")
+    return rss_mb()
 
 
 def _measure(spec: dict) -> None:
     """Run the length search for one configuration on this rank; rank 0 writes the result."""
     import torch.distributed as dist
 
-    from ..model import LlamaConfig
-    from ..train import Parallel, TrainConfig, make_optimizer, setup_parallel, train_step
+    from ringattn.model import LlamaConfig, build
+    from ringattn.model.loss import shard_batch
+    from ringattn.train import Parallel, TrainConfig, make_optimizer, setup_parallel, train_step
 
     par = setup_parallel(1) if dist.is_initialized() else Parallel()
     cfg = LlamaConfig(dim=spec["dim"], n_layers=spec["layers"], n_heads=spec["heads"], n_kv_heads=spec["kv_heads"],
                       strategy=spec["strategy"], ffn_chunk=spec["ffn_chunk"],
                       backward_exchange=spec.get("backward_exchange", "ring"))
-    tc = TrainConfig(model=cfg, batch=1, steps=10**6, warmup=1, loss_chunk=spec["chunk"], progress=False)
-    from ..model import build
-
+    tc = TrainConfig(model=cfg, batch=1, steps=10**6, warmup=1, loss_chunk=spec["chunk"])
     model = build(cfg, seed=0)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(0)
@@ -88,8 +81,6 @@ def _measure(spec: dict) -> None:
 
     def step(total: int) -> None:
         tokens = torch.randint(0, cfg.vocab_size, (1, total + 1), generator=gen)
-        from ..model.loss import shard_batch
-
         inputs, labels, s = shard_batch(tokens[:, :-1], tokens[:, 1:], group=par.cp_group)
         train_step(model, opt, (inputs, labels, s), par, tc, 1)
 
@@ -98,7 +89,7 @@ def _measure(spec: dict) -> None:
         t0 = time.perf_counter()
         step(total)
         dt = time.perf_counter() - t0
-        grow = torch.tensor([(_status_kb("VmHWM") - base) / 1024, dt], dtype=torch.float64)
+        grow = torch.tensor([rss_mb("VmHWM") - base, dt], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(grow, op=dist.ReduceOp.MAX)
         return bool(grow[0] <= spec["budget_mb"]), float(grow[0]), float(grow[1])
@@ -129,7 +120,7 @@ def _measure(spec: dict) -> None:
 def _entry(specs: list[dict]) -> None:
     """Measure configurations one after another (single-rank ones share a process; each probe resets
     the peak mark, and each configuration builds its model afresh)."""
-    from .. import launch
+    from ringattn import launch
 
     torch.set_num_threads(1)
     for spec in specs:
@@ -144,9 +135,11 @@ def _run_configs(specs: list[dict]) -> list[dict]:
     """Measure ``specs`` in a fresh Python process; returns their results in order."""
     with tempfile.TemporaryDirectory() as d:
         specs = [{**s, "result": str(pathlib.Path(d) / f"result{i}.json")} for i, s in enumerate(specs)]
+        root = str(pathlib.Path(__file__).resolve().parents[2])  # the checkout holding benchmarks/
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
-               "OMP_NUM_THREADS": "1"}
-        code = f"import json; from ringattn.bench.table3 import _entry; _entry(json.loads({json.dumps(specs)!r}))"
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+        code = f"import json; from benchmarks.suites.table3 import _entry; _entry(json.loads({json.dumps(specs)!r}))"
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"table3 {[s['name'] for s in specs]} failed:\n{r.stderr[-3000:]}")
@@ -156,9 +149,10 @@ def _run_configs(specs: list[dict]) -> list[dict]:
 def run(out: pathlib.Path, quick: bool) -> dict:
     """Max sequence length per configuration within the per-rank budget; writes table3.png."""
     size = {"dim": 128, "layers": 4, "heads": 4, "kv_heads": 2, "chunk": 256}
-    budget = 16 if quick else 128
-    search = {"budget_mb": budget, "max_len": 2**15 if quick else 2**17, "bisect": 0 if quick else 4}
-    configs = [{**size, **search, **c} for c in _configs(size["chunk"])]
+    budget = 8 if quick else 128
+    search = {"budget_mb": budget, "max_len": 2**13 if quick else 2**17, "bisect": 0 if quick else 4}
+    # --quick: one ring configuration; every configuration is a fresh process (seconds to start).
+    configs = [{**size, **search, **c} for c in _configs(size["chunk"])[:4 if quick else None]]
     batches = [[c for c in configs if c["nproc"] == 1]] + [[c] for c in configs if c["nproc"] > 1]
     rows = []
     for batch in batches:
@@ -169,7 +163,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
                   flush=True)
         print(f"  [{time.perf_counter() - t0:.0f}s]", flush=True)
     bpt = next(r["max_len"] for r in rows if r["name"].startswith("BPT"))
-    print(f"\nTable 3 (this machine): max tokens for one training step, {budget} MiB per rank, "
+    print(f"\nTable 3: max tokens for one training step, {budget} MiB per rank, "
           f"model dim {size['dim']} x {size['layers']} layers, fp32")
     print(f"  {'configuration':<36} {'max length':>11} {'x BPT':>6}")
     for r in rows:

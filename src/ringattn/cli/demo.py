@@ -9,12 +9,10 @@ context-parallel training with the loss going down.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -22,49 +20,45 @@ import torch.nn.functional as F
 
 import ringattn
 
-from .bench.common import reset_peak_rss, rss_mb
-from .launch import spawn
+from .._measure import reset_peak_rss, rss_mb
+from ..launch import spawn, spawn_collect
+from ..modes import Layout
+from .flags import add_flags, flag, from_args
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig:
-    seq_len: int = 32768
-    nproc: int = 4
-    heads: int = 2
-    kv_heads: int = 1
-    head_dim: int = 64
-    layout: str = "zigzag"
+    """The demo's problem; validated on construction. Fields with ``flag`` are its flags."""
+
+    seq_len: int = field(default=32768, metadata=flag("global sequence length (tokens)"))
+    nproc: int = field(default=4, metadata=flag("local processes (ranks) to spawn"))
+    heads: int = field(default=2, metadata=flag("query heads"))
+    kv_heads: int = field(default=1, metadata=flag("key/value heads"))
+    head_dim: int = field(default=64, metadata=flag("head dimension"))
+    layout: str = field(default="zigzag", metadata=flag("which positions each rank holds", choices=Layout))
     check_rows: int = 512
-    train_steps: int = 16
+    train_steps: int = field(default=16, metadata=flag("steps of the training part (0 skips it)"))
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "nproc", "heads", "kv_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.train_steps < 0:
+            raise ValueError(f"--train-steps must be >= 0, got {self.train_steps}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"--heads ({self.heads}) must be a multiple of --kv-heads ({self.kv_heads})")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DemoConfig()
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="global sequence length (tokens)")
-    p.add_argument("--nproc", type=int, default=d.nproc, help="local processes (ranks) to spawn")
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
-    p.add_argument("--head-dim", type=int, default=d.head_dim)
-    p.add_argument("--layout", default=d.layout, choices=ringattn.LAYOUTS)
-    p.add_argument("--train-steps", type=int, default=d.train_steps, help="0 skips the training part")
+    add_flags(p, DemoConfig)
 
 
-def run(args) -> int:
-    cfg = DemoConfig(seq_len=args.seq_len, nproc=args.nproc, heads=args.heads, kv_heads=args.kv_heads,
-                     head_dim=args.head_dim, layout=args.layout, train_steps=args.train_steps)
-    for name in ("seq_len", "nproc", "heads", "kv_heads", "head_dim"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.heads % cfg.kv_heads:
-        raise ValueError(f"--heads ({cfg.heads}) must be a multiple of --kv-heads ({cfg.kv_heads})")
+def run(args: argparse.Namespace) -> int:
+    cfg = from_args(DemoConfig, args)
     print(f"ringattn demo: causal {cfg.layout} ring attention, {cfg.seq_len} tokens on {cfg.nproc} local "
           f"ranks (gloo, 1 thread each), {cfg.heads} heads ({cfg.kv_heads} kv) x {cfg.head_dim}, fp32", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "demo.json")
-        spawn(_attention_rank, cfg.nproc, cfg, result)
-        with open(result) as f:
-            r = json.load(f)
+    r = spawn_collect(_attention_rank, cfg.nproc, cfg)
     _print_table(cfg, r)
     if cfg.train_steps > 0:
         _train_part(cfg)
@@ -102,7 +96,7 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
 
 
-def _attention_rank(cfg: DemoConfig, result_path: str) -> None:
+def _attention_rank(cfg: DemoConfig) -> dict | None:
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(cfg.seed)
     S, h, kvh, d = cfg.seq_len, cfg.heads, cfg.kv_heads, cfg.head_dim
@@ -149,14 +143,13 @@ def _attention_rank(cfg: DemoConfig, result_path: str) -> None:
                "err_sdpa_out": _rel(full[0], o.detach().transpose(1, 2)),
                "err_dq": _rel(full[1], qt.grad.transpose(1, 2)), "err_dk": _rel(full[2], kt.grad.transpose(1, 2)),
                "err_dv": _rel(full[3], vt.grad.transpose(1, 2)), "config": asdict(cfg)}
-        with open(result_path, "w") as f:
-            json.dump(res, f)
     dist.barrier()
+    return res if rank == 0 else None
 
 
 def _train_part(cfg: DemoConfig) -> None:
-    from . import train
-    from .model import LlamaConfig
+    from .. import train
+    from ..model import LlamaConfig
 
     seq = 4096
     print(f"[3/3] context-parallel training: a small LLaMA-style model (blockwise FFN) on passkey retrieval, "
@@ -168,9 +161,10 @@ def _train_part(cfg: DemoConfig) -> None:
 
 
 def _train_rank(tc) -> None:
-    from . import train
+    from .. import train
+    from .train import Printer, Show
 
-    s = train.train(tc)
+    s = train.train(tc, progress=Printer(Show(), dist.get_rank()))
     if dist.get_rank() == 0:
         trend = "down" if s["loss_last"] < s["loss_first"] else "NOT down"
         print(f"\n  loss {s['loss_first']:.3f} -> {s['loss_last']:.3f} ({trend}), {s['tokens_per_s']:,.0f} tokens/s, "

@@ -7,7 +7,7 @@ of the ranks cannot leave these namespaces. A link is shaped in both directions:
 (upload) and on the switch port's egress towards that host (download), with an HTB class for the rate
 and, where the kernel has it, ``netem`` for the one-way delay (half on each side).
 
-Ranks start with ``ip netns exec <host> python -m ringattn.netns --rank R --world W --master ADDR:PORT
+Ranks start with ``ip netns exec <host> python -m benchmarks.harness.netns --rank R --world W --master ADDR:PORT
 --ifname eth0 --job module:function ...`` and rendezvous exactly as they would under ``torchrun`` on real
 machines: ``init_method=tcp://<address of host 0>:<port>``, ``GLOO_SOCKET_IFNAME`` set to the veth, no
 loopback shortcut (ranks of the *same* host reach each other through that host's own stack, as they
@@ -320,14 +320,15 @@ class Cluster:
             for r in range(world):
                 host = self.hosts[r // ranks_per_host]
                 out, log = tmp / f"rank{r}.json", tmp / f"rank{r}.log"
-                argv = [sys.executable, "-m", "ringattn.netns", "--rank", str(r), "--world", str(world),
+                argv = [sys.executable, "-m", "benchmarks.harness.netns", "--rank", str(r), "--world", str(world),
                         "--local-rank", str(r % ranks_per_host), "--master", master, "--ifname", host.ifname,
                         "--job", job, "--args", json.dumps(args or {}), "--out", str(out),
                         "--threads", str(threads)]
                 logs.append(log)
                 with open(log, "w") as fh:
                     p = subprocess.Popen(self.exec_argv(host, argv), stdout=fh, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})}, start_new_session=True)
+                                         env={**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})},
+                                         start_new_session=True)
                 procs.append(p)
                 self._procs.append(p)
             deadline = time.monotonic() + timeout
@@ -349,6 +350,13 @@ class Cluster:
                 if p in self._procs:
                     self._procs.remove(p)
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pythonpath() -> str:
+    """The workers' import path: the checkout holding ``benchmarks/`` (and ``tests/``) first, so jobs
+    named ``benchmarks.…`` or ``tests.…`` import whatever the current directory."""
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
 def _tails(logs: list[pathlib.Path], procs: list[subprocess.Popen], n: int = 2000) -> str:
@@ -373,7 +381,7 @@ def _sigterm_to_exit(signum, frame):
 
 # -- the worker: runs inside a host namespace -------------------------------------------------------
 def _worker(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ringattn.netns", description="one rank of a Cluster job")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.harness.netns", description="one rank of a Cluster job")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--local-rank", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Sliding windows and packed documents across the ring (issue: window and varlen), vs. the dense reference."""
+"""Sliding windows and packed documents across the ring, vs. the dense reference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``ringattn bench decode``: sharded KV-cache decoding vs. single-process decoding, by context length.
+"""``python -m benchmarks decode``: sharded KV-cache decoding vs. single-process decoding, by context length.
 
 For each prompt length, the same model and prompt are decoded (greedy) three ways in one run:
 W local ranks with the cache sharded (one thread each), and one process holding the whole cache with
@@ -11,17 +11,16 @@ tokens as the single process.
 
 from __future__ import annotations
 
-import json
 import pathlib
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import launch
-from ..generate import generate
-from ..model import LlamaConfig, build
-from .common import machine, pyplot, save_figure
+from ringattn import launch
+from ringattn.generate import generate
+from ringattn.model import LlamaConfig, build
+
+from ..common import machine, pyplot, save_figure
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def _one(cfg: DecodeBenchConfig, model, ctx: int, group=None) -> dict:
             "bytes_per_token": res.bytes_per_token, "cache_bytes": cache_bytes, "tokens": res.tokens.tolist()}
 
 
-def _worker(cfg: DecodeBenchConfig, path: str) -> None:
+def _worker(cfg: DecodeBenchConfig) -> list[dict]:
     """Per context: the sharded run on all ranks, then rank 0 alone (its own one-rank group, so the
     cache is whole) with 1 and W threads while the others wait — baseline and sharded interleaved in
     time, so a load change on the shared machine hits both alike."""
@@ -78,16 +77,12 @@ def _worker(cfg: DecodeBenchConfig, path: str) -> None:
             torch.set_num_threads(1)
         dist.barrier()
         rows.append(row)
-    if rank == 0:
-        pathlib.Path(path).write_text(json.dumps(rows))
+    return rows
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     cfg = QUICK if quick else DecodeBenchConfig()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(pathlib.Path(tmp) / "rows.json")
-        launch.spawn(_worker, cfg.world, cfg, path)
-        measured = json.loads(pathlib.Path(path).read_text())
+    measured = launch.spawn_collect(_worker, cfg.world, cfg)
     rows = []
     for m in measured:
         sh, s1, sw = m["sharded"], m["single_1"], m[f"single_{cfg.world}"]

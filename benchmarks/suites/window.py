@@ -6,22 +6,19 @@ window the per-rank cost grows linearly with the sequence instead of quadratical
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
 import ringattn
+from ringattn.launch import spawn_collect
 
-from ..launch import spawn
-from .common import machine, pyplot, save_figure
+from ..common import machine, pyplot, save_figure
 
 
-def _rank(S, heads, d, window, causal, path):
+def _rank(S, heads, d, window, causal) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (ringattn.shard(torch.randn(1, S, heads, d, generator=g)) for _ in range(4))
     best, st_best = float("inf"), None
@@ -38,17 +35,11 @@ def _rank(S, heads, d, window, causal, path):
     recs = [None] * dist.get_world_size()
     dist.all_gather_object(recs, {"time_s": best, "steps": st_best.steps, "bytes_sent": st_best.bytes_sent,
                                   "flops": st_best.flops, "wait_s": st_best.wait_s})
-    if dist.get_rank() == 0:
-        with open(path, "w") as f:
-            json.dump(recs, f)
+    return recs
 
 
 def measure(nproc, S, heads, d, window, causal=True) -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "w.json")
-        spawn(_rank, nproc, S, heads, d, window, causal, path)
-        with open(path) as f:
-            return json.load(f)
+    return spawn_collect(_rank, nproc, S, heads, d, window, causal)
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:

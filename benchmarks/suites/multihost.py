@@ -1,6 +1,6 @@
-"""``ringattn bench multihost``: ring attention across "machines" joined by real, shaped network links.
+"""``python -m benchmarks multihost``: ring attention across "machines" joined by real, shaped network links.
 
-Every host is a network namespace (``ringattn.netns``); ranks rendezvous over the namespaces' own
+Every host is a network namespace (``benchmarks.harness.netns``); ranks rendezvous over the namespaces' own
 addresses with gloo, as under ``torchrun`` on real machines, and the links between hosts are shaped
 with ``tc`` (HTB rate; ``netem`` delay where the kernel has it). Three experiments:
 
@@ -17,7 +17,7 @@ with ``tc`` (HTB rate; ``netem`` delay where the kernel has it). Three experimen
    moved of each strategy vs. world size at a fixed global length, and the load balance (max / mean
    FLOPs across ranks) of each causal layout.
 
-Jobs (``*_job``) run inside the namespaces via ``python -m ringattn.netns``; ``run`` drives them.
+Jobs (``*_job``) run inside the namespaces via ``python -m benchmarks.harness.netns``; ``run`` drives them.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from .. import netns
-from .common import machine, pyplot
+from ..common import machine, pyplot
+from ..harness import netns
 
 BYTES_FP32 = 4
 
@@ -43,8 +43,8 @@ BYTES_FP32 = 4
 # -- configuration ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OverlapConfig:
-    # 8 query heads sharing one K/V head (MQA): a 1-thread AVX-512 kernel here runs ~80 GFLOP/s, so with
-    # kv_heads = heads the threshold would need a link faster than gloo moves data on this machine.
+    # 8 query heads sharing one K/V head (MQA): a 1-thread AVX-512 kernel runs ~80 GFLOP/s, so with
+    # kv_heads = heads the threshold would need a link faster than gloo moves data between local ranks.
     rates_mbit: tuple[float, ...] = (150.0, 400.0)
     lengths: tuple[int, ...] = (128, 181, 256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096)
     heads: int = 8
@@ -63,7 +63,7 @@ class HybridConfig:
     heads: int = 8
     kv_heads: tuple[int, ...] = (8, 2)  # multi-head, and grouped-query (ring traffic shrinks 4x)
     head_dim: int = 64
-    intra_bandwidth: float = 1.4e9  # gloo on loopback inside a host (FACTS.md), for the planner
+    intra_bandwidth: float = 1.4e9  # gloo on loopback inside a host (the cpu preset of ringattn.plan), for the planner
     causal: bool = True
     layout: str = "zigzag"
     repeats: int = 2
@@ -110,19 +110,19 @@ def _stats(st) -> dict:
 def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int = 5) -> dict:
     """This rank's forward and backward FLOP/s of one non-causal ``n x n`` block, no communication:
     the median of ``repeats`` (typical, under whatever else shares the CPU) and the best (peak)."""
-    from ..kernels import select
+    from ringattn.kernels import select
 
     q, k, v, dout = (t.detach() for t in _qkv(1, n, heads, kv_heads, head_dim, 1))
     be = select(q, k, v)
     scale = head_dim ** -0.5
     flops = 4.0 * n * n * heads * head_dim
-    out, lse = be.forward(q, k, v, scale=scale, causal=False, mask=None)
+    out, lse = be.forward_dense(q, k, v, scale=scale, causal=False, mask=None)
     tf, tb = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out, lse = be.forward(q, k, v, scale=scale, causal=False, mask=None)
+        out, lse = be.forward_dense(q, k, v, scale=scale, causal=False, mask=None)
         t1 = time.perf_counter()
-        be.backward(dout, q, k, v, out, lse, scale=scale, causal=False, mask=None)
+        be.backward_dense(dout, q, k, v, out, lse, scale=scale, causal=False, mask=None)
         t2 = time.perf_counter()
         tf.append(t1 - t0)
         tb.append(t2 - t1)
@@ -133,7 +133,7 @@ def kernel_rate(n: int, heads: int, kv_heads: int, head_dim: int, repeats: int =
 def link_bandwidth(sizes: tuple[int, ...] = (1 << 18, 1 << 20, 2 << 20), repeats: int = 5) -> dict:
     """Ring-style exchange (send to rank + 1, receive from rank - 1, both posted at once, as a ring
     step does) of each size; best times, and the fit ``t = alpha + bytes / B`` over the sizes."""
-    from ..comm import Ring
+    from ringattn.comm import Ring
 
     ring = Ring()
     times = []
@@ -414,7 +414,7 @@ def run_scaling(cfg: ScalingConfig, quick: bool) -> dict:
 def hybrid_available() -> str | None:
     """Why the hybrid experiment cannot run (``None`` when it can)."""
     try:
-        from ..strategies import hybrid  # noqa: F401
+        from ringattn.strategies import hybrid  # noqa: F401
     except ImportError as e:
         return f"strategy 'hybrid' not available: {e}"
     return None
@@ -449,8 +449,7 @@ def hybrid_job(local_len: int, heads: int, kv_heads_list: list[int], head_dim: i
     from torch.distributed.device_mesh import init_device_mesh
 
     import ringattn
-
-    from .. import plan
+    from ringattn import plan
 
     rank, world = _rank_world()
     mesh = init_device_mesh("cpu", (world // ranks_per_host, ranks_per_host),
@@ -564,7 +563,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
         t0, load0 = time.perf_counter(), os.getloadavg()
         result[name] = fn(cfg, quick)
         result[name]["elapsed_s"] = time.perf_counter() - t0
-        # The 2 cores are shared with other users: record how busy the machine was.
+        # Other work may share the cores: record how busy the machine was.
         result[name]["loadavg_1min_before_after"] = [load0[0], os.getloadavg()[0]]
         (out / f"multihost_{name}.json").write_text(json.dumps(result[name], indent=2, default=str))
     plot(result, out)

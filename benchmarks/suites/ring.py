@@ -7,10 +7,7 @@ and the peak memory growth of forward + backward at S = 32768.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import tempfile
 import time
 
 import torch
@@ -18,9 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
+from ringattn.launch import spawn_collect
 
-from ..launch import spawn
-from .common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
+from ..common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
 
 CONFIGS = [  # name, layout, causal
     ("non-causal contiguous", "contiguous", False),
@@ -49,8 +46,7 @@ def single_time(S: int, heads: int, d: int, causal: bool, repeats: int, threads:
     return best
 
 
-def _ring_rank(S, heads, d, layout, causal, repeats, path, measure_memory=False, exchange="ring"):
-    rank = dist.get_rank()
+def _ring_rank(S, heads, d, layout, causal, repeats, measure_memory=False, exchange="ring") -> list[dict]:
     q, k, v, do = (ringattn.shard(t, layout=layout) for t in _inputs(S, heads, d))
     best, st_best = float("inf"), None
     for i in range(repeats + (0 if measure_memory else 1)):  # one warm-up unless measuring memory
@@ -74,23 +70,18 @@ def _ring_rank(S, heads, d, layout, causal, repeats, path, measure_memory=False,
         rec["peak_growth_mb"] = rss_mb("VmHWM") - base
     recs = [None] * dist.get_world_size()
     dist.all_gather_object(recs, rec)
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(recs, f)
+    return recs
 
 
 def ring_run(S, heads, d, layout, causal, repeats, nproc=2, measure_memory=False, exchange="ring") -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "r.json")
-        spawn(_ring_rank, nproc, S, heads, d, layout, causal, repeats, path, measure_memory, exchange)
-        with open(path) as f:
-            return json.load(f)
+    return spawn_collect(_ring_rank, nproc, S, heads, d, layout, causal, repeats, measure_memory, exchange)
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     S = 2048 if quick else 8192
     # Best of reps x 2 timed runs on each side, interleaved so that drift in machine load hits both alike:
-    # single runs on this 2-core VM vary by +-8% from one to the next, and the best is the stable statistic.
+    # on a machine shared with other work single runs vary by several percent, and the best is the stable
+    # statistic.
     heads, d, reps = 8, 64, 1 if quick else 5
     res = {"machine": machine(), "seq_len": S, "heads": heads, "head_dim": d, "dtype": "float32", "configs": {},
            "timed_runs_per_side": 2 * reps}

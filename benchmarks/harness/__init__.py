@@ -1,0 +1,1 @@
+"""Test and benchmark harnesses that need more than a Python process (root, network namespaces)."""

@@ -1,0 +1,1 @@
+"""One module per suite, each with ``run(out: pathlib.Path, quick: bool) -> dict`` and ``summary(result)``."""

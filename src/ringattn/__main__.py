@@ -1,0 +1,7 @@
+"""``python -m ringattn ...``: the ``ringattn`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""``ringattn train``: context-parallel training of the small LLaMA-style model (``ringattn.train``).
+
+The training flags are the ``flag`` fields of ``TrainConfig`` and ``LlamaConfig``; this module adds
+only how to launch (``--nproc``, ``--threads``) and how to show the run (``--no-progress``, ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import comm, launch
+from ..model import LlamaConfig
+from ..train import TrainConfig, train
+from .flags import JsonFlag, add_flags, from_args
+
+# The command's default model keeps the feed-forward blockwise (the library's default is whole-sequence).
+MODEL_DEFAULTS = {"ffn_chunk": 256}
+
+
+@dataclass(frozen=True)
+class Show:
+    """How a run is shown: presentation only, never part of what is trained."""
+
+    progress: bool = True
+    json: bool = False
+    throttle: float = 0.0  # seconds to sleep per step: makes a short run long enough to interrupt
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1, help="local gloo ranks to spawn (ignored under torchrun)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    add_flags(p, TrainConfig)
+    add_flags(p, LlamaConfig, defaults=MODEL_DEFAULTS)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or lines")
+    p.add_argument("--json", action=JsonFlag, help="print the final summary as one JSON line on stdout")
+    p.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` the flags describe (its own checks name a bad value)."""
+    try:
+        model = from_args(LlamaConfig, args)
+    except ValueError as e:
+        raise ValueError(f"model: {e}") from None
+    return from_args(TrainConfig, args, model=model)
+
+
+class Printer:
+    """Rank 0 shows a tqdm bar when tqdm is installed, plain lines otherwise; every rank throttles."""
+
+    def __init__(self, show: Show, rank: int):
+        self.show, self.visible = show, rank == 0
+        self.bar, self.every, self.steps = None, 1, 0
+
+    def start(self, step: int, steps: int, resumed_from: pathlib.Path | None) -> None:
+        if not self.visible:
+            return
+        if resumed_from is not None:
+            print(f"resumed from {resumed_from.name} in {resumed_from.parent}", file=sys.stderr, flush=True)
+        if not self.show.progress or step >= steps:
+            return
+        self.steps, self.every = steps, max(1, steps // 20)
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self.bar = tqdm(total=steps, initial=step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, step: int, loss: float, grad_norm: float, tokens_per_s: float) -> None:
+        if self.visible and self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", gnorm=f"{grad_norm:.2f}")
+            self.bar.update(1)
+        elif self.visible and self.steps and ((step + 1) % self.every == 0 or step + 1 == self.steps):
+            print(f"train step {step + 1}/{self.steps}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
+                  f"grad norm {grad_norm:.2f}", file=sys.stderr, flush=True)
+        if self.show.throttle:
+            time.sleep(self.show.throttle)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary), flush=True)
+        return
+    acc = ", ".join(f"{k}: {v:.2f}" for k, v in summary["eval_accuracy"].items() if v is not None)
+    resumed = f" (resumed at step {summary['start_step']})" if summary.get("resumed_from") else ""
+    print(f"loss {summary['loss_first']} -> {summary['loss_last']}{resumed}, "
+          f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, peak {summary['peak_mem_mb_per_rank']:.0f} MB"
+          f"/rank{', accuracy ' + acc if acc else ''}", flush=True)
+
+
+def _worker(tc: TrainConfig, show: Show) -> None:
+    rank = comm.group_rank_world()[0]
+    summary = train(tc, progress=Printer(show, rank))
+    if rank == 0:
+        print_summary(summary, show.json)
+
+
+def run(args: argparse.Namespace) -> int:
+    tc = config_from_args(args)
+    show = Show(progress=args.progress, json=args.json, throttle=args.throttle)
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if launch.under_torchrun():
+        launch.init_from_env(args.threads)
+        _worker(tc, show)
+        return 0
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    tc.check_world(args.nproc)
+    if args.nproc == 1:
+        torch.set_num_threads(args.threads)
+        _worker(tc, show)
+    else:
+        launch.spawn(_worker, args.nproc, tc, show, threads=args.threads)
+    return 0
