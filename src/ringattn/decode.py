@@ -11,7 +11,6 @@ bit-identical outputs (generation relies on it: every rank samples the same toke
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import comm, profiling
 from .call import checked
@@ -83,7 +82,7 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, *, group=None) -> tuple
     packed = torch.cat([out, lse[..., None]], dim=-1).contiguous()
     gathered = packed.new_empty((world * packed.shape[0], *packed.shape[1:]))
     profiling.count_bytes(packed.numel() * packed.element_size())
-    dist.all_gather_into_tensor(gathered, packed, group=group)
+    comm.gather_op()(gathered, packed, group=group)
     gathered = gathered.view(world, *packed.shape)
     outs, lses = gathered[..., :-1], gathered[..., -1]
     m = lses.amax(dim=0)
