@@ -217,7 +217,8 @@ def tile_tasks(tasks: tuple[Task, ...], n_keys: int, caps: Capabilities = DEFAUL
 
     One :class:`KeyTile` per key tile, in order, empty ones included. The ring's backward runs visiting
     blocks this way: every call's dQ/dK/dV output, added into an accumulator and dropped, stays a tile in
-    size, and a finished key tile's dK/dV can leave before the block is done. Cached: every layer's backward asks for the same tiles of the same plan.
+    size, and a finished key tile's dK/dV can leave before the block is done. Cached: every layer's backward
+    asks for the same tiles of the same plan.
     """
     size = caps.backward_tile
     rows = max((t.q1 for t in tasks), default=0)
