@@ -153,7 +153,8 @@ def direct_pairs():
         ("striped", MaskSpec(4 * n, causal=True), (Segment(1, n, 4),), (Segment(0, n, 4),)),
         ("striped-docs", MaskSpec(4 * n, causal=True, doc_bounds=(0, 999, 2000, 4 * n)),
          (Segment(3, n, 4),), (Segment(0, n, 4),)),
-        ("padding", MaskSpec(n + 333, causal=True), (Segment(n, n),), (Segment(0, n),)),
+        # Keys from 1033 on are padding; query rows 300-499 see no key of this block.
+        ("padding", MaskSpec(n + 333, causal=True), (Segment(300, n),), (Segment(500, n),)),
     ]
 
 
