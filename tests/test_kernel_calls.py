@@ -8,7 +8,6 @@ import torch
 
 import ringattn
 from ringattn.kernels import BACKENDS
-from ringattn.kernels.cuda import CudaFlashBackend
 
 from .reference import rel_err
 
@@ -80,41 +79,3 @@ def test_ring_takes_non_contiguous_inputs(ranks, layout):
     # Transposed k/v travel the ring too: the receive buffers must accept them.
     for causal in (False, True):
         assert max(ranks.run(3, strided_ring, layout, causal)) <= 1e-12
-
-
-# --- the CUDA backend's call convention, on CPU with stand-in ops -------------------------------------
-
-def _fake_flash_forward(q, k, v, dropout_p, is_causal, return_debug_mask, *, scale=None):
-    o, lse = BACKENDS["reference"].forward_dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           scale=scale, causal=is_causal, mask=None)
-    # As the real op: cum_seq_q/k are undefined (None) for a dense (non-varlen) call.
-    return o.transpose(1, 2), lse, None, None, q.shape[2], k.shape[2], None, None, None
-
-
-def _fake_flash_backward(dout, q, k, v, out, lse, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
-                         philox_seed, philox_offset, *, scale=None):
-    if cum_seq_q is not None or cum_seq_k is not None:
-        raise RuntimeError("a defined cum_seq_q selects the varlen backward (q must be (total, h, d))")
-    for x in (dout, q, k, v, out):
-        assert x.stride(-1) == 1, "the fused op needs a unit last stride"
-    t = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
-    grads = BACKENDS["reference"].backward_dense(t[0], t[1], t[2], t[3], t[4], lse, scale=scale, causal=is_causal,
-                                           mask=None)
-    return tuple(x.transpose(1, 2) for x in grads)
-
-
-def test_cuda_backend_call_convention(monkeypatch):
-    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention", _fake_flash_forward)
-    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_backward", _fake_flash_backward)
-    cuda, ref = CudaFlashBackend(), BACKENDS["reference"]
-    g = torch.Generator().manual_seed(1)
-    q = _last_stride_2(torch.randn(1, 16, 4, 8, generator=g, dtype=F64))
-    k, v = (torch.randn(1, 16, 2, 8, generator=g, dtype=F64) for _ in range(2))
-    dout = torch.randn(1, 16, 4, 8, generator=g, dtype=F64)
-    for causal in (False, True):
-        o, lse = cuda.forward_dense(q, k, v, scale=0.25, causal=causal, mask=None)
-        ro, rl = ref.forward_dense(q, k, v, scale=0.25, causal=causal, mask=None)
-        grads = cuda.backward_dense(dout, q, k, v, ro, rl, scale=0.25, causal=causal, mask=None)
-        rgrads = ref.backward_dense(dout, q, k, v, ro, rl, scale=0.25, causal=causal, mask=None)
-        for x, y in zip((o, lse, *grads), (ro, rl, *rgrads)):
-            assert rel_err(x, y) <= 1e-6  # the backend hands back lse in float32

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import DenseMaskKernel, acc_dtype, empty_result, unit_last_stride, zero_grads
+from .lse import LseKernel, from_kernel, to_kernel
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -44,9 +45,8 @@ class CpuFlashBackend(DenseMaskKernel):
         qt, kt, vt = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v))
         out, lse = _fwd(qt, kt, vt, 0.0, causal, attn_mask=_bias(mask, q.dtype), scale=scale)
         out = out.transpose(1, 2)[..., :dv]
-        if mask is not None:
-            lse = lse.masked_fill(~mask.any(-1), float("-inf"))
-        return out, lse.to(acc_dtype(q.dtype))
+        empty = None if mask is None else ~mask.any(-1)
+        return out, from_kernel(lse, LseKernel.CPU, q.shape[1], empty_rows=empty, dtype=acc_dtype(q.dtype))
 
     def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
@@ -55,7 +55,7 @@ class CpuFlashBackend(DenseMaskKernel):
         width = max(d, dv)
         qt, kt, vt, ot, dot = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v, out.to(q.dtype),
                                                                             dout.to(q.dtype)))
-        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-        dq, dk, dvv = _bwd(dot, qt, kt, vt, ot, lse.to(acc_dtype(q.dtype)).contiguous(), 0.0, causal,
+        lse = to_kernel(lse, LseKernel.CPU, dtype=acc_dtype(q.dtype))
+        dq, dk, dvv = _bwd(dot, qt, kt, vt, ot, lse, 0.0, causal,
                            attn_mask=_bias(mask, q.dtype), scale=scale)
         return (dq.transpose(1, 2)[..., :d], dk.transpose(1, 2)[..., :d], dvv.transpose(1, 2)[..., :dv])
