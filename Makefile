@@ -18,9 +18,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ringattn demo
 
+# The exactness suites again through the test-only backends of tests/backends.py, which take the kernel
+# seam's paths no CPU kernel takes (whole partial pairs; bottom-right causal alignment).
+SEAM_SUITES := tests/test_ring.py tests/test_masks_on_ring.py tests/test_strategies.py
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+	RINGATTN_TEST_BACKEND=test-native-partial $(PY) -m pytest -q $(SEAM_SUITES)
+	RINGATTN_TEST_BACKEND=test-bottom-right $(PY) -m pytest -q $(SEAM_SUITES)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
