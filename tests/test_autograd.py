@@ -134,3 +134,41 @@ def test_grad_mode_disagreement_raises_everywhere(ranks):
         assert msg is not None and "disagree" in msg and "grad=" in msg
     case = Case(seq_len=16)
     assert_close(ranks.run(2, run_case, case), case)
+
+
+# --- a gradient into lse on some ranks only ---------------------------------------------------------------
+
+def lse_grad_on_rank0(direct: bool) -> dict:
+    """Only rank 0's loss reads lse (so only its backward sees a nonzero dlse), with a backend whose
+    backward key tiles are small: every rank must still cut the visiting blocks into the same tiles."""
+    from ringattn.kernels import BACKENDS, retiled
+
+    rank, world = comm.group_rank_world()
+    g = torch.Generator().manual_seed(6)
+    S = 16 * world
+    q = torch.randn(1, S, 4, 8, generator=g, dtype=F64)
+    k, v = (torch.randn(1, S, 2, 8, generator=g, dtype=F64) for _ in range(2))
+    dout = torch.randn(1, S, 4, 8, generator=g, dtype=F64)
+    dl = torch.randn(1, 4, S, generator=g, dtype=F64)
+    dl[:, :, S // world:] = 0  # the reference's lse gradient lives on rank 0's rows only
+
+    rq, rk, rv = (t.clone().requires_grad_() for t in (q, k, v))
+    s = torch.einsum("bihd,bjhd->bhij", rq, rk.repeat_interleave(2, 2)) * 8 ** -0.5
+    rlse = torch.logsumexp(s, -1)
+    rout = torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), rv.repeat_interleave(2, 2))
+    ((rout * dout).sum() + (rlse * dl).sum()).backward()
+
+    xs = [ringattn.shard(t).requires_grad_() for t in (q, k, v)]
+    out, lse = ringattn.ring_attention(*xs, return_lse=True, backend=retiled(BACKENDS["cpu-flash"], backward_tile=4),
+                                       backward_exchange="direct" if direct else "ring")
+    loss = (out * ringattn.shard(dout)).sum()
+    if rank == 0:
+        loss = loss + (lse * ringattn.shard(dl, dim=2)).sum()
+    loss.backward()
+    return {name: rel_err(x.grad, ringattn.shard(r.grad)) for name, x, r in zip(("dq", "dk", "dv"), xs, (rq, rk, rv))}
+
+
+@pytest.mark.parametrize("world,direct", [(2, False), (3, True)])
+def test_lse_gradient_on_some_ranks_only(ranks, world, direct):
+    for errs in ranks.run(world, lse_grad_on_rank0, direct, timeout=90):
+        assert max(errs.values()) <= TOL[F64], errs

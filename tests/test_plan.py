@@ -139,3 +139,14 @@ def test_direct_backward_exchange_is_modelled():
             plan.estimate_ring(Problem(**few, backward_exchange="direct"), hw).memory_bytes, w
     with pytest.raises(ValueError, match="backward_exchange"):
         Problem(**kw, backward_exchange="neighbours")
+
+
+def test_measure_runs_the_kernel_through_the_backend_seam(monkeypatch):
+    # `ringattn plan --measure`: the kernel timing calls the backend as the seam defines it (one task and
+    # the mask spec); the link measurement, which spawns two ranks, is stubbed out here.
+    from ringattn.cli import plan as plan_cli
+
+    monkeypatch.setattr(plan_cli.launch, "spawn_collect", lambda fn, n: {"bandwidth": 1e9, "latency": 1e-5})
+    monkeypatch.setattr(plan_cli, "best_of", lambda fn, repeats: (fn(), 1e-3)[1])
+    hw = plan_cli.measure()
+    assert hw.flops > 0 and hw.bandwidth == 1e9

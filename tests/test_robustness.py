@@ -265,3 +265,25 @@ def test_cli_bad_arguments_are_one_line(argv):
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr and err and "error" in err[-1], r.stderr
+
+
+def backend_tiles_differ():
+    """Both ranks name the same backend, but rank 1's plans cut the backward into smaller key tiles."""
+    from ringattn.kernels import BACKENDS, retiled
+
+    rank = dist.get_rank()
+    backend = retiled(BACKENDS["cpu-flash"], backward_tile=4) if rank else BACKENDS["cpu-flash"]
+    q, k, v = (t.requires_grad_() for t in qkv(n=16))
+    try:
+        out = ringattn.ring_attention(q, k, v, backend=backend)
+    except ValueError as e:
+        return str(e)
+    out.sum().backward()
+    return None
+
+
+def test_backends_with_different_planning_sizes_raise_everywhere(ranks):
+    # Otherwise the backward's tile exchanges pair up differently sized messages and the ranks crash or hang.
+    for msg in ranks.run(2, backend_tiles_differ, timeout=90):
+        assert msg is not None and "disagree" in msg and "backward_tile" in msg
+    assert_close(ranks.run(2, run_case, Case(seq_len=20)), Case(seq_len=20))

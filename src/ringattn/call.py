@@ -141,9 +141,23 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     backend = _backend(opts.backend, q, k, v)
     call = AttentionCall(strategy, opts, topo, effective_layout(layout, topo.world), spec, scale, backend)
     desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" backward_exchange={exchange}"
-            f" kv_head_chunk={chunk} backend={backend.name} blocks={topo.world}x{topo.block_rows}"
+            f" kv_head_chunk={chunk} backend={backend.name} {_caps_text(backend.caps)}"
+            f" blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")
     return call, desc
+
+
+def _caps_text(caps) -> str:
+    """The planning sizes and kinds of a backend, for the agreement: two backends of one name (e.g. one
+    ``retiled``) plan different tiles, and the ring's backward exchanges them tile by tile. Sorted and
+    by field, since a frozenset's order follows the per-process string hash."""
+    fields = []
+    for f in dataclasses.fields(caps):
+        val = getattr(caps, f.name)
+        if isinstance(val, frozenset):
+            val = ",".join(sorted(str(getattr(x, "name", x)) for x in val))
+        fields.append(f"{f.name}={val}")
+    return "caps(" + " ".join(fields) + ")"
 
 
 def _backend(choice, q, k, v) -> Backend:

@@ -15,6 +15,7 @@ from .. import launch
 from .._measure import best_of
 from ..comm import TAG_KV, Ring
 from ..kernels import select
+from ..masks import Kind, MaskSpec, Task
 from ..modes import BackwardExchange, Layout
 from ..plan import ALIASES, DTYPE_BYTES, PRESETS, Hardware, Problem, hardware, report
 from .flags import JsonFlag
@@ -113,9 +114,10 @@ def measure(threads: int = 1) -> Hardware:
         s, h, d = (4096, 16, 128) if dev == "cuda" else (1024, 8, 64)
         q, k, v = (torch.randn(1, s, h, d, device=dev, dtype=dt) for _ in range(3))
         be = select(q, k, v)
+        task, spec = Task(0, s, 0, s, Kind.FULL), MaskSpec(seq_len=s)
 
         def run():
-            be.forward(q, k, v, scale=d ** -0.5, causal=False, mask=None)
+            be.forward(q, k, v, task, spec, scale=d ** -0.5)
             if dev == "cuda":
                 torch.cuda.synchronize()
 

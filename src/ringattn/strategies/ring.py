@@ -19,7 +19,7 @@ import torch
 from .. import profiling
 from ..autograd import SavedAttention
 from ..comm import TAG_GRAD, TAG_KV, TAG_RETURN, Pending, Ring
-from ..kernels import Backend, acc_dtype, heads_major
+from ..kernels import acc_dtype, heads_major
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
 from ..masks import Task
 from ..modes import BackwardExchange
@@ -30,9 +30,12 @@ if TYPE_CHECKING:
     from ..call import AttentionCall
 
 
-def plan_for(call: AttentionCall, local_len: int, backend: Backend) -> RingPlan:
+def plan_for(call: AttentionCall, local_len: int) -> RingPlan:
+    # Always the call's own (agreed) backend's caps, even where the backward computes with another
+    # backend: whether a gradient flows into lse is decided per rank, and the key tiles that a rank
+    # sends and receives must be cut the same way on every rank.
     topo = call.topo
-    return make_plan(call.spec, call.layout, topo.rank, topo.world, local_len, backend.caps,
+    return make_plan(call.spec, call.layout, topo.rank, topo.world, local_len, call.backend.caps,
                      call.backward_exchange is BackwardExchange.DIRECT)
 
 
@@ -55,7 +58,7 @@ def _prefetch(ring: Ring, steps, i: int, cur, own) -> Pending | None:
 
 def _forward(q, k, v, call: AttentionCall):
     ring = Ring(call.group)
-    plan = plan_for(call, q.shape[1], call.backend)
+    plan = plan_for(call, q.shape[1])
     acc = OutLseAccumulator(q, v.shape[-1])
     cur = (k, v)
     for i, o in enumerate(plan.steps):
@@ -103,7 +106,7 @@ class _RingBackward:
     def __init__(self, dout, q, k, v, out, lse, call: AttentionCall, dlse):
         self.call, self.ring = call, Ring(call.group)
         self.backend = call.backend_for(dlse)
-        self.plan = plan_for(call, q.shape[1], self.backend)
+        self.plan = plan_for(call, q.shape[1])
         self.q, self.k, self.v, self.out, self.lse, self.dlse = q, k, v, out, lse, dlse
         self.dout = heads_major(dout)
         self.acc = acc_dtype(q.dtype)
@@ -147,7 +150,7 @@ class _RingBackward:
                              self.call.spec, self.call.scale, self.dq, gk, gv, self.dlse)
 
     def key_tiles(self, tasks: tuple[Task, ...]) -> tuple[KeyTile, ...]:
-        return tile_tasks(tasks, self.k.shape[1], self.backend.caps)
+        return tile_tasks(tasks, self.k.shape[1], self.call.backend.caps)
 
     def travelling_step(self, o: int, cur, initial) -> Pending:
         """Our share of the visiting block's dK/dV, added to what travelled with it; both move on."""
