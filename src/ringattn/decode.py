@@ -124,16 +124,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
 
     Arguments as in ``partial_attention`` (``k``, ``v``, ``k_pos`` are this rank's cache slice; every rank
     passes the same ``q`` and ``q_pos``); ``cu_seqlens`` (packed documents, as for ``ring_attention``)
-    keeps each query to the keys of its own document. Returns ``out`` ``(b, t, heads, dv)`` in q's dtype,
+    keeps each query to the keys of its own document, queries past the last boundary continuing the last
+    document. Returns ``out`` ``(b, t, heads, dv)`` in q's dtype,
     or ``(out, lse)``. Not differentiable (inference).
     """
     def make():
         _check(q, k, v, q_pos, k_pos, window)
         bounds = None
         if cu_seqlens is not None:
-            bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), q.shape[0])
+            # Generated tokens continue the last document: positions past its end belong to it, so the
+            # last boundary is dropped (bounds mark where documents start).
+            bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), q.shape[0])[:-1]
         spec = decode_spec(causal, window, bounds)
-        return spec, f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {spec}"
+        return spec, (f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {spec} "
+                      f"scale={scale!r}")
 
     spec = checked(make, group, q)
     out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, spec=spec)
