@@ -1,6 +1,6 @@
 """ringattn: exact Ring Attention and context parallelism for PyTorch, on CPU (gloo) and GPU (NCCL).
 
-The public contract is ``shared/API.md``: ``ring_attention``, ``attention``, ``shard``, ``unshard`` and
+The public contract is ``docs/api.md``: ``ring_attention``, ``attention``, ``shard``, ``unshard`` and
 ``ringattn.hf.register``.
 """
 
