@@ -35,6 +35,8 @@ import math
 import os
 from dataclasses import dataclass
 
+import torch
+
 from . import masks
 from .layouts import LAYOUTS, segments
 from .masks import MaskSpec, Segment, plan_block, task_flops
@@ -428,8 +430,6 @@ def configured_hardware(device=None) -> Hardware:
     if env:
         return hardware(env)
     if device is not None and getattr(device, "type", "cpu") == "cuda":
-        import torch
-
         name = torch.cuda.get_device_name(device)
         return PRESETS["h100-nvlink" if ("H100" in name or "H200" in name) else "a100-nvlink"]
     return PRESETS["cpu-gloo-loopback"]
