@@ -20,6 +20,7 @@ import torch
 
 import ringattn
 from ringattn import hf, launch
+from ringattn.modes import Layout
 
 
 def tiny_model(seed: int):
@@ -79,7 +80,7 @@ def main() -> None:
     p.add_argument("--period", type=int, default=64, help="length of the repeated random block")
     p.add_argument("--pool", type=int, default=4, help="number of distinct sequences")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--layout", choices=ringattn.LAYOUTS, default="zigzag")
+    p.add_argument("--layout", choices=list(Layout), default="zigzag")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=5)
     args = p.parse_args()

@@ -37,7 +37,7 @@ class DecodeBenchConfig:
     seed: int = 0
 
 
-QUICK = DecodeBenchConfig(contexts=(256, 1024, 4096), new_tokens=12)
+QUICK = DecodeBenchConfig(contexts=(256, 1024), new_tokens=8)
 
 
 def _model(cfg: DecodeBenchConfig):

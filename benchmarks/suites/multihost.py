@@ -83,9 +83,9 @@ class ScalingConfig:
                                            ("ulysses", "zigzag"))
 
 
-QUICK_OVERLAP = OverlapConfig(rates_mbit=(200.0,), lengths=(256, 362, 512, 724, 1024, 1448, 2048), repeats=1)
-QUICK_HYBRID = HybridConfig(rates_mbit=(100.0, None), local_len=512, repeats=1, kv_heads=(2,))
-QUICK_SCALING = ScalingConfig(worlds=(8, 16), seq_len=2048)
+QUICK_OVERLAP = OverlapConfig(rates_mbit=(200.0,), lengths=(256, 512, 1024), repeats=1, chain_len=1)
+QUICK_HYBRID = HybridConfig(rates_mbit=(None,), local_len=256, repeats=1, kv_heads=(2,))
+QUICK_SCALING = ScalingConfig(worlds=(2,), seq_len=1024)
 
 
 # -- helpers used inside the workers --------------------------------------------------------------------

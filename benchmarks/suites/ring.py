@@ -78,14 +78,16 @@ def ring_run(S, heads, d, layout, causal, repeats, nproc=2, measure_memory=False
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
-    S = 2048 if quick else 8192
+    S = 1024 if quick else 8192
     # Best of reps x 2 timed runs on each side, interleaved so that drift in machine load hits both alike:
     # on a machine shared with other work single runs vary by several percent, and the best is the stable
     # statistic.
     heads, d, reps = 8, 64, 1 if quick else 5
     res = {"machine": machine(), "seq_len": S, "heads": heads, "head_dim": d, "dtype": "float32", "configs": {},
            "timed_runs_per_side": 2 * reps}
-    for name, layout, causal in CONFIGS:
+    # --quick: a smoke run of every section, with as few rank launches (seconds each) as it can.
+    configs = CONFIGS[:2] if quick else CONFIGS
+    for name, layout, causal in configs:
         single, ring = float("inf"), None
         for _ in range(reps):
             single = min(single, single_time(S, heads, d, causal, 2))
@@ -101,7 +103,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
               f"flops max/mean {row['flops_max_over_mean']:.3f}  "
               + "  ".join(f"r{i}: compute {x['compute_s']:.2f}s wait {x['wait_s']:.3f}s" for i, x in enumerate(ring)),
               flush=True)
-    sweep = [1024, 2048] if quick else [2048, 4096, 8192]
+    sweep = [S] if quick else [2048, 4096, 8192]
     res["sweep"] = {}
     for name, layout, causal in CONFIGS[:2]:
         pts = []
@@ -116,10 +118,11 @@ def run(out: pathlib.Path, quick: bool) -> dict:
         print(f"  sweep {name}: " + ", ".join(f"S={s}: {r:.3f}" for s, r in pts), flush=True)
     # Efficiency vs. ranks: more ranks than cores share them, so the ideal ratio stays 1 (same total CPU).
     # On 4 ranks also with the direct backward exchange (on 2 ranks the two exchanges are the same).
-    # Best of 3 per side: 4 ranks on 2 cores vary by +-10 % from run to run.
+    # Best of 3 per side: 4 ranks on 2 cores vary by +-10 % from run to run. --quick skips it (a launch of 4
+    # ranks costs more than the rest of the quick run).
     res["ranks"], res["ranks_direct"] = {}, {}
     rank_reps = 1 if quick else 3
-    for name, layout, causal in CONFIGS[:2]:
+    for name, layout, causal in [] if quick else CONFIGS[:2]:
         single = single_time(S, heads, d, causal, rank_reps)
         pts = []
         for w in (2, 4):
@@ -133,7 +136,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
         res["ranks_direct"][name] = [(4, single / direct[0]["time_s"])]
         print(f"  ranks {name}: " + ", ".join(f"W={w}: {r:.3f}" for w, r in pts) +
               f", W=4 direct backward: {res['ranks_direct'][name][0][1]:.3f}", flush=True)
-    mem_S = 8192 if quick else 32768
+    mem_S = 2048 if quick else 32768
     mem = ring_run(mem_S, 1, 64, "zigzag", True, 1, measure_memory=True)
     res["memory"] = {"seq_len": mem_S, "heads": 1, "head_dim": 64, "ranks": 2,
                      "peak_growth_mb_per_rank": [m["peak_growth_mb"] for m in mem],
@@ -172,7 +175,8 @@ def _plot(res: dict, path: pathlib.Path) -> None:
     c.set_xlabel(f"ranks (one thread each, on {res['machine']['cpu_count']} cores)")
     c.set_ylabel("ratio")
     c.set_title(f"ring efficiency vs ranks, S={res['seq_len']}")
-    c.legend()
+    if res.get("ranks"):
+        c.legend()
     save_figure(fig, path, res["machine"])
 
 
@@ -192,7 +196,7 @@ def summary(res: dict) -> str:
                  f"{m['head_dim']}, {m['ranks']} ranks, causal zigzag): "
                  f"{', '.join(f'{x:.0f}' for x in m['peak_growth_mb_per_rank'])} MiB per rank "
                  f"(goal <= 128 MiB; dense scores would be {m['dense_scores_mb']:.0f} MiB).")
-    if "ranks" in res:
+    if res.get("ranks"):  # --quick runs no 4-rank section
         lines.append("\nRatio vs. ranks (more ranks than cores share them): " + "; ".join(
             f"{n}: " + ", ".join(f"W={w} {r:.2f}" for w, r in pts) +
             "".join(f", W={w} direct backward {r:.2f}" for w, r in res.get("ranks_direct", {}).get(n, []))

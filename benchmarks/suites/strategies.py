@@ -60,7 +60,7 @@ def _job(cfg: dict) -> dict:
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
-    cfg = dict(seq_len=1024, heads=4, kv_heads=2, head_dim=32, repeats=2) if quick else \
+    cfg = dict(seq_len=512, heads=4, kv_heads=2, head_dim=32, repeats=1) if quick else \
         dict(seq_len=4096, heads=8, kv_heads=4, head_dim=64, repeats=3)
     cfg["mesh"] = (2, 2)
     cfg["strategies"] = {"2": ["ring", "allgather", "ulysses"], "4": ["ring", "allgather", "ulysses", "hybrid"]}

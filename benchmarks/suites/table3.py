@@ -61,8 +61,8 @@ def _reset_peak() -> float:
     return rss_mb()
 
 
-def _measure(spec: dict) -> None:
-    """Run the length search for one configuration on this rank; rank 0 writes the result."""
+def _measure(spec: dict) -> dict:
+    """Run the length search for one configuration on this rank; the same result on every rank."""
     import torch.distributed as dist
 
     from ringattn.model import LlamaConfig, build
@@ -77,7 +77,7 @@ def _measure(spec: dict) -> None:
     model = build(cfg, seed=0)
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(0)
-    world, rank = par.world, par.rank
+    world = par.world
 
     def step(total: int) -> None:
         tokens = torch.randint(0, cfg.vocab_size, (1, total + 1), generator=gen)
@@ -112,48 +112,45 @@ def _measure(spec: dict) -> None:
         ok, mb, dt = fits(mid)
         probes.append({"len": mid, "mb": round(mb, 1), "s": round(dt, 2), "fits": ok})
         lo, hi = (mid, hi) if ok else (lo, mid)
-    if rank == 0:
-        pathlib.Path(spec["result"]).write_text(json.dumps(
-            {"max_len": lo, "first_fail": hi, "capped": hi is None, "probes": probes}))
+    return {"max_len": lo, "first_fail": hi, "capped": hi is None, "probes": probes}
 
 
-def _entry(specs: list[dict]) -> None:
+def _entry(specs: list[dict], out: str) -> None:
     """Measure configurations one after another (single-rank ones share a process; each probe resets
-    the peak mark, and each configuration builds its model afresh)."""
+    the peak mark, and each configuration builds its model afresh); their results go to ``out``."""
     from ringattn import launch
 
     torch.set_num_threads(1)
-    for spec in specs:
-        if spec["nproc"] > 1:
-            launch.spawn(_measure, spec["nproc"], spec)
-        else:
-            _measure(spec)
+    results = [launch.spawn_collect(_measure, s["nproc"], s) if s["nproc"] > 1 else _measure(s) for s in specs]
+    pathlib.Path(out).write_text(json.dumps(results))
 
 
 # -- the suite ------------------------------------------------------------------------------------
 def _run_configs(specs: list[dict]) -> list[dict]:
     """Measure ``specs`` in a fresh Python process; returns their results in order."""
     with tempfile.TemporaryDirectory() as d:
-        specs = [{**s, "result": str(pathlib.Path(d) / f"result{i}.json")} for i, s in enumerate(specs)]
+        out = str(pathlib.Path(d) / "results.json")
         root = str(pathlib.Path(__file__).resolve().parents[2])  # the checkout holding benchmarks/
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072",
                "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-        code = f"import json; from benchmarks.suites.table3 import _entry; _entry(json.loads({json.dumps(specs)!r}))"
+        code = ("import json; from benchmarks.suites.table3 import _entry; "
+                f"_entry(json.loads({json.dumps(specs)!r}), {out!r})")
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"table3 {[s['name'] for s in specs]} failed:\n{r.stderr[-3000:]}")
-        return [json.loads(pathlib.Path(s["result"]).read_text()) for s in specs]
+        return json.loads(pathlib.Path(out).read_text())
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     """Max sequence length per configuration within the per-rank budget; writes table3.png."""
-    size = {"dim": 128, "layers": 4, "heads": 4, "kv_heads": 2, "chunk": 256}
-    budget = 8 if quick else 128
-    search = {"budget_mb": budget, "max_len": 2**13 if quick else 2**17, "bisect": 0 if quick else 4}
-    # --quick: one ring configuration; every configuration is a fresh process (seconds to start).
+    size = {"dim": 128, "layers": 2 if quick else 4, "heads": 4, "kv_heads": 2, "chunk": 256}
+    budget = 16 if quick else 128
+    search = {"budget_mb": budget, "max_len": 2**12 if quick else 2**17, "bisect": 0 if quick else 4}
+    # --quick: one ring configuration, and one measuring process for all (each takes seconds to start).
     configs = [{**size, **search, **c} for c in _configs(size["chunk"])[:4 if quick else None]]
-    batches = [[c for c in configs if c["nproc"] == 1]] + [[c] for c in configs if c["nproc"] > 1]
+    batches = [configs] if quick else \
+        [[c for c in configs if c["nproc"] == 1]] + [[c] for c in configs if c["nproc"] > 1]
     rows = []
     for batch in batches:
         t0 = time.perf_counter()

@@ -18,9 +18,17 @@ from ringattn.launch import spawn_collect
 from ..common import machine, pyplot, save_figure
 
 
-def _rank(S, heads, d, window, causal) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    q, k, v, do = (ringattn.shard(torch.randn(1, S, heads, d, generator=g)) for _ in range(4))
+def _rank(runs, heads, d, causal) -> list[list[dict]]:
+    """Per ``(S, window)`` run: every rank's time, steps, bytes, FLOPs and wait of its best fwd+bwd."""
+    out = []
+    for S, window in runs:
+        g = torch.Generator().manual_seed(0)
+        q, k, v, do = (ringattn.shard(torch.randn(1, S, heads, d, generator=g)) for _ in range(4))
+        out.append(_one(q, k, v, do, window, causal))
+    return out
+
+
+def _one(q, k, v, do, window, causal) -> list[dict]:
     best, st_best = float("inf"), None
     for _ in range(2):  # warm-up + measured
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -38,29 +46,32 @@ def _rank(S, heads, d, window, causal) -> list[dict]:
     return recs
 
 
-def measure(nproc, S, heads, d, window, causal=True) -> list[dict]:
-    return spawn_collect(_rank, nproc, S, heads, d, window, causal)
+def measure(nproc, runs, heads, d, causal=True) -> list[list[dict]]:
+    """All ``(S, window)`` runs in one launch of ``nproc`` ranks (a launch costs seconds)."""
+    return spawn_collect(_rank, nproc, list(runs), heads, d, causal)
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     heads, d, left = 4, 64, 512
     res = {"machine": machine(), "heads": heads, "head_dim": d, "window": [left, -1], "layout": "contiguous"}
     # 1. Steps and bytes per rank, 4 ranks.
-    S = 4096 if quick else 8192
+    S = 2048 if quick else 8192
     comp = {}
-    for name, w in (("full causal", None), (f"window ({left}, -1)", (left, -1))):
-        recs = measure(4, S, heads, d, w)
+    named = (("full causal", None), (f"window ({left}, -1)", (left, -1)))
+    for (name, _), recs in zip(named, measure(4, [(S, w) for _, w in named], heads, d)):
         comp[name] = {"steps_per_rank": recs[0]["steps"], "bytes_sent_per_rank": [r["bytes_sent"] for r in recs],
                       "time_s": recs[0]["time_s"]}
         print(f"  S={S} 4 ranks {name:<18} steps {recs[0]['steps']}  bytes/rank "
               f"{max(r['bytes_sent'] for r in recs) / 2**20:.1f} MiB  time {recs[0]['time_s']:.2f}s", flush=True)
     res["steps_and_bytes"] = {"seq_len": S, "ranks": 4, **comp}
     # 2. Time vs. length at a fixed window, 2 ranks, next to full causal attention.
-    lengths = [2048, 4096, 8192] if quick else [4096, 8192, 16384, 32768, 65536]
+    lengths = [1024, 2048] if quick else [4096, 8192, 16384, 32768, 65536]
+    full_max = 1024 if quick else 16384
+    runs = [(s, w) for s in lengths for w in ((left, -1), None) if w is not None or s <= full_max]
+    times = {run: recs[0]["time_s"] for run, recs in zip(runs, measure(2, runs, heads, d))}
     curve = []
     for s in lengths:
-        w = measure(2, s, heads, d, (left, -1))[0]["time_s"]
-        f = measure(2, s, heads, d, None)[0]["time_s"] if s <= (8192 if quick else 16384) else None
+        w, f = times[(s, (left, -1))], times.get((s, None))
         curve.append({"seq_len": s, "window_s": w, "full_causal_s": f})
         print(f"  S={s:6d} 2 ranks: window {w:.2f}s" + (f"  full causal {f:.2f}s" if f else ""), flush=True)
     res["time_vs_length"] = curve

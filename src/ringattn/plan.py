@@ -35,6 +35,8 @@ import math
 import os
 from dataclasses import dataclass
 
+import torch
+
 from .kernels.base import Capabilities
 from .layouts import LAYOUTS, cut_at, effective_layout, kv_replication, segments
 from .masks import MaskSpec, Segment
@@ -425,8 +427,6 @@ def configured_hardware(device=None) -> Hardware:
     if env:
         return hardware(env)
     if device is not None and getattr(device, "type", "cpu") == "cuda":
-        import torch
-
         name = torch.cuda.get_device_name(device)
         return PRESETS["h100-nvlink" if ("H100" in name or "H200" in name) else "a100-nvlink"]
     return PRESETS["cpu-gloo-loopback"]
