@@ -4,8 +4,8 @@
 ``(b, s, h, d)`` tensors are fine, but the last dim must have unit stride: the op silently reads wrong
 elements otherwise), handles GQA natively by head broadcasting, and accepts an additive mask. What it does
 not do, and this module covers: a value head dim different from the key head dim (zero-padded here, which
-changes no score), empty inputs (it crashes), and fully masked rows (it returns lse = 0 for them; we need
--inf).
+changes no score), empty inputs (it crashes), fully masked rows (it returns lse = 0 for them; we need
+-inf), and an exact half-precision backward (run in float32 here).
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class CpuFlashBackend:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         d, dv = q.shape[-1], v.shape[-1]
         width = max(d, dv)
+        if q.dtype in (torch.float16, torch.bfloat16):
+            # In half precision the op rounds every block's dQ/dK/dV to the input dtype and adds a GQA
+            # group's dK/dV head by head in it (2-3x the error of dense SDPA for dK/dV); it is also up to
+            # 10x slower than in float32 on CPUs without native bf16. Float32 inputs (tile-sized copies)
+            # give float32 gradients, which the ring accumulates as they are.
+            q, k, v, out, dout = (x.float() for x in (q, k, v, out, dout))
         qt, kt, vt, ot, dot = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v, out.to(q.dtype),
                                                                             dout.to(q.dtype)))
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
