@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from .base import empty_result, lse_dtype, unit_last_stride
+from .reference import ReferenceBackend
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# The op masks causal scores before scaling them: a scale <= 0 turns the masked -inf into nan (or +inf).
+_ref = ReferenceBackend()
 
 
 def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -39,6 +42,8 @@ class CpuFlashBackend:
     def forward(self, q, k, v, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return empty_result(q, v)
+        if scale <= 0:
+            return _ref.forward(q, k, v, scale=scale, causal=causal, mask=mask)
         d, dv = q.shape[-1], v.shape[-1]
         width = max(d, dv)
         qt, kt, vt = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v))
@@ -51,6 +56,8 @@ class CpuFlashBackend:
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        if scale <= 0:
+            return _ref.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
         d, dv = q.shape[-1], v.shape[-1]
         width = max(d, dv)
         if q.dtype in (torch.float16, torch.bfloat16):

@@ -34,14 +34,15 @@ class CudaFlashBackend:
         return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
                 and q.shape[-1] == v.shape[-1] and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
-    def _fused_ok(self, q, k, causal, mask) -> bool:
+    def _fused_ok(self, q, k, causal, mask, scale) -> bool:
         # The kernel's causal diagonal is bottom-right aligned; ours is top-left: equal only if square.
-        return mask is None and (not causal or q.shape[1] == k.shape[1])
+        # A scale <= 0 is left to the reference: fused kernels may mask before scaling (nan on CPU).
+        return mask is None and (not causal or q.shape[1] == k.shape[1]) and scale > 0
 
     def forward(self, q, k, v, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return empty_result(q, v)
-        if not self._fused_ok(q, k, causal, mask):
+        if not self._fused_ok(q, k, causal, mask, scale):
             return _ref.forward(q, k, v, scale=scale, causal=causal, mask=mask)
         h = q.shape[2]
         res = torch.ops.aten._scaled_dot_product_flash_attention(
@@ -52,7 +53,7 @@ class CudaFlashBackend:
     def backward(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        if not self._fused_ok(q, k, causal, mask):
+        if not self._fused_ok(q, k, causal, mask, scale):
             return _ref.backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
         h, kvh = q.shape[2], k.shape[2]
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
