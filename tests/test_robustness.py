@@ -126,6 +126,60 @@ def test_disagreeing_ranks_all_raise(ranks, what):
     assert_close(ranks.run(3, run_case, Case(seq_len=20)), Case(seq_len=20))
 
 
+class _Interrupting(float):
+    """A softmax_scale whose conversion is interrupted, as Ctrl-C in a notebook would be on one rank."""
+
+    def __float__(self):
+        raise KeyboardInterrupt
+
+
+def calls_in_step(kind: str):
+    """Three calls on every rank; rank 1's first one goes wrong in ``kind``'s way and its caller goes on
+    with the next call (a loop that skips a bad batch). After an out-of-step error a rank stops: its peers
+    would otherwise wait in a call it never makes. Returns per call: its error, or its output's error."""
+    from ringattn import validate
+
+    from .reference import attention_ref, dense_mask
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(5)
+    seen = []
+    try:
+        for i in range(3):
+            q, k, v = (torch.randn(1, 8 * world, h, 8, generator=g, dtype=F64) for h in (4, 2, 2))
+            ref = ringattn.shard(attention_ref(q, k, v, dense_mask(8 * world, causal=True))[0])
+            kw = {}
+            if rank == 1 and i == 0:
+                kw = {"meta_cu_seqlens": {"cu_seqlens": torch.tensor([0, 8 * world], device="meta")},
+                      "huge_scale": {"softmax_scale": 10**400},
+                      "interrupted": {"softmax_scale": _Interrupting(0.3)}}[kind]
+            try:
+                out = ringattn.ring_attention(*(ringattn.shard(t) for t in (q, k, v)), causal=True, **kw)
+            except (Exception, KeyboardInterrupt) as e:  # the caller under test skips any failing batch
+                seen.append(f"{type(e).__name__}: {e}")
+                if "skipped or repeated" in str(e):
+                    break
+                continue
+            seen.append(float((out - ref).abs().max()))
+    finally:
+        getattr(validate, "_CALLS", {}).clear()  # every rank: the pool's later jobs start in step again
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["meta_cu_seqlens", "huge_scale", "interrupted"])
+def test_a_call_out_of_step_is_an_error_on_every_rank(ranks, kind):
+    results = ranks.run(3, calls_in_step, kind)
+    for rank, seen in enumerate(results):
+        numbers = [x for x in seen if isinstance(x, float)]
+        assert all(x < 1e-9 for x in numbers), (rank, seen)  # never a wrong output
+        assert isinstance(seen[0], str), (rank, seen)  # the first call is an error on every rank
+    if kind != "interrupted":  # all ranks took part in the failed call: the next two are right
+        assert all(len(s) == 3 and all(isinstance(x, float) for x in s[1:]) for s in results), results
+    else:  # rank 1 left before the agreement: its next call meets its peers' first and all raise
+        assert all("skipped or repeated a call" in s[-1] for s in results), results
+    assert_close(ranks.run(3, run_case, Case(seq_len=20)), Case(seq_len=20))
+
+
 def _dying_peer(rank, port, q):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,

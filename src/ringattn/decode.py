@@ -125,7 +125,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     try:
         _check(q, k, v, q_pos, k_pos, window)
         desc = f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {causal} {window}"
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = e
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     agree(desc, error, group, device)

@@ -197,7 +197,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     error = None
     try:
         _check(model, prompt, max_new_tokens)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = e
     desc = f"generate {tuple(getattr(prompt, 'shape', ()))} {max_new_tokens} {sampling} {stop_token}"
     agree(desc, error, group, device)

@@ -39,7 +39,7 @@ from .kernels import BACKENDS, heads_major, lse_dtype, select
 from .kernels.block import Partial, Sum, run_backward, run_forward
 from .layouts import segments
 from .masks import MaskSpec, plan_block, tile_tasks
-from .validate import agree, check_backward_exchange, check_qkv, describe, make_spec, softmax_scale_of
+from .validate import agree, call_number, check_backward_exchange, check_qkv, describe, make_spec, softmax_scale_of
 
 RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not yet added
 TILES_AHEAD = 2  # key/value tiles of a streamed block asked for ahead of the one being computed
@@ -334,6 +334,7 @@ def ring_attention(
         ``out`` ``(batch, local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
         no key (padding under a document mask) are 0 with lse ``-inf``. Differentiable in q, k and v.
     """
+    call = call_number(group)
     rank, world = comm.group_rank_world(group)
     error, spec, desc = None, None, ""
     try:
@@ -343,10 +344,10 @@ def ring_attention(
         scale = softmax_scale_of(softmax_scale, q.shape[-1])
         check_backward_exchange(backward_exchange)
         desc = describe("ring", q, k, v, spec, layout, scale) + f" backward_exchange={backward_exchange}"
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = e
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    agree(desc, error, group, device)
+    agree(desc, error, group, device, call)
     plan = make_plan(spec, layout if world > 1 else "contiguous", rank, world, q.shape[1])
     s = comm.stats()
     if s is not None:

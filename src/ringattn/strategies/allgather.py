@@ -26,7 +26,7 @@ from ..kernels.block import Partial, Sum, run_backward, run_forward
 from ..layouts import global_positions, segments
 from ..masks import MaskSpec, Segment, Task, plan_block
 from ..ring import SavedAttention
-from ..validate import agree
+from ..validate import agree, call_number
 from . import check_call, device_of, gather_op, reduce_scatter_op
 
 # Default bound on one gathered chunk of K+V (the next one is in flight too).
@@ -214,6 +214,7 @@ def allgather_attention(
     least two steps when there is more than one K/V head, so that the gather overlaps compute).
     ``backward_exchange``: only ``"ring"`` (accepted so that a model's setting can name it; no ring here).
     """
+    call = call_number(group)
     rank, world = comm.group_rank_world(group)
     error, spec, scale, desc = None, None, None, ""
     try:
@@ -224,9 +225,9 @@ def allgather_attention(
                                           or kv_head_chunk < 1):
             raise ValueError(f"kv_head_chunk must be a positive int or None, got {kv_head_chunk!r}")
         desc += f" kv_head_chunk={kv_head_chunk}"
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = e
-    agree(desc, error, group, device_of(q))
+    agree(desc, error, group, device_of(q), call)
     n = q.shape[1]
     ksegs, to_global = _key_layout(layout, world, n, q.device)
     lay = layout if world > 1 else "contiguous"

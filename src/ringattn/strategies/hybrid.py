@@ -23,6 +23,7 @@ import torch.distributed as dist
 from .. import comm
 from ..layouts import mesh_coords, mesh_dims
 from ..ring import ring_attention
+from ..validate import call_number, out_of_step
 from . import AllToAll, check_call, device_of, kv_replication
 
 
@@ -35,7 +36,8 @@ def _agree_on_mesh(desc: str, error: Exception | None, groups, device: torch.dev
     import zlib
 
     h = zlib.crc32(desc.encode()) & 0x7FFFFFFF
-    t = torch.tensor([h, -h, 1 if error is not None else 0], dtype=torch.int64, device=device)
+    n = call_number(groups[0])  # counted on the first group: every mesh rank is in one of them
+    t = torch.tensor([h, -h, 1 if error is not None else 0, n, -n], dtype=torch.int64, device=device)
     for g in groups:
         if comm.group_rank_world(g)[1] > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
@@ -43,6 +45,8 @@ def _agree_on_mesh(desc: str, error: Exception | None, groups, device: torch.dev
         raise error
     if int(t[2]):
         raise ValueError("another rank of the mesh rejected its arguments, so this call was abandoned")
+    if int(t[3]) != -int(t[4]):
+        raise out_of_step(f"from {-int(t[4])} to {int(t[3])}")
     if int(t[0]) != -int(t[1]):
         raise ValueError("ranks of the mesh disagree on the attention call (every rank must pass the same "
                          f"shapes, dtype, masks and layout); this rank: {desc}")
@@ -82,7 +86,7 @@ def hybrid_attention(
                                    softmax_scale=softmax_scale, local_world=uly_world, block_rows=uly_world,
                                    backward_exchange=backward_exchange)
         desc += f" mesh={ring_world}x{uly_world}"
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = e
     _agree_on_mesh(desc, error, (uly_group, ring_group), device_of(q))
     s = comm.stats()

@@ -28,7 +28,7 @@ from ..kernels.block import Partial, Sum, run_backward, run_forward
 from ..layouts import global_positions
 from ..masks import MaskSpec, Segment, Task, plan_block
 from ..ring import SavedAttention
-from ..validate import agree
+from ..validate import agree, call_number
 from . import AllToAll, check_call, device_of, kv_replication
 
 
@@ -106,6 +106,7 @@ def ulysses_attention(
     Needs ``heads`` divisible by the group size; K/V heads are replicated when ``kv_heads`` is not a
     multiple of it (see the module docstring). ``backward_exchange``: only ``"ring"`` (no ring here).
     """
+    call = call_number(group)
     _, world = comm.group_rank_world(group)
     error, spec, scale, desc = None, None, None, ""
     try:
@@ -113,9 +114,9 @@ def ulysses_attention(
                                        window=window, seq_len=seq_len, cu_seqlens=cu_seqlens,
                                        softmax_scale=softmax_scale, local_world=world,
                                        backward_exchange=backward_exchange)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = e
-    agree(desc, error, group, device_of(q))
+    agree(desc, error, group, device_of(q), call)
     s = comm.stats()
     if s is not None:
         s.calls += 1
