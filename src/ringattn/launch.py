@@ -183,6 +183,9 @@ def spawn(fn: Callable, nproc: int, *args, threads: int = 1) -> None:
               if c is not None and c < 0 and r not in stopped]
     causes += [f"rank {r} exited with code {c} without an error" for r, c in enumerate(codes)
                if c not in (None, 0) and c > 0 and r not in errors]
-    firsts = [f"rank {r}: {tb.strip().splitlines()[-1]}" for r, tb in sorted(errors.items())]
+    by_error: dict[str, list[int]] = {}  # the same error on several ranks is told once
+    for r, tb in sorted(errors.items()):
+        by_error.setdefault(tb.strip().splitlines()[-1], []).append(r)
+    firsts = [f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {line}" for line, rs in by_error.items()]
     detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())) or f"exit codes {codes}"
     raise RankError("; ".join(causes + firsts) + "\n" + detail)
