@@ -180,31 +180,42 @@ def test_a_call_out_of_step_is_an_error_on_every_rank(ranks, kind):
     assert_close(ranks.run(3, run_case, Case(seq_len=20)), Case(seq_len=20))
 
 
-def _dying_peer(rank, port, q):
+def _dying_peer(rank, port, q, where):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))
     if rank == 1:
-        from ringattn import comm
+        from ringattn import comm, decode
 
         def die(*a, **k):
-            os._exit(3)  # dies in the middle of the ring, after the agreement step
+            os._exit(3)  # dies in the middle of the call, after the agreement step
 
-        comm.Ring.exchange = die
+        if where == "ring":
+            comm.Ring.exchange = die
+        else:
+            decode.merge_partials.__globals__["dist"] = type("Dying", (), {"all_gather_into_tensor": die})
     x = torch.randn(1, 64, 2, 8)
     t0 = time.perf_counter()
     try:
-        ringattn.ring_attention(x, x, x)
+        if where == "ring":
+            ringattn.ring_attention(x, x, x)
+        else:
+            from ringattn.decode import decode_attention
+
+            pos = torch.arange(64) + 64 * rank
+            decode_attention(x[:, :1], x, x, torch.tensor([200]), pos)
         q.put((rank, "no error", time.perf_counter() - t0))
     except Exception as e:  # noqa: BLE001
         q.put((rank, type(e).__name__ + ": " + str(e)[:200], time.perf_counter() - t0))
 
 
-def test_dead_peer_ends_in_error_not_hang():
+@pytest.mark.parametrize("where,says", [("ring", "PeerError: ringattn: ring exchange failed"),
+                                        ("decode", "PeerError: ringattn: decoding could not merge")])
+def test_dead_peer_ends_in_error_not_hang(where, says):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_dying_peer, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_dying_peer, args=(r, port, q, where)) for r in range(2)]
     for p in procs:
         p.start()
     rank, msg, secs = q.get(timeout=60)
@@ -212,7 +223,7 @@ def test_dead_peer_ends_in_error_not_hang():
         p.join(timeout=30)
         if p.is_alive():
             p.kill()
-    assert rank == 0 and msg.startswith("PeerError: ringattn: ring exchange failed") and secs < 30, (msg, secs)
+    assert rank == 0 and msg.startswith(says) and secs < 30, (msg, secs)
 
 
 # --- numerics ------------------------------------------------------------------------------------------

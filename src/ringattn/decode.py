@@ -77,7 +77,11 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, *, group=None) -> tuple
     s = comm.stats()
     if s is not None:
         s.bytes_sent += packed.numel() * packed.element_size()
-    dist.all_gather_into_tensor(gathered, packed, group=group)
+    try:
+        dist.all_gather_into_tensor(gathered, packed, group=group)
+    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        raise comm.PeerError(f"ringattn: decoding could not merge the ranks' partial attention; a peer rank "
+                             f"probably died or timed out: {comm.first_line(e)}") from e
     gathered = gathered.view(world, *packed.shape)
     outs, lses = gathered[..., :-1], gathered[..., -1]
     m = lses.amax(dim=0)

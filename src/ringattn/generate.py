@@ -232,7 +232,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     if len(hit):
         last.copy_(h[:, int(hit[0, 0])][:, None])
     if world > 1:
-        dist.all_reduce(last, group=group)
+        try:
+            dist.all_reduce(last, group=group)
+        except RuntimeError as e:
+            raise comm.PeerError(f"ringattn: generation could not share the last prompt token; a peer rank "
+                                 f"probably died or timed out: {comm.first_line(e)}") from e
     logits = model.logits(last)[:, 0]
     prefill_s = time.perf_counter() - t0
 
