@@ -85,13 +85,47 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+INIT_TIMEOUT_S = 120.0  # joining the group: a rank that does not come by then ends the attempt
+
+
+def _env_store(world: int, timeout: datetime.timedelta):
+    """The rendezvous store of ``MASTER_ADDR:MASTER_PORT``, under a prefix of its own per torchrun attempt.
+
+    torchrun's agent keeps one store across restarts, and ``init_process_group`` would use the same keys
+    in every attempt: a restarted rank then reads its dead peers' gloo addresses and waits in
+    ``connectFullMesh`` for connections that never come (or fails there).
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank = int(os.environ["RANK"])
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=not agent and rank == 0, timeout=timeout, multi_tenant=True)
+    run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"ringattn/{run}/attempt-{attempt}", base)
+
+
 def init_from_env(threads: int | None = 1) -> tuple[int, int]:
-    """Join the group torchrun set up (NCCL on CUDA, else gloo); returns (rank, world)."""
+    """Join the group torchrun set up (NCCL on CUDA, else gloo); returns (rank, world).
+
+    Joining is bounded by ``INIT_TIMEOUT_S`` (then the error ends this attempt and torchrun restarts
+    it); collectives then get ``RINGATTN_PG_TIMEOUT``.
+    """
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=pg_timeout())
+        timeout = pg_timeout()
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        join = min(timeout, datetime.timedelta(seconds=INIT_TIMEOUT_S)) if set_timeout else timeout
+        world = int(os.environ["WORLD_SIZE"])
+        try:
+            dist.init_process_group(backend, store=_env_store(world, join), rank=int(os.environ["RANK"]),
+                                    world_size=world, timeout=join)
+        except RuntimeError as e:
+            raise RuntimeError(f"ringattn: could not join the torchrun group within {join.total_seconds():.0f}"
+                               f" s (rank {os.environ['RANK']} of {world}): {e}") from e
+        if set_timeout and join != timeout:
+            set_timeout(timeout)
     if threads:
         torch.set_num_threads(threads)
     return dist.get_rank(), dist.get_world_size()

@@ -153,7 +153,11 @@ def reduce_gradients(model: torch.nn.Module, loss: torch.Tensor, par: Parallel) 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1).to(grads[0].dtype)])
     if par.world > 1:
-        dist.all_reduce(flat)
+        try:
+            dist.all_reduce(flat)
+        except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+            raise comm.PeerError(f"ringattn: the gradient all-reduce failed; a peer rank probably died or timed "
+                                 f"out: {comm.first_line(e)}") from e
     off = 0
     for p, g in zip(params, grads):
         p.grad = flat[off: off + g.numel()].view_as(g).clone()
@@ -434,8 +438,12 @@ def run(args) -> int:
     tc = config_from_args(args)
     if launch.under_torchrun():
         launch.init_from_env(args.threads)
-        _check_world(tc, dist.get_world_size())
-        _worker(tc)
+        try:
+            _check_world(tc, dist.get_world_size())
+            _worker(tc)
+        finally:
+            # Without it the process aborts at exit under torchrun (gloo's threads outlive the group).
+            dist.destroy_process_group()
         return 0
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
