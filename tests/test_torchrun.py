@@ -42,8 +42,8 @@ def restart_rounds(tmp: pathlib.Path, rounds: int, steps: int) -> dict:
     """Kill rank 1 once per new checkpoint, ``rounds`` times, under torchrun; returns what happened."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     whole = tmp / "whole"
-    r = subprocess.run([sys.executable, *TRAIN, "--steps", str(steps), "--ckpt-dir", str(whole)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, *TRAIN, "--nproc", "2", "--steps", str(steps), "--ckpt-dir", str(whole)],
+                       env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ckpt = tmp / "restarted"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
