@@ -57,7 +57,8 @@ def test_no_resume_into_an_older_runs_folder_keeps_both(tmp_path, capsys):
     assert train(dataclasses.replace(new, resume=True))["start_step"] == 4
 
 
-@pytest.mark.parametrize("damage", ["flip_bit", "flip_64_bytes", "truncate", "metadata", "manifest", "incomplete"])
+@pytest.mark.parametrize("damage", ["flip_bit", pytest.param("flip_64_bytes", marks=pytest.mark.slow), "truncate",
+                                    "metadata", pytest.param("manifest", marks=pytest.mark.slow), "incomplete"])
 def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(whole, tmp_path, capsys, damage):
     d = _copy(whole, tmp_path)
     newest = d / "step-00000004"
@@ -106,10 +107,11 @@ def test_no_usable_checkpoint_is_an_error_naming_each(whole, tmp_path):
     assert "--no-resume" in msg
 
 
-@pytest.mark.parametrize("change,named", [({"seed": 1}, "seed 0 -> 1"),
-                                          ({"task": "passkey"}, "task 'mqar' -> 'passkey'"),
-                                          ({"dtype": "bfloat16"}, "dtype 'float32' -> 'bfloat16'"),
-                                          ({"model": dataclasses.replace(TC.model, dim=64)}, "dim 32 -> 64")])
+@pytest.mark.parametrize("change,named", [
+    ({"seed": 1}, "seed 0 -> 1"),
+    pytest.param({"task": "passkey"}, "task 'mqar' -> 'passkey'", marks=pytest.mark.slow),
+    ({"dtype": "bfloat16"}, "dtype 'float32' -> 'bfloat16'"),
+    pytest.param({"model": dataclasses.replace(TC.model, dim=64)}, "dim 32 -> 64", marks=pytest.mark.slow)])
 def test_resume_with_another_configuration_is_refused(whole, tmp_path, change, named):
     d = _copy(whole, tmp_path)
     with pytest.raises(checkpoint.CheckpointError) as e:

@@ -75,7 +75,8 @@ def _wait_gone(pids, timeout: float) -> list[int]:
     return [r for r in pids if _alive(r)]
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130),
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 128 + signal.SIGTERM),
+                                      pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
                                       (signal.SIGKILL, -signal.SIGKILL)])
 def test_signal_to_the_launcher_stops_every_rank(tmp_path, sig, code):
     ckpt = tmp_path / "ckpt"
@@ -114,7 +115,8 @@ def test_a_rank_killed_by_a_signal_is_named(tmp_path):
     assert "Traceback" not in err and "was killed by SIGKILL" in last, err
 
 
-@pytest.mark.parametrize("value", ["abc", "0", pytest.param("-5", marks=pytest.mark.slow),
+@pytest.mark.parametrize("value", ["abc", pytest.param("0", marks=pytest.mark.slow),
+                                   pytest.param("-5", marks=pytest.mark.slow),
                                    pytest.param("nan", marks=pytest.mark.slow)])
 def test_bad_pg_timeout_is_one_clear_error(value):
     env = _env(RINGATTN_PG_TIMEOUT=value)

@@ -166,7 +166,8 @@ def calls_in_step(kind: str):
     return seen
 
 
-@pytest.mark.parametrize("kind", ["meta_cu_seqlens", "huge_scale", "interrupted"])
+@pytest.mark.parametrize("kind", ["meta_cu_seqlens", pytest.param("huge_scale", marks=pytest.mark.slow),
+                                  "interrupted"])
 def test_a_call_out_of_step_is_an_error_on_every_rank(ranks, kind):
     results = ranks.run(3, calls_in_step, kind)
     for rank, seen in enumerate(results):
@@ -275,8 +276,9 @@ def nonpositive_scale(scale, dtype, layout):
     return errs
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.4])
-@pytest.mark.parametrize("dtype", [F64, torch.bfloat16])
+@pytest.mark.parametrize("scale,dtype", [(0.0, F64), (-0.4, torch.bfloat16),
+                                         pytest.param(-0.4, F64, marks=pytest.mark.slow),
+                                         pytest.param(0.0, torch.bfloat16, marks=pytest.mark.slow)])
 def test_nonpositive_softmax_scale_is_exact(ranks, scale, dtype):
     # The fused CPU op returns nan for causal scores with a scale <= 0; such calls must be exact anyway.
     tol = 1e-9 if dtype == F64 else 1.6e-2
