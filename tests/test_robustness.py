@@ -126,31 +126,97 @@ def test_disagreeing_ranks_all_raise(ranks, what):
     assert_close(ranks.run(3, run_case, Case(seq_len=20)), Case(seq_len=20))
 
 
-def _dying_peer(rank, port, q):
+class _Interrupting(float):
+    """A softmax_scale whose conversion is interrupted, as Ctrl-C in a notebook would be on one rank."""
+
+    def __float__(self):
+        raise KeyboardInterrupt
+
+
+def calls_in_step(kind: str):
+    """Three calls on every rank; rank 1's first one goes wrong in ``kind``'s way and its caller goes on
+    with the next call (a loop that skips a bad batch). After an out-of-step error a rank stops: its peers
+    would otherwise wait in a call it never makes. Returns per call: its error, or its output's error."""
+    from ringattn import validate
+
+    from .reference import attention_ref, dense_mask
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(5)
+    seen = []
+    try:
+        for i in range(3):
+            q, k, v = (torch.randn(1, 8 * world, h, 8, generator=g, dtype=F64) for h in (4, 2, 2))
+            ref = ringattn.shard(attention_ref(q, k, v, dense_mask(8 * world, causal=True))[0])
+            kw = {}
+            if rank == 1 and i == 0:
+                kw = {"meta_cu_seqlens": {"cu_seqlens": torch.tensor([0, 8 * world], device="meta")},
+                      "huge_scale": {"softmax_scale": 10**400},
+                      "interrupted": {"softmax_scale": _Interrupting(0.3)}}[kind]
+            try:
+                out = ringattn.ring_attention(*(ringattn.shard(t) for t in (q, k, v)), causal=True, **kw)
+            except (Exception, KeyboardInterrupt) as e:  # the caller under test skips any failing batch
+                seen.append(f"{type(e).__name__}: {e}")
+                if "skipped or repeated" in str(e):
+                    break
+                continue
+            seen.append(float((out - ref).abs().max()))
+    finally:
+        getattr(validate, "_CALLS", {}).clear()  # every rank: the pool's later jobs start in step again
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["meta_cu_seqlens", pytest.param("huge_scale", marks=pytest.mark.slow),
+                                  "interrupted"])
+def test_a_call_out_of_step_is_an_error_on_every_rank(ranks, kind):
+    results = ranks.run(3, calls_in_step, kind)
+    for rank, seen in enumerate(results):
+        numbers = [x for x in seen if isinstance(x, float)]
+        assert all(x < 1e-9 for x in numbers), (rank, seen)  # never a wrong output
+        assert isinstance(seen[0], str), (rank, seen)  # the first call is an error on every rank
+    if kind != "interrupted":  # all ranks took part in the failed call: the next two are right
+        assert all(len(s) == 3 and all(isinstance(x, float) for x in s[1:]) for s in results), results
+    else:  # rank 1 left before the agreement: its next call meets its peers' first and all raise
+        assert all("skipped or repeated a call" in s[-1] for s in results), results
+    assert_close(ranks.run(3, run_case, Case(seq_len=20)), Case(seq_len=20))
+
+
+def _dying_peer(rank, port, q, where):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))
     if rank == 1:
-        from ringattn import comm
+        from ringattn import comm, decode
 
         def die(*a, **k):
-            os._exit(3)  # dies in the middle of the ring, after the agreement step
+            os._exit(3)  # dies in the middle of the call, after the agreement step
 
-        comm.Ring.exchange = die
+        if where == "ring":
+            comm.Ring.exchange = die
+        else:
+            decode.merge_partials.__globals__["dist"] = type("Dying", (), {"all_gather_into_tensor": die})
     x = torch.randn(1, 64, 2, 8)
     t0 = time.perf_counter()
     try:
-        ringattn.ring_attention(x, x, x)
+        if where == "ring":
+            ringattn.ring_attention(x, x, x)
+        else:
+            from ringattn.decode import decode_attention
+
+            pos = torch.arange(64) + 64 * rank
+            decode_attention(x[:, :1], x, x, torch.tensor([200]), pos)
         q.put((rank, "no error", time.perf_counter() - t0))
     except Exception as e:  # noqa: BLE001
         q.put((rank, type(e).__name__ + ": " + str(e)[:200], time.perf_counter() - t0))
 
 
-def test_dead_peer_ends_in_error_not_hang():
+@pytest.mark.parametrize("where,says", [("ring", "PeerError: ringattn: ring exchange failed"),
+                                        ("decode", "PeerError: ringattn: decoding could not merge")])
+def test_dead_peer_ends_in_error_not_hang(where, says):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_dying_peer, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=_dying_peer, args=(r, port, q, where)) for r in range(2)]
     for p in procs:
         p.start()
     rank, msg, secs = q.get(timeout=60)
@@ -158,7 +224,7 @@ def test_dead_peer_ends_in_error_not_hang():
         p.join(timeout=30)
         if p.is_alive():
             p.kill()
-    assert rank == 0 and msg.startswith("PeerError: ringattn: ring exchange failed") and secs < 30, (msg, secs)
+    assert rank == 0 and msg.startswith(says) and secs < 30, (msg, secs)
 
 
 # --- numerics ------------------------------------------------------------------------------------------
@@ -190,6 +256,35 @@ def test_huge_logits(ranks, dtype, tol):
     # (eps * |S|), so the bound scales with the logits; float64 stays at 1e-9.
     case = Case(seq_len=40, dtype=dtype, causal=True, layout="striped", scale_logits=1e4, seed=8)
     assert_close(ranks.run(2, run_case, case), case, tol=tol)
+
+
+def nonpositive_scale(scale, dtype, layout):
+    from .cases import ref_with_grads
+    from .reference import dense_mask
+
+    world = dist.get_world_size()
+    g = torch.Generator().manual_seed(4)
+    q, k, v, do = (torch.randn(1, 32, h, 8, generator=g, dtype=F64).to(dtype) for h in (4, 2, 2, 4))
+    ref = ref_with_grads(q, k, v, do, dense_mask(32, causal=True), scale)
+    qs, ks, vs = (ringattn.shard(t, layout=layout).requires_grad_() for t in (q, k, v))
+    out = ringattn.ring_attention(qs, ks, vs, causal=True, layout=layout, softmax_scale=scale)
+    (out.double() * ringattn.shard(do, layout=layout).double()).sum().backward()
+    errs = []
+    for x, r in zip((out, qs.grad, ks.grad, vs.grad), (ref[0], ref[2], ref[3], ref[4])):
+        full = ringattn.unshard(x.detach(), layout=layout, seq_len=32) if world > 1 else x.detach()
+        errs.append(float((full.double() - r).abs().max() / r.abs().max().clamp_min(1.0)))
+    return errs
+
+
+@pytest.mark.parametrize("scale,dtype", [(0.0, F64), (-0.4, torch.bfloat16),
+                                         pytest.param(-0.4, F64, marks=pytest.mark.slow),
+                                         pytest.param(0.0, torch.bfloat16, marks=pytest.mark.slow)])
+def test_nonpositive_softmax_scale_is_exact(ranks, scale, dtype):
+    # The fused CPU op returns nan for causal scores with a scale <= 0; such calls must be exact anyway.
+    tol = 1e-9 if dtype == F64 else 1.6e-2
+    for world, layout in ((1, "contiguous"), (2, "zigzag")):
+        for errs in ranks.run(world, nonpositive_scale, scale, dtype, layout):
+            assert all(e <= tol for e in errs), (world, errs)
 
 
 def masked_rows():

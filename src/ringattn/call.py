@@ -23,7 +23,7 @@ from .layouts import effective_layout, mesh_coords, mesh_dims
 from .masks import MaskSpec
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .strategies import IMPLEMENTATIONS, resolve_auto
-from .validate import agree, check_qkv, describe, make_spec, softmax_scale_of
+from .validate import agree, call_number, check_qkv, describe, make_spec, softmax_scale_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,13 +178,14 @@ def checked(make: Callable[[], tuple[Any, str]], groups, like) -> Any:
     """Run ``make`` (this rank's checks; returns ``(result, description)``) and agree across ``groups``:
     every rank raises if any rank's checks failed (whatever the exception) or the descriptions differ,
     before anyone communicates. Counts the call in the active profile."""
+    calls = call_number(groups)  # before any check: see validate.call_number
     error, result, desc = None, None, ""
     try:
         result, desc = make()
     except Exception as e:  # noqa: BLE001 - every failure must reach the agreement, or peers hang
         error = e
-    device = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
-    agree(desc, error, groups, device)
+    device = like.device if isinstance(like, torch.Tensor) and like.device.type != "meta" else torch.device("cpu")
+    agree(desc, error, groups, device, calls)
     profiling.count_call()
     return result
 

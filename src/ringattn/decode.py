@@ -82,7 +82,11 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, *, group=None) -> tuple
     packed = torch.cat([out, lse[..., None]], dim=-1).contiguous()
     gathered = packed.new_empty((world * packed.shape[0], *packed.shape[1:]))
     profiling.count_bytes(packed.numel() * packed.element_size())
-    comm.gather_op()(gathered, packed, group=group)
+    try:
+        comm.gather_op()(gathered, packed, group=group)
+    except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        raise comm.PeerError(f"ringattn: decoding could not merge the ranks' partial attention; a peer rank "
+                             f"probably died or timed out: {comm.first_line(e)}") from e
     gathered = gathered.view(world, *packed.shape)
     outs, lses = gathered[..., :-1], gathered[..., -1]
     m = lses.amax(dim=0)

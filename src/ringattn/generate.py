@@ -197,7 +197,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     error = None
     try:
         _check(model, prompt, max_new_tokens)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = e
     desc = f"generate {tuple(getattr(prompt, 'shape', ()))} {max_new_tokens} {sampling} {stop_token}"
     agree(desc, error, group, device)
@@ -232,7 +232,11 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     if len(hit):
         last.copy_(h[:, int(hit[0, 0])][:, None])
     if world > 1:
-        dist.all_reduce(last, group=group)
+        try:
+            dist.all_reduce(last, group=group)
+        except RuntimeError as e:
+            raise comm.PeerError(f"ringattn: generation could not share the last prompt token; a peer rank "
+                                 f"probably died or timed out: {comm.first_line(e)}") from e
     logits = model.logits(last)[:, 0]
     prefill_s = time.perf_counter() - t0
 

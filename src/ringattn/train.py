@@ -23,6 +23,8 @@ Checkpoints (``--ckpt-dir``, every ``--ckpt-every`` steps and at the end) restor
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import pathlib
 import time
@@ -268,6 +270,46 @@ def _max_over_ranks(x: float, par: Parallel) -> float:
     return float(t)
 
 
+# What a resumed run may change. Everything else (the model, the data, the dtype, the number of ranks and
+# how the batch is split) must match: the saved state means nothing under another one.
+RESUME_WARN = ("steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "clip")  # allowed, with a warning
+RESUME_FREE = ("ckpt_dir", "ckpt_every", "resume", "eval_lens", "eval_samples", "progress", "json", "throttle",
+               "loss_chunk", "ulysses", "model.strategy", "model.layout", "model.backward_exchange",
+               "model.ffn_chunk", "model.checkpoint_layers")  # how it runs: the same numbers up to rounding
+
+
+def run_config(tc: TrainConfig) -> dict:
+    """The run's configuration as JSON data, flat (``model.dim``), as checkpoints store it."""
+    d = dataclasses.asdict(tc)
+    model = d.pop("model")
+    flat = {**d, **{f"model.{k}": v for k, v in model.items()}}
+    return json.loads(json.dumps(flat))
+
+
+def compare_config(saved: dict | None, saved_world: int, config: dict, world: int) -> tuple[list[str], list[str]]:
+    """(errors, warnings) for resuming a checkpoint of configuration ``saved`` written by ``saved_world``
+    ranks in a run of ``config`` on ``world`` ranks."""
+    saved = saved or {}
+    bad, changed = [], []
+    for key in sorted(set(saved) | set(config)):
+        if key in RESUME_FREE or saved.get(key) == config.get(key):
+            continue
+        change = f"{key.removeprefix('model.').replace('_', '-')} {saved.get(key)!r} -> {config.get(key)!r}"
+        (changed if key in RESUME_WARN else bad).append(change)
+    errors = []
+    if saved_world != world:
+        errors.append(f"it was written by {saved_world} ranks and this run has {world}: resuming on another "
+                      f"number of ranks is not supported (run it on {saved_world})")
+    if bad:
+        errors.append("the run's configuration differs: " + ", ".join(bad) + ". To resume, these must stay as "
+                      "they were; allowed are changes of " + ", ".join(k.replace("_", "-") for k in RESUME_WARN)
+                      + " (with a warning) and "
+                      "of how the run executes (strategy, layout, backward-exchange, chunking, threads, "
+                      "evaluation, checkpoint interval). Or start afresh with --no-resume (the old "
+                      "checkpoints are moved aside) or another --ckpt-dir")
+    return errors, (["changed settings (allowed): " + ", ".join(changed)] if changed else [])
+
+
 def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     """Run training on the ranks of the default group (or one process); returns the summary.
 
@@ -281,11 +323,19 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     model = build(tc.model, seed=tc.seed, dtype=DTYPES[tc.dtype], device=par.device)
     optim = make_optimizer(model, tc)
     start, samples, last = 0, 0, None
+    config = run_config(tc)
     if tc.ckpt_dir:
         from . import checkpoint  # torch.distributed.checkpoint takes half a second to import
-    if tc.ckpt_dir and tc.resume and (last := checkpoint.latest(tc.ckpt_dir)) is not None:
-        pos = checkpoint.load(last, model, optim)
-        start, samples = pos["step"], pos["samples"]
+
+        if not tc.resume:
+            checkpoint.set_aside(tc.ckpt_dir)
+        elif (pos := checkpoint.resume(tc.ckpt_dir, model, optim,
+                                       compare=lambda saved, world: compare_config(saved, world, config,
+                                                                                   par.world))) is not None:
+            start, samples, last = pos["step"], pos["samples"], pos["path"]
+            if start > tc.steps:
+                raise ValueError(f"the checkpoint in {tc.ckpt_dir} is at step {start}, past --steps {tc.steps}: "
+                                 "raise --steps to continue that run, or start afresh with --no-resume")
 
     if progress is not None:
         progress.start(start, tc.steps, last)
@@ -305,7 +355,7 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
             progress.step(step, loss, norm, tc.batch * tc.seq_len / dt)
         done = step + 1
         if tc.ckpt_dir and ((tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps):
-            checkpoint.save(tc.ckpt_dir, model, optim, step=done, samples=samples)
+            checkpoint.save(tc.ckpt_dir, model, optim, step=done, samples=samples, config=config)
     if progress is not None:
         progress.close()
 

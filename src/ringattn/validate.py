@@ -3,15 +3,19 @@
 Each rank checks its own arguments, then all ranks compare a short description of the call (shapes,
 dtype, mask, layout, and whether the local check failed) with one tiny all-reduce. If any rank's check
 failed or the descriptions differ, every rank raises the same ``ValueError`` — nobody is left waiting
-in the ring for a peer that already gave up. The all-reduce runs on every call (about a hundred
-microseconds on gloo), because skipping it for "known" calls would let a rank with a new, bad call
-block in a collective its peers never enter.
+in the ring for a peer that already gave up. A check that fails with any exception still takes part (as
+"failed"), and the ranks also compare how many agreed calls each has made on the group: a call that one
+rank skips or repeats (a caller that catches an error on one rank only and goes on) would otherwise pair
+its next call with its peers' previous one and give wrong numbers without an error. The all-reduce runs
+on every call (about a hundred microseconds on gloo), because skipping it for "known" calls would let a
+rank with a new, bad call block in a collective its peers never enter.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import weakref
 import zlib
 
 import torch
@@ -100,9 +104,13 @@ def softmax_scale_of(softmax_scale, head_dim: int) -> float:
         return head_dim ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(float(softmax_scale)):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
-    return float(softmax_scale)
+    try:
+        scale = float(softmax_scale)
+    except OverflowError:
+        scale = math.inf
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale:.6g}")
+    return scale
 
 
 def describe(name: str, q, k, v, spec: MaskSpec, layout: str, scale: float) -> str:
@@ -132,23 +140,62 @@ def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:
     return b
 
 
-def agree(description: str, error: Exception | None, groups, device: torch.device) -> None:
-    """Raise on every rank if any rank's check failed or the ranks' descriptions differ.
+# Per process group: how many agreed calls this rank has made on it (weak: a destroyed group's count goes).
+_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_groups(groups) -> tuple:
+    return tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)
+
+
+def call_number(groups) -> tuple[int, ...]:
+    """This rank's numbers for a new call on each of ``groups`` (1, 2, ...), counted per group; () without
+    an initialised process group.
+
+    Taken on entry, before any check: a rank that leaves a call before the agreement (an exception the
+    checks do not catch, such as KeyboardInterrupt) then carries a higher number into its next call than
+    its peers, who are still waiting in the previous one, and every rank raises instead of pairing them.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return ()
+    numbers = []
+    for g in _as_groups(groups):
+        pg = g if g is not None else dist.group.WORLD
+        _CALLS[pg] = _CALLS.get(pg, 0) + 1
+        numbers.append(_CALLS[pg])
+    return tuple(numbers)
+
+
+def out_of_step(numbers) -> ValueError:
+    """The error every rank raises when the ranks' call numbers differ."""
+    return ValueError(f"ranks are at different ringattn calls on this process group (call numbers "
+                      f"{numbers}): a rank skipped or repeated a call, e.g. its caller caught an error on "
+                      "that rank only and went on. Every rank must make the same calls in the same order; "
+                      "the ranks stay out of step until they are restarted")
+
+
+def agree(description: str, error: Exception | None, groups, device: torch.device,
+          calls: tuple[int, ...] | None = None) -> None:
+    """Raise on every rank if any rank's check failed, the ranks' descriptions differ, or the ranks are
+    at different calls on the groups (``calls``: the entry's ``call_number``, else counted here).
 
     ``groups``: one process group (None = the default one), or several whose union reaches every rank
     that takes part (the hybrid strategy's Ulysses and ring groups: MAX over one and then the other
     reaches the whole mesh).
     """
-    groups = tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)
+    groups = _as_groups(groups)
     live = [g for g in groups if group_rank_world(g)[1] > 1]
     if not live:
         if error is not None:
             raise error
         return
+    calls = call_number(groups) if calls is None else calls
+    n = [c for g, c in zip(groups, calls) if group_rank_world(g)[1] > 1]
     h = zlib.crc32(description.encode()) & 0x7FFFFFFF
     if dist.get_backend(live[0]) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([h, -h, 1 if error is not None else 0], dtype=torch.int64, device=device)
+    t = torch.tensor([h, -h, 1 if error is not None else 0, *(x for c in n for x in (c, -c))], dtype=torch.int64,
+                     device=device)
     try:
         for g in live:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
@@ -156,25 +203,31 @@ def agree(description: str, error: Exception | None, groups, device: torch.devic
         raise RuntimeError(f"ringattn: the ranks could not agree on the call (a peer rank probably died or "
                            f"timed out): {first_line(e)}") from e
     mismatch = int(t[0]) != -int(t[1])
-    if not mismatch and int(t[2]) == 0:
+    in_step = all(int(t[3 + 2 * i]) == -int(t[4 + 2 * i]) for i in range(len(n)))
+    if not mismatch and int(t[2]) == 0 and in_step:
         return
     if len(live) > 1:
         if error is not None:
             raise error
         if int(t[2]):
             raise ValueError("another rank of the mesh rejected its arguments, so this call was abandoned")
+        if not in_step:
+            raise out_of_step(f"this rank {tuple(n)}")
         raise ValueError("ranks of the mesh disagree on the attention call (every rank must pass the same "
                          f"shapes, dtype, masks and layout); this rank: {description}")
     # Slow path, taken by every rank of the group together: find out what went wrong where.
     group = live[0]
-    mine = f"error: {error}" if error is not None else description
+    mine = f"error: {type(error).__name__}: {error}" if error is not None else description
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
+    dist.all_gather_object(everyone, (n[0], mine), group=group)
     if error is not None:
         raise error
-    bad = [f"rank {r}: {d}" for r, d in enumerate(everyone) if d.startswith("error: ")]
+    bad = [f"rank {r}: {d[len('error: '):]}" for r, (_, d) in enumerate(everyone) if d.startswith("error: ")]
     if bad:
         raise ValueError("another rank rejected its arguments, so this call was abandoned: " + "; ".join(bad))
-    lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(everyone))
+    numbers = [m for m, _ in everyone]
+    if len(set(numbers)) > 1:
+        raise out_of_step(numbers)
+    lines = "; ".join(f"rank {r}: {d}" for r, (_, d) in enumerate(everyone))
     raise ValueError(f"ranks disagree on the attention call (every rank must pass the same shapes, dtype, "
                      f"masks and layout): {lines}")

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .. import comm, launch
 from ..model import LlamaConfig
@@ -113,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if launch.under_torchrun():
         launch.init_from_env(args.threads)
-        _worker(tc, show)
+        try:
+            tc.check_world(dist.get_world_size())
+            _worker(tc, show)
+        finally:
+            # Without it the process aborts at exit under torchrun (gloo's threads outlive the group).
+            dist.destroy_process_group()
         return 0
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")

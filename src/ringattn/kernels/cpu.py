@@ -4,8 +4,8 @@
 ``(b, s, h, d)`` tensors are fine, but the last dim must have unit stride: the op silently reads wrong
 elements otherwise), handles GQA natively by head broadcasting, and accepts an additive mask. What it does
 not do, and this module covers: a value head dim different from the key head dim (zero-padded here, which
-changes no score), empty inputs (it crashes), and fully masked rows (it returns lse = 0 for them; we need
--inf).
+changes no score), empty inputs (it crashes), fully masked rows (it returns lse = 0 for them; we need
+-inf), and an exact half-precision backward (run in float32 here).
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import torch.nn.functional as F
 
 from .base import DenseMaskKernel, acc_dtype, empty_result, unit_last_stride, zero_grads
 from .lse import LseKernel, from_kernel, to_kernel
+from .reference import ReferenceBackend
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# The op masks causal scores before scaling them: a scale <= 0 turns the masked -inf into nan (or +inf).
+_ref = ReferenceBackend()
 
 
 def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -40,6 +43,8 @@ class CpuFlashBackend(DenseMaskKernel):
     def forward_dense(self, q, k, v, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return empty_result(q, v)
+        if scale <= 0:
+            return _ref.forward_dense(q, k, v, scale=scale, causal=causal, mask=mask)
         d, dv = q.shape[-1], v.shape[-1]
         width = max(d, dv)
         qt, kt, vt = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v))
@@ -51,8 +56,16 @@ class CpuFlashBackend(DenseMaskKernel):
     def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return zero_grads(q, k, v)
+        if scale <= 0:
+            return _ref.backward_dense(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
         d, dv = q.shape[-1], v.shape[-1]
         width = max(d, dv)
+        if q.dtype in (torch.float16, torch.bfloat16):
+            # In half precision the op rounds every block's dQ/dK/dV to the input dtype and adds a GQA
+            # group's dK/dV head by head in it (2-3x the error of dense SDPA for dK/dV); it is also up to
+            # 10x slower than in float32 on CPUs without native bf16. Float32 inputs (tile-sized copies)
+            # give float32 gradients, which the ring accumulates as they are.
+            q, k, v, out, dout = (x.float() for x in (q, k, v, out, dout))
         qt, kt, vt, ot, dot = (_pad_to(x, width).transpose(1, 2) for x in (q, k, v, out.to(q.dtype),
                                                                             dout.to(q.dtype)))
         lse = to_kernel(lse, LseKernel.CPU, dtype=acc_dtype(q.dtype))

@@ -217,9 +217,10 @@ class CudaFlashBackend(DenseMaskKernel):
         return q.device.type == "cuda" and q.dtype in FUSED
 
     def kernel_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                   mask: torch.Tensor | None) -> str:
+                   mask: torch.Tensor | None, scale: float = 1.0) -> str:
         """``"flash"``, ``"efficient"`` or ``"reference"``: the op a call with these arguments runs."""
-        if q.dtype not in FUSED:
+        # A scale <= 0 is left to the reference: fused kernels may mask before scaling (nan on CPU's op).
+        if q.dtype not in FUSED or scale <= 0:
             return "reference"
         if mask is None and flash_ok(q, k, v, causal):
             return "flash"
@@ -228,7 +229,7 @@ class CudaFlashBackend(DenseMaskKernel):
     def forward_dense(self, q, k, v, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return empty_result(q, v)
-        kernel = self.kernel_for(q, k, v, causal, mask)
+        kernel = self.kernel_for(q, k, v, causal, mask, scale)
         if kernel == "flash":
             _maybe_activate(q.device)
             return _flash_forward(q, k, v, scale, causal)
@@ -239,7 +240,7 @@ class CudaFlashBackend(DenseMaskKernel):
     def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask):
         if q.shape[1] == 0 or k.shape[1] == 0:
             return zero_grads(q, k, v)
-        kernel = self.kernel_for(q, k, v, causal, mask)
+        kernel = self.kernel_for(q, k, v, causal, mask, scale)
         if kernel == "flash":
             _maybe_activate(q.device)
             return _flash_backward(dout, q, k, v, out, lse, scale, causal)

@@ -130,7 +130,11 @@ def sum_gradients(model: torch.nn.Module, *, group=None, with_value: torch.Tenso
             parts.append(value.to(dtype))
         flat = torch.cat(parts)
         if world > 1:
-            dist.all_reduce(flat, group=group)
+            try:
+                dist.all_reduce(flat, group=group)
+            except RuntimeError as e:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+                raise comm.PeerError(f"ringattn: the gradient all-reduce failed; a peer rank probably died or "
+                                     f"timed out: {comm.first_line(e)}") from e
         off = 0
         for p in ps:
             g = flat[off:off + p.numel()].view_as(p)
