@@ -99,3 +99,23 @@ def test_progress_lines_without_tqdm(monkeypatch, capsys):
 def test_python_dash_m_ringattn():
     r = subprocess.run([sys.executable, "-m", "ringattn", "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("ringattn ")
+
+
+def test_warnings_printed_once_not_per_rank(tmp_path):
+    """A warning every rank would raise (same code) is printed by rank 0 only; generation's merge uses the
+    non-deprecated all-gather."""
+    code = ("import warnings, torch.distributed as dist\n"
+            "from ringattn import launch\n"
+            "def fn():\n"
+            "    warnings.warn('same on every rank', FutureWarning)\n"
+            "if __name__ == '__main__':\n"
+            "    launch.spawn(fn, 2)\n")
+    script = tmp_path / "warn.py"
+    script.write_text(code)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("FutureWarning: same on every rank") == 1, r.stderr
+    g = subprocess.run([sys.executable, "-m", "ringattn", "generate", "--nproc", "2", "--prompt-len", "32",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr
+    assert "deprecated" not in g.stderr, g.stderr

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -130,11 +131,21 @@ def init_from_env(threads: int | None = 1) -> tuple[int, int]:
             set_timeout(timeout)
     if threads:
         torch.set_num_threads(threads)
+    quiet_peers(dist.get_rank())
     return dist.get_rank(), dist.get_world_size()
+
+
+def quiet_peers(rank: int) -> None:
+    """Deprecation and future warnings from rank 0 only: every rank runs the same code, so the others
+    would print the same warning once each."""
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, threads: int, errq, parent: int) -> None:
     _die_with_parent(parent)
+    quiet_peers(rank)
     torch.set_num_threads(threads)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
