@@ -22,7 +22,7 @@ from ringattn.train import TrainConfig, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TC = TrainConfig(model=LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_chunk=16), task="mqar",
-                 seq_len=64, batch=2, steps=4, ckpt_every=2, lr=1e-2, warmup=1, progress=False, eval_samples=0)
+                 seq_len=64, batch=2, steps=4, ckpt_every=2, lr=1e-2, warmup=1, eval_samples=0)
 
 
 def _names(d: pathlib.Path) -> list[str]:
