@@ -194,7 +194,7 @@ def _dying_peer(rank, port, q, where):
         if where == "ring":
             comm.Ring.exchange = die
         else:
-            decode.merge_partials.__globals__["dist"] = type("Dying", (), {"all_gather_into_tensor": die})
+            decode.comm.gather_op = lambda: die
     x = torch.randn(1, 64, 2, 8)
     t0 = time.perf_counter()
     try:
