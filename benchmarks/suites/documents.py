@@ -92,4 +92,6 @@ def summary(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['dtype']} | {r['documents']} | {r['ours_s']:.3f} | {r['ideal_s']:.3f} | {r['ratio']:.2f} |")
     return "\n".join(lines) + f"\n\nGoal met: **{result['goal_met']}** (S={result['rows'][0]['seq_len']}, " \
-        f"{result['heads']} heads x {result['head_dim']}, causal, one thread, best of the interleaved runs).\n"
+        f"{result['heads']} heads x {result['head_dim']}, causal, one thread, best of the interleaved runs). " \
+        "In bfloat16 the per-document op is slow in its own backward (CPUs without native bf16); ringattn " \
+        "runs that backward on float32 copies of each tile (kernels/cpu.py).\n"
