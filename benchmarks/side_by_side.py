@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 CONFIGS = [("non-causal contiguous", "contiguous", False), ("causal zigzag", "zigzag", True)]
 
@@ -83,8 +84,13 @@ if __name__ == "__main__":
 
 def probe(src: str, *args) -> dict:
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _PROBE, *map(str, args)], capture_output=True, text=True, env=env,
-                       timeout=1200)
+    # A file, not -c: the ranks are spawned processes, which import the rank function from it.
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "probe.py")
+        with open(script, "w") as f:
+            f.write(_PROBE)
+        r = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, env=env,
+                           timeout=1200)
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
