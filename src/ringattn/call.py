@@ -23,7 +23,7 @@ from .layouts import effective_layout, mesh_coords, mesh_dims
 from .masks import MaskSpec
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .strategies import IMPLEMENTATIONS, resolve_auto
-from .validate import agree, call_number, check_qkv, describe, make_spec, softmax_scale_of
+from .validate import agree, call_number, check_backward_exchange, check_qkv, describe, make_spec, softmax_scale_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,9 +126,8 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     spec = make_spec(world=topo.world, local_len=topo.block_rows * q.shape[1], layout=layout, causal=opts.causal,
                      window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0])
     scale = softmax_scale_of(opts.softmax_scale, q.shape[-1])
-    exchange = choose(BackwardExchange, opts.backward_exchange, "backward_exchange")
-    if exchange is BackwardExchange.DIRECT and strategy not in RING_STRATEGIES:
-        raise ValueError(f"backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring")
+    check_backward_exchange(opts.backward_exchange, str(strategy))
+    exchange = BackwardExchange(opts.backward_exchange)
     chunk = opts.kv_head_chunk
     if chunk is not None:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
