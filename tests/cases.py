@@ -43,6 +43,7 @@ class Case:
     backend: str | None = None  # a library or test backend (tests/backends.py); None = the library's choice
     strategy: str = "ring"
     scale_logits: float = 1.0
+    q_len: int | None = None  # queries: the last q_len of the seq_len positions (q_seq_len); None = all
     extra: dict = field(default_factory=dict)
 
 
@@ -81,14 +82,16 @@ def run_case(case: Case) -> dict:
                           case.doc_piece)
     g = torch.Generator().manual_seed(case.seed)
     S, b = case.seq_len, case.batch
+    Lq = S if case.q_len is None else case.q_len
     dv = case.v_head_dim or case.head_dim
-    q = torch.randn(b, S, case.heads, case.head_dim, generator=g, dtype=torch.float64) * case.scale_logits
+    q = torch.randn(b, Lq, case.heads, case.head_dim, generator=g, dtype=torch.float64) * case.scale_logits
     k = torch.randn(b, S, case.kv_heads, case.head_dim, generator=g, dtype=torch.float64)
     v = torch.randn(b, S, case.kv_heads, dv, generator=g, dtype=torch.float64)
-    dout = torch.randn(b, S, case.heads, dv, generator=g, dtype=torch.float64)
+    dout = torch.randn(b, Lq, case.heads, dv, generator=g, dtype=torch.float64)
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     cu = torch.tensor(case.cu_seqlens, dtype=torch.int32) if case.cu_seqlens is not None else None
-    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu)
+    # The queries are the last Lq positions: their rows of the full square mask.
+    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu)[S - Lq:]
     r_out, r_lse, r_dq, r_dk, r_dv = ref_with_grads(q, k, v, dout, keep)
 
     lay = case.layout
@@ -102,6 +105,8 @@ def run_case(case: Case) -> dict:
     ds = ringattn.shard(dout, layout=lay, mesh=mesh)
     kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True,
               backend=backend)
+    if case.q_len is not None and "q_seq_len" not in extra:  # extra={"q_seq_len": None}: the default
+        kw["q_seq_len"] = Lq
     if case.strategy == "ring":
         out, lse = ringattn.ring_attention(qs, ks, vs, **kw, **extra)
     else:
@@ -109,9 +114,9 @@ def run_case(case: Case) -> dict:
     (out.double() * ds.double()).sum().backward()
 
     local = qs.shape[1]
-    pos = ringattn.layouts.mesh_positions(lay, mesh, local) if mesh is not None else \
+    rows = ringattn.layouts.mesh_positions(lay, mesh, local) if mesh is not None else \
         ringattn.global_positions(lay, rank, world, local)
-    valid = pos < S
+    valid = rows < Lq  # query rows, numbered from the first query
 
     def shard_ref(x, dim=1):
         return ringattn.shard(x, layout=lay, dim=dim, mesh=mesh)

@@ -23,7 +23,16 @@ from .layouts import effective_layout, mesh_coords, mesh_dims
 from .masks import MaskSpec
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .strategies import IMPLEMENTATIONS, resolve_auto
-from .validate import agree, call_number, check_backward_exchange, check_qkv, describe, make_spec, softmax_scale_of
+from .validate import (
+    agree,
+    call_number,
+    check_backward_exchange,
+    check_qkv,
+    describe,
+    make_spec,
+    query_offset,
+    softmax_scale_of,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +43,7 @@ class Options:
     window: tuple[int, int] | None = None
     layout: Layout | str = Layout.CONTIGUOUS
     seq_len: int | None = None
+    q_seq_len: int | None = None
     cu_seqlens: torch.Tensor | None = None
     softmax_scale: float | None = None
     return_lse: bool = False
@@ -76,6 +86,7 @@ class AttentionCall:
     spec: MaskSpec
     scale: float
     backend: Backend
+    q_offset: int = 0  # global position of query row 0 (Options.q_seq_len; 0 for square attention)
 
     @property
     def group(self):
@@ -123,8 +134,12 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
         raise TypeError(f"attention(): {e}".replace("Options.__init__() ", "")) from None
     check_qkv(q, k, v)
     layout = choose(Layout, opts.layout, "layout")
-    spec = make_spec(world=topo.world, local_len=topo.block_rows * q.shape[1], layout=layout, causal=opts.causal,
+    spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1], layout=layout, causal=opts.causal,
                      window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0])
+    q_block = topo.block_rows * q.shape[1]
+    q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
+                            same_len=q.shape[1] == k.shape[1], layout=layout, world=topo.world,
+                            q_local_len=q_block)
     scale = softmax_scale_of(opts.softmax_scale, q.shape[-1])
     check_backward_exchange(opts.backward_exchange, str(strategy))
     exchange = BackwardExchange(opts.backward_exchange)
@@ -138,8 +153,9 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
         raise ValueError(f"strategy={strategy!r} splits the heads over {topo.head_world} ranks: heads "
                          f"({q.shape[2]}) must be divisible by {topo.head_world}")
     backend = _backend(opts.backend, q, k, v)
-    call = AttentionCall(strategy, opts, topo, effective_layout(layout, topo.world), spec, scale, backend)
-    desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" backward_exchange={exchange}"
+    call = AttentionCall(strategy, opts, topo, effective_layout(layout, topo.world), spec, scale, backend, q_offset)
+    desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" q_offset={q_offset}"
+            f" backward_exchange={exchange}"
             f" kv_head_chunk={chunk} backend={backend.name} {_caps_text(backend.caps)}"
             f" blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")

@@ -48,6 +48,12 @@ def segments(layout: str, rank: int, world: int, local_len: int) -> tuple[Segmen
     return (Segment(rank, c, world),)
 
 
+def query_segments(layout: str, rank: int, world: int, local_len: int, offset: int = 0) -> tuple[Segment, ...]:
+    """The global positions of a rank's ``local_len`` queries: the layout of the query rows, moved on by
+    ``offset``, the position of query row 0 (the queries are the last rows of the key sequence)."""
+    return tuple(Segment(s.start + offset, s.length, s.stride) for s in segments(layout, rank, world, local_len))
+
+
 def mesh_dims(mesh) -> tuple[int | str, int | str]:
     """(ring dim, ulysses dim) of a 2-D DeviceMesh: by name if named "ring"/"ulysses", else (0, 1)."""
     if getattr(mesh, "ndim", None) != 2 or not hasattr(mesh, "get_group"):

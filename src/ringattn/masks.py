@@ -56,7 +56,10 @@ class Pair:
     """How to compute one query segment against one key segment.
 
     ``k_len`` keys are used (padding keys at the end are cut off). For ``CAUSAL``, query row ``i``
-    sees key ``j`` iff ``j <= i + shift``; ``shift <= 0`` (rows ``< -shift`` see nothing).
+    sees key ``j`` iff ``j <= i + shift``; ``shift <= 0`` (rows ``< -shift`` see nothing). A ``PARTIAL``
+    pair with ``shift > 0`` obeys the same rule: only the lower bound cuts, and the first ``shift`` keys
+    are seen by every row (queries that sit after keys of the same run: bottom-right causal, or a
+    window reaching right); the planner cuts it into a full and a causal part instead of masking it.
     """
 
     kind: Kind
@@ -117,8 +120,7 @@ class MaskSpec:
         if not docs_cut and not hi_cuts and qs.stride == ks.stride:
             # Only the lower bound cuts: i - j >= lo  <=>  j - i <= (qs.start - ks.start - lo) / stride.
             shift = (qs.start - ks.start - lo) // qs.stride
-            if shift <= 0:
-                return Pair(Kind.CAUSAL, k_len, shift)
+            return Pair(Kind.CAUSAL if shift <= 0 else Kind.PARTIAL, k_len, shift)
         return Pair(Kind.PARTIAL, k_len)
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

@@ -447,12 +447,14 @@ def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None
         return "ring"
     try:
         w = tuple(window) if window is not None else None
-        p = Problem(seq_len=world * q.shape[1], world=world, heads=q.shape[2], kv_heads=k.shape[2],
+        # The cost model is of square attention; with fewer queries than keys (q_seq_len) it models the
+        # keys' length, which is what the ring and the gather move.
+        p = Problem(seq_len=world * k.shape[1], world=world, heads=q.shape[2], kv_heads=k.shape[2],
                     head_dim=q.shape[3], v_head_dim=v.shape[3], batch=q.shape[0],
                     dtype_bytes=q.element_size(), causal=bool(causal), window=w, layout=layout,
                     backward=bool(q.requires_grad or k.requires_grad or v.requires_grad),
                     backward_exchange=backward_exchange)
-        if layout == "zigzag" and q.shape[1] % 2:
+        if layout == "zigzag" and (q.shape[1] % 2 or k.shape[1] % 2):
             return "ring"
         return recommend(estimate_all(p, configured_hardware(q.device)), allowed=("ring", "allgather", "ulysses"))
     except (AttributeError, IndexError, TypeError, ValueError):

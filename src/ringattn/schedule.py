@@ -45,7 +45,7 @@ import functools
 from dataclasses import dataclass
 
 from .kernels.base import Capabilities
-from .layouts import segments
+from .layouts import query_segments, segments
 from .masks import Kind, MaskSpec, Task
 from .tasks import DEFAULT_CAPS, plan_block
 
@@ -85,18 +85,23 @@ def last_of_direction(steps: tuple[int, ...], i: int, direct: bool) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int,
-              caps: Capabilities = DEFAULT_CAPS, direct: bool = False) -> RingPlan:
-    """The schedule (Note [Ring schedule and offsets]) and this rank's kernel tasks at every step."""
-    segs = [segments(layout, r, world, local_len) for r in range(world)]
+              caps: Capabilities = DEFAULT_CAPS, direct: bool = False, q_len: int | None = None,
+              q_offset: int = 0) -> RingPlan:
+    """The schedule (Note [Ring schedule and offsets]) and this rank's kernel tasks at every step.
+
+    ``local_len`` is the key block's length; ``q_len`` (default: the same) the query block's, whose row
+    0 sits at global position ``q_offset`` (``layouts.query_segments``)."""
+    q_len = local_len if q_len is None else q_len
+    ksegs = [segments(layout, r, world, local_len) for r in range(world)]
+    qsegs = [query_segments(layout, r, world, q_len, q_offset) for r in range(world)]
 
     def busy(r: int, o: int) -> bool:
-        qsegs, ksegs = segs[r], segs[(r - o) % world]
-        return any(spec.classify(qs, ks).kind is not Kind.EMPTY for qs in qsegs for ks in ksegs)
+        return any(spec.classify(qs, ks).kind is not Kind.EMPTY for qs in qsegs[r] for ks in ksegs[(r - o) % world])
 
     a, b = directions([o for o in range(1, world) if any(busy(r, o) for r in range(world))], world)
     steps = (0, *range(1, a + 1), *(-i for i in range(1, b + 1)))
-    tasks = {o: plan_block(spec, segs[rank], segs[(rank - o) % world], caps) for o in steps}
-    held = {o: plan_block(spec, segs[(rank + o) % world], segs[rank], caps) for o in steps if o}
+    tasks = {o: plan_block(spec, qsegs[rank], ksegs[(rank - o) % world], caps) for o in steps}
+    held = {o: plan_block(spec, qsegs[(rank + o) % world], ksegs[rank], caps) for o in steps if o}
     last = frozenset(i for i in range(len(steps)) if last_of_direction(steps, i, direct))
     # A block used for one step only (a direction one step long, e.g. 2 ranks; every block if direct) is
     # not prefetched whole: it streams in from its owner key tile by key tile during that step, so at no

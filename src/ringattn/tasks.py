@@ -8,6 +8,9 @@ natively (its :class:`~ringattn.kernels.base.Capabilities`):
   window and document tiles are empty or full), unless the backend runs PARTIAL natively;
 - packed documents are planned one piece per document first (every piece is full, causal or a window
   band, so no dense mask is needed: measured 2.1-2.4x faster on the CPU op than masked tiles);
+- a pair only the causal bound cuts whose diagonal starts right of its first key (queries later than
+  the keys they share a run with: bottom-right causal, or a window reaching right) becomes a full
+  rectangle plus a top-left triangle;
 - a causal task for a bottom-right aligned kernel becomes a square triangle plus a full rectangle.
 
 The same tasks feed the FLOP model (``task_flops``) of the profiler and of the planner.
@@ -111,6 +114,12 @@ def _plan_pair(spec: MaskSpec, qs: Segment, ks: Segment, qoff: int, koff: int, c
         out.append(Task(q0, qoff + qs.length, koff, koff + pair.k_len, pair.kind))
         return
     ks = Segment(ks.start, pair.k_len, ks.stride)
+    if pair.shift > 0:
+        # Keys before ``shift`` are seen by every row, the rest form a top-left triangle: two mask-free
+        # calls in place of dense tiles along the whole diagonal.
+        _plan_pair(spec, qs, ks.sub(0, pair.shift), qoff, koff, caps, out)
+        _plan_pair(spec, qs, ks.sub(pair.shift, ks.length), qoff, koff + pair.shift, caps, out)
+        return
     if Kind.PARTIAL in caps.native:
         out.append(Task(qoff, qoff + qs.length, koff, koff + ks.length, Kind.PARTIAL, qseg=qs, kseg=ks))
         return

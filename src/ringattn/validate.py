@@ -54,9 +54,8 @@ def check_qkv(q, k, v) -> None:
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"q, k and v must share the batch size, got {q.shape[0]}, {k.shape[0]}, "
                          f"{v.shape[0]}")
-    if not (q.shape[1] == k.shape[1] == v.shape[1]):
-        raise ValueError(f"q, k and v must share local_len (dim 1), got {q.shape[1]}, {k.shape[1]}, "
-                         f"{v.shape[1]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must share local_len (dim 1), got {k.shape[1]} and {v.shape[1]}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
@@ -96,6 +95,29 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     if cu_seqlens is not None:
         bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
     return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds)
+
+
+def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout: str, world: int,
+                 q_local_len: int) -> int:
+    """The global position of query row 0. The queries are the last ``q_seq_len`` of the ``seq_len`` key
+    positions (bottom-right aligned, as in chunked prefill); the ``q_rows`` rows the ranks hold beyond
+    ``q_seq_len`` are padding. None means ``seq_len`` when q and k have the same local length (square
+    attention), else every query row."""
+    if layout == "zigzag" and world > 1 and q_local_len % 2:
+        raise ValueError(f"layout='zigzag' needs an even q local_len, got {q_local_len} "
+                         "(ringattn.shard pads to a multiple of 2 * world)")
+    if q_seq_len is None:
+        q_seq_len = seq_len if same_len else q_rows
+    elif isinstance(q_seq_len, bool) or not isinstance(q_seq_len, numbers.Integral):
+        raise TypeError(f"q_seq_len must be an int or None, got {type(q_seq_len).__name__}")
+    q_seq_len = int(q_seq_len)
+    if not 0 <= q_seq_len <= q_rows:
+        raise ValueError(f"q_seq_len must be in [0, world * q local_len = {q_rows}], got {q_seq_len}")
+    if q_seq_len > seq_len:
+        raise ValueError(f"q is longer than k: the queries are the last q_seq_len positions of the key "
+                         f"sequence, so q_seq_len ({q_seq_len}) must be <= seq_len ({seq_len})"
+                         + ("; pass q_seq_len= the number of real query rows" if not same_len else ""))
+    return seq_len - q_seq_len
 
 
 def softmax_scale_of(softmax_scale, head_dim: int) -> float:

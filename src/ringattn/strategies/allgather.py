@@ -26,7 +26,7 @@ from ..autograd import SavedAttention
 from ..comm import gather_op, reduce_scatter_op
 from ..kernels import Backend, acc_dtype
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
-from ..layouts import cut_at, global_positions, segments
+from ..layouts import cut_at, global_positions, query_segments, segments
 from ..masks import Segment, Task
 from ..tasks import plan_block
 
@@ -195,9 +195,8 @@ def _start_scatter(gk, gv, w: int, call: GatherCall):
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """Gather K/V chunk by chunk and attend; (out, lse), differentiable."""
     topo = call.topo
-    n = q.shape[1]
-    ksegs, to_global = _key_layout(call.layout, topo.world, n, q.device)
-    qsegs = segments(call.layout, topo.rank, topo.world, n)
+    ksegs, to_global = _key_layout(call.layout, topo.world, k.shape[1], q.device)
+    qsegs = query_segments(call.layout, topo.rank, topo.world, q.shape[1], call.q_offset)
     if len(ksegs) == 1:
         ksegs = cut_at(ksegs[0], qsegs)
     per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)

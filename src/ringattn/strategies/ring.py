@@ -30,17 +30,18 @@ if TYPE_CHECKING:
     from ..call import AttentionCall
 
 
-def plan_for(call: AttentionCall, local_len: int) -> RingPlan:
+def plan_for(call: AttentionCall, q_len: int, k_len: int) -> RingPlan:
     # Always the call's own (agreed) backend's caps, even where the backward computes with another
     # backend: whether a gradient flows into lse is decided per rank, and the key tiles that a rank
     # sends and receives must be cut the same way on every rank.
     topo = call.topo
-    return make_plan(call.spec, call.layout, topo.rank, topo.world, local_len, call.backend.caps,
-                     call.backward_exchange is BackwardExchange.DIRECT)
+    return make_plan(call.spec, call.layout, topo.rank, topo.world, k_len, call.backend.caps,
+                     call.backward_exchange is BackwardExchange.DIRECT, q_len, call.q_offset)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
-    """The ring on ``call.group`` over blocks of ``q.shape[1]`` rows; (out, lse), differentiable."""
+    """The ring on ``call.group`` over key blocks of ``k.shape[1]`` rows (queries: ``q.shape[1]`` rows
+    from ``call.q_offset`` on); (out, lse), differentiable."""
     # Blocks live in the kernels' heads-major storage for the whole call (one copy each here, if needed).
     q, k, v = heads_major(q), heads_major(k), heads_major(v)
     return SavedAttention.apply(q, k, v, _forward, _backward, call)
@@ -58,7 +59,7 @@ def _prefetch(ring: Ring, steps, i: int, cur, own) -> Pending | None:
 
 def _forward(q, k, v, call: AttentionCall):
     ring = Ring(call.group)
-    plan = plan_for(call, q.shape[1])
+    plan = plan_for(call, q.shape[1], k.shape[1])
     acc = OutLseAccumulator(q, v.shape[-1])
     cur = (k, v)
     for i, o in enumerate(plan.steps):
@@ -106,7 +107,7 @@ class _RingBackward:
     def __init__(self, dout, q, k, v, out, lse, call: AttentionCall, dlse):
         self.call, self.ring = call, Ring(call.group)
         self.backend = call.backend_for(dlse)
-        self.plan = plan_for(call, q.shape[1])
+        self.plan = plan_for(call, q.shape[1], k.shape[1])
         self.q, self.k, self.v, self.out, self.lse, self.dlse = q, k, v, out, lse, dlse
         self.dout = heads_major(dout)
         self.acc = acc_dtype(q.dtype)

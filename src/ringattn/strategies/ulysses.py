@@ -38,13 +38,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LocalCall:
-    """Attention over the whole gathered sequence (positions 0..n-1 in order) on this rank's heads."""
+    """Attention over the whole gathered sequence on this rank's heads: ``nq`` queries at positions
+    ``q_offset, q_offset + 1, ...`` over ``nk`` keys at ``0..nk-1``, both in order."""
 
     call: AttentionCall
-    n: int
+    nq: int
+    nk: int
 
     def tasks(self, backend):
-        return plan_block(self.call.spec, (Segment(0, self.n),), (Segment(0, self.n),), backend.caps)
+        return plan_block(self.call.spec, (Segment(self.call.q_offset, self.nq),), (Segment(0, self.nk),),
+                          backend.caps)
 
 
 def local_forward(q, k, v, local: LocalCall):
@@ -76,27 +79,33 @@ def rank_order(layout: str, world: int, local_len: int, device) -> torch.Tensor 
     return torch.cat([global_positions(layout, r, world, local_len, device) for r in range(world)])
 
 
-def head_parallel_attention(q, k, v, call: AttentionCall, order: torch.Tensor | None, replicate: int):
+def head_parallel_attention(q, k, v, call: AttentionCall, q_order: torch.Tensor | None,
+                            k_order: torch.Tensor | None, replicate: int):
     """The Ulysses core on ``call.topo.head_group``: (out, lse) of this rank's tokens, differentiable.
 
-    ``order`` gives the global position of each token after the all-to-all (None = already in order).
+    ``q_order`` / ``k_order`` give the global row of each query / key after the all-to-all (None =
+    already in order).
     """
     group = call.topo.head_group
     if replicate > 1:
         k = k.repeat_interleave(replicate, dim=2)
         v = v.repeat_interleave(replicate, dim=2)
     qh, kh, vh = (AllToAll.apply(t, group, 2, 1) for t in (q, k, v))
-    if order is not None:
-        to_global = torch.argsort(order)
-        qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
-    out, lse = SavedAttention.apply(qh, kh, vh, local_forward, local_backward, LocalCall(call, qh.shape[1]))
-    if order is not None:  # back to rank order: row j of rank order holds global position order[j]
-        out, lse = out.index_select(1, order), lse.index_select(2, order)
+    if q_order is not None:
+        qh = qh.index_select(1, torch.argsort(q_order))
+    if k_order is not None:
+        to_global = torch.argsort(k_order)
+        kh, vh = kh.index_select(1, to_global), vh.index_select(1, to_global)
+    local = LocalCall(call, qh.shape[1], kh.shape[1])
+    out, lse = SavedAttention.apply(qh, kh, vh, local_forward, local_backward, local)
+    if q_order is not None:  # back to rank order: row j of rank order holds global row q_order[j]
+        out, lse = out.index_select(1, q_order), lse.index_select(2, q_order)
     return AllToAll.apply(out, group, 1, 2), AllToAll.apply(lse, group, 2, 1)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """All-to-all to a head split, exact attention over the whole sequence, all-to-all back."""
     world = call.topo.world
-    order = rank_order(call.layout, world, q.shape[1], q.device)
-    return head_parallel_attention(q, k, v, call, order, kv_replication(k.shape[2], world))
+    q_order = rank_order(call.layout, world, q.shape[1], q.device)
+    k_order = rank_order(call.layout, world, k.shape[1], q.device)
+    return head_parallel_attention(q, k, v, call, q_order, k_order, kv_replication(k.shape[2], world))
