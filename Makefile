@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # The exactness suites again through the test-only backends of tests/backends.py, which take the kernel
 # seam's paths no CPU kernel takes (whole partial pairs; bottom-right causal alignment).
-SEAM_SUITES := tests/test_ring.py tests/test_masks_on_ring.py tests/test_strategies.py
+SEAM_SUITES := tests/test_ring.py tests/test_masks_on_ring.py tests/test_strategies.py tests/test_bottom_right.py
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -93,6 +93,13 @@ def test_single_process_bottom_right():
     qp = torch.cat([q, q.new_zeros(1, S - Lq, 4, 8)], 1)
     out = ringattn.ring_attention(qp, k, v, causal=True, q_seq_len=Lq)
     assert torch.allclose(out[:, :Lq], ref, atol=1e-12)
+    with pytest.raises(TypeError, match="q_seq_len must be an int"):
+        ringattn.ring_attention(q, k, v, q_seq_len=6.0)
+
+
+def test_auto_bottom_right(ranks):
+    run_all(ranks, 2, [Case(seq_len=37, q_len=12, layout="zigzag", causal=True, strategy="auto"),
+                       Case(seq_len=40, q_len=21, layout="striped", strategy="auto", window=(7, 2))])
 
 
 def test_bottom_right_needs_no_dense_mask():
@@ -131,7 +138,7 @@ def _errors(kind: str) -> str:
 
 @pytest.mark.parametrize("kind,words", [
     ("q_longer", "q is longer than k"),
-    ("q_seq_len_over_seq_len", "must be <= seq_len (5)"),
+    ("q_seq_len_over_seq_len", "q_seq_len (7) must be <= seq_len (5)"),
     ("q_seq_len_over_rows", "q_seq_len must be in [0, world * q local_len = 8]"),
     ("zigzag_odd_q", "even q local_len"),
     ("one_rank_bad", "disagree"),

@@ -24,7 +24,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
     """Exact attention over a sequence split across the ranks of ``group``.
 
     Args:
-        q: ``(batch, local_len, heads, head_dim)``, this rank's queries.
+        q: ``(batch, q_local_len, heads, head_dim)``, this rank's queries (``q_local_len`` is
+            ``local_len`` unless ``q_seq_len`` gives fewer queries than keys).
         k: ``(batch, local_len, kv_heads, head_dim)``; ``heads % kv_heads == 0`` and query head ``i``
             reads key/value head ``i // (heads // kv_heads)``. Only the kv_heads travel.
         v: ``(batch, local_len, kv_heads, v_head_dim)``.
@@ -36,6 +37,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             positions each rank holds (see ``ringattn.shard``).
         seq_len: the true global length; positions ``>= seq_len`` are padding, never attended to.
             None = ``world * local_len``.
+        q_seq_len: the number of real queries, which are the *last* ``q_seq_len`` of the ``seq_len`` key
+            positions (bottom-right causal: chunked prefill). q is sharded like k, same layout, over its
+            own rows (``ringattn.shard`` of the full queries); query rows past ``q_seq_len`` are padding.
+            None = ``seq_len`` if q and k have the same local length, else ``world * q_local_len``.
         cu_seqlens: int tensor ``[0, ..., seq_len]`` of packed-document boundaries (batch 1).
         softmax_scale: None = ``1 / sqrt(head_dim)``.
         return_lse: also return the logsumexp ``(batch, heads, local_len)``, float32 (float64 for
@@ -47,7 +52,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             ``ringattn.kernels.BACKENDS`` or a ``ringattn.kernels.Backend``.
 
     Returns:
-        ``out`` ``(batch, local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
+        ``out`` ``(batch, q_local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
         no key (padding under a document mask) are 0 with lse ``-inf``. Differentiable in q, k and v.
     """
     return _call.enter(q, k, v, strategy=Strategy.RING, group=group, **options)

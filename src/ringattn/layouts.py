@@ -9,6 +9,10 @@ of R ranks, each holding a block of ``U * local_len`` positions, and the U ranks
 dimension split that block's rows contiguously in order (see ``hybrid_segments``). Mesh dimensions are
 found by name (``mesh_dim_names`` containing "ring" and "ulysses"), else dim 0 is the ring and dim 1
 the Ulysses dimension.
+
+Queries fewer than the keys (``q_seq_len``) are the last positions of the key sequence; they follow
+the same layout over their own rows, moved on by the offset of their first row (``query_segments``),
+so a rank's query and key blocks differ in length and ``shard`` makes both.
 """
 
 from __future__ import annotations

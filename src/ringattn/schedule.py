@@ -18,7 +18,8 @@ Four ranks, causal, contiguous layout (C = causal diagonal block, F = full, . = 
 The zigzag and striped layouts make every row of this table cost the same. A sliding window on the
 contiguous layout keeps about ``ceil(left / local_len) + 1`` steps instead of W (and the reverse run only
 when the window reaches right). While step ``i`` computes, the exchange that brings step ``i + 1``'s block
-is in flight.
+is in flight. With fewer queries than keys (``q_seq_len``) only the query positions move (to the end
+of the key sequence); offsets are chosen from them the same way, and only K/V travel, as always.
 
 Note [Backward exchange: ring vs direct]
 ----------------------------------------

@@ -106,7 +106,8 @@ def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout
     if layout == "zigzag" and world > 1 and q_local_len % 2:
         raise ValueError(f"layout='zigzag' needs an even q local_len, got {q_local_len} "
                          "(ringattn.shard pads to a multiple of 2 * world)")
-    if q_seq_len is None:
+    default = q_seq_len is None
+    if default:
         q_seq_len = seq_len if same_len else q_rows
     elif isinstance(q_seq_len, bool) or not isinstance(q_seq_len, numbers.Integral):
         raise TypeError(f"q_seq_len must be an int or None, got {type(q_seq_len).__name__}")
@@ -114,9 +115,12 @@ def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout
     if not 0 <= q_seq_len <= q_rows:
         raise ValueError(f"q_seq_len must be in [0, world * q local_len = {q_rows}], got {q_seq_len}")
     if q_seq_len > seq_len:
-        raise ValueError(f"q is longer than k: the queries are the last q_seq_len positions of the key "
-                         f"sequence, so q_seq_len ({q_seq_len}) must be <= seq_len ({seq_len})"
-                         + ("; pass q_seq_len= the number of real query rows" if not same_len else ""))
+        if default:
+            raise ValueError(f"q is longer than k: its world * q local_len = {q_rows} query rows are more than "
+                             f"seq_len = {seq_len} keys; the queries are the last q_seq_len key positions, so "
+                             "pass q_seq_len= the number of real queries (or give q and k one local_len)")
+        raise ValueError(f"q is longer than k: the queries are the last q_seq_len key positions, so "
+                         f"q_seq_len ({q_seq_len}) must be <= seq_len ({seq_len})")
     return seq_len - q_seq_len
 
 

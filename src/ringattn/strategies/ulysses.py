@@ -8,7 +8,8 @@ q, k, v and one of the output per forward, and the mirror image in backward; not
 After the all-to-all the tokens sit in *rank order* (rank 0's tokens, then rank 1's, ...), which is
 global order only for the contiguous layout. For zigzag and striped they are permuted into global
 order first, so the kernels see one contiguous run of positions (one causal call instead of many
-partial ones), and the output is permuted back.
+partial ones), and the output is permuted back. Queries and keys are permuted each by their own
+length (with ``q_seq_len`` there are fewer queries, at the end of the key positions).
 
 GQA: query head ``i`` reads K/V head ``i // (heads // kv_heads)``; ``heads`` must be divisible by W.
 When ``kv_heads`` is not a multiple of W, every K/V head is replicated ``W / gcd(kv_heads, W)`` times
