@@ -16,7 +16,8 @@ import pathlib
 import sys
 import time
 
-SUITES = ["kernel", "documents", "ring", "prefill", "window", "strategies", "memory", "table3", "decode", "multihost"]
+SUITES = ["kernel", "documents", "ring", "prefill", "window", "mods", "strategies", "memory", "table3",
+          "decode", "multihost"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

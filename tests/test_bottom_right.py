@@ -26,7 +26,7 @@ def run_all(ranks, world, cases):
 def core_cases(world: int, strategy: str, extra: dict | None = None) -> list[Case]:
     """Every layout, causal or not, GQA 4:1 / 4:2 / 4:4, query counts that do and do not divide the
     ranks (so q's local length differs from k's and the last ranks hold query padding); a window,
-    packed documents and float32."""
+    packed documents, float32, chunks, ALiBi, sinks and softcap."""
     x = extra or {}
     S = 16 * world + 7
     cases = []
@@ -46,6 +46,12 @@ def core_cases(world: int, strategy: str, extra: dict | None = None) -> list[Cas
              cu_seqlens=[0, 5, n // 2, n - 6, n - 1], strategy=strategy, extra=dict(x), seed=29),
         Case(seq_len=n + 1, q_len=9, layout="zigzag", causal=True, dtype="float32", kv_heads=1,
              strategy=strategy, extra=dict(x), seed=30),
+        # Score modifications read the query positions too: ALiBi's i - j, chunks, sinks; softcap with a
+        # gradient through lse.
+        Case(seq_len=n - 3, q_len=n // 3, layout="zigzag", causal=True, chunk_size=7, alibi=True, sinks=True,
+             strategy=strategy, extra=dict(x), seed=34),
+        Case(seq_len=n + 1, q_len=n // 2 - 1, layout="striped", causal=True, softcap=5.0, lse_grad=True,
+             strategy=strategy, extra=dict(x), seed=35),
     ]
     return cases
 

@@ -57,7 +57,7 @@ def local_forward(q, k, v, local: LocalCall):
     tasks = local.tasks(backend)
     profiling.count_flops(tasks, q, v, backward=False)
     with profiling.timed():
-        run_forward(backend, q, k, v, tasks, local.call.spec, local.call.scale, acc)
+        run_forward(backend, q, k, v, tasks, local.call.spec, local.call.scale, acc, local.call.scores)
     return acc.out.to(q.dtype), acc.lse
 
 
@@ -68,7 +68,8 @@ def local_backward(dout, q, k, v, out, lse, local: LocalCall, dlse):
     dq, dk, dv = (GradAccumulator(t.shape, acc, t.device) for t in (q, k, v))
     profiling.count_flops(tasks, q, v, backward=True)
     with profiling.timed():
-        run_backward(backend, dout, q, k, v, out, lse, tasks, local.call.spec, local.call.scale, dq, dk, dv, dlse)
+        run_backward(backend, dout, q, k, v, out, lse, tasks, local.call.spec, local.call.scale, dq, dk, dv, dlse,
+                     local.call.scores)
     dq, dk, dv = dq.get(), dk.get(), dv.get()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -97,8 +98,8 @@ def head_parallel_attention(q, k, v, call: AttentionCall, q_order: torch.Tensor 
     if k_order is not None:
         to_global = torch.argsort(k_order)
         kh, vh = kh.index_select(1, to_global), vh.index_select(1, to_global)
-    local = LocalCall(call, qh.shape[1], kh.shape[1])
-    out, lse = SavedAttention.apply(qh, kh, vh, local_forward, local_backward, local)
+    local = LocalCall(call.local_heads(q.shape[2]), qh.shape[1], kh.shape[1])
+    out, lse = SavedAttention.apply(qh, kh, vh, local.call.sinks, local_forward, local_backward, local)
     if q_order is not None:  # back to rank order: row j of rank order holds global row q_order[j]
         out, lse = out.index_select(1, q_order), lse.index_select(2, q_order)
     return AllToAll.apply(out, group, 1, 2), AllToAll.apply(lse, group, 2, 1)
