@@ -90,9 +90,10 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     runs = [(lq, lay) for lq in q_lens for lay in layouts]
     singles = {lq: _single(S, lq, heads, d, reps) for lq in q_lens}
     # One launch of the ranks for every run (a launch costs seconds); the single process is timed again
-    # afterwards and the best kept, so that drift in the machine's load hits both sides alike.
+    # afterwards (not in --quick) and the best kept, so that drift in the machine's load hits both sides
+    # alike.
     recs = spawn_collect(_rank, 2, S, runs, heads, d, reps)
-    for lq in q_lens:
+    for lq in [] if quick else q_lens:
         again = _single(S, lq, heads, d, reps)
         singles[lq] = (min(singles[lq][0], again[0]), min(singles[lq][1], again[1]), singles[lq][2])
     rows = []
