@@ -33,10 +33,12 @@ class _Op:
         self.op, self.tensor, self.peer, self.tag = op, tensor, peer, tag
 
 
-def record(world, local, layout, causal, window, seq_len, direct, chunk, cu=None, monkeypatch=None, batch=1):
+def record(world, local, layout, causal, window, seq_len, direct, chunk, cu=None, monkeypatch=None, batch=1,
+           q_local=None, q_seq_len=None):
     """Per rank, the exchange groups it posts in one forward + backward, through ``comm.Ring.exchange``
     down to ``batch_isend_irecv`` (replaced by a recorder): lists of (send|recv, (src, dst), tag, shape,
-    dtype), one per message."""
+    dtype), one per message. ``q_local`` / ``q_seq_len``: fewer queries than keys, the last ones."""
+    q_local = local if q_local is None else q_local
     backend = retiled(BACKENDS["cpu-flash"], backward_tile=chunk)
     monkeypatch.setattr(comm.dist, "P2POp", _Op)
     logs = []
@@ -63,11 +65,12 @@ def record(world, local, layout, causal, window, seq_len, direct, chunk, cu=None
         cu_t = torch.tensor(cu) if cu is not None else None
         spec = make_spec(world=world, local_len=local, layout=layout, causal=causal, window=window,
                          seq_len=seq_len, cu_seqlens=cu_t, batch=batch)
+        q_offset = 0 if q_seq_len is None else spec.seq_len - q_seq_len
         call = AttentionCall(Strategy.RING, Options(backward_exchange="direct" if direct else "ring"),
-                             Topology(None, rank, world), Layout(layout), spec, 0.5, backend)
+                             Topology(None, rank, world), Layout(layout), spec, 0.5, backend, q_offset)
         g = torch.Generator().manual_seed(rank)
-        q, k, v = (heads_major(torch.randn(batch, local, h, 4, generator=g, dtype=torch.float64))
-                   for h in (2, 1, 1))
+        q, k, v = (heads_major(torch.randn(batch, n, h, 4, generator=g, dtype=torch.float64))
+                   for n, h in ((q_local, 2), (local, 1), (local, 1)))
         out, lse = ring._forward(q, k, v, call)
         ring._backward(torch.ones_like(out), q, k, v, out, lse, call, None)
         logs.append(log)
@@ -162,4 +165,22 @@ def test_random_configurations_post_in_one_global_order(monkeypatch):
         batch = 1 if cu else rnd.choice([1, 2])
         logs = record(world, local, layout, causal, window, seq_len, direct, chunk, cu, monkeypatch, batch)
         what = (world, local, layout, causal, window, seq_len, chunk, cu, direct, batch)
+        assert messages_match(logs) and completes_under_nccl(logs), what
+
+
+def test_bottom_right_queries_post_in_one_global_order(monkeypatch):
+    # Fewer queries than keys: the ranks' work per key tile differs more (the last positions' queries
+    # see every key), and only K/V travel, whatever the queries' length.
+    rnd = random.Random(1)
+    for _ in range(25):
+        world = rnd.choice([2, 3, 4, 5, 8])
+        local, chunk = rnd.choice([8, 12, 16]), rnd.choice([2, 3, 4])
+        layout, causal, direct = rnd.choice(["contiguous", "zigzag", "striped"]), rnd.random() < 0.7, rnd.random() < 0.5
+        seq_len = world * local - rnd.choice([0, 1, 5])
+        q_local = rnd.choice([2, 4, 6])
+        q_seq_len = rnd.randint(1, min(world * q_local, seq_len))
+        window = None if rnd.random() < 0.5 else (rnd.randint(0, 2 * local), -1 if causal else rnd.randint(0, local))
+        logs = record(world, local, layout, causal, window, seq_len, direct, chunk, None, monkeypatch,
+                      q_local=q_local, q_seq_len=q_seq_len)
+        what = (world, local, layout, causal, window, seq_len, chunk, direct, q_local, q_seq_len)
         assert messages_match(logs) and completes_under_nccl(logs), what
