@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ import ringattn
 from ringattn import comm
 
 from .backends import backend_for
-from .reference import TOL, attention_ref, dense_mask
+from .reference import TOL, attention_ref, dense_mask, slices_mask
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -52,6 +53,8 @@ class Case:
     alibi: bool = False
     chunk_size: int | None = None
     lse_grad: bool = False
+    mask_mod: Callable | None = None  # a module-level function (it travels to the ranks by pickle)
+    slices: list | None = None
 
 
 def ref_with_mods(q, k, v, dout, dlse, keep, mods: dict):
@@ -112,7 +115,12 @@ def run_case(case: Case) -> dict:
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     cu = torch.tensor(case.cu_seqlens, dtype=torch.int32) if case.cu_seqlens is not None else None
     # The queries are the last Lq positions: their rows of the full square mask.
-    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu, chunk_size=case.chunk_size)[S - Lq:]
+    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu, chunk_size=case.chunk_size)
+    if case.mask_mod is not None:
+        keep &= case.mask_mod(torch.arange(S)[:, None], torch.arange(S)[None, :])
+    if case.slices is not None:
+        keep &= slices_mask(S, case.slices)
+    keep = keep[S - Lq:]
     mods = {}
     if case.softcap is not None:
         mods["softcap"] = case.softcap
@@ -140,8 +148,9 @@ def run_case(case: Case) -> dict:
               backend=backend)
     if case.q_len is not None and "q_seq_len" not in extra:  # extra={"q_seq_len": None}: the default
         kw["q_seq_len"] = Lq
-    if case.chunk_size is not None:
-        kw["chunk_size"] = case.chunk_size
+    for name in ("chunk_size", "mask_mod", "slices"):
+        if getattr(case, name) is not None:
+            kw[name] = getattr(case, name)
     sinks = None
     for name, val in mods.items():
         if name == "sinks":

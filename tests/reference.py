@@ -29,6 +29,22 @@ def dense_mask(n: int, *, causal=False, window=None, seq_len=None, cu_seqlens=No
     return keep
 
 
+def slices_mask(n: int, slices) -> torch.Tensor:
+    """The union of MagiAttention-style slices ``((q0, q1), (k0, k1), kind)``; causal is bottom-right."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    keep = torch.zeros(n, n, dtype=torch.bool)
+    for (q0, q1), (k0, k1), kind in slices:
+        r, c, extra = i - q0, j - k0, (k1 - k0) - (q1 - q0)
+        m = (i >= q0) & (i < q1) & (j >= k0) & (j < k1)
+        if kind in ("causal", "bi-causal"):
+            m &= c <= r + extra
+        if kind in ("inv-causal", "bi-causal"):
+            m &= c >= r
+        keep |= m
+    return keep
+
+
 def attention_ref(q, k, v, keep, scale=None, *, softcap=None, sinks=None, alibi_slopes=None):
     """q (b, n, h, d), k/v (b, n, kvh, *), keep (n, n) bool -> out (b, n, h, dv), lse (b, h, n), float64.
 

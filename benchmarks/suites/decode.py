@@ -37,7 +37,7 @@ class DecodeBenchConfig:
     seed: int = 0
 
 
-QUICK = DecodeBenchConfig(contexts=(256, 1024), new_tokens=8)
+QUICK = DecodeBenchConfig(contexts=(256, 512), new_tokens=4)
 
 
 def _model(cfg: DecodeBenchConfig):

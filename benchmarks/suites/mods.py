@@ -49,7 +49,7 @@ def _rank(S: int, heads: int, d: int, chunk: int, rounds: int) -> dict:
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     S, heads, d = (1024, 4, 64) if quick else (8192, 8, 64)
-    chunk, rounds = S // 8, 1 if quick else 3
+    chunk, rounds = S // 8, 1 if quick else 2
     times = spawn_collect(_rank, 2, S, heads, d, chunk, rounds)
     base = times["causal"]
     res = {"machine": machine(), "seq_len": S, "ranks": 2, "heads": heads, "head_dim": d, "chunk_size": chunk,

@@ -83,9 +83,10 @@ class ScalingConfig:
                                            ("ulysses", "zigzag"))
 
 
-QUICK_OVERLAP = OverlapConfig(rates_mbit=(200.0,), lengths=(256, 512, 1024), repeats=1, chain_len=1)
+QUICK_OVERLAP = OverlapConfig(rates_mbit=(200.0,), lengths=(256, 512), repeats=1, chain_len=1)
 QUICK_HYBRID = HybridConfig(rates_mbit=(None,), local_len=256, repeats=1, kv_heads=(2,))
-QUICK_SCALING = ScalingConfig(worlds=(2,), seq_len=1024)
+QUICK_SCALING = ScalingConfig(worlds=(2,), seq_len=512, combos=(("ring", "zigzag"), ("allgather", "zigzag"),
+                                                               ("ulysses", "zigzag")))
 
 
 # -- helpers used inside the workers --------------------------------------------------------------------

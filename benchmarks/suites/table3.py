@@ -144,9 +144,9 @@ def _run_configs(specs: list[dict]) -> list[dict]:
 
 def run(out: pathlib.Path, quick: bool) -> dict:
     """Max sequence length per configuration within the per-rank budget; writes table3.png."""
-    size = {"dim": 128, "layers": 2 if quick else 4, "heads": 4, "kv_heads": 2, "chunk": 256}
+    size = {"dim": 128, "layers": 1 if quick else 4, "heads": 4, "kv_heads": 2, "chunk": 256}
     budget = 16 if quick else 128
-    search = {"budget_mb": budget, "max_len": 2**12 if quick else 2**17, "bisect": 0 if quick else 4}
+    search = {"budget_mb": budget, "max_len": 2**11 if quick else 2**17, "bisect": 0 if quick else 4}
     # --quick: one ring configuration, and one measuring process for all (each takes seconds to start).
     configs = [{**size, **search, **c} for c in _configs(size["chunk"])[:4 if quick else None]]
     batches = [configs] if quick else \

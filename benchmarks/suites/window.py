@@ -55,7 +55,7 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     heads, d, left = 4, 64, 512
     res = {"machine": machine(), "heads": heads, "head_dim": d, "window": [left, -1], "layout": "contiguous"}
     # 1. Steps and bytes per rank, 4 ranks.
-    S = 2048 if quick else 8192
+    S = 1024 if quick else 8192
     comp = {}
     named = (("full causal", None), (f"window ({left}, -1)", (left, -1)))
     for (name, _), recs in zip(named, measure(4, [(S, w) for _, w in named], heads, d)):
@@ -65,8 +65,8 @@ def run(out: pathlib.Path, quick: bool) -> dict:
               f"{max(r['bytes_sent'] for r in recs) / 2**20:.1f} MiB  time {recs[0]['time_s']:.2f}s", flush=True)
     res["steps_and_bytes"] = {"seq_len": S, "ranks": 4, **comp}
     # 2. Time vs. length at a fixed window, 2 ranks, next to full causal attention.
-    lengths = [1024, 2048] if quick else [4096, 8192, 16384, 32768, 65536]
-    full_max = 1024 if quick else 16384
+    lengths = [512, 1024] if quick else [4096, 8192, 16384, 32768, 65536]
+    full_max = 512 if quick else 16384
     runs = [(s, w) for s in lengths for w in ((left, -1), None) if w is not None or s <= full_max]
     times = {run: recs[0]["time_s"] for run, recs in zip(runs, measure(2, runs, heads, d))}
     curve = []

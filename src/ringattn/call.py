@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,8 @@ class Options:
     sinks: torch.Tensor | None = None
     chunk_size: int | None = None
     alibi_slopes: torch.Tensor | None = None
+    mask_mod: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    slices: Sequence[tuple[tuple[int, int], tuple[int, int], str]] | None = None
 
 
 # Keywords that tune one kind of strategy, and the strategies that take a non-default value.
@@ -156,7 +158,8 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     sinks = check_per_head("sinks", opts.sinks, q.shape[2], q)
     spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1], layout=layout, causal=opts.causal,
                      window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0],
-                     chunk_size=opts.chunk_size, positional=ALIBI in scores.kinds)
+                     chunk_size=opts.chunk_size, positional=ALIBI in scores.kinds, mask_mod=opts.mask_mod,
+                     slices=opts.slices)
     q_block = topo.block_rows * q.shape[1]
     q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
                             same_len=q.shape[1] == k.shape[1], layout=layout, world=topo.world,

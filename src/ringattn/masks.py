@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import bisect
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# Pairs of at most this many (query, key) positions are classified by evaluating a mask_mod on all of
+# them; bigger ones are PARTIAL until the planner cuts them into tiles (each then evaluated).
+EVAL_PAIRS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,135 @@ class Pair:
     shift: int = 0
 
 
+class SliceKind(enum.Enum):
+    FULL = "full"
+    CAUSAL = "causal"  # bottom-right aligned, as in MagiAttention: the last query sees the last key
+    INV_CAUSAL = "inv-causal"  # top-left aligned: the first query sees every key
+    BI_CAUSAL = "bi-causal"  # both
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Attention slice: queries ``[q0, q1)`` see keys ``[k0, k1)`` (global positions), restricted by kind.
+
+    With ``r = i - q0``, ``c = j - k0`` and ``L = (k1 - k0) - (q1 - q0)``: causal keeps ``c <= r + L``,
+    inverse-causal ``c >= r``, bi-causal both. In global terms every slice is a rectangle with
+    ``lo_d <= j - i <= hi_d``, which is what makes classifying a block pair against it exact and cheap.
+    """
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    kind: SliceKind = SliceKind.FULL
+
+    @property
+    def diag(self) -> tuple[float, float]:
+        """Bounds on ``j - i`` (infinite where the kind sets none)."""
+        lo, hi = float("-inf"), float("inf")
+        if self.kind in (SliceKind.CAUSAL, SliceKind.BI_CAUSAL):
+            hi = (self.k1 - self.q1)  # c <= r + L  <=>  j - i <= k1 - q1
+        if self.kind in (SliceKind.INV_CAUSAL, SliceKind.BI_CAUSAL):
+            lo = self.k0 - self.q0
+        return lo, hi
+
+    def overlap(self, qa: int, qb: int, ka: int, kb: int, lo: int | None = None,
+                hi: int | None = None) -> tuple[bool, bool]:
+        """(meets, covers) the position box ``[qa, qb] x [ka, kb]`` (inclusive), where ``meets`` also holds
+        the other diagonal bounds ``lo <= i - j <= hi`` (causal, window). Exact for whole boxes; for
+        strided runs ``meets`` errs only towards True."""
+        i0, i1, j0, j1 = max(qa, self.q0), min(qb, self.q1 - 1), max(ka, self.k0), min(kb, self.k1 - 1)
+        lo_d, hi_d = self.diag
+        if hi is not None:
+            lo_d = max(lo_d, -hi)
+        if lo is not None:
+            hi_d = min(hi_d, -lo)
+        meets = i0 <= i1 and j0 <= j1 and lo_d <= hi_d and j1 - i0 >= lo_d and j0 - i1 <= hi_d
+        lo, hi = self.diag
+        covers = (self.q0 <= qa and qb < self.q1 and self.k0 <= ka and kb < self.k1
+                  and kb - qa <= hi and ka - qb >= lo)
+        return meets, covers
+
+    def _classify_custom(self, qs: Segment, ks: Segment) -> Kind:
+        """EMPTY, FULL or PARTIAL for the user mask alone on a pair (``ks`` already cut to real keys)."""
+        full = True
+        if self.slices is not None:
+            hits = [s.overlap(qs.start, qs.last, ks.start, ks.last, self.lo, self.hi) for s in self.slices]
+            if not any(m for m, _ in hits):
+                return Kind.EMPTY
+            full = any(c for _, c in hits)
+        if self.mask_mod is None and full:
+            return Kind.FULL
+        if qs.length * ks.length > EVAL_PAIRS:
+            return Kind.PARTIAL
+        keep = self._user_visible(qs.positions()[:, None], ks.positions()[None, :])
+        if not bool(keep.any()):
+            return Kind.EMPTY
+        return Kind.FULL if bool(keep.all()) else Kind.PARTIAL
+
+    def _user_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+        if self.slices is not None:
+            union = torch.zeros_like(keep)
+            for s in self.slices:
+                union |= s.visible(q_pos, k_pos)
+            keep &= union
+        if self.mask_mod is not None:
+            keep &= self.mask_mod(q_pos, k_pos)
+        return keep
+
+    def any_visible(self, qs: Segment, ks: Segment) -> bool:
+        """Whether any pair of the two runs is visible: exact, evaluating a mask_mod tile by tile where
+        classification alone cannot tell (the ring skips a step only if no rank needs it)."""
+        pair = self.classify(qs, ks)
+        exact = self.mask_mod is None and not self.grouped and qs.stride == ks.stride == 1  # slices' test
+        if pair.kind is not Kind.PARTIAL or not self.custom or exact:
+            return pair.kind is not Kind.EMPTY
+        ks = Segment(ks.start, pair.k_len, ks.stride)
+        step = int(EVAL_PAIRS ** 0.5)
+        for a in range(0, qs.length, step):
+            qa = qs.sub(a, min(a + step, qs.length))
+            qp = qa.positions()[:, None]
+            for b in range(0, ks.length, step):
+                kb = ks.sub(b, min(b + step, ks.length))
+                if bool(self.visible(qp, kb.positions()[None, :]).any()):
+                    return True
+        return False
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.diag
+        keep = (q_pos >= self.q0) & (q_pos < self.q1) & (k_pos >= self.k0) & (k_pos < self.k1)
+        d = k_pos - q_pos
+        if lo > float("-inf"):
+            keep = keep & (d >= lo)
+        if hi < float("inf"):
+            keep = keep & (d <= hi)
+        return keep
+
+
+@dataclass(frozen=True)
+class MaskMod:
+    """A user predicate ``fn(q_idx, kv_idx) -> bool tensor`` on global positions (FlexAttention's, vectorised).
+
+    Equal (and plans cached) while it is the same function object. Its description names the function, not
+    its address, so that ranks compare equal; that every rank passes the same function is the caller's part.
+    """
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __repr__(self) -> str:
+        if not hasattr(self.fn, "__qualname__"):  # a callable object: its own repr (e.g. its parameters)
+            return f"mask_mod={self.fn!r}"
+        return f"mask_mod={getattr(self.fn, '__module__', '?')}.{self.fn.__qualname__}"
+
+    def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        keep = self.fn(q_pos, k_pos)
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+            raise TypeError(f"{self!r} must return a bool tensor, got "
+                            f"{getattr(keep, 'dtype', type(keep).__name__)}")
+        return keep
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     """The global mask of one attention call. Hashable, so plans can be cached on it."""
@@ -80,6 +214,13 @@ class MaskSpec:
     # Scores depend on positions (ALiBi): every visible pair is planned as a PARTIAL tile, which carries
     # its positions to the kernel. The visibility itself is unchanged.
     positional: bool = False
+    mask_mod: MaskMod | None = None  # ANDed with the rest
+    slices: tuple[Slice, ...] | None = None  # their union, ANDed with the rest
+
+    @property
+    def custom(self) -> bool:
+        """Whether a user mask (mask_mod or slices) applies: block pairs are then classified from it."""
+        return self.mask_mod is not None or self.slices is not None
 
     # Visible iff lo <= i - j <= hi; None = unbounded.
     @property
@@ -138,6 +279,13 @@ class MaskSpec:
             docs_cut = not (q0 == q1 == k0 == k1)
         lo_cuts = lo is not None and dmin < lo
         hi_cuts = hi is not None and dmax > hi
+        if self.custom:
+            kind = self._classify_custom(qs, ks)
+            if kind is Kind.EMPTY:
+                return Pair(Kind.EMPTY)
+            if kind is Kind.PARTIAL:
+                return Pair(Kind.PARTIAL, k_len)
+            # The user mask sees the whole pair: the rest decides, as without it.
         if self.positional:
             return Pair(Kind.PARTIAL, k_len)
         if not (docs_cut or lo_cuts or hi_cuts):
@@ -147,6 +295,52 @@ class MaskSpec:
             shift = (qs.start - ks.start - lo) // qs.stride
             return Pair(Kind.CAUSAL if shift <= 0 else Kind.PARTIAL, k_len, shift)
         return Pair(Kind.PARTIAL, k_len)
+
+    def _classify_custom(self, qs: Segment, ks: Segment) -> Kind:
+        """EMPTY, FULL or PARTIAL for the user mask alone on a pair (``ks`` already cut to real keys)."""
+        full = True
+        if self.slices is not None:
+            hits = [s.overlap(qs.start, qs.last, ks.start, ks.last, self.lo, self.hi) for s in self.slices]
+            if not any(m for m, _ in hits):
+                return Kind.EMPTY
+            full = any(c for _, c in hits)
+        if self.mask_mod is None and full:
+            return Kind.FULL
+        if qs.length * ks.length > EVAL_PAIRS:
+            return Kind.PARTIAL
+        keep = self._user_visible(qs.positions()[:, None], ks.positions()[None, :])
+        if not bool(keep.any()):
+            return Kind.EMPTY
+        return Kind.FULL if bool(keep.all()) else Kind.PARTIAL
+
+    def _user_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+        if self.slices is not None:
+            union = torch.zeros_like(keep)
+            for s in self.slices:
+                union |= s.visible(q_pos, k_pos)
+            keep &= union
+        if self.mask_mod is not None:
+            keep &= self.mask_mod(q_pos, k_pos)
+        return keep
+
+    def any_visible(self, qs: Segment, ks: Segment) -> bool:
+        """Whether any pair of the two runs is visible: exact, evaluating a mask_mod tile by tile where
+        classification alone cannot tell (the ring skips a step only if no rank needs it)."""
+        pair = self.classify(qs, ks)
+        exact = self.mask_mod is None and not self.grouped and qs.stride == ks.stride == 1  # slices' test
+        if pair.kind is not Kind.PARTIAL or not self.custom or exact:
+            return pair.kind is not Kind.EMPTY
+        ks = Segment(ks.start, pair.k_len, ks.stride)
+        step = int(EVAL_PAIRS ** 0.5)
+        for a in range(0, qs.length, step):
+            qa = qs.sub(a, min(a + step, qs.length))
+            qp = qa.positions()[:, None]
+            for b in range(0, ks.length, step):
+                kb = ks.sub(b, min(b + step, ks.length))
+                if bool(self.visible(qp, kb.positions()[None, :]).any()):
+                    return True
+        return False
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """Whether query position ``q_pos`` sees key position ``k_pos``; broadcasting integer tensors
@@ -167,6 +361,8 @@ class MaskSpec:
         if self.chunk is not None:
             keep = keep & (torch.div(q_pos, self.chunk, rounding_mode="floor")
                            == torch.div(k_pos, self.chunk, rounding_mode="floor"))
+        if self.custom:
+            keep = keep & self._user_visible(q_pos, k_pos)
         return keep.expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
 
 

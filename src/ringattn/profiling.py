@@ -28,6 +28,10 @@ class Stats:
     bytes_sent: int = 0
     steps: int = 0
     calls: int = 0
+    # Ring steps the masks made unnecessary (of world per call) and the K/V bytes the forward therefore
+    # did not send.
+    steps_skipped: int = 0
+    bytes_saved: int = 0
 
     def __iadd__(self, other: Stats) -> Stats:
         for f in dataclasses.fields(self):
@@ -79,6 +83,12 @@ def count_call() -> None:
 def count_steps(n: int) -> None:
     if _ACTIVE is not None:
         _ACTIVE.steps += n
+
+
+def count_skipped(steps: int, block_bytes: int) -> None:
+    if _ACTIVE is not None and steps > 0:
+        _ACTIVE.steps_skipped += steps
+        _ACTIVE.bytes_saved += steps * int(block_bytes)
 
 
 def count_bytes(n: int) -> None:

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from .kernels.base import Capabilities
 from .layouts import query_segments, segments
-from .masks import Kind, MaskSpec, Task
+from .masks import MaskSpec, Task
 from .tasks import DEFAULT_CAPS, plan_block
 
 RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not yet added
@@ -97,7 +97,7 @@ def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int
     qsegs = [query_segments(layout, r, world, q_len, q_offset) for r in range(world)]
 
     def busy(r: int, o: int) -> bool:
-        return any(spec.classify(qs, ks).kind is not Kind.EMPTY for qs in qsegs[r] for ks in ksegs[(r - o) % world])
+        return any(spec.any_visible(qs, ks) for qs in qsegs[r] for ks in ksegs[(r - o) % world])
 
     a, b = directions([o for o in range(1, world) if any(busy(r, o) for r in range(world))], world)
     steps = (0, *range(1, a + 1), *(-i for i in range(1, b + 1)))

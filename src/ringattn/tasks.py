@@ -36,7 +36,7 @@ def plan_block(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment,
     Segments are consecutive in local row order. Cached: every layer asks for the same plans.
     """
     if qsegs == ksegs and len(qsegs) > 1 and spec.lo == 0 and spec.hi is None and not spec.grouped \
-            and not spec.positional and all(a.last < b.start for a, b in zip(qsegs, qsegs[1:])):
+            and not spec.positional and not spec.custom and all(a.last < b.start for a, b in zip(qsegs, qsegs[1:])):
         # A rank's own block whose positions increase along the local rows (zigzag): plain causal on
         # the global positions is causal on the local rows, so one kernel call does all of it. Padding
         # keys are a suffix of the local rows, since positions increase.

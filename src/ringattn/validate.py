@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .comm import first_line, group_rank_world
 from .layouts import LAYOUTS
-from .masks import MaskSpec
+from .masks import MaskMod, MaskSpec, Slice, SliceKind
 from .modes import RING_STRATEGIES, BackwardExchange
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -67,7 +67,7 @@ def check_qkv(q, k, v) -> None:
 
 
 def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_len, cu_seqlens,
-              batch: int, chunk_size=None, positional: bool = False) -> MaskSpec:
+              batch: int, chunk_size=None, positional: bool = False, mask_mod=None, slices=None) -> MaskSpec:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(causal, bool):
@@ -95,7 +95,53 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     if cu_seqlens is not None:
         bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
     return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds,
-                    chunk=check_chunk_size(chunk_size), positional=positional)
+                    chunk=check_chunk_size(chunk_size), positional=positional, mask_mod=check_mask_mod(mask_mod),
+                    slices=check_slices(slices, total))
+
+
+def check_mask_mod(fn) -> MaskMod | None:
+    """A callable that maps broadcastable int64 position tensors to a bool tensor of their broadcast shape."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"mask_mod must be a callable fn(q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
+    probe_q, probe_k = torch.arange(3)[:, None], torch.arange(2)[None, :]
+    try:
+        keep = fn(probe_q, probe_k)
+    except Exception as e:  # noqa: BLE001 - reported as the user's function failing, whatever it raised
+        raise ValueError(f"mask_mod raised on a probe (q_idx (3, 1), kv_idx (1, 2) int64): "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (3, 2):
+        raise ValueError("mask_mod(q_idx, kv_idx) must return a bool tensor of the broadcast shape of its "
+                         f"arguments; for (3, 1) and (1, 2) it returned "
+                         f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
+    return MaskMod(fn)
+
+
+def check_slices(slices, total: int) -> tuple[Slice, ...] | None:
+    """Attention slices ``(q_range, k_range, kind)`` on global positions in ``[0, total]``."""
+    if slices is None:
+        return None
+    if isinstance(slices, (str, bytes)) or not hasattr(slices, "__iter__"):
+        raise TypeError(f"slices must be a list of (q_range, k_range, kind), got {type(slices).__name__}")
+    kinds = {k.value: k for k in SliceKind}
+    out = []
+    for n, item in enumerate(slices):
+        try:
+            (q0, q1), (k0, k1), kind = item
+        except (TypeError, ValueError):
+            raise ValueError(f"slices[{n}] must be ((q_start, q_end), (k_start, k_end), kind), got {item!r}") from None
+        if isinstance(kind, SliceKind):
+            kind = kind.value
+        if kind not in kinds:
+            raise ValueError(f"slices[{n}]: kind must be one of {sorted(kinds)}, got {kind!r}")
+        ends = (q0, q1, k0, k1)
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in ends) \
+                or not (0 <= q0 <= q1 <= total and 0 <= k0 <= k1 <= total):
+            raise ValueError(f"slices[{n}]: ranges must be ints with 0 <= start <= end <= {total} (the padded "
+                             f"global length), got q {(q0, q1)}, k {(k0, k1)}")
+        out.append(Slice(int(q0), int(q1), int(k0), int(k1), kinds[kind]))
+    return tuple(out)
 
 
 def check_chunk_size(chunk_size) -> int | None:

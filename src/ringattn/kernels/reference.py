@@ -20,6 +20,15 @@ def _causal_keep(q0: int, nq: int, nk: int, device) -> torch.Tensor:
     return torch.arange(nk, device=device)[None, :] <= i
 
 
+def _keys_seen(t1: int, nk: int, causal: bool, mask, bias):
+    """Keys a query tile ending at row ``t1`` can see (top-left causal: ``j < t1``), and the mask and bias
+    cut to them: a causal task then costs about half of its rectangle."""
+    ke = min(nk, t1) if causal else nk
+    if ke == nk:
+        return ke, mask, bias
+    return ke, None if mask is None else mask[:, :ke], None if bias is None else bias[..., :ke]
+
+
 class ReferenceBackend(DenseMaskKernel):
     name = "reference"
     caps = Capabilities(takes_dlse=True, score_mods=frozenset({SOFTCAP, ALIBI}))
@@ -61,14 +70,15 @@ class ReferenceBackend(DenseMaskKernel):
         lse = torch.empty(b, h, nq, dtype=acc, device=q.device)
         for t0 in range(0, nq, Q_TILE):
             t1 = min(nq, t0 + Q_TILE)
-            s, _ = self._scores(qg[:, t0:t1], k, scale, causal, mask, t0, bias, softcap)
+            ke, mk, bk = _keys_seen(t1, k.shape[1], causal, mask, bias)
+            s, _ = self._scores(qg[:, t0:t1], k[:, :ke], scale, causal, mk, t0, bk, softcap)
             m = s.amax(-1, keepdim=True)
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
             p = torch.exp(s - m)
             denom = p.sum(-1, keepdim=True)
             l_ = (m + torch.log(denom)).squeeze(-1)  # (b, kvh, g, t)
             p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-            o = torch.einsum("bkgts,bskd->btkgd", p, v.to(acc))
+            o = torch.einsum("bkgts,bskd->btkgd", p, v[:, :ke].to(acc))
             out[:, t0:t1] = o.reshape(b, t1 - t0, h, -1).to(out.dtype)
             lse[:, :, t0:t1] = l_.reshape(b, h, t1 - t0)
         return out, lse
@@ -88,7 +98,8 @@ class ReferenceBackend(DenseMaskKernel):
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
         for t0 in range(0, nq, Q_TILE):
             t1 = min(nq, t0 + Q_TILE)
-            s, th = self._scores(qg[:, t0:t1], k, scale, causal, mask, t0, bias, softcap)
+            ke, mk, bk = _keys_seen(t1, k.shape[1], causal, mask, bias)
+            s, th = self._scores(qg[:, t0:t1], k[:, :ke], scale, causal, mk, t0, bk, softcap)
             lt = lse[:, :, t0:t1].reshape(b, kvh, g, t1 - t0, 1)
             p = torch.exp(s - lt)
             do = dout[:, t0:t1].to(acc).view(b, t1 - t0, kvh, g, -1)
@@ -96,12 +107,12 @@ class ReferenceBackend(DenseMaskKernel):
             delta = (do * o).sum(-1).permute(0, 2, 3, 1).unsqueeze(-1)  # (b, kvh, g, t, 1)
             if dlse is not None:  # d lse_i / d s_ij = P_ij: folds into D
                 delta = delta - dlse[:, :, t0:t1].to(acc).reshape(b, kvh, g, t1 - t0, 1)
-            dv += torch.einsum("bkgts,btkgd->bskd", p, do)
-            dp = torch.einsum("btkgd,bskd->bkgts", do, vf)
+            dv[:, :ke] += torch.einsum("bkgts,btkgd->bskd", p, do)
+            dp = torch.einsum("btkgd,bskd->bkgts", do, vf[:, :ke])
             ds = p * (dp - delta)
             if th is not None:  # d(cap tanh(x / cap)) / dx
                 ds = ds * (1 - th * th)
             ds = ds * scale
-            dq[:, t0:t1] = torch.einsum("bkgts,bskd->btkgd", ds, kf).reshape(b, t1 - t0, h, d)
-            dk += torch.einsum("bkgts,btkgd->bskd", ds, qg[:, t0:t1].to(acc))
+            dq[:, t0:t1] = torch.einsum("bkgts,bskd->btkgd", ds, kf[:, :ke]).reshape(b, t1 - t0, h, d)
+            dk[:, :ke] += torch.einsum("bkgts,btkgd->bskd", ds, qg[:, t0:t1].to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

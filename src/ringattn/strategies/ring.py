@@ -74,6 +74,7 @@ def _forward(q, k, v, call: AttentionCall):
             # until the next post would make three blocks live instead of two.
             cur, pending = pending.wait(), None
     profiling.count_steps(len(plan.steps))
+    profiling.count_skipped(ring.world - len(plan.steps), k.numel() * k.element_size() + v.numel() * v.element_size())
     # Row-major (batch, n, heads, dv) out, as a caller's projection wants it: ``out.flatten(2)`` is then a
     # view, and the projection saves the same storage we do rather than a second copy of it.
     return acc.out.to(q.dtype).contiguous(), acc.lse
