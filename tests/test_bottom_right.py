@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ringattn
+from ringattn import patterns
 from ringattn.kernels import Capabilities
 from ringattn.masks import Kind, MaskSpec, Segment
 from ringattn.tasks import plan_block
@@ -23,10 +24,14 @@ def run_all(ranks, world, cases):
         assert_close(ranks.run(world, run_case, case), case)
 
 
+def near_or_every_fourth(q, k):  # module level: cases carrying it pickle to the ranks
+    return (k % 4 == 0) | (q - k < 5)
+
+
 def core_cases(world: int, strategy: str, extra: dict | None = None) -> list[Case]:
     """Every layout, causal or not, GQA 4:1 / 4:2 / 4:4, query counts that do and do not divide the
     ranks (so q's local length differs from k's and the last ranks hold query padding); a window,
-    packed documents, float32, chunks, ALiBi, sinks and softcap."""
+    packed documents, float32, chunks, ALiBi, sinks, softcap, mask_mod and slices."""
     x = extra or {}
     S = 16 * world + 7
     cases = []
@@ -52,6 +57,11 @@ def core_cases(world: int, strategy: str, extra: dict | None = None) -> list[Cas
              strategy=strategy, extra=dict(x), seed=34),
         Case(seq_len=n + 1, q_len=n // 2 - 1, layout="striped", causal=True, softcap=5.0, lse_grad=True,
              strategy=strategy, extra=dict(x), seed=35),
+        # User masks on global positions: a predicate, and slices (a bidirectional prefix).
+        Case(seq_len=n + 1, q_len=n // 2, layout="contiguous", causal=True, mask_mod=near_or_every_fourth,
+             strategy=strategy, extra=dict(x), seed=36),
+        Case(seq_len=n, q_len=n // 3 + 2, layout="striped", slices=patterns.prefix_lm(n // 2, n),
+             strategy=strategy, extra=dict(x), seed=37),
     ]
     return cases
 
