@@ -16,7 +16,7 @@ import pathlib
 import sys
 import time
 
-SUITES = ["kernel", "documents", "ring", "window", "strategies", "memory", "table3", "decode", "multihost"]
+SUITES = ["kernel", "documents", "ring", "window", "mods", "strategies", "memory", "table3", "decode", "multihost"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

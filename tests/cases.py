@@ -44,7 +44,28 @@ class Case:
     strategy: str = "ring"
     scale_logits: float = 1.0
     extra: dict = field(default_factory=dict)
+    # Score modifications and sinks (random slopes / sink logits from the seed); lse_grad: a gradient
+    # flows into the returned lse too.
+    softcap: float | None = None
+    sinks: bool = False
+    alibi: bool = False
+    chunk_size: int | None = None
+    lse_grad: bool = False
 
+
+def ref_with_mods(q, k, v, dout, dlse, keep, mods: dict):
+    """Out, lse and the gradients of q, k, v (and sinks) of the reference with score modifications."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    sinks = mods.get("sinks")
+    if sinks is not None:
+        sinks = sinks.detach().double().requires_grad_()
+    assert sinks is not None or bool(keep.any(-1).all()), "rows that see nothing need the masked reference"
+    out, lse = attention_ref(*leaves, keep, **{**mods, "sinks": sinks})
+    loss = (out * dout.double()).sum()
+    if dlse is not None:
+        loss = loss + (lse * dlse.double()).sum()
+    loss.backward()
+    return out.detach(), lse.detach(), *(t.grad for t in leaves), None if sinks is None else sinks.grad
 
 def ref_with_grads(q, k, v, dout, keep, scale=None):
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -88,8 +109,20 @@ def run_case(case: Case) -> dict:
     dout = torch.randn(b, S, case.heads, dv, generator=g, dtype=torch.float64)
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     cu = torch.tensor(case.cu_seqlens, dtype=torch.int32) if case.cu_seqlens is not None else None
-    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu)
-    r_out, r_lse, r_dq, r_dk, r_dv = ref_with_grads(q, k, v, dout, keep)
+    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu, chunk_size=case.chunk_size)
+    mods = {}
+    if case.softcap is not None:
+        mods["softcap"] = case.softcap
+    if case.alibi:
+        mods["alibi_slopes"] = torch.rand(case.heads, generator=g, dtype=torch.float64).to(dtype)
+    if case.sinks:
+        mods["sinks"] = torch.randn(case.heads, generator=g, dtype=torch.float64).to(dtype)
+    dlse = torch.randn(b, case.heads, S, generator=g, dtype=torch.float64) if case.lse_grad else None
+    r_dsinks = None
+    if mods or dlse is not None:
+        r_out, r_lse, r_dq, r_dk, r_dv, r_dsinks = ref_with_mods(q, k, v, dout, dlse, keep, mods)
+    else:
+        r_out, r_lse, r_dq, r_dk, r_dv = ref_with_grads(q, k, v, dout, keep)
 
     lay = case.layout
     extra = dict(case.extra)
@@ -102,11 +135,21 @@ def run_case(case: Case) -> dict:
     ds = ringattn.shard(dout, layout=lay, mesh=mesh)
     kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True,
               backend=backend)
+    if case.chunk_size is not None:
+        kw["chunk_size"] = case.chunk_size
+    sinks = None
+    for name, val in mods.items():
+        if name == "sinks":
+            val = sinks = val.clone().requires_grad_()
+        kw[name] = val
     if case.strategy == "ring":
         out, lse = ringattn.ring_attention(qs, ks, vs, **kw, **extra)
     else:
         out, lse = ringattn.attention(qs, ks, vs, strategy=case.strategy, **kw, **extra)
-    (out.double() * ds.double()).sum().backward()
+    loss = (out.double() * ds.double()).sum()
+    if dlse is not None:  # shard zero-pads: no gradient flows into the padding rows' lse
+        loss = loss + (lse.double() * ringattn.shard(dlse, layout=lay, dim=2, mesh=mesh)).sum()
+    loss.backward()
 
     local = qs.shape[1]
     pos = ringattn.layouts.mesh_positions(lay, mesh, local) if mesh is not None else \
@@ -137,6 +180,11 @@ def run_case(case: Case) -> dict:
         "dk": err(ks.grad, shard_ref(r_dk), r_dk),
         "dv": err(vs.grad, shard_ref(r_dv), r_dv),
     }
+    if sinks is not None:  # every rank holds the part of its rows: the sum is the gradient
+        total = sinks.grad.detach().double().clone()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        errs["dsinks"] = err(total, r_dsinks, r_dsinks, dim=0)
     assert out.dtype == dtype and out.shape == (b, local, case.heads, dv)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert torch.isfinite(out).all(), "non-finite output"

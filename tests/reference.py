@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def dense_mask(n: int, *, causal=False, window=None, seq_len=None, cu_seqlens=None) -> torch.Tensor:
+def dense_mask(n: int, *, causal=False, window=None, seq_len=None, cu_seqlens=None, chunk_size=None) -> torch.Tensor:
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
     keep = torch.ones(n, n, dtype=torch.bool)
+    if chunk_size is not None:
+        keep &= (i // chunk_size) == (j // chunk_size)
     if seq_len is not None:
         keep &= j < seq_len
     if causal:
@@ -27,20 +29,33 @@ def dense_mask(n: int, *, causal=False, window=None, seq_len=None, cu_seqlens=No
     return keep
 
 
-def attention_ref(q, k, v, keep, scale=None):
+def attention_ref(q, k, v, keep, scale=None, *, softcap=None, sinks=None, alibi_slopes=None):
     """q (b, n, h, d), k/v (b, n, kvh, *), keep (n, n) bool -> out (b, n, h, dv), lse (b, h, n), float64.
 
-    Rows with nothing visible give out 0 and lse -inf.
+    Rows with nothing visible give out 0 and lse -inf (the sink, with sinks). Scores: ``scale * q.k``, then
+    ``- slope_h * (i - j)`` (ALiBi), then ``softcap * tanh(s / softcap)``, then the mask; ``sinks`` (heads,)
+    is one more logit column of every row, whose probability is dropped (as gpt-oss writes it).
     """
     q, k, v = q.double(), k.double(), v.double()
     h, kvh = q.shape[2], k.shape[2]
+    nq, nk = q.shape[1], k.shape[1]
     k = k.repeat_interleave(h // kvh, dim=2)
     v = v.repeat_interleave(h // kvh, dim=2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if alibi_slopes is not None:
+        dist = (torch.arange(nq)[:, None] + (nk - nq) - torch.arange(nk)[None, :]).double()
+        s = s - alibi_slopes.double()[:, None, None] * dist
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        col = sinks.double()[None, :, None, None].expand(s.shape[0], h, nq, 1)
+        s = torch.cat([s, col], dim=-1)
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
+    if sinks is not None:
+        p = p[..., :-1]
     return torch.einsum("bhij,bjhd->bihd", p, v), lse
 
 

@@ -18,7 +18,7 @@ from .reference import TOL, attention_ref, rel_err
 # -- the decode-attention primitive -------------------------------------------------------------
 
 
-def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = None) -> dict:
+def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = None, mods: bool = False) -> dict:
     """Every rank holds a random subset of a cache of n positions (some slots empty); t new queries."""
     rank, world = comm.group_rank_world()
     g = torch.Generator().manual_seed(seed)
@@ -27,6 +27,9 @@ def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = 
     v = torch.randn(b, n, kvh, dv, generator=g, dtype=torch.float64)
     q = torch.randn(b, t, h, d, generator=g, dtype=torch.float64) * 2
     q_pos = torch.arange(n - t, n)
+    # mods: sinks, softcap, chunks and ALiBi all at once (drawn before the per-rank draws).
+    kw = dict(softcap=3.0, sinks=torch.randn(h, generator=g, dtype=torch.float64), chunk_size=8,
+              alibi_slopes=torch.rand(h, generator=g, dtype=torch.float64)) if mods else {}
     owner = torch.randint(0, world, (n,), generator=g)  # uneven, arbitrary ownership
     mine = (owner == rank).nonzero().flatten()
     # Local slice in shuffled order, plus two empty slots that must be ignored.
@@ -35,7 +38,8 @@ def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = 
     kl = torch.cat([k[:, mine], torch.randn(b, 2, kvh, d, dtype=torch.float64)], 1)
     vl = torch.cat([v[:, mine], torch.randn(b, 2, kvh, dv, dtype=torch.float64)], 1)
     cu = None if docs is None else torch.tensor(docs)
-    out, lse = decode_attention(q, kl, vl, q_pos, kp, group=None, window=window, cu_seqlens=cu, return_lse=True)
+    out, lse = decode_attention(q, kl, vl, q_pos, kp, group=None, window=window, cu_seqlens=cu, return_lse=True,
+                                **kw)
 
     i, j = q_pos[:, None], torch.arange(n)[None, :]
     keep = j <= i
@@ -44,7 +48,9 @@ def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = 
     if docs is not None:  # positions past the last boundary continue the last document
         bounds = torch.tensor(docs[:-1])
         keep &= torch.bucketize(i, bounds, right=True) == torch.bucketize(j, bounds, right=True)
-    r_out, r_lse = attention_ref(q, k, v, keep)
+    if mods:
+        keep &= (i // kw.pop("chunk_size")) == (j // 8)
+    r_out, r_lse = attention_ref(q, k, v, keep, **kw)
     return {"out": rel_err(out, r_out), "lse": rel_err(lse, r_lse.transpose(1, 2))}
 
 
@@ -59,6 +65,13 @@ def test_decode_attention_exact(ranks, world, window):
 def test_decode_attention_packed_documents(ranks, world):
     """Each new query sees only the cached keys of its own document (the shared mask predicate)."""
     for errs in ranks.run(world, decode_case, 23, 3, None, 1, [0, 6, 15, 21]):
+        assert errs["out"] <= TOL[torch.float64] and errs["lse"] <= TOL[torch.float64], errs
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_decode_attention_score_mods(ranks, world):
+    """Sinks, softcap, chunked attention and ALiBi merge across ranks as in ring_attention."""
+    for errs in ranks.run(world, decode_case, 23, 3, None, 2, None, True):
         assert errs["out"] <= TOL[torch.float64] and errs["lse"] <= TOL[torch.float64], errs
 
 

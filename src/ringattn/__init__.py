@@ -45,6 +45,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         kv_head_chunk: only for ``attention(strategy="allgather")``: K/V heads gathered per step.
         backend: the per-block kernel: None (chosen by device and dtype), a name in
             ``ringattn.kernels.BACKENDS`` or a ``ringattn.kernels.Backend``.
+        softcap: Gemma 2's logit softcapping, scores ``cap * tanh(s / cap)`` before the mask.
+        sinks: ``(heads,)`` attention-sink logits (gpt-oss): one more term of every row's softmax
+            denominator; differentiable (each rank's gradient is the part of its own rows).
+        chunk_size: chunked attention (Llama 4): keys only in the query's chunk, ``i // c == j // c``.
+        alibi_slopes: ``(heads,)`` ALiBi slopes: scores ``s - slope_h * (i - j)`` on global positions.
 
     Returns:
         ``out`` ``(batch, local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see

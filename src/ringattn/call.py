@@ -22,6 +22,7 @@ from .kernels import BACKENDS, Backend, select
 from .layouts import effective_layout, mesh_coords, mesh_dims
 from .masks import MaskSpec
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
+from .scores import ALIBI, ScoreMod, check_per_head, check_softcap, sink_digest
 from .strategies import IMPLEMENTATIONS, resolve_auto
 from .validate import agree, call_number, check_backward_exchange, check_qkv, describe, make_spec, softmax_scale_of
 
@@ -40,6 +41,10 @@ class Options:
     backward_exchange: BackwardExchange | str = BackwardExchange.RING
     kv_head_chunk: int | None = None
     backend: str | Backend | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    chunk_size: int | None = None
+    alibi_slopes: torch.Tensor | None = None
 
 
 # Keywords that tune one kind of strategy, and the strategies that take a non-default value.
@@ -61,6 +66,7 @@ class Topology:
     block_rows: int = 1
     head_group: object = None
     head_world: int = 1
+    head_rank: int = 0
     agree_over: tuple = (None,)
     mesh: object = None
 
@@ -76,10 +82,22 @@ class AttentionCall:
     spec: MaskSpec
     scale: float
     backend: Backend
+    scores: ScoreMod | None = None  # None: plain scores
+    sinks: torch.Tensor | None = None  # (heads,) of the heads this call computes
 
     @property
     def group(self):
         return self.topo.group
+
+    def heads(self, h0: int, h1: int) -> AttentionCall:
+        """The call for query heads ``[h0, h1)`` only (strategies that split the heads)."""
+        return dataclasses.replace(self, scores=None if self.scores is None else self.scores.heads(h0, h1),
+                                   sinks=None if self.sinks is None else self.sinks[h0:h1])
+
+    def local_heads(self, heads: int) -> AttentionCall:
+        """The call for this rank's share of ``heads`` query heads after a head-splitting all-to-all."""
+        per = heads // self.topo.head_world
+        return self.heads(self.topo.head_rank * per, (self.topo.head_rank + 1) * per)
 
     @property
     def backward_exchange(self) -> BackwardExchange:
@@ -100,18 +118,18 @@ def topology(strategy: Strategy, group, mesh) -> Topology:
             raise ValueError(f"mesh is only used by strategy='hybrid' (got strategy={strategy!r}); "
                              "pass group= for the others")
         rank, world = group_rank_world(group)
-        heads = (group, world) if strategy is Strategy.ULYSSES else (None, 1)
+        heads = (group, world, rank) if strategy is Strategy.ULYSSES else (None, 1, 0)
         return Topology(group, rank, world, 1, *heads, agree_over=(group,))
     if group is not None:
         raise ValueError("strategy='hybrid' takes its process groups from mesh=; leave group=None")
     if mesh is None:
         raise ValueError("strategy='hybrid' needs mesh=, a 2-D DeviceMesh with a ring and a ulysses dimension")
     ring_dim, uly_dim = mesh_dims(mesh)
-    ring_rank, ring_world, _, uly_world = mesh_coords(mesh)
+    ring_rank, ring_world, uly_rank, uly_world = mesh_coords(mesh)
     ring_group, uly_group = mesh.get_group(ring_dim), mesh.get_group(uly_dim)
     # The layout is over the ring's blocks of U * local_len rows; two small agreements (the Ulysses group,
     # then the ring group) reach every rank of the mesh.
-    return Topology(ring_group, ring_rank, ring_world, uly_world, uly_group, uly_world,
+    return Topology(ring_group, ring_rank, ring_world, uly_world, uly_group, uly_world, uly_rank,
                     agree_over=(uly_group, ring_group), mesh=mesh)
 
 
@@ -123,8 +141,11 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
         raise TypeError(f"attention(): {e}".replace("Options.__init__() ", "")) from None
     check_qkv(q, k, v)
     layout = choose(Layout, opts.layout, "layout")
+    scores = ScoreMod(check_softcap(opts.softcap), check_per_head("alibi_slopes", opts.alibi_slopes, q.shape[2], q))
+    sinks = check_per_head("sinks", opts.sinks, q.shape[2], q)
     spec = make_spec(world=topo.world, local_len=topo.block_rows * q.shape[1], layout=layout, causal=opts.causal,
-                     window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0])
+                     window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0],
+                     chunk_size=opts.chunk_size, positional=ALIBI in scores.kinds)
     scale = softmax_scale_of(opts.softmax_scale, q.shape[-1])
     check_backward_exchange(opts.backward_exchange, str(strategy))
     exchange = BackwardExchange(opts.backward_exchange)
@@ -137,9 +158,12 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     if topo.head_world > 1 and q.shape[2] % topo.head_world:
         raise ValueError(f"strategy={strategy!r} splits the heads over {topo.head_world} ranks: heads "
                          f"({q.shape[2]}) must be divisible by {topo.head_world}")
-    backend = _backend(opts.backend, q, k, v)
-    call = AttentionCall(strategy, opts, topo, effective_layout(layout, topo.world), spec, scale, backend)
+    backend = _backend(opts.backend, q, k, v, scores.kinds)
+    call = AttentionCall(strategy, opts, topo, effective_layout(layout, topo.world), spec, scale, backend,
+                         scores if scores.kinds else None, sinks)
     desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" backward_exchange={exchange}"
+            f" {scores.describe()} sinks={sink_digest(sinks)}"
+            f" sinks_grad={sinks is not None and sinks.requires_grad and torch.is_grad_enabled()}"
             f" kv_head_chunk={chunk} backend={backend.name} {_caps_text(backend.caps)}"
             f" blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")
@@ -159,9 +183,11 @@ def _caps_text(caps) -> str:
     return "caps(" + " ".join(fields) + ")"
 
 
-def _backend(choice, q, k, v) -> Backend:
+def _backend(choice, q, k, v, score_mods: frozenset[str]) -> Backend:
     if choice is None:
-        return select(q, k, v)
+        chosen = select(q, k, v)
+        # Score modifications the fastest kernel lacks are run by the reference (tiled, exact).
+        return chosen if score_mods <= chosen.caps.score_mods else BACKENDS["reference"]
     if isinstance(choice, str):
         if choice not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)} or a Backend, got {choice!r}")
@@ -170,6 +196,10 @@ def _backend(choice, q, k, v) -> Backend:
         raise TypeError(f"backend must be a name or a ringattn.kernels.Backend, got {type(choice).__name__}")
     if not choice.supports(q, k, v):
         raise ValueError(f"backend {choice.name!r} does not support {q.dtype} tensors on {q.device.type}")
+    missing = score_mods - choice.caps.score_mods
+    if missing:
+        raise ValueError(f"backend {choice.name!r} cannot apply {', '.join(sorted(missing))}; leave backend=None "
+                         "(the reference backend applies every score modification)")
     return choice
 
 

@@ -16,26 +16,28 @@ from . import comm, profiling
 from .call import checked
 from .kernels import acc_dtype
 from .masks import MaskSpec
-from .validate import check_cu_seqlens
+from .scores import ScoreMod, check_per_head, check_softcap, merge_sinks, sink_digest
+from .validate import check_chunk_size, check_cu_seqlens
 
 # Decoding has no padded length: empty cache slots are marked by a negative position instead.
 _NO_PADDING = 2**62
 
 
 def decode_spec(causal: bool = True, window: tuple[int, int] | None = None,
-                doc_bounds: tuple[int, ...] | None = None) -> MaskSpec:
+                doc_bounds: tuple[int, ...] | None = None, chunk: int | None = None) -> MaskSpec:
     """The mask of a decode call, on global positions (the same predicate as every other path)."""
     if window is not None:
         window = (int(window[0]), int(window[1]))
         if window == (-1, -1):
             window = None
-    return MaskSpec(seq_len=_NO_PADDING, causal=causal, window=window, doc_bounds=doc_bounds)
+    return MaskSpec(seq_len=_NO_PADDING, causal=causal, window=window, doc_bounds=doc_bounds, chunk=chunk)
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                       k_pos: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                       window: tuple[int, int] | None = None, heads_first: bool = False,
-                      spec: MaskSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      spec: MaskSpec | None = None,
+                      scores: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries over one cache slice, unnormalised across slices.
 
     Args:
@@ -45,6 +47,7 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
             reads each head's keys contiguously); a negative position marks an empty slot.
         causal: keep ``k_pos <= q_pos``. window: ``(left, right)``, -1 = unbounded.
         spec: the whole mask instead of ``causal``/``window`` (e.g. with packed documents).
+        scores: softcap / ALiBi (``ringattn.scores.ScoreMod``), applied as in ``ring_attention``.
 
     Returns:
         ``out`` ``(b, t, heads, dv)`` and ``lse`` ``(b, t, heads)``, both float32 (float64 for float64
@@ -63,7 +66,13 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
     # of a group and the t queries form the rows of one (g*t, n) score matrix per kv head.
     qg = q.to(acc).reshape(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
     s = torch.matmul(qg, k.to(acc).transpose(-1, -2)) * scale  # (b, kvh, g*t, n)
-    s = s.view(b, kvh, g, t, -1).masked_fill(~keep, float("-inf")).view(b, kvh, g * t, -1)
+    s = s.view(b, kvh, g, t, -1)
+    if scores is not None and scores.alibi_slopes is not None:
+        dist = (q_pos[:, None] - k_pos[None, :]).to(acc)  # exact: positions subtract as integers
+        s = s - scores.alibi_slopes.to(acc).view(kvh, g, 1, 1) * dist
+    if scores is not None and scores.softcap is not None:
+        s = torch.tanh(s / scores.softcap) * scores.softcap
+    s = s.masked_fill(~keep, float("-inf")).view(b, kvh, g * t, -1)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
     out = torch.matmul(p, v.to(acc))  # (b, kvh, g*t, dv)
@@ -123,14 +132,15 @@ def _check(q, k, v, q_pos, k_pos, window) -> None:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                      k_pos: torch.Tensor, *, group=None, scale: float | None = None, causal: bool = True,
                      window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
-                     return_lse: bool = False):
+                     return_lse: bool = False, softcap: float | None = None, sinks: torch.Tensor | None = None,
+                     chunk_size: int | None = None, alibi_slopes: torch.Tensor | None = None):
     """Exact attention of new queries over a KV cache split across ``group``: local partial + merge.
 
     Arguments as in ``partial_attention`` (``k``, ``v``, ``k_pos`` are this rank's cache slice; every rank
     passes the same ``q`` and ``q_pos``); ``cu_seqlens`` (packed documents, as for ``ring_attention``)
     keeps each query to the keys of its own document, queries past the last boundary continuing the last
-    document. Returns ``out`` ``(b, t, heads, dv)`` in q's dtype,
-    or ``(out, lse)``. Not differentiable (inference).
+    document; ``softcap``, ``sinks``, ``chunk_size`` and ``alibi_slopes`` as in ``ring_attention``.
+    Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or ``(out, lse)``. Not differentiable (inference).
     """
     def make():
         _check(q, k, v, q_pos, k_pos, window)
@@ -139,12 +149,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
             # Generated tokens continue the last document: positions past its end belong to it, so the
             # last boundary is dropped (bounds mark where documents start).
             bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), q.shape[0])[:-1]
-        spec = decode_spec(causal, window, bounds)
-        return spec, (f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {spec} "
-                      f"scale={scale!r}")
+        mods = ScoreMod(check_softcap(softcap), check_per_head("alibi_slopes", alibi_slopes, q.shape[2], q))
+        sink = check_per_head("sinks", sinks, q.shape[2], q)
+        spec = decode_spec(causal, window, bounds, check_chunk_size(chunk_size))
+        return (spec, mods if mods.kinds else None, sink), (
+            f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {spec} "
+            f"scale={scale!r} {mods.describe()} sinks={sink_digest(sink)}")
 
-    spec = checked(make, group, q)
-    out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, spec=spec)
+    spec, mods, sink = checked(make, group, q)
+    out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, spec=spec, scores=mods)
     out, lse = merge_partials(out, lse, group=group)
+    if sink is not None:  # (b, t, h) rows: the sink merge wants heads before rows
+        out, lse = merge_sinks(out, lse.transpose(1, 2), sink)
+        lse = lse.transpose(1, 2)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

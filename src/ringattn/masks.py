@@ -2,11 +2,12 @@
 
 Every mask ringattn supports is a predicate on the global position ``i`` of a query and ``j`` of a key
 (see ``docs/api.md``): keys at ``j >= seq_len`` are padding, ``causal`` keeps ``j <= i``,
-``window=(left, right)`` keeps ``i - left <= j <= i + right`` (``-1`` = unbounded) and ``cu_seqlens``
-keeps pairs inside one document. A rank's tokens are a few arithmetic runs of positions
-(:class:`Segment`), so whether a block pair is empty, fully visible, a (shifted) causal triangle or
-genuinely partial is decided from a handful of integers, without building any mask (``tasks.py`` turns
-that into kernel calls); ``MaskSpec.visible`` is the same mask as a vectorised predicate.
+``window=(left, right)`` keeps ``i - left <= j <= i + right`` (``-1`` = unbounded), ``cu_seqlens``
+keeps pairs inside one document and ``chunk_size=c`` pairs inside one chunk (``i // c == j // c``).
+A rank's tokens are a few arithmetic runs of positions (:class:`Segment`), so whether a block pair is
+empty, fully visible, a (shifted) causal triangle or genuinely partial is decided from a handful of
+integers, without building any mask (``tasks.py`` turns that into kernel calls); ``MaskSpec.visible`` is
+the same mask as a vectorised predicate.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class MaskSpec:
     causal: bool = False
     window: tuple[int, int] | None = None
     doc_bounds: tuple[int, ...] | None = None  # cu_seqlens as Python ints
+    chunk: int | None = None  # chunked attention (Llama 4): keys only in the query's chunk
+    # Scores depend on positions (ALiBi): every visible pair is planned as a PARTIAL tile, which carries
+    # its positions to the kernel. The visibility itself is unchanged.
+    positional: bool = False
 
     # Visible iff lo <= i - j <= hi; None = unbounded.
     @property
@@ -92,6 +97,24 @@ class MaskSpec:
         assert self.doc_bounds is not None
         return bisect.bisect_right(self.doc_bounds, pos) - 1
 
+    @property
+    def grouped(self) -> bool:
+        """Whether pairs must share a group (document, chunk) to be visible."""
+        return self.doc_bounds is not None or self.chunk is not None
+
+    def group_of(self, pos: int) -> tuple[int, int]:
+        """(document, chunk) of a position; increases with the position (lexicographically)."""
+        doc = self.doc_of(pos) if self.doc_bounds is not None else 0
+        return doc, (pos // self.chunk if self.chunk is not None else 0)
+
+    def group_starts(self, lo: int, hi: int) -> list[int]:
+        """Positions in ``(lo, hi]`` where a new group begins."""
+        cuts = [b for b in self.doc_bounds if lo < b <= hi] if self.doc_bounds is not None else []
+        if self.chunk is not None:
+            c = self.chunk
+            cuts += range((lo // c + 1) * c, hi + 1, c)
+        return sorted(set(cuts))
+
     def classify(self, qs: Segment, ks: Segment) -> Pair:
         if qs.length == 0:
             return Pair(Kind.EMPTY)
@@ -104,14 +127,16 @@ class MaskSpec:
         if (lo is not None and dmax < lo) or (hi is not None and dmin > hi):
             return Pair(Kind.EMPTY)
         docs_cut = False
-        if self.doc_bounds is not None:
-            q0, q1 = self.doc_of(qs.start), self.doc_of(qs.last)
-            k0, k1 = self.doc_of(ks.start), self.doc_of(ks.last)
+        if self.grouped:
+            q0, q1 = self.group_of(qs.start), self.group_of(qs.last)
+            k0, k1 = self.group_of(ks.start), self.group_of(ks.last)
             if q1 < k0 or k1 < q0:
                 return Pair(Kind.EMPTY)
             docs_cut = not (q0 == q1 == k0 == k1)
         lo_cuts = lo is not None and dmin < lo
         hi_cuts = hi is not None and dmax > hi
+        if self.positional:
+            return Pair(Kind.PARTIAL, k_len)
         if not (docs_cut or lo_cuts or hi_cuts):
             return Pair(Kind.FULL, k_len)
         if not docs_cut and not hi_cuts and qs.stride == ks.stride:
@@ -137,6 +162,9 @@ class MaskSpec:
         if self.doc_bounds is not None:
             bounds = torch.tensor(self.doc_bounds, device=q_pos.device)
             keep = keep & (torch.bucketize(q_pos, bounds, right=True) == torch.bucketize(k_pos, bounds, right=True))
+        if self.chunk is not None:
+            keep = keep & (torch.div(q_pos, self.chunk, rounding_mode="floor")
+                           == torch.div(k_pos, self.chunk, rounding_mode="floor"))
         return keep.expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
 
 

@@ -32,8 +32,8 @@ def plan_block(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment,
 
     Segments are consecutive in local row order. Cached: every layer asks for the same plans.
     """
-    if qsegs == ksegs and len(qsegs) > 1 and spec.lo == 0 and spec.hi is None and spec.doc_bounds is None \
-            and all(a.last < b.start for a, b in zip(qsegs, qsegs[1:])):
+    if qsegs == ksegs and len(qsegs) > 1 and spec.lo == 0 and spec.hi is None and not spec.grouped \
+            and not spec.positional and all(a.last < b.start for a, b in zip(qsegs, qsegs[1:])):
         # A rank's own block whose positions increase along the local rows (zigzag): plain causal on
         # the global positions is causal on the local rows, so one kernel call does all of it. Padding
         # keys are a suffix of the local rows, since positions increase.
@@ -114,7 +114,7 @@ def _plan_pair(spec: MaskSpec, qs: Segment, ks: Segment, qoff: int, koff: int, c
     if Kind.PARTIAL in caps.native:
         out.append(Task(qoff, qoff + qs.length, koff, koff + ks.length, Kind.PARTIAL, qseg=qs, kseg=ks))
         return
-    if spec.doc_bounds is not None and _plan_by_document(spec, qs, ks, qoff, koff, caps, out):
+    if spec.grouped and not spec.positional and _plan_by_document(spec, qs, ks, qoff, koff, caps, out):
         return
     tile = caps.max_dense_tile
     if qs.length <= tile and ks.length <= tile:
@@ -134,9 +134,9 @@ def _plan_pair(spec: MaskSpec, qs: Segment, ks: Segment, qoff: int, koff: int, c
 
 
 def document_pieces(spec: MaskSpec, seg: Segment) -> list[tuple[int, Segment]]:
-    """``seg`` cut where documents begin: ``(local row offset, piece)``, each piece inside one document
-    (a document is a range of positions, so its part of an arithmetic run is again one)."""
-    cuts = sorted({0, seg.length} | {seg.count_below(b) for b in spec.doc_bounds if seg.start < b <= seg.last})
+    """``seg`` cut where documents (or chunks) begin: ``(local row offset, piece)``, each piece inside one
+    group (a group is a range of positions, so its part of an arithmetic run is again one)."""
+    cuts = sorted({0, seg.length} | {seg.count_below(b) for b in spec.group_starts(seg.start, seg.last)})
     return [(a, seg.sub(a, b)) for a, b in zip(cuts, cuts[1:])]
 
 
@@ -146,14 +146,14 @@ def _plan_by_document(spec, qs, ks, qoff, koff, caps, out) -> bool:
     qp, kp = document_pieces(spec, qs), document_pieces(spec, ks)
     if min(qs.length / len(qp), ks.length / len(kp)) < caps.min_document_piece:
         return False
-    within = dataclasses.replace(spec, doc_bounds=None)  # each pair below lies inside one document
+    within = dataclasses.replace(spec, doc_bounds=None, chunk=None)  # each pair below lies in one group
     j = 0
     for a, qa in qp:
-        doc = spec.doc_of(qa.start)
-        while j < len(kp) and spec.doc_of(kp[j][1].last) < doc:
+        doc = spec.group_of(qa.start)
+        while j < len(kp) and spec.group_of(kp[j][1].last) < doc:
             j += 1
         for b, kb in kp[j:]:
-            kdoc = spec.doc_of(kb.start)
+            kdoc = spec.group_of(kb.start)
             if kdoc > doc:
                 break
             if kdoc == doc:

@@ -68,7 +68,7 @@ def check_qkv(q, k, v) -> None:
 
 
 def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_len, cu_seqlens,
-              batch: int) -> MaskSpec:
+              batch: int, chunk_size=None, positional: bool = False) -> MaskSpec:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(causal, bool):
@@ -95,7 +95,16 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     bounds = None
     if cu_seqlens is not None:
         bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
-    return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds)
+    return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds,
+                    chunk=check_chunk_size(chunk_size), positional=positional)
+
+
+def check_chunk_size(chunk_size) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def softmax_scale_of(softmax_scale, head_dim: int) -> float:

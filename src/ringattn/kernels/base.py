@@ -21,7 +21,8 @@ converts it in one place). ``backward`` takes the *final* out and lse of the who
 and returns this block pair's share of ``(dq, dk, dv)`` (FlashAttention-2: D = rowsum(dO * O),
 P = exp(S * scale - lse)); ``lse`` may hold ``-inf`` for rows that see no key anywhere, whose gradients are
 zero. ``dlse`` (a gradient flowing into the returned lse; it folds into D) is only passed to backends whose
-``caps.takes_dlse`` is set.
+``caps.takes_dlse`` is set. ``scores`` (a :class:`~ringattn.scores.ScoreMod`) is only passed when the call
+has score modifications, all of them in ``caps.score_mods``; the ALiBi ones come with PARTIAL tasks only.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Protocol
 import torch
 
 from ..masks import Kind, MaskSpec, Task
+from ..scores import ScoreMod
 
 
 class Alignment(StrEnum):
@@ -57,6 +59,9 @@ class Capabilities:
     # Packed documents are planned one piece per document while the pieces are at least this long on
     # average: a kernel call per tiny document costs more than one masked tile over many of them.
     min_document_piece: int = 64
+    # Score modifications (``ringattn.scores``: "softcap", "alibi") the backend applies itself; a call
+    # with another is run by the reference backend.
+    score_mods: frozenset[str] = frozenset()
 
 
 class Backend(Protocol):
@@ -66,36 +71,65 @@ class Backend(Protocol):
     def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool: ...
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, task: Task, mask: MaskSpec, *,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+                scale: float, scores: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, task: Task, mask: MaskSpec, *, scale: float,
-                 dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+                 dlse: torch.Tensor | None = None,
+                 scores: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class DenseMaskKernel:
     """A backend whose kernel takes ``causal: bool`` (top-left) plus an optional dense boolean mask.
 
     Lowers each task to those two arguments: the mask is built from ``MaskSpec.visible`` on the task's
-    positions, only for PARTIAL tasks (tile-sized, by the planner). Subclasses implement
+    positions, only for PARTIAL tasks (tile-sized, by the planner). Score modifications become keyword
+    arguments, passed only when present: ``softcap=`` and ``bias=`` (ALiBi's per-key part, ``(heads, 1,
+    nk)``; its per-row part shifts lse here, see ``ringattn.scores``). Subclasses implement
     ``forward_dense`` / ``backward_dense``; tests call those directly too.
     """
 
     name: str
     caps: Capabilities = Capabilities()
 
-    def forward(self, q, k, v, task: Task, mask: MaskSpec, *, scale: float):
-        return self.forward_dense(q, k, v, scale=scale, causal=task.kind is Kind.CAUSAL,
-                                  mask=dense_mask(task, mask, q.device))
+    def forward(self, q, k, v, task: Task, mask: MaskSpec, *, scale: float, scores: ScoreMod | None = None):
+        extra, shift = _score_args(task, scores, q)
+        out, lse = self.forward_dense(q, k, v, scale=scale, causal=task.kind is Kind.CAUSAL,
+                                      mask=dense_mask(task, mask, q.device), **extra)
+        return out, (lse if shift is None else lse + shift)
 
-    def backward(self, dout, q, k, v, out, lse, task: Task, mask: MaskSpec, *, scale: float, dlse=None):
-        extra = {} if dlse is None else {"dlse": dlse}
-        return self.backward_dense(dout, q, k, v, out, lse, scale=scale, causal=task.kind is Kind.CAUSAL,
-                                   mask=dense_mask(task, mask, q.device), **extra)
+    def backward(self, dout, q, k, v, out, lse, task: Task, mask: MaskSpec, *, scale: float, dlse=None,
+                 scores: ScoreMod | None = None):
+        extra, shift = _score_args(task, scores, q)
+        if dlse is not None:
+            extra["dlse"] = dlse
+        return self.backward_dense(dout, q, k, v, out, lse if shift is None else lse - shift, scale=scale,
+                                   causal=task.kind is Kind.CAUSAL, mask=dense_mask(task, mask, q.device),
+                                   **extra)
 
     def forward_dense(self, q, k, v, *, scale, causal, mask): ...
 
     def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask): ...
+
+
+def _score_args(task: Task, scores: ScoreMod | None, q: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """The kernel's keyword arguments for the call's score modifications, and the lse shift per row."""
+    if scores is None:
+        return {}, None
+    extra: dict = {}
+    shift = None
+    if scores.softcap is not None:
+        extra["softcap"] = scores.softcap
+    if scores.alibi_slopes is not None:
+        if task.kind is not Kind.PARTIAL:
+            raise AssertionError("ALiBi needs positions: the planner hands such calls PARTIAL tasks only")
+        k_pos, q_pos = task.kseg.positions(q.device), task.qseg.positions(q.device)
+        extra["bias"] = scores.key_bias(k_pos, acc_dtype(q.dtype))
+        shift = scores.row_shift(q_pos, k_pos, acc_dtype(q.dtype))
+        if scores.softcap is not None:  # the cap is not linear: the whole bias goes in before it
+            extra["bias"] = extra["bias"] + shift[:, :, None]
+            shift = None
+    return extra, shift
 
 
 def dense_mask(task: Task, mask: MaskSpec, device) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..masks import MaskSpec, Task
+from ..scores import ScoreMod
 from .base import Backend, acc_dtype, new_buffer, new_heads_major
 
 
@@ -127,21 +128,25 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
 
 
 def run_forward(backend: Backend, q, k, v, tasks: tuple[Task, ...], spec: MaskSpec, scale: float,
-                acc: OutLseAccumulator) -> None:
+                acc: OutLseAccumulator, scores: ScoreMod | None = None) -> None:
+    extra = {} if scores is None else {"scores": scores}
     for t in tasks:
-        out, lse = backend.forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], t, spec, scale=scale)
+        out, lse = backend.forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], t, spec, scale=scale,
+                                   **extra)
         acc.merge(t.q0, t.q1, out, lse)
 
 
 def run_backward(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, ...], spec: MaskSpec,
                  scale: float, dq: GradAccumulator, dk: GradAccumulator, dv: GradAccumulator,
-                 dlse: torch.Tensor | None = None) -> None:
+                 dlse: torch.Tensor | None = None, scores: ScoreMod | None = None) -> None:
     """Adds this block pair's gradient shares into the float32/64 accumulators dq, dk, dv.
 
     ``dlse`` (gradient flowing into the returned lse) only for a backend with ``caps.takes_dlse``.
     """
     for t in tasks:
         extra = {} if dlse is None else {"dlse": dlse[:, :, t.q0:t.q1]}
+        if scores is not None:
+            extra["scores"] = scores
         gq, gk, gv = backend.backward(
             dout[:, t.q0:t.q1], q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], out[:, t.q0:t.q1],
             lse[:, :, t.q0:t.q1], t, spec, scale=scale, **extra)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..scores import ALIBI, SOFTCAP
 from .base import Capabilities, DenseMaskKernel, acc_dtype, empty_result
 
 Q_TILE = 1024
@@ -21,16 +22,24 @@ def _causal_keep(q0: int, nq: int, nk: int, device) -> torch.Tensor:
 
 class ReferenceBackend(DenseMaskKernel):
     name = "reference"
-    caps = Capabilities(takes_dlse=True)
+    caps = Capabilities(takes_dlse=True, score_mods=frozenset({SOFTCAP, ALIBI}))
 
     def supports(self, q, k, v) -> bool:
         return True
 
     @staticmethod
-    def _scores(q, k, scale, causal, mask, q0):
-        # q (b, t, kvh, g, d), k (b, nk, kvh, d) -> s (b, kvh, g, t, nk) in the accumulation dtype
+    def _scores(q, k, scale, causal, mask, q0, bias=None, softcap=None):
+        """q (b, t, kvh, g, d), k (b, nk, kvh, d) -> masked scores s (b, kvh, g, t, nk) in the accumulation
+        dtype, and tanh(s / softcap) (None without a softcap), which the backward's chain rule needs."""
         acc = acc_dtype(q.dtype)
         s = torch.einsum("btkgd,bskd->bkgts", q.to(acc), k.to(acc)) * scale
+        if bias is not None:  # (heads, 1 or nq, nk) -> (kvh, g, 1 or t, nk)
+            b = bias.to(acc).view(k.shape[2], q.shape[3], bias.shape[1], -1)
+            s = s + (b if b.shape[2] == 1 else b[:, :, q0:q0 + q.shape[1]])
+        th = None
+        if softcap is not None:
+            th = torch.tanh(s / softcap)
+            s = th * softcap
         keep = None
         if causal:
             keep = _causal_keep(q0, q.shape[1], k.shape[1], q.device)
@@ -39,9 +48,9 @@ class ReferenceBackend(DenseMaskKernel):
             keep = m if keep is None else keep & m
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
-        return s
+        return s, th
 
-    def forward_dense(self, q, k, v, *, scale, causal, mask):
+    def forward_dense(self, q, k, v, *, scale, causal, mask, bias=None, softcap=None):
         b, nq, h, d = q.shape
         kvh = k.shape[2]
         if nq == 0 or k.shape[1] == 0:
@@ -52,7 +61,7 @@ class ReferenceBackend(DenseMaskKernel):
         lse = torch.empty(b, h, nq, dtype=acc, device=q.device)
         for t0 in range(0, nq, Q_TILE):
             t1 = min(nq, t0 + Q_TILE)
-            s = self._scores(qg[:, t0:t1], k, scale, causal, mask, t0)
+            s, _ = self._scores(qg[:, t0:t1], k, scale, causal, mask, t0, bias, softcap)
             m = s.amax(-1, keepdim=True)
             m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
             p = torch.exp(s - m)
@@ -64,7 +73,7 @@ class ReferenceBackend(DenseMaskKernel):
             lse[:, :, t0:t1] = l_.reshape(b, h, t1 - t0)
         return out, lse
 
-    def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask, dlse=None):
+    def backward_dense(self, dout, q, k, v, out, lse, *, scale, causal, mask, dlse=None, bias=None, softcap=None):
         b, nq, h, d = q.shape
         kvh, g = k.shape[2], h // k.shape[2]
         acc = acc_dtype(q.dtype)
@@ -79,7 +88,7 @@ class ReferenceBackend(DenseMaskKernel):
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
         for t0 in range(0, nq, Q_TILE):
             t1 = min(nq, t0 + Q_TILE)
-            s = self._scores(qg[:, t0:t1], k, scale, causal, mask, t0)
+            s, th = self._scores(qg[:, t0:t1], k, scale, causal, mask, t0, bias, softcap)
             lt = lse[:, :, t0:t1].reshape(b, kvh, g, t1 - t0, 1)
             p = torch.exp(s - lt)
             do = dout[:, t0:t1].to(acc).view(b, t1 - t0, kvh, g, -1)
@@ -89,7 +98,10 @@ class ReferenceBackend(DenseMaskKernel):
                 delta = delta - dlse[:, :, t0:t1].to(acc).reshape(b, kvh, g, t1 - t0, 1)
             dv += torch.einsum("bkgts,btkgd->bskd", p, do)
             dp = torch.einsum("btkgd,bskd->bkgts", do, vf)
-            ds = p * (dp - delta) * scale
+            ds = p * (dp - delta)
+            if th is not None:  # d(cap tanh(x / cap)) / dx
+                ds = ds * (1 - th * th)
+            ds = ds * scale
             dq[:, t0:t1] = torch.einsum("bkgts,bskd->btkgd", ds, kf).reshape(b, t1 - t0, h, d)
             dk += torch.einsum("bkgts,btkgd->bskd", ds, qg[:, t0:t1].to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

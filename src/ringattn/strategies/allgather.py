@@ -134,7 +134,8 @@ def _forward(q, k, v, call: GatherCall):
         acc = OutLseAccumulator(qc, dv)
         profiling.count_flops(tasks, qc, vf, backward=False)
         with profiling.timed():
-            run_forward(backend, qc, kf, vf, tasks, call.call.spec, call.call.scale, acc)
+            run_forward(backend, qc, kf, vf, tasks, call.call.spec, call.call.scale, acc,
+                        call.call.heads(hs.start, hs.stop).scores)
         out[:, :, hs] = acc.out
         lse[:, hs] = acc.lse
     return out.to(q.dtype), lse
@@ -158,7 +159,8 @@ def _backward(dout, q, k, v, out, lse, call: GatherCall, dlse):
         profiling.count_flops(tasks, qc, vf, backward=True)
         with profiling.timed():
             run_backward(backend, dout[:, :, hs], qc, kf, vf, out[:, :, hs], lse[:, hs], tasks,
-                         call.call.spec, call.call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs])
+                         call.call.spec, call.call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs],
+                         call.call.heads(hs.start, hs.stop).scores)
         dq[:, :, hs] = dqc.get()
         gk, gv = gk.get(), gv.get()
         if call.to_global is not None:  # back to rank order for the scatter
@@ -202,4 +204,4 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
         ksegs = cut_at(ksegs[0], qsegs)
     per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)
     gather = GatherCall(call, qsegs, ksegs, head_chunks(k.shape[2], per), to_global)
-    return SavedAttention.apply(q, k, v, _forward, _backward, gather)
+    return SavedAttention.apply(q, k, v, call.sinks, _forward, _backward, gather)

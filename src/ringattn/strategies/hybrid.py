@@ -40,5 +40,5 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     if f > 1:
         k, v = k.repeat_interleave(f, dim=2), v.repeat_interleave(f, dim=2)
     qh, kh, vh = (AllToAll.apply(t, uly_group, 2, 1) for t in (q, k, v))
-    out, lse = ring.run(qh, kh, vh, call)
+    out, lse = ring.run(qh, kh, vh, call.local_heads(q.shape[2]))
     return AllToAll.apply(out, uly_group, 1, 2), AllToAll.apply(lse, uly_group, 2, 1)

@@ -43,7 +43,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """The ring on ``call.group`` over blocks of ``q.shape[1]`` rows; (out, lse), differentiable."""
     # Blocks live in the kernels' heads-major storage for the whole call (one copy each here, if needed).
     q, k, v = heads_major(q), heads_major(k), heads_major(v)
-    return SavedAttention.apply(q, k, v, _forward, _backward, call)
+    return SavedAttention.apply(q, k, v, call.sinks, _forward, _backward, call)
 
 
 def _prefetch(ring: Ring, steps, i: int, cur, own) -> Pending | None:
@@ -67,7 +67,7 @@ def _forward(q, k, v, call: AttentionCall):
         if tasks:
             profiling.count_flops(tasks, q, v, backward=False)
             with profiling.timed():
-                run_forward(call.backend, q, cur[0], cur[1], tasks, call.spec, call.scale, acc)
+                run_forward(call.backend, q, cur[0], cur[1], tasks, call.spec, call.scale, acc, call.scores)
         if pending is not None:
             # Drop the finished exchange at once: it still holds the block we sent, and keeping it
             # until the next post would make three blocks live instead of two.
@@ -147,7 +147,7 @@ class _RingBackward:
             profiling.count_flops(tasks, self.q, self.v, backward=True)
             with profiling.timed():
                 run_backward(self.backend, self.dout, self.q, kk, vv, self.out, self.lse, tuple(tasks),
-                             self.call.spec, self.call.scale, self.dq, gk, gv, self.dlse)
+                             self.call.spec, self.call.scale, self.dq, gk, gv, self.dlse, self.call.scores)
 
     def key_tiles(self, tasks: tuple[Task, ...]) -> tuple[KeyTile, ...]:
         return tile_tasks(tasks, self.k.shape[1], self.call.backend.caps)

@@ -53,7 +53,7 @@ def local_forward(q, k, v, local: LocalCall):
     tasks = local.tasks(backend)
     profiling.count_flops(tasks, q, v, backward=False)
     with profiling.timed():
-        run_forward(backend, q, k, v, tasks, local.call.spec, local.call.scale, acc)
+        run_forward(backend, q, k, v, tasks, local.call.spec, local.call.scale, acc, local.call.scores)
     return acc.out.to(q.dtype), acc.lse
 
 
@@ -64,7 +64,8 @@ def local_backward(dout, q, k, v, out, lse, local: LocalCall, dlse):
     dq, dk, dv = (GradAccumulator(t.shape, acc, t.device) for t in (q, k, v))
     profiling.count_flops(tasks, q, v, backward=True)
     with profiling.timed():
-        run_backward(backend, dout, q, k, v, out, lse, tasks, local.call.spec, local.call.scale, dq, dk, dv, dlse)
+        run_backward(backend, dout, q, k, v, out, lse, tasks, local.call.spec, local.call.scale, dq, dk, dv, dlse,
+                     local.call.scores)
     dq, dk, dv = dq.get(), dk.get(), dv.get()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -89,7 +90,8 @@ def head_parallel_attention(q, k, v, call: AttentionCall, order: torch.Tensor | 
     if order is not None:
         to_global = torch.argsort(order)
         qh, kh, vh = (t.index_select(1, to_global) for t in (qh, kh, vh))
-    out, lse = SavedAttention.apply(qh, kh, vh, local_forward, local_backward, LocalCall(call, qh.shape[1]))
+    local = LocalCall(call.local_heads(q.shape[2]), qh.shape[1])
+    out, lse = SavedAttention.apply(qh, kh, vh, local.call.sinks, local_forward, local_backward, local)
     if order is not None:  # back to rank order: row j of rank order holds global position order[j]
         out, lse = out.index_select(1, order), lse.index_select(2, order)
     return AllToAll.apply(out, group, 1, 2), AllToAll.apply(lse, group, 2, 1)
