@@ -160,9 +160,9 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if plan.temperature is not None:
         query = positions.temperature_rescale(query, *plan.temperature, settings.group, settings.layout)
     cu = kwargs.get("cu_seq_lens_q")
-    rows = [cu]
+    rows, real = [cu], None
     if cu is None and kwargs.get("position_ids") is not None:
-        rows = positions.documents(kwargs["position_ids"], query.shape[0], settings.group, settings.layout)
+        rows, real = positions.documents(kwargs["position_ids"], query.shape[0], settings.group, settings.layout)
         if all(r is None for r in rows):
             rows = [None]
         elif plan.chunk_size is not None:
@@ -183,6 +183,9 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if settings.backward_exchange != "ring":
         kw["backward_exchange"] = settings.backward_exchange
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if real is not None and not causal:
+        # shard_batch's padding repeats the last position; without a causal mask real tokens would see it.
+        kw["seq_len"] = real
     if len(rows) == 1:
         return _call(q, k, v, rows[0], settings, kw), None
     # Rows packed differently: one ring call per row, each with its own documents.
@@ -192,6 +195,9 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
 
 def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
     if cu is not None:
+        if "seq_len" in kw:  # the padding as a document of its own: no real token sees it either way
+            cu = cu[cu < kw["seq_len"]]
+            cu = torch.cat([cu, cu.new_tensor([kw["seq_len"]])])
         kw = dict(kw, cu_seqlens=cu, seq_len=int(cu[-1]))
     if settings.strategy == "ring":
         return ring_attention(q, k, v, **kw)
@@ -238,6 +244,7 @@ def _make_mask(name: str):
         config = kwargs.get("config")
         if config is not None:
             features.check_config(config)
+            features.saw_mask(config, kwargs.get("local_size"))
         if attention_mask is None:
             return None
         error = None

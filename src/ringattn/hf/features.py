@@ -21,10 +21,15 @@ _MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|ligh
 # Sparse attention that picks keys with a learned scorer (DeepSeek-V3.2's indexer): the scorer sees only the
 # local shard, and ring attention has no top-k key selection.
 _INDEXER_NAMES = re.compile(r"indexer", re.IGNORECASE)
+# Weights chosen by a token's index in the sequence (Moshi's depth decoder): the index is the local one.
+_BY_INDEX_NAMES = re.compile(r"flexiblelinear", re.IGNORECASE)
 # RoPE variants that pick their frequencies from the largest position in the batch.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 _PREPARED: dict[int, weakref.ref] = {}  # id(config) -> config, for the configs prepare() patched
+# id(config) -> (config, the local sizes of the masks transformers asked the mask interface for): which
+# windows a model applies only in its mask (PhiMoE), and which config windows it never applies (Moshi).
+_MASK_SIZES: dict[int, tuple[weakref.ref, set]] = {}
 
 
 class UnsupportedModel(NotImplementedError):
@@ -86,15 +91,14 @@ def check_model(model: torch.nn.Module) -> None:
     if config is None:
         raise TypeError(f"prepare needs a transformers PreTrainedModel, got {type(model).__name__}")
     name = model_name(config)
-    if not getattr(type(model), "_supports_attention_backend", False):
-        raise UnsupportedModel(
-            f"{name}: its attention is not on transformers' attention interface (_supports_attention_backend is "
-            "False), so attn_implementation='ring' would never be called; not supported")
     for path, m in model.named_modules():
         cls = type(m).__name__
         if _INDEXER_NAMES.search(cls):
             raise UnsupportedModel(f"{name}: {path} ({cls}): sparse attention with a learned key indexer is not "
                                    "supported by ring attention (the indexer would score the local shard only)")
+        if _BY_INDEX_NAMES.search(cls):
+            raise UnsupportedModel(f"{name}: {path} ({cls}) picks its weights by the token's index in the "
+                                   "sequence, which each rank knows only locally; not supported")
         conv = isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1
         if _MIXER_NAMES.search(cls) or conv:
             what = ("a 1-D convolution along the sequence" if conv
@@ -103,6 +107,11 @@ def check_model(model: torch.nn.Module) -> None:
                 f"{name}: {path} ({cls}) is {what}: token mixing outside attention is not context-parallel, so each "
                 "rank would mix its own shard alone; not supported yet (run this model without context parallelism)")
     _check_layer_types(config)
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise UnsupportedModel(
+            f"{name}: transformers marks {type(model).__name__} as not supporting custom attention backends "
+            "(_supports_attention_backend is False: its attention does not, or not only, go through the attention "
+            "interface), so attn_implementation='ring' would not be what runs; not supported")
 
 
 def _check_layer_types(config) -> None:
@@ -153,8 +162,17 @@ def plan_module(module, sliding_window, softcap, kwargs: dict) -> LayerPlan:
 
 
 def _window_is_used(config) -> bool:
-    # Qwen2-style configs keep a window they do not use unless use_sliding_window is set.
-    return bool(getattr(config, "use_sliding_window", True))
+    """Whether the model built a sliding-window mask of config.sliding_window (seen by the mask function)."""
+    entry = _MASK_SIZES.get(id(config))
+    return entry is not None and entry[0]() is config and config.sliding_window in entry[1]
+
+
+def saw_mask(config, local_size) -> None:
+    entry = _MASK_SIZES.get(id(config))
+    if entry is None or entry[0]() is not config:
+        entry = _MASK_SIZES[id(config)] = (weakref.ref(config), set())
+    if local_size is not None:
+        entry[1].add(int(local_size))
 
 
 def mark_prepared(config) -> None:

@@ -36,9 +36,10 @@ class _Cache:
 _DOCS = _Cache()
 
 
-def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> list[torch.Tensor | None]:
+def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> tuple[list, int]:
     """Per batch row, the global ``cu_seqlens`` of the packed documents that ``position_ids`` (this rank's
-    shard) marks by restarting, or None for a row that is one sequence.
+    shard) marks by restarting, or None for a row that is one sequence; and the real length (the padded
+    length less the longest trailing run of repeated positions common to every row, but its first token).
 
     transformers' rule (``find_packed_sequence_indices``, what sdpa and eager apply): a document starts wherever
     a position is not the previous one plus 1. A trailing run of repeated positions is padding (``shard_batch``
@@ -62,20 +63,21 @@ def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> lis
         full = unshard(local.contiguous(), group=group, layout=layout, dim=1)
     else:
         full = local
-    out = []
+    out, real = [], 0
     for row in full:
         starts = torch.ones_like(row, dtype=torch.bool)
         starts[1:] = row[1:] != row[:-1] + 1
         same = torch.nonzero(row != row[-1]).flatten()
         tail = int(same[-1]) + 1 if same.numel() else 0   # first index of the trailing run of the last value
         starts[tail + 1:] = False
+        real = max(real, tail + 1)
         idx = torch.nonzero(starts).flatten()
         if idx.numel() <= 1:
             out.append(None)
             continue
         out.append(torch.cat([idx, idx.new_tensor([row.numel()])]).to(torch.int32))
-    _DOCS.put(position_ids, out)
-    return out
+    _DOCS.put(position_ids, (out, real))
+    return out, real
 
 
 def global_token_index(group, layout: str, local_len: int, device) -> torch.Tensor:
