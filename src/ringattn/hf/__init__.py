@@ -23,20 +23,23 @@ mask no real token sees a later one, so tail padding changes nothing; its labels
 
 from __future__ import annotations
 
+import weakref
 import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from . import comm, ring_attention
-from .layouts import check_layout, padded_len, shard
-from .model.loss import IGNORE_INDEX, sum_gradients
-from .model.loss import shard_batch as _shard_tokens
-from .validate import agree, check_backward_exchange
+from .. import comm, ring_attention
+from ..layouts import check_layout, padded_len, shard
+from ..model.loss import IGNORE_INDEX, sum_gradients
+from ..model.loss import shard_batch as _shard_tokens
+from ..validate import agree, check_backward_exchange
+from . import features, positions
+from .features import LayerPlan, UnsupportedModel
 
-__all__ = ["IGNORE_INDEX", "RingSettings", "attention_forward", "causal_lm_loss", "register", "settings",
-           "shard_batch", "sync_gradients"]
+__all__ = ["IGNORE_INDEX", "LayerPlan", "RingSettings", "UnsupportedModel", "attention_forward", "causal_lm_loss",
+           "prepare", "register", "settings", "shard_batch", "sync_gradients"]
 
 
 @dataclass
@@ -99,6 +102,29 @@ def _make_attention(name: str):
     return ring_attention_forward
 
 
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention module -> LayerPlan
+
+
+def _plan(module, sliding_window, softcap, settings: RingSettings, device, kwargs) -> LayerPlan:
+    """The module's plan, made (and agreed on by every rank) at its first call."""
+    plan = _PLANS.get(module) if _weakrefable(module) else None
+    if plan is not None:
+        return plan
+    error = None
+    try:
+        plan = features.plan_module(module, sliding_window, softcap, kwargs)
+    except (ValueError, NotImplementedError) as e:
+        error = e
+    agree(f"hf plan {type(module).__name__} {plan}", error, settings.group, device)
+    if _weakrefable(module):
+        _PLANS[module] = plan
+    return plan
+
+
+def _weakrefable(module) -> bool:
+    return isinstance(module, torch.nn.Module)
+
+
 def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, *, dropout: float = 0.0, scaling: float | None = None,
                       sliding_window: int | None = None, softcap: float | None = None,
@@ -107,50 +133,118 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     """The transformers attention-interface function: ``query`` ``(b, heads, s, d)``, ``key``/``value``
     ``(b, kv_heads, s, d)`` of this rank's shard -> ``(out (b, s, heads, d), None)``.
 
-    ``sliding_window=w`` (transformers' convention: keys ``j > i - w``) becomes ``window=(w - 1, ...)``.
-    ``cu_seq_lens_q`` (global packed-document boundaries, batch 1), when passed to the model, becomes
-    ringattn's ``cu_seqlens``.
+    What the layer needs comes from the call, the module and its config (``features.plan_module``):
+    ``sliding_window=w`` (transformers' convention: keys ``j > i - w``, also when only the model's mask has it)
+    becomes ``window=(w - 1, ...)``; chunked layers (Llama 4) ``chunk_size``; ``softcap``; ``s_aux`` (gpt-oss
+    sinks) ``sinks``. ``cu_seq_lens_q`` (global packed-document boundaries, batch 1) becomes ringattn's
+    ``cu_seqlens``; without it, documents are found where the global ``position_ids`` restart.
     """
     settings = settings or RingSettings()
     if dropout:
         raise ValueError(f"attention dropout is not supported by ring attention, got dropout={dropout}; "
-                         "set config.attention_dropout = 0")
-    if softcap is not None:
-        raise ValueError("attention logit softcapping (softcap) is not supported by ring attention")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("attention sinks (s_aux) are not supported by ring attention")
+                         "set config.attention_dropout = 0 or call model.eval()")
     if isinstance(attention_mask, torch.Tensor):
-        raise ValueError("ring attention takes no dense attention_mask; masks are applied on global "
-                         "positions (causal, sliding window, cu_seq_lens_q for packed documents)")
+        raise features.UnsupportedModel(
+            f"{_where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
+            "which ring attention cannot apply on global positions; not supported")
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"ring attention needs as many keys as queries on each rank, got {query.shape[2]} "
                          f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False, "
                          "and decode with ringattn.generate")
+    plan = _plan(module, sliding_window, softcap, settings, query.device, kwargs)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = None
-    if sliding_window is not None:
-        w = int(sliding_window) - 1
+    if plan.window is not None:
+        w = int(plan.window) - 1
         window = (w, -1 if causal else w)
+    if plan.temperature is not None:
+        query = positions.temperature_rescale(query, *plan.temperature, settings.group, settings.layout)
     cu = kwargs.get("cu_seq_lens_q")
-    seq_len = int(cu[-1]) if cu is not None else None
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    kw = dict(group=settings.group, causal=causal, window=window, layout=settings.layout, seq_len=seq_len,
-              cu_seqlens=cu, softmax_scale=scaling)
+    rows, real = [cu], None
+    if cu is None and kwargs.get("position_ids") is not None:
+        rows, real = positions.documents(kwargs["position_ids"], query.shape[0], settings.group, settings.layout)
+        if all(r is None for r in rows):
+            rows = [None]
+        elif plan.chunk_size is not None:
+            raise features.UnsupportedModel(
+                f"{_where(module)}: chunked attention with packed documents (transformers counts the chunks "
+                "from each document's start); not supported yet")
+        elif len(rows) > 1 and all(r is not None and torch.equal(r, rows[0]) for r in rows):
+            rows = rows[:1]
+    kw = dict(group=settings.group, causal=causal, window=window, layout=settings.layout,
+              softmax_scale=scaling)
+    if plan.chunk_size is not None:
+        kw["chunk_size"] = plan.chunk_size
+    if softcap is not None:
+        kw["softcap"] = float(softcap)
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        kw["sinks"] = sinks
     if settings.backward_exchange != "ring":
         kw["backward_exchange"] = settings.backward_exchange
-    if settings.strategy == "ring":
-        out = ring_attention(q, k, v, **kw)
-    else:
-        from . import attention
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if real is not None and not causal:
+        # shard_batch's padding repeats the last position; without a causal mask real tokens would see it.
+        kw["seq_len"] = real
+    if len(rows) == 1:
+        return _call(q, k, v, rows[0], settings, kw), None
+    # Rows packed differently: one ring call per row, each with its own documents.
+    outs = [_call(q[i:i + 1], k[i:i + 1], v[i:i + 1], r, settings, kw) for i, r in enumerate(rows)]
+    return torch.cat(outs, 0), None
 
-        out = attention(q, k, v, strategy=settings.strategy, **kw)
-    return out, None
+
+def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
+    if cu is not None:
+        if "seq_len" in kw:  # the padding as a document of its own: no real token sees it either way
+            cu = cu[cu < kw["seq_len"]]
+            cu = torch.cat([cu, cu.new_tensor([kw["seq_len"]])])
+        kw = dict(kw, cu_seqlens=cu, seq_len=int(cu[-1]))
+    if settings.strategy == "ring":
+        return ring_attention(q, k, v, **kw)
+    from .. import attention
+
+    return attention(q, k, v, strategy=settings.strategy, **kw)
+
+
+def _where(module) -> str:
+    config = getattr(module, "config", None)
+    name = features.model_name(config) if config is not None else "model"
+    idx = getattr(module, "layer_idx", None)
+    return f"{name}: layer {idx} ({type(module).__name__})" if idx is not None else f"{name}: {type(module).__name__}"
+
+
+def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
+    """Check a transformers model for ``attn_implementation="ring"`` and adapt what needs the global sequence.
+
+    Raises ``ringattn.hf.UnsupportedModel`` (a ``NotImplementedError``) naming the model, the layer and the
+    feature for what ring attention cannot compute exactly: token mixing outside attention (Mamba, Mamba2,
+    gated delta net / linear attention, short convolutions, recurrent blocks), attention that is not on
+    transformers' attention interface (Bloom, MPT, Falcon, ...), DeepSeek-V3.2's sparse indexer. Patches the
+    rotary embeddings whose frequencies depend on the largest position (dynamic NTK, LongRoPE) to use the
+    group's. Returns ``model``. Without it the same checks run at the first attention call, except those of
+    models whose attention never reaches the interface, and dynamic RoPE is refused.
+    """
+    features.check_model(model)
+    for m in model.modules():
+        positions.patch_dynamic_rope(m, group)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None:
+            features.mark_prepared(config)
+    return model
 
 
 def _make_mask(name: str):
     def ring_mask(batch_size: int = 1, q_length: int = 0, kv_length: int = 0, q_offset: int = 0,
                   kv_offset: int = 0, mask_function=None, attention_mask=None, **kwargs):
-        """No dense mask: ring attention masks on global positions. A 2-D padding mask must be all ones."""
+        """No dense mask: ring attention masks on global positions. A 2-D padding mask must be all ones.
+
+        Models build their masks before their first layer, so this is where model-wide refusals (layers that
+        are not attention, dynamic RoPE not prepared) come first, from the config transformers passes."""
+        config = kwargs.get("config")
+        if config is not None:
+            features.check_config(config)
+            features.saw_mask(config, kwargs.get("local_size"))
         if attention_mask is None:
             return None
         error = None
@@ -180,7 +274,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     Returns:
         ``{"input_ids", "position_ids", "shift_labels", "num_items_in_batch", "seq_len"}``:
         ``(batch, local_len)`` shards (the tail padded up to a multiple of W, 2W for zigzag; padding has
-        id 0, continuing positions and label ``ignore_index``), ``shift_labels[i]`` = the label of token
+        id 0, the last position repeated and label ``ignore_index``), ``shift_labels[i]`` = the label of token
         ``i + 1``, and the global count of scored tokens.
     """
     check_layout(layout)
@@ -195,15 +289,15 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     _, world = comm.group_rank_world(group)
     pad = padded_len(n, world, layout) - n
     if position_ids is None:
-        position_ids = torch.arange(n + pad, device=input_ids.device).expand(b, n + pad)
-    else:
-        if position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
-        if position_ids.shape[-1] != n:
-            raise ValueError(f"position_ids must have seq_len {n} entries, got {tuple(position_ids.shape)}")
-        position_ids = position_ids.expand(b, n)
-        last = position_ids[:, -1:]
-        position_ids = torch.cat([position_ids, last + torch.arange(1, pad + 1, device=last.device)], 1)
+        position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
+    # Padding repeats the last position: the largest position (which dynamic RoPE and LongRoPE read) stays the
+    # real sequence's, and the padding joins the last document, which no real token sees under a causal mask.
+    position_ids = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
+    if position_ids.shape[-1] != n:
+        raise ValueError(f"position_ids must have seq_len {n} entries, got {tuple(position_ids.shape)}")
+    position_ids = position_ids.expand(b, n)
+    if pad:
+        position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(b, pad)], 1)
     shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], 1)
     ids, shift_labels, _ = _shard_tokens(input_ids, shifted, group=group, layout=layout, ignore_index=ignore_index)
     return {

@@ -1,0 +1,181 @@
+"""What a transformers model needs from ring attention, read from the model itself, or why it cannot have it.
+
+Ring attention is exact only where attention is the one place tokens meet and every mask feature reaches the
+ring on global positions. Anything else is refused here, by name, before it can compute a wrong answer.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
+
+# Module class names that mix tokens along the sequence without the attention interface. Each runs on one
+# rank's shard alone, so its output would be that of a shorter, cut-up sequence.
+_MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|lightning|shortconv|rwkv|mlstm|slstm|"
+                          r"xlstm|rglru|recurrentblock|recurrent_block|lru", re.IGNORECASE)
+# Sparse attention that picks keys with a learned scorer (DeepSeek-V3.2's indexer): the scorer sees only the
+# local shard, and ring attention has no top-k key selection.
+_INDEXER_NAMES = re.compile(r"indexer", re.IGNORECASE)
+# Weights chosen by a token's index in the sequence (Moshi's depth decoder): the index is the local one.
+_BY_INDEX_NAMES = re.compile(r"flexiblelinear", re.IGNORECASE)
+# RoPE variants that pick their frequencies from the largest position in the batch.
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+_PREPARED: dict[int, weakref.ref] = {}  # id(config) -> config, for the configs prepare() patched
+# id(config) -> (config, the local sizes of the masks transformers asked the mask interface for): which
+# windows a model applies only in its mask (PhiMoE), and which config windows it never applies (Moshi).
+_MASK_SIZES: dict[int, tuple[weakref.ref, set]] = {}
+
+
+class UnsupportedModel(NotImplementedError):
+    """A model feature ring attention cannot compute exactly (raised at load time or the first call)."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The ring-attention options one attention module needs."""
+
+    window: int | None = None       # transformers' sliding_window w: keys j > i - w
+    chunk_size: int | None = None   # Llama 4 chunked attention: i // c == j // c
+    temperature: tuple[float, float] | None = None  # Llama 4 (floor_scale, attn_scale) on NoPE layers
+
+
+def model_name(config) -> str:
+    archs = getattr(config, "architectures", None)
+    return archs[0] if archs else f"{type(config).__name__.removesuffix('Config')} (model_type={config.model_type!r})"
+
+
+def _layer_types(config) -> list | None:
+    types = getattr(config, "layer_types", None)
+    return list(types) if isinstance(types, (list, tuple)) else None
+
+
+def rope_types(config) -> set[str]:
+    found = set()
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = getattr(config, key, None)
+        if not isinstance(rp, dict):
+            continue
+        for v in [rp, *[x for x in rp.values() if isinstance(x, dict)]]:
+            t = v.get("rope_type", v.get("type"))
+            if isinstance(t, str):
+                found.add(t)
+    return found
+
+
+def is_prepared(config) -> bool:
+    ref = _PREPARED.get(id(config))
+    return ref is not None and ref() is config
+
+
+def check_config(config) -> None:
+    """The model-wide refusals that the config alone shows (the lazy path, without ``prepare``)."""
+    name = model_name(config)
+    _check_layer_types(config)
+    dynamic = sorted(t for t in rope_types(config) if any(d in t for d in _DYNAMIC_ROPE))
+    if dynamic and not is_prepared(config):
+        raise UnsupportedModel(
+            f"{name}: RoPE type {dynamic[0]!r} chooses its frequencies from the largest position in the batch, "
+            "which each rank sees only for its shard; call ringattn.hf.prepare(model) once after loading, so "
+            "the rotary embedding uses the global largest position")
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Every refusal, model-wide: modules that mix tokens outside attention, attention off the interface."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"prepare needs a transformers PreTrainedModel, got {type(model).__name__}")
+    name = model_name(config)
+    for path, m in model.named_modules():
+        if not path:  # the model itself: its class is named after the family, not a mixer
+            continue
+        cls = type(m).__name__
+        if _INDEXER_NAMES.search(cls):
+            raise UnsupportedModel(f"{name}: {path} ({cls}): sparse attention with a learned key indexer is not "
+                                   "supported by ring attention (the indexer would score the local shard only)")
+        if _BY_INDEX_NAMES.search(cls):
+            raise UnsupportedModel(f"{name}: {path} ({cls}) picks its weights by the token's index in the "
+                                   "sequence, which each rank knows only locally; not supported")
+        conv = isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1
+        if _MIXER_NAMES.search(cls) or conv:
+            what = ("a 1-D convolution along the sequence" if conv
+                    else "a recurrent / state-space / linear-attention mixer")
+            raise UnsupportedModel(
+                f"{name}: {path} ({cls}) is {what}: token mixing outside attention is not context-parallel, so each "
+                "rank would mix its own shard alone; not supported yet (run this model without context parallelism)")
+    _check_layer_types(config)
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise UnsupportedModel(
+            f"{name}: transformers marks {type(model).__name__} as not supporting custom attention backends "
+            "(_supports_attention_backend is False: its attention does not, or not only, go through the attention "
+            "interface), so attn_implementation='ring' would not be what runs; not supported")
+
+
+def _check_layer_types(config) -> None:
+    types = _layer_types(config)
+    for i, t in enumerate(types or ()):
+        if t not in ATTENTION_LAYER_TYPES:
+            raise UnsupportedModel(
+                f"{model_name(config)}: layer {i} is a {t!r} layer (config.layer_types): token mixing outside "
+                "attention is not context-parallel, so each rank would mix its own shard alone; ring attention "
+                "supports models whose layers are all attention (full, sliding or chunked)")
+
+
+def plan_module(module, sliding_window, softcap, kwargs: dict) -> LayerPlan:
+    """What the attention ``module`` needs, from its call, its attributes and its config; raises if it needs
+    something the ring cannot do."""
+    config = getattr(module, "config", None)
+    cls = type(module).__name__
+    name = model_name(config) if config is not None else cls
+    if config is not None:
+        check_config(config)
+    idx = getattr(module, "layer_idx", None)
+    where = f"{name}: layer {idx} ({cls})" if idx is not None else f"{name}: {cls}"
+    if _MIXER_NAMES.search(cls) or _INDEXER_NAMES.search(cls):
+        raise UnsupportedModel(f"{where}: not plain softmax attention; not supported by ring attention")
+    types = _layer_types(config) if config is not None else None
+    layer_type = types[idx] if types and isinstance(idx, int) and idx < len(types) else None
+
+    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    if window is None and config is not None:
+        # Models that put the window only in their mask (PhiMoE, Qwen2-MoE): sliding layers by layer_types, or
+        # every layer when the model has no layer_types and a window in its config.
+        w = getattr(config, "sliding_window", None)
+        if w is not None and (layer_type == "sliding_attention" or (types is None and _window_is_used(config))):
+            window = w
+    if layer_type == "full_attention" and sliding_window is None:
+        window = None
+    chunk = None
+    if layer_type == "chunked_attention":
+        chunk = getattr(config, "attention_chunk_size", None)
+        if not chunk:
+            raise UnsupportedModel(f"{where}: a chunked_attention layer without config.attention_chunk_size")
+    temperature = None
+    if getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True):
+        temperature = (float(module.floor_scale), float(module.attn_scale))
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise UnsupportedModel(f"{where}: sliding_window must be a positive int, got {window!r}")
+    return LayerPlan(window=window, chunk_size=int(chunk) if chunk else None, temperature=temperature)
+
+
+def _window_is_used(config) -> bool:
+    """Whether the model built a sliding-window mask of config.sliding_window (seen by the mask function)."""
+    entry = _MASK_SIZES.get(id(config))
+    return entry is not None and entry[0]() is config and config.sliding_window in entry[1]
+
+
+def saw_mask(config, local_size) -> None:
+    entry = _MASK_SIZES.get(id(config))
+    if entry is None or entry[0]() is not config:
+        entry = _MASK_SIZES[id(config)] = (weakref.ref(config), set())
+    if local_size is not None:
+        entry[1].add(int(local_size))
+
+
+def mark_prepared(config) -> None:
+    _PREPARED[id(config)] = weakref.ref(config)

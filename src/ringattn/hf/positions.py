@@ -1,0 +1,133 @@
+"""Global views of per-rank inputs: position_ids, packed-document boundaries, RoPE and temperature positions.
+
+Each rank sees only its shard of position_ids. Whatever transformers derives from the whole sequence (where
+packed documents start, the largest position for dynamic RoPE, the token index for Llama 4's temperature
+tuning) is recomputed here from the global sequence, so every rank uses the single-process value.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from .. import comm
+from ..layouts import global_positions, unshard
+
+
+class _Cache:
+    """One gathered result per position_ids tensor: every layer of a forward gets the same tensor object."""
+
+    def __init__(self):
+        self.ref = None
+        self.version = -1
+        self.value = None
+
+    def get(self, t: torch.Tensor):
+        if self.ref is not None and self.ref() is t and t._version == self.version:
+            return self.value
+        return None
+
+    def put(self, t: torch.Tensor, value) -> None:
+        self.ref, self.version, self.value = weakref.ref(t), t._version, value
+
+
+_DOCS = _Cache()
+
+
+def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> tuple[list, int]:
+    """Per batch row, the global ``cu_seqlens`` of the packed documents that ``position_ids`` (this rank's
+    shard) marks by restarting, or None for a row that is one sequence; and the real length (the padded
+    length less the longest trailing run of repeated positions common to every row, but its first token).
+
+    transformers' rule (``find_packed_sequence_indices``, what sdpa and eager apply): a document starts wherever
+    a position is not the previous one plus 1. A trailing run of repeated positions is padding (``shard_batch``
+    pads that way) and stays in the last document: causal attention keeps every real token from seeing it.
+    """
+    hit = _DOCS.get(position_ids)
+    if hit is not None:
+        return hit
+    _, world = comm.group_rank_world(group)
+    local = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    if world > 1:
+        # Left out, position_ids default to 0..local_len-1 on every rank: the RoPE of every shard but one is
+        # wrong and the gathered ids look like one document per rank. Refused when every rank shows it.
+        numbered = torch.tensor([int(bool((local == torch.arange(local.shape[1], device=local.device)).all()))],
+                                device=local.device)
+        dist.all_reduce(numbered, op=dist.ReduceOp.MIN, group=group)
+        if int(numbered[0]):
+            raise ValueError("ring attention got position_ids 0..local_len-1 on every rank: pass each rank's shard "
+                             "of the global position_ids to the model (ringattn.hf.shard_batch returns them); "
+                             "left out, the model numbers every shard from 0")
+        full = unshard(local.contiguous(), group=group, layout=layout, dim=1)
+    else:
+        full = local
+    out, real = [], 0
+    for row in full:
+        starts = torch.ones_like(row, dtype=torch.bool)
+        starts[1:] = row[1:] != row[:-1] + 1
+        same = torch.nonzero(row != row[-1]).flatten()
+        tail = int(same[-1]) + 1 if same.numel() else 0   # first index of the trailing run of the last value
+        starts[tail + 1:] = False
+        real = max(real, tail + 1)
+        idx = torch.nonzero(starts).flatten()
+        if idx.numel() <= 1:
+            out.append(None)
+            continue
+        out.append(torch.cat([idx, idx.new_tensor([row.numel()])]).to(torch.int32))
+    _DOCS.put(position_ids, (out, real))
+    return out, real
+
+
+def global_token_index(group, layout: str, local_len: int, device) -> torch.Tensor:
+    """Each local token's index in the global (padded) sequence."""
+    rank, world = comm.group_rank_world(group)
+    return global_positions(layout, rank, world, local_len, device=device)
+
+
+def temperature_rescale(query: torch.Tensor, floor_scale: float, attn_scale: float, group, layout: str) -> torch.Tensor:
+    """Llama 4's attention temperature tuning on global token indices instead of the shard's ``arange``.
+
+    The module already multiplied query by ``s(arange(local_len))``; this multiplies by
+    ``s(global) / s(local)`` (``s >= 1``, so the division is safe and differentiable).
+    """
+    n = query.shape[2]
+
+    def s(pos: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+
+    local = torch.arange(n, device=query.device)
+    glob = global_token_index(group, layout, n, query.device)
+    ratio = (s(glob).to(torch.float64) / s(local).to(torch.float64)).to(query.dtype)
+    return query * ratio.view(1, 1, n, 1)
+
+
+def patch_dynamic_rope(module: torch.nn.Module, group) -> bool:
+    """Make a dynamic / LongRoPE rotary embedding choose its frequencies from the global largest position.
+
+    transformers' ``dynamic_rope_update`` reads ``max(position_ids)`` of the call; the patched forward first
+    runs that update on the group's largest position, then the undecorated forward on this rank's positions.
+    Returns whether ``module`` was patched.
+    """
+    forward = type(module).forward
+    inner = getattr(forward, "__wrapped__", None)
+    if inner is None or getattr(module, "_ringattn_rope", False):
+        return False
+    rope = getattr(module, "rope_type", None)
+    kinds = rope.values() if isinstance(rope, dict) else [rope]
+    if not any(isinstance(k, str) and ("dynamic" in k or k == "longrope") for k in kinds):
+        return False
+    bound = forward.__get__(module)
+
+    def global_max_forward(x, position_ids, *args, **kwargs):
+        top = position_ids.max().reshape(1).to(torch.int64)
+        _, world = comm.group_rank_world(group)
+        if world > 1:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        bound(x[..., :1, :] if x.dim() >= 2 else x, top.view(1, 1).to(position_ids.device), *args, **kwargs)
+        return inner(module, x, position_ids, *args, **kwargs)
+
+    module.forward = global_max_forward
+    module._ringattn_rope = True
+    return True
