@@ -152,8 +152,17 @@ def test_every_rank_posts_in_one_global_order(cfg, direct, monkeypatch):
 
 
 def test_random_configurations_post_in_one_global_order(monkeypatch):
-    rnd = random.Random(0)
-    for _ in range(150):
+    random_configurations(monkeypatch, seed=0, count=50)
+
+
+@pytest.mark.slow
+def test_more_random_configurations_post_in_one_global_order(monkeypatch):
+    random_configurations(monkeypatch, seed=2, count=200)
+
+
+def random_configurations(monkeypatch, seed: int, count: int) -> None:
+    rnd = random.Random(seed)
+    for _ in range(count):
         world = rnd.choice([2, 3, 4, 5, 6, 7, 8])
         local, chunk = rnd.choice([8, 12, 16, 20]), rnd.choice([2, 3, 4])
         layout, causal, direct = rnd.choice(["contiguous", "zigzag", "striped"]), rnd.random() < 0.5, rnd.random() < 0.5
