@@ -122,52 +122,6 @@ class Slice:
                   and kb - qa <= hi and ka - qb >= lo)
         return meets, covers
 
-    def _classify_custom(self, qs: Segment, ks: Segment) -> Kind:
-        """EMPTY, FULL or PARTIAL for the user mask alone on a pair (``ks`` already cut to real keys)."""
-        full = True
-        if self.slices is not None:
-            hits = [s.overlap(qs.start, qs.last, ks.start, ks.last, self.lo, self.hi) for s in self.slices]
-            if not any(m for m, _ in hits):
-                return Kind.EMPTY
-            full = any(c for _, c in hits)
-        if self.mask_mod is None and full:
-            return Kind.FULL
-        if qs.length * ks.length > EVAL_PAIRS:
-            return Kind.PARTIAL
-        keep = self._user_visible(qs.positions()[:, None], ks.positions()[None, :])
-        if not bool(keep.any()):
-            return Kind.EMPTY
-        return Kind.FULL if bool(keep.all()) else Kind.PARTIAL
-
-    def _user_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        keep = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
-        if self.slices is not None:
-            union = torch.zeros_like(keep)
-            for s in self.slices:
-                union |= s.visible(q_pos, k_pos)
-            keep &= union
-        if self.mask_mod is not None:
-            keep &= self.mask_mod(q_pos, k_pos)
-        return keep
-
-    def any_visible(self, qs: Segment, ks: Segment) -> bool:
-        """Whether any pair of the two runs is visible: exact, evaluating a mask_mod tile by tile where
-        classification alone cannot tell (the ring skips a step only if no rank needs it)."""
-        pair = self.classify(qs, ks)
-        exact = self.mask_mod is None and not self.grouped and qs.stride == ks.stride == 1  # slices' test
-        if pair.kind is not Kind.PARTIAL or not self.custom or exact:
-            return pair.kind is not Kind.EMPTY
-        ks = Segment(ks.start, pair.k_len, ks.stride)
-        step = int(EVAL_PAIRS ** 0.5)
-        for a in range(0, qs.length, step):
-            qa = qs.sub(a, min(a + step, qs.length))
-            qp = qa.positions()[:, None]
-            for b in range(0, ks.length, step):
-                kb = ks.sub(b, min(b + step, ks.length))
-                if bool(self.visible(qp, kb.positions()[None, :]).any()):
-                    return True
-        return False
-
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         lo, hi = self.diag
         keep = (q_pos >= self.q0) & (q_pos < self.q1) & (k_pos >= self.k0) & (k_pos < self.k1)
