@@ -5,7 +5,8 @@
 - ``BottomRightBackend`` claims bottom-right causal alignment (as the FlashAttention family does): the
   planner must hand it only square causal tasks, which it checks, so the lowering is tested here.
 
-Both compute with the reference kernel, so results must match the float64 reference exactly as well.
+Both compute with the reference kernel, so results must match the float64 reference exactly as well, and
+take every score modification as it does.
 """
 
 from __future__ import annotations
@@ -17,20 +18,21 @@ from ringattn.masks import Kind
 
 class NativePartialBackend(ReferenceBackend):
     name = "test-native-partial"
-    caps = Capabilities(native=frozenset(Kind), takes_dlse=True)
+    caps = Capabilities(native=frozenset(Kind), takes_dlse=True, score_mods=ReferenceBackend.caps.score_mods)
 
 
 class BottomRightBackend(ReferenceBackend):
     name = "test-bottom-right"
-    caps = Capabilities(causal_alignment=Alignment.BOTTOM_RIGHT, takes_dlse=True)
+    caps = Capabilities(causal_alignment=Alignment.BOTTOM_RIGHT, takes_dlse=True,
+                        score_mods=ReferenceBackend.caps.score_mods)
 
-    def forward(self, q, k, v, task, mask, *, scale):
+    def forward(self, q, k, v, task, mask, *, scale, scores=None):
         assert task.kind is not Kind.CAUSAL or q.shape[1] == k.shape[1], f"non-square causal task {task}"
-        return super().forward(q, k, v, task, mask, scale=scale)
+        return super().forward(q, k, v, task, mask, scale=scale, scores=scores)
 
-    def backward(self, dout, q, k, v, out, lse, task, mask, *, scale, dlse=None):
+    def backward(self, dout, q, k, v, out, lse, task, mask, *, scale, dlse=None, scores=None):
         assert task.kind is not Kind.CAUSAL or q.shape[1] == k.shape[1], f"non-square causal task {task}"
-        return super().backward(dout, q, k, v, out, lse, task, mask, scale=scale, dlse=dlse)
+        return super().backward(dout, q, k, v, out, lse, task, mask, scale=scale, dlse=dlse, scores=scores)
 
 
 TEST_BACKENDS = {b.name: b for b in (NativePartialBackend(), BottomRightBackend())}
