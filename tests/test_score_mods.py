@@ -107,6 +107,7 @@ def test_alibi_far_positions_exact_in_float32():
 def test_bad_options_refused_on_every_rank(ranks):
     for bad in (dict(softcap=-1.0), dict(softcap=float("inf")), dict(chunk_size=0), dict(sinks="x"),
                 dict(sinks=torch.zeros(3)), dict(alibi_slopes=torch.zeros(4, 1)),
+                dict(alibi_slopes=torch.rand(4, requires_grad=True)),
                 dict(backend="cpu-flash", softcap=2.0)):
         errors = ranks.run(2, _call_with, bad)
         assert all(e is not None for e in errors), (bad, errors)

@@ -22,7 +22,7 @@ from .kernels import BACKENDS, Backend, select
 from .layouts import effective_layout, mesh_coords, mesh_dims
 from .masks import MaskSpec
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
-from .scores import ALIBI, ScoreMod, check_per_head, check_softcap, sink_digest
+from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
 from .strategies import IMPLEMENTATIONS, resolve_auto
 from .validate import (
     agree,
@@ -154,7 +154,7 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
         raise TypeError(f"attention(): {e}".replace("Options.__init__() ", "")) from None
     check_qkv(q, k, v)
     layout = choose(Layout, opts.layout, "layout")
-    scores = ScoreMod(check_softcap(opts.softcap), check_per_head("alibi_slopes", opts.alibi_slopes, q.shape[2], q))
+    scores = ScoreMod(check_softcap(opts.softcap), check_alibi_slopes(opts.alibi_slopes, q.shape[2], q))
     sinks = check_per_head("sinks", opts.sinks, q.shape[2], q)
     spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1], layout=layout, causal=opts.causal,
                      window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0],

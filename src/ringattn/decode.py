@@ -16,7 +16,7 @@ from . import comm, profiling
 from .call import checked
 from .kernels import acc_dtype
 from .masks import MaskSpec
-from .scores import ScoreMod, check_per_head, check_softcap, merge_sinks, sink_digest
+from .scores import ScoreMod, check_alibi_slopes, check_per_head, check_softcap, merge_sinks, sink_digest
 from .validate import check_chunk_size, check_cu_seqlens
 
 # Decoding has no padded length: empty cache slots are marked by a negative position instead.
@@ -149,7 +149,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
             # Generated tokens continue the last document: positions past its end belong to it, so the
             # last boundary is dropped (bounds mark where documents start).
             bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), q.shape[0])[:-1]
-        mods = ScoreMod(check_softcap(softcap), check_per_head("alibi_slopes", alibi_slopes, q.shape[2], q))
+        mods = ScoreMod(check_softcap(softcap), check_alibi_slopes(alibi_slopes, q.shape[2], q))
         sink = check_per_head("sinks", sinks, q.shape[2], q)
         spec = decode_spec(causal, window, bounds, check_chunk_size(chunk_size))
         return (spec, mods if mods.kinds else None, sink), (

@@ -101,6 +101,15 @@ def check_per_head(name: str, t, heads: int, like: torch.Tensor) -> torch.Tensor
     return t
 
 
+def check_alibi_slopes(slopes, heads: int, like: torch.Tensor) -> torch.Tensor | None:
+    """ALiBi slopes, which are constants here: a slope that asks for a gradient would silently get none."""
+    slopes = check_per_head("alibi_slopes", slopes, heads, like)
+    if slopes is not None and slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes get no gradient from ring attention (they are constants); pass "
+                         "alibi_slopes.detach() if the slopes are not trained")
+    return slopes
+
+
 def sink_digest(sinks: torch.Tensor | None) -> str:
     return "None" if sinks is None else _digest(sinks)
 
