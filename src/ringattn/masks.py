@@ -111,15 +111,12 @@ class Slice:
         the other diagonal bounds ``lo <= i - j <= hi`` (causal, window). Exact for whole boxes; for
         strided runs ``meets`` errs only towards True."""
         i0, i1, j0, j1 = max(qa, self.q0), min(qb, self.q1 - 1), max(ka, self.k0), min(kb, self.k1 - 1)
-        lo_d, hi_d = self.diag
-        if hi is not None:
-            lo_d = max(lo_d, -hi)
-        if lo is not None:
-            hi_d = min(hi_d, -lo)
+        own_lo, own_hi = self.diag
+        lo_d = own_lo if hi is None else max(own_lo, -hi)
+        hi_d = own_hi if lo is None else min(own_hi, -lo)
         meets = i0 <= i1 and j0 <= j1 and lo_d <= hi_d and j1 - i0 >= lo_d and j0 - i1 <= hi_d
-        lo, hi = self.diag
         covers = (self.q0 <= qa and qb < self.q1 and self.k0 <= ka and kb < self.k1
-                  and kb - qa <= hi and ka - qb >= lo)
+                  and kb - qa <= own_hi and ka - qb >= own_lo)
         return meets, covers
 
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
