@@ -16,7 +16,7 @@ import pathlib
 import sys
 import time
 
-SUITES = ["kernel", "documents", "ring", "prefill", "window", "mods", "strategies", "memory", "table3",
+SUITES = ["kernel", "documents", "balance", "ring", "prefill", "window", "mods", "strategies", "memory", "table3",
           "decode", "multihost"]
 
 

@@ -36,7 +36,7 @@ class Case:
     layout: str = "contiguous"
     causal: bool = False
     window: tuple | None = None
-    cu_seqlens: list | None = None
+    cu_seqlens: list | None = None  # ints: the documents of batch 1; a list of lists: one per batch row
     seed: int = 0
     tile: int | None = None  # a smaller Capabilities.max_dense_tile, to exercise tiling on small inputs
     chunk: int | None = None  # a smaller Capabilities.backward_tile: the ring backward's key tiles
@@ -79,7 +79,7 @@ def ref_with_grads(q, k, v, dout, keep, scale=None):
     sc = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.einsum("bihd,bjhd->bhij", q, kr) * sc
     rows = keep.any(-1)
-    s = torch.where(keep, s, torch.where(rows[:, None], float("-inf"), 0.0))
+    s = torch.where(keep, s, torch.where(rows[..., None], float("-inf"), 0.0))
     p = torch.softmax(s, -1) * keep
     out = torch.einsum("bhij,bjhd->bihd", p, vr)
     (out * dout.double()).sum().backward()
@@ -113,14 +113,22 @@ def run_case(case: Case) -> dict:
     v = torch.randn(b, S, case.kv_heads, dv, generator=g, dtype=torch.float64)
     dout = torch.randn(b, Lq, case.heads, dv, generator=g, dtype=torch.float64)
     q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
-    cu = torch.tensor(case.cu_seqlens, dtype=torch.int32) if case.cu_seqlens is not None else None
+    per_row = case.cu_seqlens is not None and isinstance(case.cu_seqlens[0], (list, tuple))
+    if per_row:
+        cu = [torch.tensor(c, dtype=torch.int32) for c in case.cu_seqlens]
+    else:
+        cu = torch.tensor(case.cu_seqlens, dtype=torch.int32) if case.cu_seqlens is not None else None
     # The queries are the last Lq positions: their rows of the full square mask.
-    keep = dense_mask(S, causal=case.causal, window=case.window, cu_seqlens=cu, chunk_size=case.chunk_size)
+    masks = dict(causal=case.causal, window=case.window, chunk_size=case.chunk_size)
+    if per_row:  # (batch, 1, S, S): one mask per row, broadcast over the heads
+        keep = torch.stack([dense_mask(S, cu_seqlens=c, **masks) for c in cu])[:, None]
+    else:
+        keep = dense_mask(S, cu_seqlens=cu, **masks)
     if case.mask_mod is not None:
         keep &= case.mask_mod(torch.arange(S)[:, None], torch.arange(S)[None, :])
     if case.slices is not None:
         keep &= slices_mask(S, case.slices)
-    keep = keep[S - Lq:]
+    keep = keep[..., S - Lq:, :]
     mods = {}
     if case.softcap is not None:
         mods["softcap"] = case.softcap
@@ -142,8 +150,13 @@ def run_case(case: Case) -> dict:
     mesh = mesh_for(tuple(extra.pop("mesh_shape"))) if "mesh_shape" in extra else None
     if mesh is not None:
         extra["mesh"] = mesh
-    qs, ks, vs = (ringattn.shard(t, layout=lay, mesh=mesh).requires_grad_() for t in (q, k, v))
-    ds = ringattn.shard(dout, layout=lay, mesh=mesh)
+    place = cu if lay == "balanced" else None  # the documents place the balanced layout's tokens
+
+    def shard_ref(x, dim=1):
+        return ringattn.shard(x, layout=lay, dim=dim, mesh=mesh, cu_seqlens=place)
+
+    qs, ks, vs = (shard_ref(t).requires_grad_() for t in (q, k, v))
+    ds = shard_ref(dout)
     kw = dict(causal=case.causal, window=case.window, layout=lay, seq_len=S, cu_seqlens=cu, return_lse=True,
               backend=backend)
     if case.q_len is not None and "q_seq_len" not in extra:  # extra={"q_seq_len": None}: the default
@@ -162,21 +175,23 @@ def run_case(case: Case) -> dict:
         out, lse = ringattn.attention(qs, ks, vs, strategy=case.strategy, **kw, **extra)
     loss = (out.double() * ds.double()).sum()
     if dlse is not None:  # shard zero-pads: no gradient flows into the padding rows' lse
-        loss = loss + (lse.double() * ringattn.shard(dlse, layout=lay, dim=2, mesh=mesh)).sum()
+        loss = loss + (lse.double() * shard_ref(dlse, dim=2)).sum()
     loss.backward()
 
     local = qs.shape[1]
-    rows = ringattn.layouts.mesh_positions(lay, mesh, local) if mesh is not None else \
-        ringattn.global_positions(lay, rank, world, local)
-    valid = rows < Lq  # query rows, numbered from the first query
+    def positions(bounds):
+        if mesh is not None:
+            return ringattn.layouts.mesh_positions(lay, mesh, local, bounds=ringattn.layouts.as_bounds(bounds))
+        return ringattn.global_positions(lay, rank, world, local, cu_seqlens=bounds)
 
-    def shard_ref(x, dim=1):
-        return ringattn.shard(x, layout=lay, dim=dim, mesh=mesh)
+    rows = torch.stack([positions(c) for c in place]) if per_row and place is not None else positions(place)
+    valid = (rows < Lq).expand(b, local)  # (batch, local) query rows, numbered from the first query
 
     def err(x, ref, full_ref, dim=1, only_valid=False):
         x, ref = x.detach().double(), ref.double()
-        if only_valid:
-            x, ref = x.index_select(dim, valid.nonzero().flatten()), ref.index_select(dim, valid.nonzero().flatten())
+        if only_valid:  # padding rows are compared as zeros
+            mask = valid[:, :, None, None] if dim == 1 else valid[:, None, :]
+            x, ref = x.masked_fill(~mask, 0), ref.masked_fill(~mask, 0)
         fin = torch.isfinite(ref)
         if not torch.equal(fin, torch.isfinite(x)):
             return float("inf")

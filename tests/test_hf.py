@@ -82,11 +82,13 @@ def compare_family(family: str, layout: str, seq_len: int, batch: int = 2, seed:
     ref_loss.backward()
 
     sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
+    if "cu_seq_lens_q" in sb:  # the balanced layout: the documents that placed the tokens
+        extra = {"cu_seq_lens_q": sb["cu_seq_lens_q"]}
     logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False, **extra).logits
     loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
     loss.backward()
     hf.sync_gradients(cp)
-    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq_len)
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq_len, cu_seqlens=sb.get("cu_seq_lens_q"))
 
     errs = {"logits": rel_err(full, out.logits.detach()), "loss": rel_err(loss.detach(), ref_loss.detach())}
     grads = dict(cp.named_parameters())
@@ -123,7 +125,7 @@ def packed_case(layout: str) -> dict:
     return {"llama": compare_family("llama", layout, 24, batch=1, packed=[0, 5, 17, 24])}
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+@pytest.mark.parametrize("layout", ["zigzag", "striped", "balanced"])
 def test_hf_packed_documents(ranks, layout):
     check(ranks.run(2, packed_case, layout))
 

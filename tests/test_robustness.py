@@ -53,7 +53,8 @@ BAD = [
     (qkv, {"cu_seqlens": torch.tensor([0, 7])}, ValueError, "end at the valid length"),
     (qkv, {"cu_seqlens": torch.tensor([0.0, 8.0])}, ValueError, "integer tensor"),
     (qkv, {"cu_seqlens": [0, 8]}, TypeError, "cu_seqlens must be an integer torch.Tensor"),
-    (lambda: qkv(b=2), {"cu_seqlens": torch.tensor([0, 8])}, ValueError, "batch size 1"),
+    (lambda: qkv(b=2), {"cu_seqlens": torch.tensor([0, 8])}, ValueError, "one cu_seqlens per batch row"),
+    (lambda: qkv(b=2), {"cu_seqlens": [torch.tensor([0, 8])]}, ValueError, "one tensor per batch row"),
     (qkv, {"backward_exchange": "neighbours"}, ValueError, "backward_exchange must be one of"),
 ]
 

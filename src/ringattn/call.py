@@ -246,9 +246,33 @@ def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh
         options = {key: val for key, val in options.items()
                    if key not in TUNING or strategy in TUNING[key][1] or val == TUNING[key][0]}
     topo = topology(strategy, group, mesh)
+    if isinstance(options.get("cu_seqlens"), (list, tuple)):
+        return _enter_rows(q, k, v, strategy, topo, options)
     call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
     out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
     return (out, lse) if call.options.return_lse else out
+
+
+def build_rows(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
+    """One call per batch row, each with its own documents (``cu_seqlens`` a list of one per row)."""
+    rows = options["cu_seqlens"]
+    if not all(isinstance(r, torch.Tensor) for r in rows):
+        raise TypeError("cu_seqlens must be an integer torch.Tensor, or a list of one per batch row; got a "
+                        f"{type(rows).__name__} of {', '.join(sorted({type(r).__name__ for r in rows}))}")
+    if len(rows) != q.shape[0]:
+        raise ValueError(f"cu_seqlens as a list holds one tensor per batch row: got {len(rows)} for batch {q.shape[0]}")
+    built = [build(q[b:b + 1], k[b:b + 1], v[b:b + 1], strategy, topo, dict(options, cu_seqlens=cu))
+             for b, cu in enumerate(rows)]
+    return [c for c, _ in built], " | ".join(d for _, d in built)
+
+
+def _enter_rows(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
+    # Every row's checks pass one agreement together; then each row runs as a call of its own (its
+    # documents give it its own plan), on the same group in the same order on every rank.
+    calls = checked(lambda: build_rows(q, k, v, strategy, topo, options), topo.agree_over, q)
+    outs = [IMPLEMENTATIONS[strategy](q[b:b + 1], k[b:b + 1], v[b:b + 1], c) for b, c in enumerate(calls)]
+    out = torch.cat([o for o, _ in outs])
+    return (out, torch.cat([lse for _, lse in outs])) if calls[0].options.return_lse else out
 
 
 def signature(*leading: inspect.Parameter) -> inspect.Signature:

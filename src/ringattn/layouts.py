@@ -2,7 +2,13 @@
 
 ``contiguous``: rank r holds ``[r*c, (r+1)*c)``. ``zigzag``: the padded sequence is cut into 2W chunks
 and rank r holds chunks r and 2W-1-r, so every rank has the same causal work. ``striped``: rank r holds
-``r, r+W, r+2W, ...`` (Striped Attention), balanced as well.
+``r, r+W, r+2W, ...`` (Striped Attention), balanced as well. ``balanced``: the same causal balance for
+packed documents, where zigzag over the whole stream is not (a long document's work sits in its last
+tokens): the sequence is cut into 2mW equal units (m <= BALANCE_UNITS) and each rank gets 2m of them,
+chosen greedily, heaviest first, by the (query, key) pairs the kernels compute for their queries under
+causal attention within documents (``balanced_units``). Which units those are follows from the document
+boundaries alone, so ``shard``, ``unshard`` and the attention call all take ``cu_seqlens`` with it; without
+documents it is zigzag. Every rank holds the same number of tokens, in increasing position order.
 
 With a 2-D device mesh (``mesh=``, for the hybrid strategy) the layout applies to the *ring* dimension
 of R ranks, each holding a block of ``U * local_len`` positions, and the U ranks of the *ulysses*
@@ -17,6 +23,8 @@ so a rank's query and key blocks differ in length and ``shard`` makes both.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 
 import torch
@@ -38,24 +46,86 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def segments(layout: str, rank: int, world: int, local_len: int) -> tuple[Segment, ...]:
-    """The global positions of a rank's ``local_len`` tokens, in local order."""
+Bounds = tuple[int, ...] | None  # document boundaries (cu_seqlens as ints), for the balanced layout
+
+BALANCE_UNITS = 8  # at most 2 * BALANCE_UNITS units per rank in the balanced layout
+MIN_UNIT = 16  # ... each of at least this many tokens where the length allows (a kernel call per unit pair)
+
+
+def segments(layout: str, rank: int, world: int, local_len: int, bounds: Bounds = None) -> tuple[Segment, ...]:
+    """The global positions of a rank's ``local_len`` tokens, in local order (``bounds``: the documents,
+    which only the balanced layout reads)."""
     check_layout(layout)
     c = local_len
     if layout == "contiguous" or world == 1:
         return (Segment(rank * c, c),)
-    if layout == "zigzag":
+    if layout in ("zigzag", "balanced"):
         if c % 2:
-            raise ValueError(f"layout='zigzag' needs an even local length, got {c}")
+            raise ValueError(f"layout={layout!r} needs an even local length, got {c}")
+        if layout == "balanced" and bounds is not None:
+            return balanced_units(bounds, world, c)[rank]
         h = c // 2
         return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))
     return (Segment(rank, c, world),)
 
 
-def query_segments(layout: str, rank: int, world: int, local_len: int, offset: int = 0) -> tuple[Segment, ...]:
+def units_per_rank(local_len: int) -> int:
+    """2m: the most units (m <= BALANCE_UNITS) of at least MIN_UNIT tokens that ``local_len`` splits into
+    evenly, else 2."""
+    return next((2 * m for m in (BALANCE_UNITS, 4, 2) if local_len % (2 * m) == 0 and local_len // (2 * m) >= MIN_UNIT),
+                2)
+
+
+def unit_work(bounds: tuple[int, ...], a: int, b: int) -> int:
+    """The (query, key) pairs the kernels compute for queries ``[a, b)`` under causal attention within
+    documents, as the planner cuts them: visible pairs, plus the masked part of dense tiles over
+    documents too short for a kernel call each (padding past ``bounds[-1]``: none)."""
+    from .masks import MaskSpec
+    from .tasks import plan_block, task_flops
+
+    b = min(b, bounds[-1])
+    if a >= b:
+        return 0
+    first = bounds[bisect.bisect_right(bounds, a) - 1]  # keys before the first query's document: unseen
+    spec = MaskSpec(bounds[-1], causal=True, doc_bounds=bounds)
+    tasks = plan_block(spec, (Segment(a, b - a),), (Segment(first, b - first),))
+    return int(sum(task_flops(t, 1, 1, 1, 0) for t in tasks) // 2)
+
+
+@functools.lru_cache(maxsize=64)
+def balanced_units(bounds: tuple[int, ...], world: int, local_len: int) -> tuple[tuple[Segment, ...], ...]:
+    """Every rank's segments in the balanced layout: units assigned heaviest first to the least-loaded rank
+    that still has room (longest-processing-time with equal counts). Integer loads and ties broken by rank
+    make it the same on every rank. One document is the zigzag pairing, cut finer."""
+    per = units_per_rank(local_len)
+    u = local_len // per
+    work = [unit_work(bounds, t * u, (t + 1) * u) for t in range(per * world)]
+    load, held = [0] * world, [[] for _ in range(world)]
+    for t in sorted(range(len(work)), key=lambda t: (-work[t], t)):
+        r = min((r for r in range(world) if len(held[r]) < per), key=lambda r: (load[r], r))
+        load[r] += work[t]
+        held[r].append(t)
+    out = []
+    for units in held:
+        runs: list[list[int]] = []
+        for t in sorted(units):  # adjacent units make one segment
+            if runs and runs[-1][1] == t * u:
+                runs[-1][1] += u
+            else:
+                runs.append([t * u, (t + 1) * u])
+        out.append(tuple(Segment(a, b - a) for a, b in runs))
+    return tuple(out)
+
+
+def query_segments(layout: str, rank: int, world: int, local_len: int, offset: int = 0,
+                   bounds: Bounds = None) -> tuple[Segment, ...]:
     """The global positions of a rank's ``local_len`` queries: the layout of the query rows, moved on by
     ``offset``, the position of query row 0 (the queries are the last rows of the key sequence)."""
-    return tuple(Segment(s.start + offset, s.length, s.stride) for s in segments(layout, rank, world, local_len))
+    if offset and layout == "balanced" and bounds is not None:
+        raise ValueError("layout='balanced' with documents takes as many queries as keys (q_seq_len = seq_len); "
+                         "use layout='zigzag' for fewer queries")
+    return tuple(Segment(s.start + offset, s.length, s.stride)
+                 for s in segments(layout, rank, world, local_len, bounds))
 
 
 def mesh_dims(mesh) -> tuple[int | str, int | str]:
@@ -78,11 +148,11 @@ def mesh_coords(mesh) -> tuple[int, int, int, int]:
 
 
 def hybrid_segments(layout: str, ring_rank: int, ring_world: int, uly_rank: int, uly_world: int,
-                    local_len: int) -> tuple[Segment, ...]:
+                    local_len: int, bounds: Bounds = None) -> tuple[Segment, ...]:
     """Positions of one mesh rank: rows ``[u*c, (u+1)*c)`` of ring block ``ring_rank`` (of U*c rows)."""
     lo, hi = uly_rank * local_len, (uly_rank + 1) * local_len
     out, row = [], 0
-    for s in segments(layout, ring_rank, ring_world, uly_world * local_len):
+    for s in segments(layout, ring_rank, ring_world, uly_world * local_len, bounds):
         a, b = max(lo, row), min(hi, row + s.length)
         if a < b:
             out.append(s.sub(a - row, b - row))
@@ -90,20 +160,38 @@ def hybrid_segments(layout: str, ring_rank: int, ring_world: int, uly_rank: int,
     return tuple(out)
 
 
-def mesh_positions(layout: str, mesh, local_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+def mesh_positions(layout: str, mesh, local_len: int, device: torch.device | str | None = None,
+                   bounds: Bounds = None) -> torch.Tensor:
     """Global position of each local token of this process under ``mesh`` (hybrid strategy)."""
-    segs = hybrid_segments(layout, *mesh_coords(mesh), local_len)
+    segs = hybrid_segments(layout, *mesh_coords(mesh), local_len, bounds)
     return torch.cat([s.positions(device) for s in segs])
 
 
 def global_positions(layout: str, rank: int, world: int, local_len: int,
-                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Global position of each local token (e.g. for rotary embeddings or position_ids)."""
-    return torch.cat([s.positions(device) for s in segments(layout, rank, world, local_len)])
+                     device: torch.device | str | None = None, cu_seqlens=None) -> torch.Tensor:
+    """Global position of each local token (e.g. for rotary embeddings or position_ids); the balanced
+    layout needs the documents' ``cu_seqlens`` (a 1-D tensor or sequence of ints)."""
+    segs = segments(layout, rank, world, local_len, as_bounds(cu_seqlens))
+    return torch.cat([s.positions(device) for s in segs])
+
+
+def as_bounds(cu_seqlens) -> Bounds:
+    """``cu_seqlens`` as a tuple of ints (None stays None)."""
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, torch.Tensor):
+        return tuple(int(x) for x in cu_seqlens.tolist())
+    return tuple(int(x) for x in cu_seqlens)
 
 
 def padded_len(seq_len: int, world: int, layout: str) -> int:
-    m = 2 * world if layout == "zigzag" else world
+    """The length ``shard`` pads to: a multiple of W, of 2W for zigzag, and for balanced of 2mW with units
+    of at least MIN_UNIT tokens (m up to BALANCE_UNITS)."""
+    m = world
+    if layout == "zigzag":
+        m = 2 * world
+    elif layout == "balanced" and world > 1:
+        m = 2 * world * next((u for u in (BALANCE_UNITS, 4, 2) if seq_len >= 2 * world * u * MIN_UNIT), 1)
     return -(-seq_len // m) * m
 
 
@@ -115,62 +203,111 @@ def _pad(x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(pad)], dim=dim)
 
 
-def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1, mesh=None) -> torch.Tensor:
+def _row_bounds(cu_seqlens, batch: int, n: int, what: str) -> list[Bounds] | None:
+    """Per batch row, the documents of ``cu_seqlens`` (one tensor for batch 1, or one per row), checked to
+    end at ``n`` at most (the rest is padding); None without documents."""
+    if cu_seqlens is None:
+        return None
+    rows = list(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens]
+    if len(rows) != batch:
+        raise ValueError(f"{what}: cu_seqlens must hold one tensor per batch row ({batch}), got {len(rows)}")
+    out = []
+    for b in rows:
+        bounds = as_bounds(b)
+        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] > n or any(y <= x for x, y in zip(bounds, bounds[1:])):
+            raise ValueError(f"{what}: cu_seqlens must rise strictly from 0 to at most the length {n}, got "
+                             f"{list(bounds)[:8]}{' ...' if len(bounds) > 8 else ''}")
+        out.append(bounds)
+    return out
+
+
+def _by_row(x: torch.Tensor, dim: int, rows: list[Bounds] | None, index) -> torch.Tensor:
+    """``x`` indexed along ``dim`` by ``index(bounds)``, row by row when the rows' documents differ."""
+    if rows is None or len(set(rows)) == 1:
+        return x.index_select(dim, index(None if rows is None else rows[0]))
+    if dim == 0:
+        raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
+    return torch.stack([x[b].index_select(dim - 1, index(r)) for b, r in enumerate(rows)])
+
+
+def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1, mesh=None,
+          cu_seqlens=None) -> torch.Tensor:
     """This rank's part of a full tensor (same on every rank), zero-padded along ``dim`` first up to a
-    multiple of W (2W for zigzag). With ``mesh`` (a 2-D DeviceMesh, hybrid strategy) W is the mesh
-    size and positions follow ``hybrid_segments``."""
+    multiple of W (2W for zigzag; see ``padded_len``). With ``mesh`` (a 2-D DeviceMesh, hybrid strategy) W
+    is the mesh size and positions follow ``hybrid_segments``. ``cu_seqlens`` (the documents, one 1-D
+    tensor, or a list of one per batch row in dim 0) places the balanced layout's tokens; other layouts
+    ignore it."""
     check_layout(layout)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if mesh is not None:
-        rr, rw, ur, uw = mesh_coords(mesh)
-        dim = dim % x.dim()
-        total = padded_len(x.shape[dim], rw * uw, layout)
-        x = _pad(x, dim, total)
-        idx = mesh_positions(layout, mesh, total // (rw * uw), x.device)
-        return x.index_select(dim, idx)
-    rank, world = group_rank_world(group)
     dim = dim % x.dim()
     n = x.shape[dim]
+    rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, n, "shard")
+    # One tensor: the same documents in every row.
+    if mesh is not None:
+        rr, rw, ur, uw = mesh_coords(mesh)
+        total = padded_len(n, rw * uw, layout)
+        x = _pad(x, dim, total)
+        return _by_row(x, dim, rows, lambda b: mesh_positions(layout, mesh, total // (rw * uw), x.device, b))
+    rank, world = group_rank_world(group)
     total = padded_len(n, world, layout)
     x = _pad(x, dim, total)
-    idx = global_positions(layout, rank, world, total // world, x.device)
-    return x.index_select(dim, idx)
+    return _by_row(x, dim, rows, lambda b: global_positions(layout, rank, world, total // world, x.device, b))
+
+
+def _rank_order(layout: str, world: int, c: int, device, bounds: Bounds, mesh=None) -> torch.Tensor:
+    """Global position of each row of the gathered shards, in rank order."""
+    if mesh is None:
+        return torch.cat([global_positions(layout, r, world, c, device, bounds) for r in range(world)])
+    _, rw, _, uw = mesh_coords(mesh)
+    return torch.cat([s.positions(device) for r in range(rw) for u in range(uw)
+                      for s in hybrid_segments(layout, r, rw, u, uw, c, bounds)])
 
 
 class _Unshard(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, layout, dim, seq_len, mesh=None):
+    def forward(ctx, x, group, layout, dim, seq_len, mesh=None, rows=None):
         c = x.shape[dim]
         moved = x.movedim(dim, 0).contiguous()
         if mesh is None:
             rank, world = group_rank_world(group)
-            ctx.info = (rank, world, layout, dim, c)
+            ctx.info = (rank, world, layout, dim, c, rows)
             gathered = _gather(moved, group, world)
-            order = torch.cat([global_positions(layout, r, world, c, x.device) for r in range(world)])
         else:
             rr, rw, ur, uw = mesh_coords(mesh)
-            ctx.info = (None, rw * uw, layout, dim, c)
-            ctx.own = mesh_positions(layout, mesh, c, x.device)
+            world = rw * uw
+            ctx.info = (None, world, layout, dim, c, rows)
+            ctx.mesh = mesh
             rd, ud = mesh_dims(mesh)
             # Ulysses dim first (a ring block in row order), then the ring blocks: (ring, ulysses) order.
             gathered = _gather(_gather(moved, mesh.get_group(ud), uw), mesh.get_group(rd), rw)
-            order = torch.cat([s.positions(x.device) for r in range(rw) for u in range(uw)
-                               for s in hybrid_segments(layout, r, rw, u, uw, c)])
         full = torch.empty_like(gathered)
-        full[order] = gathered
+        if rows is None or len(set(rows)) == 1:
+            full[_rank_order(layout, world, c, x.device, rows and rows[0], mesh)] = gathered
+        else:  # the batch is dim 1 of the moved tensor
+            for b, bounds in enumerate(rows):
+                full[:, b][_rank_order(layout, world, c, x.device, bounds, mesh)] = gathered[:, b]
         return full[:seq_len].movedim(0, dim)
 
     @staticmethod
     def backward(ctx, grad):
         # Every rank holds the same full tensor and (by contract) the same loss on it: the gradient
         # of a shard is the matching slice of the full gradient, no communication needed.
-        rank, world, layout, dim, c = ctx.info
+        rank, world, layout, dim, c, rows = ctx.info
         g = grad.movedim(dim, 0)
         if g.shape[0] < world * c:
             g = torch.cat([g, g.new_zeros((world * c - g.shape[0], *g.shape[1:]))])
-        idx = ctx.own if rank is None else global_positions(layout, rank, world, c, grad.device)
-        return g.index_select(0, idx).movedim(0, dim), None, None, None, None, None
+
+        def own(bounds):
+            if rank is None:
+                return mesh_positions(layout, ctx.mesh, c, grad.device, bounds)
+            return global_positions(layout, rank, world, c, grad.device, bounds)
+
+        if rows is None or len(set(rows)) == 1:
+            out = g.index_select(0, own(rows and rows[0]))
+        else:
+            out = torch.stack([g[:, b].index_select(0, own(bounds)) for b, bounds in enumerate(rows)], 1)
+        return out.movedim(0, dim), None, None, None, None, None, None
 
 
 def _gather(moved: torch.Tensor, group, world: int) -> torch.Tensor:
@@ -182,10 +319,11 @@ def _gather(moved: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1,
-            seq_len: int | None = None, mesh=None) -> torch.Tensor:
+            seq_len: int | None = None, mesh=None, cu_seqlens=None) -> torch.Tensor:
     """The full tensor on every rank, in global order, cut to ``seq_len``; differentiable.
 
-    With ``mesh`` (the 2-D DeviceMesh of the hybrid strategy) the inverse of ``shard(..., mesh=mesh)``.
+    With ``mesh`` (the 2-D DeviceMesh of the hybrid strategy) the inverse of ``shard(..., mesh=mesh)``;
+    ``cu_seqlens`` as given to ``shard`` (ending at ``seq_len``).
 
     Backward assumes every rank computes the same loss from the full tensor (the usual pattern): each
     rank's shard receives its slice of that gradient.
@@ -203,9 +341,13 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
     seq_len = total if seq_len is None else seq_len
     if not 0 <= seq_len <= total:
         raise ValueError(f"seq_len must be in [0, {total}] (world * local length), got {seq_len}")
-    if layout == "zigzag" and world > 1 and x.shape[dim] % 2:
-        raise ValueError(f"layout='zigzag' needs an even local length, got {x.shape[dim]}")
-    return _Unshard.apply(x, group, layout, dim, seq_len, mesh)
+    if layout in ("zigzag", "balanced") and world > 1 and x.shape[dim] % 2:
+        raise ValueError(f"layout={layout!r} needs an even local length, got {x.shape[dim]}")
+    rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, seq_len, "unshard")
+    if rows is not None and len(set(rows)) > 1 and dim == 0:
+        raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
+    # The rank order of a balanced layout is the same for the padded stream: padding is a zero-work tail.
+    return _Unshard.apply(x, group, layout, dim, seq_len, mesh, None if rows is None else tuple(rows))
 
 
 def cut_at(keys: Segment, qsegs: tuple[Segment, ...]) -> tuple[Segment, ...]:

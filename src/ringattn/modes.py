@@ -17,6 +17,7 @@ class Layout(StrEnum):
     CONTIGUOUS = "contiguous"
     ZIGZAG = "zigzag"
     STRIPED = "striped"
+    BALANCED = "balanced"
 
 
 class Strategy(StrEnum):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.base import Capabilities
-from .layouts import LAYOUTS, cut_at, effective_layout, kv_replication, segments
+from .layouts import LAYOUTS, cut_at, effective_layout, kv_replication, padded_len, segments
 from .masks import MaskSpec, Segment
 from .schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, directions
 from .tasks import plan_block, task_flops
@@ -145,8 +145,7 @@ class Problem:
 
     @property
     def local_len(self) -> int:
-        m = 2 * self.world if self.layout == "zigzag" and self.world > 1 else self.world
-        return -(-self.seq_len // m) * m // self.world
+        return padded_len(self.seq_len, self.world, effective_layout(self.layout, self.world)) // self.world
 
     def spec(self) -> MaskSpec:
         return MaskSpec(self.seq_len, self.causal, self.window, None)
@@ -454,7 +453,7 @@ def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None
                     dtype_bytes=q.element_size(), causal=bool(causal), window=w, layout=layout,
                     backward=bool(q.requires_grad or k.requires_grad or v.requires_grad),
                     backward_exchange=backward_exchange)
-        if layout == "zigzag" and (q.shape[1] % 2 or k.shape[1] % 2):
+        if layout in ("zigzag", "balanced") and (q.shape[1] % 2 or k.shape[1] % 2):
             return "ring"
         return recommend(estimate_all(p, configured_hardware(q.device)), allowed=("ring", "allgather", "ulysses"))
     except (AttributeError, IndexError, TypeError, ValueError):

@@ -93,8 +93,8 @@ def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int
     ``local_len`` is the key block's length; ``q_len`` (default: the same) the query block's, whose row
     0 sits at global position ``q_offset`` (``layouts.query_segments``)."""
     q_len = local_len if q_len is None else q_len
-    ksegs = [segments(layout, r, world, local_len) for r in range(world)]
-    qsegs = [query_segments(layout, r, world, q_len, q_offset) for r in range(world)]
+    ksegs = [segments(layout, r, world, local_len, spec.doc_bounds) for r in range(world)]
+    qsegs = [query_segments(layout, r, world, q_len, q_offset, spec.doc_bounds) for r in range(world)]
 
     def busy(r: int, o: int) -> bool:
         return any(spec.any_visible(qs, ks) for qs in qsegs[r] for ks in ksegs[(r - o) % world])

@@ -72,8 +72,8 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if layout == "zigzag" and world > 1 and local_len % 2:
-        raise ValueError(f"layout='zigzag' needs an even local_len, got {local_len} "
+    if layout in ("zigzag", "balanced") and world > 1 and local_len % 2:
+        raise ValueError(f"layout={str(layout)!r} needs an even local_len, got {local_len} "
                          "(ringattn.shard pads to a multiple of 2 * world)")
     total = world * local_len
     if seq_len is None:
@@ -158,8 +158,8 @@ def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout
     positions (bottom-right aligned, as in chunked prefill); the ``q_rows`` rows the ranks hold beyond
     ``q_seq_len`` are padding. None means ``seq_len`` when q and k have the same local length (square
     attention), else every query row."""
-    if layout == "zigzag" and world > 1 and q_local_len % 2:
-        raise ValueError(f"layout='zigzag' needs an even q local_len, got {q_local_len} "
+    if layout in ("zigzag", "balanced") and world > 1 and q_local_len % 2:
+        raise ValueError(f"layout={str(layout)!r} needs an even q local_len, got {q_local_len} "
                          "(ringattn.shard pads to a multiple of 2 * world)")
     default = q_seq_len is None
     if default:
@@ -210,7 +210,8 @@ def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} with shape "
                          f"{tuple(cu_seqlens.shape)}")
     if batch != 1:
-        raise ValueError(f"cu_seqlens (packed documents) needs batch size 1, got {batch}")
+        raise ValueError(f"one cu_seqlens tensor is the documents of a batch of 1, got batch {batch}: pass a "
+                         "list of one cu_seqlens per batch row")
     b = tuple(int(x) for x in cu_seqlens.tolist())
     if len(b) < 2 or b[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0 and hold at least one document, got {list(b)[:8]}")

@@ -136,8 +136,9 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     What the layer needs comes from the call, the module and its config (``features.plan_module``):
     ``sliding_window=w`` (transformers' convention: keys ``j > i - w``, also when only the model's mask has it)
     becomes ``window=(w - 1, ...)``; chunked layers (Llama 4) ``chunk_size``; ``softcap``; ``s_aux`` (gpt-oss
-    sinks) ``sinks``. ``cu_seq_lens_q`` (global packed-document boundaries, batch 1) becomes ringattn's
-    ``cu_seqlens``; without it, documents are found where the global ``position_ids`` restart.
+    sinks) ``sinks``. ``cu_seq_lens_q`` (global packed-document boundaries: a tensor for batch 1 or rows
+    packed alike, or a list of one per row) becomes ringattn's ``cu_seqlens``; without it, documents are found
+    where the global ``position_ids`` restart (the balanced layout needs it: ``shard_batch`` returns it).
     """
     settings = settings or RingSettings()
     if dropout:
@@ -158,9 +159,13 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
         w = int(plan.window) - 1
         window = (w, -1 if causal else w)
     if plan.temperature is not None:
-        query = positions.temperature_rescale(query, *plan.temperature, settings.group, settings.layout)
+        query = positions.temperature_rescale(query, *plan.temperature, settings.group, settings.layout,
+                                              kwargs.get("cu_seq_lens_q") if settings.layout == "balanced" else None)
     cu = kwargs.get("cu_seq_lens_q")
-    rows, real = [cu], None
+    rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
+    if cu is None and settings.layout == "balanced":
+        raise ValueError("layout='balanced' places the tokens by document: pass the model the cu_seq_lens_q that "
+                         "ringattn.hf.shard_batch returns with them")
     if cu is None and kwargs.get("position_ids") is not None:
         rows, real = positions.documents(kwargs["position_ids"], query.shape[0], settings.group, settings.layout)
         if all(r is None for r in rows):
@@ -198,7 +203,7 @@ def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
         if "seq_len" in kw:  # the padding as a document of its own: no real token sees it either way
             cu = cu[cu < kw["seq_len"]]
             cu = torch.cat([cu, cu.new_tensor([kw["seq_len"]])])
-        kw = dict(kw, cu_seqlens=cu, seq_len=int(cu[-1]))
+        kw = dict(kw, cu_seqlens=cu if q.shape[0] == 1 else [cu] * q.shape[0], seq_len=int(cu[-1]))
     if settings.strategy == "ring":
         return ring_attention(q, k, v, **kw)
     from .. import attention
@@ -275,7 +280,8 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         ``{"input_ids", "position_ids", "shift_labels", "num_items_in_batch", "seq_len"}``:
         ``(batch, local_len)`` shards (the tail padded up to a multiple of W, 2W for zigzag; padding has
         id 0, the last position repeated and label ``ignore_index``), ``shift_labels[i]`` = the label of token
-        ``i + 1``, and the global count of scored tokens.
+        ``i + 1``, and the global count of scored tokens. With ``layout="balanced"`` also ``cu_seq_lens_q``,
+        the documents (where ``position_ids`` restart) that placed the tokens: pass it to the model too.
     """
     check_layout(layout)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -299,14 +305,22 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     if pad:
         position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(b, pad)], 1)
     shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], 1)
-    ids, shift_labels, _ = _shard_tokens(input_ids, shifted, group=group, layout=layout, ignore_index=ignore_index)
-    return {
+    cu = None
+    if layout == "balanced":  # the documents place the tokens, and the attention needs the same ones
+        rows = [positions.restarts(row[:n]) for row in position_ids]
+        cu = rows[0] if all(torch.equal(r, rows[0]) for r in rows) else rows
+    ids, shift_labels, _ = _shard_tokens(input_ids, shifted, group=group, layout=layout, ignore_index=ignore_index,
+                                         cu_seqlens=cu)
+    out = {
         "input_ids": ids,
-        "position_ids": shard(position_ids, group=group, layout=layout),
+        "position_ids": shard(position_ids, group=group, layout=layout, cu_seqlens=cu),
         "shift_labels": shift_labels,
         "num_items_in_batch": int((shifted != ignore_index).sum()),
         "seq_len": n,
     }
+    if cu is not None:
+        out["cu_seq_lens_q"] = cu
+    return out
 
 
 class _AllReduceValue(torch.autograd.Function):

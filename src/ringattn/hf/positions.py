@@ -36,6 +36,20 @@ class _Cache:
 _DOCS = _Cache()
 
 
+def _starts(row: torch.Tensor) -> torch.Tensor:
+    """Where a document starts: wherever a position is not the previous one plus 1 (transformers'
+    ``find_packed_sequence_indices``, what sdpa and eager apply)."""
+    starts = torch.ones_like(row, dtype=torch.bool)
+    starts[1:] = row[1:] != row[:-1] + 1
+    return starts
+
+
+def restarts(row: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` (int32) of one full row of position_ids, without padding."""
+    idx = torch.nonzero(_starts(row)).flatten()
+    return torch.cat([idx, idx.new_tensor([row.numel()])]).to(torch.int32)
+
+
 def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> tuple[list, int]:
     """Per batch row, the global ``cu_seqlens`` of the packed documents that ``position_ids`` (this rank's
     shard) marks by restarting, or None for a row that is one sequence; and the real length (the padded
@@ -65,8 +79,7 @@ def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> tup
         full = local
     out, real = [], 0
     for row in full:
-        starts = torch.ones_like(row, dtype=torch.bool)
-        starts[1:] = row[1:] != row[:-1] + 1
+        starts = _starts(row)
         same = torch.nonzero(row != row[-1]).flatten()
         tail = int(same[-1]) + 1 if same.numel() else 0   # first index of the trailing run of the last value
         starts[tail + 1:] = False
@@ -80,13 +93,17 @@ def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> tup
     return out, real
 
 
-def global_token_index(group, layout: str, local_len: int, device) -> torch.Tensor:
-    """Each local token's index in the global (padded) sequence."""
+def global_token_index(group, layout: str, local_len: int, device, cu_seqlens=None) -> torch.Tensor:
+    """Each local token's index in the global (padded) sequence: ``(local_len,)``, or ``(batch, local_len)``
+    for a list of one ``cu_seqlens`` per row (the balanced layout places each row by its documents)."""
     rank, world = comm.group_rank_world(group)
-    return global_positions(layout, rank, world, local_len, device=device)
+    if isinstance(cu_seqlens, (list, tuple)):
+        return torch.stack([global_positions(layout, rank, world, local_len, device, c) for c in cu_seqlens])
+    return global_positions(layout, rank, world, local_len, device=device, cu_seqlens=cu_seqlens)
 
 
-def temperature_rescale(query: torch.Tensor, floor_scale: float, attn_scale: float, group, layout: str) -> torch.Tensor:
+def temperature_rescale(query: torch.Tensor, floor_scale: float, attn_scale: float, group, layout: str,
+                        cu_seqlens=None) -> torch.Tensor:
     """Llama 4's attention temperature tuning on global token indices instead of the shard's ``arange``.
 
     The module already multiplied query by ``s(arange(local_len))``; this multiplies by
@@ -98,9 +115,9 @@ def temperature_rescale(query: torch.Tensor, floor_scale: float, attn_scale: flo
         return torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale)) * attn_scale + 1.0
 
     local = torch.arange(n, device=query.device)
-    glob = global_token_index(group, layout, n, query.device)
+    glob = global_token_index(group, layout, n, query.device, cu_seqlens)
     ratio = (s(glob).to(torch.float64) / s(local).to(torch.float64)).to(query.dtype)
-    return query * ratio.view(1, 1, n, 1)
+    return query * ratio.reshape(-1, 1, n, 1)
 
 
 def patch_dynamic_rope(module: torch.nn.Module, group) -> bool:

@@ -33,12 +33,13 @@ def shift_labels(tokens: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
 
 
 def shard_batch(inputs: torch.Tensor, labels: torch.Tensor, *, group=None, layout: str = "contiguous",
-                mesh=None, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, int]:
+                mesh=None, ignore_index: int = IGNORE_INDEX, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This rank's ``(inputs, labels)`` of full, already-shifted ``(b, s)`` sequences, and ``s``.
 
     The sequence is padded to a multiple of W (2W for zigzag): padding inputs are 0 and padding
     labels ``ignore_index``, so padding never counts in the loss; pass the returned ``s`` as ``seq_len``.
     With ``mesh`` (the hybrid strategy's 2-D DeviceMesh) the split is ``ringattn.shard(.., mesh=mesh)``.
+    ``cu_seqlens`` (the documents, for the balanced layout) as ``ringattn.shard`` takes them.
     """
     check_layout(layout)
     if inputs.shape != labels.shape or inputs.dim() != 2:
@@ -50,6 +51,7 @@ def shard_batch(inputs: torch.Tensor, labels: torch.Tensor, *, group=None, layou
     if total != s:
         labels = torch.cat([labels, labels.new_full((labels.shape[0], total - s), ignore_index)], dim=1)
     kw = {"mesh": mesh} if mesh is not None else {"group": group}
+    kw["cu_seqlens"] = cu_seqlens
     return shard(inputs, layout=layout, **kw), shard(labels, layout=layout, **kw), s
 
 

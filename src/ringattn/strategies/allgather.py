@@ -72,12 +72,12 @@ def default_chunk(k: torch.Tensor, v: torch.Tensor, world: int) -> int:
     return min(fit, kvh)
 
 
-def _key_layout(layout: str, world: int, local_len: int, device):
+def _key_layout(layout: str, world: int, local_len: int, device, bounds):
     """(key segments in kernel row order, permutation from rank order or None)."""
     if world == 1 or layout == "contiguous":
         return (Segment(0, world * local_len),), None
-    if layout == "zigzag":
-        order = torch.cat([global_positions(layout, r, world, local_len, device) for r in range(world)])
+    if layout in ("zigzag", "balanced"):
+        order = torch.cat([global_positions(layout, r, world, local_len, device, bounds) for r in range(world)])
         return (Segment(0, world * local_len),), torch.argsort(order)
     return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
 
@@ -197,8 +197,9 @@ def _start_scatter(gk, gv, w: int, call: GatherCall):
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """Gather K/V chunk by chunk and attend; (out, lse), differentiable."""
     topo = call.topo
-    ksegs, to_global = _key_layout(call.layout, topo.world, k.shape[1], q.device)
-    qsegs = query_segments(call.layout, topo.rank, topo.world, q.shape[1], call.q_offset)
+    bounds = call.spec.doc_bounds
+    ksegs, to_global = _key_layout(call.layout, topo.world, k.shape[1], q.device, bounds)
+    qsegs = query_segments(call.layout, topo.rank, topo.world, q.shape[1], call.q_offset, bounds)
     if len(ksegs) == 1:
         ksegs = cut_at(ksegs[0], qsegs)
     per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)

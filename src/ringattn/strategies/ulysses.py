@@ -74,11 +74,11 @@ def local_backward(dout, q, k, v, out, lse, local: LocalCall, dlse):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def rank_order(layout: str, world: int, local_len: int, device) -> torch.Tensor | None:
+def rank_order(layout: str, world: int, local_len: int, device, bounds=None) -> torch.Tensor | None:
     """Global position of each row of the all-to-all result (rank order); None if that is 0, 1, 2, ..."""
     if layout == "contiguous" or world == 1:
         return None
-    return torch.cat([global_positions(layout, r, world, local_len, device) for r in range(world)])
+    return torch.cat([global_positions(layout, r, world, local_len, device, bounds) for r in range(world)])
 
 
 def head_parallel_attention(q, k, v, call: AttentionCall, q_order: torch.Tensor | None,
@@ -108,6 +108,9 @@ def head_parallel_attention(q, k, v, call: AttentionCall, q_order: torch.Tensor 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """All-to-all to a head split, exact attention over the whole sequence, all-to-all back."""
     world = call.topo.world
-    q_order = rank_order(call.layout, world, q.shape[1], q.device)
-    k_order = rank_order(call.layout, world, k.shape[1], q.device)
+    bounds = call.spec.doc_bounds
+    if call.q_offset and call.layout == "balanced" and bounds is not None:
+        raise ValueError("layout='balanced' with documents takes as many queries as keys; use layout='zigzag'")
+    q_order = rank_order(call.layout, world, q.shape[1], q.device, bounds)
+    k_order = rank_order(call.layout, world, k.shape[1], q.device, bounds)
     return head_parallel_attention(q, k, v, call, q_order, k_order, kv_replication(k.shape[2], world))
