@@ -16,6 +16,7 @@ import torch
 
 import ringattn
 from ringattn import comm
+from ringattn.call import takes_four
 
 from .backends import backend_for
 from .reference import TOL, attention_ref, dense_mask, slices_mask
@@ -124,7 +125,10 @@ def run_case(case: Case) -> dict:
         keep = torch.stack([dense_mask(S, cu_seqlens=c, **masks) for c in cu])[:, None]
     else:
         keep = dense_mask(S, cu_seqlens=cu, **masks)
-    if case.mask_mod is not None:
+    if case.mask_mod is not None and takes_four(case.mask_mod):  # (batch, heads, S, S)
+        rows_heads = torch.arange(b)[:, None, None, None], torch.arange(case.heads)[None, :, None, None]
+        keep = keep & case.mask_mod(*rows_heads, torch.arange(S)[:, None], torch.arange(S)[None, :])
+    elif case.mask_mod is not None:
         keep &= case.mask_mod(torch.arange(S)[:, None], torch.arange(S)[None, :])
     if case.slices is not None:
         keep &= slices_mask(S, case.slices)

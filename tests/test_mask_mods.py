@@ -141,3 +141,34 @@ def test_classification_agrees_with_the_predicate(qs, ks, slices, causal, use_mo
         i = torch.arange(qs.length)[:, None]
         assert torch.equal(keep[:, :pair.k_len], torch.arange(pair.k_len)[None, :] <= i + pair.shift)
     assert spec.any_visible(qs, ks) == bool(keep.any())
+
+
+def per_row_head(b, h, q, k):
+    """FlexAttention's 4-argument form: the mask differs per batch row and per head."""
+    return (k <= q) & (((q - k) % (h + 2) != 1) | (k == b))
+
+
+@pytest.mark.parametrize("world,strategy", [(1, "ring"), (2, "ring"), (3, "allgather"), (4, "ring")])
+def test_four_argument_mask_mod(ranks, world, strategy):
+    n = 12 * world + 5
+    cases = [Case(seq_len=n, layout=LAYOUTS[world % 3], mask_mod=per_row_head, strategy=strategy, seed=world),
+             Case(seq_len=n, layout="zigzag", mask_mod=per_row_head, sinks=True, alibi=True, heads=4, kv_heads=1,
+                  strategy=strategy, seed=7),
+             Case(seq_len=n, layout="balanced", mask_mod=per_row_head, cu_seqlens=[[0, 5, n], [0, n - 3, n]],
+                  strategy=strategy, seed=8)]
+    for case in cases:
+        assert_close(ranks.run(world, run_case, case), case)
+
+
+def test_four_argument_mask_mod_refused_where_heads_are_split(ranks):
+    msgs = ranks.run(2, _four_on_ulysses)
+    assert all("runs one call per head" in m for m in msgs), msgs
+
+
+def _four_on_ulysses():
+    q = torch.randn(1, 8, 2, 4)
+    try:
+        ringattn.attention(q, q, q, strategy="ulysses", mask_mod=per_row_head)
+    except ValueError as e:
+        return str(e)
+    return "no error"

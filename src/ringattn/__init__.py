@@ -33,15 +33,17 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             initialised ``torch.distributed``, exact single-process attention).
         causal: keep key ``j`` for query ``i`` iff ``j <= i`` (global positions).
         window: ``(left, right)``: keep ``i - left <= j <= i + right``; -1 = unbounded on that side.
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"`` (``ringattn.Layout``): which global
-            positions each rank holds (see ``ringattn.shard``).
+        layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or ``"balanced"`` (``ringattn.Layout``):
+            which global positions each rank holds (see ``ringattn.shard``; balanced places them by the
+            documents of ``cu_seqlens``).
         seq_len: the true global length; positions ``>= seq_len`` are padding, never attended to.
             None = ``world * local_len``.
         q_seq_len: the number of real queries, which are the *last* ``q_seq_len`` of the ``seq_len`` key
             positions (bottom-right causal: chunked prefill). q is sharded like k, same layout, over its
             own rows (``ringattn.shard`` of the full queries); query rows past ``q_seq_len`` are padding.
             None = ``seq_len`` if q and k have the same local length, else ``world * q_local_len``.
-        cu_seqlens: int tensor ``[0, ..., seq_len]`` of packed-document boundaries (batch 1).
+        cu_seqlens: int tensor ``[0, ..., seq_len]`` of packed-document boundaries (batch 1), or a list of
+            one per batch row (rows packed differently: each row runs as a call of its own).
         softmax_scale: None = ``1 / sqrt(head_dim)``.
         return_lse: also return the logsumexp ``(batch, heads, local_len)``, float32 (float64 for
             float64 input).

@@ -246,33 +246,98 @@ def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh
         options = {key: val for key, val in options.items()
                    if key not in TUNING or strategy in TUNING[key][1] or val == TUNING[key][0]}
     topo = topology(strategy, group, mesh)
-    if isinstance(options.get("cu_seqlens"), (list, tuple)):
-        return _enter_rows(q, k, v, strategy, topo, options)
+    if isinstance(options.get("cu_seqlens"), (list, tuple)) or takes_four(options.get("mask_mod")):
+        return _enter_parts(q, k, v, strategy, topo, options)
     call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
     out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
     return (out, lse) if call.options.return_lse else out
 
 
-def build_rows(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
-    """One call per batch row, each with its own documents (``cu_seqlens`` a list of one per row)."""
-    rows = options["cu_seqlens"]
-    if not all(isinstance(r, torch.Tensor) for r in rows):
-        raise TypeError("cu_seqlens must be an integer torch.Tensor, or a list of one per batch row; got a "
-                        f"{type(rows).__name__} of {', '.join(sorted({type(r).__name__ for r in rows}))}")
-    if len(rows) != q.shape[0]:
-        raise ValueError(f"cu_seqlens as a list holds one tensor per batch row: got {len(rows)} for batch {q.shape[0]}")
-    built = [build(q[b:b + 1], k[b:b + 1], v[b:b + 1], strategy, topo, dict(options, cu_seqlens=cu))
-             for b, cu in enumerate(rows)]
-    return [c for c, _ in built], " | ".join(d for _, d in built)
+def takes_four(fn) -> bool:
+    """Whether ``fn`` is FlexAttention's 4-argument ``mask_mod(b, h, q_idx, kv_idx)``."""
+    if fn is None or not callable(fn):
+        return False
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is p.empty for p in params) == 4
 
 
-def _enter_rows(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
-    # Every row's checks pass one agreement together; then each row runs as a call of its own (its
-    # documents give it its own plan), on the same group in the same order on every rank.
-    calls = checked(lambda: build_rows(q, k, v, strategy, topo, options), topo.agree_over, q)
-    outs = [IMPLEMENTATIONS[strategy](q[b:b + 1], k[b:b + 1], v[b:b + 1], c) for b, c in enumerate(calls)]
-    out = torch.cat([o for o, _ in outs])
-    return (out, torch.cat([lse for _, lse in outs])) if calls[0].options.return_lse else out
+@dataclass(frozen=True)
+class RowHeadMask:
+    """A 4-argument mask_mod with its batch row and head fixed: the 2-argument predicate of one part."""
+
+    fn: Callable
+    b: int
+    h: int
+
+    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        b, h = (torch.tensor(x, device=q_idx.device) for x in (self.b, self.h))
+        return self.fn(b, h, q_idx, kv_idx)
+
+    def __repr__(self) -> str:  # names the function, not its address: every rank describes it alike
+        return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', '?')}(b={self.b}, h={self.h})"
+
+
+def part_inputs(q, k, v, b: int, h: int | None):
+    """q, k, v of batch row ``b`` and query head ``h`` (None = every head) with its K/V head."""
+    q, k, v = q[b:b + 1], k[b:b + 1], v[b:b + 1]
+    if h is None:
+        return q, k, v
+    g = h // (q.shape[2] // k.shape[2])  # contiguous GQA groups
+    return q[:, :, h:h + 1], k[:, :, g:g + 1], v[:, :, g:g + 1]
+
+
+def build_parts(q, k, v, strategy: Strategy, topo: Topology,
+                options: dict[str, Any]) -> tuple[list[tuple[int, int | None, AttentionCall]], str]:
+    """One call per batch row when rows are packed differently (``cu_seqlens`` a list of one per row), and
+    per row and head for a 4-argument ``mask_mod``; all checked here, before anyone communicates."""
+    check_qkv(q, k, v)
+    rows = options.get("cu_seqlens")
+    per_row = isinstance(rows, (list, tuple))
+    if per_row:
+        if not all(isinstance(r, torch.Tensor) for r in rows):
+            raise TypeError("cu_seqlens must be an integer torch.Tensor, or a list of one per batch row; got a "
+                            f"{type(rows).__name__} of {', '.join(sorted({type(r).__name__ for r in rows}))}")
+        if len(rows) != q.shape[0]:
+            raise ValueError(f"cu_seqlens as a list holds one tensor per batch row: got {len(rows)} for batch "
+                             f"{q.shape[0]}")
+    fn = options.get("mask_mod")
+    heads = range(q.shape[2]) if takes_four(fn) else [None]
+    if heads != [None]:
+        if topo.head_world > 1:
+            raise ValueError(f"a 4-argument mask_mod(b, h, q_idx, kv_idx) runs one call per head, and "
+                             f"strategy={strategy!r} splits the heads: use strategy 'ring' or 'allgather'")
+        for name in ("sinks", "alibi_slopes"):  # checked whole, since each part takes its head's only
+            check_per_head(name, options.get(name), q.shape[2], q)
+    parts, descs = [], []
+    for b in range(q.shape[0]):
+        for h in heads:
+            o = dict(options)
+            if per_row:
+                o["cu_seqlens"] = rows[b]
+            if h is not None:
+                o["mask_mod"] = RowHeadMask(fn, b, h)
+                o.update({n: o[n][h:h + 1] for n in ("sinks", "alibi_slopes") if o.get(n) is not None})
+            call, desc = build(*part_inputs(q, k, v, b, h), strategy, topo, o)
+            parts.append((b, h, call))
+            descs.append(desc)
+    return parts, " | ".join(descs)
+
+
+def _enter_parts(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
+    # Every part's checks pass one agreement together; then each runs as a call of its own (its documents
+    # or its mask give it its own plan), on the same group in the same order on every rank.
+    parts = checked(lambda: build_parts(q, k, v, strategy, topo, options), topo.agree_over, q)
+    done = [IMPLEMENTATIONS[strategy](*part_inputs(q, k, v, b, h), call) for b, h, call in parts]
+    per_row = len(parts) // q.shape[0]  # parts are row-major: every head of row 0, then of row 1, ...
+    out = torch.cat([torch.cat([o for o, _ in done[b * per_row:(b + 1) * per_row]], 2) for b in range(q.shape[0])])
+    if not parts[0][2].options.return_lse:
+        return out
+    return out, torch.cat([torch.cat([lse for _, lse in done[b * per_row:(b + 1) * per_row]], 1)
+                           for b in range(q.shape[0])])
 
 
 def signature(*leading: inspect.Parameter) -> inspect.Signature:
