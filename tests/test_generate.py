@@ -10,15 +10,18 @@ import torch
 
 from ringattn import comm
 from ringattn.decode import decode_attention
+from ringattn.masks import takes_four
 from ringattn.generate import SamplingConfig, generate, sample
 from ringattn.model import LlamaConfig, build
 
-from .reference import TOL, attention_ref, rel_err
+from .reference import TOL, attention_ref, rel_err, slices_mask
+from .test_mask_mods import checker, per_row_head
 
 # -- the decode-attention primitive -------------------------------------------------------------
 
 
-def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = None, mods: bool = False) -> dict:
+def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = None, mods: bool = False,
+                masks: dict | None = None) -> dict:
     """Every rank holds a random subset of a cache of n positions (some slots empty); t new queries."""
     rank, world = comm.group_rank_world()
     g = torch.Generator().manual_seed(seed)
@@ -38,8 +41,9 @@ def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = 
     kl = torch.cat([k[:, mine], torch.randn(b, 2, kvh, d, dtype=torch.float64)], 1)
     vl = torch.cat([v[:, mine], torch.randn(b, 2, kvh, dv, dtype=torch.float64)], 1)
     cu = None if docs is None else torch.tensor(docs)
+    masks = masks or {}
     out, lse = decode_attention(q, kl, vl, q_pos, kp, group=None, window=window, cu_seqlens=cu, return_lse=True,
-                                **kw)
+                                **kw, **masks)
 
     i, j = q_pos[:, None], torch.arange(n)[None, :]
     keep = j <= i
@@ -50,6 +54,12 @@ def decode_case(n: int, t: int, window, seed: int = 0, docs: list[int] | None = 
         keep &= torch.bucketize(i, bounds, right=True) == torch.bucketize(j, bounds, right=True)
     if mods:
         keep &= (i // kw.pop("chunk_size")) == (j // 8)
+    if "slices" in masks:
+        keep = keep & slices_mask(n, masks["slices"])[n - t:]
+    fn = masks.get("mask_mod")
+    if fn is not None:  # (batch, heads, t, n) for the 4-argument form
+        keep = keep & (fn(torch.arange(b)[:, None, None, None], torch.arange(h)[None, :, None, None], i, j)
+                       if takes_four(fn) else fn(i, j))
     r_out, r_lse = attention_ref(q, k, v, keep, **kw)
     return {"out": rel_err(out, r_out), "lse": rel_err(lse, r_lse.transpose(1, 2))}
 
@@ -73,6 +83,15 @@ def test_decode_attention_score_mods(ranks, world):
     """Sinks, softcap, chunked attention and ALiBi merge across ranks as in ring_attention."""
     for errs in ranks.run(world, decode_case, 23, 3, None, 2, None, True):
         assert errs["out"] <= TOL[torch.float64] and errs["lse"] <= TOL[torch.float64], errs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_decode_attention_user_masks(ranks, world):
+    """mask_mod (2 and 4 arguments) and slices on the cache, with and without score modifications."""
+    for masks, mods in ((dict(mask_mod=checker), False), (dict(mask_mod=per_row_head), True),
+                        (dict(slices=[((0, 23), (0, 9), "full"), ((20, 23), (15, 23), "causal")]), False)):
+        for errs in ranks.run(world, decode_case, 23, 3, None, 4, None, mods, masks):
+            assert errs["out"] <= TOL[torch.float64] and errs["lse"] <= TOL[torch.float64], (masks, errs)
 
 
 def test_decode_attention_single_process():

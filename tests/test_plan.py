@@ -150,3 +150,34 @@ def test_measure_runs_the_kernel_through_the_backend_seam(monkeypatch):
     monkeypatch.setattr(plan_cli, "best_of", lambda fn, repeats: (fn(), 1e-3)[1])
     hw = plan_cli.measure()
     assert hw.flops > 0 and hw.bandwidth == 1e9
+
+
+def test_documents_and_user_masks_are_modelled():
+    """FLOPs and ring steps come from the masks the call takes: documents, chunks, slices, mask_mod."""
+    hw = PRESETS["a100-nvlink"]
+    base = dict(seq_len=8192, world=4, heads=8, kv_heads=8, causal=True, layout="zigzag", backward=False)
+
+    def ring(**kw):
+        return next(e for e in estimate_all(Problem(**{**base, **kw}), hw) if e.strategy == "ring")
+
+    full = ring()
+    docs = ring(documents=tuple(range(0, 8193, 512)))  # 16 documents of 512: 1/16 of the causal work
+    assert docs.flops == pytest.approx(full.flops / 16, rel=0.05)
+    assert ring(chunk_size=512).flops == pytest.approx(docs.flops)
+    # Each rank's contiguous block sees only itself: one step, nothing sent.
+    own = tuple(((r * 2048, (r + 1) * 2048), (r * 2048, (r + 1) * 2048), "causal") for r in range(4))
+    blocks = ring(slices=own, layout="contiguous")
+    assert blocks.note.startswith("1 steps") and blocks.comm_bytes == 0
+    assert ring(mask_mod=_own_block, layout="contiguous").note.startswith("1 steps")
+    # The balanced layout evens out the busiest rank's work on uneven documents.
+    uneven = (0, 6000, 6100, 8192)
+    assert ring(documents=uneven, layout="balanced").flops < 0.8 * ring(documents=uneven).flops
+
+
+def _own_block(q, k):
+    return q // 2048 == k // 2048
+
+
+def test_documents_checked():
+    with pytest.raises(ValueError, match="documents must rise"):
+        Problem(seq_len=100, world=2, heads=2, kv_heads=2, documents=(0, 50, 40, 100))

@@ -20,7 +20,7 @@ from . import profiling
 from .comm import group_rank_world
 from .kernels import BACKENDS, Backend, select
 from .layouts import effective_layout, mesh_coords, mesh_dims
-from .masks import MaskSpec
+from .masks import MaskSpec, RowHeadMask, takes_four
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
 from .strategies import IMPLEMENTATIONS, resolve_auto
@@ -251,34 +251,6 @@ def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh
     call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
     out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
     return (out, lse) if call.options.return_lse else out
-
-
-def takes_four(fn) -> bool:
-    """Whether ``fn`` is FlexAttention's 4-argument ``mask_mod(b, h, q_idx, kv_idx)``."""
-    if fn is None or not callable(fn):
-        return False
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(p.kind in positional and p.default is p.empty for p in params) == 4
-
-
-@dataclass(frozen=True)
-class RowHeadMask:
-    """A 4-argument mask_mod with its batch row and head fixed: the 2-argument predicate of one part."""
-
-    fn: Callable
-    b: int
-    h: int
-
-    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        b, h = (torch.tensor(x, device=q_idx.device) for x in (self.b, self.h))
-        return self.fn(b, h, q_idx, kv_idx)
-
-    def __repr__(self) -> str:  # names the function, not its address: every rank describes it alike
-        return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', '?')}(b={self.b}, h={self.h})"
 
 
 def part_inputs(q, k, v, b: int, h: int | None):

@@ -15,29 +15,31 @@ import torch
 from . import comm, profiling
 from .call import checked
 from .kernels import acc_dtype
-from .masks import MaskSpec
+from .masks import MaskSpec, RowHeadMask, takes_four
 from .scores import ScoreMod, check_alibi_slopes, check_per_head, check_softcap, merge_sinks, sink_digest
-from .validate import check_chunk_size, check_cu_seqlens
+from .validate import check_chunk_size, check_cu_seqlens, check_mask_mod, check_slices
 
 # Decoding has no padded length: empty cache slots are marked by a negative position instead.
 _NO_PADDING = 2**62
 
 
 def decode_spec(causal: bool = True, window: tuple[int, int] | None = None,
-                doc_bounds: tuple[int, ...] | None = None, chunk: int | None = None) -> MaskSpec:
+                doc_bounds: tuple[int, ...] | None = None, chunk: int | None = None, mask_mod=None,
+                slices=None) -> MaskSpec:
     """The mask of a decode call, on global positions (the same predicate as every other path)."""
     if window is not None:
         window = (int(window[0]), int(window[1]))
         if window == (-1, -1):
             window = None
-    return MaskSpec(seq_len=_NO_PADDING, causal=causal, window=window, doc_bounds=doc_bounds, chunk=chunk)
+    return MaskSpec(seq_len=_NO_PADDING, causal=causal, window=window, doc_bounds=doc_bounds, chunk=chunk,
+                    mask_mod=check_mask_mod(mask_mod), slices=check_slices(slices, _NO_PADDING))
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                       k_pos: torch.Tensor, *, scale: float | None = None, causal: bool = True,
                       window: tuple[int, int] | None = None, heads_first: bool = False,
-                      spec: MaskSpec | None = None,
-                      scores: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      spec: MaskSpec | None = None, scores: ScoreMod | None = None,
+                      mask_mod4=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries over one cache slice, unnormalised across slices.
 
     Args:
@@ -48,6 +50,7 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         causal: keep ``k_pos <= q_pos``. window: ``(left, right)``, -1 = unbounded.
         spec: the whole mask instead of ``causal``/``window`` (e.g. with packed documents).
         scores: softcap / ALiBi (``ringattn.scores.ScoreMod``), applied as in ``ring_attention``.
+        mask_mod4: a 4-argument ``mask_mod(b, h, q_idx, kv_idx)``, ANDed with ``spec``.
 
     Returns:
         ``out`` ``(b, t, heads, dv)`` and ``lse`` ``(b, t, heads)``, both float32 (float64 for float64
@@ -72,6 +75,10 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: 
         s = s - scores.alibi_slopes.to(acc).view(kvh, g, 1, 1) * dist
     if scores is not None and scores.softcap is not None:
         s = torch.tanh(s / scores.softcap) * scores.softcap
+    if mask_mod4 is not None:  # broadcast over the (b, kv head, group, t, n) scores; head = kv head * g + i
+        heads = torch.arange(h, device=s.device).view(1, kvh, g, 1, 1)
+        rows = torch.arange(b, device=s.device).view(b, 1, 1, 1, 1)
+        keep = keep & mask_mod4(rows, heads, q_pos.view(1, 1, 1, t, 1), k_pos.view(1, 1, 1, 1, -1))
     s = s.masked_fill(~keep, float("-inf")).view(b, kvh, g * t, -1)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
@@ -133,13 +140,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
                      k_pos: torch.Tensor, *, group=None, scale: float | None = None, causal: bool = True,
                      window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
                      return_lse: bool = False, softcap: float | None = None, sinks: torch.Tensor | None = None,
-                     chunk_size: int | None = None, alibi_slopes: torch.Tensor | None = None):
+                     chunk_size: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                     mask_mod=None, slices=None):
     """Exact attention of new queries over a KV cache split across ``group``: local partial + merge.
 
     Arguments as in ``partial_attention`` (``k``, ``v``, ``k_pos`` are this rank's cache slice; every rank
     passes the same ``q`` and ``q_pos``); ``cu_seqlens`` (packed documents, as for ``ring_attention``)
     keeps each query to the keys of its own document, queries past the last boundary continuing the last
-    document; ``softcap``, ``sinks``, ``chunk_size`` and ``alibi_slopes`` as in ``ring_attention``.
+    document; ``softcap``, ``sinks``, ``chunk_size``, ``alibi_slopes``, ``mask_mod`` (2 or 4 arguments) and
+    ``slices`` as in ``ring_attention``.
     Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or ``(out, lse)``. Not differentiable (inference).
     """
     def make():
@@ -151,13 +160,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
             bounds = check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]), q.shape[0])[:-1]
         mods = ScoreMod(check_softcap(softcap), check_alibi_slopes(alibi_slopes, q.shape[2], q))
         sink = check_per_head("sinks", sinks, q.shape[2], q)
-        spec = decode_spec(causal, window, bounds, check_chunk_size(chunk_size))
-        return (spec, mods if mods.kinds else None, sink), (
+        four = takes_four(mask_mod)
+        spec = decode_spec(causal, window, bounds, check_chunk_size(chunk_size), None if four else mask_mod, slices)
+        if four:  # checked as the 2-argument form of row 0, head 0 would be
+            check_mask_mod(RowHeadMask(mask_mod, 0, 0))
+        return (spec, mods if mods.kinds else None, sink, mask_mod if four else None), (
             f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {spec} "
-            f"scale={scale!r} {mods.describe()} sinks={sink_digest(sink)}")
+            f"scale={scale!r} {mods.describe()} sinks={sink_digest(sink)}"
+            f" mask_mod4={RowHeadMask(mask_mod, 0, 0) if four else None}")
 
-    spec, mods, sink = checked(make, group, q)
-    out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, spec=spec, scores=mods)
+    spec, mods, sink, four = checked(make, group, q)
+    out, lse = partial_attention(q, k, v, q_pos, k_pos, scale=scale, spec=spec, scores=mods, mask_mod4=four)
     out, lse = merge_partials(out, lse, group=group)
     if sink is not None:  # (b, t, h) rows: the sink merge wants heads before rows
         out, lse = merge_sinks(out, lse.transpose(1, 2), sink)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -151,6 +152,34 @@ class MaskMod:
             raise TypeError(f"{self!r} must return a bool tensor, got "
                             f"{getattr(keep, 'dtype', type(keep).__name__)}")
         return keep
+
+
+def takes_four(fn) -> bool:
+    """Whether ``fn`` is FlexAttention's 4-argument ``mask_mod(b, h, q_idx, kv_idx)``."""
+    if fn is None or not callable(fn):
+        return False
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is p.empty for p in params) == 4
+
+
+@dataclass(frozen=True)
+class RowHeadMask:
+    """A 4-argument mask_mod with its batch row and head fixed: the 2-argument predicate of one part."""
+
+    fn: Callable
+    b: int
+    h: int
+
+    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        b, h = (torch.tensor(x, device=q_idx.device) for x in (self.b, self.h))
+        return self.fn(b, h, q_idx, kv_idx)
+
+    def __repr__(self) -> str:  # names the function, not its address: every rank describes it alike
+        return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', '?')}(b={self.b}, h={self.h})"
 
 
 @dataclass(frozen=True)

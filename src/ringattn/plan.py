@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.base import Capabilities
-from .layouts import LAYOUTS, cut_at, effective_layout, kv_replication, padded_len, segments
-from .masks import MaskSpec, Segment
+from .layouts import LAYOUTS, as_bounds, cut_at, effective_layout, kv_replication, padded_len, segments
+from .masks import MaskSpec, Segment, takes_four
 from .schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, directions
 from .tasks import plan_block, task_flops
-from .validate import check_backward_exchange
+from .validate import check_backward_exchange, check_mask_mod, check_slices
 
 STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -125,6 +125,12 @@ class Problem:
     backward: bool = True
     mesh: tuple[int, int] | None = None  # (ring, ulysses) for hybrid; None = chosen from node_size
     backward_exchange: str = "ring"  # the ring's backward: "ring" or "direct" (see ring_attention)
+    # The masks beyond causal and window, as the call takes them: the FLOPs and ring steps come from the
+    # same classification the strategies plan with.
+    documents: tuple[int, ...] | None = None  # cu_seqlens
+    chunk_size: int | None = None
+    slices: tuple | None = None  # ((q0, q1), (k0, k1), kind), ...
+    mask_mod: object = dataclasses.field(default=None, compare=False)  # fn(q_idx, kv_idx); not in reports
 
     def __post_init__(self):
         for name in ("seq_len", "world", "heads", "kv_heads", "head_dim", "batch", "dtype_bytes"):
@@ -136,6 +142,9 @@ class Problem:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         check_backward_exchange(self.backward_exchange)
+        d = self.documents
+        if d is not None and (len(d) < 2 or d[0] != 0 or d[-1] > self.seq_len or any(b <= a for a, b in zip(d, d[1:]))):
+            raise ValueError(f"documents must rise strictly from 0 to at most seq_len {self.seq_len}, got {d[:8]}")
         if self.mesh is not None and math.prod(self.mesh) != self.world:
             raise ValueError(f"mesh {self.mesh} does not have world = {self.world} ranks")
 
@@ -148,7 +157,10 @@ class Problem:
         return padded_len(self.seq_len, self.world, effective_layout(self.layout, self.world)) // self.world
 
     def spec(self) -> MaskSpec:
-        return MaskSpec(self.seq_len, self.causal, self.window, None)
+        total = self.world * self.local_len
+        real = self.documents[-1] if self.documents else self.seq_len  # keys past the documents: padding
+        return MaskSpec(real, self.causal, self.window, self.documents, chunk=self.chunk_size,
+                        mask_mod=check_mask_mod(self.mask_mod), slices=check_slices(self.slices, total))
 
 
 @dataclass
@@ -195,7 +207,7 @@ def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> tuple[li
     the longest direction's number of steps."""
     spec = p.spec()
     lay = effective_layout(p.layout, world)
-    segs = [segments(lay, r, world, local) for r in range(world)]
+    segs = [segments(lay, r, world, local, spec.doc_bounds) for r in range(world)]
     unit = _unit(p, heads)
     per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit) for o in range(world)] for r in range(world)]
     a, b = directions([o for o in range(1, world) if any(per[r][o] > 0 for r in range(world))], world)
@@ -273,9 +285,9 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
     def keys(r):
         if lay == "striped":
             return tuple(s for i in range(w) for s in segments(lay, i, w, c))
-        return cut_at(Segment(0, w * c), segments(lay, r, w, c))
+        return cut_at(Segment(0, w * c), segments(lay, r, w, c, spec.doc_bounds))
 
-    fwd = max(_pair_flops(spec, segments(lay, r, w, c), keys(r), unit) for r in range(w))
+    fwd = max(_pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit) for r in range(w))
     per_head = p.batch * c * w * (p.head_dim + p.dv) * e
     n = 1 if w == 1 else math.ceil(p.kv_heads / min(max(1, CHUNK_BYTES // per_head), math.ceil(p.kv_heads / 2)))
     kv_local = p.batch * c * p.kv_heads * (p.head_dim + p.dv) * e
@@ -432,7 +444,8 @@ def configured_hardware(device=None) -> Hardware:
 
 
 def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None, layout="contiguous",
-                    seq_len=None, backward_exchange="ring", **_ignored) -> str:
+                    seq_len=None, backward_exchange="ring", cu_seqlens=None, chunk_size=None, slices=None,
+                    mask_mod=None, **_ignored) -> str:
     """The strategy ``ringattn.attention(strategy="auto")`` runs: the planner's choice for these
     arguments on the configured hardware. With a ``mesh`` it is "hybrid" (the shards were made for
     it). Arguments the strategies would reject fall back to "ring", which then raises on every rank.
@@ -448,11 +461,15 @@ def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None
         w = tuple(window) if window is not None else None
         # The cost model is of square attention; with fewer queries than keys (q_seq_len) it models the
         # keys' length, which is what the ring and the gather move.
+        # Rows packed differently (a list of cu_seqlens) are planned by the first row's documents.
+        docs = cu_seqlens[0] if isinstance(cu_seqlens, (list, tuple)) and cu_seqlens else cu_seqlens
         p = Problem(seq_len=world * k.shape[1], world=world, heads=q.shape[2], kv_heads=k.shape[2],
                     head_dim=q.shape[3], v_head_dim=v.shape[3], batch=q.shape[0],
                     dtype_bytes=q.element_size(), causal=bool(causal), window=w, layout=layout,
                     backward=bool(q.requires_grad or k.requires_grad or v.requires_grad),
-                    backward_exchange=backward_exchange)
+                    backward_exchange=backward_exchange, documents=as_bounds(docs), chunk_size=chunk_size,
+                    slices=None if slices is None else tuple(slices),
+                    mask_mod=None if takes_four(mask_mod) else mask_mod)
         if layout in ("zigzag", "balanced") and (q.shape[1] % 2 or k.shape[1] % 2):
             return "ring"
         return recommend(estimate_all(p, configured_hardware(q.device)), allowed=("ring", "allgather", "ulysses"))
