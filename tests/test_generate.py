@@ -10,8 +10,8 @@ import torch
 
 from ringattn import comm
 from ringattn.decode import decode_attention
-from ringattn.masks import takes_four
 from ringattn.generate import SamplingConfig, generate, sample
+from ringattn.masks import takes_four
 from ringattn.model import LlamaConfig, build
 
 from .reference import TOL, attention_ref, rel_err, slices_mask
