@@ -109,8 +109,8 @@ def check(results: list[dict]) -> None:
             assert len(errs) > 10  # logits, loss and every parameter's gradient were compared
 
 
-@pytest.mark.parametrize("layout", ringattn.LAYOUTS)
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("layout,world", [(lay, w) for lay in ringattn.LAYOUTS for w in (2, 4)
+                                          if lay != "balanced" or w == 2])
 def test_hf_models_match_eager(ranks, world, layout):
     # 29 tokens: not a multiple of W (or 2W), so the padded tail is exercised as well.
     check(ranks.run(world, run_families, layout, 29))

@@ -12,12 +12,14 @@ import time
 import pytest
 import torch
 
-import ringattn
 from ringattn import checkpoint
 from ringattn.model import LlamaConfig
 from ringattn.train import Parallel, TrainConfig, local_batch, make_optimizer, setup_parallel, train, train_step
 
 from .reference import TOL, rel_err
+
+# Without documents the balanced layout places tokens as zigzag does (tests/test_balanced.py has it).
+CLASSIC_LAYOUTS = ("contiguous", "zigzag", "striped")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_chunk=16)
@@ -50,7 +52,7 @@ def _reference(tc: TrainConfig):
 
 
 @pytest.mark.parametrize("world,dp", [(2, 1), (4, 1), (4, 2)])
-@pytest.mark.parametrize("layout", ringattn.LAYOUTS)
+@pytest.mark.parametrize("layout", CLASSIC_LAYOUTS)
 def test_train_step_matches_single_process(ranks, world, dp, layout):
     tc = dataclasses.replace(TC, model=dataclasses.replace(MODEL, layout=layout), dp=dp)
     ref_losses, ref_grads, ref_params = _reference(tc)
