@@ -122,4 +122,6 @@ def summary(result: dict) -> str:
         f"\n\nS={result['seq_len']}, {result['documents']} documents (longest {result['longest_document']}), "
         f"{result['heads']} heads x {result['head_dim']}, fwd+bwd, one thread per rank. FLOPs goal (balanced "
         f"<= {result['flops_goal']}) met: **{result['flops_goal_met']}**; time goal (balanced slowest rank within "
-        f"5 % of the mean) met: **{result['time_goal_met']}**.\n")
+        f"5 % of the mean) met: **{result['time_goal_met']}**. CPU is each rank's main-thread CPU time during the "
+        f"call; the ideal is the balanced layout's mean over ranks. Wall times: with more ranks than the "
+        f"machine's {result['machine'].get('cpu_count', '?')} cores they measure the total work, not the balance.\n")
