@@ -56,6 +56,7 @@ class Case:
     lse_grad: bool = False
     mask_mod: Callable | None = None  # a module-level function (it travels to the ranks by pickle)
     slices: list | None = None
+    uneven: bool = False  # no padding: ranks hold different lengths (shard(..., uneven=True))
 
 
 def ref_with_mods(q, k, v, dout, dlse, keep, mods: dict):
@@ -157,7 +158,7 @@ def run_case(case: Case) -> dict:
     place = cu if lay == "balanced" else None  # the documents place the balanced layout's tokens
 
     def shard_ref(x, dim=1):
-        return ringattn.shard(x, layout=lay, dim=dim, mesh=mesh, cu_seqlens=place)
+        return ringattn.shard(x, layout=lay, dim=dim, mesh=mesh, cu_seqlens=place, uneven=case.uneven)
 
     qs, ks, vs = (shard_ref(t).requires_grad_() for t in (q, k, v))
     ds = shard_ref(dout)
@@ -165,6 +166,8 @@ def run_case(case: Case) -> dict:
               backend=backend)
     if case.q_len is not None and "q_seq_len" not in extra:  # extra={"q_seq_len": None}: the default
         kw["q_seq_len"] = Lq
+    if case.uneven:
+        kw["uneven"] = True
     for name in ("chunk_size", "mask_mod", "slices"):
         if getattr(case, name) is not None:
             kw[name] = getattr(case, name)
@@ -184,6 +187,8 @@ def run_case(case: Case) -> dict:
 
     local = qs.shape[1]
     def positions(bounds):
+        if case.uneven:
+            return ringattn.shard(torch.arange(S), layout=lay, dim=0, uneven=True)
         if mesh is not None:
             return ringattn.layouts.mesh_positions(lay, mesh, local, bounds=ringattn.layouts.as_bounds(bounds))
         return ringattn.global_positions(lay, rank, world, local, cu_seqlens=bounds)

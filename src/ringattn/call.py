@@ -19,7 +19,7 @@ import torch
 from . import profiling
 from .comm import group_rank_world
 from .kernels import BACKENDS, Backend, select
-from .layouts import effective_layout, mesh_coords, mesh_dims
+from .layouts import Uneven, effective_layout, mesh_coords, mesh_dims, uneven_lengths
 from .masks import MaskSpec, RowHeadMask, takes_four
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
@@ -57,6 +57,7 @@ class Options:
     alibi_slopes: torch.Tensor | None = None
     mask_mod: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     slices: Sequence[tuple[tuple[int, int], tuple[int, int], str]] | None = None
+    uneven: bool = False
 
 
 # Keywords that tune one kind of strategy, and the strategies that take a non-default value.
@@ -90,7 +91,7 @@ class AttentionCall:
     strategy: Strategy
     options: Options
     topo: Topology
-    layout: Layout  # contiguous when the layout's group has one rank (every layout is the same then)
+    layout: Layout | Uneven  # contiguous when the layout's group has one rank (every layout is the same then)
     spec: MaskSpec
     scale: float
     backend: Backend
@@ -154,15 +155,20 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
         raise TypeError(f"attention(): {e}".replace("Options.__init__() ", "")) from None
     check_qkv(q, k, v)
     layout = choose(Layout, opts.layout, "layout")
+    if not isinstance(opts.uneven, bool):
+        raise TypeError(f"uneven must be a bool, got {type(opts.uneven).__name__}")
     scores = ScoreMod(check_softcap(opts.softcap), check_alibi_slopes(opts.alibi_slopes, q.shape[2], q))
     sinks = check_per_head("sinks", opts.sinks, q.shape[2], q)
-    spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1], layout=layout, causal=opts.causal,
+    # Uneven blocks arrive padded to the longest (uneven_inputs), at explicit positions: no even-length rule.
+    spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1],
+                     layout=Layout.CONTIGUOUS if opts.uneven else layout, causal=opts.causal,
                      window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0],
                      chunk_size=opts.chunk_size, positional=ALIBI in scores.kinds, mask_mod=opts.mask_mod,
                      slices=opts.slices)
     q_block = topo.block_rows * q.shape[1]
     q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
-                            same_len=q.shape[1] == k.shape[1], layout=layout, world=topo.world,
+                            same_len=q.shape[1] == k.shape[1],
+                            layout=Layout.CONTIGUOUS if opts.uneven else layout, world=topo.world,
                             q_local_len=q_block)
     scale = softmax_scale_of(opts.softmax_scale, q.shape[-1])
     check_backward_exchange(opts.backward_exchange, str(strategy))
@@ -177,7 +183,8 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
         raise ValueError(f"strategy={strategy!r} splits the heads over {topo.head_world} ranks: heads "
                          f"({q.shape[2]}) must be divisible by {topo.head_world}")
     backend = _backend(opts.backend, q, k, v, scores.kinds)
-    call = AttentionCall(strategy, opts, topo, effective_layout(layout, topo.world), spec, scale, backend,
+    placed = Uneven(layout, spec.seq_len) if opts.uneven else layout
+    call = AttentionCall(strategy, opts, topo, effective_layout(placed, topo.world), spec, scale, backend,
                          q_offset, scores if scores.kinds else None, sinks)
     desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" q_offset={q_offset}"
             f" backward_exchange={exchange}"
@@ -246,10 +253,48 @@ def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh
         options = {key: val for key, val in options.items()
                    if key not in TUNING or strategy in TUNING[key][1] or val == TUNING[key][0]}
     topo = topology(strategy, group, mesh)
+    if options.get("uneven"):
+        return _enter_uneven(q, k, v, strategy, topo, options)
     if isinstance(options.get("cu_seqlens"), (list, tuple)) or takes_four(options.get("mask_mod")):
         return _enter_parts(q, k, v, strategy, topo, options)
     call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
     out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
+    return (out, lse) if call.options.return_lse else out
+
+
+def uneven_inputs(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
+    """Blocks of ``uneven_lengths`` (``uneven=True``): checked, padded to the longest, and their call."""
+    check_qkv(q, k, v)
+    if strategy is Strategy.HYBRID:
+        raise ValueError("uneven=True is not supported by strategy='hybrid'; pad and pass seq_len instead")
+    for name in ("cu_seqlens", "mask_mod"):  # these split a call into parts, each of its own length
+        if name == "cu_seqlens" and isinstance(options.get(name), (list, tuple)) or \
+                name == "mask_mod" and takes_four(options.get(name)):
+            raise ValueError(f"uneven=True takes one {name} for the whole batch (not per row or head)")
+    layout = choose(Layout, options.get("layout", Layout.CONTIGUOUS), "layout")
+    n = options.get("seq_len")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"uneven=True needs seq_len, the total number of tokens (a positive int), got {n!r}")
+    if options.get("q_seq_len") not in (None, n) or q.shape[1] != k.shape[1]:
+        raise ValueError("uneven=True takes as many queries as keys (q_seq_len = seq_len)")
+    lens = uneven_lengths(n, topo.world, layout)
+    if k.shape[1] != lens[topo.rank]:
+        raise ValueError(f"uneven=True: rank {topo.rank} holds {k.shape[1]} tokens, but layout {str(layout)!r} over "
+                         f"{topo.world} ranks of seq_len {n} gives it {lens[topo.rank]} (ringattn.shard(..., "
+                         "uneven=True) makes these shards)")
+    padded = tuple(_pad_rows(t, max(lens)) for t in (q, k, v))
+    call, desc = build(*padded, strategy, topo, options)
+    return (call, padded, lens[topo.rank]), f"{desc} uneven={lens}"
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0, 0, 0, 0, rows - t.shape[1]))
+
+
+def _enter_uneven(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
+    call, padded, n = checked(lambda: uneven_inputs(q, k, v, strategy, topo, options), topo.agree_over, q)
+    out, lse = IMPLEMENTATIONS[strategy](*padded, call)
+    out, lse = out[:, :n], lse[..., :n]  # the padding rows' gradient is zero: they leave the graph here
     return (out, lse) if call.options.return_lse else out
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -36,12 +37,74 @@ from .modes import Layout
 LAYOUTS = tuple(str(m) for m in Layout)
 
 
-def effective_layout(layout: str, world: int) -> Layout:
+@dataclass(frozen=True)
+class Uneven:
+    """A layout without padding: ``seq_len`` tokens split as evenly as ``base`` allows, so that ranks hold
+    different numbers of them (``uneven_lengths``).
+
+    Inside a call every rank's block is padded to the longest with rows at positions past ``seq_len``,
+    which no query sees, numbered so that all the blocks together hold ``0 .. W * longest - 1`` once each;
+    every strategy then runs on equal blocks, unchanged, and the padding rows are cut off again.
+    """
+
+    base: Layout
+    seq_len: int
+
+    def __str__(self) -> str:
+        return f"{self.base}(uneven, seq_len={self.seq_len})"
+
+
+def effective_layout(layout, world: int):
     """The layout a group of ``world`` ranks really has: on one rank every layout is contiguous."""
+    if isinstance(layout, Uneven):
+        return layout if world > 1 else Layout.CONTIGUOUS
     return Layout(layout) if world > 1 else Layout.CONTIGUOUS
 
 
+def uneven_lengths(seq_len: int, world: int, layout: str) -> tuple[int, ...]:
+    """Each rank's number of tokens when ``seq_len`` is split without padding (``shard(..., uneven=True)``):
+    contiguous and striped as evenly as possible (the first ``seq_len % W`` ranks one more), zigzag from 2W
+    chunks split that way (rank r holds chunks r and 2W-1-r)."""
+    if layout == "zigzag":
+        sizes = [n for _, n in _zigzag_chunks(seq_len, world)]
+        return tuple(sizes[r] + sizes[2 * world - 1 - r] for r in range(world))
+    if layout in ("contiguous", "striped"):
+        return tuple(seq_len // world + (r < seq_len % world) for r in range(world))
+    raise ValueError(f"uneven shards take layout 'contiguous', 'zigzag' or 'striped', got {str(layout)!r} (the "
+                     "balanced layout pads: pass seq_len instead)")
+
+
+def _zigzag_chunks(n: int, world: int) -> list[tuple[int, int]]:
+    """(start, length) of the 2W chunks of ``n`` positions, the first ``n % 2W`` one longer."""
+    out, start = [], 0
+    for i in range(2 * world):
+        size = n // (2 * world) + (i < n % (2 * world))
+        out.append((start, size))
+        start += size
+    return out
+
+
+def uneven_segments(layout: Uneven, rank: int, world: int, with_padding: bool = True) -> tuple[Segment, ...]:
+    """A rank's positions in an uneven layout: its real tokens, then (``with_padding``) its padding rows up
+    to the longest rank's length, at positions past ``seq_len`` (see ``Uneven``)."""
+    n, base = layout.seq_len, layout.base
+    lens = uneven_lengths(n, world, base)
+    if base == "contiguous":
+        real = [Segment(sum(lens[:rank]), lens[rank])]
+    elif base == "striped":
+        real = [Segment(rank, lens[rank], world)]
+    else:
+        chunks = _zigzag_chunks(n, world)
+        real = [Segment(*chunks[rank]), Segment(*chunks[2 * world - 1 - rank])]
+    longest = max(lens)
+    if with_padding:
+        real.append(Segment(n + sum(longest - x for x in lens[:rank]), longest - lens[rank]))
+    return tuple(s for s in real if s.length > 0)
+
+
 def check_layout(layout: str) -> None:
+    if isinstance(layout, Uneven):
+        return
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
@@ -55,6 +118,8 @@ MIN_UNIT = 16  # ... each of at least this many tokens where the length allows (
 def segments(layout: str, rank: int, world: int, local_len: int, bounds: Bounds = None) -> tuple[Segment, ...]:
     """The global positions of a rank's ``local_len`` tokens, in local order (``bounds``: the documents,
     which only the balanced layout reads)."""
+    if isinstance(layout, Uneven):
+        return uneven_segments(layout, rank, world)
     check_layout(layout)
     c = local_len
     if layout == "contiguous" or world == 1:
@@ -231,17 +296,25 @@ def _by_row(x: torch.Tensor, dim: int, rows: list[Bounds] | None, index) -> torc
 
 
 def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1, mesh=None,
-          cu_seqlens=None) -> torch.Tensor:
+          cu_seqlens=None, uneven: bool = False) -> torch.Tensor:
     """This rank's part of a full tensor (same on every rank), zero-padded along ``dim`` first up to a
     multiple of W (2W for zigzag; see ``padded_len``). With ``mesh`` (a 2-D DeviceMesh, hybrid strategy) W
     is the mesh size and positions follow ``hybrid_segments``. ``cu_seqlens`` (the documents, one 1-D
     tensor, or a list of one per batch row in dim 0) places the balanced layout's tokens; other layouts
-    ignore it."""
+    ignore it. ``uneven=True``: no padding, each rank gets its share of ``uneven_lengths`` (the call then
+    takes ``uneven=True`` and ``seq_len``)."""
     check_layout(layout)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     dim = dim % x.dim()
     n = x.shape[dim]
+    if uneven:
+        if mesh is not None:
+            raise ValueError("uneven=True is not supported with a mesh (the hybrid strategy); pad instead")
+        rank, world = group_rank_world(group)
+        segs = uneven_segments(Uneven(Layout(layout), n), rank, world, with_padding=False)
+        idx = torch.cat([s.positions(x.device) for s in segs]) if segs else torch.zeros(0, dtype=torch.long)
+        return x.index_select(dim, idx.to(x.device))
     rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, n, "shard")
     # One tensor: the same documents in every row.
     if mesh is not None:
@@ -319,11 +392,12 @@ def _gather(moved: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1,
-            seq_len: int | None = None, mesh=None, cu_seqlens=None) -> torch.Tensor:
+            seq_len: int | None = None, mesh=None, cu_seqlens=None, uneven: bool = False) -> torch.Tensor:
     """The full tensor on every rank, in global order, cut to ``seq_len``; differentiable.
 
     With ``mesh`` (the 2-D DeviceMesh of the hybrid strategy) the inverse of ``shard(..., mesh=mesh)``;
-    ``cu_seqlens`` as given to ``shard`` (ending at ``seq_len``).
+    ``cu_seqlens`` as given to ``shard`` (ending at ``seq_len``); ``uneven=True`` (with ``seq_len``) undoes
+    ``shard(..., uneven=True)``.
 
     Backward assumes every rank computes the same loss from the full tensor (the usual pattern): each
     rank's shard receives its slice of that gradient.
@@ -337,6 +411,8 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
     else:
         _, world = group_rank_world(group)
     dim = dim % x.dim()
+    if uneven:
+        return _unshard_uneven(x, group, Layout(layout), dim, seq_len, mesh)
     total = world * x.shape[dim]
     seq_len = total if seq_len is None else seq_len
     if not 0 <= seq_len <= total:
@@ -348,6 +424,20 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
         raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
     # The rank order of a balanced layout is the same for the padded stream: padding is a zero-work tail.
     return _Unshard.apply(x, group, layout, dim, seq_len, mesh, None if rows is None else tuple(rows))
+
+
+def _unshard_uneven(x: torch.Tensor, group, layout: Layout, dim: int, seq_len, mesh) -> torch.Tensor:
+    if mesh is not None:
+        raise ValueError("uneven=True is not supported with a mesh (the hybrid strategy); pad instead")
+    if seq_len is None:
+        raise ValueError("unshard(..., uneven=True) needs seq_len, the total number of tokens")
+    rank, world = group_rank_world(group)
+    lens = uneven_lengths(seq_len, world, layout)
+    if x.shape[dim] != lens[rank]:
+        raise ValueError(f"unshard(..., uneven=True): rank {rank} holds {x.shape[dim]} rows; layout {str(layout)!r} "
+                         f"over {world} ranks of seq_len {seq_len} gives it {lens[rank]}")
+    # Pad to the longest block: the padding rows sit at positions past seq_len, cut off by the gather.
+    return _Unshard.apply(_pad(x, dim, max(lens)), group, Uneven(layout, seq_len), dim, seq_len, None, None)
 
 
 def cut_at(keys: Segment, qsegs: tuple[Segment, ...]) -> tuple[Segment, ...]:
