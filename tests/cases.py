@@ -229,6 +229,16 @@ def run_case(case: Case) -> dict:
     return errs
 
 
+def raised(fn: Callable, *args, **kwargs) -> str:
+    """The message of the ValueError that ``fn(*args, **kwargs)`` raises, or "no error": run on every rank,
+    it shows that a refusal reaches each of them."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def assert_close(results: list[dict], case: Case, tol: float | None = None) -> None:
     tol = TOL[DTYPES[case.dtype]] if tol is None else tol
     bad = {f"rank{r}.{k}": e for r, errs in enumerate(results) for k, e in errs.items() if not e <= tol}

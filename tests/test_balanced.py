@@ -15,7 +15,7 @@ from ringattn.masks import MaskSpec, Segment
 from ringattn.schedule import make_plan
 from ringattn.tasks import task_flops
 
-from .cases import Case, assert_close, run_case
+from .cases import Case, assert_close, raised, run_case
 
 
 def lognormal_docs(n: int, seed: int, mu: float = 4.0, sigma: float = 1.2) -> list[int]:
@@ -143,17 +143,10 @@ def test_balanced_other_strategies_exact(ranks, strategy, world, extra):
 
 
 def test_per_row_documents_refused_clearly(ranks):
-    msgs = ranks.run(2, _bad_rows)
-    assert all("one tensor per batch row" in m for m in msgs), msgs
-
-
-def _bad_rows():
     q = torch.randn(2, 8, 2, 4)
-    try:
-        ringattn.ring_attention(q, q, q, causal=True, seq_len=16, cu_seqlens=[torch.tensor([0, 16])])
-    except ValueError as e:
-        return str(e)
-    return "no error"
+    msgs = ranks.run(2, raised, ringattn.ring_attention, q, q, q, causal=True, seq_len=16,
+                     cu_seqlens=[torch.tensor([0, 16])])
+    assert all("one tensor per batch row" in m for m in msgs), msgs
 
 
 def test_segments_of_units_merge():
