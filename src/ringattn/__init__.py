@@ -57,6 +57,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             denominator; differentiable (each rank's gradient is the part of its own rows).
         chunk_size: chunked attention (Llama 4): keys only in the query's chunk, ``i // c == j // c``.
         alibi_slopes: ``(heads,)`` ALiBi slopes: scores ``s - slope_h * (i - j)`` on global positions.
+        mask_mod: ``fn(q_idx, kv_idx) -> bool tensor`` on global positions (broadcasting int64 tensors), ANDed
+            with the other masks; or ``fn(b, h, q_idx, kv_idx)``, run as one call per batch row and head.
+        slices: ``[((q0, q1), (k0, k1), kind), ...]`` rectangles on global positions, kind ``"full"``,
+            ``"causal"`` (bottom-right), ``"inv-causal"`` or ``"bi-causal"``; their union is visible.
+        uneven: ranks hold their ``ringattn.layouts.uneven_lengths`` share of ``seq_len`` (required), no
+            padding (``ringattn.shard(..., uneven=True)``).
 
     Returns:
         ``out`` ``(batch, q_local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
