@@ -66,7 +66,8 @@ def run(out: pathlib.Path, quick: bool) -> dict:
     cfg["strategies"] = {"2": ["ring", "allgather", "ulysses"], "4": ["ring", "allgather", "ulysses", "hybrid"]}
     print("measuring this machine (kernel FLOP/s, gloo bandwidth) ...", flush=True)
     hw = measure(threads=1)
-    print(f"  {hw.flops / 1e9:.1f} GFLOP/s per thread, {hw.bandwidth / 1e9:.2f} GB/s, "
+    print(f"  {hw.flops / 1e9:.1f} GFLOP/s per thread, backward {hw.backward_time:.2f}x its forward, "
+          f"{hw.bandwidth / 1e9:.2f} GB/s, "
           f"{hw.latency * 1e6:.0f} us latency, {hw.shared_cores} cores shared", flush=True)
     rows = []
     # --quick: one launch (seconds each), on 4 ranks, where every strategy runs.
@@ -118,7 +119,8 @@ def _plot(path: pathlib.Path, rows: list[dict], cfg: dict) -> None:
 
 def summary(res: dict) -> str:
     hw = res["hardware"]
-    lines = [f"Hardware measured in the same run: {hw['flops'] / 1e9:.0f} GFLOP/s per rank, "
+    lines = [f"Hardware measured in the same run: {hw['flops'] / 1e9:.0f} GFLOP/s per rank (a backward "
+             f"{hw.get('backward_time', 2.5):.2f}x its forward), "
              f"{hw['bandwidth'] / 1e9:.2f} GB/s, latency {hw['latency'] * 1e3:.2f} ms. {res.get('note', '')}.\n",
              "| ranks | strategy | measured ms | predicted ms | measured / predicted |", "|---|---|---|---|---|"]
     for r in res["results"]:

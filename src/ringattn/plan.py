@@ -63,6 +63,9 @@ class Hardware:
     intra_bandwidth: float | None = None  # inside a node; None = bandwidth
     shared_cores: int | None = None  # CPU: all ranks share this many cores
     note: str = ""
+    # A kernel backward's time over its forward's on the same task. FlashAttention-2's backward does 2.5x
+    # the forward's FLOPs; one that runs them slower per FLOP takes longer (``measure`` times both).
+    backward_time: float = 2.5
 
     def rank_flops(self, world: int) -> float:
         """FLOP/s one rank gets when ``world`` ranks run at once (CPU ranks share the cores)."""
@@ -248,11 +251,11 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
         else:  # dK/dV travel with their block, then go home in one hop
             x_bwd = 2 * hw.latency + (kv_bytes + grad_bytes) / bw if world > 1 else 0.0
             ret = hw.latency + grad_bytes / bw if world > 1 else 0.0
-        tb, eb = _pipelined([2.5 * f / f_rank for f in step_f], x_bwd)
+        tb, eb = _pipelined([hw.backward_time * f / f_rank for f in step_f], x_bwd)
         t, exposed = t + tb + ret, exposed + eb + ret
         flops += 2.5 * sum(step_f)
         sent += (kv_bytes + grad_bytes) * (len(step_f) - 1)  # each step's dK/dV leave once, either way
-        hidden = hidden and all(2.5 * f / f_rank >= x_bwd for f in step_f[:-1] if f > 0)
+        hidden = hidden and all(hw.backward_time * f / f_rank >= x_bwd for f in step_f[:-1] if f > 0)
     steps = len(step_f)
     kv_row, rows = kv_heads * (p.head_dim + p.dv), p.batch * local
     # q, out, own K/V, the float32 out accumulator and lse; in flight: the current and next K/V block.
@@ -269,7 +272,8 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
     mem += in_flight
     comm_s = (steps - 1) * x_fwd + ((steps - 1) * x_bwd + ret if p.backward else 0.0)
     how = ", direct backward" if p.backward_exchange == "direct" and world > 1 and p.backward else ""
-    return Estimate("ring", True, f"{steps} steps of {local} tokens{how}", flops, flops / f_rank, sent, comm_s,
+    compute_s = sum(step_f) * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    return Estimate("ring", True, f"{steps} steps of {local} tokens{how}", flops, compute_s, sent, comm_s,
                     exposed, t, mem, hidden)
 
 
@@ -301,7 +305,7 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
                          + p.heads * p.dv * 4) + 2 * per_head * math.ceil(p.kv_heads / n)
     if p.backward:
         rs = (w - 1) * (hw.latency * n + kv_local * 4 / e / bw) if w > 1 else 0.0
-        cb = 2.5 * cf
+        cb = hw.backward_time * cf
         xb = gather + rs
         t += gather / n + (n - 1) * max(cb, xb) / n + cb / n + rs / n
         exposed += gather / n + (n - 1) * max(0.0, xb - cb) / n + rs / n
@@ -310,8 +314,9 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
         comm_s += xb
         hidden = hidden and xb <= cb
         mem += per_head * math.ceil(p.kv_heads / n) * 4 / e + p.batch * c * p.heads * p.head_dim * 4
+    compute_s = fwd * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
     return Estimate("allgather", True, f"{n} chunk(s) of {math.ceil(p.kv_heads / n)} kv heads", flops,
-                    flops / f_rank, sent, comm_s, exposed, t, mem, hidden)
+                    compute_s, sent, comm_s, exposed, t, mem, hidden)
 
 
 def _a2a_time(nbytes_local: float, ranks: int, hw: Hardware, bw: float) -> float:
@@ -341,6 +346,7 @@ def estimate_ulysses(p: Problem, hw: Hardware) -> Estimate:
     n = w * p.local_len
     fwd = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w))
     flops = fwd * (3.5 if p.backward else 1.0)
+    compute_s = fwd * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
     comm_s, sent, kvh = _ulysses_comm(p, hw, w, p.local_len, bw)
     e = p.dtype_bytes
     hl, kl = p.heads // w, kvh // w
@@ -350,8 +356,7 @@ def estimate_ulysses(p: Problem, hw: Hardware) -> Estimate:
         mem += p.batch * n * (hl * p.head_dim + kl * (p.head_dim + p.dv)) * 4
     note = f"{p.heads // w} heads x {n} tokens per rank" + (f"; K/V heads replicated to {kvh}" if kvh > p.kv_heads
                                                             else "")
-    return Estimate("ulysses", True, note, flops, flops / f_rank, sent, comm_s, comm_s, flops / f_rank + comm_s,
-                    mem, False)
+    return Estimate("ulysses", True, note, flops, compute_s, sent, comm_s, comm_s, compute_s + comm_s, mem, False)
 
 
 def hybrid_mesh(p: Problem, hw: Hardware) -> tuple[int, int] | None:

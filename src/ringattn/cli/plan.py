@@ -115,20 +115,25 @@ def measure(threads: int = 1) -> Hardware:
         q, k, v = (torch.randn(1, s, h, d, device=dev, dtype=dt) for _ in range(3))
         be = select(q, k, v)
         task, spec = Task(0, s, 0, s, Kind.FULL), MaskSpec(seq_len=s)
+        out, lse = be.forward(q, k, v, task, spec, scale=d ** -0.5)
 
-        def run():
-            be.forward(q, k, v, task, spec, scale=d ** -0.5)
-            if dev == "cuda":
-                torch.cuda.synchronize()
+        def timed(step):
+            def run():
+                step()
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+            return best_of(run, repeats=3)
 
-        flops = 4.0 * s * s * h * d / best_of(run, repeats=3)
+        t_fwd = timed(lambda: be.forward(q, k, v, task, spec, scale=d ** -0.5))
+        t_bwd = timed(lambda: be.backward(q, q, k, v, out, lse, task, spec, scale=d ** -0.5))
+        flops = 4.0 * s * s * h * d / t_fwd
     finally:
         torch.set_num_threads(prev)
     link = launch.spawn_collect(_measure_link, 2)
     cores = None if dev == "cuda" else (os.cpu_count() or 1) // threads
     memory = PRESETS["cpu-gloo-loopback"].memory
     return Hardware("measured", flops, link["bandwidth"], link["latency"], memory, 64, None, cores,
-                    note=f"measured here: kernel on {dev}, gloo between 2 local ranks")
+                    note=f"measured here: kernel on {dev}, gloo between 2 local ranks", backward_time=t_bwd / t_fwd)
 
 
 def _measure_link() -> dict:
