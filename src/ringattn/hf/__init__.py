@@ -38,8 +38,8 @@ from ..validate import agree, check_backward_exchange
 from . import features, positions
 from .features import LayerPlan, UnsupportedModel
 
-__all__ = ["IGNORE_INDEX", "LayerPlan", "RingSettings", "UnsupportedModel", "attention_forward", "causal_lm_loss",
-           "prepare", "register", "settings", "shard_batch", "sync_gradients"]
+__all__ = ["IGNORE_INDEX", "AuditReport", "LayerPlan", "RingSettings", "UnsupportedModel", "attention_forward",
+           "audit", "causal_lm_loss", "prepare", "register", "settings", "shard_batch", "sync_gradients"]
 
 
 @dataclass
@@ -365,3 +365,6 @@ def sync_gradients(model: torch.nn.Module, *, group=None) -> None:
     desc = ";".join(f"{tuple(p.shape)}{p.dtype}" for p in params)
     agree(f"sync_gradients {zlib.crc32(desc.encode())}", None, group, params[0].device)
     sum_gradients(model, group=group)
+
+
+from .audit import AuditReport, audit  # noqa: E402 - audit uses the functions above
