@@ -124,7 +124,8 @@ def resolve(model: str | os.PathLike | Any, *, trust_remote_code: bool = False) 
         try:
             cfg = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{text}/config.json: not a transformers config ({type(e).__name__}: {_first(e)})") from None
+            raise ValueError(f"{text}/config.json: not a transformers config "
+                             f"({type(e).__name__}: {_first(e)})") from None
         weights = "its weights" if _has_weights(str(p)) else "random weights (no weights in the folder)"
         return Source(f"{model_name(cfg)} from {text} ({weights})", config=cfg, path=str(p),
                       trust_remote_code=trust_remote_code)
@@ -268,11 +269,8 @@ def audit(model: str | os.PathLike | Any, *, nproc: int = 2, layout: str = "zigz
 
 def _structure_refusal(source: Source) -> UnsupportedModel | None:
     try:
-        if source.model is not None:
-            meta = source.model
-        else:
-            meta = source.build(_reference_attn(source), 0, device="meta")
-        check_model(meta)
+        # A given model is checked as it is; a config or checkpoint is built without weights.
+        check_model(source.model if source.model is not None else source.build(_reference_attn(source), 0, "meta"))
     except UnsupportedModel as e:
         return e
     return None
@@ -426,8 +424,8 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: int, tol: float | None,
                  report: AuditReport, group=None) -> AuditReport:
     """Every rank: the ring run; rank 0 also the reference and the comparison; the report goes to every rank."""
-    from . import prepare, register, shard_batch, sync_gradients
     from . import causal_lm_loss as lm_loss
+    from . import prepare, register, shard_batch, sync_gradients
 
     rank, world = comm.group_rank_world(group)
     report = dataclasses.replace(report, world=world, rows=[])
