@@ -141,6 +141,19 @@ def test_refused_hybrids_name_the_layer(tmp_path):
                                                  "attention interface"), d
 
 
+def compare_refused_case() -> dict:
+    return hf.audit("falcon_h1", seq_len=SEQ, compare_refused=True)
+
+
+def test_compare_refused_shows_where(ranks):
+    # The refusal is by structure (a mixer's class name); compared anyway, the numbers agree with it.
+    r = ranks.run(2, compare_refused_case)[0]
+    assert not r.ok and "FalconH1Mixer" in r.refused
+    assert r.culprit.startswith("layer 0 (FalconH1Mixer): token mixing outside attention is not context-parallel")
+    assert "compared anyway: layer 0 (FalconH1Mixer): mamba output differs" in r.culprit, r.culprit
+    assert r.rows[0].part == "mamba (FalconH1Mixer)" and r.rows[1].part == auditing.INPUT_DIFFERS
+
+
 def test_bad_input_is_exit_2(tmp_path):
     missing = tmp_path / "nope" / "config.json"
     code, out, err = cli_main(["audit", "--model", str(missing)])

@@ -35,6 +35,8 @@ class Command:
     tol: float | None = field(default=None, metadata=flag(
         "relative tolerance (default: 1e-9, or 1e-5 where the model computes in float32 itself)", type=float))
     trust_remote_code: bool = field(default=False, metadata=flag("let transformers run the checkpoint's own code"))
+    compare_refused: bool = field(default=False, metadata=flag(
+        "for a model ringattn.hf.prepare refuses, compare anyway: where does the refused part really differ?"))
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cmd = from_args(Command, args)
         kw = dict(nproc=cmd.nproc, layout=cmd.layout, seq_len=cmd.seq_len, batch=cmd.batch, seed=cmd.seed,
-                  tol=cmd.tol, trust_remote_code=cmd.trust_remote_code)
+                  tol=cmd.tol, trust_remote_code=cmd.trust_remote_code, compare_refused=cmd.compare_refused)
         if launch.under_torchrun():
             launch.init_from_env()
         report = audit(cmd.model, **kw)

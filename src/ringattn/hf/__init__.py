@@ -151,7 +151,8 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if isinstance(attention_mask, torch.Tensor):
         raise features.UnsupportedModel(
             f"{_where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
-            "which ring attention cannot apply on global positions; not supported")
+            "which ring attention cannot apply on global positions; not supported",
+            layer=_layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"ring attention needs as many keys as queries on each rank, got {query.shape[2]} "
                          f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False, "
@@ -173,7 +174,8 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
         elif plan.chunk_size is not None:
             raise features.UnsupportedModel(
                 f"{_where(module)}: chunked attention with packed documents (transformers counts the chunks "
-                "from each document's start); not supported yet")
+                "from each document's start); not supported yet",
+                layer=_layer_index(module), feature="chunked attention with packed documents is not supported yet")
         elif len(rows) > 1 and all(r is not None and torch.equal(r, rows[0]) for r in rows):
             rows = rows[:1]
     kw = dict(group=settings.group, causal=causal, window=window, layout=settings.layout,
@@ -238,6 +240,11 @@ def _refuse_generate(settings: RingSettings) -> None:
                          "rank's shard of a longer sequence. Generate with model.set_attn_implementation('sdpa') "
                          "(every rank holds the whole model), or use ringattn.generate / `ringattn generate`, which "
                          "shard the KV cache, for ringattn's own model")
+
+
+def _layer_index(module) -> int | None:
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) else None
 
 
 def _where(module) -> str:

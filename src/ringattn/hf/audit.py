@@ -46,6 +46,7 @@ from .features import _MIXER_NAMES, UnsupportedModel, check_model, model_name
 
 TOL = 1e-9
 TOL_FLOAT32_INSIDE = 1e-5
+INPUT_DIFFERS = "its input (an earlier layer differs)"
 NAME = "ring-audit"  # its own attention-implementation name, so an audit leaves the user's "ring" settings alone
 
 # A tiny random config for a model type name: sizes every family understands, set where the config has the field.
@@ -53,7 +54,10 @@ TINY = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_laye
             num_attention_heads=4, n_head=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
             n_positions=1024, tie_word_embeddings=False, num_experts=4, num_local_experts=4, n_routed_experts=4,
             num_experts_per_tok=2, moe_intermediate_size=16, n_embd=32, d_model=32, ffn_dim=48,
-            attention_dropout=0.0, hidden_dropout=0.0, dropout=0.0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+            attention_dropout=0.0, hidden_dropout=0.0, dropout=0.0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+            # state-space mixers of hybrids: their full-size defaults cost seconds per call even at 30 tokens
+            mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=8, mamba_expand=1,
+            mamba_d_conv=4)
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -233,7 +237,7 @@ def _fmt(x: float | None) -> str:
 
 def audit(model: str | os.PathLike | Any, *, nproc: int = 2, layout: str = "zigzag", seq_len: int = 256,
           batch: int = 1, seed: int = 0, tol: float | None = None, trust_remote_code: bool = False,
-          group=None) -> AuditReport:
+          compare_refused: bool = False, group=None) -> AuditReport:
     """Compare ``model`` context-parallel (``attn_implementation="ring"``) with one process, layer by layer.
 
     Args:
@@ -243,6 +247,9 @@ def audit(model: str | os.PathLike | Any, *, nproc: int = 2, layout: str = "zigz
         layout, seq_len, batch, seed: the sharding and the random batch (and random weights).
         tol: the relative tolerance; None = ``TOL`` (1e-9), or ``TOL_FLOAT32_INSIDE`` where the model computes
             in float32 itself.
+        compare_refused: for a model ``prepare`` refuses by its structure (a module's class name, a layer type),
+            run the comparison anyway, so the report shows whether and where the refused part really differs; the
+            report stays not ``ok`` (in real use ``prepare`` refuses it).
         group: the process group when one is initialised (None = the default group).
 
     Returns:
@@ -266,9 +273,9 @@ def audit(model: str | os.PathLike | Any, *, nproc: int = 2, layout: str = "zigz
         raise ValueError(f"seq_len {seq_len} is above the model's max_position_embeddings {limit}")
     # Structure first, on the meta device (no weights), before any rank starts or blocks.
     refusal = _structure_refusal(source)
-    if refusal is not None:
+    if refusal is not None and not compare_refused:
         return _refused(report, refusal, source)
-    args = (source, layout, seq_len, batch, seed, tol, report)
+    args = (source, layout, seq_len, batch, seed, tol, report, refusal is not None)
     if in_group:
         return _audit_ranks(*args, group=group)
     if nproc == 1:
@@ -436,7 +443,7 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: int, tol: float | None,
-                 report: AuditReport, group=None) -> AuditReport:
+                 report: AuditReport, refused: bool = False, group=None) -> AuditReport:
     """Every rank: the ring run; rank 0 also the reference and the comparison; the report goes to every rank."""
     from . import causal_lm_loss as lm_loss
     from . import prepare, register, shard_batch, sync_gradients
@@ -457,8 +464,11 @@ def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: in
     error = None
     try:
         cp.set_attn_implementation(NAME)
-        prepare(cp, group=group)
-        with _Float64Throughout():
+        if refused:
+            _prepare_unchecked(cp, group)
+        else:
+            prepare(cp, group=group)
+        with _Float64Throughout(), _layer_types_unchecked(refused):
             logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False).logits
         loss = lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"], group=group)
         loss.backward()
@@ -477,11 +487,43 @@ def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: in
     full_logits = unshard(logits.detach(), group=group, layout=layout, seq_len=seq_len)
     if rank == 0:
         report = _compare(report, ref, cp, layers, gathered, full_logits, loss.detach(), ids, tol)
+        if refused:
+            e = _structure_refusal(source)
+            said = _refused(dataclasses.replace(report), e, source).culprit
+            report.ok, report.refused = False, f"{type(e).__name__}: {_first(e)}"
+            found = report.culprit or "the comparison matches within the tolerance all the same"
+            report.culprit = f"{said}; compared anyway: {found}"
     if world > 1:
         box = [report]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         report = box[0]
     return report
+
+
+@contextlib.contextmanager
+def _layer_types_unchecked(on: bool):
+    """For ``compare_refused``: the first call's check of config.layer_types (the lazy path's refusal) off, in
+    this process, for the audit's own run only."""
+    from . import features
+
+    saved = features._check_layer_types
+    if on:
+        features._check_layer_types = lambda config: None
+    try:
+        yield
+    finally:
+        features._check_layer_types = saved
+
+
+def _prepare_unchecked(model: torch.nn.Module, group) -> None:
+    """What ``prepare`` does but its refusals: the global-position RoPE patch, and the mark that it ran."""
+    from . import features, positions
+
+    for m in model.modules():
+        positions.patch_dynamic_rope(m, group)
+        config = getattr(m, "config", None)
+        if config is not None:
+            features.mark_prepared(config)
 
 
 def _raise_frame(e: BaseException):
@@ -586,13 +628,17 @@ def _compare(report: AuditReport, ref, cp, layers, gathered: dict, full_logits, 
         row = Row(f"layer {i}", path, type(layer).__name__, max(out_errs, key=_nan_big) if out_errs else None,
                   mine[worst] if worst else None, worst)
         row.ok = all(_nan_big(e) <= tol for e in (row.output_err, row.grad_err) if e is not None)
+        in_errs = [e for e in (err(k, 0) for k in keys) if e is not None]
         if not _nan_big(row.output_err or 0.0) <= tol:
-            row.part = _part(path, layer, keys, order, err, tol)
+            if in_errs and not _nan_big(max(in_errs, key=_nan_big)) <= tol:
+                row.part = INPUT_DIFFERS
+            else:
+                row.part = _part(path, layer, keys, order, err, tol)
+                if first_forward is None:
+                    first_forward = row  # a forward difference explains the gradients of every layer before it
         report.rows.append(row)
         if not row.ok and first_bad is None:
             first_bad = row
-        if row.part is not None and first_forward is None:
-            first_forward = row  # a forward difference explains the gradients of every layer before it
     in_layers = tuple(p + "." for p, _ in layers)
     other = {n: e for n, e in gerrs.items() if not n.startswith(in_layers)}
     logits_err = rel_err(full_logits, logits.detach())
