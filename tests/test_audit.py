@@ -173,6 +173,8 @@ def test_bad_input_is_exit_2(tmp_path):
     assert code == 2 and "seq_len" in err
     code, _, err = cli_main(["audit", "--model", "llama", "--seq-len", "100000"])
     assert code == 2 and "max_position_embeddings" in err
+    code, _, err = cli_main(["audit", "--model", "vit"])  # a vision encoder: no causal LM to build
+    assert code == 2 and "cannot build it as a causal LM" in err, err
     with pytest.raises(ValueError, match="layout"):
         hf.audit("llama", layout="diagonal")
 

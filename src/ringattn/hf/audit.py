@@ -78,7 +78,7 @@ class Source:
         if self.model is not None:
             model = copy.deepcopy(self.model)
             model.set_attn_implementation(attn)
-        elif self.path is not None and _has_weights(self.path):
+        elif self.path is not None and _has_weights(self.path) and device is None:
             model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float64, **kw)
         else:
             torch.manual_seed(seed)  # identical random weights on every rank and in the reference
@@ -284,9 +284,16 @@ def audit(model: str | os.PathLike | Any, *, nproc: int = 2, layout: str = "zigz
 
 
 def _structure_refusal(source: Source) -> UnsupportedModel | None:
+    # A given model is checked as it is; a config or checkpoint is built without weights.
+    model = source.model
+    if model is None:
+        try:
+            model = source.build(_reference_attn(source), 0, "meta")
+        except Exception as e:  # noqa: BLE001 - bad input, told as such before any rank starts
+            raise ValueError(f"{source.label}: transformers cannot build it as a causal LM "
+                             f"({type(e).__name__}: {_first(e)})") from None
     try:
-        # A given model is checked as it is; a config or checkpoint is built without weights.
-        check_model(source.model if source.model is not None else source.build(_reference_attn(source), 0, "meta"))
+        check_model(model)
     except UnsupportedModel as e:
         return e
     return None
