@@ -85,13 +85,28 @@ def test_exact_llama(ranks, tmp_path):
     names = [r["name"] for r in d["rows"]]
     assert names == ["layer 0", "layer 1", "logits", "loss", "other parameters"]
     for r in d["rows"]:
-        assert r["ok"] and r["output_err"] is None or r["output_err"] <= 1e-9, r
+        assert r["ok"] and r["part"] is None, r
+        assert all(r[k] is None or r[k] <= 1e-9 for k in ("output_err", "grad_err")), r
     assert all(r["grad_err"] <= 1e-9 and r["worst_param"] for r in d["rows"][:2])
     assert d["rows"][0]["cls"] == "LlamaDecoderLayer" and d["rows"][0]["module"] == "model.layers.0"
     assert "layer 1" in r0["table"] and "exact:" in r0["table"] and "contiguous" in r0["table"]
     assert r0["report"].ok and r0["report"].batch == 2 and r0["report"].layout == "striped"
     assert results[1]["code"] == 0 and results[1]["out"] == ""  # rank 0 prints, every rank gets the status
     assert results[1]["report"].ok  # the report reaches every rank
+
+
+def checkpoint_case(path: str) -> hf.AuditReport:
+    return hf.audit(path, seq_len=SEQ, layout="contiguous")
+
+
+def test_checkpoint_folder(ranks, tmp_path):
+    # A saved checkpoint is audited with its own weights (from_pretrained in float64), not random ones.
+    tiny_llama(seed=3).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "bare").mkdir()
+    llama_config().to_json_file(tmp_path / "bare" / "config.json")
+    with_weights, bare = (ranks.run(2, checkpoint_case, str(tmp_path / d))[0] for d in ("ckpt", "bare"))
+    assert with_weights.ok and with_weights.model.endswith("(its weights)"), with_weights
+    assert bare.ok and bare.model.endswith("(random weights, none in the folder)"), bare
 
 
 def disagreeing_case() -> dict:

@@ -135,7 +135,7 @@ def resolve(model: str | os.PathLike | Any, *, trust_remote_code: bool = False) 
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"{text}/config.json: not a transformers config "
                              f"({type(e).__name__}: {_first(e)})") from None
-        weights = "its weights" if _has_weights(str(p)) else "random weights (no weights in the folder)"
+        weights = "its weights" if _has_weights(str(p)) else "random weights, none in the folder"
         return Source(f"{model_name(cfg)} from {text} ({weights})", config=cfg, path=str(p),
                       trust_remote_code=trust_remote_code)
     if text in CONFIG_MAPPING_NAMES and os.sep not in text:
