@@ -62,7 +62,7 @@ def test_generate_flags_are_the_config_fields():
     assert args.n_layers == 1 and args.layout == "zigzag" and not hasattr(args, "ffn_chunk")
 
 
-@pytest.mark.parametrize("command", [["train"], ["generate"],
+@pytest.mark.parametrize("command", [["train"], ["generate"], ["audit", "--model", "llama"],
                                      ["plan", "--seq-len", "64", "--world", "2", "--heads", "2"]])
 def test_json_is_a_flag_everywhere(command, capsys):
     from ringattn.cli import main

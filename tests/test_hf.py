@@ -200,3 +200,73 @@ def test_shard_batch_arguments():
     sb = hf.shard_batch(torch.arange(5)[None], layout="contiguous")
     assert sb["shift_labels"].tolist() == [[1, 2, 3, 4, -100]]
     assert sb["num_items_in_batch"] == 4
+
+
+def model_loss_case(layout: str) -> dict:
+    """The model's own loss under "ring": labels alone refused; labels with shard_batch's shift_labels exact."""
+    hf.register(layout=layout)
+    ref = tiny_model("llama")
+    cp = copy.deepcopy(ref)
+    cp.set_attn_implementation("ring")
+    ids, labels = inputs(ref.config.vocab_size, 2, 29, 3)
+    sb = hf.shard_batch(ids, labels, layout=layout)
+    common = dict(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+    try:
+        cp(**common, labels=ringattn.shard(labels, layout=layout))
+        refused = "no error"
+    except ValueError as e:
+        refused = str(e)
+    out = ref(input_ids=ids, use_cache=False)
+    ref_loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=hf.IGNORE_INDEX)
+    ref_loss.backward()
+    loss = cp(**common, labels=sb["shift_labels"], shift_labels=sb["shift_labels"],
+              num_items_in_batch=sb["num_items_in_batch"]).loss
+    loss.backward()
+    hf.sync_gradients(cp)
+    # Without the count: summed over the ranks, still the global mean.
+    counted = cp(**common, labels=sb["shift_labels"], shift_labels=sb["shift_labels"]).loss
+    grads = dict(cp.named_parameters())
+    return {"refused": refused, "loss": rel_err(loss.detach(), ref_loss.detach()),
+            "counted": rel_err(counted.detach(), ref_loss.detach()),
+            "grads": max(rel_err(grads[n].grad, p.grad) for n, p in ref.named_parameters())}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_model_own_loss_right_or_refused(ranks, layout):
+    for r in ranks.run(2, model_loss_case, layout):
+        assert "shift_labels" in r["refused"] and "shard_batch" in r["refused"], r["refused"]
+        assert r["loss"] <= TOL and r["counted"] <= TOL and r["grads"] <= TOL, r
+    # One process: the labels are the whole sequence, so the model's own loss stays as transformers computes it.
+    hf.register()
+    model = tiny_model("llama")
+    ids, labels = inputs(model.config.vocab_size, 1, 12, 4)
+    want = model(input_ids=ids, labels=labels, use_cache=False).loss.detach()
+    model.set_attn_implementation("ring")
+    assert rel_err(model(input_ids=ids, labels=labels, use_cache=False).loss.detach(), want) <= 1e-6  # float32 loss
+
+
+def generate_case() -> list[str]:
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(5))
+    msgs = []
+    for layout in ringattn.LAYOUTS:
+        hf.register(layout=layout)
+        model = tiny_model("llama")
+        model.set_attn_implementation("ring")
+        for n in (5, 8, 9):  # odd lengths too: zigzag cannot even split those
+            for use_cache in (True, False):
+                try:
+                    model.generate(ids[:, :n], max_new_tokens=2, do_sample=False, use_cache=use_cache)
+                    msgs.append(f"{layout} {n} use_cache={use_cache}: ran")
+                except ValueError as e:
+                    msgs.append(str(e))
+    return msgs
+
+
+def test_generate_refused_on_every_rank(ranks):
+    # generate() gives every rank the whole prompt: the ring would take it for a shard (contiguous with
+    # use_cache=False used to run, its logits 8-13% off on rank 1).
+    for msgs in ranks.run(2, generate_case):
+        assert len(msgs) == 18
+        assert all(m.startswith("transformers' generate() is not supported with attn_implementation='ring'")
+                   for m in msgs), msgs

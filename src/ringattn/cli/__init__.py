@@ -19,6 +19,7 @@ COMMANDS = {
     "plan": ("ringattn.cli.plan", "cost model: which context-parallel strategy to use"),
     "train": ("ringattn.cli.train", "context-parallel training of the small LLaMA-style model"),
     "generate": ("ringattn.cli.generate", "long-context generation with a sharded KV cache"),
+    "audit": ("ringattn.cli.audit", "check a Hugging Face model context-parallel against one process, layer by layer"),
 }
 
 

@@ -23,6 +23,9 @@ mask no real token sees a later one, so tail padding changes nothing; its labels
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -38,8 +41,8 @@ from ..validate import agree, check_backward_exchange
 from . import features, positions
 from .features import LayerPlan, UnsupportedModel
 
-__all__ = ["IGNORE_INDEX", "LayerPlan", "RingSettings", "UnsupportedModel", "attention_forward", "causal_lm_loss",
-           "prepare", "register", "settings", "shard_batch", "sync_gradients"]
+__all__ = ["IGNORE_INDEX", "AuditReport", "LayerPlan", "RingSettings", "UnsupportedModel", "attention_forward",
+           "audit", "causal_lm_loss", "prepare", "register", "settings", "shard_batch", "sync_gradients"]
 
 
 @dataclass
@@ -87,6 +90,7 @@ def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", 
     _SETTINGS[name] = RingSettings(group, layout, strategy, backward_exchange)
     AttentionInterface.register(name, _make_attention(name))
     AttentionMaskInterface.register(name, _make_mask(name))
+    _guard_model_loss()
 
 
 def _make_attention(name: str):
@@ -141,13 +145,15 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     where the global ``position_ids`` restart (the balanced layout needs it: ``shard_batch`` returns it).
     """
     settings = settings or RingSettings()
+    _refuse_generate(settings)
     if dropout:
         raise ValueError(f"attention dropout is not supported by ring attention, got dropout={dropout}; "
                          "set config.attention_dropout = 0 or call model.eval()")
     if isinstance(attention_mask, torch.Tensor):
         raise features.UnsupportedModel(
             f"{_where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
-            "which ring attention cannot apply on global positions; not supported")
+            "which ring attention cannot apply on global positions; not supported",
+            layer=_layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"ring attention needs as many keys as queries on each rank, got {query.shape[2]} "
                          f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False, "
@@ -173,7 +179,8 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
         elif plan.chunk_size is not None:
             raise features.UnsupportedModel(
                 f"{_where(module)}: chunked attention with packed documents (transformers counts the chunks "
-                "from each document's start); not supported yet")
+                "from each document's start); not supported yet",
+                layer=_layer_index(module), feature="chunked attention with packed documents is not supported yet")
         elif len(rows) > 1 and all(r is not None and torch.equal(r, rows[0]) for r in rows):
             rows = rows[:1]
     kw = dict(group=settings.group, causal=causal, window=window, layout=settings.layout,
@@ -211,6 +218,40 @@ def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
     return attention(q, k, v, strategy=settings.strategy, **kw)
 
 
+_GENERATION_DIR: str | None = None
+
+
+def _in_generate() -> bool:
+    """Whether transformers' generation code (``generate`` and its decoding loops) is on the call stack."""
+    global _GENERATION_DIR
+    if _GENERATION_DIR is None:
+        import transformers.generation
+
+        _GENERATION_DIR = os.path.dirname(transformers.generation.__file__) + os.sep
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_filename.startswith(_GENERATION_DIR):
+            return True
+        f = f.f_back
+    return False
+
+
+def _refuse_generate(settings: RingSettings) -> None:
+    # generate() hands every rank the whole prompt (and each new token), which the ring would take for that rank's
+    # shard of one longer sequence. Every rank is in generate alike, so every rank raises here, before a collective.
+    if comm.group_rank_world(settings.group)[1] > 1 and _in_generate():
+        raise ValueError("transformers' generate() is not supported with attn_implementation='ring' on more than "
+                         "one rank: it gives every rank the whole prompt, which ring attention would take for that "
+                         "rank's shard of a longer sequence. Generate with model.set_attn_implementation('sdpa') "
+                         "(every rank holds the whole model), or use ringattn.generate / `ringattn generate`, which "
+                         "shard the KV cache, for ringattn's own model")
+
+
+def _layer_index(module) -> int | None:
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) else None
+
+
 def _where(module) -> str:
     config = getattr(module, "config", None)
     name = features.model_name(config) if config is not None else "model"
@@ -246,6 +287,7 @@ def _make_mask(name: str):
 
         Models build their masks before their first layer, so this is where model-wide refusals (layers that
         are not attention, dynamic RoPE not prepared) come first, from the config transformers passes."""
+        _refuse_generate(_SETTINGS[name])
         config = kwargs.get("config")
         if config is not None:
             features.check_config(config)
@@ -366,6 +408,54 @@ def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_i
     return _AllReduceValue.apply(local / num_items_in_batch, group)
 
 
+def _guard_model_loss() -> None:
+    """Make a ring model's own loss (``model(..., labels=...)``) right or refused: transformers' causal-LM loss
+    shifts ``labels`` inside the tensor it is given, which under context parallelism is each rank's shard, so every
+    shard's last token would be scored against nothing and the next shard's first token never (and the mean would
+    be per shard). With ``shift_labels`` (shifted on the whole sequence, as ``shard_batch`` returns them) the loss is
+    ``causal_lm_loss``: the global mean on every rank; without, on more than one rank, it is refused.
+
+    ``PreTrainedModel.loss_function`` is the one place transformers' causal LMs get their loss from; the property
+    is wrapped once, and changes nothing for models that do not use a registered ring implementation."""
+    from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    prop = PreTrainedModel.__dict__.get("loss_function")
+    if isinstance(prop, _GuardedLoss) or not isinstance(prop, property):
+        return
+
+    def loss_function(model):
+        fn = prop.fget(model)
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        settings = _SETTINGS.get(impl) if isinstance(impl, str) else None
+        if settings is None or fn is not LOSS_MAPPING.get("ForCausalLM"):
+            return fn
+        return functools.partial(_model_causal_lm_loss, fn, settings)
+
+    PreTrainedModel.loss_function = _GuardedLoss(loss_function, prop.fset, None, prop.__doc__)
+
+
+class _GuardedLoss(property):
+    """``PreTrainedModel.loss_function`` once ``_guard_model_loss`` wrapped it (so it is wrapped once)."""
+
+
+def _model_causal_lm_loss(original, settings: RingSettings, logits, labels, vocab_size: int,
+                          num_items_in_batch=None, ignore_index: int = IGNORE_INDEX, shift_labels=None, **kwargs):
+    if shift_labels is None:
+        if comm.group_rank_world(settings.group)[1] == 1:
+            return original(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                            ignore_index=ignore_index, **kwargs)
+        raise ValueError("model(..., labels=...) with attn_implementation='ring' on more than one rank would shift "
+                         "the labels inside each rank's shard (every shard's last token scored against nothing, "
+                         "the next shard's first token never): pass shift_labels=batch['shift_labels'] and "
+                         "num_items_in_batch=batch['num_items_in_batch'] from ringattn.hf.shard_batch along with "
+                         "labels, or compute ringattn.hf.causal_lm_loss(logits, batch['shift_labels'], "
+                         "batch['num_items_in_batch']) from the logits")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return causal_lm_loss(logits, shift_labels, num_items_in_batch, group=settings.group, ignore_index=ignore_index)
+
+
 def sync_gradients(model: torch.nn.Module, *, group=None) -> None:
     """Sum every parameter's ``.grad`` over the ranks of ``group`` (the ranks hold partial gradients of one
     sequence). Parameters without a gradient on some rank are treated as zero there, so all ranks agree."""
@@ -379,3 +469,6 @@ def sync_gradients(model: torch.nn.Module, *, group=None) -> None:
     desc = ";".join(f"{tuple(p.shape)}{p.dtype}" for p in params)
     agree(f"sync_gradients {zlib.crc32(desc.encode())}", None, group, params[0].device)
     sum_gradients(model, group=group)
+
+
+from .audit import AuditReport, audit  # noqa: E402 - audit uses the functions above

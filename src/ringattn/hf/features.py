@@ -33,7 +33,16 @@ _MASK_SIZES: dict[int, tuple[weakref.ref, set]] = {}
 
 
 class UnsupportedModel(NotImplementedError):
-    """A model feature ring attention cannot compute exactly (raised at load time or the first call)."""
+    """A model feature ring attention cannot compute exactly (raised at load time or the first call).
+
+    ``module`` (the refused submodule's path), ``layer`` (its decoder-layer index, where the config names it)
+    and ``feature`` (what is refused, in a few words) are set where the refusal knows them, so tools such as
+    ``ringattn.hf.audit`` can name the layer without parsing the message."""
+
+    def __init__(self, message: str, *, module: str | None = None, layer: int | None = None,
+                 feature: str | None = None):
+        super().__init__(message)
+        self.module, self.layer, self.feature = module, layer, feature
 
 
 @dataclass(frozen=True)
@@ -97,23 +106,27 @@ def check_model(model: torch.nn.Module) -> None:
         cls = type(m).__name__
         if _INDEXER_NAMES.search(cls):
             raise UnsupportedModel(f"{name}: {path} ({cls}): sparse attention with a learned key indexer is not "
-                                   "supported by ring attention (the indexer would score the local shard only)")
+                                   "supported by ring attention (the indexer would score the local shard only)",
+                                   module=path, feature="sparse attention with a learned key indexer is not supported")
         if _BY_INDEX_NAMES.search(cls):
             raise UnsupportedModel(f"{name}: {path} ({cls}) picks its weights by the token's index in the "
-                                   "sequence, which each rank knows only locally; not supported")
+                                   "sequence, which each rank knows only locally; not supported",
+                                   module=path, feature="weights picked by the token's local index are not supported")
         conv = isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1
         if _MIXER_NAMES.search(cls) or conv:
             what = ("a 1-D convolution along the sequence" if conv
                     else "a recurrent / state-space / linear-attention mixer")
             raise UnsupportedModel(
                 f"{name}: {path} ({cls}) is {what}: token mixing outside attention is not context-parallel, so each "
-                "rank would mix its own shard alone; not supported yet (run this model without context parallelism)")
+                "rank would mix its own shard alone; not supported yet (run this model without context parallelism)",
+                module=path, feature="token mixing outside attention is not context-parallel")
     _check_layer_types(config)
     if not getattr(type(model), "_supports_attention_backend", False):
         raise UnsupportedModel(
             f"{name}: transformers marks {type(model).__name__} as not supporting custom attention backends "
             "(_supports_attention_backend is False: its attention does not, or not only, go through the attention "
-            "interface), so attn_implementation='ring' would not be what runs; not supported")
+            "interface), so attn_implementation='ring' would not be what runs; not supported",
+            feature="attention off transformers' attention interface is not supported")
 
 
 def _check_layer_types(config) -> None:
@@ -123,7 +136,8 @@ def _check_layer_types(config) -> None:
             raise UnsupportedModel(
                 f"{model_name(config)}: layer {i} is a {t!r} layer (config.layer_types): token mixing outside "
                 "attention is not context-parallel, so each rank would mix its own shard alone; ring attention "
-                "supports models whose layers are all attention (full, sliding or chunked)")
+                "supports models whose layers are all attention (full, sliding or chunked)",
+                layer=i, feature=f"a {t!r} layer: token mixing outside attention is not context-parallel")
 
 
 def plan_module(module, sliding_window, softcap, kwargs: dict) -> LayerPlan:
@@ -137,7 +151,8 @@ def plan_module(module, sliding_window, softcap, kwargs: dict) -> LayerPlan:
     idx = getattr(module, "layer_idx", None)
     where = f"{name}: layer {idx} ({cls})" if idx is not None else f"{name}: {cls}"
     if _MIXER_NAMES.search(cls) or _INDEXER_NAMES.search(cls):
-        raise UnsupportedModel(f"{where}: not plain softmax attention; not supported by ring attention")
+        raise UnsupportedModel(f"{where}: not plain softmax attention; not supported by ring attention",
+                               layer=idx if isinstance(idx, int) else None, feature="not plain softmax attention")
     types = _layer_types(config) if config is not None else None
     layer_type = types[idx] if types and isinstance(idx, int) and idx < len(types) else None
 
