@@ -109,6 +109,16 @@ def test_checkpoint_folder(ranks, tmp_path):
     assert bare.ok and bare.model.endswith("(random weights, none in the folder)"), bare
 
 
+def balanced_case() -> hf.AuditReport:
+    return hf.audit(llama_config(), seq_len=SEQ, layout="balanced")
+
+
+def test_balanced_layout(ranks):
+    # The balanced layout places tokens by the documents shard_batch found: the audit unshards by them too.
+    for report in ranks.run(2, balanced_case):
+        assert report.ok and report.layout == "balanced", report
+
+
 def disagreeing_case() -> dict:
     cumsum = tiny_llama()
     cumsum.model.layers[1].mlp = CumsumMLP(cumsum.model.layers[1].mlp)

@@ -496,8 +496,9 @@ def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: in
         report.culprit = (f"the context-parallel run raised {type(error).__name__}: {_first(error)} "
                           f"(at {_where_raised(error)})")
         return report
-    gathered = _gather(rec, sb["input_ids"].shape[1], seq_len, layout, group)
-    full_logits = unshard(logits.detach(), group=group, layout=layout, seq_len=seq_len)
+    docs = sb.get("cu_seq_lens_q")  # the balanced layout placed the tokens by them: unsharding needs them too
+    gathered = _gather(rec, sb["input_ids"].shape[1], seq_len, layout, group, docs)
+    full_logits = unshard(logits.detach(), group=group, layout=layout, seq_len=seq_len, cu_seqlens=docs)
     if rank == 0:
         try:
             report = _compare(report, ref, cp, layers, gathered, full_logits, loss.detach(), ids, tol)
@@ -574,7 +575,7 @@ def _seq_dim(t: torch.Tensor, local_len: int) -> int | None:
     return None if not dims else (1 if 1 in dims else dims[-1])
 
 
-def _gather(rec: _Recorder, local_len: int, seq_len: int, layout: str, group) -> dict:
+def _gather(rec: _Recorder, local_len: int, seq_len: int, layout: str, group, docs=None) -> dict:
     """(path, call) -> (class, full input or None, full output or None), the shards in global order.
 
     Each rank describes what it recorded first, and only what every rank recorded alike is gathered: a module
@@ -597,7 +598,8 @@ def _gather(rec: _Recorder, local_len: int, seq_len: int, layout: str, group) ->
             if not ok or t is None or meta[1] is None:
                 full.append(None)
                 continue
-            full.append(unshard(t.contiguous(), group=group, layout=layout, dim=meta[1], seq_len=seq_len))
+            full.append(unshard(t.contiguous(), group=group, layout=layout, dim=meta[1], seq_len=seq_len,
+                                cu_seqlens=docs))
         out[(path, n)] = (cls, *full)
     return out
 
