@@ -2,9 +2,10 @@
 
 ``fully_shard`` shards parameters, gradients and optimizer state over the mesh's ``dp`` dimension, one
 unit per decoder layer. Along ``cp`` the ranks hold the same parameter shards and different tokens of
-the same sequences, so a parameter's gradient is the *sum* of the cp ranks' parts: FSDP2 reduce-scatters
-over dp with no division (``shard_model`` sets the factor to 1: divide the loss by the global number of
-scored tokens instead), then ``sync_context_gradients`` all-reduces each local gradient shard over cp.
+the same sequences, so a parameter's gradient is the *sum* of the cp ranks' parts. Divide the loss by the
+global number of scored tokens (every rank's): then the gradient is the sum over all ranks. FSDP2
+reduce-scatters over dp as a mean, and ``sync_context_gradients`` sums each local gradient shard over cp
+and undoes that mean (FSDP2's own divide factor would take a reduce op gloo lacks).
 
 Checkpoints go through ``ringattn.checkpoint`` (torch.distributed.checkpoint), which reshards on load:
 a run saved on one mesh resumes on another, e.g. (dp=2, cp=2) on 4 ranks to (dp=1, cp=2) on 2.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -47,21 +48,22 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, *,
     for layer in decoder_layers(model) if layers is None else layers:
         fully_shard(layer, mesh=dp)
     fully_shard(model, mesh=dp)
-    for unit in model.modules():  # summed, not averaged, over dp: the loss is already a mean over every token
-        if isinstance(unit, FSDPModule):
-            unit.set_gradient_divide_factor(1.0)
     return model
 
 
 def sync_context_gradients(model: torch.nn.Module, mesh: DeviceMesh) -> None:
-    """Sum each parameter's gradient over ``mesh["cp"]``: each context rank gave the part of its tokens.
+    """Sum each parameter's gradient over ``mesh["cp"]`` (each context rank gave the part of its tokens)
+    and over ``mesh["dp"]`` (FSDP2 reduce-scattered a mean there): with the loss divided by every rank's
+    scored tokens, the gradient of the global mean.
 
     Call after ``backward`` (FSDP2 has reduce-scattered over dp by then) and before the optimizer step.
     """
-    cp = mesh["cp"]
-    if cp.size() == 1:
-        return
-    group = cp.get_group()
+    cp, dp = mesh["cp"], mesh["dp"].size()
     for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad, group=group)
+        if p.grad is None:
+            continue
+        grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        if dp > 1:
+            grad.mul_(dp)
+        if cp.size() > 1:
+            dist.all_reduce(grad, group=cp.get_group())
