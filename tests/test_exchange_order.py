@@ -165,7 +165,8 @@ def random_configurations(monkeypatch, seed: int, count: int) -> None:
     for _ in range(count):
         world = rnd.choice([2, 3, 4, 5, 6, 7, 8])
         local, chunk = rnd.choice([8, 12, 16, 20]), rnd.choice([2, 3, 4])
-        layout, causal, direct = rnd.choice(["contiguous", "zigzag", "striped"]), rnd.random() < 0.5, rnd.random() < 0.5
+        layout = rnd.choice(["contiguous", "zigzag", "striped", "balanced"])
+        causal, direct = rnd.random() < 0.5, rnd.random() < 0.5
         seq_len = world * local - rnd.choice([0, 1, 5, local // 2])
         window = None if rnd.random() < 0.3 else (rnd.randint(0, 2 * local), -1 if causal else rnd.randint(0, local))
         cu = None
