@@ -69,8 +69,9 @@ def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", 
 
     Args:
         group: the process group the sequence is split over (None = default group).
-        layout: ``"contiguous"``, ``"zigzag"`` or ``"striped"``: must match how the inputs were sharded
-            (``shard_batch(..., layout=...)``).
+        layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or ``"balanced"``: must match how the inputs
+            were sharded (``shard_batch(..., layout=...)``; balanced also passes the model its
+            ``cu_seq_lens_q``).
         strategy: any ``ringattn.attention`` strategy (``"ring"`` by default).
         name: the attention-implementation name to register. Calling again updates the settings.
         backward_exchange: the ring's backward, ``"ring"`` or ``"direct"`` (see ``ring_attention``);
