@@ -19,7 +19,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 from ringattn.train import RECIPES
@@ -62,7 +61,8 @@ def run(out: pathlib.Path, quick: bool) -> dict:
         recipe.update(curriculum=((128, 4, 4), (256, 2, 1)))
     final_len = recipe["curriculum"][-1][0]
     lens = sorted({final_len // 8, final_len // 4, final_len // 2, final_len})
-    depths, samples = (3, 1) if quick else (10, 10)
+    # 10 samples per depth at the training length (the headline), fewer at the shorter ones (time)
+    depths, samples, fewer = (3, 1, 1) if quick else (10, 10, 5)
     t_start = time.perf_counter()
 
     print(f"  single-process maximum within {BUDGET_MB} MiB per rank (Table 3's search) ...", flush=True)
@@ -76,45 +76,64 @@ def run(out: pathlib.Path, quick: bool) -> dict:
         raise RuntimeError(f"the recipe's length {final_len} does not exceed the single-process maximum "
                            f"{single_max} at {BUDGET_MB} MiB: raise the recipe's length or lower the budget")
 
-    with tempfile.TemporaryDirectory(prefix="passkey-") as tmp:
-        ckpt = pathlib.Path(tmp) / "ckpt"
-        print(f"  ringattn train --recipe {RECIPE} ...", flush=True)
+    work = out / "passkey-run"  # kept if a later step fails: running again reuses the trained model
+    ckpt = work / "ckpt"
+    summary, train_s = train_recipe(work, recipe if quick else None)
+    print(f"  trained in {train_s:.0f} s: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}", flush=True)
+    grid = {}
+    for n in lens:
         t0 = time.perf_counter()
-        args = ["train", "--recipe", RECIPE, "--ckpt-dir", str(ckpt), "--no-resume", "--no-progress"]
-        if quick:
-            args += ["--curriculum", ",".join(":".join(map(str, st)) for st in recipe["curriculum"]),
-                     "--eval-lens", "256", "--eval-samples", "2"]
-        summary = _ringattn(*args)
-        train_s = time.perf_counter() - t0
-        print(f"  trained in {train_s:.0f} s: loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}",
+        r = _ringattn("eval", "--ckpt", str(ckpt), "--seq-len", str(n), "--nproc", str(recipe["nproc"]),
+                      "--depths", str(depths), "--samples", str(samples if n == final_len else fewer),
+                      "--no-progress")
+        grid[str(n)] = {k: r[k] for k in ("accuracy", "by_depth", "digit_accuracy", "answer_loss",
+                                          "samples_per_depth")}
+        print(f"  eval {n:>6,} tokens: accuracy {r['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)
 
-        grid = {}
-        for n in lens:
-            t0 = time.perf_counter()
-            r = _ringattn("eval", "--ckpt", str(ckpt), "--seq-len", str(n), "--nproc", str(recipe["nproc"]),
-                          "--depths", str(depths), "--samples", str(samples), "--no-progress")
-            grid[str(n)] = {k: r[k] for k in ("accuracy", "by_depth", "digit_accuracy", "answer_loss")}
-            print(f"  eval {n:>6,} tokens: accuracy {r['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-
-        result = {
-            "machine": machine(), "quick": quick, "recipe": RECIPE, "budget_mb_per_rank": BUDGET_MB,
-            "nproc": recipe["nproc"], "seq_len": final_len, "single_process_max_len": single_max,
-            "single_process_first_fail": bpt["first_fail"], "single_process_probes": bpt["probes"],
-            "ring_probes": ring["probes"], "ring_mb_at_seq_len": ring_at["mb"] if ring_at else None,
-            "curriculum": [list(st) for st in recipe["curriculum"]], "train_wall_s": round(train_s, 1),
-            "losses": summary["losses"], "train_summary": {k: v for k, v in summary.items() if k != "losses"},
-            "depths": depths, "samples_per_depth": samples, "grid": grid,
-            "accuracy_at_seq_len": grid[str(final_len)]["accuracy"],
-            "min_depth_accuracy_at_seq_len": min(grid[str(final_len)]["by_depth"].values()),
-        }
-        plot_heatmap(result, out / "passkey.png")
-        plot_loss(result, out / "passkey_loss.png")
-        if not quick:
-            ship(ckpt, result)
+    result = {
+        "machine": machine(), "quick": quick, "recipe": RECIPE, "budget_mb_per_rank": BUDGET_MB,
+        "nproc": recipe["nproc"], "seq_len": final_len, "single_process_max_len": single_max,
+        "single_process_first_fail": bpt["first_fail"], "single_process_probes": bpt["probes"],
+        "ring_probes": ring["probes"], "ring_mb_at_seq_len": ring_at["mb"] if ring_at else None,
+        "curriculum": [list(st) for st in recipe["curriculum"]], "train_wall_s": round(train_s, 1),
+        "losses": summary["losses"], "train_summary": {k: v for k, v in summary.items() if k != "losses"},
+        "depths": depths, "samples_per_depth": samples, "grid": grid,
+        "accuracy_at_seq_len": grid[str(final_len)]["accuracy"],
+        "min_depth_accuracy_at_seq_len": min(grid[str(final_len)]["by_depth"].values()),
+    }
+    plot_heatmap(result, out / "passkey.png")
+    plot_loss(result, out / "passkey_loss.png")
+    if not quick:
+        ship(ckpt, result)
+    shutil.rmtree(work)
     result["total_wall_s"] = round(time.perf_counter() - t_start, 1)
     return result
+
+
+def train_recipe(work: pathlib.Path, quick: dict | None = None) -> tuple[dict, float]:
+    """``ringattn train --recipe passkey-long`` into ``work/ckpt`` (``quick``: its tiny curriculum);
+    returns its summary and wall time, kept in ``work/train.json``: a finished run is not repeated."""
+    record = work / "train.json"
+    want = {"recipe": RECIPE, "quick": quick is not None,
+            "curriculum": [list(st) for st in (quick or RECIPES[RECIPE])["curriculum"]]}
+    if record.is_file():
+        done = json.loads(record.read_text())
+        if {k: done.get(k) for k in want} == want:
+            print(f"  reusing the finished training in {work}", flush=True)
+            return done["summary"], done["wall_s"]
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    print(f"  ringattn train --recipe {RECIPE} ...", flush=True)
+    args = ["train", "--recipe", RECIPE, "--ckpt-dir", str(work / "ckpt"), "--no-resume", "--no-progress"]
+    if quick:
+        args += ["--curriculum", ",".join(":".join(map(str, st)) for st in quick["curriculum"]),
+                 "--eval-lens", "256", "--eval-samples", "2"]
+    t0 = time.perf_counter()
+    summary = _ringattn(*args)
+    wall = time.perf_counter() - t0
+    record.write_text(json.dumps({**want, "summary": summary, "wall_s": wall}))
+    return summary, wall
 
 
 def ship(ckpt: pathlib.Path, result: dict) -> None:
@@ -150,7 +169,8 @@ def plot_heatmap(res: dict, path: pathlib.Path) -> None:
     ax.set_yticks(range(len(depths)), [f"{float(d) * 100:.0f}%" for d in depths])
     ax.set_xlabel(f"context length (tokens; trained at {res['seq_len']:,} on {res['nproc']} ranks)")
     ax.set_ylabel("needle depth")
-    ax.set_title(f"Passkey retrieval ({res['samples_per_depth']} samples per cell)")
+    per = sorted({g["samples_per_depth"] for g in res["grid"].values()})
+    ax.set_title(f"Passkey retrieval ({' or '.join(map(str, per))} held-out samples per cell)")
     fig.colorbar(im, ax=ax, label="accuracy (whole key right)")
     save_figure(fig, path, res["machine"])
 
@@ -159,11 +179,12 @@ def plot_loss(res: dict, path: pathlib.Path) -> None:
     """Training loss per step (the loss is on the key's digits only), stages marked."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    ax.plot(range(1, len(res["losses"]) + 1), res["losses"], lw=0.8)
+    ax.semilogy(range(1, len(res["losses"]) + 1), res["losses"], lw=0.8)
     end = 0
     for n, steps, batch in res["curriculum"]:
         ax.axvline(end + 0.5, color="gray", lw=0.6, ls=":")
-        ax.text(end + 1, max(res["losses"]) * 0.97, f"{n} x{batch}", fontsize=7, va="top")
+        ax.text(end + 4, 0.98, f"{n} tokens x {batch}", fontsize=7, va="top", rotation=90,
+                transform=ax.get_xaxis_transform())
         end += steps
     ax.axhline(2.302585, color="#c44e52", lw=0.6, ls="--", label="guessing (ln 10 per digit)")
     ax.set_xlabel("step")
@@ -191,12 +212,12 @@ def summary(res: dict) -> str:
         f"**{res['min_depth_accuracy_at_seq_len']:.3f}** ({res['samples_per_depth']} held-out samples per depth; "
         "a sample counts only if every digit of its key is the argmax, i.e. greedy decoding writes the key).",
         "",
-        "| context | " + " | ".join(f"{float(d) * 100:.0f}%" for d in cells) + " | overall |",
-        "|---|" + "---|" * (len(cells) + 1),
+        "| context | " + " | ".join(f"{float(d) * 100:.0f}%" for d in cells) + " | overall | samples per depth |",
+        "|---|" + "---|" * (len(cells) + 2),
     ]
     for length, g in sorted(res["grid"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {int(length):,} | " + " | ".join(f"{a:.1f}" for a in g["by_depth"].values())
-                     + f" | {g['accuracy']:.3f} |")
+                     + f" | {g['accuracy']:.3f} | {g['samples_per_depth']} |")
     lines += ["", "![loss](bench/passkey_loss.png)", "",
               "Why this recipe: the `passkey` task scores every token, and its haystack is one sentence repeated: "
               "the loss falls to ~0 while the key is never retrieved (accuracy 0). `passkey-random` fills the "

@@ -13,7 +13,8 @@ All ranks then hold bitwise the same gradient, hence the same clipping norm and 
     torchrun --nproc-per-node 8 -m ringattn train --dp 2 ...
 
 (the command line is ``ringattn.cli.train``; its flags are the ``flag`` fields of ``TrainConfig`` and
-``LlamaConfig``).
+``LlamaConfig``; ``--recipe NAME`` presets them from ``RECIPES``). ``--curriculum`` runs stages of
+(length, steps, batch) in order, short to long, in one run: one learning-rate schedule over all of them.
 
 Order of one step: data (samples ``[samples, samples + batch)``, pure function of the index) → shard
 → forward/backward → all-reduce → clip → AdamW with the cosine-with-warmup learning rate of the step.
@@ -146,8 +147,8 @@ RECIPES: dict[str, dict] = {
         "n_kv_heads": 2, "ffn_chunk": 256, "loss_chunk": 256, "lr": 3e-3, "warmup": 20,
         # Short sequences teach the retrieval cheaply (many keys per step); the later stages carry it to
         # the full length, whose positions the model has then seen.
-        "curriculum": ((96, 500, 64), (512, 150, 16), (2048, 60, 4), (8192, 40, 1)),
-        "eval_lens": (8192,), "eval_samples": 20,
+        "curriculum": ((96, 800, 64), (512, 150, 16), (2048, 80, 4), (8192, 40, 1)),
+        "eval_lens": (8192,), "eval_samples": 10, "ckpt_every": 250,
     },
 }
 
@@ -377,7 +378,8 @@ def _max_over_ranks(x: float, par: Parallel) -> float:
 
 # What a resumed run may change. Everything else (the model, the data, the dtype, the number of ranks and
 # how the batch is split) must match: the saved state means nothing under another one.
-RESUME_WARN = ("steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "clip")  # allowed, with a warning
+# allowed, with a warning (a curriculum's stages set the steps, as --steps does without one)
+RESUME_WARN = ("steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas", "clip", "curriculum")
 RESUME_FREE = ("ckpt_dir", "ckpt_every", "resume", "eval_lens", "eval_samples", "progress", "json", "throttle",
                "loss_chunk", "ulysses", "model.strategy", "model.layout", "model.backward_exchange",
                "model.ffn_chunk", "model.checkpoint_layers")  # how it runs: the same numbers up to rounding
