@@ -147,7 +147,8 @@ RECIPES: dict[str, dict] = {
         "n_kv_heads": 2, "ffn_chunk": 256, "loss_chunk": 256, "lr": 3e-3, "warmup": 20,
         # Short sequences teach the retrieval cheaply (many keys per step); the later stages carry it to
         # the full length, whose positions the model has then seen.
-        "curriculum": ((96, 800, 64), (512, 150, 16), (2048, 80, 4), (8192, 40, 1)),
+        "curriculum": ((96, 800, 64), (512, 150, 16), (2048, 80, 4), (8192, 40, 1),
+                       (512, 250, 32), (2048, 80, 8), (8192, 30, 1)),
         "eval_lens": (8192,), "eval_samples": 10, "ckpt_every": 250,
     },
 }

@@ -39,7 +39,7 @@ class EvalCommand:
     task: str | None = field(default=None, metadata=flag(
         "passkey task to evaluate on (default: the one the checkpoint was trained on)",
         choices=("passkey", "passkey-random")))
-    seq_len: int = field(default=0, metadata=flag("context length in tokens (default: the training length)"))
+    seq_len: int = field(default=0, metadata=flag("context length in tokens (0: the training length)"))
     nproc: int = field(default=1, metadata=flag("local ranks holding the sequence (ignored under torchrun)"))
     depths: int = field(default=10, metadata=flag("needle depths, evenly spaced over 0-100%% of the haystack"))
     samples: int = field(default=10, metadata=flag("held-out samples per depth"))
