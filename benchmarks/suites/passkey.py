@@ -1,5 +1,6 @@
-"""Long context learned: a small LLaMA-style model trained with ring attention on 4 ranks retrieves a
-passkey at every depth of a context longer than one process can train on in the same per-rank memory.
+"""Long context learned (the goal: >= 95 % passkey retrieval at every depth): a small LLaMA-style model
+trained with ring attention on 4 ranks at a context longer than one process can train on in the same
+per-rank memory, evaluated by needle depth and context length.
 
 ``make longctx`` (``python -m benchmarks passkey --out docs/bench --report docs/benchmarks.md``) does it
 all and ships the result: (1) the longest sequence one process can train on (BPT: blockwise attention
@@ -179,7 +180,7 @@ def plot_heatmap(res: dict, path: pathlib.Path) -> None:
     im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for i in range(len(depths)):
         for j in range(len(lens)):
-            ax.text(j, i, f"{acc[i][j]:.1f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{acc[i][j]:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(lens)), [f"{int(n) // 1024}K" if int(n) >= 1024 else n for n in lens])
     ax.set_yticks(range(len(depths)), [f"{float(d) * 100:.0f}%" for d in depths])
     ax.set_xlabel(f"context length (tokens; trained at {res['seq_len']:,} on {res['nproc']} ranks)")
@@ -229,23 +230,28 @@ def summary(res: dict) -> str:
         *([f"How it ran: {res['train_history']['note']}", ""] if res.get("train_history") else []),
         f"Accuracy at {n:,} tokens: **{res['accuracy_at_seq_len']:.3f}** overall, lowest depth "
         f"**{res['min_depth_accuracy_at_seq_len']:.3f}** ({res['samples_per_depth']} held-out samples per depth; "
-        "a sample counts only if every digit of its key is the argmax, i.e. greedy decoding writes the key).",
+        "a sample counts only if every digit of its key is the argmax, i.e. greedy decoding writes the key; "
+        f"digits right: {res['grid'][str(n)]['digit_accuracy']:.3f}, mean key-digit loss "
+        f"{res['grid'][str(n)]['answer_loss']:.2f} nats, guessing gives 0.1 and 2.30)."
+        + ("" if res["min_depth_accuracy_at_seq_len"] >= 0.95 else
+           " **The goal (>= 0.95 at every depth) is not reached.**"),
         "",
         "| context | " + " | ".join(f"{float(d) * 100:.0f}%" for d in cells) + " | overall | samples per depth |",
         "|---|" + "---|" * (len(cells) + 2),
     ]
     for length, g in sorted(res["grid"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {int(length):,} | " + " | ".join(f"{a:.1f}" for a in g["by_depth"].values())
+        lines.append(f"| {int(length):,} | " + " | ".join(f"{a:.2f}" for a in g["by_depth"].values())
                      + f" | {g['accuracy']:.3f} | {g['samples_per_depth']} |")
     lines += ["", "![loss](bench/passkey_loss.png)", "",
               "Why this recipe. (1) The haystack: `passkey` repeats one sentence and scores every token, so the "
-              "loss falls to ~0 on the filler while the key is never retrieved (accuracy 0 at every length, "
-              "with `ringattn train` now saying why). `passkey-random` fills the haystack with random lowercase "
+              "loss can fall to ~0 on the filler while the key is never retrieved (issue #19: loss 0.036 and "
+              "accuracy 0.0 after 200 steps at 1024; `ringattn train` now says why). `passkey-random` fills "
+              "the haystack with random lowercase "
               "letters and spaces (no digit, nothing a model can predict) and scores only the key's 5 digits "
               "after the question, so the loss falls only as far as the model retrieves. (2) The curriculum: "
-              "the retrieval circuit (find the digits after `key is`, copy them in order) forms in the first "
-              "stage, on 96-token sequences where 64 keys cost what one 6K-token sequence does; the later "
-              "stages carry it to 512, 2048 and 8192 tokens, so attention learns to pick 5 digits out of "
+              "the retrieval circuit (find the digits after `key is`, copy them in order) is to form in the "
+              "first stage, on 96-token sequences where 64 keys cost what one 6K-token sequence does; the later "
+              "stages are to carry it to 512, 2048 and 8192 tokens, so that attention picks 5 digits out of "
               "thousands of noise tokens and the model sees every position it is evaluated on. One cosine "
               "learning-rate schedule runs over all stages. (3) No RoPE base scaling: with head_dim 16 and base "
               "10000 the slowest rotary pair turns once every 2 pi 10000^(7/8) ~ 19.9K positions, more than the "

@@ -139,7 +139,7 @@ class TrainConfig:
             raise ValueError("strategy 'dense' runs in a single process only (--nproc 1)")
 
 
-# Tested presets of ``ringattn train``'s flags (``--recipe NAME``), by flag destination. passkey-long: see
+# Presets of ``ringattn train``'s flags (``--recipe NAME``), by flag destination. passkey-long: see
 # docs/benchmarks.md ("passkey") for why each choice, and what it reached.
 RECIPES: dict[str, dict] = {
     "passkey-long": {

@@ -36,9 +36,8 @@ class Show:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=RECIPES, default=None, help=(
-        "a tested preset of the flags below (passkey-long: a model that retrieves a passkey at every depth "
-        "of 8192 tokens, trained on 4 ranks; see docs/benchmarks.md); flags given with other values than "
-        "their defaults override it"))
+        "a preset of the flags below (passkey-long: passkey retrieval at 8192 tokens, trained on 4 ranks; "
+        "what it reached: docs/benchmarks.md); flags given with other values than their defaults override it"))
     p.add_argument("--nproc", type=int, default=1, help="local gloo ranks to spawn (ignored under torchrun)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     add_flags(p, TrainConfig)
