@@ -356,10 +356,10 @@ def eval_hint(task: Task, tc: TrainConfig, loss_first: float | None, loss_last: 
     why = (f"the loss fell ({loss_first:.2f} -> {loss_last:.2f}) but no held-out key was retrieved: the mean "
            f"loss of the key's digits is {digit:.2f} nats (guessing: ln 10 = 2.30)")
     if task.name == "passkey":
-        return (why + f". Task 'passkey' scores every token and all but {2 * KEY_DIGITS} of the {tc.seq_len} are "
-                "the repeated filler sentence, which the model learns to predict without looking back at the "
-                "needle. Train with the loss on the key only, in a random haystack: --task passkey-random "
-                "(or --recipe passkey-long)")
+        return (why + f". Task 'passkey' scores all {tc.seq_len} tokens and only the {KEY_DIGITS} after the question "
+                "need the needle: the rest (the repeated filler sentence, the fixed words) the model learns to "
+                "predict without looking back. Train with the loss on the key only, in a random haystack: "
+                "--task passkey-random (or --recipe passkey-long)")
     return why + ": retrieval has not formed yet; train longer, or short sequences first (--curriculum)"
 
 
