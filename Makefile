@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench docs clean
+.PHONY: demo test test-slow lint bench docs longctx clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 	$(PY) -m benchmarks all --out docs/bench --report docs/benchmarks.md
 
 docs: bench
+
+# Train a model that retrieves a passkey at every depth of a context one process cannot train on (4 ranks,
+# ring attention), evaluate it, plot it, ship it to examples/checkpoints/passkey/.
+longctx: $(STAMP)
+	$(PY) -m benchmarks passkey --out docs/bench --report docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

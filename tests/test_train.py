@@ -195,3 +195,57 @@ def test_cli_rejects_bad_arguments():
     r = subprocess.run(_cli("--strategy", "ulysses", "--backward-exchange", "direct", "--steps", "1"),
                        capture_output=True, text=True, env=_env(), timeout=60)
     assert r.returncode == 1 and "backward_exchange" in r.stderr, r.stderr
+
+
+def test_curriculum_sets_length_steps_and_batch_per_step():
+    from ringattn.train import parse_curriculum
+
+    tc = TrainConfig(curriculum=parse_curriculum("96:3:8,256:2:2"), eval_samples=0)
+    assert (tc.seq_len, tc.steps) == (256, 5)
+    assert [tc.stage(s) for s in range(5)] == [(96, 8)] * 3 + [(256, 2)] * 2
+    for bad, words in (("96:3", "LEN:STEPS:BATCH"), ("96:0:8", "must be >= 1"), ("32:3:8", ">= 96")):
+        with pytest.raises(ValueError, match=words):
+            TrainConfig(curriculum=parse_curriculum(bad))
+    with pytest.raises(ValueError, match="multiple of dp"):
+        TrainConfig(curriculum=((96, 1, 3),), dp=2, batch=2)
+
+
+def test_recipe_parses_and_flags_override_it():
+    from ringattn.cli import build_parser
+    from ringattn.cli.train import apply_recipe, config_from_args
+    from ringattn.train import RECIPES
+
+    args = build_parser().parse_args(["train", "--recipe", "passkey-long"])
+    tc = config_from_args(args)
+    r = RECIPES["passkey-long"]
+    assert tc.task == "passkey-random" and tc.curriculum == r["curriculum"]
+    assert tc.seq_len == r["curriculum"][-1][0] and tc.steps == sum(st[1] for st in r["curriculum"])
+    assert (tc.model.dim, tc.model.n_layers, tc.model.layout) == (r["dim"], r["n_layers"], r["layout"])
+    assert apply_recipe(args).nproc == 4
+    tc.check_world(4)
+    tc = config_from_args(build_parser().parse_args(["train", "--recipe", "passkey-long", "--lr", "1e-3",
+                                                     "--curriculum", "128:2:2"]))
+    assert tc.lr == 1e-3 and (tc.seq_len, tc.steps) == (128, 2) and tc.task == "passkey-random"
+
+
+def test_eval_explains_a_falling_loss_with_no_retrieval():
+    from ringattn.data import make_task
+    from ringattn.train import eval_hint
+
+    tc = TrainConfig(seq_len=2048, eval_samples=4)
+    hint = eval_hint(make_task("passkey"), tc, 5.59, 0.85, {"2048": 0.0}, {"2048": 2.4})
+    assert "filler" in hint and "passkey-random" in hint and "2.40 nats" in hint
+    assert "train longer" in eval_hint(make_task("passkey-random"), tc, 5.5, 2.2, {"2048": 0.0}, {"2048": 2.2})
+    assert eval_hint(make_task("passkey"), tc, 5.59, 0.85, {"2048": 0.25}, {"2048": 1.0}) is None
+    assert eval_hint(make_task("passkey"), tc, 5.59, 5.0, {"2048": 0.0}, {"2048": 2.3}) is None
+    assert eval_hint(make_task("mqar"), tc, 5.59, 0.85, {"2048": 0.0}, {"2048": 2.3}) is None
+
+
+def test_passkey_random_scores_the_key_only():
+    from ringattn.data import KEY_DIGITS, make_task
+    from ringattn.model.loss import IGNORE_INDEX
+
+    b = make_task("passkey-random").batch(0, 3, 300)
+    assert ((b.labels != IGNORE_INDEX) == b.answer).all() and (b.answer.sum(1) == KEY_DIGITS).all()
+    digits = (b.inputs >= ord("0")) & (b.inputs <= ord("9"))
+    assert (digits.sum(1) == 2 * KEY_DIGITS - 1).all()  # the needle's key, and the answer's inputs

@@ -6,6 +6,8 @@ single integer (samples consumed) and resuming from a checkpoint replays exactly
 Tasks:
 - ``passkey``: a 5-digit number hidden at a random depth in repetitive filler text, asked for at the
   end ("What is the pass key? The pass key is 12345"). Accuracy: the whole key right.
+- ``passkey-random``: the same needle and question in a haystack of random letters, loss on the key
+  only (``RandomPasskey``): what a model must retrieve to lower its loss.
 - ``mqar``: multi-query associative recall (Zoology): key/value pairs, then queries of the keys, each
   followed by its value. Accuracy: per query.
 - ``text``: random windows of a byte-level text file (real data; no accuracy).
@@ -27,6 +29,7 @@ FILLER = (b"The grass is green. The sky is blue. The sun is yellow. Here we go. 
           b"There and back again. ")
 QUESTION = b" What is the pass key? The pass key is "
 KEY_DIGITS = 5
+RANDOM_FILLER = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz   "))  # spaces ~1 in 10: word-like runs
 # mqar vocabulary: keys and values from disjoint byte ranges
 MQAR_KEYS = (128, 192)
 MQAR_VALUES = (192, 256)
@@ -63,7 +66,11 @@ class Task:
         """Samples ``start, ..., start + n - 1`` at length ``seq_len``."""
         if seq_len < self.min_len:
             raise ValueError(f"seq_len must be >= {self.min_len} for task {self.name!r}, got {seq_len}")
-        seqs, sup, ans = zip(*(self.sequence(start + i, seq_len) for i in range(n)))
+        return self._stack([self.sequence(start + i, seq_len) for i in range(n)])
+
+    @staticmethod
+    def _stack(samples: list) -> Batch:
+        seqs, sup, ans = zip(*samples)
         seq = torch.stack(seqs)
         labels = seq[:, 1:].clone()
         labels[~torch.stack(sup)] = IGNORE_INDEX
@@ -75,22 +82,57 @@ class Passkey(Task):
     per_token = False
     min_len = 96
 
-    def sequence(self, index, seq_len):
+    def filler(self, g: torch.Generator, n: int) -> bytes:
+        """``n`` bytes of haystack."""
+        return (FILLER * (n // len(FILLER) + 1))[:n]
+
+    def supervised(self, answer: torch.Tensor) -> torch.Tensor:
+        """Which labels the loss sees: every one (the filler is predictable text)."""
+        return torch.ones_like(answer)
+
+    def sequence(self, index, seq_len, depth: float | None = None):
+        """``depth`` in [0, 1] puts the needle at that fraction of the haystack (evaluation by depth);
+        None draws it uniformly."""
         g = _generator(self.seed, index)
         key = "".join(str(int(d)) for d in torch.randint(0, 10, (KEY_DIGITS,), generator=g)).encode()
         needle = b" The pass key is " + key + b". Remember it. "
         tail = QUESTION + key
         n_fill = seq_len + 1 - len(needle) - len(tail)
         if n_fill < 0:
-            raise ValueError(f"seq_len must be >= {self.min_len} for task 'passkey', got {seq_len}")
-        filler = (FILLER * (n_fill // len(FILLER) + 1))[:n_fill]
-        depth = int(torch.randint(0, n_fill + 1, (1,), generator=g))
-        text = filler[:depth] + needle + filler[depth:] + tail
+            raise ValueError(f"seq_len must be >= {self.min_len} for task {self.name!r}, got {seq_len}")
+        at = int(torch.randint(0, n_fill + 1, (1,), generator=g))
+        if depth is not None:
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"depth must be in [0, 1], got {depth}")
+            at = round(depth * n_fill)
+        filler = self.filler(g, n_fill)
+        text = filler[:at] + needle + filler[at:] + tail
         seq = torch.tensor(list(text), dtype=torch.int64)
-        supervised = torch.ones(seq_len, dtype=torch.bool)
         answer = torch.zeros(seq_len, dtype=torch.bool)
         answer[-KEY_DIGITS:] = True  # labels of the last KEY_DIGITS inputs are the key's digits
-        return seq, supervised, answer
+        return seq, self.supervised(answer), answer
+
+    def at_depth(self, start: int, n: int, seq_len: int, depth: float) -> Batch:
+        """Samples ``start, ..., start + n - 1`` with the needle at ``depth`` (fraction of the haystack)."""
+        return self._stack([self.sequence(start + i, seq_len, depth) for i in range(n)])
+
+
+class RandomPasskey(Passkey):
+    """Passkey in a haystack of random lowercase letters and spaces, with the loss on the answer only.
+
+    The repeated-sentence haystack lets the loss fall to ~0 without any retrieval (the filler is all
+    but a few tokens of every sequence, and perfectly predictable); here the filler is noise that no
+    model can predict, it holds no digit and no ``key is`` (a 26-letter alphabet makes a random match
+    of the question's wording negligible), and only the key's digits after the question are scored.
+    """
+
+    name = "passkey-random"
+
+    def filler(self, g, n):
+        return bytes(RANDOM_FILLER[torch.randint(0, len(RANDOM_FILLER), (n,), generator=g)].tolist())
+
+    def supervised(self, answer):
+        return answer.clone()
 
 
 class MQAR(Task):
@@ -141,13 +183,15 @@ class TextFile(Task):
         return seq, torch.ones(seq_len, dtype=torch.bool), torch.zeros(seq_len, dtype=torch.bool)
 
 
-TASKS = ("passkey", "mqar", "text")
+TASKS = ("passkey", "passkey-random", "mqar", "text")
 
 
 def make_task(name: str, *, seed: int = 0, text_file: str | None = None) -> Task:
-    """A task by name: ``passkey``, ``mqar`` or ``text`` (needs ``text_file``)."""
+    """A task by name: ``passkey``, ``passkey-random``, ``mqar`` or ``text`` (needs ``text_file``)."""
     if name == "passkey":
         return Passkey(seed)
+    if name == "passkey-random":
+        return RandomPasskey(seed)
     if name == "mqar":
         return MQAR(seed)
     if name == "text":

@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": ("ringattn.cli.demo", "ring attention on a long sequence, checked against exact attention"),
     "plan": ("ringattn.cli.plan", "cost model: which context-parallel strategy to use"),
     "train": ("ringattn.cli.train", "context-parallel training of the small LLaMA-style model"),
+    "eval": ("ringattn.cli.eval", "passkey retrieval accuracy of a trained checkpoint, by needle depth"),
     "generate": ("ringattn.cli.generate", "long-context generation with a sharded KV cache"),
     "audit": ("ringattn.cli.audit", "check a Hugging Face model context-parallel against one process, layer by layer"),
 }

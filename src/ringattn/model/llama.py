@@ -53,7 +53,8 @@ class LlamaConfig:
     n_kv_heads: int = field(default=2, metadata=flag(  # grouped-query attention: n_heads % n_kv_heads == 0
         "key/value heads (grouped-query attention)", name="--kv-heads"))
     ffn_hidden: int | None = None  # None = 4 * dim (the "4x-wide" SwiGLU hidden)
-    rope_theta: float = 10000.0
+    rope_theta: float = field(default=10000.0, metadata=flag(
+        "rotary base (larger: slower-turning angles, for longer contexts)"))
     norm_eps: float = 1e-5
     # attention: any ringattn strategy ("ring", "allgather", "ulysses", "hybrid", "auto"), or "dense"
     # (materialised softmax(QK^T), single process only: the vanilla baseline of the paper's Table 3)
@@ -85,6 +86,8 @@ class LlamaConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
+        if not self.rope_theta > 1:
+            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.ffn_chunk < 0:
             raise ValueError(f"ffn_chunk must be >= 0 (0 = off), got {self.ffn_chunk}")
         check_backward_exchange(self.backward_exchange, self.strategy)
