@@ -24,6 +24,7 @@ import ringattn
 transformers = pytest.importorskip("transformers")
 
 from ringattn import hf  # noqa: E402
+from ringattn.hf.audit import Float32Seen  # noqa: E402
 
 from .reference import rel_err  # noqa: E402
 
@@ -278,20 +279,6 @@ def compare(name: str, model_type: str, extra: dict, layout: str, seed: int = 0,
     ok = all(v <= tol for v in errs.values())
     return {"status": "exact" if ok else "mismatch", "worst": f"{worst}: {errs[worst]:.2e}", "n": len(errs),
             "reference": attn, "tol": tol}
-
-
-class Float32Seen(torch.utils._python_dispatch.TorchDispatchMode):
-    """Whether any op of a float64 forward produced a float32 tensor (the model computing in float32)."""
-
-    seen = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not self.seen:
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() > 1:
-                    self.seen = True
-        return out
 
 
 def refusal_or_crash(e: BaseException, attn: str) -> dict:

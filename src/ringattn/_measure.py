@@ -1,10 +1,13 @@
-"""Small measuring helpers the library's commands share: best-of timing and resident memory (Linux)."""
+"""Small measuring helpers the library's commands share: best-of timing, resident memory (Linux) and the
+relative error every exactness check reports."""
 
 from __future__ import annotations
 
 import resource
 import time
 from collections.abc import Callable
+
+import torch
 
 
 def best_of(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
@@ -47,3 +50,18 @@ def rss_mb(field: str = "VmRSS") -> float:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process over its whole life, MiB (``getrusage``; KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error relative to the reference's largest magnitude (inf where shapes or infinities
+    differ)."""
+    if x.shape != ref.shape:
+        return float("inf")
+    x, ref = x.double(), ref.double()
+    fin = torch.isfinite(ref)
+    if not torch.equal(fin, torch.isfinite(x)) or not torch.equal(x[~fin], ref[~fin]):
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    scale = ref[fin].abs().max().clamp_min(1e-30)
+    return float((x[fin] - ref[fin]).abs().max() / scale)

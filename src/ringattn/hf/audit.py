@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm, launch
+from .._measure import rel_err
 from ..layouts import check_layout, unshard
 from .features import _MIXER_NAMES, UnsupportedModel, check_model, model_name
 
@@ -421,7 +422,7 @@ class _Float64Throughout(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Float32Seen(torch.utils._python_dispatch.TorchDispatchMode):
+class Float32Seen(torch.utils._python_dispatch.TorchDispatchMode):
     """Whether an op of the float64 reference produced a float32 tensor (the model computing in float32)."""
 
     seen = False
@@ -433,21 +434,6 @@ class _Float32Seen(torch.utils._python_dispatch.TorchDispatchMode):
                 if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() > 1:
                     self.seen = True
         return out
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest absolute error relative to the reference's largest magnitude (inf where shapes or infinities
-    differ)."""
-    if x.shape != ref.shape:
-        return float("inf")
-    x, ref = x.double(), ref.double()
-    fin = torch.isfinite(ref)
-    if not torch.equal(fin, torch.isfinite(x)) or not torch.equal(x[~fin], ref[~fin]):
-        return float("inf")
-    if not fin.any():
-        return 0.0
-    scale = ref[fin].abs().max().clamp_min(1e-300)
-    return float((x[fin] - ref[fin]).abs().max() / scale)
 
 
 def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: int, tol: float | None,
@@ -627,7 +613,7 @@ def _compare(report: AuditReport, ref, cp, layers, gathered: dict, full_logits, 
     ref_layers = dict(decoder_layers(ref))
     rec = _Recorder(ref, list(ref_layers.items()))
     try:
-        with _Float64Throughout(), _Float32Seen() as f32:
+        with _Float64Throughout(), Float32Seen() as f32:
             logits = ref(input_ids=ids, use_cache=False).logits
         labels = ids[:, 1:]
         ref_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten())
