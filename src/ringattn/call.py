@@ -45,7 +45,7 @@ class Options:
     layout: Layout | str = Layout.CONTIGUOUS
     seq_len: int | None = None
     q_seq_len: int | None = None
-    cu_seqlens: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | Sequence[torch.Tensor] | None = None  # a list: one per batch row
     softmax_scale: float | None = None
     return_lse: bool = False
     backward_exchange: BackwardExchange | str = BackwardExchange.RING

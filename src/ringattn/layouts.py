@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,8 @@ def check_layout(layout: str) -> None:
 
 
 Bounds = tuple[int, ...] | None  # document boundaries (cu_seqlens as ints), for the balanced layout
+# cu_seqlens as callers pass it: one 1-D int tensor (or ints), or a list of them, one per batch row
+CuSeqlens = torch.Tensor | Sequence[int] | Sequence[torch.Tensor] | None
 
 BALANCE_UNITS = 8  # at most 2 * BALANCE_UNITS units per rank in the balanced layout
 MIN_UNIT = 16  # ... each of at least this many tokens where the length allows (a kernel call per unit pair)
@@ -233,14 +236,14 @@ def mesh_positions(layout: str, mesh, local_len: int, device: torch.device | str
 
 
 def global_positions(layout: str, rank: int, world: int, local_len: int,
-                     device: torch.device | str | None = None, cu_seqlens=None) -> torch.Tensor:
+                     device: torch.device | str | None = None, cu_seqlens: CuSeqlens = None) -> torch.Tensor:
     """Global position of each local token (e.g. for rotary embeddings or position_ids); the balanced
     layout needs the documents' ``cu_seqlens`` (a 1-D tensor or sequence of ints)."""
     segs = segments(layout, rank, world, local_len, as_bounds(cu_seqlens))
     return torch.cat([s.positions(device) for s in segs])
 
 
-def as_bounds(cu_seqlens) -> Bounds:
+def as_bounds(cu_seqlens: torch.Tensor | Sequence[int] | None) -> Bounds:
     """``cu_seqlens`` as a tuple of ints (None stays None)."""
     if cu_seqlens is None:
         return None
@@ -296,7 +299,7 @@ def _by_row(x: torch.Tensor, dim: int, rows: list[Bounds] | None, index) -> torc
 
 
 def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1, mesh=None,
-          cu_seqlens=None, uneven: bool = False) -> torch.Tensor:
+          cu_seqlens: CuSeqlens = None, uneven: bool = False) -> torch.Tensor:
     """This rank's part of a full tensor (same on every rank), zero-padded along ``dim`` first up to a
     multiple of W (2W for zigzag; see ``padded_len``). With ``mesh`` (a 2-D DeviceMesh, hybrid strategy) W
     is the mesh size and positions follow ``hybrid_segments``. ``cu_seqlens`` (the documents, one 1-D
@@ -392,7 +395,8 @@ def _gather(moved: torch.Tensor, group, world: int) -> torch.Tensor:
 
 
 def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1,
-            seq_len: int | None = None, mesh=None, cu_seqlens=None, uneven: bool = False) -> torch.Tensor:
+            seq_len: int | None = None, mesh=None, cu_seqlens: CuSeqlens = None,
+            uneven: bool = False) -> torch.Tensor:
     """The full tensor on every rank, in global order, cut to ``seq_len``; differentiable.
 
     With ``mesh`` (the 2-D DeviceMesh of the hybrid strategy) the inverse of ``shard(..., mesh=mesh)``;
