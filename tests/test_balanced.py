@@ -71,8 +71,9 @@ def test_one_document_is_zigzag_cut_finer():
     per_rank = [sum(unit_work((0, world * local), s.start, s.start + s.length)
                     for s in balanced_units((0, world * local), world, local)[r]) for r in range(world)]
     assert len(set(per_rank)) == 1
-    # Without documents it is the zigzag layout itself.
-    assert segments("balanced", 1, world, local) == segments("zigzag", 1, world, local)
+    # Without documents it is refused: a shard and a call could silently disagree on them.
+    with pytest.raises(ValueError, match="places the tokens by the documents"):
+        segments("balanced", 1, world, local)
 
 
 @pytest.mark.parametrize("world", [4, 8])
@@ -95,12 +96,18 @@ def _round_trip():
     n = 50
     x = torch.arange(2 * n * 3, dtype=torch.float64).reshape(2, n, 3)
     rows = [torch.tensor([0, 7, 40, n]), torch.tensor([0, 30, 31, n])]
-    for cu in (rows, rows[0], None):
+    for cu in (rows, rows[0]):
         xb = x if isinstance(cu, list) else x[:1]
         part = ringattn.shard(xb, layout="balanced", cu_seqlens=cu)
         assert part.shape[1] == padded_len(n, world, "balanced") // world
         back = ringattn.unshard(part, layout="balanced", cu_seqlens=cu, seq_len=n)
         assert torch.equal(back, xb)
+    # Without the documents every place that positions tokens refuses: nothing can silently disagree.
+    for fn in (lambda: ringattn.shard(x, layout="balanced"),
+               lambda: ringattn.unshard(x[:, :30], layout="balanced", seq_len=n),
+               lambda: ringattn.ring_attention(torch.randn(1, 30, 2, 4), torch.randn(1, 30, 2, 4),
+                                               torch.randn(1, 30, 2, 4), layout="balanced", causal=True)):
+        assert "places the tokens by the documents" in raised(fn)
     return True
 
 

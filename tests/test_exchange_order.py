@@ -170,7 +170,7 @@ def random_configurations(monkeypatch, seed: int, count: int) -> None:
         seq_len = world * local - rnd.choice([0, 1, 5, local // 2])
         window = None if rnd.random() < 0.3 else (rnd.randint(0, 2 * local), -1 if causal else rnd.randint(0, local))
         cu = None
-        if rnd.random() < 0.3:
+        if rnd.random() < 0.3 or layout == "balanced":  # the balanced layout is placed by documents
             cu = sorted({0, seq_len, *rnd.sample(range(1, seq_len), 3)})
         batch = 1 if cu else rnd.choice([1, 2])
         logs = record(world, local, layout, causal, window, seq_len, direct, chunk, cu, monkeypatch, batch)

@@ -8,7 +8,8 @@ tokens): the sequence is cut into 2mW equal units (m <= BALANCE_UNITS) and each 
 chosen greedily, heaviest first, by the (query, key) pairs the kernels compute for their queries under
 causal attention within documents (``balanced_units``). Which units those are follows from the document
 boundaries alone, so ``shard``, ``unshard`` and the attention call all take ``cu_seqlens`` with it; without
-documents it is zigzag. Every rank holds the same number of tokens, in increasing position order.
+documents it is refused (a shard and a call that disagreed on them would be silently wrong). Every rank
+holds the same number of tokens, in increasing position order.
 
 With a 2-D device mesh (``mesh=``, for the hybrid strategy) the layout applies to the *ring* dimension
 of R ranks, each holding a block of ``U * local_len`` positions, and the U ranks of the *ulysses*
@@ -114,6 +115,9 @@ Bounds = tuple[int, ...] | None  # document boundaries (cu_seqlens as ints), for
 # cu_seqlens as callers pass it: one 1-D int tensor (or ints), or a list of them, one per batch row
 CuSeqlens = torch.Tensor | Sequence[int] | Sequence[torch.Tensor] | None
 
+BALANCED_NEEDS_DOCUMENTS = ("layout='balanced' places the tokens by the documents: pass the same cu_seqlens to shard, "
+                            "unshard and the attention call (for one unpacked sequence use layout='zigzag')")
+
 BALANCE_UNITS = 8  # at most 2 * BALANCE_UNITS units per rank in the balanced layout
 MIN_UNIT = 16  # ... each of at least this many tokens where the length allows (a kernel call per unit pair)
 
@@ -130,7 +134,10 @@ def segments(layout: str, rank: int, world: int, local_len: int, bounds: Bounds 
     if layout in ("zigzag", "balanced"):
         if c % 2:
             raise ValueError(f"layout={layout!r} needs an even local length, got {c}")
-        if layout == "balanced" and bounds is not None:
+        if layout == "balanced":
+            # Placed by the documents: without them a shard and a call could silently disagree.
+            if bounds is None:
+                raise ValueError(BALANCED_NEEDS_DOCUMENTS)
             return balanced_units(bounds, world, c)[rank]
         h = c // 2
         return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import first_line, group_rank_world
-from .layouts import LAYOUTS
+from .layouts import BALANCED_NEEDS_DOCUMENTS, LAYOUTS
 from .masks import MaskMod, MaskSpec, Slice, SliceKind
 from .modes import RING_STRATEGIES, BackwardExchange
 
@@ -72,6 +72,8 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if layout == "balanced" and world > 1 and cu_seqlens is None:
+        raise ValueError(BALANCED_NEEDS_DOCUMENTS)
     if layout in ("zigzag", "balanced") and world > 1 and local_len % 2:
         raise ValueError(f"layout={str(layout)!r} needs an even local_len, got {local_len} "
                          "(ringattn.shard pads to a multiple of 2 * world)")

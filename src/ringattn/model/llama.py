@@ -86,6 +86,9 @@ class LlamaConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
+        if self.layout == "balanced":
+            raise ValueError("layout='balanced' places tokens by packed documents, which this model does not take; "
+                             "use layout='zigzag' (the same balance for one sequence)")
         if not self.rope_theta > 1:
             raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.ffn_chunk < 0:
