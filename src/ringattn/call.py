@@ -267,10 +267,11 @@ def uneven_inputs(q, k, v, strategy: Strategy, topo: Topology, options: dict[str
     check_qkv(q, k, v)
     if strategy is Strategy.HYBRID:
         raise ValueError("uneven=True is not supported by strategy='hybrid'; pad and pass seq_len instead")
-    for name in ("cu_seqlens", "mask_mod"):  # these split a call into parts, each of its own length
-        if name == "cu_seqlens" and isinstance(options.get(name), (list, tuple)) or \
-                name == "mask_mod" and takes_four(options.get(name)):
-            raise ValueError(f"uneven=True takes one {name} for the whole batch (not per row or head)")
+    # Per-row documents and 4-argument masks split a call into parts, each of its own length.
+    if isinstance(options.get("cu_seqlens"), (list, tuple)):
+        raise ValueError("uneven=True takes one cu_seqlens for the whole batch (not one per row)")
+    if takes_four(options.get("mask_mod")):
+        raise ValueError("uneven=True takes a 2-argument mask_mod (not one per row and head)")
     layout = choose(Layout, options.get("layout", Layout.CONTIGUOUS), "layout")
     n = options.get("seq_len")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -279,8 +279,9 @@ def _pad(x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
 
 
 def _row_bounds(cu_seqlens, batch: int, n: int, what: str) -> list[Bounds] | None:
-    """Per batch row, the documents of ``cu_seqlens`` (one tensor for batch 1, or one per row), checked to
-    end at ``n`` at most (the rest is padding); None without documents."""
+    """The documents of ``cu_seqlens`` (one tensor for batch 1, or one per row), checked to end at ``n`` at most
+    (the rest is padding): one entry per row, or a single entry when every row has the same (it then
+    applies to all); None without documents."""
     if cu_seqlens is None:
         return None
     rows = list(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens]
@@ -293,12 +294,12 @@ def _row_bounds(cu_seqlens, batch: int, n: int, what: str) -> list[Bounds] | Non
             raise ValueError(f"{what}: cu_seqlens must rise strictly from 0 to at most the length {n}, got "
                              f"{list(bounds)[:8]}{' ...' if len(bounds) > 8 else ''}")
         out.append(bounds)
-    return out
+    return out[:1] if len(set(out)) == 1 else out
 
 
 def _by_row(x: torch.Tensor, dim: int, rows: list[Bounds] | None, index) -> torch.Tensor:
     """``x`` indexed along ``dim`` by ``index(bounds)``, row by row when the rows' documents differ."""
-    if rows is None or len(set(rows)) == 1:
+    if rows is None or len(rows) == 1:
         return x.index_select(dim, index(None if rows is None else rows[0]))
     if dim == 0:
         raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
@@ -365,7 +366,7 @@ class _Unshard(torch.autograd.Function):
             # Ulysses dim first (a ring block in row order), then the ring blocks: (ring, ulysses) order.
             gathered = _gather(_gather(moved, mesh.get_group(ud), uw), mesh.get_group(rd), rw)
         full = torch.empty_like(gathered)
-        if rows is None or len(set(rows)) == 1:
+        if rows is None or len(rows) == 1:
             full[_rank_order(layout, world, c, x.device, rows and rows[0], mesh)] = gathered
         else:  # the batch is dim 1 of the moved tensor
             for b, bounds in enumerate(rows):
@@ -386,7 +387,7 @@ class _Unshard(torch.autograd.Function):
                 return mesh_positions(layout, ctx.mesh, c, grad.device, bounds)
             return global_positions(layout, rank, world, c, grad.device, bounds)
 
-        if rows is None or len(set(rows)) == 1:
+        if rows is None or len(rows) == 1:
             out = g.index_select(0, own(rows and rows[0]))
         else:
             out = torch.stack([g[:, b].index_select(0, own(bounds)) for b, bounds in enumerate(rows)], 1)
@@ -431,7 +432,7 @@ def unshard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int
     if layout in ("zigzag", "balanced") and world > 1 and x.shape[dim] % 2:
         raise ValueError(f"layout={layout!r} needs an even local length, got {x.shape[dim]}")
     rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, seq_len, "unshard")
-    if rows is not None and len(set(rows)) > 1 and dim == 0:
+    if rows is not None and len(rows) > 1 and dim == 0:
         raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
     # The rank order of a balanced layout is the same for the padded stream: padding is a zero-work tail.
     return _Unshard.apply(x, group, layout, dim, seq_len, mesh, None if rows is None else tuple(rows))
