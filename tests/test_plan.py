@@ -181,3 +181,30 @@ def _own_block(q, k):
 def test_documents_checked():
     with pytest.raises(ValueError, match="documents must rise"):
         Problem(seq_len=100, world=2, heads=2, kv_heads=2, documents=(0, 50, 40, 100))
+
+
+@pytest.mark.parametrize("nq,nk,kb", [(1024, 1024, 512), (2048, 2048, 512), (700, 700, 512), (512, 512, 512),
+                                      (300, 900, 512), (900, 300, 512), (1000, 1000, 1), (5, 3, 1), (1537, 1537, 128)])
+def test_causal_key_block_flops(nq, nk, kb):
+    from ringattn.tasks import Kind, Task, task_flops
+
+    # Row i of a top-left causal call sees keys [0, min(i + 1, nk)); a kernel walking keys in blocks of kb
+    # computes them up to the end of the diagonal's block, never past nk.
+    seen = sum(min(i + 1, nk) for i in range(nq))
+    ran = sum(min(nk, -(-(i + 1) // kb) * kb) if i < nk else nk for i in range(nq))
+    t = Task(0, nq, 0, nk, Kind.CAUSAL)
+    assert task_flops(t, 1, 1, 1, 0) == 2 * seen
+    assert task_flops(t, 1, 1, 1, 0, kb) == 2 * ran
+    assert task_flops(Task(0, nq, 0, nk, Kind.FULL), 1, 1, 1, 0, kb) == 2 * nq * nk
+
+
+def test_key_block_costs_time_not_reported_flops():
+    p = Problem(seq_len=4096, world=2, heads=8, kv_heads=4, head_dim=64, dtype_bytes=4)
+    fine = plan.Hardware("fine", 50e9, 2e9, 1e-4, shared_cores=2)
+    coarse = plan.dataclasses.replace(fine, key_block=512)
+    for a, b in zip(estimate_all(p, fine), estimate_all(p, coarse)):
+        if not a.feasible:
+            continue
+        assert a.flops == b.flops  # the visible work is what the profile and reports count
+        # zigzag's 1024-token causal diagonals: 3/4 of the square computed instead of 1/2 + a diagonal
+        assert b.compute_s > a.compute_s * 1.05, a.strategy

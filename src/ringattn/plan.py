@@ -66,6 +66,9 @@ class Hardware:
     # A kernel backward's time over its forward's on the same task. FlashAttention-2's backward does 2.5x
     # the forward's FLOPs; one that runs them slower per FLOP takes longer (``measure`` times both).
     backward_time: float = 2.5
+    # Keys a causal kernel call computes per query row: up to the end of its diagonal's block of this many
+    # keys (``Capabilities.causal_key_block``; the CPU op's 512). Time counts those FLOPs, reports the visible.
+    key_block: int = 1
 
     def rank_flops(self, world: int) -> float:
         """FLOP/s one rank gets when ``world`` ranks run at once (CPU ranks share the cores)."""
@@ -89,7 +92,7 @@ PRESETS: dict[str, Hardware] = {h.name: h for h in (
     Hardware("tpu-v3", 123e12, 112e9, 5e-6, 16e9, 4, None, note="paper Table 2"),
     Hardware("tpu-v4", 275e12, 268e9, 5e-6, 32e9, 4, None, note="paper Table 2"),
     Hardware("tpu-v5e", 196e12, 186e9, 5e-6, 16e9, 4, None, note="paper Table 2"),
-    Hardware("cpu-gloo-loopback", 14e9, 1.4e9, 60e-6, 8e9, 64, None, shared_cores=2,
+    Hardware("cpu-gloo-loopback", 14e9, 1.4e9, 60e-6, 8e9, 64, None, shared_cores=2, key_block=512,
              note="2 shared CPU cores, fp32: 14 GFLOP/s, gloo on loopback 1.4 GB/s, 60 us; --measure to refresh"),
 )}
 # The name the CPU preset had first; set_hardware("cpu") and $RINGATTN_HARDWARE=cpu keep working.
@@ -194,10 +197,12 @@ def _tile(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], per_token: float) -> float:
-    """Forward FLOPs of a block pair per (batch * heads * (d + dv)) unit, scaled by ``per_token``."""
+def _pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], per_token: float,
+                key_block: int = 1) -> float:
+    """Forward FLOPs of a block pair per (batch * heads * (d + dv)) unit, scaled by ``per_token``: the
+    visible pairs', or with ``key_block`` > 1 the ones a kernel computing whole diagonal key blocks executes."""
     tasks = plan_block(spec, qsegs, ksegs, Capabilities(max_dense_tile=_tile(sum(s.length for s in qsegs))))
-    return per_token * sum(task_flops(t, 1, 1, 1, 0) / 2 for t in tasks)
+    return per_token * sum(task_flops(t, 1, 1, 1, 0, key_block) / 2 for t in tasks)
 
 
 def _unit(p: Problem, heads: int) -> float:
@@ -205,17 +210,25 @@ def _unit(p: Problem, heads: int) -> float:
     return 2.0 * p.batch * heads * (p.head_dim + p.dv)
 
 
-def _ring_step_flops(p: Problem, world: int, local: int, heads: int) -> tuple[list[float], int]:
-    """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_plan`` schedules them), and
-    the longest direction's number of steps."""
+def _ring_step_flops(p: Problem, world: int, local: int, heads: int,
+                     key_block: int = 1) -> tuple[list[float], list[float], int]:
+    """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_plan`` schedules them), visible
+    and executed (``key_block``), and the longest direction's number of steps."""
     spec = p.spec()
     lay = effective_layout(p.layout, world)
     segs = [segments(lay, r, world, local, spec.doc_bounds) for r in range(world)]
     unit = _unit(p, heads)
-    per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit) for o in range(world)] for r in range(world)]
-    a, b = directions([o for o in range(1, world) if any(per[r][o] > 0 for r in range(world))], world)
+
+    def per(kb):
+        return [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit, kb) for o in range(world)]
+                for r in range(world)]
+
+    seen = per(1)
+    ran = per(key_block) if key_block > 1 else seen
+    a, b = directions([o for o in range(1, world) if any(seen[r][o] > 0 for r in range(world))], world)
     steps = [0, *range(1, a + 1), *(world - i for i in range(1, b + 1))]
-    return [max(per[r][o] for r in range(world)) for o in steps], max(a, b)
+    return ([max(seen[r][o] for r in range(world)) for o in steps],
+            [max(ran[r][o] for r in range(world)) for o in steps], max(a, b))
 
 
 def _pipelined(compute: list[float], transfer: float) -> tuple[float, float]:
@@ -232,12 +245,12 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
           bw: float) -> Estimate:
     f_rank = hw.rank_flops(p.world)
     e = p.dtype_bytes
-    step_f, longest = _ring_step_flops(p, world, local, heads)
+    step_f, step_x, longest = _ring_step_flops(p, world, local, heads, hw.key_block)
     kv_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * e
     x_fwd = hw.latency + kv_bytes / bw if world > 1 else 0.0
-    t, exposed = _pipelined([f / f_rank for f in step_f], x_fwd)
+    t, exposed = _pipelined([f / f_rank for f in step_x], x_fwd)
     flops, sent = sum(step_f), kv_bytes * (len(step_f) - 1)
-    hidden = all(f / f_rank >= x_fwd for f in step_f[:-1] if f > 0)
+    hidden = all(f / f_rank >= x_fwd for f in step_x[:-1] if f > 0)
     # The backward streams every block in key tiles from its owner and returns dK/dV tile by tile when the
     # exchange is direct, and also with the ring exchange where no direction is longer than one step
     # (2 ranks, short windows); otherwise dK/dV travel with their block, the next block in flight.
@@ -251,11 +264,11 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
         else:  # dK/dV travel with their block, then go home in one hop
             x_bwd = 2 * hw.latency + (kv_bytes + grad_bytes) / bw if world > 1 else 0.0
             ret = hw.latency + grad_bytes / bw if world > 1 else 0.0
-        tb, eb = _pipelined([hw.backward_time * f / f_rank for f in step_f], x_bwd)
+        tb, eb = _pipelined([hw.backward_time * f / f_rank for f in step_x], x_bwd)
         t, exposed = t + tb + ret, exposed + eb + ret
         flops += 2.5 * sum(step_f)
         sent += (kv_bytes + grad_bytes) * (len(step_f) - 1)  # each step's dK/dV leave once, either way
-        hidden = hidden and all(hw.backward_time * f / f_rank >= x_bwd for f in step_f[:-1] if f > 0)
+        hidden = hidden and all(hw.backward_time * f / f_rank >= x_bwd for f in step_x[:-1] if f > 0)
     steps = len(step_f)
     kv_row, rows = kv_heads * (p.head_dim + p.dv), p.batch * local
     # q, out, own K/V, the float32 out accumulator and lse; in flight: the current and next K/V block.
@@ -272,7 +285,7 @@ def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads
     mem += in_flight
     comm_s = (steps - 1) * x_fwd + ((steps - 1) * x_bwd + ret if p.backward else 0.0)
     how = ", direct backward" if p.backward_exchange == "direct" and world > 1 and p.backward else ""
-    compute_s = sum(step_f) * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    compute_s = sum(step_x) * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
     return Estimate("ring", True, f"{steps} steps of {local} tokens{how}", flops, compute_s, sent, comm_s,
                     exposed, t, mem, hidden)
 
@@ -291,12 +304,15 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
             return tuple(s for i in range(w) for s in segments(lay, i, w, c))
         return cut_at(Segment(0, w * c), segments(lay, r, w, c, spec.doc_bounds))
 
-    fwd = max(_pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit) for r in range(w))
+    def work(kb):
+        return max(_pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit, kb) for r in range(w))
+
+    fwd, ran = work(1), work(hw.key_block)
     per_head = p.batch * c * w * (p.head_dim + p.dv) * e
     n = 1 if w == 1 else math.ceil(p.kv_heads / min(max(1, CHUNK_BYTES // per_head), math.ceil(p.kv_heads / 2)))
     kv_local = p.batch * c * p.kv_heads * (p.head_dim + p.dv) * e
     gather = ((w - 1) * (hw.latency * n + kv_local / bw)) if w > 1 else 0.0
-    cf = fwd / f_rank
+    cf = ran / f_rank
     t = gather / n + (n - 1) * max(cf, gather) / n + cf / n
     exposed = gather / n + (n - 1) * max(0.0, gather - cf) / n
     sent, flops, comm_s = kv_local * (w - 1), fwd, gather
@@ -314,7 +330,7 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
         comm_s += xb
         hidden = hidden and xb <= cb
         mem += per_head * math.ceil(p.kv_heads / n) * 4 / e + p.batch * c * p.heads * p.head_dim * 4
-    compute_s = fwd * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
     return Estimate("allgather", True, f"{n} chunk(s) of {math.ceil(p.kv_heads / n)} kv heads", flops,
                     compute_s, sent, comm_s, exposed, t, mem, hidden)
 
@@ -345,8 +361,9 @@ def estimate_ulysses(p: Problem, hw: Hardware) -> Estimate:
     f_rank, bw = hw.rank_flops(w), hw.link(w)
     n = w * p.local_len
     fwd = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w))
+    ran = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w), hw.key_block)
     flops = fwd * (3.5 if p.backward else 1.0)
-    compute_s = fwd * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
     comm_s, sent, kvh = _ulysses_comm(p, hw, w, p.local_len, bw)
     e = p.dtype_bytes
     hl, kl = p.heads // w, kvh // w

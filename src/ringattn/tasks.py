@@ -170,13 +170,16 @@ def _plan_by_document(spec, qs, ks, qoff, koff, caps, out) -> bool:
     return True
 
 
-def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: int) -> float:
+def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: int, key_block: int = 1) -> float:
     """Forward FLOPs of one task: 2 (d + dv) per visible (query, key) pair (a causal call counts the
-    pairs of its top-left triangle, row i seeing min(i + 1, nk) keys)."""
+    pairs of its top-left triangle, row i seeing min(i + 1, nk) keys). With ``key_block`` > 1, the
+    FLOPs a kernel executes that computes a causal row's keys up to the end of its diagonal's key block
+    (``Capabilities.causal_key_block``)."""
     nq, nk = task.q1 - task.q0, task.k1 - task.k0
     if task.kind is Kind.CAUSAL:
-        m = min(nq, nk)
-        pairs = m * (m + 1) // 2 + (nq - m) * nk
+        m, kb = min(nq, nk), key_block
+        blocks, rest = divmod(m, kb)  # rows of block j compute min(nk, (j + 1) kb) keys
+        pairs = kb * kb * blocks * (blocks + 1) // 2 + rest * min(nk, (blocks + 1) * kb) + (nq - m) * nk
     else:
         pairs = nq * nk
     return 2.0 * batch * heads * pairs * (head_dim + v_head_dim)

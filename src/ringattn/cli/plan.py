@@ -133,7 +133,8 @@ def measure(threads: int = 1) -> Hardware:
     cores = None if dev == "cuda" else (os.cpu_count() or 1) // threads
     memory = PRESETS["cpu-gloo-loopback"].memory
     return Hardware("measured", flops, link["bandwidth"], link["latency"], memory, 64, None, cores,
-                    note=f"measured here: kernel on {dev}, gloo between 2 local ranks", backward_time=t_bwd / t_fwd)
+                    note=f"measured here: kernel on {dev}, gloo between 2 local ranks", backward_time=t_bwd / t_fwd,
+                    key_block=be.caps.causal_key_block)
 
 
 def _measure_link() -> dict:

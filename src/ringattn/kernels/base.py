@@ -62,6 +62,9 @@ class Capabilities:
     # Score modifications (``ringattn.scores``: "softcap", "alibi") the backend applies itself; a call
     # with another is run by the reference backend.
     score_mods: frozenset[str] = frozenset()
+    # Keys a causal call computes per query row, for the cost model: up to the end of the block of this
+    # many keys its diagonal falls in (a kernel walks keys in blocks and computes the diagonal one whole).
+    causal_key_block: int = 1
 
 
 class Backend(Protocol):
