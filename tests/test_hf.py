@@ -264,9 +264,9 @@ def generate_case() -> list[str]:
 
 
 def test_generate_refused_on_every_rank(ranks):
-    # generate() gives every rank the whole prompt: the ring would take it for a shard (contiguous with
-    # use_cache=False used to run, its logits 8-13% off on rank 1).
+    # generate() gives every rank the whole prompt: without prepare's hooks the ring would take it for a shard
+    # (contiguous with use_cache=False ran, its logits 8-13% off on rank 1). tests/test_hf_generate.py: with them.
     for msgs in ranks.run(2, generate_case):
         assert len(msgs) == 6 * len(ringattn.LAYOUTS)
-        assert all(m.startswith("transformers' generate() is not supported with attn_implementation='ring'")
-                   for m in msgs), msgs
+        assert all(m.startswith("transformers' generate() with attn_implementation='ring' needs "
+                                "ringattn.hf.prepare(model) first") for m in msgs), msgs

@@ -38,10 +38,12 @@ from ..layouts import check_layout, padded_len, shard
 from ..model.loss import IGNORE_INDEX, sum_gradients
 from ..model.loss import shard_batch as _shard_tokens
 from ..validate import agree, check_backward_exchange
-from . import features, positions
+from . import features, generation, positions
 from .features import LayerPlan, UnsupportedModel
+from .generation import RingCache
 
-__all__ = ["IGNORE_INDEX", "AuditReport", "LayerPlan", "RingSettings", "UnsupportedModel", "attention_forward",
+__all__ = ["IGNORE_INDEX", "AuditReport", "LayerPlan", "RingCache", "RingSettings", "UnsupportedModel",
+           "attention_forward",
            "audit", "causal_lm_loss", "prepare", "register", "settings", "shard_batch", "sync_gradients"]
 
 
@@ -146,7 +148,9 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     where the global ``position_ids`` restart (the balanced layout needs it: ``shard_batch`` returns it).
     """
     settings = settings or RingSettings()
-    _refuse_generate(settings)
+    step = generation.active()
+    if step is None:
+        _refuse_generate(settings)
     if dropout:
         raise ValueError(f"attention dropout is not supported by ring attention, got dropout={dropout}; "
                          "set config.attention_dropout = 0 or call model.eval()")
@@ -155,25 +159,25 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
             f"{_where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
             "which ring attention cannot apply on global positions; not supported",
             layer=_layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
-    if key.shape[2] != query.shape[2]:
+    if key.shape[2] != query.shape[2] and (step is None or step.prefill):
         raise ValueError(f"ring attention needs as many keys as queries on each rank, got {query.shape[2]} "
-                         f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False, "
-                         "and decode with ringattn.generate")
+                         f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False; to decode, "
+                         "call model.generate() after ringattn.hf.prepare(model)")
     plan = _plan(module, sliding_window, softcap, settings, query.device, kwargs)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     window = None
     if plan.window is not None:
         w = int(plan.window) - 1
         window = (w, -1 if causal else w)
-    if plan.temperature is not None:
+    if plan.temperature is not None and (step is None or step.prefill):  # a decode step's index is already global
         query = positions.temperature_rescale(query, *plan.temperature, settings.group, settings.layout,
                                               kwargs.get("cu_seq_lens_q") if settings.layout == "balanced" else None)
-    cu = kwargs.get("cu_seq_lens_q")
+    cu = None if step is not None else kwargs.get("cu_seq_lens_q")
     rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
     if cu is None and settings.layout == "balanced":
         raise ValueError("layout='balanced' places the tokens by document: pass the model the cu_seq_lens_q that "
                          "ringattn.hf.shard_batch returns with them")
-    if cu is None and kwargs.get("position_ids") is not None:
+    if cu is None and kwargs.get("position_ids") is not None and step is None:
         rows, real = positions.documents(kwargs["position_ids"], query.shape[0], settings.group, settings.layout)
         if all(r is None for r in rows):
             rows = [None]
@@ -196,6 +200,10 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if settings.backward_exchange != "ring":
         kw["backward_exchange"] = settings.backward_exchange
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if step is not None:  # inside model.generate(): the prompt's shard, or one new token over the sharded cache
+        if not step.prefill:
+            return generation.decode_rows(step, q, key, value, kw), None
+        return generation.prefill_rows(step, q, k, v, kw, lambda *a: _call(*a[:3], None, settings, a[3])), None
     if real is not None and not causal:
         # shard_batch's padding repeats the last position; without a causal mask real tokens would see it.
         kw["seq_len"] = real
@@ -239,13 +247,13 @@ def _in_generate() -> bool:
 
 def _refuse_generate(settings: RingSettings) -> None:
     # generate() hands every rank the whole prompt (and each new token), which the ring would take for that rank's
-    # shard of one longer sequence. Every rank is in generate alike, so every rank raises here, before a collective.
-    if comm.group_rank_world(settings.group)[1] > 1 and _in_generate():
-        raise ValueError("transformers' generate() is not supported with attn_implementation='ring' on more than "
-                         "one rank: it gives every rank the whole prompt, which ring attention would take for that "
-                         "rank's shard of a longer sequence. Generate with model.set_attn_implementation('sdpa') "
-                         "(every rank holds the whole model), or use ringattn.generate / `ringattn generate`, which "
-                         "shard the KV cache, for ringattn's own model")
+    # shard of one longer sequence unless prepare's hooks shard it. Every rank is in generate alike, so every rank
+    # raises here, before a collective.
+    if _in_generate():
+        raise ValueError("transformers' generate() with attn_implementation='ring' needs "
+                         "ringattn.hf.prepare(model) first: it hooks the model so that generate's whole prompt is "
+                         "sharded, prefilled with ring attention, and decoded over a KV cache sharded across ranks "
+                         "(without it every rank would take the whole prompt for its shard of a longer sequence)")
 
 
 def _layer_index(module) -> int | None:
@@ -272,6 +280,7 @@ def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     models whose attention never reaches the interface, and dynamic RoPE is refused.
     """
     features.check_model(model)
+    generation.install(model)
     for m in model.modules():
         positions.patch_dynamic_rope(m, group)
     for m in model.modules():
@@ -288,7 +297,8 @@ def _make_mask(name: str):
 
         Models build their masks before their first layer, so this is where model-wide refusals (layers that
         are not attention, dynamic RoPE not prepared) come first, from the config transformers passes."""
-        _refuse_generate(_SETTINGS[name])
+        if generation.active() is None:
+            _refuse_generate(_SETTINGS[name])
         config = kwargs.get("config")
         if config is not None:
             features.check_config(config)

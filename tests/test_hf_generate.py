@@ -1,0 +1,132 @@
+"""``model.generate()`` with attn_implementation="ring": every rank passes the whole prompt, ringattn shards it,
+prefills with ring attention and decodes over a KV cache sharded across ranks. Greedy tokens and every step's
+logits equal single-process sdpa (float64) on 1, 2 and 4 ranks, every layout, odd and even prompts, batch 2
+with right and with left padding, seeded sampling, and use_cache=False."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ringattn
+
+transformers = pytest.importorskip("transformers")
+
+from ringattn import hf  # noqa: E402
+
+from .reference import rel_err  # noqa: E402
+from .test_hf import tiny_model  # noqa: E402
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+TOL = 1e-9
+
+
+def prompts(batch: int, n: int, pad: str | None):
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(1, 61, (batch, n), generator=g)
+    mask = torch.ones(batch, n, dtype=torch.long)
+    if pad == "right":
+        mask[1, n - 3:] = 0
+    elif pad == "left":
+        mask[1, :4] = 0
+    return ids, (None if pad is None else mask)
+
+
+def generate(model, ids, mask, **kw):
+    """(sequences, the float64 last-position logits of every step, cache): generate's own logits are float32,
+    whose rounding would hide (or, at a rounding boundary, magnify) a float64 difference."""
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: seen.append(out[:, -1].clone()))
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, pad_token_id=0, **kw)
+    finally:
+        hook.remove()
+    return out.sequences, torch.stack(seen, 1), out.cache
+
+
+def run(model, ids, mask, **kw):
+    torch.manual_seed(7)  # the same seed on every rank and in the reference: sampling draws alike
+    return generate(model, ids, mask, max_new_tokens=5, **kw)
+
+
+def case(family: str, layout: str, n: int, batch: int, pad: str | None, kw: dict) -> dict:
+    ids, mask = prompts(batch, n, pad)
+    model = tiny_model(family)
+    want_seq, want_logits, _ = run(model, ids, mask, **kw)  # sdpa, one process
+    hf.register(layout=layout)
+    model = hf.prepare(tiny_model(family))
+    model.set_attn_implementation("ring")
+    seq, logits, cache = run(model, ids, mask, **kw)
+    world = ringattn.comm.group_rank_world(None)[1]
+    slots = None
+    if kw.get("use_cache", True):
+        # the cache is sharded: this rank's prompt shard (padded to the layout) and every world-th new token
+        assert isinstance(cache, hf.RingCache), type(cache)
+        slots = [layer.keys.shape[2] for layer in cache.layers]
+    local = ringattn.layouts.padded_len(n, world, layout) // world
+    return {"same_tokens": torch.equal(seq, want_seq), "logits_err": rel_err(logits, want_logits), "slots": slots,
+            "local": local, "rank": ringattn.comm.group_rank_world(None)[0]}
+
+
+CASES = [  # (family, n, batch, pad, generate kwargs)
+    ("llama", 9, 1, None, {"do_sample": False}),
+    ("llama", 16, 2, "right", {"do_sample": False}),
+    ("mistral", 21, 2, "left", {"do_sample": False}),
+    ("qwen2", 12, 1, None, {"do_sample": True, "top_k": 20}),
+    ("llama", 11, 1, None, {"do_sample": False, "use_cache": False}),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_generate_equals_one_process(ranks, world, layout):
+    if world == 1 and layout != "contiguous":
+        pytest.skip("one rank: every layout is contiguous")
+    for family, n, batch, pad, kw in CASES:
+        results = ranks.run(world, case, family, layout, n, batch, pad, kw)
+        for r in results:
+            assert r["same_tokens"], (family, n, pad, kw)
+            assert r["logits_err"] <= TOL, (family, n, pad, kw, r)
+        if kw.get("use_cache", True):
+            # 5 new tokens: 4 decode steps keep a key each (the last token is never fed back), round robin
+            kept = [sum(1 for t in range(4) if (n + t) % world == r["rank"]) for r in results]
+            assert [r["slots"] for r in results] == [[r["local"] + k] * 2 for r, k in zip(results, kept)]
+
+
+def sweep_case(layout: str) -> dict:
+    """Greedy generate of every family the every-layer sweep must find exact, ring vs. the sweep's reference."""
+    import warnings
+
+    from . import test_hf_sweep as sw
+
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    hf.register(layout=layout)
+    ids = torch.randint(3, sw.VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on one row
+    out = {}
+    for name, model_type, extra in sw.entries():
+        if name not in sw.MUST_BE_EXACT:
+            continue
+        results = []
+        for attn in (None, "ring"):
+            model, ref = sw.build(model_type, extra, seed=0)
+            if attn:
+                hf.prepare(model)
+                model.set_attn_implementation(attn)
+            with sw.float64_softmax() if ref == "eager" else torch.no_grad():
+                results.append(generate(model, ids, mask, max_new_tokens=4, do_sample=False))
+        (want, want_logits, _), (got, logits, _) = results
+        out[name] = {"same_tokens": torch.equal(got, want), "logits_err": rel_err(logits, want_logits)}
+    return out
+
+
+def test_generate_every_exact_family(ranks):
+    from .test_hf_sweep import MUST_BE_EXACT
+
+    r = ranks.run(2, sweep_case, "zigzag", timeout=600)[0]
+    assert set(r) == set(MUST_BE_EXACT), set(MUST_BE_EXACT) ^ set(r)
+    bad = {k: v for k, v in r.items() if not v["same_tokens"] or v["logits_err"] > TOL}
+    assert not bad, bad
