@@ -75,6 +75,7 @@ CASES = [  # (family, n, batch, pad, generate kwargs)
     ("mistral", 21, 2, "left", {"do_sample": False}),
     ("qwen2", 12, 1, None, {"do_sample": True, "top_k": 20}),
     ("llama", 11, 1, None, {"do_sample": False, "use_cache": False}),
+    ("llama", 10, 1, None, {"do_sample": True, "num_return_sequences": 2}),
 ]
 
 
@@ -130,3 +131,32 @@ def test_generate_every_exact_family(ranks):
     assert set(r) == set(MUST_BE_EXACT), set(MUST_BE_EXACT) ^ set(r)
     bad = {k: v for k, v in r.items() if not v["same_tokens"] or v["logits_err"] > TOL}
     assert not bad, bad
+
+
+def refusal_case() -> dict:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    ids, _ = prompts(1, 12, None)
+    out = {}
+    for name, kw in [("beams", dict(num_beams=2)), ("chunked prefill", dict(prefill_chunk_size=4)),
+                     ("hidden", dict(output_hidden_states=True, return_dict_in_generate=True)),
+                     ("assisted", dict(assistant_model=tiny_model("llama"))), ("balanced", {}),
+                     ("unprepared", {})]:
+        hf.register(layout="balanced" if name == "balanced" else "zigzag")
+        model = tiny_model("llama") if name == "unprepared" else hf.prepare(tiny_model("llama"))
+        model.set_attn_implementation("ring")
+        try:
+            model.generate(ids, max_new_tokens=3, pad_token_id=0, **kw)
+            out[name] = "ran"
+        except (ValueError, NotImplementedError) as e:
+            out[name] = str(e)
+    return out
+
+
+def test_generate_refuses_what_it_cannot_do_on_every_rank(ranks):
+    expected = {"beams": "beam search", "chunked prefill": "prefill chunking", "hidden": "output_hidden_states",
+                "assisted": "assisted or speculative decoding", "balanced": "layout='balanced'",
+                "unprepared": "ringattn.hf.prepare(model) first"}
+    for r in ranks.run(2, refusal_case):
+        assert {k: expected[k] in v for k, v in r.items()} == dict.fromkeys(expected, True), r

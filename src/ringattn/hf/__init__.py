@@ -278,6 +278,8 @@ def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     rotary embeddings whose frequencies depend on the largest position (dynamic NTK, LongRoPE) to use the
     group's. Returns ``model``. Without it the same checks run at the first attention call, except those of
     models whose attention never reaches the interface, and dynamic RoPE is refused.
+
+    Also hooks the decoder so that ``model.generate()`` runs context-parallel (``ringattn.hf.generation``).
     """
     features.check_model(model)
     generation.install(model)

@@ -144,8 +144,9 @@ def _key_ranges(mask: torch.Tensor | None, b: int, n: int) -> tuple[list[tuple[i
         lo, hi = (int(ones[0]), int(ones[-1]) + 1) if ones.numel() else (0, 0)
         if hi - lo != ones.numel():
             return [], ("ring attention generates from rows padded on one side only (attention_mask ones then zeros, "
-                        "or zeros then ones); this row has zeros between ones (with use_cache=False, right padding "
-                        "becomes that after one step: keep the cache on)")
+                        "or zeros then ones); this row has zeros between ones (transformers masks every prompt token equal "
+                        "to pad_token_id when no attention_mask is given; with use_cache=False, right padding becomes "
+                        "that after one step: keep the cache on)")
         ranges.append((lo, hi))
     return ranges, None
 
