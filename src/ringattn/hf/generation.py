@@ -1,7 +1,8 @@
 """``model.generate()`` with ``attn_implementation="ring"``: ring prefill and a KV cache sharded across ranks.
 
 Every rank calls ``model.generate(input_ids=prompt, ...)`` with the same whole prompt, as in one process.
-Hooks on the decoder (``ringattn.hf.prepare`` installs them; they act only inside transformers' generate) change what one forward sees, never what generate does:
+Hooks on the decoder (``ringattn.hf.prepare`` installs them; they act only inside transformers' generate)
+change what one forward sees, never what generate does:
 
 - **Prefill** (the prompt): the decoder is given this rank's shard of ``input_ids`` / ``inputs_embeds`` and
   ``position_ids`` (the layout's, as ``shard_batch`` makes them), attention is ring attention, and each
@@ -143,10 +144,10 @@ def _key_ranges(mask: torch.Tensor | None, b: int, n: int) -> tuple[list[tuple[i
         ones = torch.nonzero(row).flatten()
         lo, hi = (int(ones[0]), int(ones[-1]) + 1) if ones.numel() else (0, 0)
         if hi - lo != ones.numel():
-            return [], ("ring attention generates from rows padded on one side only (attention_mask ones then zeros, "
-                        "or zeros then ones); this row has zeros between ones (transformers masks every prompt token equal "
-                        "to pad_token_id when no attention_mask is given; with use_cache=False, right padding becomes "
-                        "that after one step: keep the cache on)")
+            return [], ("ring attention generates from rows padded on one side only (attention_mask ones then "
+                        "zeros, or zeros then ones); this row has zeros between ones (transformers masks every prompt "
+                        "token equal to pad_token_id when no attention_mask is given; with use_cache=False, right "
+                        "padding becomes that after one step: keep the cache on)")
         ranges.append((lo, hi))
     return ranges, None
 
