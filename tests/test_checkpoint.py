@@ -1,7 +1,7 @@
 """Checkpoints: no loss to an older run's folder, checksums, fallback past an unusable one, configuration checks.
 
-Single-process runs go through ``train()`` (the same code path as every rank); world-size changes and
-the shared hashing go through ``ringattn train --nproc 2``.
+Single-process runs go through ``train()`` (the same code path as every rank); resuming on another number
+of ranks and the shared hashing go through ``ringattn train --nproc N``.
 """
 
 from __future__ import annotations
@@ -146,14 +146,35 @@ def _cli(*args):
                           text=True, timeout=180, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
 
 
-def test_two_ranks_hash_and_verify_their_shares_and_refuse_another_world(tmp_path):
+def _last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path):
+    # The checkpoint of 2 ranks resumes on 1 and on 4 (2 dp x 2 cp): step 3 equals the uninterrupted
+    # 2-rank run's step 3 up to rounding (float64).
+    f64 = ("--dtype", "float64", "--batch", "4")
+    whole = _cli("--nproc", "2", "--steps", "3", *f64)
+    assert whole.returncode == 0, whole.stderr
+    want = _last_json(whole.stdout)["losses"][2]
+    d = tmp_path / "ckpt"
+    assert _cli("--nproc", "2", "--ckpt-dir", str(d), *f64).returncode == 0
+    for i, ranks in enumerate((("--nproc", "1"), ("--nproc", "4", "--dp", "2"))):
+        e = tmp_path / f"ckpt{i}"
+        shutil.copytree(d, e)
+        r = _cli(*ranks, "--ckpt-dir", str(e), "--steps", "3", *f64)
+        assert r.returncode == 0, r.stderr
+        assert "ranks 2 -> " in r.stderr and "resharded" in r.stderr, r.stderr
+        got = _last_json(r.stdout)
+        assert got["start_step"] == 2 and abs(got["losses"][0] - want) <= 1e-12 * abs(want), (ranks, got, want)
+
+
+def test_two_ranks_hash_and_verify_their_shares(tmp_path):
     d = tmp_path / "ckpt"
     r = _cli("--nproc", "2", "--ckpt-dir", str(d))
     assert r.returncode == 0, r.stderr
     files = json.loads((d / "step-00000002" / checkpoint.MANIFEST).read_text())["files"]
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(files)
-    r = _cli("--nproc", "1", "--ckpt-dir", str(d), "--steps", "3")
-    assert r.returncode == 1 and "written by 2 ranks and this run has 1" in r.stderr, r.stderr
     shard = d / "step-00000002" / "__1_0.distcp"  # rank 1's shard, hashed by rank 1
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x04

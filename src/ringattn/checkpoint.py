@@ -225,14 +225,21 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optim: torch.optim.Opt
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"not a complete checkpoint (no .metadata): {path}")
     state = _state(model, optim, 0, 0)
+    rank, _ = comm.group_rank_world()
     try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        # A run on more ranks than wrote the checkpoint: the new ranks keep their fresh RNG (training draws
+        # nothing from it; resuming on the same ranks restores every rank's).
+        for key in (_rng_key(rank), f"cuda_rng_rank{rank}"):
+            if key in state and key not in saved:
+                del state[key]
         dcp.load(state, checkpoint_id=str(path))
     except Exception as e:  # noqa: BLE001 - dcp raises EOFError, AssertionError, KeyError, ... for damage
         raise CheckpointError(f"could not read checkpoint {path} ({type(e).__name__}: {comm.first_line(e)}); "
                               "it is damaged or was written by another configuration") from e
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rank, _ = comm.group_rank_world()
-    torch.set_rng_state(state[_rng_key(rank)])
+    if _rng_key(rank) in state:
+        torch.set_rng_state(state[_rng_key(rank)])
     if f"cuda_rng_rank{rank}" in state:
         torch.cuda.set_rng_state(state[f"cuda_rng_rank{rank}"])
     return {"step": int(state["train"]["step"]), "samples": int(state["train"]["samples"])}

@@ -385,6 +385,10 @@ RESUME_WARN = ("steps", "lr", "min_lr_ratio", "warmup", "weight_decay", "betas",
 RESUME_FREE = ("ckpt_dir", "ckpt_every", "resume", "eval_lens", "eval_samples", "progress", "json", "throttle",
                "loss_chunk", "ulysses", "model.strategy", "model.layout", "model.backward_exchange",
                "model.ffn_chunk", "model.checkpoint_layers")  # how it runs: the same numbers up to rounding
+# Another number of ranks or data-parallel rows also computes the same numbers up to rounding: the batch is
+# global (split over the dp rows), parameters and optimizer state are whole on every rank (the checkpoint
+# reshards on load), and training draws nothing from the ranks' RNGs. Allowed, with a warning.
+RESHARD = ("dp",)
 
 
 def run_config(tc: TrainConfig) -> dict:
@@ -404,11 +408,10 @@ def compare_config(saved: dict | None, saved_world: int, config: dict, world: in
         if key in RESUME_FREE or saved.get(key) == config.get(key):
             continue
         change = f"{key.removeprefix('model.').replace('_', '-')} {saved.get(key)!r} -> {config.get(key)!r}"
-        (changed if key in RESUME_WARN else bad).append(change)
+        (changed if key in RESUME_WARN + RESHARD else bad).append(change)
     errors = []
     if saved_world != world:
-        errors.append(f"it was written by {saved_world} ranks and this run has {world}: resuming on another "
-                      f"number of ranks is not supported (run it on {saved_world})")
+        changed.append(f"ranks {saved_world} -> {world} (resharded: the same numbers up to rounding)")
     if bad:
         errors.append("the run's configuration differs: " + ", ".join(bad) + ". To resume, these must stay as "
                       "they were; allowed are changes of " + ", ".join(k.replace("_", "-") for k in RESUME_WARN)
