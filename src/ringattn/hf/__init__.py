@@ -485,3 +485,15 @@ def sync_gradients(model: torch.nn.Module, *, group=None) -> None:
 
 
 from .audit import AuditReport, audit  # noqa: E402 - audit uses the functions above
+
+# transformers' Trainer (ringattn.hf.trainer) imports accelerate and Trainer itself: loaded on first use.
+_TRAINER_NAMES = ("ContextParallel", "RingTrainer", "setup_context_parallel")
+__all__ += list(_TRAINER_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
