@@ -167,3 +167,24 @@ def test_trainer_data_times_context_parallel(ranks):
     # 2 dp rows x 2 cp ranks: each row one row of the batch, the reference both; clipping at 1 (the norms are ~1.4).
     worst = check(ranks.run(4, ring_run, "llama", "zigzag", 2, 1, 2, False, 1.0), reference("llama", 2, 2, False, 1.0))
     print(f"dp x cp: max rel err {worst:.2e}")
+
+
+def test_trainer_refusals():
+    hf.register(layout="zigzag")
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="registered ring attention"):
+        hf.RingTrainer(model=model, args=_args(1, 1, False, 0.0), train_dataset=Rows(4, 61))
+    model.set_attn_implementation("ring")
+    trainer = hf.RingTrainer(model=model, args=_args(1, 1, False, 0.0), train_dataset=Rows(4, 61))
+    ids = torch.arange(6)[None]
+    right = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    _, inputs = trainer._prepare_context_parallel_inputs(model, {"input_ids": ids, "labels": ids,
+                                                                 "attention_mask": right})
+    assert "attention_mask" not in inputs and inputs["shift_labels"].tolist() == [[1, 2, 3, 4, 5, -100]]
+    with pytest.raises(ValueError, match="right padding"):
+        trainer._prepare_context_parallel_inputs(model, {"input_ids": ids, "labels": ids,
+                                                         "attention_mask": right.flip(1)})
+    with pytest.raises(ValueError, match="unshifted"):
+        trainer._prepare_context_parallel_inputs(model, {"input_ids": ids, "labels": ids, "shift_labels": ids})
+    with pytest.raises(ValueError, match="labels"):
+        trainer._prepare_context_parallel_inputs(model, {"input_ids": ids})
