@@ -69,6 +69,16 @@ class Hardware:
     # Keys a causal kernel call computes per query row: up to the end of its diagonal's block of this many
     # keys (``Capabilities.causal_key_block``; the CPU op's 512). Time counts those FLOPs, reports the visible.
     key_block: int = 1
+    # Bytes/s one rank copies (a reordering copy, as of gathered K/V): the allgather strategy moves the whole
+    # sequence's K/V (and float32 dK/dV) through memory several times, work no overlap hides. None = free
+    # (device memory is fast next to the attention; ``measure`` times it on CPU).
+    copy_bandwidth: float | None = None
+
+    def rank_copy(self, world: int) -> float | None:
+        """Copy bandwidth one rank gets when ``world`` ranks run at once."""
+        if self.copy_bandwidth is None:
+            return None
+        return self.copy_bandwidth * (1.0 if self.shared_cores is None else min(1.0, self.shared_cores / world))
 
     def rank_flops(self, world: int) -> float:
         """FLOP/s one rank gets when ``world`` ranks run at once (CPU ranks share the cores)."""
@@ -331,6 +341,16 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
         hidden = hidden and xb <= cb
         mem += per_head * math.ceil(p.kv_heads / n) * 4 / e + p.batch * c * p.heads * p.head_dim * 4
     compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    copy_bw = hw.rank_copy(w)
+    if copy_bw is not None and w > 1:
+        # Passes over the gathered K/V: regrouped from rank order (and for zigzag also permuted into position
+        # order) in forward and again in backward; float32 dK/dV zeroed, accumulated, (permuted back,)
+        # regrouped by rank and packed for the reduce-scatter.
+        full = p.batch * c * w * p.kv_heads * (p.head_dim + p.dv)
+        reorder = 1 if lay == "zigzag" else 0
+        passes = (2 + reorder) * e * (2 if p.backward else 1) + ((4 + reorder) * 4 if p.backward else 0)
+        copy_s = full * passes / copy_bw
+        t, compute_s = t + copy_s, compute_s + copy_s
     return Estimate("allgather", True, f"{n} chunk(s) of {math.ceil(p.kv_heads / n)} kv heads", flops,
                     compute_s, sent, comm_s, exposed, t, mem, hidden)
 

@@ -127,6 +127,14 @@ def measure(threads: int = 1) -> Hardware:
         t_fwd = timed(lambda: be.forward(q, k, v, task, spec, scale=d ** -0.5))
         t_bwd = timed(lambda: be.backward(q, q, k, v, out, lse, task, spec, scale=d ** -0.5))
         flops = 4.0 * s * s * h * d / t_fwd
+        # the allgather strategy's reordering: every rank's K out of the gathered [K | V] rows into one
+        # sequence (a copy), then into position order (zigzag: a row gather) — two passes
+        n = s * h * d
+        gathered = torch.randn(4, 2 * n, device=dev, dtype=dt)
+        order = torch.randperm(4 * s, device=dev)
+        t_copy = timed(lambda: gathered[:, :n].reshape(4, 1, s, h, d).transpose(0, 1).reshape(1, 4 * s, h, d)
+                       .index_select(1, order))
+        copy_bw = None if dev == "cuda" else 2 * 4 * n * gathered.element_size() / t_copy
     finally:
         torch.set_num_threads(prev)
     link = launch.spawn_collect(_measure_link, 2)
@@ -134,7 +142,7 @@ def measure(threads: int = 1) -> Hardware:
     memory = PRESETS["cpu-gloo-loopback"].memory
     return Hardware("measured", flops, link["bandwidth"], link["latency"], memory, 64, None, cores,
                     note=f"measured here: kernel on {dev}, gloo between 2 local ranks", backward_time=t_bwd / t_fwd,
-                    key_block=be.caps.causal_key_block)
+                    key_block=be.caps.causal_key_block, copy_bandwidth=copy_bw)
 
 
 def _measure_link() -> dict:
