@@ -29,7 +29,7 @@ def _job(cfg: dict) -> dict:
 
     world = dist.get_world_size()
     g = torch.Generator().manual_seed(0)
-    s, h, kvh, d = cfg["seq_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    s, h, kvh, d = cfg["run_len"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     full = [torch.randn(1, s, n, d, generator=g) for n in (h, kvh, kvh)]
     dout_full = torch.randn(1, s, h, d, generator=g)
     results = {}
@@ -60,8 +60,8 @@ def _job(cfg: dict) -> dict:
 
 
 def run(out: pathlib.Path, quick: bool) -> dict:
-    cfg = dict(seq_len=512, heads=4, kv_heads=2, head_dim=32, repeats=1) if quick else \
-        dict(seq_len=4096, heads=8, kv_heads=4, head_dim=64, repeats=3)
+    cfg = dict(seq_lens=(512,), heads=4, kv_heads=2, head_dim=32, repeats=1) if quick else \
+        dict(seq_lens=(4096, 8192), heads=8, kv_heads=4, head_dim=64, repeats=3)
     cfg["mesh"] = (2, 2)
     cfg["strategies"] = {"2": ["ring", "allgather", "ulysses"], "4": ["ring", "allgather", "ulysses", "hybrid"]}
     print("measuring this machine (kernel FLOP/s, gloo bandwidth) ...", flush=True)
@@ -71,18 +71,19 @@ def run(out: pathlib.Path, quick: bool) -> dict:
           f"{hw.latency * 1e6:.0f} us latency, {hw.shared_cores} cores shared", flush=True)
     rows = []
     # --quick: one launch (seconds each), on 4 ranks, where every strategy runs.
-    for world in (4,) if quick else (2, 4):
-        measured = spawn_collect(_job, world, cfg)
-        for strat, t in measured.items():
-            p = plan.Problem(seq_len=cfg["seq_len"], world=world, heads=cfg["heads"], kv_heads=cfg["kv_heads"],
-                             head_dim=cfg["head_dim"], dtype_bytes=4, causal=True, layout="zigzag",
-                             backward=True, mesh=tuple(cfg["mesh"]) if strat == "hybrid" else None)
-            est = next(e for e in plan.estimate_all(p, hw) if e.strategy == strat)
-            rows.append({"world": world, "strategy": strat, "measured_s": t, "predicted_s": est.time_s,
-                         "ratio": t / est.time_s, "predicted_compute_s": est.compute_s,
-                         "predicted_exposed_comm_s": est.exposed_s})
-            print(f"  W={world} {strat:<10} measured {t * 1e3:8.1f} ms  predicted {est.time_s * 1e3:8.1f} ms  "
-                  f"ratio {t / est.time_s:.2f}", flush=True)
+    for seq_len in cfg["seq_lens"]:
+        for world in (4,) if quick else (2, 4):
+            measured = spawn_collect(_job, world, dict(cfg, run_len=seq_len))
+            for strat, t in measured.items():
+                p = plan.Problem(seq_len=seq_len, world=world, heads=cfg["heads"], kv_heads=cfg["kv_heads"],
+                                 head_dim=cfg["head_dim"], dtype_bytes=4, causal=True, layout="zigzag",
+                                 backward=True, mesh=tuple(cfg["mesh"]) if strat == "hybrid" else None)
+                est = next(e for e in plan.estimate_all(p, hw) if e.strategy == strat)
+                rows.append({"seq_len": seq_len, "world": world, "strategy": strat, "measured_s": t,
+                             "predicted_s": est.time_s, "ratio": t / est.time_s, "predicted_compute_s": est.compute_s,
+                             "predicted_exposed_comm_s": est.exposed_s})
+                print(f"  S={seq_len} W={world} {strat:<10} measured {t * 1e3:8.1f} ms  predicted "
+                      f"{est.time_s * 1e3:8.1f} ms  ratio {t / est.time_s:.2f}", flush=True)
     errors = [abs(r["ratio"] - 1) for r in rows]
     _plot(out / "strategies.png", rows, cfg)
     ratios = [r["ratio"] for r in rows]
@@ -101,8 +102,8 @@ def run(out: pathlib.Path, quick: bool) -> dict:
 
 def _plot(path: pathlib.Path, rows: list[dict], cfg: dict) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4))
-    labels = [f"{r['strategy']}\nW={r['world']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    labels = [f"{r['strategy']}\nW={r['world']} S={r.get('seq_len', cfg.get('seq_len'))}" for r in rows]
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["measured_s"] * 1e3 for r in rows], 0.4, label="measured")
     ax.bar([i + 0.2 for i in x], [r["predicted_s"] * 1e3 for r in rows], 0.4, label="planner")
@@ -111,7 +112,7 @@ def _plot(path: pathlib.Path, rows: list[dict], cfg: dict) -> None:
                 fontsize=8)
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("fwd+bwd time (ms)")
-    ax.set_title(f"strategies vs. planner: S={cfg['seq_len']} h={cfg['heads']} kv={cfg['kv_heads']} "
+    ax.set_title(f"strategies vs. planner: h={cfg['heads']} kv={cfg['kv_heads']} "
                  f"d={cfg['head_dim']} causal zigzag fp32")
     ax.legend()
     save_figure(fig, path, machine())
@@ -121,11 +122,13 @@ def summary(res: dict) -> str:
     hw = res["hardware"]
     lines = [f"Hardware measured in the same run: {hw['flops'] / 1e9:.0f} GFLOP/s per rank (a backward "
              f"{hw.get('backward_time', 2.5):.2f}x its forward), "
-             f"{hw['bandwidth'] / 1e9:.2f} GB/s, latency {hw['latency'] * 1e3:.2f} ms. {res.get('note', '')}.\n",
-             "| ranks | strategy | measured ms | predicted ms | measured / predicted |", "|---|---|---|---|---|"]
+             f"{hw['bandwidth'] / 1e9:.2f} GB/s, latency {hw['latency'] * 1e3:.2f} ms, copies "
+             f"{(hw.get('copy_bandwidth') or 0) / 1e9:.2f} GB/s. {res.get('note', '')}.\n",
+             "| tokens | ranks | strategy | measured ms | predicted ms | measured / predicted |",
+             "|---|---|---|---|---|---|"]
     for r in res["results"]:
-        lines.append(f"| {r['world']} | {r['strategy']} | {r['measured_s'] * 1e3:.0f} | {r['predicted_s'] * 1e3:.0f} | "
-                     f"{r['ratio']:.2f} |")
+        lines.append(f"| {r.get('seq_len', res['config'].get('seq_len'))} | {r['world']} | {r['strategy']} | "
+                     f"{r['measured_s'] * 1e3:.0f} | {r['predicted_s'] * 1e3:.0f} | {r['ratio']:.2f} |")
     lines.append(f"\nMean absolute prediction error {res['mean_abs_prediction_error']:.2f}, largest "
                  f"{res['max_abs_prediction_error']:.2f}.")
     return "\n".join(lines) + "\n"
