@@ -26,6 +26,7 @@ output_hidden_states / output_attentions, a cache the hooks did not make, and th
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -172,7 +173,6 @@ def _before(decoder, args, kwargs):
     device = x.device
     b, n = x.shape[:2]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    cache_key = "cache" if "cache" in kwargs or "past_key_values" not in kwargs else "past_key_values"
     error = _refuse(kwargs, decoder)
     if s.layout == "balanced" and error is None:
         error = "layout='balanced' places tokens by document; model.generate() with ring attention takes " \
@@ -181,12 +181,18 @@ def _before(decoder, args, kwargs):
     if decode:
         step = _before_decode(decoder, kwargs, cache, b, n, error, s, device)
     else:
-        step = _before_prefill(decoder, kwargs, cache, cache_key, b, n, error, s, device)
+        step = _before_prefill(decoder, kwargs, cache, b, n, error, s, device)
     _ACTIVE[id(decoder)] = step
     return args, kwargs
 
 
-def _before_prefill(decoder, kwargs, cache, cache_key, b, n, error, s, device) -> _Step:
+def _cache_key(decoder) -> str:
+    """The decoder's name for its cache argument: ``cache`` (transformers >= 5.x), else ``past_key_values``."""
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+
+
+def _before_prefill(decoder, kwargs, cache, b, n, error, s, device) -> _Step:
     mask = kwargs.get("attention_mask")
     ranges, bad = _key_ranges(mask, b, n)
     error = error or bad
@@ -220,8 +226,9 @@ def _before_prefill(decoder, kwargs, cache, cache_key, b, n, error, s, device) -
         ring.positions, ring.valid, ring.keep_new = pos, (pos[None] >= lo) & (pos[None] < hi), True
         ring.ranges = ranges
         ring.rows_alike = len(set(ranges)) == 1  # the same on every rank: one decode call for all rows
-        kwargs["cache"] = ring
+        kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
+        kwargs[_cache_key(decoder)] = ring
     return _Step(s, ring, True, ranges, n)
 
 
@@ -252,8 +259,9 @@ def _after(decoder, args, kwargs, output):
     if step.cache is not None:
         step.cache.length = step.seq_len if step.prefill else step.cache.length + 1
         step.cache.keep_new = True
-        if "cache" in output:
-            output["cache"] = step.cache
+        for key in ("cache", "past_key_values"):
+            if key in output:
+                output[key] = step.cache
     if step.prefill:
         if "last_hidden_state" not in output:
             raise ValueError(f"ring generation: {type(decoder).__name__} returned no last_hidden_state; "
