@@ -1,7 +1,7 @@
 """``model.generate()`` with attn_implementation="ring": every rank passes the whole prompt, ringattn shards it,
 prefills with ring attention and decodes over a KV cache sharded across ranks. Greedy tokens and every step's
 logits equal single-process sdpa (float64) on 1, 2 and 4 ranks, every layout, odd and even prompts, batch 2
-with right and with left padding, seeded sampling, and use_cache=False."""
+with right and with left padding, seeded sampling, beam search, and use_cache=False."""
 
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ CASES = [  # (family, n, batch, pad, generate kwargs)
     ("qwen2", 12, 1, None, {"do_sample": True, "top_k": 20}),
     ("llama", 11, 1, None, {"do_sample": False, "use_cache": False}),
     ("llama", 10, 1, None, {"do_sample": True, "num_return_sequences": 2}),
+    ("qwen2", 14, 2, "left", {"do_sample": False, "num_beams": 3}),
 ]
 
 
@@ -139,7 +140,7 @@ def refusal_case() -> dict:
     warnings.filterwarnings("ignore")
     ids, _ = prompts(1, 12, None)
     out = {}
-    for name, kw in [("beams", dict(num_beams=2)), ("chunked prefill", dict(prefill_chunk_size=4)),
+    for name, kw in [("chunked prefill", dict(prefill_chunk_size=4)),
                      ("hidden", dict(output_hidden_states=True, return_dict_in_generate=True)),
                      ("assisted", dict(assistant_model=tiny_model("llama"))), ("balanced", {}),
                      ("unprepared", {})]:
@@ -155,7 +156,7 @@ def refusal_case() -> dict:
 
 
 def test_generate_refuses_what_it_cannot_do_on_every_rank(ranks):
-    expected = {"beams": "beam search", "chunked prefill": "prefill chunking", "hidden": "output_hidden_states",
+    expected = {"chunked prefill": "prefill chunking", "hidden": "output_hidden_states",
                 "assisted": "assisted or speculative decoding", "balanced": "layout='balanced'",
                 "unprepared": "ringattn.hf.prepare(model) first"}
     for r in ranks.run(2, refusal_case):

@@ -19,7 +19,7 @@ Padding (batch > 1): a row's ``attention_mask`` may be ones then zeros (right pa
 checked, not assumed: other shapes are refused. Memory per rank: the cache holds about ``S / W + new / W``
 positions per layer; no rank ever builds the whole prompt's activations.
 
-Not supported yet (refused by name): beam search, assisted / speculative decoding, prefill chunking,
+Not supported yet (refused by name): assisted / speculative decoding, prefill chunking,
 output_hidden_states / output_attentions, a cache the hooks did not make, and the balanced layout.
 """
 
@@ -82,8 +82,16 @@ class RingCache(Cache):
     def slots(self) -> int:
         return 0 if self.positions is None else int(self.positions.numel())
 
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("ringattn's RingCache does not support beam search yet (num_beams > 1)")
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: rows follow their beams (every rank gets the same ``beam_idx``: the logits agree)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.index_select(0, beam_idx.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, beam_idx.to(layer.values.device))
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+        self.ranges = [self.ranges[int(i)] for i in beam_idx.tolist()]
+        self.rows_alike = len(set(self.ranges)) == 1
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("ringattn's RingCache does not support assisted or speculative decoding yet")
@@ -240,7 +248,7 @@ def _before_decode(decoder, kwargs, cache: RingCache, b, n, error, s, device) ->
     if error is None and mask is not None and not bool(mask[:, -1].all()):
         error = "a new token's attention_mask must be 1 (padding goes in the prompt)"
     if error is None and cache.valid is not None and cache.valid.shape[0] != b:
-        error = f"the cache holds {cache.valid.shape[0]} rows, the step {b} (beam search is not supported yet)"
+        error = f"the cache holds {cache.valid.shape[0]} rows, the step {b}"
     agree(f"hf generate decode {b}x{n} at {cache.length}", ValueError(error) if error else None, s.group, device)
     owner = cache.length % cache.world  # round robin keeps the slots balanced
     cache.keep_new = cache.rank == owner
