@@ -154,14 +154,14 @@ def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path):
     # The checkpoint of 2 ranks resumes on 1 and on 4 (2 dp x 2 cp): step 3 equals the uninterrupted
     # 2-rank run's step 3 up to rounding (float64).
     f64 = ("--dtype", "float64", "--batch", "4")
-    whole = _cli("--nproc", "2", "--steps", "3", *f64)
+    d = tmp_path / "ckpt"
+    whole = _cli("--nproc", "2", "--steps", "3", "--ckpt-dir", str(d), "--ckpt-every", "2", *f64)
     assert whole.returncode == 0, whole.stderr
     want = _last_json(whole.stdout)["losses"][2]
-    d = tmp_path / "ckpt"
-    assert _cli("--nproc", "2", "--ckpt-dir", str(d), *f64).returncode == 0
     for i, ranks in enumerate((("--nproc", "1"), ("--nproc", "4", "--dp", "2"))):
         e = tmp_path / f"ckpt{i}"
         shutil.copytree(d, e)
+        shutil.rmtree(e / "step-00000003")  # resume from step 2
         r = _cli(*ranks, "--ckpt-dir", str(e), "--steps", "3", *f64)
         assert r.returncode == 0, r.stderr
         assert "ranks 2 -> " in r.stderr and "resharded" in r.stderr, r.stderr

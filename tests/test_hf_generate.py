@@ -80,11 +80,13 @@ CASES = [  # (family, n, batch, pad, generate kwargs)
 ]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("world", [1, 2, 4])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("world,layout", [(1, "contiguous"), *((2, lay) for lay in LAYOUTS), (4, "zigzag"),
+                                          pytest.param(4, "contiguous", marks=SLOW),
+                                          pytest.param(4, "striped", marks=SLOW)])
 def test_generate_equals_one_process(ranks, world, layout):
-    if world == 1 and layout != "contiguous":
-        pytest.skip("one rank: every layout is contiguous")
     for family, n, batch, pad, kw in CASES:
         results = ranks.run(world, case, family, layout, n, batch, pad, kw)
         for r in results:
