@@ -17,6 +17,12 @@ link's one-way bandwidth and a per-message latency:
   perfectly balanced (every rank sees the whole sequence for ``heads / W`` heads).
 - ``hybrid``: Ulysses over U ranks of a node (intra-node bandwidth), ring over ``R = W / U`` nodes.
 
+Compute time counts the FLOPs the kernels execute, not only the visible ones: a causal call computes its
+diagonal key blocks whole (``Hardware.key_block``, the CPU op's 512), and on CPU the allgather strategy's
+passes over the whole sequence's K/V in memory cost ``copy_bandwidth`` time. ``ringattn plan --measure``
+measures both with the FLOP/s and the link; ``python -m benchmarks strategies`` compares the predictions
+with measured times (docs/benchmarks.md).
+
 The Ring Attention paper's overlap condition is built in: a ring step hides its transfer when the
 block ``c`` satisfies ``4 d c^2 h / F >= 2 * c * d * kv_heads * bytes / B``; for multi-head attention
 in bf16 that is ``c >= F / B`` tokens (``overlap_block``), and the paper's minimal sequence per device
