@@ -358,7 +358,11 @@ def eval_hint(task: Task, tc: TrainConfig, loss_first: float | None, loss_last: 
         return (why + f". Task 'passkey' scores all {tc.seq_len} tokens and only the {KEY_DIGITS} after the question "
                 "need the needle: the rest (the repeated filler sentence, the fixed words) the model learns to "
                 "predict without looking back. Train with the loss on the key only, in a random haystack: "
-                "--task passkey-random (or --recipe passkey-long)")
+                "--task passkey-place (or --recipe passkey-long)")
+    if task.name == "passkey-random":
+        return (why + ". Its ASCII digits are found only by the digits before them, which repeat within many keys; "
+                "--task passkey-place gives each digit a token of its place, found at any distance (the recipe's "
+                "task: --recipe passkey-long)")
     return why + ": retrieval has not formed yet; train longer, or short sequences first (--curriculum)"
 
 

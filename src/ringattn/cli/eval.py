@@ -188,7 +188,7 @@ def prepare(cmd: EvalCommand, world: int, progress: bool = False) -> Job:
     task_name = cmd.task or config.get("task")
     if task_name not in PASSKEY_TASKS:
         raise ValueError(f"ringattn eval measures passkey retrieval; the checkpoint was trained on task "
-                         f"{config.get('task')!r}: pass --task " + " or ".join(PASSKEY_TASKS))
+                         f"{config.get('task')!r}: pass --task, one of " + ", ".join(PASSKEY_TASKS))
     seq_len = cmd.seq_len or int(config.get("seq_len") or 0)
     task = make_task(task_name, seed=int(config.get("seed", 0)))
     if seq_len < task.min_len:
