@@ -160,14 +160,22 @@ def ship(ckpt: pathlib.Path, result: dict) -> None:
     shutil.rmtree(SHIP, ignore_errors=True)
     SHIP.mkdir(parents=True)
     shutil.copytree(last, SHIP / last.name)
+    (SHIP / "recipe.json").write_text(json.dumps(recipe_meta(result), indent=1) + "\n")
+
+
+def recipe_meta(result: dict) -> dict:
+    """What recipe.json records of a run: the recipe, the memory measurement, the training, the eval."""
     keep = ("recipe", "nproc", "seq_len", "single_process_max_len", "budget_mb_per_rank", "ring_mb_at_seq_len",
             "curriculum", "train_wall_s", "train_history", "depths", "samples_per_depth", "accuracy_at_seq_len",
             "min_depth_accuracy_at_seq_len")
     meta = {k: result[k] for k in keep}
+    meta["by_depth_at_seq_len"] = result["grid"][str(result["seq_len"])]["by_depth"]
+    meta["grid"] = {n: {k: g[k] for k in ("accuracy", "by_depth", "samples_per_depth")}
+                    for n, g in result["grid"].items()}
     meta["measured"] = result["machine"]["date"]
     meta["eval"] = (f"ringattn eval --ckpt examples/checkpoints/passkey --seq-len {result['seq_len']} --nproc "
                     f"{result['nproc']} --depths {result['depths']} --samples {result['samples_per_depth']}")
-    (SHIP / "recipe.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
 
 
 def plot_heatmap(res: dict, path: pathlib.Path) -> None:
