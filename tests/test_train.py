@@ -218,14 +218,14 @@ def test_recipe_parses_and_flags_override_it():
     args = build_parser().parse_args(["train", "--recipe", "passkey-long"])
     tc = config_from_args(args)
     r = RECIPES["passkey-long"]
-    assert tc.task == "passkey-random" and tc.curriculum == r["curriculum"]
+    assert tc.task == "passkey-place" and tc.curriculum == r["curriculum"] and tc.model.rope_theta == 1e6
     assert tc.seq_len == r["curriculum"][-1][0] and tc.steps == sum(st[1] for st in r["curriculum"])
     assert (tc.model.dim, tc.model.n_layers, tc.model.layout) == (r["dim"], r["n_layers"], r["layout"])
     assert apply_recipe(args).nproc == 4
     tc.check_world(4)
     tc = config_from_args(build_parser().parse_args(["train", "--recipe", "passkey-long", "--lr", "1e-3",
                                                      "--curriculum", "128:2:2"]))
-    assert tc.lr == 1e-3 and (tc.seq_len, tc.steps) == (128, 2) and tc.task == "passkey-random"
+    assert tc.lr == 1e-3 and (tc.seq_len, tc.steps) == (128, 2) and tc.task == "passkey-place"
 
 
 def test_eval_explains_a_falling_loss_with_no_retrieval():
@@ -234,18 +234,21 @@ def test_eval_explains_a_falling_loss_with_no_retrieval():
 
     tc = TrainConfig(seq_len=2048, eval_samples=4)
     hint = eval_hint(make_task("passkey"), tc, 5.59, 0.85, {"2048": 0.0}, {"2048": 2.4})
-    assert "filler" in hint and "passkey-random" in hint and "2.40 nats" in hint
-    assert "train longer" in eval_hint(make_task("passkey-random"), tc, 5.5, 2.2, {"2048": 0.0}, {"2048": 2.2})
+    assert "filler" in hint and "passkey-place" in hint and "2.40 nats" in hint
+    assert "place" in eval_hint(make_task("passkey-random"), tc, 5.5, 2.2, {"2048": 0.0}, {"2048": 2.2})
+    assert "train longer" in eval_hint(make_task("passkey-place"), tc, 5.5, 2.2, {"2048": 0.0}, {"2048": 2.2})
     assert eval_hint(make_task("passkey"), tc, 5.59, 0.85, {"2048": 0.25}, {"2048": 1.0}) is None
     assert eval_hint(make_task("passkey"), tc, 5.59, 5.0, {"2048": 0.0}, {"2048": 2.3}) is None
     assert eval_hint(make_task("mqar"), tc, 5.59, 0.85, {"2048": 0.0}, {"2048": 2.3}) is None
 
 
-def test_passkey_random_scores_the_key_only():
-    from ringattn.data import KEY_DIGITS, make_task
+@pytest.mark.parametrize("task", ["passkey-random", "passkey-place"])
+def test_passkey_random_scores_the_key_only(task):
+    from ringattn.data import KEY_DIGITS, PLACE_TOKENS, make_task
     from ringattn.model.loss import IGNORE_INDEX
 
-    b = make_task("passkey-random").batch(0, 3, 300)
+    b = make_task(task).batch(0, 3, 300)
     assert ((b.labels != IGNORE_INDEX) == b.answer).all() and (b.answer.sum(1) == KEY_DIGITS).all()
-    digits = (b.inputs >= ord("0")) & (b.inputs <= ord("9"))
+    digits = (b.inputs >= ord("0")) & (b.inputs <= ord("9")) if task == "passkey-random" else \
+        b.inputs >= PLACE_TOKENS
     assert (digits.sum(1) == 2 * KEY_DIGITS - 1).all()  # the needle's key, and the answer's inputs

@@ -8,6 +8,8 @@ Tasks:
   end ("What is the pass key? The pass key is 12345"). Accuracy: the whole key right.
 - ``passkey-random``: the same needle and question in a haystack of random letters, loss on the key
   only (``RandomPasskey``): what a model must retrieve to lower its loss.
+- ``passkey-place``: ``passkey-random`` with a marker byte before the key and each digit a token of its
+  own place (``PlacePasskey``): retrievable by content alone at any length.
 - ``mqar``: multi-query associative recall (Zoology): key/value pairs, then queries of the keys, each
   followed by its value. Accuracy: per query.
 - ``text``: random windows of a byte-level text file (real data; no accuracy).
@@ -30,6 +32,7 @@ FILLER = (b"The grass is green. The sky is blue. The sun is yellow. Here we go. 
 QUESTION = b" What is the pass key? The pass key is "
 KEY_DIGITS = 5
 RANDOM_FILLER = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz   "))  # spaces ~1 in 10: word-like runs
+PLACE_TOKENS = 128  # passkey-place: the key's digit d at place k is token PLACE_TOKENS + 10 k + d
 # mqar vocabulary: keys and values from disjoint byte ranges
 MQAR_KEYS = (128, 192)
 MQAR_VALUES = (192, 256)
@@ -82,6 +85,13 @@ class Passkey(Task):
     per_token = False
     min_len = 96
 
+    needle_text = (b" The pass key is ", b". Remember it. ")  # around the key
+    question = QUESTION  # followed by the key
+
+    def key_tokens(self, digits: list[int]) -> bytes:
+        """The key's tokens: its digits as ASCII."""
+        return "".join(map(str, digits)).encode()
+
     def filler(self, g: torch.Generator, n: int) -> bytes:
         """``n`` bytes of haystack."""
         return (FILLER * (n // len(FILLER) + 1))[:n]
@@ -94,9 +104,9 @@ class Passkey(Task):
         """``depth`` in [0, 1] puts the needle at that fraction of the haystack (evaluation by depth);
         None draws it uniformly."""
         g = _generator(self.seed, index)
-        key = "".join(str(int(d)) for d in torch.randint(0, 10, (KEY_DIGITS,), generator=g)).encode()
-        needle = b" The pass key is " + key + b". Remember it. "
-        tail = QUESTION + key
+        key = self.key_tokens(torch.randint(0, 10, (KEY_DIGITS,), generator=g).tolist())
+        needle = self.needle_text[0] + key + self.needle_text[1]
+        tail = self.question + key
         n_fill = seq_len + 1 - len(needle) - len(tail)
         if n_fill < 0:
             raise ValueError(f"seq_len must be >= {self.min_len} for task {self.name!r}, got {seq_len}")
@@ -133,6 +143,26 @@ class RandomPasskey(Passkey):
 
     def supervised(self, answer):
         return answer.clone()
+
+
+class PlacePasskey(RandomPasskey):
+    """``passkey-random`` with a marker before the key and each digit a token of its own place.
+
+    Needle ``" pass key=" KEY ". "``, question ``" What is the pass key? pass key=" KEY``; digit ``d`` at
+    place ``k`` (0-4) of the key is token ``PLACE_TOKENS + 10 k + d`` (bytes 128-177, unused by text).
+    Neither ``=`` nor any key token occurs in the haystack or elsewhere, so every answer token is found by
+    what it is alone: the ``k``-th digit is the one key token of place ``k`` before the question, at any
+    distance and among any number of haystack tokens. With ASCII digits a digit is found only by the
+    ones before it (an induction match), and repeated digits make that ambiguous: a match on the
+    previous two tokens still leaves 5.5 % of keys with two continuations (docs/benchmarks.md, passkey).
+    """
+
+    name = "passkey-place"
+    needle_text = (b" pass key=", b". ")
+    question = b" What is the pass key? pass key="
+
+    def key_tokens(self, digits):
+        return bytes(PLACE_TOKENS + 10 * k + d for k, d in enumerate(digits))
 
 
 class MQAR(Task):
@@ -183,15 +213,19 @@ class TextFile(Task):
         return seq, torch.ones(seq_len, dtype=torch.bool), torch.zeros(seq_len, dtype=torch.bool)
 
 
-TASKS = ("passkey", "passkey-random", "mqar", "text")
+TASKS = ("passkey", "passkey-random", "passkey-place", "mqar", "text")
+PASSKEY_TASKS = ("passkey", "passkey-random", "passkey-place")
 
 
 def make_task(name: str, *, seed: int = 0, text_file: str | None = None) -> Task:
-    """A task by name: ``passkey``, ``passkey-random``, ``mqar`` or ``text`` (needs ``text_file``)."""
+    """A task by name: ``passkey``, ``passkey-random``, ``passkey-place``, ``mqar`` or ``text`` (needs
+    ``text_file``)."""
     if name == "passkey":
         return Passkey(seed)
     if name == "passkey-random":
         return RandomPasskey(seed)
+    if name == "passkey-place":
+        return PlacePasskey(seed)
     if name == "mqar":
         return MQAR(seed)
     if name == "text":

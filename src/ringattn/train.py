@@ -143,14 +143,13 @@ class TrainConfig:
 # docs/benchmarks.md ("passkey") for why each choice, and what it reached.
 RECIPES: dict[str, dict] = {
     "passkey-long": {
-        "nproc": 4, "task": "passkey-random", "layout": "zigzag", "dim": 64, "n_layers": 2, "n_heads": 4,
-        "n_kv_heads": 2, "ffn_chunk": 256, "loss_chunk": 256, "lr": 3e-3, "warmup": 20,
-        # Short sequences are to teach the retrieval cheaply (many keys per step), the later stages to
-        # carry it to the full length. The last three stages were added after a run of the first four
-        # (recipe.json's train_history); it does not retrieve yet.
-        "curriculum": ((96, 800, 64), (512, 150, 16), (2048, 80, 4), (8192, 40, 1),
-                       (512, 250, 32), (2048, 80, 8), (8192, 30, 1)),
-        "eval_lens": (8192,), "eval_samples": 10, "ckpt_every": 250,
+        "nproc": 4, "task": "passkey-place", "layout": "zigzag", "dim": 64, "n_layers": 2, "n_heads": 4,
+        "n_kv_heads": 2, "ffn_chunk": 256, "loss_chunk": 256, "lr": 3e-3, "warmup": 20, "rope_theta": 1e6,
+        # The retrieval forms at 96 tokens, where 32 keys per step are cheap; each later stage teaches the
+        # distances (up to its length) that the shorter ones never showed, which the model does not
+        # extrapolate to.
+        "curriculum": ((96, 600, 32), (512, 300, 8), (2048, 300, 4), (8192, 200, 2)),
+        "eval_lens": (8192,), "eval_samples": 10, "ckpt_every": 100,
     },
 }
 
@@ -359,7 +358,11 @@ def eval_hint(task: Task, tc: TrainConfig, loss_first: float | None, loss_last: 
         return (why + f". Task 'passkey' scores all {tc.seq_len} tokens and only the {KEY_DIGITS} after the question "
                 "need the needle: the rest (the repeated filler sentence, the fixed words) the model learns to "
                 "predict without looking back. Train with the loss on the key only, in a random haystack: "
-                "--task passkey-random (or --recipe passkey-long)")
+                "--task passkey-place (or --recipe passkey-long)")
+    if task.name == "passkey-random":
+        return (why + ". Its ASCII digits are found only by the digits before them, which repeat within many keys; "
+                "--task passkey-place gives each digit a token of its place, found at any distance (the recipe's "
+                "task: --recipe passkey-long)")
     return why + ": retrieval has not formed yet; train longer, or short sequences first (--curriculum)"
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm, launch
-from ..data import Task, make_task
+from ..data import PASSKEY_TASKS, Task, make_task
 from ..model import Llama, LlamaConfig, build
 from ..modes import DTYPES
 from .flags import JsonFlag, add_flags, flag, from_args
@@ -38,7 +38,7 @@ class EvalCommand:
         "checkpoint: a step-NNNNNNNN folder, or a folder holding them (the newest is used)", metavar="DIR"))
     task: str | None = field(default=None, metadata=flag(
         "passkey task to evaluate on (default: the one the checkpoint was trained on)",
-        choices=("passkey", "passkey-random")))
+        choices=PASSKEY_TASKS))
     seq_len: int = field(default=0, metadata=flag("context length in tokens (0: the training length)"))
     nproc: int = field(default=1, metadata=flag("local ranks holding the sequence (ignored under torchrun)"))
     depths: int = field(default=10, metadata=flag("needle depths, evenly spaced over 0-100%% of the haystack"))
@@ -186,9 +186,9 @@ def prepare(cmd: EvalCommand, world: int, progress: bool = False) -> Job:
     path = find_checkpoint(cmd.ckpt)
     config = saved_config(path)
     task_name = cmd.task or config.get("task")
-    if task_name not in ("passkey", "passkey-random"):
+    if task_name not in PASSKEY_TASKS:
         raise ValueError(f"ringattn eval measures passkey retrieval; the checkpoint was trained on task "
-                         f"{config.get('task')!r}: pass --task passkey or passkey-random")
+                         f"{config.get('task')!r}: pass --task, one of " + ", ".join(PASSKEY_TASKS))
     seq_len = cmd.seq_len or int(config.get("seq_len") or 0)
     task = make_task(task_name, seed=int(config.get("seed", 0)))
     if seq_len < task.min_len:
