@@ -163,3 +163,15 @@ def test_generate_refuses_what_it_cannot_do_on_every_rank(ranks):
                 "unprepared": "ringattn.hf.prepare(model) first"}
     for r in ranks.run(2, refusal_case):
         assert {k: expected[k] in v for k, v in r.items()} == dict.fromkeys(expected, True), r
+
+
+def test_generate_refuses_a_per_token_input_it_does_not_shard(monkeypatch):
+    # transformers itself drops token_type_ids for Llama; a model that takes one would meet a shard of the
+    # tokens beside the whole per-token tensor. The decoder, called as generate calls it:
+    monkeypatch.setattr(hf, "_in_generate", lambda: True)
+    hf.register(layout="zigzag")
+    model = hf.prepare(tiny_model("llama"))
+    model.set_attn_implementation("ring")
+    ids = torch.randint(1, 61, (1, 9))
+    with pytest.raises(ValueError, match="token_type_ids would stay whole"):
+        model.model(input_ids=ids, token_type_ids=torch.zeros_like(ids), use_cache=True)

@@ -200,10 +200,19 @@ def _cache_key(decoder) -> str:
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
 
 
+# What the prefill shards (or replaces): any other per-token input would meet a shard of the tokens whole.
+_SHARDED = ("input_ids", "inputs_embeds", "position_ids", "attention_mask")
+
+
 def _before_prefill(decoder, kwargs, cache, b, n, error, s, device) -> _Step:
     mask = kwargs.get("attention_mask")
     ranges, bad = _key_ranges(mask, b, n)
     error = error or bad
+    per_token = [k for k, v in kwargs.items() if k not in _SHARDED and isinstance(v, torch.Tensor) and v.dim() >= 2
+                 and v.shape[0] == b and v.shape[1] == n]
+    if error is None and per_token:
+        error = (f"model.generate() with ring attention shards input_ids, inputs_embeds and position_ids only; "
+                 f"{', '.join(per_token)} would stay whole beside this rank's shard of the tokens: not supported yet")
     if error is None and cache is not None and not isinstance(cache, RingCache) and cache.get_seq_length() > 0:
         error = ("model.generate() with ring attention continues only a cache it made itself; pass no cache "
                  "(or a fresh one)")
