@@ -214,11 +214,12 @@ def _tile(n: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], per_token: float,
-                key_block: int = 1) -> float:
-    """Forward FLOPs of a block pair per (batch * heads * (d + dv)) unit, scaled by ``per_token``: the
-    visible pairs', or with ``key_block`` > 1 the ones a kernel computing whole diagonal key blocks executes."""
+                key_block: int = 1) -> tuple[float, float]:
+    """Forward FLOPs of a block pair per (batch * heads * (d + dv)) unit, scaled by ``per_token``: (the visible
+    pairs', the ones a kernel computing whole diagonal blocks of ``key_block`` keys executes)."""
     tasks = plan_block(spec, qsegs, ksegs, Capabilities(max_dense_tile=_tile(sum(s.length for s in qsegs))))
-    return per_token * sum(task_flops(t, 1, 1, 1, 0, key_block) / 2 for t in tasks)
+    return (per_token * sum(task_flops(t, 1, 1, 1, 0) / 2 for t in tasks),
+            per_token * sum(task_flops(t, 1, 1, 1, 0, key_block) / 2 for t in tasks))
 
 
 def _unit(p: Problem, heads: int) -> float:
@@ -234,17 +235,12 @@ def _ring_step_flops(p: Problem, world: int, local: int, heads: int,
     lay = effective_layout(p.layout, world)
     segs = [segments(lay, r, world, local, spec.doc_bounds) for r in range(world)]
     unit = _unit(p, heads)
-
-    def per(kb):
-        return [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit, kb) for o in range(world)]
-                for r in range(world)]
-
-    seen = per(1)
-    ran = per(key_block) if key_block > 1 else seen
-    a, b = directions([o for o in range(1, world) if any(seen[r][o] > 0 for r in range(world))], world)
+    per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit, key_block) for o in range(world)]
+           for r in range(world)]
+    a, b = directions([o for o in range(1, world) if any(per[r][o][0] > 0 for r in range(world))], world)
     steps = [0, *range(1, a + 1), *(world - i for i in range(1, b + 1))]
-    return ([max(seen[r][o] for r in range(world)) for o in steps],
-            [max(ran[r][o] for r in range(world)) for o in steps], max(a, b))
+    return ([max(per[r][o][0] for r in range(world)) for o in steps],
+            [max(per[r][o][1] for r in range(world)) for o in steps], max(a, b))
 
 
 def _pipelined(compute: list[float], transfer: float) -> tuple[float, float]:
@@ -320,10 +316,9 @@ def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
             return tuple(s for i in range(w) for s in segments(lay, i, w, c))
         return cut_at(Segment(0, w * c), segments(lay, r, w, c, spec.doc_bounds))
 
-    def work(kb):
-        return max(_pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit, kb) for r in range(w))
-
-    fwd, ran = work(1), work(hw.key_block)
+    pairs = [_pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit, hw.key_block)
+             for r in range(w)]
+    fwd, ran = max(f for f, _ in pairs), max(x for _, x in pairs)
     per_head = p.batch * c * w * (p.head_dim + p.dv) * e
     n = 1 if w == 1 else math.ceil(p.kv_heads / min(max(1, CHUNK_BYTES // per_head), math.ceil(p.kv_heads / 2)))
     kv_local = p.batch * c * p.kv_heads * (p.head_dim + p.dv) * e
@@ -386,8 +381,7 @@ def estimate_ulysses(p: Problem, hw: Hardware) -> Estimate:
         return Estimate("ulysses", False, f"heads ({p.heads}) not divisible by world ({w})")
     f_rank, bw = hw.rank_flops(w), hw.link(w)
     n = w * p.local_len
-    fwd = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w))
-    ran = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w), hw.key_block)
+    fwd, ran = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w), hw.key_block)
     flops = fwd * (3.5 if p.backward else 1.0)
     compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
     comm_s, sent, kvh = _ulysses_comm(p, hw, w, p.local_len, bw)

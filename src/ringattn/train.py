@@ -417,7 +417,8 @@ def compare_config(saved: dict | None, saved_world: int, config: dict, world: in
         changed.append(f"ranks {saved_world} -> {world} (resharded: the same numbers up to rounding)")
     if bad:
         errors.append("the run's configuration differs: " + ", ".join(bad) + ". To resume, these must stay as "
-                      "they were; allowed are changes of " + ", ".join(k.replace("_", "-") for k in RESUME_WARN)
+                      "they were; allowed are changes of "
+                      + ", ".join(k.replace("_", "-") for k in RESUME_WARN + RESHARD)
                       + " (with a warning) and "
                       "of how the run executes (strategy, layout, backward-exchange, chunking, threads, "
                       "evaluation, checkpoint interval). Or start afresh with --no-resume (the old "

@@ -172,22 +172,6 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if plan.temperature is not None and (step is None or step.prefill):  # a decode step's index is already global
         query = positions.temperature_rescale(query, *plan.temperature, settings.group, settings.layout,
                                               kwargs.get("cu_seq_lens_q") if settings.layout == "balanced" else None)
-    cu = None if step is not None else kwargs.get("cu_seq_lens_q")
-    rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
-    if cu is None and settings.layout == "balanced":
-        raise ValueError("layout='balanced' places the tokens by document: pass the model the cu_seq_lens_q that "
-                         "ringattn.hf.shard_batch returns with them")
-    if cu is None and kwargs.get("position_ids") is not None and step is None:
-        rows, real = positions.documents(kwargs["position_ids"], query.shape[0], settings.group, settings.layout)
-        if all(r is None for r in rows):
-            rows = [None]
-        elif plan.chunk_size is not None:
-            raise features.UnsupportedModel(
-                f"{_where(module)}: chunked attention with packed documents (transformers counts the chunks "
-                "from each document's start); not supported yet",
-                layer=_layer_index(module), feature="chunked attention with packed documents is not supported yet")
-        elif len(rows) > 1 and all(r is not None and torch.equal(r, rows[0]) for r in rows):
-            rows = rows[:1]
     kw = dict(group=settings.group, causal=causal, window=window, layout=settings.layout,
               softmax_scale=scaling)
     if plan.chunk_size is not None:
@@ -203,7 +187,24 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     if step is not None:  # inside model.generate(): the prompt's shard, or one new token over the sharded cache
         if not step.prefill:
             return generation.decode_rows(step, q, key, value, kw), None
-        return generation.prefill_rows(step, q, k, v, kw, lambda *a: _call(*a[:3], None, settings, a[3])), None
+        return generation.prefill_rows(step, q, k, v, kw,
+                                       lambda qr, kr, vr, kwr: _call(qr, kr, vr, None, settings, kwr)), None
+    cu = kwargs.get("cu_seq_lens_q")
+    rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
+    if cu is None and settings.layout == "balanced":
+        raise ValueError("layout='balanced' places the tokens by document: pass the model the cu_seq_lens_q that "
+                         "ringattn.hf.shard_batch returns with them")
+    if cu is None and kwargs.get("position_ids") is not None:
+        rows, real = positions.documents(kwargs["position_ids"], query.shape[0], settings.group, settings.layout)
+        if all(r is None for r in rows):
+            rows = [None]
+        elif plan.chunk_size is not None:
+            raise features.UnsupportedModel(
+                f"{_where(module)}: chunked attention with packed documents (transformers counts the chunks "
+                "from each document's start); not supported yet",
+                layer=_layer_index(module), feature="chunked attention with packed documents is not supported yet")
+        elif len(rows) > 1 and all(r is not None and torch.equal(r, rows[0]) for r in rows):
+            rows = rows[:1]
     if real is not None and not causal:
         # shard_batch's padding repeats the last position; without a causal mask real tokens would see it.
         kw["seq_len"] = real
@@ -393,6 +394,15 @@ class _AllReduceValue(torch.autograd.Function):
         return g, None
 
 
+def local_loss_sum(logits: torch.Tensor, shift_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """This rank's summed next-token cross-entropy (in at least float32, as transformers computes it)."""
+    flat = logits.flatten(0, 1)
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    return torch.nn.functional.cross_entropy(flat, shift_labels.flatten().to(flat.device), ignore_index=ignore_index,
+                                             reduction="sum")
+
+
 def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: int | None = None,
                    *, group=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The global mean next-token loss of a sharded batch, on every rank.
@@ -410,11 +420,7 @@ def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_i
     if logits.dim() != 3 or tuple(shift_labels.shape) != tuple(logits.shape[:2]):
         raise ValueError(f"logits (batch, local_len, vocab) and shift_labels (batch, local_len) must match, "
                          f"got {tuple(logits.shape)} and {tuple(shift_labels.shape)}")
-    flat = logits.flatten(0, 1)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()  # as transformers does: the loss in at least float32
-    local = torch.nn.functional.cross_entropy(flat, shift_labels.flatten().to(logits.device),
-                                              ignore_index=ignore_index, reduction="sum")
+    local = local_loss_sum(logits, shift_labels, ignore_index)
     if num_items_in_batch is None:
         n = (shift_labels != ignore_index).sum().to(local)
         num_items_in_batch = _AllReduceValue.apply(n, group).detach()

@@ -60,7 +60,6 @@ class RingCache(Cache):
         self.positions: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.keep_new = True  # whether this rank keeps the keys/values of the forward under way
-        self.rows_alike = True
         self.ranges: list[tuple[int, int]] = []  # each row's unpadded positions [lo, hi) in the prompt
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -79,6 +78,11 @@ class RingCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
+    @property
+    def rows_alike(self) -> bool:
+        """Every row sees the same slots (the same on every rank): one decode call for all rows."""
+        return len(set(self.ranges)) == 1
+
     def slots(self) -> int:
         return 0 if self.positions is None else int(self.positions.numel())
 
@@ -91,7 +95,6 @@ class RingCache(Cache):
         if self.valid is not None:
             self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
         self.ranges = [self.ranges[int(i)] for i in beam_idx.tolist()]
-        self.rows_alike = len(set(self.ranges)) == 1
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("ringattn's RingCache does not support assisted or speculative decoding yet")
@@ -242,7 +245,6 @@ def _before_prefill(decoder, kwargs, cache, b, n, error, s, device) -> _Step:
         hi = torch.tensor([r[1] for r in ranges], device=device)[:, None]
         ring.positions, ring.valid, ring.keep_new = pos, (pos[None] >= lo) & (pos[None] < hi), True
         ring.ranges = ranges
-        ring.rows_alike = len(set(ranges)) == 1  # the same on every rank: one decode call for all rows
         kwargs.pop("cache", None)
         kwargs.pop("past_key_values", None)
         kwargs[_cache_key(decoder)] = ring

@@ -213,11 +213,9 @@ class RingTrainer(Trainer):
             raise ValueError("RingTrainer needs Trainer's num_items_in_batch (batches with 'labels')")
         outputs = model(**inputs, use_cache=False)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        flat = logits.flatten(0, 1)
-        if flat.dtype in (torch.float16, torch.bfloat16):
-            flat = flat.float()
-        loss = torch.nn.functional.cross_entropy(flat, shift_labels.flatten().to(flat.device),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        from . import local_loss_sum
+
+        loss = local_loss_sum(logits, shift_labels, IGNORE_INDEX)
         loss = loss / (num_items_in_batch.to(loss) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
         loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
