@@ -188,3 +188,20 @@ def test_trainer_refusals():
         trainer._prepare_context_parallel_inputs(model, {"input_ids": ids, "labels": ids, "shift_labels": ids})
     with pytest.raises(ValueError, match="labels"):
         trainer._prepare_context_parallel_inputs(model, {"input_ids": ids})
+
+
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed"])
+def test_trainer_refuses_fsdp_and_deepspeed(monkeypatch, name):
+    # Both need a GPU world to switch on here; what RingTrainer sees of them is Trainer's flag.
+    init = transformers.Trainer.__init__
+
+    def enabled(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        setattr(self, f"is_{name}_enabled", True)
+
+    monkeypatch.setattr(transformers.Trainer, "__init__", enabled)
+    hf.register(layout="zigzag")
+    model = tiny_model("llama")
+    model.set_attn_implementation("ring")
+    with pytest.raises(ValueError, match=f"Trainer's {name} is not supported yet"):
+        hf.RingTrainer(model=model, args=_args(1, 1, False, 0.0), train_dataset=Rows(4, 61))

@@ -142,6 +142,11 @@ class RingTrainer(Trainer):
             raise ValueError(f"RingTrainer needs a model with a registered ring attention (ringattn.hf.register or "
                              f"setup_context_parallel, then attn_implementation='ring'); the model's is "
                              f"{impl!r}") from None
+        for name in ("fsdp", "deepspeed"):
+            if getattr(self, f"is_{name}_enabled", False):
+                # their gradient reduction and parameter sharding are not the DDP mean the loss is scaled for
+                raise ValueError(f"RingTrainer with Trainer's {name} is not supported yet: for FSDP2 x context "
+                                 "parallelism use ringattn.fsdp in a training loop of your own")
         self.cp_size, self.dp_size, self.dp_rank = _grid(self.ring.group)
         world = dist.get_world_size() if dist.is_initialized() else 1
         if self.accelerator.num_processes != world:
