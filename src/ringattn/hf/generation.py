@@ -63,14 +63,9 @@ class RingCache(Cache):
         self.ranges: list[tuple[int, int]] = []  # each row's unpadded positions [lo, hi) in the prompt
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        while len(self.layers) <= layer_idx:
-            self.layers.append(DynamicLayer())
-        layer = self.layers[layer_idx]
-        if self.keep_new:
-            return layer.update(key_states, value_states)
-        if not layer.is_initialized:  # a rank may own no slot yet: an empty slice of the right shape
-            layer.update(key_states[:, :, :0], value_states[:, :, :0])
-        return layer.keys, layer.values
+        if not self.keep_new:  # another rank keeps this token: add none of it, return this rank's slots
+            key_states, value_states = key_states[:, :, :0], value_states[:, :, :0]
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
