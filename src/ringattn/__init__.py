@@ -1,7 +1,7 @@
 """ringattn: exact Ring Attention and context parallelism for PyTorch, on CPU (gloo) and GPU (NCCL).
 
 The public contract is ``docs/api.md``: ``ring_attention``, ``attention``, ``shard``, ``unshard``,
-``profile`` and ``ringattn.hf.register``.
+``profile``, ``Sharding`` / ``sharding_of`` (what a shard remembers) and ``ringattn.hf.register``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import inspect
 import torch
 
 from . import call as _call
-from .layouts import LAYOUTS, global_positions, shard, unshard
+from .layouts import LAYOUTS, Sharding, global_positions, shard, sharding_of, unshard
 from .modes import BackwardExchange, Layout, Strategy
 from .profiling import Stats, profile
 
-__all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Stats", "Strategy", "attention", "global_positions",
-           "profile", "ring_attention", "shard", "unshard"]
+__all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Sharding", "Stats", "Strategy", "attention",
+           "global_positions", "profile", "ring_attention", "shard", "sharding_of", "unshard"]
 __version__ = "0.1.0"
 
 
