@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import ringattn
 
+from .cases import mesh_for
 from .reference import TOL, attention_ref, dense_mask, rel_err
 
 F64 = torch.float64
@@ -56,23 +57,26 @@ def test_forgotten_init_process_group_is_refused(monkeypatch):
 
 # --- the sharding travels from shard to the call and unshard ----------------------------------------
 
-def _defaults_exact(S: int, layout: str, causal: bool, Lq: int | None):
+def _defaults_exact(S: int, layout: str, causal: bool, Lq: int | None, strategy: str = "ring"):
     """Shard, call and unshard passing nothing but the layout to shard: the tensors carry the rest."""
     q, k, v = full_qkv(S, Lq)
-    qs, ks, vs = (ringattn.shard(t, layout=layout).requires_grad_() for t in (q, k, v))
-    out = ringattn.ring_attention(qs, ks, vs, causal=causal)
-    full = ringattn.unshard(out)
-    ref, _ = reference(q, k, v, causal)
-    assert full.shape == ref.shape, (full.shape, ref.shape)
+    mesh = mesh_for((2, 2)) if strategy == "hybrid" else None
+    qs, ks, vs = (ringattn.shard(t, layout=layout, mesh=mesh).requires_grad_() for t in (q, k, v))
+    out, lse = ringattn.attention(qs, ks, vs, causal=causal, strategy=strategy, mesh=mesh, return_lse=True)
+    full, full_lse = ringattn.unshard(out), ringattn.unshard(lse)
+    ref, ref_lse = reference(q, k, v, causal)
+    assert full.shape == ref.shape and full_lse.shape == ref_lse.shape, (full.shape, ref.shape)
     out.sum().backward()  # the remembered sharding does not get in autograd's way
-    return rel_err(full, ref)
+    return max(rel_err(full, ref), rel_err(full_lse, ref_lse))
 
 
-@pytest.mark.parametrize("world,layout,causal,Lq", [(2, "zigzag", False, None), (2, "zigzag", True, None),
-                                                    (2, "contiguous", False, None), (3, "zigzag", True, None),
-                                                    (2, "zigzag", True, 21), (3, "striped", False, None)])
-def test_call_and_unshard_take_the_sharding_from_the_tensors(ranks, world, layout, causal, Lq):
-    errs = ranks.run(world, _defaults_exact, 61, layout, causal, Lq)
+@pytest.mark.parametrize("world,layout,causal,Lq,strategy", [
+    (2, "zigzag", False, None, "ring"), (2, "zigzag", True, None, "ring"), (2, "contiguous", False, None, "ring"),
+    (3, "zigzag", True, None, "ring"), (2, "zigzag", True, 21, "ring"), (3, "striped", False, None, "ring"),
+    (2, "zigzag", True, None, "allgather"), (2, "zigzag", True, None, "ulysses"), (4, "zigzag", True, None, "hybrid"),
+])
+def test_call_and_unshard_take_the_sharding_from_the_tensors(ranks, world, layout, causal, Lq, strategy):
+    errs = ranks.run(world, _defaults_exact, 61, layout, causal, Lq, strategy)
     assert max(errs) < TOL[F64], errs
 
 
@@ -148,6 +152,18 @@ def _mistakes() -> dict[str, str]:
     # After all of that the group still works.
     out["after"] = rel_err(ringattn.unshard(ringattn.ring_attention(qs, ks, vs)), reference(q, k, v)[0])
     return out
+
+
+def _mesh_mistake() -> str:
+    q, k, v = full_qkv(61)
+    return raised(ringattn.attention, *(ringattn.shard(t, layout="zigzag") for t in (q, k, v)), strategy="hybrid",
+                  mesh=mesh_for((2, 2)))
+
+
+def test_shards_of_the_group_called_on_a_mesh_are_refused(ranks):
+    for msg in ranks.run(4, _mesh_mistake):
+        assert "sharded by ringattn.shard over a group where this process is" in msg, msg
+        assert "but the call's mesh (ring rank, ring size, ulysses rank, ulysses size) is" in msg, msg
 
 
 def test_contradicting_the_sharding_is_an_error_on_every_rank(ranks):

@@ -340,7 +340,7 @@ def remembered(q, k, v, options: dict[str, Any]) -> tuple[dict[str, Any], Shardi
         elif document_rows(given) not in (s.documents, None):
             raise ValueError(f"attention: q, k, v were sharded by ringattn.shard with the documents "
                              f"cu_seqlens={documents_text(s.documents)}, not the ones "
-                             "passed here: leave cu_seqlens out (the tensors remember them) or pass the same")
+                             "passed here: leave cu_seqlens out (what the shards remember is used) or pass the same")
     return out, s
 
 

@@ -434,7 +434,8 @@ def settle(name: str, given, remembered, whose: str, who: str):
         return given
     show = (lambda v: repr(str(v))) if name == "layout" else repr
     raise ValueError(f"{who}: {name}={show(given)} was passed, but {whose} ringattn.shard with "
-                     f"{name}={show(remembered)}: leave {name} out (the tensors remember it) or pass the same")
+                     f"{name}={show(remembered)}: leave {name} out (what the shards remember is used) or pass "
+                     "the same")
 
 
 def settle_len(name: str, given, remembered: int, whose: str, who: str):
@@ -447,7 +448,7 @@ def settle_len(name: str, given, remembered: int, whose: str, who: str):
     if int(given) > remembered:
         raise ValueError(f"{who}: {name}={int(given)} was passed, but {whose} ringattn.shard of {remembered} "
                          f"tokens (the rows past {remembered} are the padding shard added): leave {name} out "
-                         "(the tensors remember it) or pass at most that")
+                         "(what the shards remember is used) or pass at most that")
     return given
 
 
@@ -593,14 +594,14 @@ def unshard(x: torch.Tensor, *, group=None, layout: str | None = None, dim: int 
         elif place_of(group, mesh) != s.place:
             raise ValueError(f"unshard: x was sharded over a group where this process is {s.place} (rank, world), "
                              f"but the group or mesh passed here makes it {place_of(group, mesh)}: leave group / "
-                             "mesh out (the tensor remembers them) or pass the same")
+                             "mesh out (what the shard remembers is used) or pass the same")
         if s.documents is not None:
             if cu_seqlens is None:
                 cu_seqlens = s.cu_seqlens
             elif document_rows(cu_seqlens) != s.documents:
                 raise ValueError(f"unshard: x was sharded by ringattn.shard with the documents cu_seqlens="
                                  f"{documents_text(s.documents)}, not the ones passed here: leave cu_seqlens out "
-                                 "(the tensor remembers them) or pass the same")
+                                 "(what the shard remembers is used) or pass the same")
     layout = "contiguous" if layout is None else str(layout) if isinstance(layout, Layout) else layout
     dim = 1 if dim is None else dim
     check_layout(layout)
