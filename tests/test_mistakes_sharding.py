@@ -105,6 +105,31 @@ def test_plain_tensors_and_explicit_arguments_still_work(ranks):
         assert max(errs) < TOL[F64], errs
 
 
+def _kept_explicitly():
+    """Copies forget; the Sharding kept from a shard stands in for what they forgot."""
+    S = 61
+    q, k, v = full_qkv(S)
+    qs, ks, vs = (ringattn.shard(t, layout="zigzag") for t in (q, k, v))
+    kept = ringattn.sharding_of(ks)
+    copies = [t.clone() for t in (qs, ks, vs)]
+    out = ringattn.ring_attention(*copies, sharding=kept, causal=True)
+    err = rel_err(ringattn.unshard(out), reference(q, k, v, True)[0])
+    err = max(err, rel_err(kept.unshard(out.detach()), reference(q, k, v, True)[0]))
+    wrong = raised(ringattn.ring_attention, qs, ks, vs, sharding=ringattn.sharding_of(ringattn.shard(k)))
+    try:
+        ringattn.ring_attention(*copies, sharding="zigzag")
+    except TypeError as e:
+        kind = str(e)
+    return err, wrong, kind
+
+
+def test_a_kept_sharding_stands_in_for_what_copies_forget(ranks):
+    for err, wrong, kind in ranks.run(2, _kept_explicitly):
+        assert err < TOL[F64], err
+        assert "sharding= says layout='contiguous'" in wrong and "but k remembers layout='zigzag'" in wrong, wrong
+        assert "sharding must be a ringattn.Sharding" in kind, kind
+
+
 def _balanced_and_uneven():
     S = 61
     cu = torch.tensor([0, 40, 61])

@@ -63,6 +63,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             ``"causal"`` (bottom-right), ``"inv-causal"`` or ``"bi-causal"``; their union is visible.
         uneven: ranks hold their ``ringattn.layouts.uneven_lengths`` share of ``seq_len`` (required), no
             padding (``ringattn.shard(..., uneven=True)``).
+        sharding: a ``ringattn.Sharding`` kept from a shard (``ringattn.sharding_of``), for k and v (and q
+            unless it remembers its own) that no longer remember it (copies).
 
     Tensors made by ``ringattn.shard`` (and views of them) remember how (``ringattn.sharding_of``):
     ``layout``, ``seq_len``, ``q_seq_len``, ``uneven`` and the balanced layout's ``cu_seqlens`` left out

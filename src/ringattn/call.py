@@ -73,6 +73,7 @@ class Options:
     mask_mod: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     slices: Sequence[tuple[tuple[int, int], tuple[int, int], str]] | None = None
     uneven: bool = False
+    sharding: Sharding | None = None  # what a copy of a shard no longer remembers (``remembered``)
 
 
 # Keywords that tune one kind of strategy, and the strategies that take a non-default value.
@@ -297,11 +298,23 @@ def _raise(error: Exception):
 
 
 def remembered(q, k, v, options: dict[str, Any]) -> tuple[dict[str, Any], Sharding | None]:
-    """``options`` with what q, k and v remember of ``ringattn.shard`` (``layouts.sharding_of``) filled in
-    where nothing was passed, and the keys' sharding (else the queries'); an error where what was passed
-    contradicts it, where k and v (or q and k, beyond their lengths) were sharded differently, or where the
-    sequence is not in dim 1. Plain tensors leave ``options`` as they are."""
+    """``options`` with what q, k and v remember of ``ringattn.shard`` (``layouts.sharding_of``; ``sharding=``
+    for k and v that do not) filled in where nothing was passed, and the keys' sharding (else the
+    queries'); an error where what was passed contradicts it, where k and v (or q and k, beyond their
+    lengths) were sharded differently, or where the sequence is not in dim 1. Plain tensors leave
+    ``options`` as they are."""
+    options = dict(options)
     tags = {name: sharding_of(t) for name, t in (("q", q), ("k", k), ("v", v))}
+    kept = options.pop("sharding", None)
+    if kept is not None:
+        if not isinstance(kept, Sharding):
+            raise TypeError(f"sharding must be a ringattn.Sharding (what ringattn.sharding_of returns for a shard), "
+                            f"got {type(kept).__name__}")
+        for name in ("k", "v"):
+            if tags[name] is not None and tags[name] != kept:
+                raise ValueError(f"sharding= says {kept.describe()}, but {name} remembers {tags[name].describe()}; "
+                                 "leave sharding out or pass the one the shards remember")
+            tags[name] = kept
     for name, s in tags.items():
         if s is not None and s.dim != 1:
             raise ValueError(f"{name} holds its sequence in dim {s.dim} (it is ringattn.shard(..., dim={s.dim}) or "
@@ -320,7 +333,7 @@ def remembered(q, k, v, options: dict[str, Any]) -> tuple[dict[str, Any], Shardi
     if s is None:
         return options, None
     whose, who = "q, k, v were sharded by", "attention"
-    out = dict(options)
+    out = options
     out["layout"] = settle("layout", options.get("layout"), s.layout, whose, who)
     if options.get("uneven") is not None or s.uneven:
         out["uneven"] = settle("uneven", options.get("uneven"), s.uneven, whose, who)
@@ -349,7 +362,7 @@ def misplaced(s: Sharding, topo: Topology) -> ValueError | None:
     process: their positions would not be the ones the call computes."""
     here = ((topo.rank, topo.world, topo.head_rank, topo.head_world) if topo.mesh is not None
             else (topo.rank, topo.world))
-    if (s.mesh is not None) == (topo.mesh is not None) and s.place == here:
+    if s.place is None or (s.mesh is not None) == (topo.mesh is not None) and s.place == here:
         return None
     what = "mesh (ring rank, ring size, ulysses rank, ulysses size)" if topo.mesh is not None else "group (rank, world)"
     made = "mesh" if s.mesh is not None else "group"

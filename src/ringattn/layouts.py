@@ -337,7 +337,8 @@ class Sharding:
     ``seq_len``: the real length (what was sharded, before padding; for a call's output its real queries);
     ``dim``: the sequence dimension; ``documents``: the balanced layout's document boundaries, one tuple per
     batch row or a single one for every row (None for the other layouts); ``place``: this process's (rank,
-    world) in ``group``, or (ring rank, ring size, ulysses rank, ulysses size) in ``mesh``.
+    world) in ``group``, or (ring rank, ring size, ulysses rank, ulysses size) in ``mesh`` (None: not
+    checked, for one made by hand).
     """
 
     layout: str
@@ -345,7 +346,7 @@ class Sharding:
     dim: int = 1
     uneven: bool = False
     documents: tuple[tuple[int, ...], ...] | None = None
-    place: tuple[int, ...] = (0, 1)
+    place: tuple[int, ...] | None = None
     group: object = dataclasses.field(default=None, compare=False, repr=False)
     mesh: object = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -358,6 +359,8 @@ class Sharding:
             text += f", cu_seqlens={documents_text(self.documents)}"
         if self.dim != 1:
             text += f", dim={self.dim}"
+        if self.place is None:
+            return text
         where = "mesh (ring rank, ring size, ulysses rank, ulysses size)" if self.mesh is not None else "group"
         return text + f", {where} {self.place}"
 
@@ -591,7 +594,7 @@ def unshard(x: torch.Tensor, *, group=None, layout: str | None = None, dim: int 
         seq_len = settle_len("seq_len", seq_len, s.seq_len, whose, who)
         if group is None and mesh is None:
             group, mesh = s.group, s.mesh
-        elif place_of(group, mesh) != s.place:
+        elif s.place is not None and place_of(group, mesh) != s.place:
             raise ValueError(f"unshard: x was sharded over a group where this process is {s.place} (rank, world), "
                              f"but the group or mesh passed here makes it {place_of(group, mesh)}: leave group / "
                              "mesh out (what the shard remembers is used) or pass the same")
