@@ -50,7 +50,8 @@ def test_partial_requires_grad(ranks, which):
 
 def no_grad_calls() -> float:
     g = torch.Generator().manual_seed(4)
-    q, k, v = (ringattn.shard(torch.randn(2, 30, 2, 8, generator=g, dtype=F64)).requires_grad_() for _ in range(3))
+    q, k, v = (ringattn.shard(torch.randn(2, 30, 2, 8, generator=g, dtype=F64), layout="striped").requires_grad_()
+               for _ in range(3))
     out = ringattn.ring_attention(q, k, v, causal=True, layout="striped", seq_len=29)
     with torch.no_grad():
         a = ringattn.ring_attention(q, k, v, causal=True, layout="striped", seq_len=29)

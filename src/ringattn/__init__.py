@@ -1,7 +1,7 @@
 """ringattn: exact Ring Attention and context parallelism for PyTorch, on CPU (gloo) and GPU (NCCL).
 
 The public contract is ``docs/api.md``: ``ring_attention``, ``attention``, ``shard``, ``unshard``,
-``profile`` and ``ringattn.hf.register``.
+``profile``, ``Sharding`` / ``sharding_of`` (what a shard remembers) and ``ringattn.hf.register``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import inspect
 import torch
 
 from . import call as _call
-from .layouts import LAYOUTS, global_positions, shard, unshard
+from .layouts import LAYOUTS, Sharding, global_positions, shard, sharding_of, unshard
 from .modes import BackwardExchange, Layout, Strategy
 from .profiling import Stats, profile
 
-__all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Stats", "Strategy", "attention", "global_positions",
-           "profile", "ring_attention", "shard", "unshard"]
+__all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Sharding", "Stats", "Strategy", "attention",
+           "global_positions", "profile", "ring_attention", "shard", "sharding_of", "unshard"]
 __version__ = "0.1.0"
 
 
@@ -35,9 +35,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         window: ``(left, right)``: keep ``i - left <= j <= i + right``; -1 = unbounded on that side.
         layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or ``"balanced"`` (``ringattn.Layout``):
             which global positions each rank holds (see ``ringattn.shard``; balanced places them by the
-            documents of ``cu_seqlens``).
+            documents of ``cu_seqlens``). Left out: what q, k, v remember (below), else contiguous.
         seq_len: the true global length; positions ``>= seq_len`` are padding, never attended to.
-            None = ``world * local_len``.
+            None = what k and v remember, else ``world * local_len``.
         q_seq_len: the number of real queries, which are the *last* ``q_seq_len`` of the ``seq_len`` key
             positions (bottom-right causal: chunked prefill). q is sharded like k, same layout, over its
             own rows (``ringattn.shard`` of the full queries); query rows past ``q_seq_len`` are padding.
@@ -63,10 +63,20 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             ``"causal"`` (bottom-right), ``"inv-causal"`` or ``"bi-causal"``; their union is visible.
         uneven: ranks hold their ``ringattn.layouts.uneven_lengths`` share of ``seq_len`` (required), no
             padding (``ringattn.shard(..., uneven=True)``).
+        sharding: a ``ringattn.Sharding`` kept from a shard (``ringattn.sharding_of``), for k and v (and q
+            unless it remembers its own) that no longer remember it (copies).
+
+    Tensors made by ``ringattn.shard`` (and views of them) remember how (``ringattn.sharding_of``):
+    ``layout``, ``seq_len``, ``q_seq_len``, ``uneven`` and the balanced layout's ``cu_seqlens`` left out
+    are taken from them; a value passed that contradicts them (a ``seq_len`` past the length sharded, or
+    anything else that differs), q, k, v sharded differently, or a sequence not in dim 1 is an error on
+    every rank.
 
     Returns:
         ``out`` ``(batch, q_local_len, heads, v_head_dim)`` in q's dtype, or ``(out, lse)``. Rows that see
         no key (padding under a document mask) are 0 with lse ``-inf``. Differentiable in q, k and v.
+        Both remember the call's sharding of the query rows, so ``ringattn.unshard(out)`` needs no
+        arguments.
     """
     return _call.enter(q, k, v, strategy=Strategy.RING, group=group, **options)
 

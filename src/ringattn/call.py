@@ -9,6 +9,7 @@ Adding a keyword is one field of ``Options`` (plus its check in ``_build``): ``r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,21 @@ import torch
 from . import profiling
 from .comm import group_rank_world
 from .kernels import BACKENDS, Backend, select
-from .layouts import Uneven, effective_layout, mesh_coords, mesh_dims, uneven_lengths
+from .layouts import (
+    Sharding,
+    Uneven,
+    check_distributed,
+    document_rows,
+    documents_text,
+    effective_layout,
+    mesh_coords,
+    mesh_dims,
+    remember,
+    settle,
+    settle_len,
+    sharding_of,
+    uneven_lengths,
+)
 from .masks import MaskSpec, RowHeadMask, takes_four
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
@@ -58,6 +73,7 @@ class Options:
     mask_mod: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     slices: Sequence[tuple[tuple[int, int], tuple[int, int], str]] | None = None
     uneven: bool = False
+    sharding: Sharding | None = None  # what a copy of a shard no longer remembers (``remembered``)
 
 
 # Keywords that tune one kind of strategy, and the strategies that take a non-default value.
@@ -247,19 +263,130 @@ def checked(make: Callable[[], tuple[Any, str]], groups, like) -> Any:
 
 def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh=None, **options):
     """``ringattn.attention``: validate, agree, choose the backend once, and run the strategy."""
+    check_distributed()
     strategy = choose(Strategy, strategy, "strategy")
+    try:
+        options, sharded = remembered(q, k, v, options)
+        problem = None
+    except Exception as e:  # noqa: BLE001 - raised below on every rank together, at the agreement
+        sharded, problem = None, e
     if strategy is Strategy.AUTO:
-        strategy = resolve_auto(q, k, v, group=group, mesh=mesh, **options)
-        options = {key: val for key, val in options.items()
-                   if key not in TUNING or strategy in TUNING[key][1] or val == TUNING[key][0]}
+        if problem is None:
+            strategy = resolve_auto(q, k, v, group=group, mesh=mesh, **options)
+            options = {key: val for key, val in options.items()
+                       if key not in TUNING or strategy in TUNING[key][1] or val == TUNING[key][0]}
+        else:  # the strategy "auto" falls back to for arguments it cannot plan
+            strategy = Strategy.HYBRID if mesh is not None else Strategy.RING
     topo = topology(strategy, group, mesh)
+    if problem is None and sharded is not None:
+        problem = misplaced(sharded, topo)
+    if problem is not None:
+        checked(functools.partial(_raise, problem), topo.agree_over, q)
     if options.get("uneven"):
-        return _enter_uneven(q, k, v, strategy, topo, options)
-    if isinstance(options.get("cu_seqlens"), (list, tuple)) or takes_four(options.get("mask_mod")):
-        return _enter_parts(q, k, v, strategy, topo, options)
-    call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
-    out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
-    return (out, lse) if call.options.return_lse else out
+        out = _enter_uneven(q, k, v, strategy, topo, options)
+    elif isinstance(options.get("cu_seqlens"), (list, tuple)) or takes_four(options.get("mask_mod")):
+        out = _enter_parts(q, k, v, strategy, topo, options)
+    else:
+        call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
+        out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
+        out = (out, lse) if call.options.return_lse else out
+    return _remembering(out, topo, options, q.shape[1], k.shape[1])
+
+
+def _raise(error: Exception):
+    raise error
+
+
+def remembered(q, k, v, options: dict[str, Any]) -> tuple[dict[str, Any], Sharding | None]:
+    """``options`` with what q, k and v remember of ``ringattn.shard`` (``layouts.sharding_of``; ``sharding=``
+    for k and v that do not) filled in where nothing was passed, and the keys' sharding (else the
+    queries'); an error where what was passed contradicts it, where k and v (or q and k, beyond their
+    lengths) were sharded differently, or where the sequence is not in dim 1. Plain tensors leave
+    ``options`` as they are."""
+    options = dict(options)
+    tags = {name: sharding_of(t) for name, t in (("q", q), ("k", k), ("v", v))}
+    kept = options.pop("sharding", None)
+    if kept is not None:
+        if not isinstance(kept, Sharding):
+            raise TypeError(f"sharding must be a ringattn.Sharding (what ringattn.sharding_of returns for a shard), "
+                            f"got {type(kept).__name__}")
+        for name in ("k", "v"):
+            if tags[name] is not None and tags[name] != kept:
+                raise ValueError(f"sharding= says {kept.describe()}, but {name} remembers {tags[name].describe()}; "
+                                 "leave sharding out or pass the one the shards remember")
+            tags[name] = kept
+    for name, s in tags.items():
+        if s is not None and s.dim != 1:
+            raise ValueError(f"{name} holds its sequence in dim {s.dim} (it is ringattn.shard(..., dim={s.dim}) or "
+                             "a transpose of a shard), but attention takes (batch, local_len, heads, head_dim), the "
+                             "sequence in dim 1: shard (batch, seq, heads, head_dim) tensors along dim=1 (for "
+                             "SDPA's (batch, heads, seq, head_dim), .transpose(1, 2) before shard)")
+    sq, sk, sv = tags["q"], tags["k"], tags["v"]
+    if sk is not None and sv is not None and sk != sv:
+        raise ValueError(f"k and v were sharded differently: k with {sk.describe()}, v with {sv.describe()}; "
+                         "shard them alike")
+    sk = sk or sv
+    if sq is not None and sk is not None and dataclasses.replace(sq, seq_len=sk.seq_len) != sk:
+        raise ValueError(f"q and k were sharded differently: q with {sq.describe()}, k with {sk.describe()}; shard "
+                         "q, k and v alike (only their lengths may differ: fewer queries are the last q_seq_len)")
+    s = sk or sq
+    if s is None:
+        return options, None
+    whose, who = "q, k, v were sharded by", "attention"
+    out = options
+    out["layout"] = settle("layout", options.get("layout"), s.layout, whose, who)
+    if options.get("uneven") is not None or s.uneven:
+        out["uneven"] = settle("uneven", options.get("uneven"), s.uneven, whose, who)
+    keys = sk if sk is not None else (sq if q.shape[1] == k.shape[1] else None)
+    if keys is not None:
+        ends = {b[-1] for b in keys.documents or ()}
+        real = ends.pop() if len(ends) == 1 else keys.seq_len  # the documents end where the tokens do
+        out["seq_len"] = settle_len("seq_len", options.get("seq_len"), real, whose, who)
+    if sq is not None and (sk is None or sq.seq_len != sk.seq_len):
+        out["q_seq_len"] = settle_len("q_seq_len", options.get("q_seq_len"), sq.seq_len, "q was sharded by", who)
+    if s.documents is not None:
+        given = options.get("cu_seqlens")
+        if given is None:
+            docs = [torch.tensor(b, dtype=torch.int64) for b in s.documents]
+            out["cu_seqlens"] = docs * q.shape[0] if len(docs) == 1 and q.shape[0] > 1 else \
+                docs if len(docs) > 1 else docs[0]
+        elif document_rows(given) not in (s.documents, None):
+            raise ValueError(f"attention: q, k, v were sharded by ringattn.shard with the documents "
+                             f"cu_seqlens={documents_text(s.documents)}, not the ones "
+                             "passed here: leave cu_seqlens out (what the shards remember is used) or pass the same")
+    return out, s
+
+
+def misplaced(s: Sharding, topo: Topology) -> ValueError | None:
+    """An error where q, k, v were sharded for another place than the call's group (or mesh) gives this
+    process: their positions would not be the ones the call computes."""
+    here = ((topo.rank, topo.world, topo.head_rank, topo.head_world) if topo.mesh is not None
+            else (topo.rank, topo.world))
+    if s.place is None or (s.mesh is not None) == (topo.mesh is not None) and s.place == here:
+        return None
+    what = "mesh (ring rank, ring size, ulysses rank, ulysses size)" if topo.mesh is not None else "group (rank, world)"
+    made = "mesh" if s.mesh is not None else "group"
+    return ValueError(f"attention: q, k, v were sharded by ringattn.shard over a {made} where this process is "
+                      f"{s.place}, but the call's {what} is {here}: shard and call over the same group (or mesh)")
+
+
+def _remembering(out, topo: Topology, options: dict[str, Any], q_rows: int, k_rows: int):
+    """The call's output (and lse) remembering its sharding: the real query rows in the call's layout, so
+    that ``unshard(out)`` needs no arguments."""
+    layout = choose(Layout, options.get("layout", Layout.CONTIGUOUS), "layout")
+    n = options.get("q_seq_len")
+    if n is None and q_rows == k_rows:
+        n = options.get("seq_len")
+    if n is None:  # every query row is real
+        n = topo.world * topo.block_rows * q_rows
+    docs = document_rows(options.get("cu_seqlens")) if layout == "balanced" else None
+    place = ((topo.rank, topo.world, topo.head_rank, topo.head_world) if topo.mesh is not None
+             else (topo.rank, topo.world))
+    group = None if topo.mesh is not None else topo.group
+    s = Sharding(str(layout), int(n), 1, bool(options.get("uneven")), docs, place, group, topo.mesh)
+    if isinstance(out, tuple):
+        return remember(out[0], s), remember(out[1], dataclasses.replace(s, dim=2))
+    return remember(out, s)
 
 
 def uneven_inputs(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
