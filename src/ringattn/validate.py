@@ -97,17 +97,21 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     if cu_seqlens is not None:
         bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
     return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds,
-                    chunk=check_chunk_size(chunk_size), positional=positional, mask_mod=check_mask_mod(mask_mod),
-                    slices=check_slices(slices, total))
+                    chunk=check_chunk_size(chunk_size), positional=positional,
+                    mask_mod=check_mask_mod(mask_mod, seq_len), slices=check_slices(slices, total))
 
 
-def check_mask_mod(fn) -> MaskMod | None:
-    """A callable that maps broadcastable int64 position tensors to a bool tensor of their broadcast shape."""
+def check_mask_mod(fn, seq_len: int | None = None) -> MaskMod | None:
+    """A callable that maps broadcastable int64 position tensors to a bool tensor of their broadcast shape,
+    probed at positions below ``seq_len`` only (a mask may index a table of ``seq_len`` entries)."""
     if fn is None:
         return None
     if not callable(fn):
         raise TypeError(f"mask_mod must be a callable fn(q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
-    probe_q, probe_k = torch.arange(3)[:, None], torch.arange(2)[None, :]
+    if seq_len is not None and seq_len < 1:
+        return MaskMod(fn)  # no position to ask about: it is never called
+    top = 2 if seq_len is None else min(2, seq_len - 1)
+    probe_q, probe_k = torch.arange(3).clamp(max=top)[:, None], torch.arange(2).clamp(max=top)[None, :]
     try:
         keep = fn(probe_q, probe_k)
     except Exception as e:  # noqa: BLE001 - reported as the user's function failing, whatever it raised
