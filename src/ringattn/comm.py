@@ -10,6 +10,8 @@ checks that no two ranks can wait on each other).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import torch
@@ -26,6 +28,51 @@ def group_rank_world(group=None) -> tuple[int, int]:
     if not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+class ConcurrentCallError(RuntimeError):
+    """A ringattn call on a process group another thread of this process is using."""
+
+
+# Process group -> (thread, depth) of the ringattn call in it. Two calls on one group at once post
+# collectives and exchanges whose order the peers cannot match (gloo pairs them by tag and order), so
+# they hang until the timeout and then look like a dead peer: the second is refused instead.
+_IN_USE: dict = {}
+_IN_USE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(groups, what: str = "ringattn call"):
+    """Hold ``groups`` (a group, None = the default one, or several) for one thread during a call; a call
+    from another thread while one is inside raises ``ConcurrentCallError`` at once, before it
+    communicates (and before it counts as a call: its peers are not put out of step). The same thread
+    may enter again (a checkpointed forward recomputed inside a backward)."""
+    groups = tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    pgs = list(dict.fromkeys(g if g is not None else dist.group.WORLD for g in groups))
+    me = threading.current_thread()
+    with _IN_USE_LOCK:
+        for pg in pgs:
+            owner = _IN_USE.get(pg)
+            if owner is not None and owner[0] is not me:
+                raise ConcurrentCallError(
+                    f"ringattn: a {what} on a process group that thread {owner[0].name!r} of this process is "
+                    f"using (this is thread {me.name!r}); ringattn calls on one group must come one at a "
+                    "time: call from one thread, or give each thread its own group (dist.new_group)")
+        for pg in pgs:
+            _IN_USE[pg] = (me, _IN_USE.get(pg, (me, 0))[1] + 1)
+    try:
+        yield
+    finally:
+        with _IN_USE_LOCK:
+            for pg in pgs:
+                owner, depth = _IN_USE[pg]
+                if depth > 1:
+                    _IN_USE[pg] = (owner, depth - 1)
+                else:
+                    del _IN_USE[pg]
 
 
 def first_line(e: BaseException) -> str:

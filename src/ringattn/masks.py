@@ -200,11 +200,19 @@ class MaskMod:
         return f"mask_mod={getattr(self.fn, '__module__', '?')}.{self.fn.__qualname__}"
 
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        keep = self.fn(q_pos, k_pos)
+        try:
+            keep = self.fn(q_pos, k_pos)
+        except Exception as e:  # noqa: BLE001 - whatever it raised, it is the user's function that failed
+            raise ValueError(f"{self!r} raised when asked about query positions {_span(q_pos)} and key positions "
+                             f"{_span(k_pos)}: {type(e).__name__}: {e}") from e
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
             raise TypeError(f"{self!r} must return a bool tensor, got "
                             f"{getattr(keep, 'dtype', type(keep).__name__)}")
         return keep
+
+
+def _span(pos: torch.Tensor) -> str:
+    return f"[{int(pos.min())}, {int(pos.max())}]" if pos.numel() else "(none)"
 
 
 def takes_four(fn) -> bool:

@@ -194,14 +194,26 @@ def _start_scatter(gk, gv, w: int, call: GatherCall):
     return work, res, kshape
 
 
+def _segments(call: AttentionCall, q_len: int, k_len: int, device):
+    """(this rank's query segments, the gathered keys' segments in kernel row order, their permutation)."""
+    topo, bounds = call.topo, call.spec.doc_bounds
+    ksegs, to_global = _key_layout(call.layout, topo.world, k_len, device, bounds)
+    qsegs = query_segments(call.layout, topo.rank, topo.world, q_len, call.q_offset, bounds)
+    if len(ksegs) == 1:
+        ksegs = cut_at(ksegs[0], qsegs)
+    return qsegs, ksegs, to_global
+
+
+def plan(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
+    """This rank's kernel tasks (what ``run`` computes), without running anything."""
+    qsegs, ksegs, _ = _segments(call, q_len, k_len, "cpu")
+    return plan_block(call.spec, qsegs, ksegs, call.backend.caps)
+
+
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """Gather K/V chunk by chunk and attend; (out, lse), differentiable."""
     topo = call.topo
-    bounds = call.spec.doc_bounds
-    ksegs, to_global = _key_layout(call.layout, topo.world, k.shape[1], q.device, bounds)
-    qsegs = query_segments(call.layout, topo.rank, topo.world, q.shape[1], call.q_offset, bounds)
-    if len(ksegs) == 1:
-        ksegs = cut_at(ksegs[0], qsegs)
+    qsegs, ksegs, to_global = _segments(call, q.shape[1], k.shape[1], q.device)
     per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)
     gather = GatherCall(call, qsegs, ksegs, head_chunks(k.shape[2], per), to_global)
     return SavedAttention.apply(q, k, v, call.sinks, _forward, _backward, gather)
