@@ -212,3 +212,47 @@ def test_two_threads_on_one_group_are_refused_at_once(ranks):
         assert kind == "ConcurrentCallError" and secs < 5, second
         assert "thread 'first'" in msg and "one at a time" in msg and "dist.new_group" in msg, msg
         assert same
+
+
+# --- a failure after the agreement ------------------------------------------------------------------------
+
+def fails_mid_call(strategy: str, where: str):
+    """Rank 1's first kernel call (forward or backward) raises, as an out-of-memory would."""
+    from ringattn import strategies
+
+    module = getattr(strategies, strategy)
+    name = "run_forward" if where == "forward" else "run_backward"
+    real = getattr(module, name)
+
+    def flaky(*a, **k):
+        if dist.get_rank() == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **k)
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 16, 6, 8, dtype=F64, generator=g, requires_grad=True)
+    setattr(module, name, flaky)
+    t0 = time.perf_counter()
+    try:
+        ringattn.attention(q, q, q, causal=True, strategy=strategy).sum().backward()
+    except RuntimeError as e:
+        return type(e).__name__, str(e), time.perf_counter() - t0
+    finally:
+        setattr(module, name, real)
+    return None, None, time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("strategy,where", [("ring", "forward"), ("ring", "backward"), ("allgather", "forward"),
+                                            ("allgather", "backward"), ("ulysses", "backward")])
+def test_a_failure_on_one_rank_after_the_agreement_ends_the_call_everywhere(ranks, strategy, where):
+    what = {"ring": "ring", "allgather": "all-gather", "ulysses": "ulysses"}[strategy]
+    for rank, (kind, msg, secs) in enumerate(ranks.run(3, fails_mid_call, strategy, where)):
+        assert kind is not None and secs < 10, (rank, msg, secs)
+        if rank == 1:
+            assert msg == "out of memory (simulated)", msg
+        else:
+            assert kind == "CallAbandoned" and f"{what} {where} failed on another rank" in msg, msg
+            assert "rank 1: RuntimeError: out of memory (simulated)" in msg, msg
+    # Every exchange was completed: the group serves the next calls.
+    case = Case(seq_len=20, causal=True, strategy=strategy, heads=6, kv_heads=3)
+    assert_close(ranks.run(3, run_case, case), case)
