@@ -217,8 +217,8 @@ def describe_mask(spec: MaskSpec, block: int, device) -> str:
     about the same probe pairs (see ``probe_positions``) and the answers' digest is compared, so ranks that
     pass different functions (or one closure over different tables) disagree before anything runs. Slices
     by value: their count and a digest of every range and kind."""
-    window = "none" if spec.window is None else spec.window
-    docs = "none" if spec.doc_bounds is None else f"{len(spec.doc_bounds) - 1}docs:{_crc(spec.doc_bounds)}"
+    window = "None" if spec.window is None else spec.window
+    docs = "None" if spec.doc_bounds is None else f"{len(spec.doc_bounds) - 1}docs:{_crc(spec.doc_bounds)}"
     text = (f"seq_len={spec.seq_len} causal={spec.causal} window={window} cu_seqlens={docs} "
             f"chunk_size={spec.chunk} positional={spec.positional}")
     if spec.mask_mod is not None:
