@@ -15,7 +15,7 @@ import ringattn
 from ringattn import masks
 from ringattn.masks import MaskSpec
 
-from .cases import Case, assert_close, run_case
+from .cases import Case, assert_close, mesh_for, run_case
 
 F64 = torch.float64
 N = 61  # odd: zigzag, balanced and uneven blocks all end in padding or uneven lengths
@@ -103,8 +103,8 @@ def layout_differs():
 
 def test_disagreement_names_the_field_and_the_ranks(ranks):
     for msg in ranks.run(3, layout_differs):
-        assert msg.startswith("ranks disagree on the attention call: layout: 'striped' on rank 0, 'zigzag' on "
-                              "ranks 1, 2. "), msg
+        assert msg.startswith("ranks disagree on the attention call: layout='striped' on rank 0, layout='zigzag' "
+                              "on ranks 1, 2. "), msg
         assert "<" not in msg and len(msg) < 300, msg
 
 
@@ -220,7 +220,7 @@ def fails_mid_call(strategy: str, where: str):
     """Rank 1's first kernel call (forward or backward) raises, as an out-of-memory would."""
     from ringattn import strategies
 
-    module = getattr(strategies, strategy)
+    module = getattr(strategies, "ring" if strategy == "hybrid" else strategy)
     name = "run_forward" if where == "forward" else "run_backward"
     real = getattr(module, name)
 
@@ -231,10 +231,11 @@ def fails_mid_call(strategy: str, where: str):
 
     g = torch.Generator().manual_seed(2)
     q = torch.randn(1, 16, 6, 8, dtype=F64, generator=g, requires_grad=True)
+    mesh = {"mesh": mesh_for((2, 2))} if strategy == "hybrid" else {}
     setattr(module, name, flaky)
     t0 = time.perf_counter()
     try:
-        ringattn.attention(q, q, q, causal=True, strategy=strategy).sum().backward()
+        ringattn.attention(q, q, q, causal=True, strategy=strategy, **mesh).sum().backward()
     except RuntimeError as e:
         return type(e).__name__, str(e), time.perf_counter() - t0
     finally:
@@ -243,16 +244,20 @@ def fails_mid_call(strategy: str, where: str):
 
 
 @pytest.mark.parametrize("strategy,where", [("ring", "forward"), ("ring", "backward"), ("allgather", "forward"),
-                                            ("allgather", "backward"), ("ulysses", "backward")])
+                                            ("allgather", "backward"), ("ulysses", "backward"),
+                                            ("hybrid", "forward"), ("hybrid", "backward")])
 def test_a_failure_on_one_rank_after_the_agreement_ends_the_call_everywhere(ranks, strategy, where):
-    what = {"ring": "ring", "allgather": "all-gather", "ulysses": "ulysses"}[strategy]
-    for rank, (kind, msg, secs) in enumerate(ranks.run(3, fails_mid_call, strategy, where)):
+    what = {"ring": "ring", "allgather": "all-gather", "ulysses": "ulysses", "hybrid": "ring"}[strategy]
+    world = 4 if strategy == "hybrid" else 3
+    for rank, (kind, msg, secs) in enumerate(ranks.run(world, fails_mid_call, strategy, where)):
         assert kind is not None and secs < 10, (rank, msg, secs)
         if rank == 1:
             assert msg == "out of memory (simulated)", msg
         else:
             assert kind == "CallAbandoned" and f"{what} {where} failed on another rank" in msg, msg
-            assert "rank 1: RuntimeError: out of memory (simulated)" in msg, msg
+            assert strategy == "hybrid" or "rank 1: RuntimeError: out of memory (simulated)" in msg, msg
     # Every exchange was completed: the group serves the next calls.
     case = Case(seq_len=20, causal=True, strategy=strategy, heads=6, kv_heads=3)
-    assert_close(ranks.run(3, run_case, case), case)
+    if strategy == "hybrid":
+        case = Case(seq_len=24, causal=True, strategy=strategy, heads=4, kv_heads=2, extra={"mesh_shape": (2, 2)})
+    assert_close(ranks.run(world, run_case, case), case)

@@ -101,13 +101,18 @@ class Outcome:
     ``CallAbandoned`` naming it). Every exchange completed, so the group is usable for the next call.
     On gloo only: the all-reduce is one more of the agreement's size (about a hundred microseconds); on
     NCCL it would cost a host synchronisation per call, so there a failing rank raises at once and its
-    peers wait for the watchdog's timeout. A failure of the exchange itself (a dead peer) is not caught.
+    peers wait for the watchdog's timeout. Only the kernel calls are guarded: a failure elsewhere between
+    exchanges (allocating an accumulator, a KeyboardInterrupt) and of an exchange itself (a dead peer)
+    still leave the peers to the timeout.
     """
 
-    def __init__(self, group, what: str, device: torch.device):
-        self.group, self.what, self.error = group, what, None
-        _, world = group_rank_world(group)
-        self.settles = world > 1 and device.type == "cpu" and dist.get_backend(group) != "nccl"
+    def __init__(self, groups, what: str, device: torch.device):
+        """``groups``: a group (None = the default one), or several whose union reaches every rank that
+        takes part (the hybrid strategy's Ulysses and ring groups, as in ``validate.agree``)."""
+        groups = tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)
+        self.groups = tuple(g for g in groups if group_rank_world(g)[1] > 1)
+        self.what, self.error = what, None
+        self.settles = bool(self.groups) and device.type == "cpu" and dist.get_backend(self.groups[0]) != "nccl"
 
     @property
     def ok(self) -> bool:
@@ -129,15 +134,21 @@ class Outcome:
             return
         flag = torch.tensor([0 if self.error is None else 1], dtype=torch.int64)
         try:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            for g in self.groups:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g)
         except RuntimeError as e:
             raise PeerError(f"ringattn: the ranks could not settle the {self.what} (a peer rank probably died "
                             f"or timed out): {first_line(e)}") from e
         if not int(flag):
             return
+        if len(self.groups) > 1:  # a mesh: no one group to gather the notes over
+            if self.error is not None:
+                raise self.error
+            raise CallAbandoned(f"ringattn: the {self.what} failed on another rank of the mesh, so every rank "
+                                "abandoned it; the process groups are still usable")
         note = None if self.error is None else f"{type(self.error).__name__}: {first_line(self.error)}"
-        notes: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(notes, note, group=self.group)
+        notes: list = [None] * dist.get_world_size(self.groups[0])
+        dist.all_gather_object(notes, note, group=self.groups[0])
         if self.error is not None:
             raise self.error
         failed = "; ".join(f"rank {r}: {n}" for r, n in enumerate(notes) if n)

@@ -334,9 +334,11 @@ def differences(descriptions: list[str], limit: int = 6) -> str:
         holders: dict = {}
         for r, val in enumerate(values):
             holders.setdefault(val, []).append(r)
-        field = name.removesuffix("_answers")
-        what = " (what it computes on the same probe positions)" if name.endswith("mask_mod_answers") else ""
-        lines.append(f"{field}{what}: " + ", ".join(f"{_shown(val)} on {_ranks(rs)}" for val, rs in holders.items()))
+        if name.endswith("mask_mod_answers"):  # the same name, perhaps, but not the same mask
+            lines.append(f"{name.removesuffix('_answers')} answers differently on the same probe positions: "
+                         + ", ".join(f"{_shown(val)} on {_ranks(rs)}" for val, rs in holders.items()))
+        else:  # as the argument is written: name=value
+            lines.append(", ".join(f"{name}={_shown(val)} on {_ranks(rs)}" for val, rs in holders.items()))
     if not lines:
         return "the descriptions differ in spacing only: " + "; ".join(
             f"rank {r}: {d!r}" for r, d in enumerate(descriptions))

@@ -62,7 +62,7 @@ def _forward(q, k, v, call: AttentionCall):
     plan = plan_for(call, q.shape[1], k.shape[1])
     acc = OutLseAccumulator(q, v.shape[-1])
     cur = (k, v)
-    outcome = Outcome(call.group, "ring forward", q.device)  # Note [A failure after the agreement]
+    outcome = Outcome(call.topo.agree_over, "ring forward", q.device)  # Note [A failure after the agreement]
     for i, o in enumerate(plan.steps):
         pending = _prefetch(ring, plan.steps, i, cur, (k, v))
         tasks = plan.tasks[o]
@@ -118,7 +118,7 @@ class _RingBackward:
         self.dk = GradAccumulator(k.shape, self.acc, q.device)
         self.dv = GradAccumulator(v.shape, self.acc, q.device)
         self.returns: list[_Returned] = []  # posted returns of our own dK/dV tiles, in posting order
-        self.outcome = Outcome(call.group, "ring backward", q.device)  # Note [A failure after the agreement]
+        self.outcome = Outcome(call.topo.agree_over, "ring backward", q.device)  # Note [A failure after the agreement]
 
     def run(self):
         k, v, plan, steps = self.k, self.v, self.plan, self.plan.steps
