@@ -204,10 +204,10 @@ def plan_user_mask(call: AttentionCall, q_len: int, k_len: int) -> None:
     runs), so whatever it raises on some ranks only becomes an agreed error on every rank. Pairs too
     large to classify whole, which a backend masks natively, are evaluated here too, tile by tile.
 
-    What this cannot catch: a mask_mod that answers differently when asked again (not a function of its
-    positions), and failures of anything else once the exchanges start (a kernel, memory); those end the
-    call on the failing rank while its peers wait out the group's timeout (see ``comm.Pending.wait``).
-    Ulysses plans the whole sequence alike on every rank: any error there is every rank's.
+    A mask_mod that answers differently when asked again (not a function of its positions) and failures
+    of anything else once the exchanges start (a kernel, memory) are left to Note [A failure after the
+    agreement] (comm.Outcome). Ulysses plans the whole sequence alike on every rank: any error there is
+    every rank's.
     """
     if call.spec.mask_mod is None:
         return
