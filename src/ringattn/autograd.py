@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .comm import exclusive
 from .scores import merge_sinks
 
 
@@ -38,7 +39,9 @@ class SavedAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         if dlse is not None and not bool((dlse != 0).any()):
             dlse = None
-        dq, dk, dv = ctx.bwd(dout, q, k, v, out, lse, ctx.call, dlse)
+        # The backward communicates on the call's group too: one thread at a time (comm.exclusive).
+        with exclusive(ctx.call.group if hasattr(ctx.call, "group") else ()):
+            dq, dk, dv = ctx.bwd(dout, q, k, v, out, lse, ctx.call, dlse)
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
             dsinks = _sink_grad(dout, out, lse, sinks, dlse)

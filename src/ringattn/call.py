@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import profiling
-from .comm import group_rank_world
+from .comm import exclusive, group_rank_world
 from .kernels import BACKENDS, Backend, select
 from .layouts import (
     Sharding,
@@ -35,10 +35,10 @@ from .layouts import (
     sharding_of,
     uneven_lengths,
 )
-from .masks import MaskSpec, RowHeadMask, takes_four
+from .masks import EVAL_PAIRS, Kind, MaskSpec, RowHeadMask, takes_four
 from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
 from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
-from .strategies import IMPLEMENTATIONS, resolve_auto
+from .strategies import IMPLEMENTATIONS, allgather, resolve_auto, ring
 from .validate import (
     agree,
     call_number,
@@ -202,6 +202,7 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     placed = Uneven(layout, spec.seq_len) if opts.uneven else layout
     call = AttentionCall(strategy, opts, topo, effective_layout(placed, topo.world), spec, scale, backend,
                          q_offset, scores if scores.kinds else None, sinks)
+    plan_user_mask(call, topo.block_rows * q.shape[1], topo.block_rows * k.shape[1])
     desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" q_offset={q_offset}"
             f" backward_exchange={exchange}"
             f" {scores.describe()} sinks={sink_digest(sinks)}"
@@ -210,6 +211,40 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
             f" blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")
     return call, desc
+
+
+def plan_user_mask(call: AttentionCall, q_len: int, k_len: int) -> None:
+    """Plan this rank's blocks now, before the agreement, where a mask_mod makes the plan: planning runs the
+    user's function on every block pair this rank computes (and the cached plan is what the strategy then
+    runs), so whatever it raises on some ranks only becomes an agreed error on every rank. Pairs too
+    large to classify whole, which a backend masks natively, are evaluated here too, tile by tile.
+
+    A mask_mod that answers differently when asked again (not a function of its positions) and failures
+    of anything else once the exchanges start (a kernel, memory) are left to Note [A failure after the
+    agreement] (comm.Outcome). Ulysses plans the whole sequence alike on every rank: any error there is
+    every rank's.
+    """
+    if call.spec.mask_mod is None:
+        return
+    if call.strategy in (Strategy.RING, Strategy.HYBRID):
+        plan = ring.plan_for(call, q_len, k_len)
+        tasks = tuple(t for o in plan.steps for t in plan.tasks[o])
+    elif call.strategy is Strategy.ALLGATHER:
+        tasks = allgather.plan(call, q_len, k_len)
+    else:
+        return
+    _evaluate_large_partials(call.spec, tasks)
+
+
+@functools.lru_cache(maxsize=256)
+def _evaluate_large_partials(spec: MaskSpec, tasks: tuple) -> None:
+    step = int(EVAL_PAIRS ** 0.5)
+    for t in tasks:
+        if t.kind is Kind.PARTIAL and t.qseg.length * t.kseg.length > EVAL_PAIRS:
+            for a in range(0, t.qseg.length, step):
+                for b in range(0, t.kseg.length, step):
+                    spec.tile(t.qseg.sub(a, min(a + step, t.qseg.length)),
+                              t.kseg.sub(b, min(b + step, t.kseg.length)))
 
 
 def _caps_text(caps) -> str:
@@ -280,16 +315,17 @@ def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh
     topo = topology(strategy, group, mesh)
     if problem is None and sharded is not None:
         problem = misplaced(sharded, topo)
-    if problem is not None:
-        checked(functools.partial(_raise, problem), topo.agree_over, q)
-    if options.get("uneven"):
-        out = _enter_uneven(q, k, v, strategy, topo, options)
-    elif isinstance(options.get("cu_seqlens"), (list, tuple)) or takes_four(options.get("mask_mod")):
-        out = _enter_parts(q, k, v, strategy, topo, options)
-    else:
-        call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
-        out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
-        out = (out, lse) if call.options.return_lse else out
+    with exclusive(topo.agree_over):
+        if problem is not None:
+            checked(functools.partial(_raise, problem), topo.agree_over, q)
+        if options.get("uneven"):
+            out = _enter_uneven(q, k, v, strategy, topo, options)
+        elif isinstance(options.get("cu_seqlens"), (list, tuple)) or takes_four(options.get("mask_mod")):
+            out = _enter_parts(q, k, v, strategy, topo, options)
+        else:
+            call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
+            out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
+            out = (out, lse) if call.options.return_lse else out
     return _remembering(out, topo, options, q.shape[1], k.shape[1])
 
 

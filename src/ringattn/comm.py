@@ -10,6 +10,8 @@ checks that no two ranks can wait on each other).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 
 import torch
@@ -28,6 +30,51 @@ def group_rank_world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+class ConcurrentCallError(RuntimeError):
+    """A ringattn call on a process group another thread of this process is using."""
+
+
+# Process group -> (thread, depth) of the ringattn call in it. Two calls on one group at once post
+# collectives and exchanges whose order the peers cannot match (gloo pairs them by tag and order), so
+# they hang until the timeout and then look like a dead peer: the second is refused instead.
+_IN_USE: dict = {}
+_IN_USE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def exclusive(groups, what: str = "ringattn call"):
+    """Hold ``groups`` (a group, None = the default one, or several) for one thread during a call; a call
+    from another thread while one is inside raises ``ConcurrentCallError`` at once, before it
+    communicates (and before it counts as a call: its peers are not put out of step). The same thread
+    may enter again (a checkpointed forward recomputed inside a backward)."""
+    groups = tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    pgs = list(dict.fromkeys(g if g is not None else dist.group.WORLD for g in groups))
+    me = threading.current_thread()
+    with _IN_USE_LOCK:
+        for pg in pgs:
+            owner = _IN_USE.get(pg)
+            if owner is not None and owner[0] is not me:
+                raise ConcurrentCallError(
+                    f"ringattn: a {what} on a process group that thread {owner[0].name!r} of this process is "
+                    f"using (this is thread {me.name!r}); ringattn calls on one group must come one at a "
+                    "time: call from one thread, or give each thread its own group (dist.new_group)")
+        for pg in pgs:
+            _IN_USE[pg] = (me, _IN_USE.get(pg, (me, 0))[1] + 1)
+    try:
+        yield
+    finally:
+        with _IN_USE_LOCK:
+            for pg in pgs:
+                owner, depth = _IN_USE[pg]
+                if depth > 1:
+                    _IN_USE[pg] = (owner, depth - 1)
+                else:
+                    del _IN_USE[pg]
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (gloo/NCCL errors run to many lines), or its repr."""
     text = str(e).strip()
@@ -36,6 +83,77 @@ def first_line(e: BaseException) -> str:
 
 class PeerError(RuntimeError):
     """A point-to-point exchange could not complete: a peer died, hung past the timeout, or mismatched."""
+
+
+class CallAbandoned(RuntimeError):
+    """Another rank failed during a call; every rank abandoned it together (the group stays usable)."""
+
+
+class Outcome:
+    """This rank's first compute failure during a call, kept while the exchanges go on, and settled by
+    every rank together at the end.
+
+    Note [A failure after the agreement]: a rank whose kernel (or anything it runs between exchanges)
+    raises must not leave its peers waiting on exchanges it will never post: gloo would hold them for the
+    group's timeout, and the half-posted exchanges would break the group's next call. So the failing rank
+    stops computing but keeps exchanging, as planned; at the end one tiny all-reduce tells every rank
+    whether anyone failed, and then all raise (the failing rank its own exception, the others
+    ``CallAbandoned`` naming it). Every exchange completed, so the group is usable for the next call.
+    On gloo only: the all-reduce is one more of the agreement's size (about a hundred microseconds); on
+    NCCL it would cost a host synchronisation per call, so there a failing rank raises at once and its
+    peers wait for the watchdog's timeout. Only the kernel calls are guarded: a failure elsewhere between
+    exchanges (allocating an accumulator, a KeyboardInterrupt) and of an exchange itself (a dead peer)
+    still leave the peers to the timeout.
+    """
+
+    def __init__(self, groups, what: str, device: torch.device):
+        """``groups``: a group (None = the default one), or several whose union reaches every rank that
+        takes part (the hybrid strategy's Ulysses and ring groups, as in ``validate.agree``)."""
+        groups = tuple(groups) if isinstance(groups, (tuple, list)) else (groups,)
+        self.groups = tuple(g for g in groups if group_rank_world(g)[1] > 1)
+        self.what, self.error = what, None
+        self.settles = bool(self.groups) and device.type == "cpu" and dist.get_backend(self.groups[0]) != "nccl"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def __enter__(self) -> Outcome:
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is None or not self.settles or not issubclass(kind, Exception) or isinstance(error, PeerError):
+            return False
+        if self.error is None:
+            self.error = error
+        return True  # the exchanges go on; ``settle`` raises it
+
+    def settle(self) -> None:
+        """Raise on every rank if any rank failed (call on every rank, after the last exchange)."""
+        if not self.settles:
+            return
+        flag = torch.tensor([0 if self.error is None else 1], dtype=torch.int64)
+        try:
+            for g in self.groups:
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g)
+        except RuntimeError as e:
+            raise PeerError(f"ringattn: the ranks could not settle the {self.what} (a peer rank probably died "
+                            f"or timed out): {first_line(e)}") from e
+        if not int(flag):
+            return
+        if len(self.groups) > 1:  # a mesh: no one group to gather the notes over
+            if self.error is not None:
+                raise self.error
+            raise CallAbandoned(f"ringattn: the {self.what} failed on another rank of the mesh, so every rank "
+                                "abandoned it; the process groups are still usable")
+        note = None if self.error is None else f"{type(self.error).__name__}: {first_line(self.error)}"
+        notes: list = [None] * dist.get_world_size(self.groups[0])
+        dist.all_gather_object(notes, note, group=self.groups[0])
+        if self.error is not None:
+            raise self.error
+        failed = "; ".join(f"rank {r}: {n}" for r, n in enumerate(notes) if n)
+        raise CallAbandoned(f"ringattn: the {self.what} failed on another rank, so every rank abandoned it "
+                            f"({failed}); the process group is still usable")
 
 
 class Pending:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,24 @@ class Slice:
                   and kb - qa <= own_hi and ka - qb >= own_lo)
         return meets, covers
 
+    def fill(self, keep: torch.Tensor, qs: Segment, ks: Segment) -> None:
+        """OR this slice into ``keep``, the ``(qs.length, ks.length)`` mask of two runs, writing only the
+        rectangle of rows and columns it spans: the work is the slice's area inside the tile."""
+        r0, r1 = qs.count_below(self.q0), qs.count_below(self.q1)
+        c0, c1 = ks.count_below(self.k0), ks.count_below(self.k1)
+        if r0 >= r1 or c0 >= c1:
+            return
+        lo, hi = self.diag
+        sub = keep[r0:r1, c0:c1]
+        if lo == float("-inf") and hi == float("inf"):
+            sub.fill_(True)
+            return
+        d = ks.sub(c0, c1).positions(keep.device)[None, :] - qs.sub(r0, r1).positions(keep.device)[:, None]
+        if lo > float("-inf"):
+            sub |= (d >= lo) if hi == float("inf") else (d >= lo) & (d <= hi)
+        else:
+            sub |= d <= hi
+
     def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         lo, hi = self.diag
         keep = (q_pos >= self.q0) & (q_pos < self.q1) & (k_pos >= self.k0) & (k_pos < self.k1)
@@ -131,12 +150,48 @@ class Slice:
         return keep
 
 
-@dataclass(frozen=True)
+class SliceIndex:
+    """The slices that may touch a box of positions, found from the boxes' ranges: each slice is listed
+    under the coarse buckets its query range and its key range cover, so a lookup costs the slices near
+    the box, not all of them (thousands of slices over a long sequence are planned tile by tile)."""
+
+    BUCKETS = 64
+
+    def __init__(self, slices: tuple[Slice, ...]):
+        self.slices = slices
+        extent = max((max(s.q1, s.k1) for s in slices), default=1)
+        self.width = max(1, -(-extent // self.BUCKETS))
+        self.by_q: list[list[int]] = [[] for _ in range(self.BUCKETS + 1)]
+        self.by_k: list[list[int]] = [[] for _ in range(self.BUCKETS + 1)]
+        for n, s in enumerate(slices):
+            if s.q0 < s.q1 and s.k0 < s.k1:  # an empty range: the slice shows nothing
+                for b in range(s.q0 // self.width, (s.q1 - 1) // self.width + 1):
+                    self.by_q[b].append(n)
+                for b in range(s.k0 // self.width, (s.k1 - 1) // self.width + 1):
+                    self.by_k[b].append(n)
+
+    def _near(self, table: list[list[int]], a: int, b: int) -> list[list[int]]:
+        if b < a or a >= len(table) * self.width:
+            return []
+        return table[max(a, 0) // self.width:min(b // self.width, len(table) - 1) + 1]
+
+    def near(self, qa: int, qb: int, ka: int, kb: int) -> list[Slice]:
+        """Slices, in their order, whose ranges may meet queries ``[qa, qb]`` and keys ``[ka, kb]``."""
+        by_q, by_k = self._near(self.by_q, qa, qb), self._near(self.by_k, ka, kb)
+        lists = by_q if sum(map(len, by_q)) <= sum(map(len, by_k)) else by_k
+        found = sorted({n for bucket in lists for n in bucket})
+        return [s for s in (self.slices[n] for n in found)
+                if s.q0 <= qb and qa < s.q1 and s.k0 <= kb and ka < s.k1]
+
+
+@dataclass(frozen=True, eq=False)
 class MaskMod:
     """A user predicate ``fn(q_idx, kv_idx) -> bool tensor`` on global positions (FlexAttention's, vectorised).
 
-    Equal (and plans cached) while it is the same function object. Its description names the function, not
-    its address, so that ranks compare equal; that every rank passes the same function is the caller's part.
+    Equal only to itself: each call wraps the function anew, so plans are cached within a call and never
+    across calls, because the function may read a table (documents, prefixes) that changes between calls
+    while the function object stays the same. Its description names the function, not its address, so that
+    ranks compare equal; that they compute the same mask the agreement checks on probe positions.
     """
 
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -147,11 +202,19 @@ class MaskMod:
         return f"mask_mod={getattr(self.fn, '__module__', '?')}.{self.fn.__qualname__}"
 
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        keep = self.fn(q_pos, k_pos)
+        try:
+            keep = self.fn(q_pos, k_pos)
+        except Exception as e:  # noqa: BLE001 - whatever it raised, it is the user's function that failed
+            raise ValueError(f"{self!r} raised when asked about query positions {_span(q_pos)} and key positions "
+                             f"{_span(k_pos)}: {type(e).__name__}: {e}") from e
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
             raise TypeError(f"{self!r} must return a bool tensor, got "
                             f"{getattr(keep, 'dtype', type(keep).__name__)}")
         return keep
+
+
+def _span(pos: torch.Tensor) -> str:
+    return f"[{int(pos.min())}, {int(pos.max())}]" if pos.numel() else "(none)"
 
 
 def takes_four(fn) -> bool:
@@ -196,6 +259,10 @@ class MaskSpec:
     positional: bool = False
     mask_mod: MaskMod | None = None  # ANDed with the rest
     slices: tuple[Slice, ...] | None = None  # their union, ANDed with the rest
+
+    @functools.cached_property
+    def slice_index(self) -> SliceIndex:
+        return SliceIndex(self.slices or ())
 
     @property
     def custom(self) -> bool:
@@ -277,32 +344,65 @@ class MaskSpec:
         return Pair(Kind.PARTIAL, k_len)
 
     def _classify_custom(self, qs: Segment, ks: Segment) -> Kind:
-        """EMPTY, FULL or PARTIAL for the user mask alone on a pair (``ks`` already cut to real keys)."""
+        """EMPTY, FULL or PARTIAL for the user mask alone on a pair (``ks`` already cut to real keys).
+
+        Padding queries (at or past ``seq_len``) see nothing under a user mask, which is never asked about
+        them: a pair holding some is at most PARTIAL, classified from its real rows."""
+        real = qs.count_below(self.seq_len)
+        if real == 0:
+            return Kind.EMPTY
+        padded, qs = real < qs.length, Segment(qs.start, real, qs.stride)
         full = True
         if self.slices is not None:
-            hits = [s.overlap(qs.start, qs.last, ks.start, ks.last, self.lo, self.hi) for s in self.slices]
+            hits = [s.overlap(qs.start, qs.last, ks.start, ks.last, self.lo, self.hi)
+                    for s in self.slice_index.near(qs.start, qs.last, ks.start, ks.last)]
             if not any(m for m, _ in hits):
                 return Kind.EMPTY
             full = any(c for _, c in hits)
         if self.mask_mod is None and full:
-            return Kind.FULL
+            return Kind.PARTIAL if padded else Kind.FULL
         if qs.length * ks.length > EVAL_PAIRS:
             return Kind.PARTIAL
-        keep = self._user_visible(qs.positions()[:, None], ks.positions()[None, :])
+        keep = self._user_visible(qs.positions()[:, None], ks.positions()[None, :], (qs, ks))
         if not bool(keep.any()):
             return Kind.EMPTY
-        return Kind.FULL if bool(keep.all()) else Kind.PARTIAL
+        return Kind.FULL if bool(keep.all()) and not padded else Kind.PARTIAL
 
-    def _user_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        keep = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    def real_positions(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions clamped into ``[0, seq_len)``: what a mask_mod is asked about. Masks index tables of
+        ``seq_len`` entries (a document id per token), so padding positions, masked anyway, must not
+        reach it; the answers at clamped positions are discarded by the caller."""
+        top = max(self.seq_len, 1) - 1
+        return q_pos.clamp(0, top), k_pos.clamp(0, top)
+
+    def _user_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                      segs: tuple[Segment, Segment] | None = None) -> torch.Tensor:
+        """The user mask (slices, mask_mod) at real query positions; False at padding queries.
+        ``segs``: the runs the positions come from (a column and a row), for slices filled by range."""
+        shape = torch.broadcast_shapes(q_pos.shape, k_pos.shape)
+        keep = (q_pos < self.seq_len).expand(shape)
         if self.slices is not None:
-            union = torch.zeros_like(keep)
-            for s in self.slices:
-                union |= s.visible(q_pos, k_pos)
-            keep &= union
-        if self.mask_mod is not None:
-            keep &= self.mask_mod(q_pos, k_pos)
+            keep = keep & self._slices_visible(q_pos, k_pos, segs)
+        if self.mask_mod is not None and self.seq_len > 0:
+            keep = keep & self.mask_mod(*self.real_positions(q_pos, k_pos))
         return keep
+
+    def _slices_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                        segs: tuple[Segment, Segment] | None) -> torch.Tensor:
+        shape = torch.broadcast_shapes(q_pos.shape, k_pos.shape)
+        if segs is not None:
+            qs, ks = segs
+            union = torch.zeros(shape, dtype=torch.bool, device=q_pos.device)
+            for s in self.slice_index.near(qs.start, qs.last, ks.start, ks.last):
+                s.fill(union, qs, ks)
+            return union
+        union = torch.zeros(shape, dtype=torch.bool, device=q_pos.device)
+        if q_pos.numel() == 0 or k_pos.numel() == 0:
+            return union
+        near = self.slice_index.near(int(q_pos.min()), int(q_pos.max()), int(k_pos.min()), int(k_pos.max()))
+        for s in near:
+            union |= s.visible(q_pos, k_pos)
+        return union
 
     def any_visible(self, qs: Segment, ks: Segment) -> bool:
         """Whether any pair of the two runs is visible: exact, evaluating a mask_mod tile by tile where
@@ -315,14 +415,13 @@ class MaskSpec:
         step = int(EVAL_PAIRS ** 0.5)
         for a in range(0, qs.length, step):
             qa = qs.sub(a, min(a + step, qs.length))
-            qp = qa.positions()[:, None]
             for b in range(0, ks.length, step):
-                kb = ks.sub(b, min(b + step, ks.length))
-                if bool(self.visible(qp, kb.positions()[None, :]).any()):
+                if bool(self.tile(qa, ks.sub(b, min(b + step, ks.length))).any()):
                     return True
         return False
 
-    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                segs: tuple[Segment, Segment] | None = None) -> torch.Tensor:
         """Whether query position ``q_pos`` sees key position ``k_pos``; broadcasting integer tensors
         (e.g. a column of queries and a row of keys give the ``(nq, nk)`` mask), True = visible.
 
@@ -342,8 +441,12 @@ class MaskSpec:
             keep = keep & (torch.div(q_pos, self.chunk, rounding_mode="floor")
                            == torch.div(k_pos, self.chunk, rounding_mode="floor"))
         if self.custom:
-            keep = keep & self._user_visible(q_pos, k_pos)
+            keep = keep & self._user_visible(q_pos, k_pos, segs)
         return keep.expand(torch.broadcast_shapes(q_pos.shape, k_pos.shape))
+
+    def tile(self, qs: Segment, ks: Segment, device: torch.device | str | None = None) -> torch.Tensor:
+        """``visible`` on the ``(qs.length, ks.length)`` tile of two runs (slices filled by range)."""
+        return self.visible(qs.positions(device)[:, None], ks.positions(device)[None, :], (qs, ks))
 
 
 @dataclass(frozen=True)

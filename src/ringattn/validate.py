@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import weakref
 import zlib
 
@@ -97,17 +98,21 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     if cu_seqlens is not None:
         bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
     return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds,
-                    chunk=check_chunk_size(chunk_size), positional=positional, mask_mod=check_mask_mod(mask_mod),
-                    slices=check_slices(slices, total))
+                    chunk=check_chunk_size(chunk_size), positional=positional,
+                    mask_mod=check_mask_mod(mask_mod, seq_len), slices=check_slices(slices, total))
 
 
-def check_mask_mod(fn) -> MaskMod | None:
-    """A callable that maps broadcastable int64 position tensors to a bool tensor of their broadcast shape."""
+def check_mask_mod(fn, seq_len: int | None = None) -> MaskMod | None:
+    """A callable that maps broadcastable int64 position tensors to a bool tensor of their broadcast shape,
+    probed at positions below ``seq_len`` only (a mask may index a table of ``seq_len`` entries)."""
     if fn is None:
         return None
     if not callable(fn):
         raise TypeError(f"mask_mod must be a callable fn(q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
-    probe_q, probe_k = torch.arange(3)[:, None], torch.arange(2)[None, :]
+    if seq_len is not None and seq_len < 1:
+        return MaskMod(fn)  # no position to ask about: it is never called
+    top = 2 if seq_len is None else min(2, seq_len - 1)
+    probe_q, probe_k = torch.arange(3).clamp(max=top)[:, None], torch.arange(2).clamp(max=top)[None, :]
     try:
         keep = fn(probe_q, probe_k)
     except Exception as e:  # noqa: BLE001 - reported as the user's function failing, whatever it raised
@@ -197,12 +202,148 @@ def softmax_scale_of(softmax_scale, head_dim: int) -> float:
 
 
 def describe(name: str, q, k, v, spec: MaskSpec, layout: str, scale: float) -> str:
-    """What every rank must agree on before the call communicates."""
+    """What every rank must agree on before the call communicates: ``name=value`` fields (see ``fields``)."""
     # Whether autograd records the call is part of it: a rank that will run the backward while a peer
     # will not would otherwise block until the group's timeout.
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return (f"{name} q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)} {q.dtype} {q.device.type} "
-            f"layout={layout} {spec} scale={scale!r} grad={grad}")
+    dtype = str(q.dtype).removeprefix("torch.")
+    return (f"strategy={name} q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)} dtype={dtype} "
+            f"device={q.device.type} layout={layout} {describe_mask(spec, k.shape[1], q.device)} "
+            f"scale={scale!r} grad={grad}")
+
+
+def describe_mask(spec: MaskSpec, block: int, device) -> str:
+    """The mask as fields. A mask_mod is described by what it computes, not by its name: every rank asks it
+    about the same probe pairs (see ``probe_positions``) and the answers' digest is compared, so ranks that
+    pass different functions (or one closure over different tables) disagree before anything runs. Slices
+    by value: their count and a digest of every range and kind."""
+    window = "None" if spec.window is None else spec.window
+    docs = "None" if spec.doc_bounds is None else f"{len(spec.doc_bounds) - 1}docs:{_crc(spec.doc_bounds)}"
+    text = (f"seq_len={spec.seq_len} causal={spec.causal} window={window} cu_seqlens={docs} "
+            f"chunk_size={spec.chunk} positional={spec.positional}")
+    if spec.mask_mod is not None:
+        name = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(spec.mask_mod).removeprefix("mask_mod="))  # no addresses
+        text += f" mask_mod={name}"
+        text += f" mask_mod_answers={mask_mod_digest(spec, block, device)}"
+    if spec.slices is not None:
+        text += (f" slices={len(spec.slices)}slices:"
+                 f"{_crc(tuple((s.q0, s.q1, s.k0, s.k1, s.kind.value) for s in spec.slices))}")
+    return text
+
+
+def _crc(value) -> str:
+    return f"{zlib.crc32(repr(value).encode()):08x}"
+
+
+PROBE_POINTS = 64  # positions per axis: a 64 x 64 grid of (query, key) pairs at most
+
+
+def probe_positions(seq_len: int, block: int) -> list[int]:
+    """At most PROBE_POINTS global positions in ``[0, seq_len)``, the same on every rank: both sides of
+    every half-block border (where zigzag and balanced blocks begin) and a strided grid over the sequence.
+    Used for queries and keys alike, so the grid holds the diagonal and the pairs across each border."""
+    if seq_len < 1:
+        return []
+    grid = {round(i * (seq_len - 1) / (PROBE_POINTS // 2 - 1)) for i in range(PROBE_POINTS // 2)}
+    half = max(1, block // 2)
+    borders = sorted({p for b in range(half, seq_len, half) for p in (b - 1, b)})
+    keep = PROBE_POINTS - len(grid)
+    if len(borders) > keep:  # many blocks: an even choice of them
+        borders = [borders[round(i * (len(borders) - 1) / max(1, keep - 1))] for i in range(keep)]
+    return sorted(grid | set(borders))
+
+
+def mask_mod_digest(spec: MaskSpec, block: int, device) -> str:
+    """A digest of the user's mask_mod on the probe grid (raises what the mask_mod raises)."""
+    pos = torch.tensor(probe_positions(spec.seq_len, block), dtype=torch.long, device=device)
+    if pos.numel() == 0:
+        return "none"
+    keep = spec.mask_mod(pos[:, None], pos[None, :])
+    bits = keep.expand(len(pos), len(pos)).flatten().tolist()
+    return f"{len(bits)}pairs:{zlib.crc32(bytes(bits)):08x}"
+
+
+def fields(description: str) -> dict[str, str]:
+    """A description split into named values: ``name=value`` and ``name(inner fields)`` tokens, split on
+    spaces outside brackets; unnamed tokens are named by their place (``word 3``), parts joined by
+    `` | `` (one call per batch row or head) prefixed ``part N``."""
+    parts = description.split(" | ")
+    out: dict[str, str] = {}
+    for n, part in enumerate(parts):
+        prefix = f"part {n} " if len(parts) > 1 else ""
+        _fields_into(part, prefix, out)
+    return out
+
+
+def _fields_into(text: str, prefix: str, out: dict[str, str]) -> None:
+    for i, tok in enumerate(_split_top(text)):
+        eq, par = tok.find("="), tok.find("(")
+        if par > 0 and (eq < 0 or par < eq) and tok.endswith(")") and "=" in tok:
+            _fields_into(tok[par + 1:-1], f"{prefix}{tok[:par]}.", out)
+        elif eq > 0:
+            out[prefix + tok[:eq]] = tok[eq + 1:]
+        else:
+            out[f"{prefix}word {i}"] = tok
+
+
+def _split_top(text: str) -> list[str]:
+    toks, depth, cur = [], 0, []
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == " " and depth == 0:
+            if cur:
+                toks.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        toks.append("".join(cur))
+    return toks
+
+
+_DIGEST = re.compile(r"(\d+)(pairs|slices|docs):([0-9a-f]{8})")
+_DIGEST_WORDS = {"pairs": "probe pairs", "slices": "slices", "docs": "documents"}
+
+
+def _shown(value: str | None, width: int = 80) -> str:
+    if value is None:
+        return "(not given)"
+    digest = _DIGEST.fullmatch(value)
+    if digest:
+        n, what, crc = digest.groups()
+        return f"{n} {_DIGEST_WORDS[what]} (digest {crc})"
+    if value and (value[0].isalpha() or value[0] == "_") and value not in ("True", "False", "None"):
+        value = repr(value)  # a name or word: quoted, as the argument would be written
+    return value if len(value) <= width else value[:width - 3] + "..."
+
+
+def _ranks(rs: list[int]) -> str:
+    return f"rank {rs[0]}" if len(rs) == 1 else "ranks " + ", ".join(map(str, rs))
+
+
+def differences(descriptions: list[str], limit: int = 6) -> str:
+    """The fields the ranks' descriptions differ in, each with its values and the ranks holding each."""
+    parsed = [fields(d) for d in descriptions]
+    names = list(dict.fromkeys(name for f in parsed for name in f))
+    lines = []
+    for name in names:
+        values = [f.get(name) for f in parsed]
+        if len(set(values)) == 1:
+            continue
+        holders: dict = {}
+        for r, val in enumerate(values):
+            holders.setdefault(val, []).append(r)
+        if name.endswith("mask_mod_answers"):  # the same name, perhaps, but not the same mask
+            lines.append(f"{name.removesuffix('_answers')} answers differently on the same probe positions: "
+                         + ", ".join(f"{_shown(val)} on {_ranks(rs)}" for val, rs in holders.items()))
+        else:  # as the argument is written: name=value
+            lines.append(", ".join(f"{name}={_shown(val)} on {_ranks(rs)}" for val, rs in holders.items()))
+    if not lines:
+        return "the descriptions differ in spacing only: " + "; ".join(
+            f"rank {r}: {d!r}" for r, d in enumerate(descriptions))
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
 
 
 def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:
@@ -312,6 +453,5 @@ def agree(description: str, error: Exception | None, groups, device: torch.devic
     numbers = [m for m, _ in everyone]
     if len(set(numbers)) > 1:
         raise out_of_step(numbers)
-    lines = "; ".join(f"rank {r}: {d}" for r, (_, d) in enumerate(everyone))
-    raise ValueError(f"ranks disagree on the attention call (every rank must pass the same shapes, dtype, "
-                     f"masks and layout): {lines}")
+    raise ValueError(f"ranks disagree on the attention call: {differences([d for _, d in everyone])}. Every "
+                     "rank must pass the same shapes, dtype, masks and layout")

@@ -139,7 +139,7 @@ def dense_mask(task: Task, mask: MaskSpec, device) -> torch.Tensor | None:
     """The boolean ``(nq, nk)`` visibility of a PARTIAL task (None for the other kinds)."""
     if task.kind is not Kind.PARTIAL:
         return None
-    return mask.visible(task.qseg.positions(device)[:, None], task.kseg.positions(device)[None, :])
+    return mask.tile(task.qseg, task.kseg, device)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -128,16 +128,19 @@ def _forward(q, k, v, call: GatherCall):
     acc_t = acc_dtype(q.dtype)
     out = torch.empty(b, n, h, dv, dtype=acc_t, device=q.device)
     lse = torch.empty(b, h, n, dtype=acc_t, device=q.device)
+    outcome = comm.Outcome(call.group, "all-gather forward", q.device)  # Note [A failure after the agreement]
     for g0, g1, kf, vf in _gathered(k, v, call):
         hs = slice(g0 * ratio, g1 * ratio)
         qc = q[:, :, hs]
         acc = OutLseAccumulator(qc, dv)
         profiling.count_flops(tasks, qc, vf, backward=False)
-        with profiling.timed():
-            run_forward(backend, qc, kf, vf, tasks, call.call.spec, call.call.scale, acc,
-                        call.call.heads(hs.start, hs.stop).scores)
+        if outcome.ok:  # after a failure no more kernels; the gathers go on
+            with profiling.timed(), outcome:
+                run_forward(backend, qc, kf, vf, tasks, call.call.spec, call.call.scale, acc,
+                            call.call.heads(hs.start, hs.stop).scores)
         out[:, :, hs] = acc.out
         lse[:, hs] = acc.lse
+    outcome.settle()
     return out.to(q.dtype), lse
 
 
@@ -151,16 +154,18 @@ def _backward(dout, q, k, v, out, lse, call: GatherCall, dlse):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     w = call.world
     scatters = []
+    outcome = comm.Outcome(call.group, "all-gather backward", q.device)  # Note [A failure after the agreement]
     for g0, g1, kf, vf in _gathered(k, v, call):
         hs = slice(g0 * ratio, g1 * ratio)
         qc = q[:, :, hs]
         dqc = GradAccumulator(qc.shape, acc_t, q.device)
         gk, gv = GradAccumulator(kf.shape, acc_t, q.device), GradAccumulator(vf.shape, acc_t, q.device)
         profiling.count_flops(tasks, qc, vf, backward=True)
-        with profiling.timed():
-            run_backward(backend, dout[:, :, hs], qc, kf, vf, out[:, :, hs], lse[:, hs], tasks,
-                         call.call.spec, call.call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs],
-                         call.call.heads(hs.start, hs.stop).scores)
+        if outcome.ok:  # after a failure no more kernels; the gathers and scatters go on
+            with profiling.timed(), outcome:
+                run_backward(backend, dout[:, :, hs], qc, kf, vf, out[:, :, hs], lse[:, hs], tasks,
+                             call.call.spec, call.call.scale, dqc, gk, gv, None if dlse is None else dlse[:, hs],
+                             call.call.heads(hs.start, hs.stop).scores)
         dq[:, :, hs] = dqc.get()
         gk, gv = gk.get(), gv.get()
         if call.to_global is not None:  # back to rank order for the scatter
@@ -173,6 +178,7 @@ def _backward(dout, q, k, v, out, lse, call: GatherCall, dlse):
         nk = math.prod(kshape)
         dk[:, :, g0:g1] = res[:nk].view(kshape)
         dv[:, :, g0:g1] = res[nk:].view(*kshape[:3], v.shape[3])
+    outcome.settle()
     return dq.to(q.dtype), dk, dv
 
 
@@ -194,14 +200,26 @@ def _start_scatter(gk, gv, w: int, call: GatherCall):
     return work, res, kshape
 
 
+def _segments(call: AttentionCall, q_len: int, k_len: int, device):
+    """(this rank's query segments, the gathered keys' segments in kernel row order, their permutation)."""
+    topo, bounds = call.topo, call.spec.doc_bounds
+    ksegs, to_global = _key_layout(call.layout, topo.world, k_len, device, bounds)
+    qsegs = query_segments(call.layout, topo.rank, topo.world, q_len, call.q_offset, bounds)
+    if len(ksegs) == 1:
+        ksegs = cut_at(ksegs[0], qsegs)
+    return qsegs, ksegs, to_global
+
+
+def plan(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
+    """This rank's kernel tasks (what ``run`` computes), without running anything."""
+    qsegs, ksegs, _ = _segments(call, q_len, k_len, "cpu")
+    return plan_block(call.spec, qsegs, ksegs, call.backend.caps)
+
+
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """Gather K/V chunk by chunk and attend; (out, lse), differentiable."""
     topo = call.topo
-    bounds = call.spec.doc_bounds
-    ksegs, to_global = _key_layout(call.layout, topo.world, k.shape[1], q.device, bounds)
-    qsegs = query_segments(call.layout, topo.rank, topo.world, q.shape[1], call.q_offset, bounds)
-    if len(ksegs) == 1:
-        ksegs = cut_at(ksegs[0], qsegs)
+    qsegs, ksegs, to_global = _segments(call, q.shape[1], k.shape[1], q.device)
     per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)
     gather = GatherCall(call, qsegs, ksegs, head_chunks(k.shape[2], per), to_global)
     return SavedAttention.apply(q, k, v, call.sinks, _forward, _backward, gather)

@@ -18,7 +18,7 @@ import torch
 
 from .. import profiling
 from ..autograd import SavedAttention
-from ..comm import TAG_GRAD, TAG_KV, TAG_RETURN, Pending, Ring
+from ..comm import TAG_GRAD, TAG_KV, TAG_RETURN, Outcome, Pending, Ring
 from ..kernels import acc_dtype, heads_major
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
 from ..masks import Task
@@ -62,17 +62,19 @@ def _forward(q, k, v, call: AttentionCall):
     plan = plan_for(call, q.shape[1], k.shape[1])
     acc = OutLseAccumulator(q, v.shape[-1])
     cur = (k, v)
+    outcome = Outcome(call.topo.agree_over, "ring forward", q.device)  # Note [A failure after the agreement]
     for i, o in enumerate(plan.steps):
         pending = _prefetch(ring, plan.steps, i, cur, (k, v))
         tasks = plan.tasks[o]
-        if tasks:
+        if tasks and outcome.ok:
             profiling.count_flops(tasks, q, v, backward=False)
-            with profiling.timed():
+            with profiling.timed(), outcome:
                 run_forward(call.backend, q, cur[0], cur[1], tasks, call.spec, call.scale, acc, call.scores)
         if pending is not None:
             # Drop the finished exchange at once: it still holds the block we sent, and keeping it
             # until the next post would make three blocks live instead of two.
             cur, pending = pending.wait(), None
+    outcome.settle()
     profiling.count_steps(len(plan.steps))
     profiling.count_skipped(ring.world - len(plan.steps), k.numel() * k.element_size() + v.numel() * v.element_size())
     # Row-major (batch, n, heads, dv) out, as a caller's projection wants it: ``out.flatten(2)`` is then a
@@ -116,6 +118,7 @@ class _RingBackward:
         self.dk = GradAccumulator(k.shape, self.acc, q.device)
         self.dv = GradAccumulator(v.shape, self.acc, q.device)
         self.returns: list[_Returned] = []  # posted returns of our own dK/dV tiles, in posting order
+        self.outcome = Outcome(call.topo.agree_over, "ring backward", q.device)  # Note [A failure after the agreement]
 
     def run(self):
         k, v, plan, steps = self.k, self.v, self.plan, self.plan.steps
@@ -140,14 +143,15 @@ class _RingBackward:
         cur = None
         for r in self.returns:
             self.land(r)
+        self.outcome.settle()
         dq, dk, dv = self.dq.get(), self.dk.get(), self.dv.get()
         dt = self.q.dtype
         return dq.to(dt), dk.to(dt), dv.to(dt)
 
     def compute(self, tasks, kk, vv, gk: GradAccumulator, gv: GradAccumulator) -> None:
-        if tasks:
+        if tasks and self.outcome.ok:
             profiling.count_flops(tasks, self.q, self.v, backward=True)
-            with profiling.timed():
+            with profiling.timed(), self.outcome:
                 run_backward(self.backend, self.dout, self.q, kk, vv, self.out, self.lse, tuple(tasks),
                              self.call.spec, self.call.scale, self.dq, gk, gv, self.dlse, self.call.scores)
 

@@ -26,7 +26,7 @@ import torch
 
 from .. import profiling
 from ..autograd import SavedAttention
-from ..comm import AllToAll
+from ..comm import AllToAll, Outcome
 from ..kernels import acc_dtype
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
 from ..layouts import global_positions, kv_replication
@@ -56,8 +56,11 @@ def local_forward(q, k, v, local: LocalCall):
     backend = local.call.backend
     tasks = local.tasks(backend)
     profiling.count_flops(tasks, q, v, backward=False)
-    with profiling.timed():
+    # Note [A failure after the agreement]: the all-to-all back must not wait on a rank that failed here.
+    outcome = Outcome(local.call.group, "ulysses forward", q.device)
+    with profiling.timed(), outcome:
         run_forward(backend, q, k, v, tasks, local.call.spec, local.call.scale, acc, local.call.scores)
+    outcome.settle()
     return acc.out.to(q.dtype), acc.lse
 
 
@@ -67,9 +70,11 @@ def local_backward(dout, q, k, v, out, lse, local: LocalCall, dlse):
     acc = acc_dtype(q.dtype)
     dq, dk, dv = (GradAccumulator(t.shape, acc, t.device) for t in (q, k, v))
     profiling.count_flops(tasks, q, v, backward=True)
-    with profiling.timed():
+    outcome = Outcome(local.call.group, "ulysses backward", q.device)
+    with profiling.timed(), outcome:
         run_backward(backend, dout, q, k, v, out, lse, tasks, local.call.spec, local.call.scale, dq, dk, dv, dlse,
                      local.call.scores)
+    outcome.settle()
     dq, dk, dv = dq.get(), dk.get(), dv.get()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
