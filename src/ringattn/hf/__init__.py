@@ -94,6 +94,7 @@ def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", 
     AttentionInterface.register(name, _make_attention(name))
     AttentionMaskInterface.register(name, _make_mask(name))
     _guard_model_loss()
+    _guard_unprepared()
 
 
 def _make_attention(name: str):
@@ -452,6 +453,59 @@ def _guard_model_loss() -> None:
         return functools.partial(_model_causal_lm_loss, fn, settings)
 
     PreTrainedModel.loss_function = _GuardedLoss(loss_function, prop.fset, None, prop.__doc__)
+
+
+def _guard_unprepared() -> None:
+    """Check at its first forward a model that runs a registered ring implementation without ``prepare``.
+
+    Without ``prepare`` the checks otherwise run only where the model calls the attention interface (its first
+    attention call) or the mask interface (its config): a model whose attention is its own code (Bloom, MPT,
+    Falcon, ...) never calls the ring and runs each rank's shard as if it were the whole sequence, and a module
+    that mixes tokens outside attention (a convolution, a recurrent mixer) is never seen. transformers decides a
+    model's attention implementation in ``PreTrainedModel._check_and_adjust_attn_implementation`` (at
+    construction, and at ``set_attn_implementation``), the one place that has the model in hand: wrapped once,
+    it hooks the model's forward with the same checks ``prepare`` makes."""
+    from transformers import PreTrainedModel
+
+    method = PreTrainedModel.__dict__.get("_check_and_adjust_attn_implementation")
+    if method is None or getattr(method, "_ringattn_guard", False):
+        return
+
+    @functools.wraps(method)
+    def check_and_adjust(self, *args, **kwargs):
+        impl = method(self, *args, **kwargs)
+        if isinstance(impl, str) and impl in _SETTINGS:
+            # At construction the submodels do not exist yet (each is hooked by its own construction); at
+            # set_attn_implementation they do, and a submodel sharing this config is not asked again.
+            for m in self.modules():
+                if isinstance(m, PreTrainedModel) and m.config is self.config and \
+                        "_ringattn_first_forward" not in m.__dict__:
+                    m.__dict__["_ringattn_first_forward"] = m.register_forward_pre_hook(_first_forward)
+        return impl
+
+    check_and_adjust._ringattn_guard = True
+    PreTrainedModel._check_and_adjust_attn_implementation = check_and_adjust
+
+
+def _first_forward(model, args) -> None:
+    """A ring model's first forward without ``prepare``: ``prepare``'s checks, on every rank alike (each holds the
+    same model), before any layer runs. Passed (or prepared), the hook goes."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None)
+    if not (isinstance(impl, str) and impl in _SETTINGS):
+        return
+    if not features.is_prepared(config):
+        try:
+            features.check_model(model)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(
+                f"{type(model).__name__} runs with attn_implementation={impl!r} without ringattn.hf.prepare(model) "
+                "(call it once after loading: it checks the model and adapts what needs the whole sequence); "
+                f"checked at its first forward instead: {e}", module=e.module, layer=e.layer,
+                feature=e.feature) from None
+    handle = model.__dict__.pop("_ringattn_first_forward", None)
+    if handle is not None:
+        handle.remove()
 
 
 class _GuardedLoss(property):

@@ -1,0 +1,143 @@
+"""A new user's mistakes with the Hugging Face integration end in a clear error on every rank, never a number:
+a "ring" model not passed to ``ringattn.hf.prepare`` whose attention is its own code, ``shard_batch`` and
+``register`` given different layouts; and ``generate`` prints no transformers deprecation warning per rank."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+
+import ringattn
+
+transformers = pytest.importorskip("transformers")
+
+from ringattn import hf  # noqa: E402
+
+from .reference import rel_err  # noqa: E402
+from .test_hf import tiny_model  # noqa: E402
+
+
+def tiny_bloom(attn: str | None = None):
+    cfg = transformers.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4, attention_dropout=0.0,
+                                   hidden_dropout=0.0)
+    torch.manual_seed(0)
+    return transformers.BloomForCausalLM._from_config(cfg, attn_implementation=attn).double().eval()
+
+
+def unprepared_bloom_case() -> dict:
+    # Bloom computes its own attention (alibi from the local key count) and never calls the ring: run unprepared
+    # on 2 ranks its logits came out 6.7e-3 off the one-process model, without a word.
+    hf.register(layout="zigzag")
+    model = tiny_bloom("ring")
+    ids = torch.randint(0, 61, (1, 32), generator=torch.Generator().manual_seed(1))
+    sb = hf.shard_batch(ids, layout="zigzag")
+    out = {}
+    try:
+        model(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+        out["forward"] = "ran"
+    except hf.UnsupportedModel as e:
+        out["forward"] = str(e)
+    try:
+        model(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+        out["again"] = "ran"
+    except hf.UnsupportedModel as e:
+        out["again"] = str(e)
+    try:
+        hf.prepare(model)
+        out["prepare"] = "ran"
+    except hf.UnsupportedModel as e:
+        out["prepare"] = str(e)
+    return out
+
+
+def test_unprepared_model_off_the_interface_refused_on_every_rank(ranks):
+    for r in ranks.run(2, unprepared_bloom_case):
+        for key in ("forward", "again"):
+            assert r[key].startswith("BloomForCausalLM runs with attn_implementation='ring' without "
+                                     "ringattn.hf.prepare(model)"), r
+            assert "not supporting custom attention backends" in r[key], r
+        assert "not supporting custom attention backends" in r["prepare"], r
+
+
+def first_forward_hooked(module) -> bool:
+    return "_ringattn_first_forward" in module.__dict__ or hf._first_forward in module._forward_pre_hooks.values()
+
+
+def unprepared_llama_case(via: str) -> dict:
+    hf.register(layout="zigzag")
+    ref = tiny_model("llama").eval()
+    if via == "set_attn_implementation":
+        cp = copy.deepcopy(ref)
+        cp.set_attn_implementation("ring")
+    else:
+        cp = type(ref)._from_config(copy.deepcopy(ref.config), attn_implementation="ring").double().eval()
+        cp.load_state_dict(ref.state_dict())
+    hooked = [type(m).__name__ for m in cp.modules() if "_ringattn_first_forward" in m.__dict__]
+    ids = torch.randint(0, 61, (1, 30), generator=torch.Generator().manual_seed(1))
+    sb = hf.shard_batch(ids, layout="zigzag")
+    errs = []
+    for _ in range(2):
+        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False).logits
+        got = ringattn.unshard(logits.detach(), layout="zigzag", seq_len=30)
+        errs.append(rel_err(got, ref(input_ids=ids).logits.detach()))
+    left = [type(m).__name__ for m in cp.modules() if first_forward_hooked(m)]
+    return {"hooked": hooked, "errs": errs, "left": left}
+
+
+@pytest.mark.parametrize("via", ["set_attn_implementation", "from_config"])
+def test_unprepared_model_on_the_interface_runs_as_before(ranks, via):
+    for r in ranks.run(2, unprepared_llama_case, via):
+        assert r["hooked"], r  # checked at its first forward...
+        assert max(r["errs"]) <= 1e-9, r  # ... exact, as prepared ...
+        assert r["left"] == [], r  # ... and the check leaves no hook behind
+
+
+def test_unprepared_model_copied_and_prepared_later():
+    hf.register(layout="zigzag")
+    model = tiny_bloom("ring")
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 61, (1, 8))
+    for m in (model, twin):
+        with pytest.raises(hf.UnsupportedModel, match="without ringattn.hf.prepare"):
+            m(input_ids=ids, use_cache=False)
+    llama = tiny_model("llama")
+    llama.set_attn_implementation("ring")
+    hf.prepare(llama)
+    llama(input_ids=ids, use_cache=False)  # one rank: prepared, not asked again
+    assert not any(first_forward_hooked(m) for m in llama.modules())
+
+
+def generate_logs_case() -> dict:
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    root = transformers.utils.logging.get_logger()
+    root.addHandler(handler)
+    import warnings
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hf.register(layout="zigzag")
+            model = hf.prepare(tiny_model("qwen2"))
+            model.set_attn_implementation("ring")
+            ids = torch.randint(1, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+            mask = torch.ones_like(ids)
+            mask[1, :3] = 0
+            for kw in (dict(do_sample=False), dict(num_beams=2), dict(use_cache=False)):
+                with torch.no_grad():
+                    model.generate(ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0, **kw)
+    finally:
+        root.removeHandler(handler)
+    return {"logged": buf.getvalue(), "warned": [str(w.message) for w in caught]}
+
+
+def test_generate_logs_no_deprecation_on_any_rank(ranks):
+    # The generation hooks asked the decoder's output for "past_key_values", which transformers 5 answers with a
+    # deprecation warning: once per rank.
+    for r in ranks.run(2, generate_logs_case):
+        assert "deprecated" not in r["logged"], r
+        assert not [w for w in r["warned"] if "deprecated" in w], r
