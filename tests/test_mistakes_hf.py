@@ -141,3 +141,47 @@ def test_generate_logs_no_deprecation_on_any_rank(ranks):
     for r in ranks.run(2, generate_logs_case):
         assert "deprecated" not in r["logged"], r
         assert not [w for w in r["warned"] if "deprecated" in w], r
+
+
+def config_set_by_hand_case() -> str:
+    # Switched by hand, past transformers' set_attn_implementation: the model asking the mask interface is checked.
+    hf.register(layout="zigzag")
+    model = tiny_bloom()
+    model.config._attn_implementation = "ring"
+    sb = hf.shard_batch(torch.randint(0, 61, (1, 32), generator=torch.Generator().manual_seed(1)), layout="zigzag")
+    try:
+        model(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+        return "ran"
+    except hf.UnsupportedModel as e:
+        return str(e)
+
+
+def test_config_set_by_hand_checked_on_every_rank(ranks):
+    for msg in ranks.run(2, config_set_by_hand_case):
+        assert msg.startswith("BloomModel runs with attn_implementation='ring' without ringattn.hf.prepare(model)"), msg
+
+
+def layouts_case(registered: str, sharded: str) -> str:
+    hf.register(layout=registered)
+    model = tiny_model("llama")
+    model.set_attn_implementation("ring")
+    sb = hf.shard_batch(torch.randint(0, 61, (1, 32), generator=torch.Generator().manual_seed(1)), layout=sharded)
+    try:
+        model(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+        return "ran"
+    except ValueError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("registered,sharded", [("zigzag", "contiguous"), ("contiguous", "striped")])
+def test_shard_batch_and_register_layouts_differ_refused_on_every_rank(ranks, registered, sharded):
+    # Llama's logits came out 0.75 (zigzag registered, contiguous sharded) and 0.40 off, without a word.
+    for msg in ranks.run(2, layouts_case, registered, sharded):
+        assert msg.startswith(f"the batch was sharded by ringattn.hf.shard_batch with layout={sharded!r} over 2 "
+                              f"ranks, but the ring attention was registered with layout={registered!r}"), msg
+        assert "pass the same layout and group" in msg, msg
+
+
+def test_shard_batch_layout_on_one_rank_is_any_layout():
+    # On one rank every layout places the tokens alike: nothing to refuse.
+    assert layouts_case("zigzag", "contiguous") == "ran"

@@ -160,6 +160,8 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
             f"{_where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
             "which ring attention cannot apply on global positions; not supported",
             layer=_layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
+    if step is None and isinstance(kwargs.get("position_ids"), torch.Tensor):
+        _check_sharded_as(kwargs["position_ids"], settings)
     if key.shape[2] != query.shape[2] and (step is None or step.prefill):
         raise ValueError(f"ring attention needs as many keys as queries on each rank, got {query.shape[2]} "
                          f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False; to decode, "
@@ -214,6 +216,29 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     # Rows packed differently: one ring call per row, each with its own documents.
     outs = [_call(q[i:i + 1], k[i:i + 1], v[i:i + 1], r, settings, kw) for i, r in enumerate(rows)]
     return torch.cat(outs, 0), None
+
+
+# id(position_ids) -> (the tensor, the layout and world size shard_batch made it for): a model hands its layers
+# the position_ids it was given, so the attention can tell a batch sharded one way from a ring registered another.
+_SHARDED_AS: dict[int, tuple[weakref.ref, str, int]] = {}
+
+
+def _stamp(position_ids: torch.Tensor, layout: str, world: int) -> None:
+    key = id(position_ids)
+    _SHARDED_AS[key] = (weakref.ref(position_ids, lambda _, key=key: _SHARDED_AS.pop(key, None)), layout, world)
+
+
+def _check_sharded_as(position_ids: torch.Tensor, settings: RingSettings) -> None:
+    # Every rank sharded its batch with the same call, so every rank raises here alike, before a collective.
+    entry = _SHARDED_AS.get(id(position_ids))
+    if entry is None or entry[0]() is not position_ids:
+        return
+    world = comm.group_rank_world(settings.group)[1]
+    if entry[2] != world or (entry[1] != settings.layout and world > 1):  # on one rank every layout is the same
+        raise ValueError(f"the batch was sharded by ringattn.hf.shard_batch with layout={entry[1]!r} over {entry[2]} "
+                         f"ranks, but the ring attention was registered with layout={settings.layout!r} over {world} "
+                         "ranks: each rank would take its tokens for other positions; pass the same layout and group "
+                         "to ringattn.hf.register and ringattn.hf.shard_batch")
 
 
 def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
@@ -305,6 +330,8 @@ def _make_mask(name: str):
             _refuse_generate(_SETTINGS[name])
         config = kwargs.get("config")
         if config is not None:
+            if not features.is_prepared(config) and not features.is_checked(config):
+                _check_caller(config)
             features.check_config(config)
             features.saw_mask(config, kwargs.get("local_size"))
         if attention_mask is None:
@@ -319,6 +346,20 @@ def _make_mask(name: str):
         return None
 
     return ring_mask
+
+
+def _check_caller(config) -> None:
+    """The first-forward check for a model the construction hook missed (its config switched to a ring
+    implementation by hand): the model that asks for the mask is on the call stack, with this config."""
+    from transformers import PreTrainedModel
+
+    f = sys._getframe(2)
+    while f is not None:
+        owner = f.f_locals.get("self")
+        if isinstance(owner, PreTrainedModel) and owner.config is config:
+            _first_forward(owner, ())
+            return
+        f = f.f_back
 
 
 def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, group=None,
@@ -368,9 +409,11 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         cu = rows[0] if all(torch.equal(r, rows[0]) for r in rows) else rows
     ids, shift_labels, _ = _shard_tokens(input_ids, shifted, group=group, layout=layout, ignore_index=ignore_index,
                                          cu_seqlens=cu)
+    sharded_positions = shard(position_ids, group=group, layout=layout, cu_seqlens=cu)
+    _stamp(sharded_positions, layout, world)
     out = {
         "input_ids": ids,
-        "position_ids": shard(position_ids, group=group, layout=layout, cu_seqlens=cu),
+        "position_ids": sharded_positions,
         "shift_labels": shift_labels,
         "num_items_in_batch": int((shifted != ignore_index).sum()),
         "seq_len": n,
@@ -494,7 +537,7 @@ def _first_forward(model, args) -> None:
     impl = getattr(config, "_attn_implementation", None)
     if not (isinstance(impl, str) and impl in _SETTINGS):
         return
-    if not features.is_prepared(config):
+    if not features.is_prepared(config) and not features.is_checked(config):
         try:
             features.check_model(model)
         except UnsupportedModel as e:
@@ -503,6 +546,7 @@ def _first_forward(model, args) -> None:
                 "(call it once after loading: it checks the model and adapts what needs the whole sequence); "
                 f"checked at its first forward instead: {e}", module=e.module, layer=e.layer,
                 feature=e.feature) from None
+        features.mark_checked(config)
     handle = model.__dict__.pop("_ringattn_first_forward", None)
     if handle is not None:
         handle.remove()

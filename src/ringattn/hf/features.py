@@ -27,6 +27,7 @@ _BY_INDEX_NAMES = re.compile(r"flexiblelinear", re.IGNORECASE)
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 _PREPARED: dict[int, weakref.ref] = {}  # id(config) -> config, for the configs prepare() patched
+_CHECKED: dict[int, weakref.ref] = {}  # id(config) -> config, for the models check_model() passed without prepare
 # id(config) -> (config, the local sizes of the masks transformers asked the mask interface for): which
 # windows a model applies only in its mask (PhiMoE), and which config windows it never applies (Moshi).
 _MASK_SIZES: dict[int, tuple[weakref.ref, set]] = {}
@@ -194,3 +195,12 @@ def saw_mask(config, local_size) -> None:
 
 def mark_prepared(config) -> None:
     _PREPARED[id(config)] = weakref.ref(config)
+
+
+def is_checked(config) -> bool:
+    ref = _CHECKED.get(id(config))
+    return ref is not None and ref() is config
+
+
+def mark_checked(config) -> None:
+    _CHECKED[id(config)] = weakref.ref(config)
