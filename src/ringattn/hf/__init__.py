@@ -303,8 +303,8 @@ def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     gated delta net / linear attention, short convolutions, recurrent blocks), attention that is not on
     transformers' attention interface (Bloom, MPT, Falcon, ...), DeepSeek-V3.2's sparse indexer. Patches the
     rotary embeddings whose frequencies depend on the largest position (dynamic NTK, LongRoPE) to use the
-    group's. Returns ``model``. Without it the same checks run at the first attention call, except those of
-    models whose attention never reaches the interface, and dynamic RoPE is refused.
+    group's. Returns ``model``. Without it the same checks run at the model's first forward (the per-layer ones
+    at the first attention call), and dynamic RoPE is refused.
 
     Also hooks the decoder so that ``model.generate()`` runs context-parallel (``ringattn.hf.generation``).
     """
