@@ -1,6 +1,6 @@
 """A new user's mistakes with the Hugging Face integration end in a clear error on every rank, never a number:
 a "ring" model not passed to ``ringattn.hf.prepare`` whose attention is its own code, ``shard_batch`` and
-``register`` given different layouts; and ``generate`` prints no transformers deprecation warning per rank."""
+``register`` given different layouts. ``generate`` and ``audit`` say nothing once per rank."""
 
 from __future__ import annotations
 
@@ -185,3 +185,27 @@ def test_shard_batch_and_register_layouts_differ_refused_on_every_rank(ranks, re
 def test_shard_batch_layout_on_one_rank_is_any_layout():
     # On one rank every layout places the tokens alike: nothing to refuse.
     assert layouts_case("zigzag", "contiguous") == "ran"
+
+
+def audit_logs_case(model: str) -> dict:
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    root = transformers.utils.logging.get_logger()
+    root.addHandler(handler)
+    try:
+        report = hf.audit(model, seq_len=24, compare_refused=True)
+    finally:
+        root.removeHandler(handler)
+    return {"rank": ringattn.comm.group_rank_world(None)[0], "logged": buf.getvalue(), "ok": report.ok}
+
+
+@pytest.mark.parametrize("model,ok", [("bloom", False), ("falcon_h1", False), ("gpt2", True)])
+def test_audit_says_transformers_warnings_once(ranks, model, ok):
+    # Every rank logged "BloomForCausalLM does not support setting its attention implementation dynamically"
+    # (audit asked anyway), FalconH1's slow-kernel fallbacks, and GPT-2's special tokens past the tiny
+    # vocabulary, each the same text on every rank.
+    results = ranks.run(2, audit_logs_case, model)
+    assert all(r["ok"] == ok for r in results)
+    assert "does not support setting its attention implementation" not in results[0]["logged"], results
+    assert "vocabulary" not in results[0]["logged"], results
+    assert [r["logged"] for r in results if r["rank"] != 0] == [""], results

@@ -539,6 +539,7 @@ def _first_forward(model, args) -> None:
         return
     if not features.is_prepared(config) and not features.is_checked(config):
         try:
+            features.check_config(config)  # what the mask function would refuse, said first as it would say it
             features.check_model(model)
         except UnsupportedModel as e:
             raise UnsupportedModel(
