@@ -209,3 +209,60 @@ def test_audit_says_transformers_warnings_once(ranks, model, ok):
     assert "does not support setting its attention implementation" not in results[0]["logged"], results
     assert "vocabulary" not in results[0]["logged"], results
     assert [r["logged"] for r in results if r["rank"] != 0] == [""], results
+
+
+def pooled_head_case() -> dict:
+    # LlamaForSequenceClassification pools each row's last real token: rank 0 took its own shard's last one, and
+    # its logits came out 0.17 off; rank 1 (which holds the last token) was right.
+    hf.register(layout="contiguous")
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    model = transformers.LlamaForSequenceClassification._from_config(cfg, attn_implementation="ring")
+    sb = hf.shard_batch(torch.randint(1, 61, (1, 32), generator=torch.Generator().manual_seed(1)))
+    out = {}
+    for name, call in (("forward", lambda: model(input_ids=sb["input_ids"], position_ids=sb["position_ids"])),
+                       ("prepare", lambda: hf.prepare(model))):
+        try:
+            call()
+            out[name] = "ran"
+        except hf.UnsupportedModel as e:
+            out[name] = str(e)
+    return out
+
+
+def test_pooling_head_refused_on_every_rank(ranks):
+    for r in ranks.run(2, pooled_head_case):
+        assert r["forward"].startswith("LlamaForSequenceClassification runs with attn_implementation='ring' without "
+                                       "ringattn.hf.prepare(model)"), r
+        for msg in r.values():
+            assert "LlamaForSequenceClassification pools one position of each row" in msg, r
+
+
+def ring_forgotten_case() -> dict:
+    # Prepared, sharded, but still sdpa: every rank attended within its own shard, no word.
+    hf.register(layout="zigzag")
+    model = hf.prepare(tiny_model("llama"))
+    sb = hf.shard_batch(torch.randint(0, 61, (1, 32), generator=torch.Generator().manual_seed(1)), layout="zigzag")
+    out = {}
+    for name in ("sdpa", "ring"):
+        model.set_attn_implementation(name)
+        try:
+            model(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+            out[name] = "ran"
+        except ValueError as e:
+            out[name] = str(e)
+    try:
+        model.set_attn_implementation("sdpa")
+        model(sb["input_ids"], use_cache=False)
+        out["positional"] = "ran"
+    except ValueError as e:
+        out["positional"] = str(e)
+    return out
+
+
+def test_sharded_batch_without_ring_refused_on_every_rank(ranks):
+    for r in ranks.run(2, ring_forgotten_case):
+        assert r["ring"] == "ran", r
+        for key in ("sdpa", "positional"):
+            assert r[key].startswith("LlamaForCausalLM was given this rank's shard of a batch (ringattn.hf.shard_batch "
+                                     "over 2 ranks) but runs with attn_implementation='sdpa'"), r

@@ -228,6 +228,21 @@ def _stamp(position_ids: torch.Tensor, layout: str, world: int) -> None:
     _SHARDED_AS[key] = (weakref.ref(position_ids, lambda _, key=key: _SHARDED_AS.pop(key, None)), layout, world)
 
 
+def _needs_ring(model, args, kwargs) -> None:
+    """A prepared model given a sharded batch while its attention is not a ring (built with sdpa, and
+    ``set_attn_implementation("ring")`` forgotten): each rank would attend within its own shard only."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if isinstance(impl, str) and impl in _SETTINGS:
+        return
+    for t in (*args, *kwargs.values()):
+        entry = _SHARDED_AS.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if entry is not None and entry[0]() is t and entry[2] > 1:
+            raise ValueError(f"{type(model).__name__} was given this rank's shard of a batch (ringattn.hf.shard_batch "
+                             f"over {entry[2]} ranks) but runs with attn_implementation={impl!r}, which would attend "
+                             "within each rank's shard alone: build it with attn_implementation='ring' or call "
+                             "model.set_attn_implementation('ring') after ringattn.hf.register")
+
+
 def _check_sharded_as(position_ids: torch.Tensor, settings: RingSettings) -> None:
     # Every rank sharded its batch with the same call, so every rank raises here alike, before a collective.
     entry = _SHARDED_AS.get(id(position_ids))
@@ -310,6 +325,9 @@ def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     """
     features.check_model(model)
     generation.install(model)
+    if not getattr(model, "_ringattn_needs_ring", False):
+        model.register_forward_pre_hook(_needs_ring, with_kwargs=True)
+        model._ringattn_needs_ring = True
     for m in model.modules():
         positions.patch_dynamic_rope(m, group)
     for m in model.modules():
@@ -411,6 +429,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
                                          cu_seqlens=cu)
     sharded_positions = shard(position_ids, group=group, layout=layout, cu_seqlens=cu)
     _stamp(sharded_positions, layout, world)
+    _stamp(ids, layout, world)
     out = {
         "input_ids": ids,
         "position_ids": sharded_positions,

@@ -23,6 +23,9 @@ _MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|ligh
 _INDEXER_NAMES = re.compile(r"indexer", re.IGNORECASE)
 # Weights chosen by a token's index in the sequence (Moshi's depth decoder): the index is the local one.
 _BY_INDEX_NAMES = re.compile(r"flexiblelinear", re.IGNORECASE)
+# Heads that pool one position of each row (the last real token, or the first) into the output: each rank
+# would pool its own shard's.
+_POOLED_HEADS = re.compile(r"For(SequenceClassification|MultipleChoice)$")
 # RoPE variants that pick their frequencies from the largest position in the batch.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
@@ -101,6 +104,12 @@ def check_model(model: torch.nn.Module) -> None:
     if config is None:
         raise TypeError(f"prepare needs a transformers PreTrainedModel, got {type(model).__name__}")
     name = model_name(config)
+    if _POOLED_HEADS.search(type(model).__name__):
+        raise UnsupportedModel(
+            f"{name}: {type(model).__name__} pools one position of each row into its output (the last real token, "
+            "or the first), which one rank holds and each rank would take from its own shard; not supported with "
+            "context parallelism (run the decoder, and the head on the rank holding that position)",
+            feature="a head that pools one position of the sequence is not supported")
     for path, m in model.named_modules():
         if not path:  # the model itself: its class is named after the family, not a mixer
             continue
