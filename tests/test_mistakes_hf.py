@@ -266,3 +266,35 @@ def test_sharded_batch_without_ring_refused_on_every_rank(ranks):
         for key in ("sdpa", "positional"):
             assert r[key].startswith("LlamaForCausalLM was given this rank's shard of a batch (ringattn.hf.shard_batch "
                                      "over 2 ranks) but runs with attn_implementation='sdpa'"), r
+
+
+def batch_per_rank_case(what: str) -> str:
+    # A data loader sharded over the context-parallel ranks: each rank sharded its own batch, the ring took the
+    # shards for one sequence, and the loss came out as a number.
+    hf.register(layout="zigzag")
+    rank = ringattn.comm.group_rank_world(None)[0]
+    ids = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels, pos = None, None
+    if what == "input_ids":
+        ids = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(rank))
+    elif what == "length":
+        ids = ids[:, :32 - rank]
+    elif what == "labels":
+        labels = ids.clone()
+        labels[0, 3 + rank] = hf.IGNORE_INDEX
+    elif what == "position_ids":
+        pos = torch.arange(32)[None] + rank
+    try:
+        hf.shard_batch(ids, labels, layout="zigzag", position_ids=pos)
+        return "ran"
+    except ValueError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("what", ["input_ids", "length", "labels", "position_ids", "same"])
+def test_a_different_batch_on_each_rank_refused_on_every_rank(ranks, what):
+    for msg in ranks.run(2, batch_per_rank_case, what):
+        if what == "same":
+            assert msg == "ran"
+        else:
+            assert msg.startswith("ringattn.hf.shard_batch got a different batch on each rank of the group"), msg

@@ -386,7 +386,8 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     """This rank's shard of a causal-LM batch, with labels shifted on the full sequence first.
 
     Args:
-        input_ids: ``(batch, seq_len)`` full token ids, identical on every rank.
+        input_ids: ``(batch, seq_len)`` full token ids, identical on every rank (checked: a batch that differs
+            between the ranks, as from a data loader sharded over them, raises ``ValueError`` on every rank).
         labels: ``(batch, seq_len)`` targets aligned with ``input_ids`` (the usual HF convention: the
             model shifts them); None = ``input_ids``. ``ignore_index`` entries are not scored.
         group, layout: the sequence-parallel group and layout (as passed to ``register``).
@@ -409,6 +410,8 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
     _, world = comm.group_rank_world(group)
+    if world > 1:
+        _check_same_batch(input_ids, labels, position_ids, group)
     pad = padded_len(n, world, layout) - n
     if position_ids is None:
         position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
@@ -440,6 +443,35 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     if cu is not None:
         out["cu_seq_lens_q"] = cu
     return out
+
+
+def _fingerprint(t: torch.Tensor | None) -> list[torch.Tensor]:
+    """Shape and a position-weighted sum of an integer tensor (int64 sums wrap alike on every rank)."""
+    if t is None:
+        return [torch.tensor(-1)]
+    flat = t.reshape(-1).to(torch.int64)
+    weights = (torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) * 1000003 + 12345) % 2147483647
+    shape = torch.tensor([t.dim(), *t.shape, *[0] * (3 - t.dim())][:4])
+    return [shape, flat.sum().cpu()[None], (flat * weights).sum().cpu()[None]]
+
+
+def _check_same_batch(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None,
+                      group) -> None:
+    """Every rank must pass the same whole batch (each keeps its shard of it): a per-rank batch (a data loader
+    sharded over these ranks, as for data parallelism) would make each rank's shard a piece of another
+    sequence. One all-reduce of a fingerprint; every rank sees the result and raises alike."""
+    fp = torch.cat([x.reshape(-1) for t in (input_ids, labels, position_ids) for x in _fingerprint(t)])
+    device = input_ids.device
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":  # a batch still on the CPU, as loaders give it
+        device = torch.device("cuda", torch.cuda.current_device())
+    both = torch.cat([fp, -fp]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(both[:fp.numel()], -both[fp.numel():]):
+        raise ValueError("ringattn.hf.shard_batch got a different batch on each rank of the group: every rank passes "
+                         "the same whole input_ids (and labels, position_ids) and keeps its own shard of it; a data "
+                         "loader sharded over these ranks (DistributedSampler, as for data parallelism) gives each "
+                         "rank its own batch instead. Shard the data over the data-parallel ranks only (RingTrainer "
+                         "does), or load the same batch on every rank of the context-parallel group")
 
 
 class _AllReduceValue(torch.autograd.Function):
