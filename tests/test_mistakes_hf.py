@@ -161,13 +161,17 @@ def test_config_set_by_hand_checked_on_every_rank(ranks):
         assert msg.startswith("BloomModel runs with attn_implementation='ring' without ringattn.hf.prepare(model)"), msg
 
 
-def layouts_case(registered: str, sharded: str) -> str:
+def layouts_case(registered: str, sharded: str, moved: bool = False, n: int = 32, packed: bool = False) -> str:
     hf.register(layout=registered)
     model = tiny_model("llama")
     model.set_attn_implementation("ring")
-    sb = hf.shard_batch(torch.randint(0, 61, (1, 32), generator=torch.Generator().manual_seed(1)), layout=sharded)
+    pos = torch.cat([torch.arange(9), torch.arange(n - 9)])[None] if packed else None
+    sb = hf.shard_batch(torch.randint(0, 61, (1, n), generator=torch.Generator().manual_seed(1)), layout=sharded,
+                        position_ids=pos)
     try:
-        model(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+        # moved: new tensors (as .to(device) makes), which shard_batch never saw
+        model(input_ids=sb["input_ids"], position_ids=sb["position_ids"].clone() if moved else sb["position_ids"],
+              use_cache=False)
         return "ran"
     except ValueError as e:
         return str(e)
@@ -180,6 +184,15 @@ def test_shard_batch_and_register_layouts_differ_refused_on_every_rank(ranks, re
         assert msg.startswith(f"the batch was sharded by ringattn.hf.shard_batch with layout={sharded!r} over 2 "
                               f"ranks, but the ring attention was registered with layout={registered!r}"), msg
         assert "pass the same layout and group" in msg, msg
+    for msg in ranks.run(2, layouts_case, registered, sharded, True):
+        assert msg.startswith(f"ring attention was registered with layout={registered!r}, but the position_ids look "
+                              f"sharded with layout={sharded!r}"), msg
+
+
+def test_packed_documents_in_the_registered_layout_still_run(ranks):
+    # Read back the registered way, packed documents restart: not mistaken for another layout's shards.
+    for layout in ("zigzag", "striped", "contiguous"):
+        assert ranks.run(2, layouts_case, layout, layout, True, 29, True) == ["ran", "ran"], layout
 
 
 def test_shard_batch_layout_on_one_rank_is_any_layout():
