@@ -94,6 +94,7 @@ def register(group=None, layout: str = "contiguous", *, strategy: str = "ring", 
     AttentionInterface.register(name, _make_attention(name))
     AttentionMaskInterface.register(name, _make_mask(name))
     _guard_model_loss()
+    _guard_unprepared()
 
 
 def _make_attention(name: str):
@@ -159,6 +160,8 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
             f"{_where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
             "which ring attention cannot apply on global positions; not supported",
             layer=_layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
+    if step is None and isinstance(kwargs.get("position_ids"), torch.Tensor):
+        _check_sharded_as(kwargs["position_ids"], settings)
     if key.shape[2] != query.shape[2] and (step is None or step.prefill):
         raise ValueError(f"ring attention needs as many keys as queries on each rank, got {query.shape[2]} "
                          f"queries and {key.shape[2]} keys (a filled KV cache?): run with use_cache=False; to decode, "
@@ -213,6 +216,44 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     # Rows packed differently: one ring call per row, each with its own documents.
     outs = [_call(q[i:i + 1], k[i:i + 1], v[i:i + 1], r, settings, kw) for i, r in enumerate(rows)]
     return torch.cat(outs, 0), None
+
+
+# id(position_ids) -> (the tensor, the layout and world size shard_batch made it for): a model hands its layers
+# the position_ids it was given, so the attention can tell a batch sharded one way from a ring registered another.
+_SHARDED_AS: dict[int, tuple[weakref.ref, str, int]] = {}
+
+
+def _stamp(position_ids: torch.Tensor, layout: str, world: int) -> None:
+    key = id(position_ids)
+    _SHARDED_AS[key] = (weakref.ref(position_ids, lambda _, key=key: _SHARDED_AS.pop(key, None)), layout, world)
+
+
+def _needs_ring(model, args, kwargs) -> None:
+    """A prepared model given a sharded batch while its attention is not a ring (built with sdpa, and
+    ``set_attn_implementation("ring")`` forgotten): each rank would attend within its own shard only."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if isinstance(impl, str) and impl in _SETTINGS:
+        return
+    for t in (*args, *kwargs.values()):
+        entry = _SHARDED_AS.get(id(t)) if isinstance(t, torch.Tensor) else None
+        if entry is not None and entry[0]() is t and entry[2] > 1:
+            raise ValueError(f"{type(model).__name__} was given this rank's shard of a batch (ringattn.hf.shard_batch "
+                             f"over {entry[2]} ranks) but runs with attn_implementation={impl!r}, which would attend "
+                             "within each rank's shard alone: build it with attn_implementation='ring' or call "
+                             "model.set_attn_implementation('ring') after ringattn.hf.register")
+
+
+def _check_sharded_as(position_ids: torch.Tensor, settings: RingSettings) -> None:
+    # Every rank sharded its batch with the same call, so every rank raises here alike, before a collective.
+    entry = _SHARDED_AS.get(id(position_ids))
+    if entry is None or entry[0]() is not position_ids:
+        return
+    world = comm.group_rank_world(settings.group)[1]
+    if entry[2] != world or (entry[1] != settings.layout and world > 1):  # on one rank every layout is the same
+        raise ValueError(f"the batch was sharded by ringattn.hf.shard_batch with layout={entry[1]!r} over {entry[2]} "
+                         f"ranks, but the ring attention was registered with layout={settings.layout!r} over {world} "
+                         "ranks: each rank would take its tokens for other positions; pass the same layout and group "
+                         "to ringattn.hf.register and ringattn.hf.shard_batch")
 
 
 def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
@@ -277,13 +318,16 @@ def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     gated delta net / linear attention, short convolutions, recurrent blocks), attention that is not on
     transformers' attention interface (Bloom, MPT, Falcon, ...), DeepSeek-V3.2's sparse indexer. Patches the
     rotary embeddings whose frequencies depend on the largest position (dynamic NTK, LongRoPE) to use the
-    group's. Returns ``model``. Without it the same checks run at the first attention call, except those of
-    models whose attention never reaches the interface, and dynamic RoPE is refused.
+    group's. Returns ``model``. Without it the same checks run at the model's first forward (the per-layer ones
+    at the first attention call), and dynamic RoPE is refused.
 
     Also hooks the decoder so that ``model.generate()`` runs context-parallel (``ringattn.hf.generation``).
     """
     features.check_model(model)
     generation.install(model)
+    if not getattr(model, "_ringattn_needs_ring", False):
+        model.register_forward_pre_hook(_needs_ring, with_kwargs=True)
+        model._ringattn_needs_ring = True
     for m in model.modules():
         positions.patch_dynamic_rope(m, group)
     for m in model.modules():
@@ -304,6 +348,8 @@ def _make_mask(name: str):
             _refuse_generate(_SETTINGS[name])
         config = kwargs.get("config")
         if config is not None:
+            if not features.is_prepared(config) and not features.is_checked(config):
+                _check_caller(config)
             features.check_config(config)
             features.saw_mask(config, kwargs.get("local_size"))
         if attention_mask is None:
@@ -320,13 +366,28 @@ def _make_mask(name: str):
     return ring_mask
 
 
+def _check_caller(config) -> None:
+    """The first-forward check for a model the construction hook missed (its config switched to a ring
+    implementation by hand): the model that asks for the mask is on the call stack, with this config."""
+    from transformers import PreTrainedModel
+
+    f = sys._getframe(2)
+    while f is not None:
+        owner = f.f_locals.get("self")
+        if isinstance(owner, PreTrainedModel) and owner.config is config:
+            _first_forward(owner, ())
+            return
+        f = f.f_back
+
+
 def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, group=None,
                 layout: str = "contiguous", position_ids: torch.Tensor | None = None,
                 ignore_index: int = IGNORE_INDEX) -> dict:
     """This rank's shard of a causal-LM batch, with labels shifted on the full sequence first.
 
     Args:
-        input_ids: ``(batch, seq_len)`` full token ids, identical on every rank.
+        input_ids: ``(batch, seq_len)`` full token ids, identical on every rank (checked: a batch that differs
+            between the ranks, as from a data loader sharded over them, raises ``ValueError`` on every rank).
         labels: ``(batch, seq_len)`` targets aligned with ``input_ids`` (the usual HF convention: the
             model shifts them); None = ``input_ids``. ``ignore_index`` entries are not scored.
         group, layout: the sequence-parallel group and layout (as passed to ``register``).
@@ -349,6 +410,8 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
     _, world = comm.group_rank_world(group)
+    if world > 1:
+        _check_same_batch(input_ids, labels, position_ids, group)
     pad = padded_len(n, world, layout) - n
     if position_ids is None:
         position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
@@ -367,9 +430,12 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         cu = rows[0] if all(torch.equal(r, rows[0]) for r in rows) else rows
     ids, shift_labels, _ = _shard_tokens(input_ids, shifted, group=group, layout=layout, ignore_index=ignore_index,
                                          cu_seqlens=cu)
+    sharded_positions = shard(position_ids, group=group, layout=layout, cu_seqlens=cu)
+    _stamp(sharded_positions, layout, world)
+    _stamp(ids, layout, world)
     out = {
         "input_ids": ids,
-        "position_ids": shard(position_ids, group=group, layout=layout, cu_seqlens=cu),
+        "position_ids": sharded_positions,
         "shift_labels": shift_labels,
         "num_items_in_batch": int((shifted != ignore_index).sum()),
         "seq_len": n,
@@ -377,6 +443,35 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     if cu is not None:
         out["cu_seq_lens_q"] = cu
     return out
+
+
+def _fingerprint(t: torch.Tensor | None) -> list[torch.Tensor]:
+    """Shape and a position-weighted sum of an integer tensor (int64 sums wrap alike on every rank)."""
+    if t is None:
+        return [torch.tensor(-1)]
+    flat = t.reshape(-1).to(torch.int64)
+    weights = torch.arange(12345, 12345 + flat.numel(), device=flat.device, dtype=torch.int64)
+    shape = torch.tensor([t.dim(), *t.shape, *[0] * (3 - t.dim())][:4])
+    return [shape, flat.sum().cpu()[None], (flat * weights).sum().cpu()[None]]
+
+
+def _check_same_batch(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None,
+                      group) -> None:
+    """Every rank must pass the same whole batch (each keeps its shard of it): a per-rank batch (a data loader
+    sharded over these ranks, as for data parallelism) would make each rank's shard a piece of another
+    sequence. One all-reduce of a fingerprint; every rank sees the result and raises alike."""
+    fp = torch.cat([x.reshape(-1) for t in (input_ids, labels, position_ids) for x in _fingerprint(t)])
+    device = input_ids.device
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":  # a batch still on the CPU, as loaders give it
+        device = torch.device("cuda", torch.cuda.current_device())
+    both = torch.cat([fp, -fp]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(both[:fp.numel()], -both[fp.numel():]):
+        raise ValueError("ringattn.hf.shard_batch got a different batch on each rank of the group: every rank passes "
+                         "the same whole input_ids (and labels, position_ids) and keeps its own shard of it; a data "
+                         "loader sharded over these ranks (DistributedSampler, as for data parallelism) gives each "
+                         "rank its own batch instead. Shard the data over the data-parallel ranks only (RingTrainer "
+                         "does), or load the same batch on every rank of the context-parallel group")
 
 
 class _AllReduceValue(torch.autograd.Function):
@@ -452,6 +547,61 @@ def _guard_model_loss() -> None:
         return functools.partial(_model_causal_lm_loss, fn, settings)
 
     PreTrainedModel.loss_function = _GuardedLoss(loss_function, prop.fset, None, prop.__doc__)
+
+
+def _guard_unprepared() -> None:
+    """Check at its first forward a model that runs a registered ring implementation without ``prepare``.
+
+    Without ``prepare`` the checks otherwise run only where the model calls the attention interface (its first
+    attention call) or the mask interface (its config): a model whose attention is its own code (Bloom, MPT,
+    Falcon, ...) never calls the ring and runs each rank's shard as if it were the whole sequence, and a module
+    that mixes tokens outside attention (a convolution, a recurrent mixer) is never seen. transformers decides a
+    model's attention implementation in ``PreTrainedModel._check_and_adjust_attn_implementation`` (at
+    construction, and at ``set_attn_implementation``), the one place that has the model in hand: wrapped once,
+    it hooks the model's forward with the same checks ``prepare`` makes."""
+    from transformers import PreTrainedModel
+
+    method = PreTrainedModel.__dict__.get("_check_and_adjust_attn_implementation")
+    if method is None or getattr(method, "_ringattn_guard", False):
+        return
+
+    @functools.wraps(method)
+    def check_and_adjust(self, *args, **kwargs):
+        impl = method(self, *args, **kwargs)
+        if isinstance(impl, str) and impl in _SETTINGS:
+            # At construction the submodels do not exist yet (each is hooked by its own construction); at
+            # set_attn_implementation they do, and a submodel sharing this config is not asked again.
+            for m in self.modules():
+                if isinstance(m, PreTrainedModel) and m.config is self.config and \
+                        "_ringattn_first_forward" not in m.__dict__:
+                    m.__dict__["_ringattn_first_forward"] = m.register_forward_pre_hook(_first_forward)
+        return impl
+
+    check_and_adjust._ringattn_guard = True
+    PreTrainedModel._check_and_adjust_attn_implementation = check_and_adjust
+
+
+def _first_forward(model, args) -> None:
+    """A ring model's first forward without ``prepare``: ``prepare``'s checks, on every rank alike (each holds the
+    same model), before any layer runs. Passed (or prepared), the hook goes."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None)
+    if not (isinstance(impl, str) and impl in _SETTINGS):
+        return
+    if not features.is_prepared(config) and not features.is_checked(config):
+        try:
+            features.check_config(config)  # what the mask function would refuse, said first as it would say it
+            features.check_model(model)
+        except UnsupportedModel as e:
+            raise UnsupportedModel(
+                f"{type(model).__name__} runs with attn_implementation={impl!r} without ringattn.hf.prepare(model) "
+                "(call it once after loading: it checks the model and adapts what needs the whole sequence); "
+                f"checked at its first forward instead: {e}", module=e.module, layer=e.layer,
+                feature=e.feature) from None
+        features.mark_checked(config)
+    handle = model.__dict__.pop("_ringattn_first_forward", None)
+    if handle is not None:
+        handle.remove()
 
 
 class _GuardedLoss(property):

@@ -165,6 +165,16 @@ def tiny_config(model_type: str):
         kw["sliding_window"] = 5  # below any audited length, so the window is exercised
     if getattr(base, "attention_chunk_size", None) is not None:
         kw["attention_chunk_size"] = 8
+    vocab = kw.get("vocab_size")
+    for k, v in base.to_dict().items():
+        # The family's special tokens past the tiny vocabulary (GPT-2's 50256): transformers warns about each, on
+        # every rank. None where out of range (a model that needs one in range, as an embedding's padding row, has
+        # it in range already, or it would not build).
+        if vocab is not None and k.endswith("_token_id") and v is not None:
+            if isinstance(v, int) and v >= vocab:
+                kw[k] = None
+            elif isinstance(v, list) and any(isinstance(i, int) and i >= vocab for i in v):
+                kw[k] = [i for i in v if not isinstance(i, int) or i < vocab] or None
     return AutoConfig.for_model(model_type, **kw)
 
 
@@ -447,7 +457,8 @@ def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: in
     register(group=group, layout=layout, name=NAME)
     attn = _reference_attn(source)
     report.reference = attn
-    ref = source.build(attn, seed)
+    with _quiet_unless(rank == 0):
+        ref = source.build(attn, seed)
     cp = copy.deepcopy(ref)
     layers = decoder_layers(cp)
     vocab = cp.config.get_text_config().vocab_size
@@ -457,12 +468,15 @@ def _audit_ranks(source: Source, layout: str, seq_len: int, batch: int, seed: in
     rec = _Recorder(cp, layers)
     error = None
     try:
-        cp.set_attn_implementation(NAME)
+        # A class transformers cannot switch keeps its attention (prepare refuses it below); asked anyway,
+        # transformers logs that it cannot, once per rank.
+        if getattr(type(cp), "_can_set_attn_implementation", lambda: True)():
+            cp.set_attn_implementation(NAME)
         if refused:
             _prepare_unchecked(cp, group)
         else:
             prepare(cp, group=group)
-        with _Float64Throughout(), _layer_types_unchecked(refused):
+        with _Float64Throughout(), _layer_types_unchecked(refused), _quiet_unless(rank == 0):
             # Layouts that place tokens by document hand the model the documents too (one here, the whole row).
             extra = {k: sb[k] for k in ("cu_seq_lens_q",) if k in sb}
             logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False, **extra).logits
@@ -512,6 +526,27 @@ def _any_rank(flag: bool, group) -> bool:
     t = torch.tensor([int(flag)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+@contextlib.contextmanager
+def _quiet_unless(loud: bool):
+    """Every rank runs the same model, so what transformers logs or warns about it (a kernel's slow fallback, a
+    deprecation) is the same text on every rank: said by rank 0 only."""
+    if loud:
+        yield
+        return
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

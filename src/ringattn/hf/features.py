@@ -23,10 +23,14 @@ _MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|ligh
 _INDEXER_NAMES = re.compile(r"indexer", re.IGNORECASE)
 # Weights chosen by a token's index in the sequence (Moshi's depth decoder): the index is the local one.
 _BY_INDEX_NAMES = re.compile(r"flexiblelinear", re.IGNORECASE)
+# Heads that pool one position of each row (the last real token, or the first) into the output: each rank
+# would pool its own shard's.
+_POOLED_HEADS = re.compile(r"For(SequenceClassification|MultipleChoice)$")
 # RoPE variants that pick their frequencies from the largest position in the batch.
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 _PREPARED: dict[int, weakref.ref] = {}  # id(config) -> config, for the configs prepare() patched
+_CHECKED: dict[int, weakref.ref] = {}  # id(config) -> config, for the models check_model() passed without prepare
 # id(config) -> (config, the local sizes of the masks transformers asked the mask interface for): which
 # windows a model applies only in its mask (PhiMoE), and which config windows it never applies (Moshi).
 _MASK_SIZES: dict[int, tuple[weakref.ref, set]] = {}
@@ -100,6 +104,12 @@ def check_model(model: torch.nn.Module) -> None:
     if config is None:
         raise TypeError(f"prepare needs a transformers PreTrainedModel, got {type(model).__name__}")
     name = model_name(config)
+    if _POOLED_HEADS.search(type(model).__name__):
+        raise UnsupportedModel(
+            f"{name}: {type(model).__name__} pools one position of each row into its output (the last real token, "
+            "or the first), which one rank holds and each rank would take from its own shard; not supported with "
+            "context parallelism (run the decoder, and the head on the rank holding that position)",
+            feature="a head that pools one position of the sequence is not supported")
     for path, m in model.named_modules():
         if not path:  # the model itself: its class is named after the family, not a mixer
             continue
@@ -194,3 +204,12 @@ def saw_mask(config, local_size) -> None:
 
 def mark_prepared(config) -> None:
     _PREPARED[id(config)] = weakref.ref(config)
+
+
+def is_checked(config) -> bool:
+    ref = _CHECKED.get(id(config))
+    return ref is not None and ref() is config
+
+
+def mark_checked(config) -> None:
+    _CHECKED[id(config)] = weakref.ref(config)

@@ -273,9 +273,12 @@ def _after(decoder, args, kwargs, output):
     if step.cache is not None:
         step.cache.length = step.seq_len if step.prefill else step.cache.length + 1
         step.cache.keep_new = True
-        for key in ("cache", "past_key_values"):
-            if key in output:
-                output[key] = step.cache
+        # The output's own field name only: asking a transformers 5 output for ``past_key_values`` logs its
+        # deprecation warning (on every rank).
+        fields = getattr(type(output), "__dataclass_fields__", {})
+        key = "cache" if "cache" in fields or "past_key_values" not in fields else "past_key_values"
+        if key in output:
+            output[key] = step.cache
     if step.prefill:
         if "last_hidden_state" not in output:
             raise ValueError(f"ring generation: {type(decoder).__name__} returned no last_hidden_state; "

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..layouts import global_positions, unshard
+from ..layouts import global_positions, padded_len, unshard
 
 
 class _Cache:
@@ -79,18 +79,59 @@ def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> tup
         full = local
     out, real = [], 0
     for row in full:
-        starts = _starts(row)
-        same = torch.nonzero(row != row[-1]).flatten()
-        tail = int(same[-1]) + 1 if same.numel() else 0   # first index of the trailing run of the last value
-        starts[tail + 1:] = False
+        starts, tail = _doc_starts(row)
         real = max(real, tail + 1)
         idx = torch.nonzero(starts).flatten()
         if idx.numel() <= 1:
             out.append(None)
             continue
         out.append(torch.cat([idx, idx.new_tensor([row.numel()])]).to(torch.int32))
+    if world > 1 and any(r is not None for r in out):
+        _check_layout(full, world, layout)
     _DOCS.put(position_ids, (out, real))
     return out, real
+
+
+def _doc_starts(row: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Where documents start in one full row, and the first index of its trailing run of the last value (the
+    padding, which stays in the last document)."""
+    starts = _starts(row)
+    same = torch.nonzero(row != row[-1]).flatten()
+    tail = int(same[-1]) + 1 if same.numel() else 0
+    starts[tail + 1:] = False
+    return starts, tail
+
+
+_READABLE = ("contiguous", "zigzag", "striped")  # the layouts that place tokens without knowing the documents
+
+
+def _check_layout(full: torch.Tensor, world: int, layout: str) -> None:
+    """Refuse position_ids that read as fewer documents under another layout than the registered one: the batch
+    was sharded with that layout (the shards, put together the registered way, restart where no document does).
+    Sharded the registered way, a row's documents start at their first positions: no other order of the same
+    positions has fewer starts where the documents start at 0, the usual packing."""
+    total = full.shape[-1]
+    local = total // world
+    if layout not in _READABLE or padded_len(total, world, layout) != total:
+        return
+    counts = {}
+    for other in _READABLE:
+        if padded_len(total, world, other) != total:
+            continue
+        if other == layout:
+            read = full
+        else:
+            read = torch.empty_like(full)
+            for r in range(world):
+                read[:, global_positions(other, r, world, local, full.device)] = \
+                    full[:, global_positions(layout, r, world, local, full.device)]
+        counts[other] = sum(int(_doc_starts(row)[0].sum()) for row in read)
+    best = min(counts, key=counts.get)
+    if counts[best] < counts[layout]:
+        raise ValueError(f"ring attention was registered with layout={layout!r}, but the position_ids look sharded "
+                         f"with layout={best!r} (put together as {layout!r} the batch has {counts[layout]} "
+                         f"documents, as {best!r} {counts[best]}): pass the same layout to ringattn.hf.register and "
+                         "ringattn.hf.shard_batch (or ringattn.shard)")
 
 
 def global_token_index(group, layout: str, local_len: int, device, cu_seqlens=None) -> torch.Tensor:
