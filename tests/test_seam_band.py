@@ -90,6 +90,7 @@ def test_band_plans_cover_exactly_the_visible_pairs(alignment):
         assert torch.equal(_cover(tasks, spec, qpos, kpos, alignment), want), (spec, qsegs, ksegs)
         tiled = [t for tile in tile_tasks(tasks, len(kpos), caps) for t in tile.tasks]
         assert torch.equal(_cover(tiled, spec, qpos, kpos, alignment), want), (spec, qsegs, ksegs)
+        assert all(t.band.pairs(t.q1 - t.q0, t.k1 - t.k0) for t in tiled if t.kind is Kind.BAND), tiled
         if all(s.stride == qsegs[0].stride for s in qsegs + ksegs):
             assert all(t.kind is not Kind.PARTIAL for t in tasks), tasks
         bands += sum(t.kind is Kind.BAND for t in tasks)

@@ -423,9 +423,11 @@ class Band:
         """The band of rows ``[r0, r1)`` and keys ``[c0, c1)`` of this one, in their own coordinates."""
         if self.cu_q is None:
             return Band(self.diag + r0 - c0, self.window)
-        cu_q = tuple(min(max(x, r0), r1) - r0 for x in self.cu_q)
-        cu_k = tuple(min(max(x, c0), c1) - c0 for x in self.cu_k)
-        return Band(self.diag + r0 - c0, self.window, cu_q, cu_k)
+        cu_q = [min(max(x, r0), r1) - r0 for x in self.cu_q]
+        cu_k = [min(max(x, c0), c1) - c0 for x in self.cu_k]
+        # Runs with neither rows nor keys left go; the first boundary (0) stays.
+        keep = [0] + [s for s in range(1, len(cu_q)) if (cu_q[s], cu_k[s]) != (cu_q[s - 1], cu_k[s - 1])]
+        return Band(self.diag + r0 - c0, self.window, tuple(cu_q[s] for s in keep), tuple(cu_k[s] for s in keep))
 
 
 @dataclass(frozen=True)

@@ -263,7 +263,9 @@ def restrict(t: Task, r0: int, r1: int, c0: int, c1: int) -> list[Task]:
     if q0 >= q1 or k0 >= k1:
         return []
     if t.kind is not Kind.CAUSAL:
-        return [cut(t, q0, q1, k0, k1)]
+        part = cut(t, q0, q1, k0, k1)
+        # A band's tiles away from its diagonal (or between its runs) see nothing: no call for them.
+        return [] if part.kind is Kind.BAND and not part.band.pairs(q1 - q0, k1 - k0) else [part]
     # Causal, in the task's own coordinates: row i sees keys [0, i]; rows [a, b), keys [u, w).
     a, b, u, w = q0 - t.q0, q1 - t.q0, k0 - t.k0, k1 - t.k0
     a = max(a, u)  # rows above the key range see none of it

@@ -114,9 +114,11 @@ class DenseMaskKernel:
     """A backend whose kernel takes ``causal: bool`` (top-left) plus an optional dense boolean mask.
 
     Lowers each task to those two arguments: the mask is built from ``MaskSpec.visible`` on the task's
-    positions, only for PARTIAL tasks (tile-sized, by the planner). Score modifications become keyword
+    positions for PARTIAL tasks (tile-sized, by the planner), and from the band's own parameters for BAND
+    tasks (whole pairs: only for a subclass that declares BAND native). Score modifications become keyword
     arguments, passed only when present: ``softcap=`` and ``bias=`` (ALiBi's per-key part, ``(heads, 1,
-    nk)``; its per-row part shifts lse here, see ``ringattn.scores``). Subclasses implement
+    nk)``, from the task's positions, whatever its kind; its per-row part shifts lse here, see
+    ``ringattn.scores``). Subclasses implement
     ``forward_dense`` / ``backward_dense``; tests call those directly too.
     """
 
