@@ -123,7 +123,7 @@ def test_band_of_documents_is_varlen():
     caps = Capabilities(native=BAND_NATIVE)
     (t,) = plan_block(spec, (Segment(0, 4096),), (Segment(0, 4096),), caps)
     assert t.kind is Kind.BAND and t.band == Band(0, (-1, 0), (0, 700, 1900, 2500, 4096), (0, 700, 1900, 2500, 4096))
-    assert t.band.flash_windows(4096, 4096) == [(-1, 0)] * 4
+    assert t.band.flash_windows(4096, 4096) == [(-1, 0)] * 4 and t.band.flash_window(4096, 4096) == (-1, 0)
     # A window of 512 keys to the left on an off-diagonal block: one call, the window as it is.
     (t,) = plan_block(MaskSpec(seq_len=8192, causal=True, window=(512, -1)), (Segment(2048, 2048),),
                       (Segment(0, 2048),), caps)
@@ -168,6 +168,9 @@ def test_flash_windows_reproduce_the_band():
             continue
         mapped += 1
         assert torch.equal(_flash_mask(nq, nk, band.runs(nq, nk), windows), band.visible(nq, nk)), band
+        one = band.flash_window(nq, nk)
+        if one is not None:  # a single varlen call with one window_size
+            assert torch.equal(_flash_mask(nq, nk, band.runs(nq, nk), [one] * len(windows)), band.visible(nq, nk))
     assert mapped > 100
 
 

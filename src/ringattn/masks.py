@@ -359,8 +359,8 @@ class Band:
     no key in the task, or the other way round).
 
     FlashAttention takes this as it is: ``cu_seqlens_q/k`` are ``cu_q``/``cu_k``, and ``window_size`` of a
-    run is ``flash_windows()[s]`` (its bottom-right alignment); ALiBi's ``alibi_slopes`` come from the task's
-    positions (``ScoreMod.flash_alibi``).
+    run is ``flash_windows()[s]`` (its bottom-right alignment), or ``flash_window()`` where one fits all;
+    ALiBi's ``alibi_slopes`` come from the task's positions (``ScoreMod.flash_alibi``).
     """
 
     diag: int = 0
@@ -388,6 +388,13 @@ class Band:
             bad = (self.window[0] >= 0 and left < 0) or (self.window[1] >= 0 and right < 0)
             out.append(None if bad else (left, right))
         return out
+
+    def flash_window(self, nq: int, nk: int) -> tuple[int, int] | None:
+        """The one ``window_size`` of a single varlen call over every run (runs with rows and keys); None
+        if they need different ones (then a call per group of runs alike)."""
+        sizes = {w for (r0, r1, c0, c1), w in zip(self.runs(nq, nk), self.flash_windows(nq, nk))
+                 if r1 > r0 and c1 > c0}
+        return sizes.pop() if len(sizes) == 1 and None not in sizes else None
 
     def visible(self, nq: int, nk: int, device=None) -> torch.Tensor:
         """The ``(nq, nk)`` boolean visibility, True = visible."""
