@@ -269,6 +269,11 @@ def test_alibi_not_native_stays_in_tiles():
     assert ALIBI in caps.score_mods and ALIBI not in caps.native_score_mods
     tasks = plan_block(MaskSpec(300, causal=True, positional=True), (Segment(100, 50),), (Segment(0, 150),), caps)
     assert tasks and all(t.kind is Kind.PARTIAL for t in tasks)
+    # Nor does a native backend get other kinds where the strides differ: the bias is then no function of
+    # row minus key (not FlashAttention's).
+    native = backend_for("test-band").caps
+    tasks = plan_block(MaskSpec(300, causal=True, positional=True), (Segment(101, 20, 4),), (Segment(0, 60),), native)
+    assert tasks and all(t.kind is Kind.PARTIAL and t.qseg is not None for t in tasks)
 
 
 def test_single_process_call_through_seam_backends():
