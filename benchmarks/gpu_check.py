@@ -8,6 +8,10 @@
    process group) and through the selected backend directly on single block pairs (striped positions
    included), planned by ``tasks.plan_block``. It also reports which backend ``kernels.select`` chose
    (the CUDA backend must pass its self-check for every dtype) and which flash impl is active.
+   The kernel seam's other paths run on the device too: the same block pairs planned for a backend that
+   takes BAND tasks (windows, chunks, documents as one task each, masked from the band's own
+   parameters) and all of a pair's tasks in one call ("seam"), and ALiBi planned as FULL/CAUSAL/BAND
+   tasks with positions for a backend that applies it on any task ("alibi").
 2. Per-block throughput (TFLOP/s, forward and forward+backward) of ringattn's backend and of
    ``ring_attention`` against ``scaled_dot_product_attention`` on its flash backend: bfloat16, head dim
    128, S in {4096, 8192}, H in {16, 32}, causal and not.
@@ -47,12 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- float64 reference ---------------------------------------------------------------------------------
 
-def reference(q, k, v, dout, keep, scale):
-    """Dense float64 attention with autograd: (out, lse, dq, dk, dv); rows that see nothing: 0 / -inf."""
+def reference(q, k, v, dout, keep, scale, bias=None):
+    """Dense float64 attention with autograd: (out, lse, dq, dk, dv); rows that see nothing: 0 / -inf.
+    ``bias``: an additive ``(heads, nq, nk)`` score term (ALiBi)."""
     q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
     g = q.shape[2] // k.shape[2]
     kr, vr = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
     s = torch.einsum("bihd,bjhd->bhij", q, kr) * scale
+    if bias is not None:
+        s = s + bias.double()
     rows = keep.any(-1)
     # Empty rows get finite scores so softmax has a gradient; the keep factor then zeroes them.
     s = torch.where(keep, s, torch.where(rows[:, None], float("-inf"), 0.0))
@@ -150,6 +157,9 @@ def direct_pairs():
         ("windows", MaskSpec(4 * n, window=(200, 50)), (Segment(n, n),), (Segment(400, n),)),
         ("documents", MaskSpec(2 * n, causal=True, doc_bounds=(0, 150, 151, 600, 1000, 2 * n)),
          (Segment(0, n),), (Segment(0, n),)),
+        ("chunks", MaskSpec(4 * n, causal=True, chunk=256), (Segment(n, n),), (Segment(n, n),)),
+        ("window-docs", MaskSpec(2 * n, causal=True, window=(100, -1), doc_bounds=(0, 150, 151, 600, 2 * n)),
+         (Segment(n, n),), (Segment(300, n),)),
         ("striped", MaskSpec(4 * n, causal=True), (Segment(1, n, 4),), (Segment(0, n, 4),)),
         ("striped-docs", MaskSpec(4 * n, causal=True, doc_bounds=(0, 999, 2000, 4 * n)),
          (Segment(3, n, 4),), (Segment(0, n, 4),)),
@@ -158,9 +168,43 @@ def direct_pairs():
     ]
 
 
-def check_direct(dtype, kv_heads, name, spec, qsegs, ksegs, device, backend) -> dict:
+def seam_backend(base):
+    """``base`` declaring BAND native and the task-list entry: each BAND task goes through its dense-mask
+    path with the mask built from the band's own parameters, and a block pair's tasks come in one call
+    (run there one by one). Exercises the seam's planning and bookkeeping with the device's kernels."""
+    import copy
+    import dataclasses
+
+    from ringattn.kernels.block import backward_each, forward_each
+    from ringattn.masks import Kind
+
+    b = copy.copy(base)
+    b.caps = dataclasses.replace(base.caps, native=base.caps.native | {Kind.BAND}, takes_task_lists=True)
+    b.forward_tasks = lambda *args, **kw: forward_each(base, *args, **kw)
+    b.backward_tasks = lambda *args, **kw: backward_each(base, *args, **kw)
+    return b
+
+
+def alibi_backend():
+    """The reference backend applying ALiBi on every task kind (given positions), BAND native."""
+    import copy
+    import dataclasses
+
+    from ringattn.kernels import BACKENDS
+    from ringattn.masks import Kind
+    from ringattn.scores import ALIBI
+
+    b = copy.copy(BACKENDS["reference"])
+    b.caps = dataclasses.replace(b.caps, native=b.caps.native | {Kind.BAND}, native_score_mods=frozenset({ALIBI}))
+    return b
+
+
+def check_direct(dtype, kv_heads, name, spec, qsegs, ksegs, device, backend, alibi=False) -> dict:
+    import dataclasses
+
     from ringattn.kernels import acc_dtype
     from ringattn.kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
+    from ringattn.scores import ScoreMod
     from ringattn.tasks import plan_block
 
     g = torch.Generator(device=device).manual_seed(zlib.crc32(f"direct/{name}/{kv_heads}".encode()))
@@ -175,12 +219,18 @@ def check_direct(dtype, kv_heads, name, spec, qsegs, ksegs, device, backend) -> 
     kpos = torch.cat([s.positions(device) for s in ksegs])
     keep = spec.visible(qpos[:, None], kpos[None, :])
     scale = d ** -0.5
-    ref = reference(q, k, v, dout, keep, scale)
+    scores = bias = None
+    if alibi:
+        slopes = 2.0 ** -torch.arange(1, h + 1, device=device, dtype=torch.float64)
+        scores = ScoreMod(alibi_slopes=slopes)
+        spec = dataclasses.replace(spec, positional=True)
+        bias = -slopes[:, None, None] * (qpos[:, None] - kpos[None, :]).double()
+    ref = reference(q, k, v, dout, keep, scale, bias)
     tasks = plan_block(spec, qsegs, ksegs, backend.caps)
     acc = OutLseAccumulator(q, d)
-    run_forward(backend, q, k, v, tasks, spec, scale, acc)
+    run_forward(backend, q, k, v, tasks, spec, scale, acc, scores)
     grads = [GradAccumulator(x.shape, acc_dtype(dtype), device) for x in (q, k, v)]
-    run_backward(backend, dout, q, k, v, acc.out, acc.lse, tasks, spec, scale, *grads)
+    run_backward(backend, dout, q, k, v, acc.out, acc.lse, tasks, spec, scale, *grads, None, scores)
     got = (acc.out, acc.lse, *(x.get() for x in grads))
     kinds = sorted({t.kind.name for t in tasks})
     return {**{n: rel_err(x, y) for n, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}, "kinds": kinds}
@@ -204,11 +254,14 @@ def correctness(device) -> tuple[list[dict], dict]:
                 errs = check_ring(dtype, kvh, name, kw, device, tiled)
                 rows.append(dict(path="ring_attention", dtype=dname, case=name, kv_heads=kvh, errors=errs,
                                  ok=all(e <= TOL[dtype] for e in errs.values())))
-            for name, spec, qsegs, ksegs in direct_pairs():
-                errs = check_direct(dtype, kvh, name, spec, qsegs, ksegs, device, tiled)
-                kinds = errs.pop("kinds")
-                rows.append(dict(path="backend", dtype=dname, case=f"{name} {'/'.join(kinds)}", kv_heads=kvh,
-                                 errors=errs, ok=all(e <= TOL[dtype] for e in errs.values())))
+            seam = (("backend", tiled, False), ("seam", seam_backend(tiled), False),
+                    ("alibi", alibi_backend(), True))
+            for path, backend, alibi in seam:
+                for name, spec, qsegs, ksegs in direct_pairs():
+                    errs = check_direct(dtype, kvh, name, spec, qsegs, ksegs, device, backend, alibi)
+                    kinds = errs.pop("kinds")
+                    rows.append(dict(path=path, dtype=dname, case=f"{name} {'/'.join(kinds)}", kv_heads=kvh,
+                                     errors=errs, ok=all(e <= TOL[dtype] for e in errs.values())))
         torch.cuda.synchronize(device)
     info = {"select": chosen, "flash_impl": cuda_mod._current_impl(),
             "flash_hardware": cuda_mod._flash_hardware(torch.device(device))}

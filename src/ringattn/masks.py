@@ -57,6 +57,7 @@ class Kind(enum.Enum):
     FULL = 1  # everything visible: mask-free kernel call
     CAUSAL = 2  # key j visible to query i iff j <= i + shift: the kernel's own causal flag
     PARTIAL = 3  # anything else: dense mask, tile by tile
+    BAND = 4  # a diagonal band cut into runs (windows, chunks, documents): its parameters in ``Task.band``
 
 
 @dataclass(frozen=True)
@@ -450,6 +451,96 @@ class MaskSpec:
 
 
 @dataclass(frozen=True)
+class Band:
+    """Which keys the rows of a BAND task see, in the task's own rows ``r`` and keys ``c`` (from 0).
+
+    ``diag``: key ``r + diag`` is the one aligned with row ``r``. ``window=(left, right)``: row ``r`` sees
+    keys ``r + diag - left <= c <= r + diag + right``; ``-1`` leaves that side unbounded (``(-1, 0)`` is
+    causal). ``cu_q``/``cu_k`` (None: one run): run ``s`` is rows ``[cu_q[s], cu_q[s+1])`` with keys
+    ``[cu_k[s], cu_k[s+1])``, and a row sees only keys of its own run (documents, chunks). Both start at 0
+    and end at the task's row and key counts; a run may be empty on one side (rows whose document has
+    no key in the task, or the other way round).
+
+    FlashAttention takes this as it is: ``cu_seqlens_q/k`` are ``cu_q``/``cu_k``, and ``window_size`` of a
+    run is ``flash_windows()[s]`` (its bottom-right alignment), or ``flash_window()`` where one fits all;
+    ALiBi's ``alibi_slopes`` come from the task's positions (``ScoreMod.flash_alibi``).
+    """
+
+    diag: int = 0
+    window: tuple[int, int] = (-1, -1)
+    cu_q: tuple[int, ...] | None = None
+    cu_k: tuple[int, ...] | None = None
+
+    def runs(self, nq: int, nk: int) -> list[tuple[int, int, int, int]]:
+        """``(r0, r1, c0, c1)`` of every run."""
+        if self.cu_q is None:
+            return [(0, nq, 0, nk)]
+        return [(self.cu_q[s], self.cu_q[s + 1], self.cu_k[s], self.cu_k[s + 1]) for s in range(len(self.cu_q) - 1)]
+
+    def flash_windows(self, nq: int, nk: int) -> list[tuple[int, int] | None]:
+        """FlashAttention's ``window_size`` per run (bottom-right aligned in the run: its last row on its
+        last key); None for a run whose bound falls on the far side of that diagonal (FlashAttention reads
+        a negative size as unbounded: such a run needs its keys trimmed or a call of its own)."""
+        out: list[tuple[int, int] | None] = []
+        for r0, r1, c0, c1 in self.runs(nq, nk):
+            # Row r0 + x is aligned with run key x + (c1 - c0) - (r1 - r0) + delta here, and with
+            # x + (c1 - c0) - (r1 - r0) in FlashAttention's terms.
+            delta = r0 + self.diag - c0 - ((c1 - c0) - (r1 - r0))
+            left, right = self.window
+            left, right = (-1 if left < 0 else left - delta), (-1 if right < 0 else right + delta)
+            bad = (self.window[0] >= 0 and left < 0) or (self.window[1] >= 0 and right < 0)
+            out.append(None if bad else (left, right))
+        return out
+
+    def flash_window(self, nq: int, nk: int) -> tuple[int, int] | None:
+        """The one ``window_size`` of a single varlen call over every run (runs with rows and keys); None
+        if they need different ones (then a call per group of runs alike)."""
+        sizes = {w for (r0, r1, c0, c1), w in zip(self.runs(nq, nk), self.flash_windows(nq, nk))
+                 if r1 > r0 and c1 > c0}
+        return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+    def visible(self, nq: int, nk: int, device=None) -> torch.Tensor:
+        """The ``(nq, nk)`` boolean visibility, True = visible."""
+        r = torch.arange(nq, device=device)[:, None]
+        c = torch.arange(nk, device=device)[None, :]
+        d = c - r - self.diag
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=device)
+        if self.window[0] >= 0:
+            keep &= d >= -self.window[0]
+        if self.window[1] >= 0:
+            keep &= d <= self.window[1]
+        if self.cu_q is not None:
+            cu_q = torch.tensor(self.cu_q, device=device)
+            cu_k = torch.tensor(self.cu_k, device=device)
+            # The last run starting at or before a row is its own (empty runs start where the next does).
+            run_q = torch.searchsorted(cu_q, r, right=True)
+            run_k = torch.searchsorted(cu_k, c, right=True)
+            keep &= run_q == run_k
+        return keep
+
+    def pairs(self, nq: int, nk: int) -> int:
+        """How many (row, key) pairs are visible: the FLOP model's count."""
+        total = 0
+        for r0, r1, c0, c1 in self.runs(nq, nk):
+            r = torch.arange(r0, r1, dtype=torch.long)
+            a = torch.full_like(r, c0) if self.window[0] < 0 else (r + self.diag - self.window[0]).clamp_min(c0)
+            b = torch.full_like(r, c1 - 1) if self.window[1] < 0 else \
+                (r + self.diag + self.window[1]).clamp_max(c1 - 1)
+            total += int((b - a + 1).clamp_min(0).sum())
+        return total
+
+    def restrict(self, r0: int, r1: int, c0: int, c1: int) -> Band:
+        """The band of rows ``[r0, r1)`` and keys ``[c0, c1)`` of this one, in their own coordinates."""
+        if self.cu_q is None:
+            return Band(self.diag + r0 - c0, self.window)
+        cu_q = [min(max(x, r0), r1) - r0 for x in self.cu_q]
+        cu_k = [min(max(x, c0), c1) - c0 for x in self.cu_k]
+        # Runs with neither rows nor keys left go; the first boundary (0) stays.
+        keep = [0] + [s for s in range(1, len(cu_q)) if (cu_q[s], cu_k[s]) != (cu_q[s - 1], cu_k[s - 1])]
+        return Band(self.diag + r0 - c0, self.window, tuple(cu_q[s] for s in keep), tuple(cu_k[s] for s in keep))
+
+
+@dataclass(frozen=True)
 class Task:
     """One kernel call: query rows ``[q0, q1)`` and key rows ``[k0, k1)`` of the local blocks."""
 
@@ -459,5 +550,8 @@ class Task:
     k1: int
     kind: Kind
     shift: int = 0
-    qseg: Segment | None = None  # set for PARTIAL: positions needed to build the mask
+    # Positions of the rows and keys: set for PARTIAL (to build the mask) and, for a backend that applies
+    # ALiBi itself (``Capabilities.native_score_mods``), for every task of such a call.
+    qseg: Segment | None = None
     kseg: Segment | None = None
+    band: Band | None = None  # set for BAND

@@ -11,8 +11,9 @@ kernel runs unchanged; see ``autograd.SavedAttention`` for its backward.
 
 A backend lists the kinds it takes in ``Capabilities.score_mods``; the front door picks the reference
 backend for a call whose kinds the chosen one lacks. A score that depends on positions (ALiBi) needs
-positions for every task, so such calls plan every visible pair as a PARTIAL tile
-(``MaskSpec.positional``).
+positions for every task: such calls plan every visible pair as a PARTIAL tile (``MaskSpec.positional``),
+unless the backend lists ALiBi in ``Capabilities.native_score_mods`` too (FlashAttention's
+``alibi_slopes``), in which case they are planned as without it and every task carries its positions.
 
 ALiBi's bias on a tile is split in two for precision: ``-slope (i - j) = slope (j - k0) - slope (i - k0)``
 with ``k0`` the tile's first key. The kernel adds only the first part, small (at most slope x tile
@@ -28,6 +29,8 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+
+from .masks import Segment
 
 SOFTCAP = "softcap"
 ALIBI = "alibi"
@@ -61,6 +64,19 @@ class ScoreMod:
         """ALiBi's per-row part ``-slope_h (i - k0)``, ``(heads, nq)``: what the tile's lse is off by."""
         rel = (q_pos - k_pos[:1]).to(self.alibi_slopes.dtype)
         return (-self.alibi_slopes[:, None] * rel[None, :]).to(dtype)
+
+    def flash_alibi(self, q_pos: Segment, k_pos: Segment, nq: int, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ALiBi on a task with these positions (equal strides) as FlashAttention applies it:
+        ``(alibi_slopes, lse_shift)``, both ``(heads,)``, float64.
+
+        FlashAttention adds ``-slope' |r + nk - nq - c|`` for row ``r`` and key ``c`` of the call (bottom-right
+        aligned). Ours is ``-slope (i - j)`` with ``i = q0 + r w``, ``j = k0 + c w``: with ``slope' = slope w``
+        the two differ by a constant per row wherever the key is at or left of that diagonal (a causal task,
+        or a band that ends on it), so only the lse moves: ours = the kernel's + ``lse_shift``.
+        """
+        w = q_pos.stride
+        slopes = self.alibi_slopes.to(torch.float64)
+        return slopes * w, slopes * (w * (nk - nq) - (q_pos.start - k_pos.start))
 
     def describe(self) -> str:
         """For the cross-rank agreement: the values too, since ranks holding different slopes would

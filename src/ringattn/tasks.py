@@ -11,7 +11,11 @@ natively (its :class:`~ringattn.kernels.base.Capabilities`):
 - a pair only the causal bound cuts whose diagonal starts right of its first key (queries later than
   the keys they share a run with: bottom-right causal, or a window reaching right) becomes a full
   rectangle plus a top-left triangle;
-- a causal task for a bottom-right aligned kernel becomes a square triangle plus a full rectangle.
+- a causal task for a bottom-right aligned kernel becomes a square triangle plus a full rectangle;
+- for a backend with BAND in ``caps.native``, a pair that windows, chunks or documents cut is one BAND
+  task carrying its band and runs (FlashAttention's ``window_size`` and varlen ``cu_seqlens``);
+- for a backend that applies ALiBi itself (``caps.native_score_mods``), an ALiBi call is planned like any
+  other and every task carries its positions; the others get every visible pair as PARTIAL tiles.
 
 The same tasks feed the FLOP model (``task_flops``) of the profiler and of the planner.
 """
@@ -23,7 +27,8 @@ import functools
 from typing import NamedTuple
 
 from .kernels.base import Alignment, Capabilities
-from .masks import Kind, MaskSpec, Segment, Task
+from .masks import Band, Kind, MaskSpec, Segment, Task
+from .scores import ALIBI
 
 DEFAULT_CAPS = Capabilities()
 
@@ -44,14 +49,40 @@ def plan_block(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment,
         tasks = [Task(0, sum(s.length for s in qsegs), 0, k_len, Kind.CAUSAL)] if k_len else []
         return tuple(lower(tasks, caps))
     tasks: list[Task] = []
+    native_alibi = spec.positional and ALIBI in caps.native_score_mods
     qoff = 0
     for qs in qsegs:
         koff = 0
         for ks in ksegs:
-            _plan_pair(spec, qs, ks, qoff, koff, caps, tasks)
+            if native_alibi and qs.stride == ks.stride:
+                tasks += _planned_with_positions(spec, qs, ks, qoff, koff, caps)
+            else:
+                _plan_pair(spec, qs, ks, qoff, koff, caps, tasks)
             koff += ks.length
         qoff += qs.length
-    return tuple(lower(_merge_full(tasks), caps))
+    # Joined tasks would span segments, whose positions are no longer one run: not for positional calls.
+    return tuple(lower(tasks if native_alibi else _merge_full(tasks), caps))
+
+
+def _planned_with_positions(spec: MaskSpec, qs: Segment, ks: Segment, qoff: int, koff: int,
+                            caps: Capabilities) -> list[Task]:
+    """A pair of an ALiBi call for a backend that applies ALiBi on any task: planned by visibility alone,
+    every task carrying its positions (equal strides: the bias is then a function of row minus key)."""
+    out: list[Task] = []
+    _plan_pair(dataclasses.replace(spec, positional=False), qs, ks, qoff, koff, caps, out)
+    return [t if t.qseg is not None else dataclasses.replace(
+        t, qseg=qs.sub(t.q0 - qoff, t.q1 - qoff), kseg=ks.sub(t.k0 - koff, t.k1 - koff)) for t in out]
+
+
+def cut(t: Task, q0: int, q1: int, k0: int, k1: int, kind: Kind | None = None) -> Task:
+    """Rows ``[q0, q1)`` and keys ``[k0, k1)`` (block rows, inside ``t``) of task ``t`` as a task of ``kind``
+    (default: ``t``'s), its positions and band cut alike."""
+    def sub(seg, a, lo, hi):
+        return None if seg is None else seg.sub(lo - a, hi - a)
+
+    band = None if t.band is None else t.band.restrict(q0 - t.q0, q1 - t.q0, k0 - t.k0, k1 - t.k0)
+    return Task(q0, q1, k0, k1, t.kind if kind is None else kind, qseg=sub(t.qseg, t.q0, q0, q1),
+                kseg=sub(t.kseg, t.k0, k0, k1), band=band)
 
 
 def lower(tasks, caps: Capabilities) -> list[Task]:
@@ -65,10 +96,10 @@ def lower(tasks, caps: Capabilities) -> list[Task]:
         if t.kind is not Kind.CAUSAL or nq == nk:
             out.append(t)
         elif nq < nk:  # keys right of the last row's diagonal are seen by nobody
-            out.append(dataclasses.replace(t, k1=t.k0 + nq))
+            out.append(cut(t, t.q0, t.q1, t.k0, t.k0 + nq))
         else:  # rows below the square see every key
-            out.append(dataclasses.replace(t, q1=t.q0 + nk))
-            out.append(Task(t.q0 + nk, t.q1, t.k0, t.k1, Kind.FULL))
+            out.append(cut(t, t.q0, t.q0 + nk, t.k0, t.k1))
+            out.append(cut(t, t.q0 + nk, t.q1, t.k0, t.k1, Kind.FULL))
     return out
 
 
@@ -123,6 +154,11 @@ def _plan_pair(spec: MaskSpec, qs: Segment, ks: Segment, qoff: int, koff: int, c
     if Kind.PARTIAL in caps.native:
         out.append(Task(qoff, qoff + qs.length, koff, koff + ks.length, Kind.PARTIAL, qseg=qs, kseg=ks))
         return
+    if Kind.BAND in caps.native and not spec.custom and not spec.positional and qs.stride == ks.stride:
+        band = band_of(spec, qs, ks)
+        if band is not None:
+            out.append(Task(qoff, qoff + qs.length, koff, koff + ks.length, Kind.BAND, band=band))
+        return
     if spec.grouped and not spec.positional and _plan_by_document(spec, qs, ks, qoff, koff, caps, out):
         return
     tile = caps.max_dense_tile
@@ -140,6 +176,36 @@ def _plan_pair(spec: MaskSpec, qs: Segment, ks: Segment, qoff: int, koff: int, c
                                 Kind.PARTIAL, qseg=qa, kseg=kb))
             else:
                 _plan_pair(spec, qa, kb, qoff + a, koff + b, caps, out)
+
+
+def band_of(spec: MaskSpec, qs: Segment, ks: Segment) -> Band | None:
+    """The visibility of query run ``qs`` against key run ``ks`` (equal strides, real keys only, no user
+    mask) as a :class:`Band`: the diagonal bounds of causal and window, and a run per group; None if the
+    bounds leave no diagonal (a window narrower than the stride)."""
+    w = qs.stride
+    off = qs.start - ks.start  # i - j = off + (r - c) * w
+    # lo <= i - j  <=>  c - r <= (off - lo) / w;  i - j <= hi  <=>  c - r >= (off - hi) / w.
+    upper = None if spec.lo is None else (off - spec.lo) // w
+    lower_ = None if spec.hi is None else -((spec.hi - off) // w)
+    if lower_ is not None and upper is not None and lower_ > upper:
+        return None
+    diag = off // w
+    if lower_ is not None:
+        diag = max(diag, lower_)
+    if upper is not None:
+        diag = min(diag, upper)
+    window = (-1 if lower_ is None else diag - lower_, -1 if upper is None else upper - diag)
+    if not spec.grouped:
+        return Band(diag, window)
+    qp, kp = document_pieces(spec, qs), document_pieces(spec, ks)
+    groups = sorted({spec.group_of(p.start) for _, p in qp} | {spec.group_of(p.start) for _, p in kp})
+    qn = {spec.group_of(p.start): p.length for _, p in qp}
+    kn = {spec.group_of(p.start): p.length for _, p in kp}
+    cu_q, cu_k = [0], [0]
+    for g in groups:
+        cu_q.append(cu_q[-1] + qn.get(g, 0))
+        cu_k.append(cu_k[-1] + kn.get(g, 0))
+    return Band(diag, window, tuple(cu_q), tuple(cu_k))
 
 
 def document_pieces(spec: MaskSpec, seg: Segment) -> list[tuple[int, Segment]]:
@@ -176,6 +242,8 @@ def task_flops(task: Task, batch: int, heads: int, head_dim: int, v_head_dim: in
     FLOPs a kernel executes that computes a causal row's keys up to the end of its diagonal's key block
     (``Capabilities.causal_key_block``)."""
     nq, nk = task.q1 - task.q0, task.k1 - task.k0
+    if task.kind is Kind.BAND:
+        return 2.0 * batch * heads * task.band.pairs(nq, nk) * (head_dim + v_head_dim)
     if task.kind is Kind.CAUSAL:
         m, kb = min(nq, nk), key_block
         blocks, rest = divmod(m, kb)  # rows of block j compute min(nk, (j + 1) kb) keys
@@ -194,11 +262,10 @@ def restrict(t: Task, r0: int, r1: int, c0: int, c1: int) -> list[Task]:
     q0, q1, k0, k1 = max(t.q0, r0), min(t.q1, r1), max(t.k0, c0), min(t.k1, c1)
     if q0 >= q1 or k0 >= k1:
         return []
-    if t.kind is Kind.FULL:
-        return [Task(q0, q1, k0, k1, Kind.FULL)]
-    if t.kind is Kind.PARTIAL:
-        return [Task(q0, q1, k0, k1, Kind.PARTIAL, qseg=t.qseg.sub(q0 - t.q0, q1 - t.q0),
-                     kseg=t.kseg.sub(k0 - t.k0, k1 - t.k0))]
+    if t.kind is not Kind.CAUSAL:
+        part = cut(t, q0, q1, k0, k1)
+        # A band's tiles away from its diagonal (or between its runs) see nothing: no call for them.
+        return [] if part.kind is Kind.BAND and not part.band.pairs(q1 - q0, k1 - k0) else [part]
     # Causal, in the task's own coordinates: row i sees keys [0, i]; rows [a, b), keys [u, w).
     a, b, u, w = q0 - t.q0, q1 - t.q0, k0 - t.k0, k1 - t.k0
     a = max(a, u)  # rows above the key range see none of it
@@ -206,9 +273,9 @@ def restrict(t: Task, r0: int, r1: int, c0: int, c1: int) -> list[Task]:
     if a >= b:
         return out
     if a > u:
-        out.append(Task(t.q0 + a, t.q0 + b, t.k0 + u, t.k0 + min(a, w), Kind.FULL))
+        out.append(cut(t, t.q0 + a, t.q0 + b, t.k0 + u, t.k0 + min(a, w), Kind.FULL))
     if a < w:
-        out.append(Task(t.q0 + a, t.q0 + b, t.k0 + a, t.k0 + w, Kind.CAUSAL))
+        out.append(cut(t, t.q0 + a, t.q0 + b, t.k0 + a, t.k0 + w, Kind.CAUSAL))
     return out
 
 

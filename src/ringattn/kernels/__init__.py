@@ -1,9 +1,10 @@
 """Per-block attention backends, chosen by device and dtype.
 
-``select(q, k, v)`` returns the fastest backend that supports the tensors: torch's fused CPU flash op
-on CPU, torch's fused CUDA ops on CUDA for float16/bfloat16/float32 (once it passed its self-check on
-that device, dtype and head dims), and the pure-torch tiled reference otherwise (float64 on CUDA).
-``RINGATTN_BACKEND=reference|cpu-flash|cuda-flash`` forces one (for debugging and tests).
+``select(q, k, v)`` returns the registered backend of highest ``priority`` that supports the tensors (and,
+for one that declares ``self_check``, passed its check against the reference on that device, dtype and head
+dims): torch's fused CPU flash op on CPU, torch's fused CUDA ops on CUDA for float16/bfloat16/float32, and
+the pure-torch tiled reference otherwise (float64 on CUDA). ``RINGATTN_BACKEND=<name>`` forces one (for
+debugging and tests). A new backend is a module with its class and one ``register`` line below.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import warnings
 
 import torch
 
-from ..masks import Kind, MaskSpec, Segment, Task
+from ..masks import Band, Kind, MaskSpec, Segment, Task
+from ..scores import ALIBI, ScoreMod
 from .base import (
     Alignment,
     Backend,
@@ -27,16 +29,35 @@ from .base import (
     heads_major,
     new_heads_major,
 )
+from .block import backward_each, forward_each
 from .cpu import CpuFlashBackend
-from .cuda import HALF, CudaFlashBackend, step_down, warn_step_down
+from .cuda import CudaFlashBackend
 from .reference import ReferenceBackend
 
-BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CpuFlashBackend(), CudaFlashBackend(), ReferenceBackend())
-}
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Make ``backend`` selectable (by ``select``, in order of its ``priority``) and nameable (``backend=``,
+    ``RINGATTN_BACKEND``)."""
+    for attr in ("name", "caps", "priority", "self_check", "supports", "forward", "backward"):
+        if not hasattr(backend, attr):
+            raise TypeError(f"a backend needs {attr!r} (see ringattn.kernels.base.Backend); "
+                            f"{type(backend).__name__} has none")
+    lists = hasattr(backend, "forward_tasks") and hasattr(backend, "backward_tasks")
+    if backend.caps.takes_task_lists and not lists:
+        raise TypeError(f"backend {backend.name!r} declares takes_task_lists: it needs forward_tasks and "
+                        "backward_tasks")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+register(CpuFlashBackend())
+register(CudaFlashBackend())
+register(ReferenceBackend())
 
 __all__ = ["BACKENDS", "Alignment", "Backend", "Capabilities", "DenseMaskKernel", "acc_dtype", "empty_result",
-           "heads_major", "new_heads_major", "retiled", "select"]
+           "heads_major", "new_heads_major", "register", "retiled", "select"]
 
 
 def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Backend:
@@ -45,12 +66,13 @@ def select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Backend:
         if forced not in BACKENDS:
             raise ValueError(f"RINGATTN_BACKEND must be one of {sorted(BACKENDS)}, got {forced!r}")
         return BACKENDS[forced]
-    for name in ("cpu-flash", "cuda-flash"):
-        b = BACKENDS[name]
-        if b.supports(q, k, v) and (q.device.type == "cpu" or _self_check(
-                name, str(q.device), q.dtype, q.shape[-1], v.shape[-1])):
+    # Highest priority first; the name breaks ties, so every rank picks alike.
+    for b in sorted(BACKENDS.values(), key=lambda b: (-b.priority, b.name)):
+        if b.supports(q, k, v) and (not b.self_check or _self_check(
+                b.name, str(q.device), q.dtype, q.shape[-1], v.shape[-1])):
             return b
-    return BACKENDS["reference"]
+    raise ValueError(f"no registered backend supports {q.dtype} tensors on {q.device.type} "
+                     f"(registered: {sorted(BACKENDS)})")
 
 
 def _check_problem(device: str, dtype: torch.dtype, d: int, dv: int):
@@ -70,33 +92,63 @@ def _check_problem(device: str, dtype: torch.dtype, d: int, dv: int):
 
 
 def _disagreement(b: Backend, device: str, dtype: torch.dtype, d: int, dv: int) -> str | None:
-    """Where ``b`` disagrees with the reference backend on the check problem (None: nowhere)."""
+    """Where ``b`` disagrees with the reference backend on the check problem (None: nowhere), including
+    the seam's paths it declares: a BAND task, ALiBi on a FULL task, all tasks in one call."""
     ref = BACKENDS["reference"]
     q, k, v, do, spec, tasks = _check_problem(device, dtype, d, dv)
+    nq, nk = q.shape[1], k.shape[1]
+    if Kind.BAND in b.caps.native:  # the PARTIAL task's band, cut into runs
+        tasks.append((Task(0, nq, 0, nk, Kind.BAND, band=Band(-20, (4, 4), (0, 30, 30, nq), (0, 12, 20, nk))), nk))
     tol = {torch.float32: 1e-4, torch.float16: 1e-2}.get(dtype, 3e-2)
+    calls = []
     for task, n in tasks:
         kk, vv = k[:, :n], v[:, :n]
-        o, l_ = b.forward(q, kk, vv, task, spec, scale=0.125)
-        ro, rl = ref.forward(q, kk, vv, task, spec, scale=0.125)
-        grads = b.backward(do, q, kk, vv, ro, rl, task, spec, scale=0.125)
-        rgrads = ref.backward(do, q, kk, vv, ro, rl, task, spec, scale=0.125)
+        calls.append((task.kind.name, lambda x, t=task, kk=kk, vv=vv, s=None: _one_task(x, q, kk, vv, do, t, spec, s)))
+    if ALIBI in b.caps.native_score_mods:
+        slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device, dtype=torch.float64)
+        full = Task(0, nq, 0, nk, Kind.FULL, qseg=Segment(100, nq), kseg=Segment(60, nk))
+        calls.append(("ALiBi FULL", lambda x: _one_task(x, q, k, v, do, full, spec, ScoreMod(alibi_slopes=slopes))))
+    if b.caps.takes_task_lists:
+        listed = tuple(t for t, _ in tasks)
+        calls.append(("task list", lambda x: _task_list(x, q, k, v, do, listed, spec)))
+    for label, run in calls:
+        (o, l_, grads), (ro, rl, rgrads) = run(b), run(ref)
         if not torch.equal(torch.isneginf(l_), torch.isneginf(rl)):
-            return f"{task.kind.name}: empty rows differ"
+            return f"{label}: empty rows differ"
         for what, x, y in (("out", o, ro), ("lse", l_, rl), *zip(("dq", "dk", "dv"), grads, rgrads)):
             x, y = x.float(), y.float()
             fin = torch.isfinite(y)
             if x.shape != y.shape or not torch.isfinite(x[fin]).all():
-                return f"{task.kind.name} {what}: wrong shape or not finite"
+                return f"{label} {what}: wrong shape or not finite"
             err = float((x[fin] - y[fin]).abs().max() / y[fin].abs().max().clamp_min(1e-6))
             if not err <= tol:
-                return f"{task.kind.name} {what}: error {err:.2e} relative to the largest value"
+                return f"{label} {what}: error {err:.2e} relative to the largest value"
     return None
+
+
+def _one_task(b: Backend, q, k, v, do, task: Task, spec: MaskSpec, scores: ScoreMod | None):
+    """One task's forward, then its backward from the reference's own (out, lse), on ``b``."""
+    extra = {} if scores is None else {"scores": scores}
+    ro, rl = BACKENDS["reference"].forward(q, k, v, task, spec, scale=0.125, **extra)
+    o, l_ = b.forward(q, k, v, task, spec, scale=0.125, **extra)
+    return o, l_, b.backward(do, q, k, v, ro, rl, task, spec, scale=0.125, **extra)
+
+
+def _task_list(b: Backend, q, k, v, do, tasks: tuple[Task, ...], spec: MaskSpec):
+    """All tasks in one call (``forward_tasks``; the reference: one by one), then the backward from the
+    reference's merged (out, lse)."""
+    ro, rl = forward_each(BACKENDS["reference"], q, k, v, tasks, spec, scale=0.125)
+    if b is BACKENDS["reference"]:
+        return ro, rl, backward_each(b, do, q, k, v, ro, rl, tasks, spec, scale=0.125)
+    o, l_ = b.forward_tasks(q, k, v, tasks, spec, scale=0.125)
+    return o, l_, b.backward_tasks(do, q, k, v, ro, rl, tasks, spec, scale=0.125)
 
 
 @functools.cache
 def _self_check(name: str, device: str, dtype: torch.dtype, d: int = 64, dv: int = 64) -> bool:
     """Run a backend our CI cannot run once against the reference, on every task kind; fall back on any
-    disagreement: the CUDA backend first steps down (FA3/FA4 to FA2, then flash off) and checks again."""
+    disagreement: a backend with ``step_down`` first gives something up (the CUDA backend: FA3/FA4 to FA2,
+    then flash) and is checked again."""
     b, dev = BACKENDS[name], torch.device(device)
     while True:
         try:
@@ -105,10 +157,11 @@ def _self_check(name: str, device: str, dtype: torch.dtype, d: int = 64, dv: int
             reason = f"{type(e).__name__}: {e}"
         if reason is None:
             return True
-        dropped = step_down(dev) if name == "cuda-flash" and dtype in HALF else None
+        dropped = b.step_down(dev, dtype) if hasattr(b, "step_down") else None
         if dropped is None:
             break
-        warn_step_down(dev, dropped, reason)
+        warnings.warn(f"ringattn: {name} failed its self-check on {dev} ({reason}); no longer using {dropped} there",
+                      stacklevel=3)
     warnings.warn(f"ringattn: backend {name} failed its self-check on {device}/{dtype} ({reason}); "
                   "using the reference backend", stacklevel=3)
     return False

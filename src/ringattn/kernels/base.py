@@ -10,6 +10,9 @@ A backend receives one planned :class:`~ringattn.masks.Task` at a time together 
 - ``CAUSAL``: row ``i`` of the task sees key ``j <= i`` (top-left), or ``j <= i + nk - nq``
   (bottom-right); the planner only hands a backend tasks in its own ``causal_alignment``, and a
   bottom-right backend only square ones, where both agree.
+- ``BAND``: only to a backend with ``BAND`` in ``caps.native``: a window band cut into runs (documents,
+  chunks), described by ``task.band`` (:class:`~ringattn.masks.Band`: FlashAttention's ``window_size`` and
+  varlen ``cu_seqlens``). The others get such pairs as PARTIAL tiles or per-document FULL/CAUSAL pieces.
 - ``PARTIAL``: anything else; visibility is ``mask.visible`` on the task's positions ``qseg``/``kseg``.
   Only a backend with ``PARTIAL`` in ``caps.native`` receives a whole pair; the others get tiles of at
   most ``caps.max_dense_tile`` and may build a dense mask of that size (:class:`DenseMaskKernel`).
@@ -22,7 +25,20 @@ and returns this block pair's share of ``(dq, dk, dv)`` (FlashAttention-2: D = r
 P = exp(S * scale - lse)); ``lse`` may hold ``-inf`` for rows that see no key anywhere, whose gradients are
 zero. ``dlse`` (a gradient flowing into the returned lse; it folds into D) is only passed to backends whose
 ``caps.takes_dlse`` is set. ``scores`` (a :class:`~ringattn.scores.ScoreMod`) is only passed when the call
-has score modifications, all of them in ``caps.score_mods``; the ALiBi ones come with PARTIAL tasks only.
+has score modifications, all of them in ``caps.score_mods``. ALiBi needs positions: it comes with PARTIAL
+tasks only, unless ``"alibi"`` is in ``caps.native_score_mods``, in which case every task of such a call
+carries its positions (``qseg``/``kseg``, equal strides; ``ScoreMod.flash_alibi`` gives FlashAttention's
+``alibi_slopes`` for them).
+
+A backend with ``caps.takes_task_lists`` also has ``forward_tasks`` / ``backward_tasks``, which take all the
+tasks of a block pair (of a key tile, in the ring's backward) in one call, ``q``/``k``/``v`` cut to the
+tasks' bounding box and the tasks' rows shifted to it: one varlen kernel launch instead of one per task.
+``forward_tasks`` returns the merged ``(out, lse)`` of the box's rows (rows no task touches: 0 and
+``-inf``), ``backward_tasks`` the box's summed ``(dq, dk, dv)``.
+
+Selection (``kernels.select``) tries the registered backends by ``priority``, highest first, taking the
+first whose ``supports`` accepts the tensors and, for a backend with ``self_check``, that agreed with the
+reference on a tiny problem of every task kind on that device, dtype and head dims.
 """
 
 from __future__ import annotations
@@ -65,11 +81,23 @@ class Capabilities:
     # Keys a causal call computes per query row, for the cost model: up to the end of the block of this
     # many keys its diagonal falls in (a kernel walks keys in blocks and computes the diagonal one whole).
     causal_key_block: int = 1
+    # Score modifications (of ``score_mods``) the backend applies on any task, given the task's positions
+    # (FlashAttention's ``alibi_slopes``): a call with ALiBi is then planned like one without. Those only
+    # in ``score_mods`` get every visible pair as PARTIAL tiles.
+    native_score_mods: frozenset[str] = frozenset()
+    # The backend has ``forward_tasks`` / ``backward_tasks``: all of a block pair's tasks in one call.
+    takes_task_lists: bool = False
 
 
 class Backend(Protocol):
     name: str
     caps: Capabilities
+    # ``kernels.select`` tries backends by this, highest first; 0 is the last resort's.
+    priority: int
+    # Whether ``kernels.select`` checks it against the reference before its first use on a device, dtype
+    # and head dims (a backend the project's CI cannot run); ``step_down(device, dtype)``, if it has one,
+    # returns what it gave up after a failed check (None: nothing left), and the check runs again.
+    self_check: bool
 
     def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool: ...
 
@@ -86,14 +114,18 @@ class DenseMaskKernel:
     """A backend whose kernel takes ``causal: bool`` (top-left) plus an optional dense boolean mask.
 
     Lowers each task to those two arguments: the mask is built from ``MaskSpec.visible`` on the task's
-    positions, only for PARTIAL tasks (tile-sized, by the planner). Score modifications become keyword
+    positions for PARTIAL tasks (tile-sized, by the planner), and from the band's own parameters for BAND
+    tasks (whole pairs: only for a subclass that declares BAND native). Score modifications become keyword
     arguments, passed only when present: ``softcap=`` and ``bias=`` (ALiBi's per-key part, ``(heads, 1,
-    nk)``; its per-row part shifts lse here, see ``ringattn.scores``). Subclasses implement
+    nk)``, from the task's positions, whatever its kind; its per-row part shifts lse here, see
+    ``ringattn.scores``). Subclasses implement
     ``forward_dense`` / ``backward_dense``; tests call those directly too.
     """
 
     name: str
     caps: Capabilities = Capabilities()
+    priority: int = 0
+    self_check: bool = False
 
     def forward(self, q, k, v, task: Task, mask: MaskSpec, *, scale: float, scores: ScoreMod | None = None):
         extra, shift = _score_args(task, scores, q)
@@ -124,8 +156,8 @@ def _score_args(task: Task, scores: ScoreMod | None, q: torch.Tensor) -> tuple[d
     if scores.softcap is not None:
         extra["softcap"] = scores.softcap
     if scores.alibi_slopes is not None:
-        if task.kind is not Kind.PARTIAL:
-            raise AssertionError("ALiBi needs positions: the planner hands such calls PARTIAL tasks only")
+        if task.qseg is None or task.kseg is None:
+            raise AssertionError("ALiBi needs positions: the planner hands such calls tasks that carry them")
         k_pos, q_pos = task.kseg.positions(q.device), task.qseg.positions(q.device)
         extra["bias"] = scores.key_bias(k_pos, acc_dtype(q.dtype))
         shift = scores.row_shift(q_pos, k_pos, acc_dtype(q.dtype))
@@ -136,7 +168,10 @@ def _score_args(task: Task, scores: ScoreMod | None, q: torch.Tensor) -> tuple[d
 
 
 def dense_mask(task: Task, mask: MaskSpec, device) -> torch.Tensor | None:
-    """The boolean ``(nq, nk)`` visibility of a PARTIAL task (None for the other kinds)."""
+    """The boolean ``(nq, nk)`` visibility of a PARTIAL or BAND task (None for the other kinds); a BAND
+    task's comes from its band alone."""
+    if task.kind is Kind.BAND:
+        return task.band.visible(task.q1 - task.q0, task.k1 - task.k0, device)
     if task.kind is not Kind.PARTIAL:
         return None
     return mask.tile(task.qseg, task.kseg, device)

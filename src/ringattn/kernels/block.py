@@ -1,10 +1,13 @@
 """Attention of one local query block against one key/value block, as a list of kernel calls.
 
 ``tasks.plan_block`` turns (query positions, key positions, mask) into tasks; this module runs them on
-a backend and merges the partial results by logsumexp into a float32 (float64) accumulator.
+a backend and merges the partial results by logsumexp into a float32 (float64) accumulator: one call per
+task, or all of them in one call for a backend with ``caps.takes_task_lists``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -127,9 +130,24 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, 
     acc_out.mul_(wa).addcmul_(out.to(acc_out.dtype), wb)  # two passes over the rows, no temporary
 
 
+def _boxed(tasks: tuple[Task, ...]) -> tuple[int, int, int, int, tuple[Task, ...]]:
+    """The rows and keys the tasks span, and the tasks with their rows counted from that box."""
+    r0, r1 = min(t.q0 for t in tasks), max(t.q1 for t in tasks)
+    c0, c1 = min(t.k0 for t in tasks), max(t.k1 for t in tasks)
+    if (r0, c0) == (0, 0):
+        return r0, r1, c0, c1, tasks
+    return r0, r1, c0, c1, tuple(dataclasses.replace(t, q0=t.q0 - r0, q1=t.q1 - r0, k0=t.k0 - c0, k1=t.k1 - c0)
+                                 for t in tasks)
+
+
 def run_forward(backend: Backend, q, k, v, tasks: tuple[Task, ...], spec: MaskSpec, scale: float,
                 acc: OutLseAccumulator, scores: ScoreMod | None = None) -> None:
     extra = {} if scores is None else {"scores": scores}
+    if backend.caps.takes_task_lists and tasks:
+        r0, r1, c0, c1, boxed = _boxed(tasks)
+        out, lse = backend.forward_tasks(q[:, r0:r1], k[:, c0:c1], v[:, c0:c1], boxed, spec, scale=scale, **extra)
+        acc.merge(r0, r1, out, lse)
+        return
     for t in tasks:
         out, lse = backend.forward(q[:, t.q0:t.q1], k[:, t.k0:t.k1], v[:, t.k0:t.k1], t, spec, scale=scale,
                                    **extra)
@@ -143,6 +161,18 @@ def run_backward(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, .
 
     ``dlse`` (gradient flowing into the returned lse) only for a backend with ``caps.takes_dlse``.
     """
+    if backend.caps.takes_task_lists and tasks:
+        r0, r1, c0, c1, boxed = _boxed(tasks)
+        extra = {} if dlse is None else {"dlse": dlse[:, :, r0:r1]}
+        if scores is not None:
+            extra["scores"] = scores
+        gq, gk, gv = backend.backward_tasks(
+            dout[:, r0:r1], q[:, r0:r1], k[:, c0:c1], v[:, c0:c1], out[:, r0:r1], lse[:, :, r0:r1], boxed, spec,
+            scale=scale, **extra)
+        dq.add(r0, r1, gq)
+        dk.add(c0, c1, gk)
+        dv.add(c0, c1, gv)
+        return
     for t in tasks:
         extra = {} if dlse is None else {"dlse": dlse[:, :, t.q0:t.q1]}
         if scores is not None:
@@ -153,3 +183,30 @@ def run_backward(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, .
         dq.add(t.q0, t.q1, gq)
         dk.add(t.k0, t.k1, gk)
         dv.add(t.k0, t.k1, gv)
+
+
+def forward_each(backend: Backend, q, k, v, tasks: tuple[Task, ...], spec: MaskSpec, *, scale: float,
+                 scores: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward_tasks`` by one ``forward`` call per task: for a backend whose fused entry falls back, and
+    as the specification such an entry must match."""
+    acc = OutLseAccumulator(q, v.shape[-1])
+    plain = dataclasses.replace(backend.caps, takes_task_lists=False)
+    run_forward(_PerTask(backend, plain), q, k, v, tasks, spec, scale, acc, scores)
+    return acc.out, acc.lse
+
+
+def backward_each(backend: Backend, dout, q, k, v, out, lse, tasks: tuple[Task, ...], spec: MaskSpec, *,
+                  scale: float, dlse: torch.Tensor | None = None,
+                  scores: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``backward_tasks`` by one ``backward`` call per task (see ``forward_each``)."""
+    grads = [GradAccumulator(x.shape, acc_dtype(q.dtype), q.device) for x in (q, k, v)]
+    plain = dataclasses.replace(backend.caps, takes_task_lists=False)
+    run_backward(_PerTask(backend, plain), dout, q, k, v, out, lse, tasks, spec, scale, *grads, dlse, scores)
+    return tuple(g.get() for g in grads)
+
+
+class _PerTask:
+    """``backend`` seen through other capabilities (its per-task entry)."""
+
+    def __init__(self, backend: Backend, caps):
+        self.caps, self.forward, self.backward = caps, backend.forward, backend.backward

@@ -40,6 +40,7 @@ def _pad_to(x: torch.Tensor, d: int) -> torch.Tensor:
 class CpuFlashBackend(DenseMaskKernel):
     name = "cpu-flash"
     caps = Capabilities(score_mods=frozenset({ALIBI}), causal_key_block=512)  # the op's key split (KERNELS.md)
+    priority = 10
 
     def supports(self, q, k, v) -> bool:
         return q.device.type == "cpu" and q.dtype in (torch.float64, torch.float32, torch.float16,

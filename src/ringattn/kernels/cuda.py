@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import warnings
 
 import torch
 
@@ -212,9 +211,15 @@ class CudaFlashBackend(DenseMaskKernel):
     # Bottom-right: the flash kernels' causal; the planner then sends only square causal tasks, where
     # efficient attention's top-left causal is the same triangle.
     caps = Capabilities(causal_alignment=Alignment.BOTTOM_RIGHT)
+    priority = 10
+    self_check = True
 
     def supports(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return q.device.type == "cuda" and q.dtype in FUSED
+
+    def step_down(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """After a failed self-check: what half precision gives up next (FA3/FA4, then flash)."""
+        return step_down(device) if dtype in HALF else None
 
     def kernel_for(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                    mask: torch.Tensor | None, scale: float = 1.0) -> str:
@@ -248,7 +253,3 @@ class CudaFlashBackend(DenseMaskKernel):
             return _efficient_backward(dout, q, k, v, out, lse, scale, causal, mask)
         return _ref.backward_dense(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
 
-
-def warn_step_down(device: torch.device, dropped: str, reason: str) -> None:
-    warnings.warn(f"ringattn: cuda-flash failed its self-check on {device} ({reason}); "
-                  f"no longer using {dropped} there", stacklevel=4)
