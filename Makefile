@@ -40,7 +40,8 @@ demo: $(STAMP)
 	$(VENV)/bin/ringattn demo
 
 # The exactness suites again through the test-only backends of tests/backends.py, which take the kernel
-# seam's paths no CPU kernel takes (whole partial pairs; bottom-right causal alignment).
+# seam's paths no CPU kernel takes (whole partial pairs; bottom-right causal alignment; band tasks and ALiBi
+# natively; a block pair's tasks in one call).
 SEAM_SUITES := tests/test_ring.py tests/test_masks_on_ring.py tests/test_strategies.py tests/test_bottom_right.py
 
 test: $(STAMP)
@@ -48,6 +49,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 	RINGATTN_TEST_BACKEND=test-native-partial $(PY) -m pytest -q $(SEAM_SUITES)
 	RINGATTN_TEST_BACKEND=test-bottom-right $(PY) -m pytest -q $(SEAM_SUITES)
+	RINGATTN_TEST_BACKEND=test-band $(PY) -m pytest -q $(SEAM_SUITES)
+	RINGATTN_TEST_BACKEND=test-varlen $(PY) -m pytest -q $(SEAM_SUITES)
 
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_PY) -m pip list 2>/dev/null | grep -E -i '^(torch|numpy|transformers|accelerate|tqdm|matplotlib) '
