@@ -432,6 +432,10 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     ``progress`` hears of the start (and the checkpoint resumed from) and of every step.
     """
     tc.check_world(comm.group_rank_world()[1])
+    if tc.ckpt_dir:
+        from .checkpoint import check_dir
+
+        check_dir(tc.ckpt_dir)  # before the first steps are computed, not at the first save
     par = setup_parallel(tc.dp, tc.ulysses)
     task = make_task(tc.task, seed=tc.seed, text_file=tc.text_file)
     # A seeded global RNG per rank (a fresh process's is random): runs repeat, and resume restores it.
