@@ -351,3 +351,19 @@ def test_generate_json_is_unchanged_by_the_notes():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["new_tokens"] == 2  # notes go to stderr
+
+
+# -- 11. what is the same on every rank is printed once ----------------------------------------------
+
+def test_two_rank_resume_prints_each_line_once(tmp_path):
+    d = tmp_path / "ckpt"
+    train(dataclasses.replace(TC, ckpt_dir=str(d), steps=2))  # one process wrote it: 2 ranks reshard it
+    r = subprocess.run([sys.executable, "-m", "ringattn", "train", *TINY, "--nproc", "2", "--steps", "3",
+                        "--lr", "0.01", "--warmup", "1", "--ckpt-dir", str(d)], env=_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert any("changed settings (allowed)" in line and "ranks 1 -> 2" in line for line in lines), r.stderr
+    assert f"resumed from step-00000002 in {d}" in lines, r.stderr
+    assert len(lines) == len(set(lines)), r.stderr  # no line once per rank
+    assert "UserWarning" not in r.stderr and "Warning:" not in r.stderr, r.stderr
