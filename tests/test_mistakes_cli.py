@@ -166,9 +166,9 @@ def test_rank_killed_during_resume_is_told_as_such(tmp_path):
     first = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
     head = next((line for line in r.stderr.splitlines() if line.startswith("ringattn.launch.RankError")), "")
     assert r.returncode != 0 and "rank 1 was killed by SIGKILL" in head, r.stderr[-3000:]
-    assert "damaged" not in head, head
-    if "rank 0:" in head:  # rank 0 saw the broken group before it was stopped
-        assert "LoadInterrupted: interrupted while loading checkpoint" in head, head
+    # rank 0 sees its peer's connection close at once (the launcher gives it 2 s before stopping it)
+    assert "rank 0: ringattn.checkpoint.LoadInterrupted: interrupted while loading checkpoint" in head, head
+    assert "a peer rank stopped" in head and "damaged" not in head and "This is typically" not in head, head
     assert (tmp_path / "ckpt" / "step-00000001").is_dir() and not list((tmp_path / "ckpt").glob("unusable-*")), first
 
 

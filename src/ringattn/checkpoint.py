@@ -464,7 +464,8 @@ def peer_failure(e: BaseException) -> str | None:
             continue
         text = str(x)
         if isinstance(x, (dist.DistNetworkError, dist.DistStoreError)) or any(w in text for w in _PEER_GONE):
-            return f"a peer rank stopped or the group failed ({type(x).__name__}: {comm.first_line(x)})"
+            said = comm.first_line(x).split(" This is typically caused")[0]  # gloo's advice runs on
+            return f"a peer rank stopped or the group failed ({type(x).__name__}: {said})"
     return None
 
 
