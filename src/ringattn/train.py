@@ -429,7 +429,9 @@ def compare_config(saved: dict | None, saved_world: int, config: dict, world: in
 def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     """Run training on the ranks of the default group (or one process); returns the summary.
 
-    ``progress`` hears of the start (and the checkpoint resumed from) and of every step.
+    ``progress`` hears of the start (and the checkpoint resumed from) and of every step. ``tc.ckpt_dir`` is
+    checked at once; ``ringattn train`` also locks it for the run (``checkpoint.DirLock``), which a program
+    that runs ``train`` on one folder from several processes must do itself.
     """
     tc.check_world(comm.group_rank_world()[1])
     if tc.ckpt_dir:
