@@ -339,7 +339,8 @@ def test_generate_output_has_units_and_says_the_weights_are_random():
     assert len(notes) == 2, r.stderr  # once, not once per rank
     assert "the weights are random (--model-seed 0; no trained checkpoint)" in notes[0]
     assert "top_p=0.95 given without --temperature: sampling at temperature 1.0" in notes[1]
-    assert "(median step " in r.stdout and " ms = " in r.stdout and "tokens/s" in r.stdout, r.stdout
+    assert "tokens/s overall (first step " in r.stdout and " ms, median step " in r.stdout, r.stdout
+    assert " ms = " in r.stdout and "tokens/s" in r.stdout, r.stdout
     assert "median step:" not in r.stdout
     assert "bytes sent per token per rank" in r.stdout and "prefill" in r.stdout and " s, " in r.stdout
     assert r.stderr.count("warning") == 0, r.stderr
