@@ -155,13 +155,15 @@ def _torchrun_lock(tc: TrainConfig):
         except (checkpoint.CheckpointError, ValueError) as e:
             error = e
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    failed = torch.tensor([error is not None], dtype=torch.int64, device=device)
+    # 0: taken, 1: refused (held by another run), 2: unusable (a usage error, exit 2 on every rank)
+    failed = torch.tensor([0 if error is None else 2 if isinstance(error, ValueError) else 1], dtype=torch.int64,
+                          device=device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if error is not None:
         raise error
     if int(failed):
-        raise checkpoint.CheckpointError(f"rank 0 could not take the checkpoint folder {tc.ckpt_dir} (its error says "
-                                         "why)")
+        why = f"rank 0 could not take the checkpoint folder {tc.ckpt_dir} (its error says why)"
+        raise ValueError(why) if int(failed) == 2 else checkpoint.CheckpointError(why)
     return held
 
 
