@@ -145,12 +145,12 @@ def test_eval_command_json(tiny_ckpt):
 def test_eval_command_errors(tiny_ckpt, args, words):
     argv = args if not args or args[0] == "--ckpt" else ["--ckpt", str(tiny_ckpt), *args]
     r = _eval(*argv)
-    assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_eval_needs_a_checkpoint_in_the_folder(tmp_path):
     r = _eval("--ckpt", str(tmp_path))
-    assert r.returncode == 1 and "no checkpoint in" in r.stderr, r.stderr
+    assert r.returncode == 2 and "no checkpoint in" in r.stderr, r.stderr
 
 
 def _shipped_on_ranks(seq_len: int, depths: int, samples: int) -> dict:

@@ -124,5 +124,5 @@ def test_bad_pg_timeout_is_one_clear_error(value):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr  # importing never fails on it
     r = subprocess.run(_cli("--steps", "1"), env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "RINGATTN_PG_TIMEOUT must be a positive number of seconds" in r.stderr, r.stderr

@@ -188,13 +188,13 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 def test_cli_rejects_bad_arguments():
     r = subprocess.run(_cli("--nproc", "3", "--dp", "2", "--steps", "1"), capture_output=True, text=True,
                        env=_env(), timeout=60)
-    assert r.returncode == 1 and "dp (2) must divide" in r.stderr, r.stderr
+    assert r.returncode == 2 and "dp (2) must divide" in r.stderr, r.stderr
     r = subprocess.run(_cli("--heads", "3", "--steps", "1"), capture_output=True, text=True, env=_env(),
                        timeout=60)
-    assert r.returncode == 1 and "n_heads" in r.stderr, r.stderr
+    assert r.returncode == 2 and "n_heads" in r.stderr, r.stderr
     r = subprocess.run(_cli("--strategy", "ulysses", "--backward-exchange", "direct", "--steps", "1"),
                        capture_output=True, text=True, env=_env(), timeout=60)
-    assert r.returncode == 1 and "backward_exchange" in r.stderr, r.stderr
+    assert r.returncode == 2 and "backward_exchange" in r.stderr, r.stderr
 
 
 def test_curriculum_sets_length_steps_and_batch_per_step():

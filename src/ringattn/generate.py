@@ -36,23 +36,41 @@ from .validate import agree
 
 @dataclass
 class SamplingConfig:
-    """How the next token is picked. ``temperature=0`` is greedy (top_k / top_p ignored)."""
+    """How the next token is picked: greedy, or sampled at ``temperature`` with top-k / top-p cuts.
 
-    temperature: float = field(default=0.0, metadata=flag("sampling temperature (0 = greedy)"))
-    top_k: int = field(default=0, metadata=flag("keep the k most likely tokens (0 = no cut)"))
+    ``temperature=None`` (the default) is greedy, unless ``top_k`` or ``top_p`` is given: a cut only
+    means something when sampling, so they sample at temperature 1.0. ``temperature=0`` (greedy) with
+    a cut is refused rather than silently ignoring the cut.
+    """
+
+    temperature: float | None = field(default=None, metadata=flag(
+        "sampling temperature (0 = greedy; default: greedy, or 1.0 when --top-k or --top-p is given)", type=float))
+    top_k: int = field(default=0, metadata=flag("keep the k most likely tokens (0 = no cut); samples"))
     # nucleus: the smallest set of tokens with probability mass >= top_p
-    top_p: float = field(default=1.0, metadata=flag("nucleus sampling mass (1 = off)"))
+    top_p: float = field(default=1.0, metadata=flag("nucleus sampling mass (1 = off); samples"))
     # the same on every rank, so every rank draws the same token
     seed: int = field(default=0, metadata=flag("sampling (and random prompt) seed"))
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite float >= 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.temperature is None:
+            self.temperature = 1.0 if self.cuts else 0.0
+            return
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite float >= 0, got {self.temperature!r}")
+        if self.temperature == 0 and self.cuts:
+            raise ValueError(f"temperature 0 is greedy decoding, which ignores {' and '.join(self.cuts)}: give a "
+                             "temperature > 0 to sample with them (or leave it out: they sample at 1.0), or drop "
+                             "them for greedy decoding")
+
+    @property
+    def cuts(self) -> list[str]:
+        """The top-k / top-p cuts given (by name), which only sampling uses."""
+        return [f"top_k={self.top_k}"] * bool(self.top_k) + [f"top_p={self.top_p}"] * (self.top_p < 1)
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:

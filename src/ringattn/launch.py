@@ -43,7 +43,16 @@ def pg_timeout() -> datetime.timedelta:
 
 
 class RankError(RuntimeError):
-    pass
+    """A rank failed; ``usage``: every rank that failed with an error failed on bad input (``is_usage_error``)."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
+
+
+def is_usage_error(e: BaseException) -> bool:
+    """Whether ``e`` says the input was wrong (a bad value, a file given that is missing), not a failure."""
+    return isinstance(e, (ValueError, TypeError, FileNotFoundError, NotADirectoryError))
 
 
 class Stopped(BaseException):
@@ -152,8 +161,8 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, threads:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world, timeout=pg_timeout())
         fn(*args)
-    except BaseException:
-        errq.put((rank, traceback.format_exc()))
+    except BaseException as e:
+        errq.put((rank, traceback.format_exc(), is_usage_error(e)))
         raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
@@ -217,10 +226,11 @@ def spawn(fn: Callable, nproc: int, *args, threads: int = 1) -> None:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    errors = {}
+    errors, usage = {}, {}
     while not errq.empty():
-        r, tb = errq.get()
+        r, tb, bad_input = errq.get()
         errors.setdefault(r, tb)
+        usage.setdefault(r, bad_input)
     codes = [p.exitcode for p in procs]
     if not errors and all(c == 0 for c in codes):
         return
@@ -235,7 +245,7 @@ def spawn(fn: Callable, nproc: int, *args, threads: int = 1) -> None:
         by_error.setdefault(tb.strip().splitlines()[-1], []).append(r)
     firsts = [f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {line}" for line, rs in by_error.items()]
     detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())) or f"exit codes {codes}"
-    raise RankError("; ".join(causes + firsts) + "\n" + detail)
+    raise RankError("; ".join(causes + firsts) + "\n" + detail, usage=not causes and all(usage.values()))
 
 
 def _run_and_keep(fn: Callable, path: str, *args) -> None:

@@ -2,6 +2,8 @@
 
 Each is a ``StrEnum``: members compare equal to their strings, so ``layout="zigzag"`` and
 ``layout=Layout.ZIGZAG`` are the same argument, and ``choices=list(Layout)`` lists them for argparse.
+A member's ``repr`` is its value's (``'zigzag'``): argparse's "invalid choice" and every ``{x!r}`` in an
+error message show what the user can type, not ``<Layout.ZIGZAG: 'zigzag'>``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from enum import StrEnum
 import torch
 
 
-class Layout(StrEnum):
+class Mode(StrEnum):
+    """A ``StrEnum`` shown as its value everywhere (``str``, ``format`` and ``repr``)."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Layout(Mode):
     """Which global positions a rank holds (see ``ringattn.layouts``)."""
 
     CONTIGUOUS = "contiguous"
@@ -20,7 +29,7 @@ class Layout(StrEnum):
     BALANCED = "balanced"
 
 
-class Strategy(StrEnum):
+class Strategy(Mode):
     """How the sequence split is turned into exact attention (see ``ringattn.strategies``)."""
 
     RING = "ring"
@@ -30,7 +39,7 @@ class Strategy(StrEnum):
     AUTO = "auto"
 
 
-class BackwardExchange(StrEnum):
+class BackwardExchange(Mode):
     """How the ring's backward moves blocks (see Note [Backward exchange] in ``strategies/ring.py``)."""
 
     RING = "ring"

@@ -429,9 +429,15 @@ def compare_config(saved: dict | None, saved_world: int, config: dict, world: in
 def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     """Run training on the ranks of the default group (or one process); returns the summary.
 
-    ``progress`` hears of the start (and the checkpoint resumed from) and of every step.
+    ``progress`` hears of the start (and the checkpoint resumed from) and of every step. ``tc.ckpt_dir`` is
+    checked at once; ``ringattn train`` also locks it for the run (``checkpoint.DirLock``), which a program
+    that runs ``train`` on one folder from several processes must do itself.
     """
     tc.check_world(comm.group_rank_world()[1])
+    if tc.ckpt_dir:
+        from .checkpoint import check_dir
+
+        check_dir(tc.ckpt_dir)  # before the first steps are computed, not at the first save
     par = setup_parallel(tc.dp, tc.ulysses)
     task = make_task(tc.task, seed=tc.seed, text_file=tc.text_file)
     # A seeded global RNG per rank (a fresh process's is random): runs repeat, and resume restores it.

@@ -1,9 +1,14 @@
 """The ``ringattn`` command (also ``python -m ringattn``): one sub-command per module of this package,
 each with ``add_arguments`` and ``run``.
 
-Bad arguments end in a one-line error and a non-zero exit, never a traceback (set
-``RINGATTN_DEBUG=1`` to see one). The benchmark suites are not a sub-command: they live in a source
-checkout's ``benchmarks/`` (``make bench``, ``python -m benchmarks``).
+Every failure ends in a one-line error, never a traceback (set ``RINGATTN_DEBUG=1`` to see one), with
+the same exit status in every sub-command: 2 for a usage error (a bad flag or value, a file or folder
+given that is missing or unusable: argparse's own errors and every ``ValueError``/``TypeError``, on
+any rank), 1 for a failure at run time (a damaged checkpoint, a dead rank, a full disk, a missing
+optional dependency, a result that disagrees), 130 when interrupted.
+
+The benchmark suites are not a sub-command: they live in a source checkout's ``benchmarks/``
+(``make bench``, ``python -m benchmarks``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ import argparse
 import importlib
 import os
 import sys
+
+from ..launch import RankError, is_usage_error
+
+# Optional dependencies by import name: the extra that installs each.
+OPTIONAL = {"transformers": "hf", "accelerate": "hf", "tqdm": "progress", "matplotlib": "plot"}
 
 # sub-command -> (module, one-line help)
 COMMANDS = {
@@ -62,12 +72,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except ImportError as e:
+        if os.environ.get("RINGATTN_DEBUG"):
+            raise
+        print(f"ringattn {args.command}: error: {missing_dependency(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line and an exit status for anything, as documented above
         if os.environ.get("RINGATTN_DEBUG"):
             raise
         msg = str(e).strip().splitlines()
         print(f"ringattn {args.command}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr)
-        return 1
+        return exit_code(e)
     except KeyboardInterrupt:
         print(f"ringattn {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def exit_code(e: BaseException) -> int:
+    """2 for a usage error (on every rank that failed, for a ``RankError``), 1 for any other failure."""
+    if isinstance(e, RankError):
+        return 2 if e.usage else 1
+    return 2 if is_usage_error(e) else 1
+
+
+def missing_dependency(e: ImportError) -> str:
+    """One line naming the optional dependency ``e`` is about and how to install it."""
+    name = (e.name or "").split(".")[0]
+    if name not in OPTIONAL:
+        text = str(e)
+        name = next((n for n in OPTIONAL if n in text), name)
+    if name in OPTIONAL:
+        return (f"this needs {name}, an optional dependency that is not installed: "
+                f"pip install 'ringattn[{OPTIONAL[name]}]'")
+    return f"a module could not be imported: {str(e).strip().splitlines()[0] if str(e).strip() else name}"

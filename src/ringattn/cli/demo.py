@@ -23,6 +23,7 @@ import ringattn
 from .._measure import reset_peak_rss, rss_mb
 from ..launch import spawn, spawn_collect
 from ..modes import Layout
+from . import memory
 from .flags import add_flags, flag, from_args
 
 
@@ -56,8 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = from_args(DemoConfig, args)
+    memory.check("ringattn demo", f"--seq-len {cfg.seq_len:,}", memory.demo_bytes(cfg), cfg.nproc, cfg.nproc)
     print(f"ringattn demo: causal {cfg.layout} ring attention, {cfg.seq_len} tokens on {cfg.nproc} local "
           f"ranks (gloo, 1 thread each), {cfg.heads} heads ({cfg.kv_heads} kv) x {cfg.head_dim}, fp32", flush=True)
+    print(f"[0/3] starting {cfg.nproc} ranks (each imports torch, joins the gloo group and makes the inputs) ...",
+          flush=True)
     r = spawn_collect(_attention_rank, cfg.nproc, cfg)
     _print_table(cfg, r)
     if cfg.train_steps > 0:

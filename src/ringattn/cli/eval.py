@@ -105,7 +105,7 @@ def load_model(path: pathlib.Path, cfg: LlamaConfig, dtype: torch.dtype) -> Llam
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, LoadInterrupted, peer_failure
 
     model = build(cfg, seed=None, dtype=dtype)
     state = {"model": get_model_state_dict(model)}
@@ -114,6 +114,9 @@ def load_model(path: pathlib.Path, cfg: LlamaConfig, dtype: torch.dtype) -> Llam
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except Exception as e:  # noqa: BLE001 - dcp raises many kinds for a damaged or foreign checkpoint
+        if why := peer_failure(e):
+            raise LoadInterrupted(f"interrupted while loading the model of checkpoint {path}: {why}. The "
+                                  "checkpoint is not at fault") from e
         raise CheckpointError(f"could not read the model of checkpoint {path} ({type(e).__name__}: "
                               f"{comm.first_line(e)})") from e
     set_model_state_dict(model, state["model"])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +20,7 @@ from .. import comm, launch
 from ..generate import GenerationResult, SamplingConfig, generate
 from ..model import LlamaConfig, build
 from ..modes import DTYPES
+from . import memory
 from .flags import JsonFlag, add_flags, flag, from_args
 
 # Generation needs only the model's shape and how the prompt is attended.
@@ -77,6 +80,7 @@ def _summary(res: GenerationResult, world: int) -> dict:
             "new_tokens": res.tokens.shape[1], "tokens": res.tokens.tolist(),
             "prefill_s": res.prefill_s, "decode_s": res.decode_s, "decode_tokens_per_s": res.tokens_per_s,
             "decode_tokens_per_s_median": res.median_tokens_per_s,
+            "decode_first_step_s": res.step_s[0] if res.step_s else None,
             "bytes_per_token": res.bytes_per_token, "cache_slots_per_rank": res.cache_slots}
 
 
@@ -86,20 +90,45 @@ def _worker(cmd: Command, sampling: SamplingConfig, model: LlamaConfig) -> dict:
 
 
 def _print(s: dict) -> None:
+    if s.get("decode_first_step_s") is None:
+        decode = "no decode step (the one token comes from the prefill)"
+    else:
+        # The first step pays one-time costs (first calls of the decode path), which the median leaves out.
+        median_ms = s["batch"] / s["decode_tokens_per_s_median"] * 1e3
+        decode = (f"decode {s['decode_tokens_per_s']:.1f} tokens/s overall (first step "
+                  f"{s['decode_first_step_s'] * 1e3:.1f} ms, median step {median_ms:.1f} ms = "
+                  f"{s['decode_tokens_per_s_median']:.1f} tokens/s)")
     print(f"{s['world']} rank(s), prompt {s['prompt_len']} tokens x batch {s['batch']}: prefill "
-          f"{s['prefill_s']:.2f} s, {s['new_tokens']} new tokens, decode {s['decode_tokens_per_s']:.1f} "
-          f"tokens/s (median step: {s['decode_tokens_per_s_median']:.1f}), "
-          f"{s['bytes_per_token']:.0f} bytes sent per token per rank, "
-          f"{s['cache_slots_per_rank']} cache slots per rank")
+          f"{s['prefill_s']:.2f} s, {s['new_tokens']} new tokens, {decode}, {s['bytes_per_token']:.0f} bytes sent "
+          f"per token per rank, {s['cache_slots_per_rank']} cache slots per rank")
     for row in s["tokens"]:
         text = bytes(t for t in row if 32 <= t < 127).decode("ascii")
         print(f"  tokens {row[:16]}{' ...' if len(row) > 16 else ''}  text {text!r}")
+
+
+def notes(cmd: Command, sampling: SamplingConfig, given_temperature: float | None) -> list[str]:
+    """What the run does that the command line does not say (printed once, before it starts)."""
+    out = [f"the weights are random (--model-seed {cmd.model_seed}; no trained checkpoint): the tokens are "
+           "noise; this measures speed and that the sharded cache decodes as one process would"]
+    if given_temperature is None and sampling.cuts:
+        out.append(f"{' and '.join(sampling.cuts)} given without --temperature: sampling at temperature "
+                   f"{sampling.temperature} (seed {sampling.seed}); --temperature 0 with them is refused")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Run on ``--nproc`` local ranks (or torchrun's); print tokens and tokens/s, or the JSON summary."""
     cmd, sampling = from_args(Command, args), from_args(SamplingConfig, args)
     model = from_args(LlamaConfig, args)
+    world = int(os.environ["WORLD_SIZE"]) if launch.under_torchrun() else cmd.nproc
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if launch.under_torchrun() else cmd.nproc
+    plen = len(cmd.prompt.encode()) if cmd.prompt is not None else cmd.prompt_len
+    need, _ = memory.generate_bytes(model, plen, cmd.batch, cmd.max_new_tokens, cmd.dtype, world)
+    memory.check("ringattn generate", f"a prompt of {cmd.batch} x {plen:,} tokens", need, world, local,
+                 launch.under_torchrun() and torch.cuda.is_available())
+    if not launch.under_torchrun() or os.environ.get("RANK") == "0":
+        for line in notes(cmd, sampling, args.temperature):
+            print(f"ringattn generate: note: {line}", file=sys.stderr, flush=True)
     if launch.under_torchrun():
         if cmd.check:
             raise ValueError("--check needs ringattn's own launcher (--nproc), not torchrun")

@@ -7,7 +7,9 @@ only how to launch (``--nproc``, ``--threads``) and how to show the run (``--no-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from .. import comm, launch
 from ..model import LlamaConfig
 from ..train import RECIPES, TrainConfig, train
+from . import memory
 from .flags import JsonFlag, add_flags, from_args
 
 # The command's default model keeps the feed-forward blockwise (the library's default is whole-sequence).
@@ -128,6 +131,55 @@ def _worker(tc: TrainConfig, show: Show) -> None:
         print_summary(summary, show.json)
 
 
+def _lock(tc: TrainConfig):
+    """The checkpoint folder's lock, taken before any rank starts (a no-op without ``--ckpt-dir``)."""
+    from .. import checkpoint
+
+    if not tc.ckpt_dir:
+        return contextlib.nullcontext()
+    lock = checkpoint.DirLock(tc.ckpt_dir).acquire()
+    if lock.took_over:
+        print(f"ringattn train: note: took over the lock of {tc.ckpt_dir} from a run that is gone ({lock.took_over})",
+              file=sys.stderr, flush=True)
+    return lock
+
+
+def _torchrun_lock(tc: TrainConfig):
+    """Under torchrun rank 0 takes the lock; every rank hears whether it could, before any other collective."""
+    from .. import checkpoint
+
+    held, error = contextlib.nullcontext(), None
+    if dist.get_rank() == 0:
+        try:
+            held = _lock(tc)
+        except (checkpoint.CheckpointError, ValueError) as e:
+            error = e
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    # 0: taken, 1: refused (held by another run), 2: unusable (a usage error, exit 2 on every rank)
+    failed = torch.tensor([0 if error is None else 2 if isinstance(error, ValueError) else 1], dtype=torch.int64,
+                          device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed):
+        why = f"rank 0 could not take the checkpoint folder {tc.ckpt_dir} (its error says why)"
+        raise ValueError(why) if int(failed) == 2 else checkpoint.CheckpointError(why)
+    return held
+
+
+def _check_memory(tc: TrainConfig, world: int, local_ranks: int, cuda: bool, shown: bool) -> None:
+    """Refuse a step no rank can hold, before anything is allocated; announce one that takes long."""
+    if world % tc.dp:
+        return  # check_world names that
+    need, tokens = memory.train_bytes(tc, world)
+    longest = max(tc.curriculum, key=lambda st: st[0] * st[2])[::2] if tc.curriculum else (tc.seq_len, tc.batch)
+    what = f"a step of {longest[1]} x {longest[0]:,} tokens ({tokens:,} per rank)"
+    memory.check("ringattn train", what, need, world, local_ranks, cuda)
+    if shown and tokens >= memory.LONG_TOKENS:
+        print(f"ringattn train: note: {what} needs about {memory.human(need)} per rank; each step takes a while "
+              "(progress shows after the first)", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     args = apply_recipe(args)
     tc = config_from_args(args)
@@ -135,10 +187,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if launch.under_torchrun():
+        _check_memory(tc, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                      torch.cuda.is_available(), os.environ["RANK"] == "0")
         launch.init_from_env(args.threads)
         try:
             tc.check_world(dist.get_world_size())
-            _worker(tc, show)
+            with _torchrun_lock(tc):
+                _worker(tc, show)
         finally:
             # Without it the process aborts at exit under torchrun (gloo's threads outlive the group).
             dist.destroy_process_group()
@@ -146,9 +201,11 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     tc.check_world(args.nproc)
-    if args.nproc == 1:
-        torch.set_num_threads(args.threads)
-        _worker(tc, show)
-    else:
-        launch.spawn(_worker, args.nproc, tc, show, threads=args.threads)
+    _check_memory(tc, args.nproc, args.nproc, False, True)
+    with _lock(tc):
+        if args.nproc == 1:
+            torch.set_num_threads(args.threads)
+            _worker(tc, show)
+        else:
+            launch.spawn(_worker, args.nproc, tc, show, threads=args.threads)
     return 0
