@@ -44,16 +44,16 @@ reference on a tiny problem of every task kind on that device, dtype and head di
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
 import torch
 
 from ..masks import Kind, MaskSpec, Task
+from ..modes import Mode
 from ..scores import ScoreMod
 
 
-class Alignment(StrEnum):
+class Alignment(Mode):
     TOP_LEFT = "top-left"  # row i sees keys j <= i (the CPU op, the reference, efficient attention)
     BOTTOM_RIGHT = "bottom-right"  # row i sees keys j <= i + nk - nq (the FlashAttention family)
 

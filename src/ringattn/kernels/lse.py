@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
+from ..modes import Mode
 
-class LseKernel(StrEnum):
+
+class LseKernel(Mode):
     FA2 = "FA2"
     FA3 = "FA3"
     FA4 = "FA4"
