@@ -91,7 +91,7 @@ def test_cli_table(capsys):
 ])
 def test_cli_errors(capsys, args, words):
     base = ["plan", "--seq-len", "4096", "--world", "4", "--heads", "8"]
-    assert main([*base, *args]) == 1
+    assert main([*base, *args]) == 2  # a usage error
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and "error" in err
 
