@@ -174,3 +174,61 @@ def test_one_process(name):
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_ranks(ranks, name, world):
     assert max(ranks.run(world, rank_check, name, expected(name))) < 1e-11
+
+
+# --- mistakes: a clear error on every rank before anyone blocks in a collective ---------------------
+
+def _error(fn):
+    try:
+        fn()
+    except (ValueError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def rank_mistakes():
+    rank, world = _rank_world()
+    spec = MIXERS["diagonal"]
+    inputs = [x[:, :18] for x in make_inputs("diagonal", 18, seed=0)]
+    plan = mixers.fragments(18, layout="zigzag", batch=B)
+
+    def call(xs=inputs, plan=plan, **kw):
+        args = dict(kind="diagonal", state_shape=(H, N, P), transition_shape=(H, N, 1)) | kw
+        return mixers.run_fragments(spec["step"], spec["transition"], xs, plan=plan, **args)
+
+    out = {
+        # one rank's inputs too short: it names the shapes, its peers say another rank failed
+        "short": _error(lambda: call([x[:, :17] if rank == 1 else x for x in inputs])),
+        "kind": _error(lambda: call(kind="scalar")),
+        # ranks disagreeing on the layout
+        "layout": _error(lambda: call(plan=mixers.fragments(18, layout="zigzag" if rank else "contiguous"))),
+        # the step returns a state of the wrong shape on one rank only
+        "state": _error(lambda: call(state_shape=(H, N, P + (rank == 1)))),
+        # the mixer's own step fails on one rank: the others stop too instead of waiting in the gather
+        "step": _error(lambda: mixers.run_fragments(
+            lambda *a: (_ for _ in ()).throw(ValueError("mixer bug")) if rank == 1 else spec["step"](*a),
+            spec["transition"], inputs, plan=plan, kind="diagonal", state_shape=(H, N, P),
+            transition_shape=(H, N, 1))),
+        "conv": _error(lambda: mixers.causal_conv1d(inputs[0][:, :, 0], torch.ones(H, 1, 2, dtype=torch.float64),
+                                                    plan=plan)),
+    }
+    ok = call()  # the group still works after the errors
+    return out, tuple(ok.shape)
+
+
+def test_mistakes(ranks):
+    (r0, shape0), (r1, _) = ranks.run(2, rank_mistakes)
+    assert shape0 == (B, 18, H, P)
+    assert "inputs[0] has shape (2, 17, 2, 3)" in r1["short"] and "local_len=18" in r1["short"]
+    assert "another rank failed its checks" in r0["short"]
+    for r in (r0, r1):
+        assert "kind must be one of ('diagonal', 'dense')" in r["kind"]
+        assert "ranks disagree on layout" in r["layout"]
+        assert "weight must be (channels, k) or (channels, 1, k)" in r["conv"]
+    assert "disagree" in r0["state"] and "disagree" in r1["state"]
+    assert r1["step"] == "ValueError: mixer bug" and "another rank failed its checks" in r0["step"]
+
+
+def test_unknown_layout():
+    with pytest.raises(ValueError, match=r"layout must be one of .*'contiguous'.* got 'diagonal'"):
+        mixers.fragments(8, layout="diagonal")

@@ -237,8 +237,8 @@ def agree(plan: Fragments, error: BaseException | None, what: str, extra: object
     if error is not None:
         raise error
     if flags[0]:
-        raise ValueError(f"{what}: another rank's arguments failed their check (its error says why); "
-                         "every rank stops here")
+        raise ValueError(f"{what}: another rank failed its checks or its mixer raised (that rank's error says "
+                         "why); every rank stops here")
     if int(flags[1]) != -int(flags[2]):
         raise ValueError(f"{what}: the ranks disagree on layout, lengths, documents, shapes or which inputs need a "
                          f"gradient ({plan.describe()} here): pass the same on every rank")
