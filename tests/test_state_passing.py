@@ -232,3 +232,52 @@ def test_mistakes(ranks):
 def test_unknown_layout():
     with pytest.raises(ValueError, match=r"layout must be one of .*'contiguous'.* got 'diagonal'"):
         mixers.fragments(8, layout="diagonal")
+
+
+def rank_weights_and_half():
+    """A gradient wanted only for a weight the step holds (inputs need none; the rank holding the start
+    has no summary to send but must still run the gather's backward), and bfloat16 inputs with float32
+    summaries and states."""
+    rank, world = _rank_world()
+    n, c = 36, 36 // world
+    full = make_inputs("diagonal", n, seed=3)
+    pos = ringattn.global_positions("contiguous", rank, world, c)
+    scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+
+    def step(a, b, x, cc, h0):
+        return diag_step(a * scale, b, x, cc, h0)
+
+    def transition(a, b, x, cc):
+        return diag_transition(a * scale, b, x, cc)
+
+    plan = mixers.fragments(c, layout="contiguous", batch=B)
+    y = mixers.run_fragments(step, transition, [x[:, pos] for x in full], plan=plan, kind="diagonal",
+                             state_shape=(H, N, P), transition_shape=(H, N, 1))
+    (y ** 2).sum().backward()
+    grad = scale.grad.clone()
+    torch.distributed.all_reduce(grad)
+    ref_scale = torch.tensor(0.9, dtype=torch.float64, requires_grad=True)
+    ref = diag_step(full[0] * ref_scale, *full[1:], None)[0]
+    (ref ** 2).sum().backward()
+    err = max((y - ref[:, pos]).abs().max().item(), (grad - ref_scale.grad).abs().item())
+
+    seen = []
+
+    def half_step(*args):
+        if args[-1] is not None:
+            seen.append(args[-1].dtype)
+        y, h = diag_step(*[a.float() for a in args[:-1]], args[-1])  # as the models do: state math in float32
+        return y.bfloat16(), h
+
+    yh = mixers.run_fragments(half_step, diag_transition, [x[:, pos].bfloat16() for x in full], plan=plan,
+                              kind="diagonal", state_shape=(H, N, P), transition_shape=(H, N, 1))
+    ref0 = diag_step(*full, None)[0][:, pos]
+    rel = ((yh.double() - ref0).abs().max() / ref0.abs().max()).item()
+    return err, rel, seen
+
+
+def test_weights_and_half(ranks):
+    for err, rel, seen in ranks.run(2, rank_weights_and_half):
+        assert err < 1e-11
+        assert rel < 0.05
+    assert seen and all(d == torch.float32 for d in seen)
