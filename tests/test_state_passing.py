@@ -277,7 +277,6 @@ def rank_weights_and_half():
 
 
 def test_weights_and_half(ranks):
-    for err, rel, seen in ranks.run(2, rank_weights_and_half):
-        assert err < 1e-11
-        assert rel < 0.05
-    assert seen and all(d == torch.float32 for d in seen)
+    (err0, rel0, seen0), (err1, rel1, seen1) = ranks.run(2, rank_weights_and_half)
+    assert max(err0, err1) < 1e-11 and max(rel0, rel1) < 0.05
+    assert seen0 == [] and seen1 == [torch.float32]  # rank 1's piece starts from rank 0's state, in float32
