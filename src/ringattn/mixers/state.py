@@ -1,0 +1,266 @@
+"""State passing for token mixers whose state is affine across a span of tokens: ``h_out = M @ h_in + S``.
+
+Each rank runs each piece it holds (a fragment cut at document starts) from a zero state to get ``S``
+and asks the mixer for the piece's transition ``M``; the summaries of every rank are all-gathered in one
+collective and each rank folds, in global order, those before its pieces; each piece then runs from its
+true initial state. Autograd runs back through the fold and the gather, whose backward sums the
+gradients every rank computed for each summary (one all-reduce): the mirror fold
+``dh_in = M^T dh_out`` is the fold's own backward, so gradients are exact with no hand-written rule.
+Pieces that start a document run once; the others run twice (summary, then from the true state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .fragments import Fragments, Piece, RowPlan, Tie, agree, all_gather, as_contiguous, regroup
+
+KINDS = ("diagonal", "dense")
+WHAT = "ringattn.mixers.run_fragments"
+
+Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Transition = Callable[..., torch.Tensor]
+
+
+def summary_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Summaries and passed states: float64 for float64 inputs, float32 otherwise (half-precision chains
+    of transitions lose the state)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def transition_shape_of(kind: str, state_shape: tuple[int, ...], transition_shape=None) -> tuple[int, ...]:
+    if kind == "dense":
+        if len(state_shape) < 2:
+            raise ValueError(f"{WHAT}: kind='dense' needs a state of shape (..., K, V), got {state_shape}")
+        return (*state_shape[:-1], state_shape[-2])
+    return tuple(transition_shape) if transition_shape is not None else tuple(state_shape)
+
+
+def apply(kind: str, m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``M`` applied to a state: elementwise (diagonal, broadcast) or as a K x K matrix on (..., K, V)."""
+    return m @ h if kind == "dense" else m * h
+
+
+def compose(kind: str, later: tuple[torch.Tensor, torch.Tensor],
+            earlier: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summary of two consecutive spans: ``(M2, S2) o (M1, S1) = (M2 M1, M2 S1 + S2)`` (associative)."""
+    (m2, s2), (m1, s1) = later, earlier
+    return apply(kind, m2, m1), apply(kind, m2, s1) + s2
+
+
+def local_pieces(plan: Fragments) -> list[tuple[RowPlan, Piece]]:
+    """This rank's pieces, row plan by row plan, each in local order: the order ``scan_states`` takes
+    summaries in and returns initial states in."""
+    return [(rp, p) for rp in plan.plans for p in rp.local_pieces(plan.rank)]
+
+
+def _rows(rp: RowPlan, batch: int) -> list[int]:
+    return list(rp.rows) if rp.rows is not None else list(range(batch))
+
+
+def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], plan: Fragments, *, kind: str,
+                state_shape: Sequence[int], batch: int, transition_shape: Sequence[int] | None = None,
+                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                anchor: torch.Tensor | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+    """The initial state of each of this rank's pieces (``local_pieces`` order; None: a document
+    start, zero state) from every rank's summaries, by one all-gather and a fold in global order.
+
+    ``summaries[i]``: ``(M, S)`` of local piece i, shapes ``(rows, *transition_shape)`` and
+    ``(rows, *state_shape)`` (``rows``: that piece's batch rows), given exactly where the piece ``feeds``
+    a later one, else None. Returns the states and the gathered buffer (tie it into the outputs with
+    ``Tie`` so that every rank takes part in its backward). ``anchor``: where any rank's summaries need a
+    gradient, a tensor on every rank, preferably an input that needs one (a buffer without a gradient
+    is tied to it, so that every rank runs the gather's backward). ``dtype``: the summaries'
+    (``summary_dtype``). Every rank must call it."""
+    state_shape = tuple(state_shape)
+    mshape = transition_shape_of(kind, state_shape, transition_shape)
+    mn, sn = _numel(mshape), _numel(state_shape)
+    slots = plan.summary_slots()
+    mine = local_pieces(plan)
+    # Ranks without a summary of their own still send a buffer of the agreed size and dtype.
+    parts, order = [], []
+    for rp in plan.plans:
+        rows = _rows(rp, batch)
+        slot_of = rp.slots(plan.rank)
+        entries = [None] * slots
+        for (q, p), s in zip(mine, summaries):
+            if q is rp and p.feeds:
+                m, st = s
+                entries[slot_of[p]] = torch.cat([m.reshape(len(rows), mn).to(dtype),
+                                                 st.reshape(len(rows), sn).to(dtype)], 1)
+        zero = torch.zeros(len(rows), mn + sn, dtype=dtype, device=device)
+        parts.append(torch.stack([e if e is not None else zero for e in entries], 1) if slots else
+                     zero.new_zeros(len(rows), 0, mn + sn))
+        order += rows
+    buf = torch.cat(parts, 0)
+    if order != list(range(batch)):
+        inv = [0] * batch
+        for i, b in enumerate(order):
+            inv[b] = i
+        buf = buf[torch.tensor(inv, device=buf.device)]
+    if anchor is not None and not buf.requires_grad:
+        # Every rank must run the gather's backward (an all-reduce), also one with no summary of its own
+        # and under autograd.grad(..., inputs), which runs only what leads to those inputs.
+        buf = Tie.apply(buf, anchor) if anchor.requires_grad else buf.detach().requires_grad_()
+    gathered = all_gather(buf, plan)  # (W, batch, slots, mn + sn)
+
+    states: dict[tuple[int, int], torch.Tensor | None] = {}
+    for gi, rp in enumerate(plan.plans):
+        rows = _rows(rp, batch)
+        last = max((p.start for p in rp.pieces if p.rank == plan.rank), default=-1)
+        g = gathered[:, torch.tensor(rows, device=gathered.device)] if rp.rows is not None else gathered
+        slot_of = {r: rp.slots(r) for r in range(plan.world)}
+        end_state: dict[int, torch.Tensor | None] = {}
+        for p in rp.pieces:
+            if p.start > last:
+                break
+            h0 = None if p.fresh else end_state.pop(p.start)
+            if p.rank == plan.rank:
+                states[(gi, p.local)] = h0
+            if p.feeds:
+                row = g[p.rank, :, slot_of[p.rank][p]]
+                m = row[:, :mn].reshape(len(rows), *mshape)
+                s = row[:, mn:].reshape(len(rows), *state_shape)
+                end_state[p.end] = s if h0 is None else apply(kind, m, h0) + s
+    index = {id(rp): gi for gi, rp in enumerate(plan.plans)}
+    return [states[(index[id(rp)], p.local)] for rp, p in mine], gathered
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _check(inputs, plan, kind, state_shape) -> int:
+    if not isinstance(plan, Fragments):
+        raise TypeError(f"{WHAT}: plan must come from ringattn.mixers.fragments(...), got {type(plan).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"{WHAT}: kind must be one of {KINDS} (a transition applied elementwise, "
+                         f"broadcast, or as a K x K matrix on a (..., K, V) state), got {kind!r}")
+    if not all(isinstance(d, int) and d > 0 for d in state_shape):
+        raise ValueError(f"{WHAT}: state_shape must be positive ints (the state of one batch row), got {state_shape}")
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError(f"{WHAT}: inputs must be a non-empty sequence of tensors (batch, local_len, ...)")
+    batch = inputs[0].shape[0] if inputs[0].dim() >= 2 else -1
+    for i, x in enumerate(inputs):
+        if x.dim() < 2 or x.shape[0] != batch or x.shape[1] != plan.local_len:
+            raise ValueError(f"{WHAT}: inputs[{i}] has shape {tuple(x.shape)}; every input must be (batch, "
+                             f"local_len, ...) with one batch size and local_len={plan.local_len} on rank "
+                             f"{plan.rank} ({plan.describe()})")
+    if plan.local_len == 0:
+        raise ValueError(f"{WHAT}: rank {plan.rank} holds no tokens; every rank needs at least one")
+    for rp in plan.plans:
+        if rp.rows is not None and max(rp.rows) >= batch:
+            raise ValueError(f"{WHAT}: cu_seqlens has one row of documents per batch row, more than the "
+                             f"batch of {batch}")
+    if sum(len(rp.rows) if rp.rows is not None else batch for rp in plan.plans) != batch:
+        raise ValueError(f"{WHAT}: cu_seqlens holds fewer rows of documents than the batch of {batch}")
+    return batch
+
+
+def _checked(what: str, t, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{WHAT}: {what} must have shape {shape}, got {got}")
+    return t
+
+
+def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Tensor], *, plan: Fragments,
+                  kind: str, state_shape: Sequence[int], transition_shape: Sequence[int] | None = None,
+                  ) -> torch.Tensor:
+    """Run an affine-state mixer over this rank's shard exactly as one process would over the whole
+    sequence (every document from a zero state).
+
+    ``inputs``: tensors ``(batch, local_len, ...)`` (sequence in dim 1) that the mixer reads per token;
+    weights are the callables' own. ``step(*pieces, initial_state) -> (y, final_state)`` runs a span of
+    them (``initial_state`` None: zero) and returns outputs ``(rows, span, ...)`` and the state after it,
+    ``(rows, *state_shape)``; ``transition(*pieces) -> M`` the span's transition, ``(rows, *transition_shape)``
+    for ``kind="diagonal"`` (elementwise, broadcast against the state; default the state's shape, e.g.
+    ``(heads, 1, 1)`` for a scalar per head) or ``(rows, ..., K, K)`` for ``kind="dense"`` (state ``(..., K, V)``,
+    ``h_out = M @ h_in + S``). Returns the outputs ``(batch, local_len, ...)``.
+
+    Striped layouts (every token its own fragment) are regrouped to contiguous for the mixer by one
+    all-to-all each way. Every rank must call it (collectives)."""
+    error, extra = None, None
+    try:
+        state_shape = tuple(state_shape)
+        batch = _check(inputs, plan, kind, state_shape)
+        mshape = transition_shape_of(kind, state_shape, transition_shape)
+        extra = (kind, state_shape, mshape, batch, [(x.dtype, tuple(x.shape[2:]), x.requires_grad) for x in inputs])
+    except Exception as e:  # noqa: BLE001 - raised on every rank by agree
+        error = e
+    agree(plan, error, WHAT, extra)
+    if plan.layout == "striped" and plan.world > 1:
+        target = as_contiguous(plan)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, x in enumerate(inputs):
+            by_dtype.setdefault(x.dtype, []).append(i)
+        moved = list(inputs)
+        for idx in by_dtype.values():
+            for i, x in zip(idx, regroup([inputs[i] for i in idx], plan, target)):
+                moved[i] = x
+        y = _run(step, transition, moved, target, kind, state_shape, mshape, batch)
+        return regroup([y], target, plan)[0]
+    return _run(step, transition, inputs, plan, kind, state_shape, mshape, batch)
+
+
+def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch):
+    mine = local_pieces(plan)
+    sdtype = summary_dtype(inputs[0].dtype)
+    outs: dict[int, torch.Tensor] = {}
+    summaries: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    error = None
+
+    def span(rp, p):
+        rows = rp.rows
+        idx = None if rows is None else torch.tensor(rows, device=inputs[0].device)
+        return [(x if idx is None else x.index_select(0, idx)).narrow(1, p.local, p.length) for x in inputs]
+
+    try:
+        for i, (rp, p) in enumerate(mine):
+            n = len(rp.rows) if rp.rows is not None else batch
+            if not (p.fresh or p.feeds):
+                summaries.append(None)
+                continue
+            y, h = step(*span(rp, p), None)
+            _checked("step's final state", h, (n, *state_shape))
+            if p.fresh:
+                _checked("step's output", y, (n, p.length, *y.shape[2:]))
+                outs[i] = y
+            if p.feeds:
+                m = _checked("transition", transition(*span(rp, p)), (n, *mshape))
+                summaries.append((m.to(sdtype), h.to(sdtype)))
+            else:
+                summaries.append(None)
+    except Exception as e:  # noqa: BLE001 - raised on every rank by agree
+        error = e
+    # Whether any rank's summaries need a gradient (also through weights the callables hold): then every
+    # rank runs the gather's backward.
+    grad = agree(plan, error, WHAT, flag=torch.is_grad_enabled() and any(
+        s is not None and (s[0].requires_grad or s[1].requires_grad) for s in summaries))
+    if plan.world > 1 or any(not p.fresh for _, p in mine):
+        states, gathered = scan_states(summaries, plan, kind=kind, state_shape=state_shape, batch=batch,
+                                       transition_shape=mshape, dtype=sdtype, device=inputs[0].device,
+                                       anchor=next((x for x in inputs if x.requires_grad), inputs[0]) if grad else None)
+    else:
+        states, gathered = [None] * len(mine), None
+    for i, (rp, p) in enumerate(mine):
+        if i not in outs:
+            outs[i] = step(*span(rp, p), states[i])[0]
+    parts, order = [], []
+    for rp in plan.plans:
+        parts.append(torch.cat([outs[i] for i, (q, _) in enumerate(mine) if q is rp], 1))
+        order += _rows(rp, batch)
+    y = torch.cat(parts, 0)
+    if order != list(range(batch)):
+        inv = [0] * batch
+        for i, b in enumerate(order):
+            inv[b] = i
+        y = y[torch.tensor(inv, device=y.device)]
+    if gathered is not None and grad:
+        y = Tie.apply(y, gathered)
+    return y
