@@ -11,13 +11,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import launch
 from .._measure import best_of
 from ..comm import TAG_KV, Ring
 from ..kernels import select
 from ..masks import Kind, MaskSpec, Task
 from ..modes import BackwardExchange, Layout
 from ..plan import ALIASES, DTYPE_BYTES, PRESETS, Hardware, Problem, hardware, report
+from ..training import launch
 from .flags import JsonFlag
 
 

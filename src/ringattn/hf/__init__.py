@@ -35,8 +35,11 @@ import torch.distributed as dist
 
 from .. import comm, ring_attention
 from ..layouts import check_layout, padded_len, shard
-from ..model.loss import IGNORE_INDEX, sum_gradients
-from ..model.loss import shard_batch as _shard_tokens
+from ..training.batch import IGNORE_INDEX
+from ..training.batch import shard_batch as _shard_tokens
+from ..training.batch import shift_labels as _shift_labels
+from ..training.grads import sum_gradients
+from ..training.loss import local_loss_sum, mean_over_ranks
 from ..validate import agree, check_backward_exchange
 from . import features, generation, positions
 from .features import LayerPlan, UnsupportedModel
@@ -423,7 +426,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     position_ids = position_ids.expand(b, n)
     if pad:
         position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(b, pad)], 1)
-    shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], 1)
+    shifted = _shift_labels(labels, ignore_index)
     cu = None
     if layout == "balanced":  # the documents place the tokens, and the attention needs the same ones
         rows = [positions.restarts(row[:n]) for row in position_ids]
@@ -474,30 +477,6 @@ def _check_same_batch(input_ids: torch.Tensor, labels: torch.Tensor, position_id
                          "does), or load the same batch on every rank of the context-parallel group")
 
 
-class _AllReduceValue(torch.autograd.Function):
-    """Sum over ranks in forward; identity in backward (each rank's gradient is its own part)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        y = x.clone()
-        if comm.group_rank_world(group)[1] > 1:
-            dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
-def local_loss_sum(logits: torch.Tensor, shift_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """This rank's summed next-token cross-entropy (in at least float32, as transformers computes it)."""
-    flat = logits.flatten(0, 1)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    return torch.nn.functional.cross_entropy(flat, shift_labels.flatten().to(flat.device), ignore_index=ignore_index,
-                                             reduction="sum")
-
-
 def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: int | None = None,
                    *, group=None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The global mean next-token loss of a sharded batch, on every rank.
@@ -516,10 +495,7 @@ def causal_lm_loss(logits: torch.Tensor, shift_labels: torch.Tensor, num_items_i
         raise ValueError(f"logits (batch, local_len, vocab) and shift_labels (batch, local_len) must match, "
                          f"got {tuple(logits.shape)} and {tuple(shift_labels.shape)}")
     local = local_loss_sum(logits, shift_labels, ignore_index)
-    if num_items_in_batch is None:
-        n = (shift_labels != ignore_index).sum().to(local)
-        num_items_in_batch = _AllReduceValue.apply(n, group).detach()
-    return _AllReduceValue.apply(local / num_items_in_batch, group)
+    return mean_over_ranks(local, shift_labels, num_items_in_batch, group=group, ignore_index=ignore_index)
 
 
 def _guard_model_loss() -> None:

@@ -40,9 +40,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import comm, launch
+from .. import comm
 from .._measure import rel_err
 from ..layouts import check_layout, unshard
+from ..training import launch
 from .features import _MIXER_NAMES, UnsupportedModel, check_model, model_name
 
 TOL = 1e-9

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..model.loss import IGNORE_INDEX
+from ..training.batch import IGNORE_INDEX
+from ..training.loss import local_loss_sum
 
 try:
     from transformers import Trainer
@@ -79,7 +80,7 @@ def setup_context_parallel(cp_size: int | None = None, *, layout: str = "zigzag"
     from . import register
 
     if not dist.is_initialized():
-        from .. import launch
+        from ..training import launch
 
         if not launch.under_torchrun():
             raise RuntimeError("setup_context_parallel needs torch.distributed: run under torchrun, or in "
@@ -218,7 +219,6 @@ class RingTrainer(Trainer):
             raise ValueError("RingTrainer needs Trainer's num_items_in_batch (batches with 'labels')")
         outputs = model(**inputs, use_cache=False)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        from . import local_loss_sum
 
         loss = local_loss_sum(logits, shift_labels, IGNORE_INDEX)
         loss = loss / (num_items_in_batch.to(loss) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.loss import IGNORE_INDEX
+from ..training.batch import IGNORE_INDEX
 
 FILLER = (b"The grass is green. The sky is blue. The sun is yellow. Here we go. "
           b"There and back again. ")

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import comm, profiling
-from .cli.flags import flag
-from .decode import merge_partials, partial_attention
-from .layouts import effective_layout, global_positions, padded_len, shard
-from .profiling import Stats
-from .validate import agree
+from .. import comm, profiling
+from ..decode import merge_partials, partial_attention
+from ..layouts import effective_layout, global_positions, padded_len, shard
+from ..profiling import Stats
+from ..validate import agree
+from .config import flag
 
 # -- sampling ------------------------------------------------------------------------------------
 
@@ -197,7 +197,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     """Generate ``max_new_tokens`` after ``prompt`` with the KV cache sharded across ``group``.
 
     Args:
-        model: a ``ringattn.model.Llama`` (same weights on every rank); its ``cfg.layout`` and
+        model: a ``ringattn.app.model.Llama`` (same weights on every rank); its ``cfg.layout`` and
             ``cfg.strategy`` shard and attend the prompt.
         prompt: ``(batch, prompt_len)`` token ids, the full prompt, identical on every rank.
         max_new_tokens: how many tokens to generate (fewer if every sequence emits ``stop_token``).

@@ -19,7 +19,7 @@ All ranks then hold bitwise the same gradient, hence the same clipping norm and 
 Order of one step: data (samples ``[samples, samples + batch)``, pure function of the index) → shard
 → forward/backward → all-reduce → clip → AdamW with the cosine-with-warmup learning rate of the step.
 Checkpoints (``--ckpt-dir``, every ``--ckpt-every`` steps and at the end) restore everything
-(``ringattn.checkpoint``); a run with an existing checkpoint resumes from it.
+(``ringattn.training.checkpoint``); a run with an existing checkpoint resumes from it.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from . import comm
-from ._measure import peak_rss_mb
-from .cli.flags import flag
+from .. import comm
+from .._measure import peak_rss_mb
+from ..modes import DTYPES
+from ..training.batch import count_labels, shard_batch
+from ..training.grads import sum_gradients
+from .config import flag
 from .data import KEY_DIGITS, TASKS, Task, make_task
 from .model import Llama, LlamaConfig, build
-from .model.loss import count_labels, shard_batch, sharded_loss, sum_gradients
-from .modes import DTYPES
+from .model.loss import sharded_loss
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -243,11 +245,6 @@ def local_batch(task: Task, tc: TrainConfig, par: Parallel, samples: int, seq_le
     return inputs.to(par.device), labels.to(par.device), s, answer.to(par.device) == 1
 
 
-def reduce_gradients(model: torch.nn.Module, loss: torch.Tensor, par: Parallel) -> torch.Tensor:
-    """Sum every parameter gradient and the loss over all ranks (one flat all-reduce); returns the loss."""
-    return sum_gradients(model, with_value=loss)
-
-
 def train_step(model: Llama, optim: torch.optim.Optimizer, batch, par: Parallel, tc: TrainConfig,
                step: int) -> tuple[float, float]:
     """One optimisation step on this rank's shard of the global batch; returns (loss, grad norm).
@@ -262,7 +259,7 @@ def train_step(model: Llama, optim: torch.optim.Optimizer, batch, par: Parallel,
     loss = sharded_loss(model, inputs, labels, n_labels=n_labels, seq_len=seq_len, **par.seq,
                         chunk=tc.loss_chunk)
     loss.backward()
-    total = reduce_gradients(model, loss, par)
+    total = sum_gradients(model, with_value=loss)  # the loss rides in the gradients' all-reduce
     if tc.clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip, foreach=False)
     else:
@@ -435,7 +432,7 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     """
     tc.check_world(comm.group_rank_world()[1])
     if tc.ckpt_dir:
-        from .checkpoint import check_dir
+        from ..training.checkpoint import check_dir
 
         check_dir(tc.ckpt_dir)  # before the first steps are computed, not at the first save
     par = setup_parallel(tc.dp, tc.ulysses)
@@ -447,7 +444,7 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     start, samples, last = 0, 0, None
     config = run_config(tc)
     if tc.ckpt_dir:
-        from . import checkpoint  # torch.distributed.checkpoint takes half a second to import
+        from ..training import checkpoint  # torch.distributed.checkpoint takes half a second to import
 
         if not tc.resume:
             checkpoint.set_aside(tc.ckpt_dir)

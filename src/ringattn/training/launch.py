@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .._aliases import short_path
+
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the ranks have before SIGKILL
 
 
@@ -42,6 +44,7 @@ def pg_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+@short_path
 class RankError(RuntimeError):
     """A rank failed; ``usage``: every rank that failed with an error failed on bad input (``is_usage_error``)."""
 
