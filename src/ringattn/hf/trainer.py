@@ -77,7 +77,7 @@ def setup_context_parallel(cp_size: int | None = None, *, layout: str = "zigzag"
     Where the group was started without torchrun's variables (``ringattn.launch.spawn``), ``WORLD_SIZE``,
     ``RANK``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` are set from it, which is how accelerate finds it.
     """
-    from . import register
+    from .interface import register
 
     if not dist.is_initialized():
         from ..training import launch
@@ -134,7 +134,7 @@ class RingTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from . import settings
+        from .registry import settings
 
         impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
         try:
@@ -189,7 +189,7 @@ class RingTrainer(Trainer):
 
     def _prepare_context_parallel_inputs(self, model, inputs):
         """This rank's shard of the batch (``shard_batch``), in the hook Trainer gives its own context parallelism."""
-        from . import shard_batch
+        from .batch import shard_batch
 
         inputs = dict(inputs)
         if "shift_labels" in inputs:
