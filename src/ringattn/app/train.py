@@ -41,7 +41,7 @@ from ..modes import DTYPES
 from ..training.batch import count_labels, shard_batch
 from ..training.grads import sum_gradients
 from .config import flag
-from .data import KEY_DIGITS, TASKS, Task, make_task
+from .data import KEY_DIGITS, TASKS, TrainTask, make_task
 from .model import Llama, LlamaConfig, build
 from .model.loss import sharded_loss
 
@@ -236,7 +236,7 @@ def make_optimizer(model: Llama, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, foreach=False)
 
 
-def local_batch(task: Task, tc: TrainConfig, par: Parallel, samples: int, seq_len: int, n: int):
+def local_batch(task: TrainTask, tc: TrainConfig, par: Parallel, samples: int, seq_len: int, n: int):
     """This rank's (inputs, labels, seq_len): its dp row's sequences, its cp shard of them."""
     per_dp = n // par.dp
     b = task.batch(samples + par.dp_rank * per_dp, per_dp, seq_len)
@@ -297,7 +297,7 @@ class Score:
 
 
 @torch.no_grad()
-def score(model: Llama, task: Task, par: Parallel, layout: str, seq_len: int, indices: range,
+def score(model: Llama, task: TrainTask, par: Parallel, layout: str, seq_len: int, indices: range,
           depth: float | None = None) -> Score:
     """Greedy (argmax) predictions of the answer tokens of samples ``indices`` at ``seq_len``, scored.
 
@@ -330,7 +330,7 @@ def score(model: Llama, task: Task, par: Parallel, layout: str, seq_len: int, in
                  answer_loss=float(stats[:, 2].sum()))
 
 
-def evaluate(model: Llama, task: Task, tc: TrainConfig, par: Parallel, seq_len: int) -> float | None:
+def evaluate(model: Llama, task: TrainTask, tc: TrainConfig, par: Parallel, seq_len: int) -> float | None:
     """Task accuracy at ``seq_len`` on ``tc.eval_samples`` held-out samples (``ACCURACY_MEANS``).
 
     A passkey counts as right only if all its digits are; mqar counts per query. Samples are split
@@ -342,7 +342,7 @@ def evaluate(model: Llama, task: Task, tc: TrainConfig, par: Parallel, seq_len: 
                  ).accuracy(task.per_token)
 
 
-def eval_hint(task: Task, tc: TrainConfig, loss_first: float | None, loss_last: float | None,
+def eval_hint(task: TrainTask, tc: TrainConfig, loss_first: float | None, loss_last: float | None,
               accuracy: dict, answer_loss: dict) -> str | None:
     """Why accuracy stays at 0 while the loss falls, when it does (None otherwise)."""
     accs = [a for a in accuracy.values() if a is not None]
@@ -441,23 +441,39 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     torch.manual_seed(tc.seed * 100_003 + par.rank)
     model = build(tc.model, seed=tc.seed, dtype=DTYPES[tc.dtype], device=par.device)
     optim = make_optimizer(model, tc)
-    start, samples, last = 0, 0, None
     config = run_config(tc)
-    if tc.ckpt_dir:
-        from ..training import checkpoint  # torch.distributed.checkpoint takes half a second to import
-
-        if not tc.resume:
-            checkpoint.set_aside(tc.ckpt_dir)
-        elif (pos := checkpoint.resume(tc.ckpt_dir, model, optim,
-                                       compare=lambda saved, world: compare_config(saved, world, config,
-                                                                                   par.world))) is not None:
-            start, samples, last = pos["step"], pos["samples"], pos["path"]
-            if start > tc.steps:
-                raise ValueError(f"the checkpoint in {tc.ckpt_dir} is at step {start}, past --steps {tc.steps}: "
-                                 "raise --steps to continue that run, or start afresh with --no-resume")
-
+    start, samples, last = _resume(tc, model, optim, par, config)
     if progress is not None:
         progress.start(start, tc.steps, last)
+    run = _run_steps(tc, task, model, optim, par, config, start, samples, progress)
+    if progress is not None:
+        progress.close()
+    return _summary(tc, task, model, par, start, last, *run)
+
+
+def _resume(tc: TrainConfig, model, optim, par: Parallel, config: dict) -> tuple[int, int, object]:
+    """Where the run starts: ``(step, samples consumed, the checkpoint resumed from)``; without a resumable
+    checkpoint in ``tc.ckpt_dir``, from the beginning (``--no-resume`` sets the folder's checkpoints aside)."""
+    if not tc.ckpt_dir:
+        return 0, 0, None
+    from ..training import checkpoint  # torch.distributed.checkpoint takes half a second to import
+
+    if not tc.resume:
+        checkpoint.set_aside(tc.ckpt_dir)
+        return 0, 0, None
+    pos = checkpoint.resume(tc.ckpt_dir, model, optim,
+                            compare=lambda saved, world: compare_config(saved, world, config, par.world))
+    if pos is None:
+        return 0, 0, None
+    if pos["step"] > tc.steps:
+        raise ValueError(f"the checkpoint in {tc.ckpt_dir} is at step {pos['step']}, past --steps {tc.steps}: "
+                         "raise --steps to continue that run, or start afresh with --no-resume")
+    return pos["step"], pos["samples"], pos["path"]
+
+
+def _run_steps(tc: TrainConfig, task: TrainTask, model, optim, par: Parallel, config: dict, start: int,
+               samples: int, progress: Progress | None) -> tuple[list, float, int]:
+    """Steps ``start .. tc.steps``, saving checkpoints on the way; ``(losses, seconds in steps, tokens)``."""
     losses, t_train, tokens = [], 0.0, 0
     for step in range(start, tc.steps):
         t0 = time.perf_counter()
@@ -475,10 +491,15 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
             progress.step(step, loss, norm, n_seq * seq_len / dt)
         done = step + 1
         if tc.ckpt_dir and ((tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps):
-            checkpoint.save(tc.ckpt_dir, model, optim, step=done, samples=samples, config=config)
-    if progress is not None:
-        progress.close()
+            from ..training import checkpoint
 
+            checkpoint.save(tc.ckpt_dir, model, optim, step=done, samples=samples, config=config)
+    return losses, t_train, tokens
+
+
+def _summary(tc: TrainConfig, task: TrainTask, model, par: Parallel, start: int, last, losses: list,
+             t_train: float, tokens: int) -> dict:
+    """The run's summary: losses, held-out scores at each evaluation length, throughput and its shape."""
     lens = tc.eval_lens or tuple(sorted({max(task.min_len, tc.seq_len // 2), tc.seq_len, 2 * tc.seq_len}))
     held_out = range(HELD_OUT, HELD_OUT + tc.eval_samples)
     scores = {str(n): score(model, task, par, tc.model.layout, n, held_out) for n in lens} \

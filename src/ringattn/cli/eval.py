@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..app.data import PASSKEY_TASKS, Task, make_task
+from ..app.data import PASSKEY_TASKS, TrainTask, make_task
 from ..app.model import Llama, LlamaConfig, build
 from ..modes import DTYPES
 from ..training import launch
@@ -129,7 +129,7 @@ def depth_points(n: int) -> list[float]:
     return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
 
 
-def evaluate_depths(model: Llama, task: Task, seq_len: int, depths: list[float], samples: int,
+def evaluate_depths(model: Llama, task: TrainTask, seq_len: int, depths: list[float], samples: int,
                     progress: bool = False) -> dict:
     """Accuracy overall and per depth on the ranks of the default group (or one process).
 
