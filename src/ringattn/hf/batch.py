@@ -75,28 +75,12 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
         the documents (where ``position_ids`` restart) that placed the tokens: pass it to the model too.
     """
     check_layout(layout)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be a 2-D (batch, seq_len) tensor, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    labels = _checked_labels(input_ids, labels)
     b, n = input_ids.shape
-    labels = input_ids if labels is None else labels
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (b, n):
-        raise ValueError(f"labels must have the shape of input_ids {(b, n)}, got "
-                         f"{getattr(labels, 'shape', type(labels).__name__)}")
     _, world = comm.group_rank_world(group)
     if world > 1:
         _check_same_batch(input_ids, labels, position_ids, group)
-    pad = padded_len(n, world, layout) - n
-    if position_ids is None:
-        position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
-    # Padding repeats the last position: the largest position (which dynamic RoPE and LongRoPE read) stays the
-    # real sequence's, and the padding joins the last document, which no real token sees under a causal mask.
-    position_ids = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
-    if position_ids.shape[-1] != n:
-        raise ValueError(f"position_ids must have seq_len {n} entries, got {tuple(position_ids.shape)}")
-    position_ids = position_ids.expand(b, n)
-    if pad:
-        position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(b, pad)], 1)
+    position_ids = _padded_positions(position_ids, b, n, padded_len(n, world, layout) - n, input_ids.device)
     shifted = _shift_labels(labels, ignore_index)
     cu = None
     if layout == "balanced":  # the documents place the tokens, and the attention needs the same ones
@@ -117,6 +101,34 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     if cu is not None:
         out["cu_seq_lens_q"] = cu
     return out
+
+
+def _checked_labels(input_ids, labels) -> torch.Tensor:
+    """``labels`` (None: ``input_ids``) once both are ``(batch, seq_len)`` tensors of one shape."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a 2-D (batch, seq_len) tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    labels = input_ids if labels is None else labels
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    return labels
+
+
+def _padded_positions(position_ids, b: int, n: int, pad: int, device) -> torch.Tensor:
+    """``(b, n + pad)`` positions: the given ones (None: ``0 .. n-1``) with the last repeated over the padding.
+
+    Repeating the last position keeps the largest one (which dynamic RoPE and LongRoPE read) the real
+    sequence's, and the padding joins the last document, which no real token sees under a causal mask."""
+    if position_ids is None:
+        position_ids = torch.arange(n, device=device).expand(b, n)
+    position_ids = position_ids.unsqueeze(0) if position_ids.dim() == 1 else position_ids
+    if position_ids.shape[-1] != n:
+        raise ValueError(f"position_ids must have seq_len {n} entries, got {tuple(position_ids.shape)}")
+    position_ids = position_ids.expand(b, n)
+    if pad:
+        position_ids = torch.cat([position_ids, position_ids[:, -1:].expand(b, pad)], 1)
+    return position_ids
 
 
 def _fingerprint(t: torch.Tensor | None) -> list[torch.Tensor]:
