@@ -16,9 +16,9 @@ import sys
 
 import pytest
 
-from ringattn import checkpoint
-from ringattn.model import LlamaConfig
-from ringattn.train import TrainConfig, train
+from ringattn.app.model import LlamaConfig
+from ringattn.app.train import TrainConfig, train
+from ringattn.training import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TC = TrainConfig(model=LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_chunk=16), task="mqar",

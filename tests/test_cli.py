@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
+from ringattn.app.generate import SamplingConfig
+from ringattn.app.model import LlamaConfig
+from ringattn.app.train import TrainConfig
 from ringattn.cli import build_parser
 from ringattn.cli.flags import flag_fields
 from ringattn.cli.train import MODEL_DEFAULTS, Printer, Show, config_from_args
-from ringattn.generate import SamplingConfig
-from ringattn.model import LlamaConfig
-from ringattn.train import TrainConfig
 
 
 def parse(*argv: str):

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import ringattn
+from ringattn.app.data import KEY_DIGITS, PLACE_TOKENS, make_task
+from ringattn.app.model import LlamaConfig
+from ringattn.app.train import Parallel, TrainConfig, score, setup_parallel, train
 from ringattn.cli.eval import depth_points, evaluate_depths
-from ringattn.data import KEY_DIGITS, PLACE_TOKENS, make_task
-from ringattn.model import LlamaConfig
-from ringattn.train import Parallel, TrainConfig, score, setup_parallel, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "examples" / "checkpoints" / "passkey"

@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from ringattn import checkpoint, comm, fsdp, hf
-from ringattn.model import LlamaConfig, build
-from ringattn.model.loss import IGNORE_INDEX, loss_sum, shard_batch, shift_labels
+from ringattn import comm, hf
+from ringattn.app.model import LlamaConfig, build
+from ringattn.app.model.loss import IGNORE_INDEX, loss_sum, shard_batch, shift_labels
+from ringattn.training import checkpoint, fsdp
 
 from .cases import raised
 from .reference import TOL, rel_err

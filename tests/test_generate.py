@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from ringattn import comm
+from ringattn.app.generate import SamplingConfig, generate, sample
+from ringattn.app.model import LlamaConfig, build
 from ringattn.decode import decode_attention
-from ringattn.generate import SamplingConfig, generate, sample
 from ringattn.masks import takes_four
-from ringattn.model import LlamaConfig, build
 
 from .reference import TOL, attention_ref, rel_err, slices_mask
 from .test_mask_mods import checker, per_row_head

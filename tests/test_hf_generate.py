@@ -168,7 +168,7 @@ def test_generate_refuses_what_it_cannot_do_on_every_rank(ranks):
 def test_generate_refuses_a_per_token_input_it_does_not_shard(monkeypatch):
     # transformers itself drops token_type_ids for Llama; a model that takes one would meet a shard of the
     # tokens beside the whole per-token tensor. The decoder, called as generate calls it:
-    monkeypatch.setattr(hf, "_in_generate", lambda: True)
+    monkeypatch.setattr(hf.generation, "in_generate", lambda: True)
     hf.register(layout="zigzag")
     model = hf.prepare(tiny_model("llama"))
     model.set_attn_implementation("ring")

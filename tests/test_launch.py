@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from ringattn import checkpoint
+from ringattn.training import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ["--nproc", "2", "--layout", "zigzag", "--task", "mqar", "--seq-len", "64", "--batch", "2",

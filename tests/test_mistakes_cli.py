@@ -20,12 +20,12 @@ import time
 import pytest
 import torch
 
-from ringattn import checkpoint, launch
+from ringattn.app.generate import SamplingConfig, generate
+from ringattn.app.model import LlamaConfig, build
+from ringattn.app.train import TrainConfig, make_optimizer, train
 from ringattn.cli import main
-from ringattn.generate import SamplingConfig, generate
-from ringattn.model import LlamaConfig, build
 from ringattn.modes import BackwardExchange, Layout, Strategy, choose
-from ringattn.train import TrainConfig, make_optimizer, train
+from ringattn.training import checkpoint, launch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--task", "mqar", "--seq-len", "64", "--batch", "2", "--dim", "32", "--layers", "1", "--heads", "4",
@@ -44,7 +44,7 @@ def _train(*argv: str) -> list[str]:
 
 # -- 1. one writer per checkpoint folder -------------------------------------------------------------
 
-HOLD = ("import sys, time\nfrom ringattn.checkpoint import DirLock\n"
+HOLD = ("import sys, time\nfrom ringattn.training.checkpoint import DirLock\n"
         "DirLock(sys.argv[1], command='ringattn train --the-first-run').acquire()\n"
         "print('held', flush=True)\ntime.sleep(600)\n")
 
@@ -142,8 +142,8 @@ def test_peer_lost_while_loading_is_not_called_damage(tmp_path, monkeypatch):
 KILL_IN_LOAD = """
 import os, signal, sys
 import torch, torch.distributed as dist
-from ringattn import checkpoint, launch
-from ringattn.model import LlamaConfig, build
+from ringattn.training import checkpoint, launch
+from ringattn.app.model import LlamaConfig, build
 
 def rank(d):
     model = build(LlamaConfig(dim=32, n_layers=1, n_heads=4, n_kv_heads=2), seed=0)

@@ -16,6 +16,7 @@ import ringattn
 transformers = pytest.importorskip("transformers")
 
 from ringattn import hf  # noqa: E402
+from ringattn.hf.prepared import first_forward  # noqa: E402
 
 from .reference import rel_err  # noqa: E402
 from .test_hf import tiny_model  # noqa: E402
@@ -64,7 +65,7 @@ def test_unprepared_model_off_the_interface_refused_on_every_rank(ranks):
 
 
 def first_forward_hooked(module) -> bool:
-    return "_ringattn_first_forward" in module.__dict__ or hf._first_forward in module._forward_pre_hooks.values()
+    return "_ringattn_first_forward" in module.__dict__ or first_forward in module._forward_pre_hooks.values()
 
 
 def unprepared_llama_case(via: str) -> dict:

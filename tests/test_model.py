@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ringattn
-from ringattn.model import LlamaConfig, build
-from ringattn.model.loss import IGNORE_INDEX, count_labels, loss_sum, shard_batch, sharded_labels, shift_labels
+from ringattn.app.model import LlamaConfig, build
+from ringattn.app.model.loss import IGNORE_INDEX, count_labels, loss_sum, shard_batch, sharded_labels, shift_labels
 
 from .reference import TOL, rel_err
 

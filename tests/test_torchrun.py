@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from ringattn import checkpoint
+from ringattn.training import checkpoint
 
 from .test_train import _assert_same, _final_state
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from ringattn import checkpoint
-from ringattn.model import LlamaConfig
-from ringattn.train import Parallel, TrainConfig, local_batch, make_optimizer, setup_parallel, train, train_step
+from ringattn.app.model import LlamaConfig
+from ringattn.app.train import Parallel, TrainConfig, local_batch, make_optimizer, setup_parallel, train, train_step
+from ringattn.training import checkpoint
 
 from .reference import TOL, rel_err
 
@@ -30,8 +30,8 @@ TC = TrainConfig(model=MODEL, seq_len=101, batch=2, steps=4, lr=1e-2, warmup=2, 
 
 def _one_step(tc: TrainConfig, par: Parallel | None = None):
     """Loss, clipped gradients and updated parameters after step 1 (step 0 fills Adam's state first)."""
-    from ringattn.data import make_task
-    from ringattn.model import build
+    from ringattn.app.data import make_task
+    from ringattn.app.model import build
 
     par = par or setup_parallel(tc.dp, tc.ulysses)
     task = make_task(tc.task, seed=tc.seed)
@@ -198,7 +198,7 @@ def test_cli_rejects_bad_arguments():
 
 
 def test_curriculum_sets_length_steps_and_batch_per_step():
-    from ringattn.train import parse_curriculum
+    from ringattn.app.train import parse_curriculum
 
     tc = TrainConfig(curriculum=parse_curriculum("96:3:8,256:2:2"), eval_samples=0)
     assert (tc.seq_len, tc.steps) == (256, 5)
@@ -211,9 +211,9 @@ def test_curriculum_sets_length_steps_and_batch_per_step():
 
 
 def test_recipe_parses_and_flags_override_it():
+    from ringattn.app.train import RECIPES
     from ringattn.cli import build_parser
     from ringattn.cli.train import apply_recipe, config_from_args
-    from ringattn.train import RECIPES
 
     args = build_parser().parse_args(["train", "--recipe", "passkey-long"])
     tc = config_from_args(args)
@@ -229,8 +229,8 @@ def test_recipe_parses_and_flags_override_it():
 
 
 def test_eval_explains_a_falling_loss_with_no_retrieval():
-    from ringattn.data import make_task
-    from ringattn.train import eval_hint
+    from ringattn.app.data import make_task
+    from ringattn.app.train import eval_hint
 
     tc = TrainConfig(seq_len=2048, eval_samples=4)
     hint = eval_hint(make_task("passkey"), tc, 5.59, 0.85, {"2048": 0.0}, {"2048": 2.4})
@@ -244,8 +244,8 @@ def test_eval_explains_a_falling_loss_with_no_retrieval():
 
 @pytest.mark.parametrize("task", ["passkey-random", "passkey-place"])
 def test_passkey_random_scores_the_key_only(task):
-    from ringattn.data import KEY_DIGITS, PLACE_TOKENS, make_task
-    from ringattn.model.loss import IGNORE_INDEX
+    from ringattn.app.data import KEY_DIGITS, PLACE_TOKENS, make_task
+    from ringattn.app.model.loss import IGNORE_INDEX
 
     b = make_task(task).batch(0, 3, 300)
     assert ((b.labels != IGNORE_INDEX) == b.answer).all() and (b.answer.sum(1) == KEY_DIGITS).all()

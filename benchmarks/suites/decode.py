@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ringattn import launch
-from ringattn.generate import generate
-from ringattn.model import LlamaConfig, build
+from ringattn.app.generate import generate
+from ringattn.app.model import LlamaConfig, build
 
 from ..common import machine, pyplot, save_figure
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from ringattn.train import RECIPES
+from ringattn.app.train import RECIPES
 
 from ..common import machine, pyplot, save_figure
 from . import table3
@@ -154,7 +154,7 @@ def train_recipe(work: pathlib.Path, quick: dict | None = None) -> tuple[dict, f
 
 def ship(ckpt: pathlib.Path, result: dict) -> None:
     """The final checkpoint (model, optimizer, manifest) and recipe.json to examples/checkpoints/passkey/."""
-    from ringattn.checkpoint import latest
+    from ringattn.training.checkpoint import latest
 
     last = latest(ckpt)
     shutil.rmtree(SHIP, ignore_errors=True)
@@ -223,7 +223,7 @@ def plot_loss(res: dict, path: pathlib.Path) -> None:
 
 WHY = (
     "Why this recipe. (1) The haystack: `passkey` repeats one sentence and scores every token, so the loss "
-    "can fall to ~0 on the filler while the key is never retrieved (issue #19: loss 0.036 and accuracy 0.0 after "
+    "can fall to ~0 on the filler while the key is never retrieved (measured: loss 0.036 and accuracy 0.0 after "
     "200 steps at 1024; `ringattn train` says why). The recipe's task, `passkey-place`, fills the haystack with "
     "random lowercase letters and spaces (nothing a model can predict) and scores only the key's 5 tokens "
     "after the question, so the loss falls only as far as the model retrieves. (2) The key's tokens: in "
@@ -261,7 +261,7 @@ def summary(res: dict) -> str:
         + (f" ({res['ring_mb_at_seq_len']:.1f} MiB per rank at that length)." if res["ring_mb_at_seq_len"] else "."),
         "",
         f"Curriculum (length:steps:batch): {', '.join(':'.join(map(str, st)) for st in res['curriculum'])}; "
-        f"trained in {res['train_wall_s'] / 60:.1f} min on a 2-core machine shared with other work "
+        f"trained in {res['train_wall_s'] / 60:.1f} min of wall time on the machine the results record "
         f"(loss {res['train_summary']['loss_first']:.3f} -> {res['train_summary']['loss_last']:.3f} nats per "
         "key digit).",
         "",

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import ringattn
-from ringattn.launch import spawn_collect
+from ringattn.training.launch import spawn_collect
 
 from ..common import machine, pyplot, save_figure
 

@@ -16,7 +16,7 @@ import time
 
 from ringattn import plan
 from ringattn.cli.plan import measure
-from ringattn.launch import spawn_collect
+from ringattn.training.launch import spawn_collect
 
 from ..common import machine, pyplot, save_figure
 

@@ -65,9 +65,9 @@ def _measure(spec: dict) -> dict:
     """Run the length search for one configuration on this rank; the same result on every rank."""
     import torch.distributed as dist
 
-    from ringattn.model import LlamaConfig, build
-    from ringattn.model.loss import shard_batch
-    from ringattn.train import Parallel, TrainConfig, make_optimizer, setup_parallel, train_step
+    from ringattn.app.model import LlamaConfig, build
+    from ringattn.app.model.loss import shard_batch
+    from ringattn.app.train import Parallel, TrainConfig, make_optimizer, setup_parallel, train_step
 
     par = setup_parallel(1) if dist.is_initialized() else Parallel()
     cfg = LlamaConfig(dim=spec["dim"], n_layers=spec["layers"], n_heads=spec["heads"], n_kv_heads=spec["kv_heads"],

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import ringattn
-from ringattn.launch import spawn_collect
+from ringattn.training.launch import spawn_collect
 
 from ..common import machine, pyplot, save_figure
 

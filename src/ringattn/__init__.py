@@ -10,6 +10,7 @@ import inspect
 
 import torch
 
+from . import _aliases
 from . import call as _call
 from .layouts import LAYOUTS, Sharding, global_positions, shard, sharding_of, unshard
 from .modes import BackwardExchange, Layout, Strategy
@@ -18,6 +19,7 @@ from .profiling import Stats, profile
 __all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Sharding", "Stats", "Strategy", "attention",
            "global_positions", "profile", "ring_attention", "shard", "sharding_of", "unshard"]
 __version__ = "0.1.0"
+_aliases.install()
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, **options):

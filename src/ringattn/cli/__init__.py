@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-from ..launch import RankError, is_usage_error
+from ..training.launch import RankError, is_usage_error
 
 # Optional dependencies by import name: the extra that installs each.
 OPTIONAL = {"transformers": "hf", "accelerate": "hf", "tqdm": "progress", "matplotlib": "plot"}

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
-from .. import launch
 from ..modes import Layout
+from ..training import launch
 from .flags import JsonFlag, add_flags, flag, from_args
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import ringattn
 
 from .._measure import reset_peak_rss, rss_mb
-from ..launch import spawn, spawn_collect
 from ..modes import Layout
+from ..training.launch import spawn, spawn_collect
 from . import memory
 from .flags import add_flags, flag, from_args
 
@@ -152,8 +152,8 @@ def _attention_rank(cfg: DemoConfig) -> dict | None:
 
 
 def _train_part(cfg: DemoConfig) -> None:
-    from .. import train
-    from ..model import LlamaConfig
+    from ..app import train
+    from ..app.model import LlamaConfig
 
     seq = 4096
     print(f"[3/3] context-parallel training: a small LLaMA-style model (blockwise FFN) on passkey retrieval, "
@@ -165,7 +165,7 @@ def _train_part(cfg: DemoConfig) -> None:
 
 
 def _train_rank(tc) -> None:
-    from .. import train
+    from ..app import train
     from .train import Printer, Show
 
     s = train.train(tc, progress=Printer(Show(), dist.get_rank()))

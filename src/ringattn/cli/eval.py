@@ -23,10 +23,11 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.distributed as dist
 
-from .. import comm, launch
-from ..data import PASSKEY_TASKS, Task, make_task
-from ..model import Llama, LlamaConfig, build
+from .. import comm
+from ..app.data import PASSKEY_TASKS, TrainTask, make_task
+from ..app.model import Llama, LlamaConfig, build
 from ..modes import DTYPES
+from ..training import launch
 from .flags import JsonFlag, add_flags, flag, from_args
 
 
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     """The checkpoint folder ``path`` names: itself if it is one, else the newest ``step-*`` inside."""
-    from .. import checkpoint
+    from ..training import checkpoint
 
     p = pathlib.Path(path)
     if not p.is_dir():
@@ -77,7 +78,7 @@ def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
 
 def saved_config(path: pathlib.Path) -> dict:
     """The run configuration recorded in checkpoint ``path``'s manifest (flat, ``model.dim``...)."""
-    from ..checkpoint import MANIFEST
+    from ..training.checkpoint import MANIFEST
 
     m = path / MANIFEST
     if not m.is_file():
@@ -105,7 +106,7 @@ def load_model(path: pathlib.Path, cfg: LlamaConfig, dtype: torch.dtype) -> Llam
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from ..checkpoint import CheckpointError, LoadInterrupted, peer_failure
+    from ..training.checkpoint import CheckpointError, LoadInterrupted, peer_failure
 
     model = build(cfg, seed=None, dtype=dtype)
     state = {"model": get_model_state_dict(model)}
@@ -128,13 +129,13 @@ def depth_points(n: int) -> list[float]:
     return [0.5] if n == 1 else [i / (n - 1) for i in range(n)]
 
 
-def evaluate_depths(model: Llama, task: Task, seq_len: int, depths: list[float], samples: int,
+def evaluate_depths(model: Llama, task: TrainTask, seq_len: int, depths: list[float], samples: int,
                     progress: bool = False) -> dict:
     """Accuracy overall and per depth on the ranks of the default group (or one process).
 
     Depth ``i`` uses held-out samples ``HELD_OUT + i * samples + j``: every cell has its own keys.
     """
-    from ..train import ACCURACY_MEANS, HELD_OUT, Parallel, Score, score, setup_parallel
+    from ..app.train import ACCURACY_MEANS, HELD_OUT, Parallel, Score, score, setup_parallel
 
     par = setup_parallel(1) if dist.is_initialized() else Parallel()
     bar = None

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
+from ..app.config import flag
 
-def flag(help: str, *, name: str | None = None, choices: Iterable | None = None,
-         type: Callable[[str], Any] | None = None, nargs: int | str | None = None,
-         metavar: str | tuple[str, ...] | None = None) -> dict:
-    """Field metadata that exposes the field as a flag. A bool field is a switch: ``--name`` sets it when
-    it defaults to False; give ``name="--no-..."`` for one that defaults to True."""
-    return {"flag": {"help": help, "name": name, "choices": None if choices is None else list(choices),
-                     "type": type, "nargs": nargs, "metavar": metavar}}
+__all__ = ["JsonFlag", "add_flags", "flag", "flag_fields", "from_args"]
 
 
 def flag_fields(cls: type) -> list[dataclasses.Field]:
@@ -57,7 +52,7 @@ def from_args(cls: type, args: argparse.Namespace, **overrides: Any):
 
 class JsonFlag(argparse.Action):
     """``--json``: print the result as JSON on stdout, in every command. It takes no value (``main``
-    names ``--json-out PATH`` when one is given, as the old ``generate --json PATH`` did)."""
+    names ``--json-out PATH`` when a path follows it)."""
 
     def __init__(self, option_strings, dest, **kw):
         kw.setdefault("help", "print the result as JSON on stdout")

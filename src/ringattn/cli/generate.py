@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .. import comm, launch
-from ..generate import GenerationResult, SamplingConfig, generate
-from ..model import LlamaConfig, build
+from .. import comm
+from ..app.generate import GenerationResult, SamplingConfig, generate
+from ..app.model import LlamaConfig, build
 from ..modes import DTYPES
+from ..training import launch
 from . import memory
 from .flags import JsonFlag, add_flags, flag, from_args
 

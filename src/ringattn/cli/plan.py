@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -11,13 +12,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import launch
 from .._measure import best_of
 from ..comm import TAG_KV, Ring
 from ..kernels import select
 from ..masks import Kind, MaskSpec, Task
 from ..modes import BackwardExchange, Layout
 from ..plan import ALIASES, DTYPE_BYTES, PRESETS, Hardware, Problem, hardware, report
+from ..training import launch
 from .flags import JsonFlag
 
 
@@ -117,13 +118,7 @@ def measure(threads: int = 1) -> Hardware:
         task, spec = Task(0, s, 0, s, Kind.FULL), MaskSpec(seq_len=s)
         out, lse = be.forward(q, k, v, task, spec, scale=d ** -0.5)
 
-        def timed(step):
-            def run():
-                step()
-                if dev == "cuda":
-                    torch.cuda.synchronize()
-            return best_of(run, repeats=3)
-
+        timed = functools.partial(_timed, cuda=dev == "cuda")
         t_fwd = timed(lambda: be.forward(q, k, v, task, spec, scale=d ** -0.5))
         t_bwd = timed(lambda: be.backward(q, q, k, v, out, lse, task, spec, scale=d ** -0.5))
         flops = 4.0 * s * s * h * d / t_fwd
@@ -143,6 +138,17 @@ def measure(threads: int = 1) -> Hardware:
     return Hardware("measured", flops, link["bandwidth"], link["latency"], memory, 64, None, cores,
                     note=f"measured here: kernel on {dev}, gloo between 2 local ranks", backward_time=t_bwd / t_fwd,
                     key_block=be.caps.causal_key_block, copy_bandwidth=copy_bw)
+
+
+def _synced(step, cuda: bool) -> None:
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def _timed(step, *, cuda: bool) -> float:
+    """The best of 3 wall times of ``step``, waiting for the GPU where there is one."""
+    return best_of(functools.partial(_synced, step, cuda), repeats=3)
 
 
 def _measure_link() -> dict:

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .. import comm, launch
-from ..model import LlamaConfig
-from ..train import RECIPES, TrainConfig, train
+from .. import comm
+from ..app.model import LlamaConfig
+from ..app.train import RECIPES, TrainConfig, train
+from ..training import launch
 from . import memory
 from .flags import JsonFlag, add_flags, from_args
 
@@ -133,7 +134,7 @@ def _worker(tc: TrainConfig, show: Show) -> None:
 
 def _lock(tc: TrainConfig):
     """The checkpoint folder's lock, taken before any rank starts (a no-op without ``--ckpt-dir``)."""
-    from .. import checkpoint
+    from ..training import checkpoint
 
     if not tc.ckpt_dir:
         return contextlib.nullcontext()
@@ -146,7 +147,7 @@ def _lock(tc: TrainConfig):
 
 def _torchrun_lock(tc: TrainConfig):
     """Under torchrun rank 0 takes the lock; every rank hears whether it could, before any other collective."""
-    from .. import checkpoint
+    from ..training import checkpoint
 
     held, error = contextlib.nullcontext(), None
     if dist.get_rank() == 0:

@@ -16,7 +16,7 @@ ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunk
 
 # Module class names that mix tokens along the sequence without the attention interface. Each runs on one
 # rank's shard alone, so its output would be that of a shorter, cut-up sequence.
-_MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|lightning|shortconv|rwkv|mlstm|slstm|"
+MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|lightning|shortconv|rwkv|mlstm|slstm|"
                           r"xlstm|rglru|recurrentblock|recurrent_block|lru", re.IGNORECASE)
 # Sparse attention that picks keys with a learned scorer (DeepSeek-V3.2's indexer): the scorer sees only the
 # local shard, and ring attention has no top-k key selection.
@@ -50,12 +50,30 @@ class UnsupportedModel(NotImplementedError):
 
 
 @dataclass(frozen=True)
-class LayerPlan:
+class LayerNeeds:
     """The ring-attention options one attention module needs."""
 
     window: int | None = None       # transformers' sliding_window w: keys j > i - w
     chunk_size: int | None = None   # Llama 4 chunked attention: i // c == j // c
     temperature: tuple[float, float] | None = None  # Llama 4 (floor_scale, attn_scale) on NoPE layers
+
+    def ring_kwargs(self, *, causal: bool, softcap: float | None = None, sinks=None) -> dict:
+        """The mask and score keywords of ``ring_attention`` for this layer's call: transformers' window ``w``
+        (keys ``j > i - w``) is ringattn's ``window=(w - 1, ...)``, one-sided under a causal mask."""
+        kw: dict = {"causal": causal, "window": None}
+        if self.window is not None:
+            w = int(self.window) - 1
+            kw["window"] = (w, -1 if causal else w)
+        if self.chunk_size is not None:
+            kw["chunk_size"] = self.chunk_size
+        if softcap is not None:
+            kw["softcap"] = float(softcap)
+        if sinks is not None:
+            kw["sinks"] = sinks
+        return kw
+
+
+LayerPlan = LayerNeeds  # the name ringattn.hf exports
 
 
 def model_name(config) -> str:
@@ -123,7 +141,7 @@ def check_model(model: torch.nn.Module) -> None:
                                    "sequence, which each rank knows only locally; not supported",
                                    module=path, feature="weights picked by the token's local index are not supported")
         conv = isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1
-        if _MIXER_NAMES.search(cls) or conv:
+        if MIXER_NAMES.search(cls) or conv:
             what = ("a 1-D convolution along the sequence" if conv
                     else "a recurrent / state-space / linear-attention mixer")
             raise UnsupportedModel(
@@ -150,7 +168,7 @@ def _check_layer_types(config) -> None:
                 layer=i, feature=f"a {t!r} layer: token mixing outside attention is not context-parallel")
 
 
-def plan_module(module, sliding_window, softcap, kwargs: dict) -> LayerPlan:
+def needs_of(module, sliding_window, softcap, kwargs: dict) -> LayerNeeds:
     """What the attention ``module`` needs, from its call, its attributes and its config; raises if it needs
     something the ring cannot do."""
     config = getattr(module, "config", None)
@@ -160,7 +178,7 @@ def plan_module(module, sliding_window, softcap, kwargs: dict) -> LayerPlan:
         check_config(config)
     idx = getattr(module, "layer_idx", None)
     where = f"{name}: layer {idx} ({cls})" if idx is not None else f"{name}: {cls}"
-    if _MIXER_NAMES.search(cls) or _INDEXER_NAMES.search(cls):
+    if MIXER_NAMES.search(cls) or _INDEXER_NAMES.search(cls):
         raise UnsupportedModel(f"{where}: not plain softmax attention; not supported by ring attention",
                                layer=idx if isinstance(idx, int) else None, feature="not plain softmax attention")
     types = _layer_types(config) if config is not None else None
@@ -185,7 +203,7 @@ def plan_module(module, sliding_window, softcap, kwargs: dict) -> LayerPlan:
         temperature = (float(module.floor_scale), float(module.attn_scale))
     if window is not None and (not isinstance(window, int) or window < 1):
         raise UnsupportedModel(f"{where}: sliding_window must be a positive int, got {window!r}")
-    return LayerPlan(window=window, chunk_size=int(chunk) if chunk else None, temperature=temperature)
+    return LayerNeeds(window=window, chunk_size=int(chunk) if chunk else None, temperature=temperature)
 
 
 def _window_is_used(config) -> bool:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,7 @@ from .. import comm
 from ..decode import decode_attention
 from ..layouts import global_positions, padded_len, shard
 from ..validate import agree
+from .registry import SETTINGS, RingSettings
 
 try:
     from transformers.cache_utils import Cache, DynamicLayer
@@ -131,11 +134,9 @@ def _decoder(model: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def _settings(module):
-    from . import _SETTINGS, _in_generate
-
     impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    s = _SETTINGS.get(impl) if isinstance(impl, str) else None
-    if s is None or not _in_generate():
+    s = SETTINGS.get(impl) if isinstance(impl, str) else None
+    if s is None or not in_generate():
         return None
     return s
 
@@ -365,3 +366,32 @@ def decode_rows(step: _Step, q, key, value, kw: dict) -> torch.Tensor:
     if cache.rows_alike:
         return call(slice(None), cache.ranges[0][0], cache.valid[0])
     return torch.cat([call(slice(i, i + 1), lo, cache.valid[i]) for i, (lo, _) in enumerate(cache.ranges)], 0)
+
+
+_GENERATION_DIR: str | None = None
+
+
+def in_generate() -> bool:
+    """Whether transformers' generation code (``generate`` and its decoding loops) is on the call stack."""
+    global _GENERATION_DIR
+    if _GENERATION_DIR is None:
+        import transformers.generation
+
+        _GENERATION_DIR = os.path.dirname(transformers.generation.__file__) + os.sep
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code.co_filename.startswith(_GENERATION_DIR):
+            return True
+        f = f.f_back
+    return False
+
+
+def refuse_generate(settings: RingSettings) -> None:
+    # generate() hands every rank the whole prompt (and each new token), which the ring would take for that rank's
+    # shard of one longer sequence unless prepare's hooks shard it. Every rank is in generate alike, so every rank
+    # raises here, before a collective.
+    if in_generate():
+        raise ValueError("transformers' generate() with attn_implementation='ring' needs "
+                         "ringattn.hf.prepare(model) first: it hooks the model so that generate's whole prompt is "
+                         "sharded, prefilled with ring attention, and decoded over a KV cache sharded across ranks "
+                         "(without it every rank would take the whole prompt for its shard of a longer sequence)")

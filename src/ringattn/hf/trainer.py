@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..model.loss import IGNORE_INDEX
+from ..training.batch import IGNORE_INDEX
+from ..training.loss import local_loss_sum
 
 try:
     from transformers import Trainer
@@ -76,10 +77,10 @@ def setup_context_parallel(cp_size: int | None = None, *, layout: str = "zigzag"
     Where the group was started without torchrun's variables (``ringattn.launch.spawn``), ``WORLD_SIZE``,
     ``RANK``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` are set from it, which is how accelerate finds it.
     """
-    from . import register
+    from .interface import register
 
     if not dist.is_initialized():
-        from .. import launch
+        from ..training import launch
 
         if not launch.under_torchrun():
             raise RuntimeError("setup_context_parallel needs torch.distributed: run under torchrun, or in "
@@ -133,7 +134,7 @@ class RingTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from . import settings
+        from .registry import settings
 
         impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
         try:
@@ -188,7 +189,7 @@ class RingTrainer(Trainer):
 
     def _prepare_context_parallel_inputs(self, model, inputs):
         """This rank's shard of the batch (``shard_batch``), in the hook Trainer gives its own context parallelism."""
-        from . import shard_batch
+        from .batch import shard_batch
 
         inputs = dict(inputs)
         if "shift_labels" in inputs:
@@ -218,7 +219,6 @@ class RingTrainer(Trainer):
             raise ValueError("RingTrainer needs Trainer's num_items_in_batch (batches with 'labels')")
         outputs = model(**inputs, use_cache=False)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        from . import local_loss_sum
 
         loss = local_loss_sum(logits, shift_labels, IGNORE_INDEX)
         loss = loss / (num_items_in_batch.to(loss) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)

@@ -19,7 +19,7 @@ All ranks then hold bitwise the same gradient, hence the same clipping norm and 
 Order of one step: data (samples ``[samples, samples + batch)``, pure function of the index) → shard
 → forward/backward → all-reduce → clip → AdamW with the cosine-with-warmup learning rate of the step.
 Checkpoints (``--ckpt-dir``, every ``--ckpt-every`` steps and at the end) restore everything
-(``ringattn.checkpoint``); a run with an existing checkpoint resumes from it.
+(``ringattn.training.checkpoint``); a run with an existing checkpoint resumes from it.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from . import comm
-from ._measure import peak_rss_mb
-from .cli.flags import flag
-from .data import KEY_DIGITS, TASKS, Task, make_task
+from .. import comm
+from .._measure import peak_rss_mb
+from ..modes import DTYPES
+from ..training.batch import count_labels, shard_batch
+from ..training.grads import sum_gradients
+from .config import flag
+from .data import KEY_DIGITS, TASKS, TrainTask, make_task
 from .model import Llama, LlamaConfig, build
-from .model.loss import count_labels, shard_batch, sharded_loss, sum_gradients
-from .modes import DTYPES
+from .model.loss import sharded_loss
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -234,18 +236,13 @@ def make_optimizer(model: Llama, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, foreach=False)
 
 
-def local_batch(task: Task, tc: TrainConfig, par: Parallel, samples: int, seq_len: int, n: int):
+def local_batch(task: TrainTask, tc: TrainConfig, par: Parallel, samples: int, seq_len: int, n: int):
     """This rank's (inputs, labels, seq_len): its dp row's sequences, its cp shard of them."""
     per_dp = n // par.dp
     b = task.batch(samples + par.dp_rank * per_dp, per_dp, seq_len)
     inputs, labels, s = shard_batch(b.inputs, b.labels, layout=tc.model.layout, **par.seq)
     answer = shard_batch(b.inputs, b.answer.long(), layout=tc.model.layout, **par.seq)[1]
     return inputs.to(par.device), labels.to(par.device), s, answer.to(par.device) == 1
-
-
-def reduce_gradients(model: torch.nn.Module, loss: torch.Tensor, par: Parallel) -> torch.Tensor:
-    """Sum every parameter gradient and the loss over all ranks (one flat all-reduce); returns the loss."""
-    return sum_gradients(model, with_value=loss)
 
 
 def train_step(model: Llama, optim: torch.optim.Optimizer, batch, par: Parallel, tc: TrainConfig,
@@ -262,7 +259,7 @@ def train_step(model: Llama, optim: torch.optim.Optimizer, batch, par: Parallel,
     loss = sharded_loss(model, inputs, labels, n_labels=n_labels, seq_len=seq_len, **par.seq,
                         chunk=tc.loss_chunk)
     loss.backward()
-    total = reduce_gradients(model, loss, par)
+    total = sum_gradients(model, with_value=loss)  # the loss rides in the gradients' all-reduce
     if tc.clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip, foreach=False)
     else:
@@ -300,7 +297,7 @@ class Score:
 
 
 @torch.no_grad()
-def score(model: Llama, task: Task, par: Parallel, layout: str, seq_len: int, indices: range,
+def score(model: Llama, task: TrainTask, par: Parallel, layout: str, seq_len: int, indices: range,
           depth: float | None = None) -> Score:
     """Greedy (argmax) predictions of the answer tokens of samples ``indices`` at ``seq_len``, scored.
 
@@ -333,7 +330,7 @@ def score(model: Llama, task: Task, par: Parallel, layout: str, seq_len: int, in
                  answer_loss=float(stats[:, 2].sum()))
 
 
-def evaluate(model: Llama, task: Task, tc: TrainConfig, par: Parallel, seq_len: int) -> float | None:
+def evaluate(model: Llama, task: TrainTask, tc: TrainConfig, par: Parallel, seq_len: int) -> float | None:
     """Task accuracy at ``seq_len`` on ``tc.eval_samples`` held-out samples (``ACCURACY_MEANS``).
 
     A passkey counts as right only if all its digits are; mqar counts per query. Samples are split
@@ -345,7 +342,7 @@ def evaluate(model: Llama, task: Task, tc: TrainConfig, par: Parallel, seq_len: 
                  ).accuracy(task.per_token)
 
 
-def eval_hint(task: Task, tc: TrainConfig, loss_first: float | None, loss_last: float | None,
+def eval_hint(task: TrainTask, tc: TrainConfig, loss_first: float | None, loss_last: float | None,
               accuracy: dict, answer_loss: dict) -> str | None:
     """Why accuracy stays at 0 while the loss falls, when it does (None otherwise)."""
     accs = [a for a in accuracy.values() if a is not None]
@@ -435,7 +432,7 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     """
     tc.check_world(comm.group_rank_world()[1])
     if tc.ckpt_dir:
-        from .checkpoint import check_dir
+        from ..training.checkpoint import check_dir
 
         check_dir(tc.ckpt_dir)  # before the first steps are computed, not at the first save
     par = setup_parallel(tc.dp, tc.ulysses)
@@ -444,23 +441,39 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
     torch.manual_seed(tc.seed * 100_003 + par.rank)
     model = build(tc.model, seed=tc.seed, dtype=DTYPES[tc.dtype], device=par.device)
     optim = make_optimizer(model, tc)
-    start, samples, last = 0, 0, None
     config = run_config(tc)
-    if tc.ckpt_dir:
-        from . import checkpoint  # torch.distributed.checkpoint takes half a second to import
-
-        if not tc.resume:
-            checkpoint.set_aside(tc.ckpt_dir)
-        elif (pos := checkpoint.resume(tc.ckpt_dir, model, optim,
-                                       compare=lambda saved, world: compare_config(saved, world, config,
-                                                                                   par.world))) is not None:
-            start, samples, last = pos["step"], pos["samples"], pos["path"]
-            if start > tc.steps:
-                raise ValueError(f"the checkpoint in {tc.ckpt_dir} is at step {start}, past --steps {tc.steps}: "
-                                 "raise --steps to continue that run, or start afresh with --no-resume")
-
+    start, samples, last = _resume(tc, model, optim, par, config)
     if progress is not None:
         progress.start(start, tc.steps, last)
+    run = _run_steps(tc, task, model, optim, par, config, start, samples, progress)
+    if progress is not None:
+        progress.close()
+    return _summary(tc, task, model, par, start, last, *run)
+
+
+def _resume(tc: TrainConfig, model, optim, par: Parallel, config: dict) -> tuple[int, int, object]:
+    """Where the run starts: ``(step, samples consumed, the checkpoint resumed from)``; without a resumable
+    checkpoint in ``tc.ckpt_dir``, from the beginning (``--no-resume`` sets the folder's checkpoints aside)."""
+    if not tc.ckpt_dir:
+        return 0, 0, None
+    from ..training import checkpoint  # torch.distributed.checkpoint takes half a second to import
+
+    if not tc.resume:
+        checkpoint.set_aside(tc.ckpt_dir)
+        return 0, 0, None
+    pos = checkpoint.resume(tc.ckpt_dir, model, optim,
+                            compare=lambda saved, world: compare_config(saved, world, config, par.world))
+    if pos is None:
+        return 0, 0, None
+    if pos["step"] > tc.steps:
+        raise ValueError(f"the checkpoint in {tc.ckpt_dir} is at step {pos['step']}, past --steps {tc.steps}: "
+                         "raise --steps to continue that run, or start afresh with --no-resume")
+    return pos["step"], pos["samples"], pos["path"]
+
+
+def _run_steps(tc: TrainConfig, task: TrainTask, model, optim, par: Parallel, config: dict, start: int,
+               samples: int, progress: Progress | None) -> tuple[list, float, int]:
+    """Steps ``start .. tc.steps``, saving checkpoints on the way; ``(losses, seconds in steps, tokens)``."""
     losses, t_train, tokens = [], 0.0, 0
     for step in range(start, tc.steps):
         t0 = time.perf_counter()
@@ -478,10 +491,15 @@ def train(tc: TrainConfig, *, progress: Progress | None = None) -> dict:
             progress.step(step, loss, norm, n_seq * seq_len / dt)
         done = step + 1
         if tc.ckpt_dir and ((tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps):
-            checkpoint.save(tc.ckpt_dir, model, optim, step=done, samples=samples, config=config)
-    if progress is not None:
-        progress.close()
+            from ..training import checkpoint
 
+            checkpoint.save(tc.ckpt_dir, model, optim, step=done, samples=samples, config=config)
+    return losses, t_train, tokens
+
+
+def _summary(tc: TrainConfig, task: TrainTask, model, par: Parallel, start: int, last, losses: list,
+             t_train: float, tokens: int) -> dict:
+    """The run's summary: losses, held-out scores at each evaluation length, throughput and its shape."""
     lens = tc.eval_lens or tuple(sorted({max(task.min_len, tc.seq_len // 2), tc.seq_len, 2 * tc.seq_len}))
     held_out = range(HELD_OUT, HELD_OUT + tc.eval_samples)
     scores = {str(n): score(model, task, par, tc.model.layout, n, held_out) for n in lens} \

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .._aliases import short_path
+
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the ranks have before SIGKILL
 
 
@@ -42,6 +44,7 @@ def pg_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+@short_path
 class RankError(RuntimeError):
     """A rank failed; ``usage``: every rank that failed with an error failed on bad input (``is_usage_error``)."""
 
@@ -200,23 +203,10 @@ def spawn(fn: Callable, nproc: int, *args, threads: int = 1) -> None:
 
     main = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)} if main else {}
-    failed, stopped = None, set()
     try:
         for p in procs:
             p.start()
-        while any(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(timeout=0.2)
-                if p.exitcode not in (None, 0) and failed is None:
-                    failed = p
-            if failed is not None:
-                break
-        if failed is not None:
-            for p in procs:
-                p.join(timeout=2)
-            stopped = _stop(procs, 0.0)
-        for p in procs:
-            p.join()
+        stopped = _wait(procs)
     except BaseException as e:  # SIGINT (KeyboardInterrupt), SIGTERM / SIGHUP (Stopped), anything else
         _stop([p for p in procs if p.pid is not None], STOP_GRACE_S)
         if isinstance(e, Stopped):
@@ -232,10 +222,34 @@ def spawn(fn: Callable, nproc: int, *args, threads: int = 1) -> None:
         errors.setdefault(r, tb)
         usage.setdefault(r, bad_input)
     codes = [p.exitcode for p in procs]
-    if not errors and all(c == 0 for c in codes):
-        return
-    # What each rank did, the cause first: a rank killed by a signal (not by us) or one that exited
-    # without a traceback explains its peers' "a peer rank probably died".
+    if errors or any(c != 0 for c in codes):
+        raise _rank_error(codes, errors, usage, stopped)
+
+
+def _wait(procs) -> set:
+    """Until every rank has ended; at the first that fails the others get 2 s and are then stopped. Returns
+    the ranks this stopped."""
+    failed = None
+    while any(p.is_alive() for p in procs):
+        for p in procs:
+            p.join(timeout=0.2)
+            if p.exitcode not in (None, 0) and failed is None:
+                failed = p
+        if failed is not None:
+            break
+    stopped = set()
+    if failed is not None:
+        for p in procs:
+            p.join(timeout=2)
+        stopped = _stop(procs, 0.0)
+    for p in procs:
+        p.join()
+    return stopped
+
+
+def _rank_error(codes: list, errors: dict, usage: dict, stopped: set) -> RankError:
+    """What each rank did, the cause first: a rank killed by a signal (not by the launcher) or one that exited
+    without a traceback explains its peers' "a peer rank probably died"."""
     causes = [f"rank {r} was killed by {_signal_name(-c)}" for r, c in enumerate(codes)
               if c is not None and c < 0 and r not in stopped]
     causes += [f"rank {r} exited with code {c} without an error" for r, c in enumerate(codes)
@@ -245,7 +259,7 @@ def spawn(fn: Callable, nproc: int, *args, threads: int = 1) -> None:
         by_error.setdefault(tb.strip().splitlines()[-1], []).append(r)
     firsts = [f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {line}" for line, rs in by_error.items()]
     detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())) or f"exit codes {codes}"
-    raise RankError("; ".join(causes + firsts) + "\n" + detail, usage=not causes and all(usage.values()))
+    return RankError("; ".join(causes + firsts) + "\n" + detail, usage=not causes and all(usage.values()))
 
 
 def _run_and_keep(fn: Callable, path: str, *args) -> None:

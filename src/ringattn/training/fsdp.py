@@ -7,7 +7,7 @@ global number of scored tokens (every rank's): then the gradient is the sum over
 reduce-scatters over dp as a mean, and ``sync_context_gradients`` sums each local gradient shard over cp
 and undoes that mean (FSDP2's own divide factor would take a reduce op gloo lacks).
 
-Checkpoints go through ``ringattn.checkpoint`` (torch.distributed.checkpoint), which reshards on load:
+Checkpoints go through ``ringattn.training.checkpoint`` (torch.distributed.checkpoint), which reshards on load:
 a run saved on one mesh resumes on another, e.g. (dp=2, cp=2) on 4 ranks to (dp=1, cp=2) on 2.
 """
 

@@ -32,11 +32,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as ckpt
 from torch import nn
 
-from .. import comm
-from ..cli.flags import flag
-from ..layouts import effective_layout, global_positions
-from ..modes import BackwardExchange, Layout, Strategy
-from ..validate import check_backward_exchange
+from ... import comm
+from ...layouts import effective_layout, global_positions
+from ...modes import BackwardExchange, Layout, Strategy
+from ...validate import check_backward_exchange
+from ..config import flag
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -246,7 +246,7 @@ class Llama(nn.Module):
         """Causal attention over the sequence split across ``group`` in ``cfg.layout``."""
         if self.cfg.strategy == "dense":
             return functools.partial(dense_attention, seq_len=seq_len, group=group)
-        from .. import attention
+        from ... import attention
 
         kw = {"mesh": mesh} if mesh is not None else {}
         if self.cfg.backward_exchange != "ring":
@@ -258,7 +258,7 @@ class Llama(nn.Module):
                seq_len: int | None = None, attend: Attend | None = None) -> torch.Tensor:
         """Last layer's output (before the final norm), ``(b, local_len, dim)``."""
         if positions is None and mesh is not None:  # hybrid strategy: positions follow the 2-D mesh
-            from ..layouts import mesh_positions
+            from ...layouts import mesh_positions
 
             positions = mesh_positions(self.cfg.layout, mesh, tokens.shape[1], tokens.device)
         elif positions is None:

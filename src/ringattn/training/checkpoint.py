@@ -9,7 +9,7 @@ The manifest holds the SHA-256 and size of every file of the checkpoint, the run
 its number of ranks. ``resume`` takes the newest checkpoint whose files all verify (the ranks share the
 hashing); one that is incomplete or damaged is moved to ``<dir>/unusable-step-NNNNNNNN`` with a warning
 naming the file, and the next newest is used. A configuration that differs is refused or warned about
-by the caller's ``compare`` (``ringattn.train`` says which changes are allowed).
+by the caller's ``compare`` (``ringattn.app.train`` says which changes are allowed).
 
 Saved: model parameters and optimizer state (``get_state_dict``: keyed by parameter name), the
 training position (step, samples consumed) and each rank's RNG state, so a resumed run continues
@@ -51,25 +51,30 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from . import comm
+from .. import comm
+from .._aliases import short_path
 
 _NAME = re.compile(r"^step-(\d{8})$")
 MANIFEST = "ringattn.json"
 FORMAT = 1
 
 
+@short_path
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: damaged, incomplete, or from an incompatible run."""
 
 
+@short_path
 class ConfigMismatch(CheckpointError, ValueError):
     """The run's configuration differs from the checkpoint's where it must not: bad input (a ``ValueError``)."""
 
 
+@short_path
 class FolderInUse(CheckpointError):
     """Another live run holds the checkpoint folder's lock."""
 
 
+@short_path
 class LoadInterrupted(CheckpointError):
     """Loading stopped because a peer rank died or the group failed; the checkpoint itself is not at fault."""
 

@@ -16,6 +16,7 @@ Command line (``ringattn.cli.generate``)::
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -24,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import comm, profiling
-from .cli.flags import flag
-from .decode import merge_partials, partial_attention
-from .layouts import effective_layout, global_positions, padded_len, shard
-from .profiling import Stats
-from .validate import agree
+from .. import comm, profiling
+from ..decode import merge_partials, partial_attention
+from ..layouts import effective_layout, global_positions, padded_len, shard
+from ..profiling import Stats
+from ..validate import agree
+from .config import flag
 
 # -- sampling ------------------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     """Generate ``max_new_tokens`` after ``prompt`` with the KV cache sharded across ``group``.
 
     Args:
-        model: a ``ringattn.model.Llama`` (same weights on every rank); its ``cfg.layout`` and
+        model: a ``ringattn.app.model.Llama`` (same weights on every rank); its ``cfg.layout`` and
             ``cfg.strategy`` shard and attend the prompt.
         prompt: ``(batch, prompt_len)`` token ids, the full prompt, identical on every rank.
         max_new_tokens: how many tokens to generate (fewer if every sequence emits ``stop_token``).
@@ -209,16 +210,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
         ``GenerationResult`` with the same ``tokens`` on every rank, and timings.
     """
     sampling = sampling or SamplingConfig()
-    rank, world = comm.group_rank_world(group)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    error = None
-    try:
-        _check(model, prompt, max_new_tokens)
-    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
-        error = e
-    desc = f"generate {tuple(getattr(prompt, 'shape', ()))} {max_new_tokens} {sampling} {stop_token}"
-    agree(desc, error, group, device)
+    _agree_on_call(model, prompt, max_new_tokens, sampling, stop_token, group, device)
+    _, world = comm.group_rank_world(group)
     cfg = model.cfg
     layout = effective_layout(cfg.layout, world)
     prompt = prompt.to(device=device, dtype=torch.long)
@@ -226,38 +221,66 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
     local = padded_len(plen, world, layout) // world
     cache = ShardedKVCache(cfg.n_layers, b, local + -(-max_new_tokens // world) + 1, cfg.n_kv_heads,
                            cfg.head_dim, dtype, device)
-    gen = torch.Generator().manual_seed(sampling.seed)
-
-    # Prefill: ring attention over the sharded prompt; each layer's local K/V go straight into the cache.
     t0 = time.perf_counter()
-    positions = global_positions(layout, rank, world, local, device)
+    logits = _prefill(model, cache, prompt, layout, local, group)
+    prefill_s = time.perf_counter() - t0
+    decoded = _decode(model, cache, logits, plen, max_new_tokens, sampling, stop_token, return_logits, group)
+    return GenerationResult(prompt_len=plen, prefill_s=prefill_s, cache_slots=cache.length, **decoded)
+
+
+def _agree_on_call(model, prompt, max_new_tokens, sampling: SamplingConfig, stop_token, group, device) -> None:
+    """The arguments checked, and the same call on every rank, before any rank communicates."""
+    error = None
+    try:
+        _check(model, prompt, max_new_tokens)
+    except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        error = e
+    desc = f"generate {tuple(getattr(prompt, 'shape', ()))} {max_new_tokens} {sampling} {stop_token}"
+    agree(desc, error, group, device)
+
+
+def _prefill_attend(cache: ShardedKVCache, layer: int, attend, q, k, v) -> torch.Tensor:
+    cache.write(layer, 0, k, v)
+    return attend(q, k, v)
+
+
+def _prefill(model, cache: ShardedKVCache, prompt: torch.Tensor, layout: str, local: int, group) -> torch.Tensor:
+    """Ring attention over the sharded prompt, each layer's local K/V written straight into the cache; returns
+    the logits after the last prompt token, on every rank."""
+    rank, world = comm.group_rank_world(group)
+    plen = prompt.shape[1]
+    positions = global_positions(layout, rank, world, local, prompt.device)
     cache.add_prompt(positions, plen)
     attend = model.attend_fn(group=group, seq_len=plen)
-
-    def prefill_attend(i: int):
-        def fn(q, k, v):
-            cache.write(i, 0, k, v)
-            return attend(q, k, v)
-        return fn
-
     h = model.embed(shard(prompt, group=group, layout=layout))
     rope = model.rope(positions, h.dtype)
     for i, layer in enumerate(model.layers):
-        h = layer(h, rope, prefill_attend(i))
-    # The last prompt token lives on one rank; an all-reduce with zeros elsewhere hands it to all.
-    last = torch.zeros(b, 1, h.shape[-1], dtype=h.dtype, device=device)
+        h = layer(h, rope, functools.partial(_prefill_attend, cache, i, attend))
+    return model.logits(_last_prompt_token(h, positions, plen, group))[:, 0]
+
+
+def _last_prompt_token(h: torch.Tensor, positions: torch.Tensor, plen: int, group) -> torch.Tensor:
+    """The hidden state ``(b, 1, dim)`` of the last prompt token, which lives on one rank: an all-reduce with
+    zeros elsewhere hands it to all."""
+    last = torch.zeros(h.shape[0], 1, h.shape[-1], dtype=h.dtype, device=h.device)
     hit = (positions == plen - 1).nonzero()
     if len(hit):
         last.copy_(h[:, int(hit[0, 0])][:, None])
-    if world > 1:
+    if comm.group_rank_world(group)[1] > 1:
         try:
             dist.all_reduce(last, group=group)
         except RuntimeError as e:
             raise comm.PeerError(f"ringattn: generation could not share the last prompt token; a peer rank "
                                  f"probably died or timed out: {comm.first_line(e)}") from e
-    logits = model.logits(last)[:, 0]
-    prefill_s = time.perf_counter() - t0
+    return last
 
+
+def _decode(model, cache: ShardedKVCache, logits: torch.Tensor, plen: int, max_new_tokens: int,
+            sampling: SamplingConfig, stop_token: int | None, return_logits: bool, group) -> dict:
+    """Sample, then decode one token at a time over the sharded cache, until ``max_new_tokens`` or every
+    sequence emitted ``stop_token``; the ``GenerationResult`` fields this loop measures."""
+    rank, world = comm.group_rank_world(group)
+    gen = torch.Generator().manual_seed(sampling.seed)
     tokens, kept, step_s = [], [], []
     prev = profiling.active()
     t1 = time.perf_counter()
@@ -277,33 +300,28 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, group=None,
         prev += stats
     decode_s = time.perf_counter() - t1
     steps = len(tokens) - 1
-    return GenerationResult(
-        tokens=torch.stack(tokens, 1), logits=torch.stack(kept, 1) if return_logits else None,
-        prompt_len=plen, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
-        bytes_per_token=stats.bytes_sent / steps if steps else 0.0, cache_slots=cache.length, stats=stats,
-        step_s=step_s)
+    return dict(tokens=torch.stack(tokens, 1), logits=torch.stack(kept, 1) if return_logits else None,
+                decode_s=decode_s, decode_steps=steps, bytes_per_token=stats.bytes_sent / steps if steps else 0.0,
+                stats=stats, step_s=step_s)
+
+
+def _decode_attend(cache: ShardedKVCache, layer: int, slot: int, pos: torch.Tensor, group, q, k, v) -> torch.Tensor:
+    if slot >= 0:
+        cache.write(layer, slot, k, v)
+    ck, cv, cpos = cache.view(layer)
+    out, lse = partial_attention(q, ck, cv, pos, cpos, heads_first=True)
+    return merge_partials(out, lse, group=group)[0].to(q.dtype)
 
 
 def _decode_step(model, cache: ShardedKVCache, tok: torch.Tensor, position: int, rank: int, world: int,
                  group) -> torch.Tensor:
     """Run one token (every rank) at ``position``; its K/V join the cache of rank ``position % world``."""
-    mine = position % world == rank
-    slot = cache.add_token(position) if mine else -1
+    slot = cache.add_token(position) if position % world == rank else -1
     pos = torch.tensor([position], device=tok.device)
-
-    def attend_layer(i: int):
-        def fn(q, k, v):
-            if mine:
-                cache.write(i, slot, k, v)
-            ck, cv, cpos = cache.view(i)
-            out, lse = partial_attention(q, ck, cv, pos, cpos, heads_first=True)
-            return merge_partials(out, lse, group=group)[0].to(q.dtype)
-        return fn
-
     h = model.embed(tok[:, None])
     rope = model.rope(pos, h.dtype)
     for i, layer in enumerate(model.layers):
-        h = layer(h, rope, attend_layer(i))
+        h = layer(h, rope, functools.partial(_decode_attend, cache, i, slot, pos, group))
     return model.logits(h)[:, 0]
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.loss import IGNORE_INDEX
+from ..training.batch import IGNORE_INDEX
 
 FILLER = (b"The grass is green. The sky is blue. The sun is yellow. Here we go. "
           b"There and back again. ")
@@ -53,7 +53,7 @@ class Batch:
     answer: torch.Tensor
 
 
-class Task:
+class TrainTask:
     name = "task"
     per_token = True  # accuracy per answer token (mqar) or per sample, all answer tokens right (passkey)
     min_len = 1
@@ -80,7 +80,7 @@ class Task:
         return Batch(seq[:, :-1].contiguous(), labels, torch.stack(ans))
 
 
-class Passkey(Task):
+class Passkey(TrainTask):
     name = "passkey"
     per_token = False
     min_len = 96
@@ -165,7 +165,7 @@ class PlacePasskey(RandomPasskey):
         return bytes(PLACE_TOKENS + 10 * k + d for k, d in enumerate(digits))
 
 
-class MQAR(Task):
+class MQAR(TrainTask):
     name = "mqar"
     per_token = True
     min_len = 8
@@ -193,7 +193,7 @@ class MQAR(Task):
         return seq, answer.clone(), answer
 
 
-class TextFile(Task):
+class TextFile(TrainTask):
     name = "text"
     per_token = True
 
@@ -217,7 +217,7 @@ TASKS = ("passkey", "passkey-random", "passkey-place", "mqar", "text")
 PASSKEY_TASKS = ("passkey", "passkey-random", "passkey-place")
 
 
-def make_task(name: str, *, seed: int = 0, text_file: str | None = None) -> Task:
+def make_task(name: str, *, seed: int = 0, text_file: str | None = None) -> TrainTask:
     """A task by name: ``passkey``, ``passkey-random``, ``passkey-place``, ``mqar`` or ``text`` (needs
     ``text_file``)."""
     if name == "passkey":
