@@ -28,7 +28,7 @@ block ``c`` satisfies ``4 d c^2 h / F >= 2 * c * d * kv_heads * bytes / B``; for
 in bf16 that is ``c >= F / B`` tokens (``overlap_block``), and the paper's minimal sequence per device
 is ``6 c`` (``min_sequence``): Table 2.
 
-``strategy="auto"`` calls ``choose_for_call``: deterministic from the arguments and the configured
+``strategy="auto"`` calls ``choose_strategy`` on the checked call: deterministic from it and the configured
 hardware (``set_hardware``, ``$RINGATTN_HARDWARE``, else a preset guessed from the device), never
 from a measurement taken inside the call, so every rank chooses the same.
 """
@@ -40,15 +40,20 @@ import functools
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from .callspec import Mask
 from .kernels.base import Capabilities
-from .layouts import LAYOUTS, as_bounds, cut_at, effective_layout, kv_replication, padded_len, segments
-from .masks import MaskSpec, Segment, takes_four
+from .layouts import LAYOUTS, Uneven, as_bounds, cut_at, effective_layout, kv_replication, padded_len, segments
+from .masks import MaskSpec, Segment
 from .schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, directions
 from .tasks import plan_block, task_flops
 from .validate import check_backward_exchange, check_mask_mod, check_slices
+
+if TYPE_CHECKING:
+    from .callspec import AttentionCall
 
 STRATEGY_ORDER = ("ring", "allgather", "ulysses", "hybrid")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -153,8 +158,13 @@ class Problem:
     chunk_size: int | None = None
     slices: tuple | None = None  # ((q0, q1), (k0, k1), kind), ...
     mask_mod: object = dataclasses.field(default=None, compare=False)  # fn(q_idx, kv_idx); not in reports
+    # The whole mask as one value: a ringattn.Mask (its fields fill the ones above), or the MaskSpec of a
+    # checked call (``from_call``), which is then the mask planned.
+    mask: Mask | MaskSpec | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        if isinstance(self.mask, Mask):
+            self._take_mask(self.mask)
         for name in ("seq_len", "world", "heads", "kv_heads", "head_dim", "batch", "dtype_bytes"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -178,7 +188,38 @@ class Problem:
     def local_len(self) -> int:
         return padded_len(self.seq_len, self.world, effective_layout(self.layout, self.world)) // self.world
 
+    def _take_mask(self, mask: Mask) -> None:
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, val in mask.keywords().items():
+            field = {"cu_seqlens": "documents"}.get(name, name)
+            if field == "seq_len":
+                raise ValueError("Problem(mask=Mask(seq_len=...)): the problem's seq_len is its own field")
+            if field not in ("causal",) and given[field] is not None:
+                raise ValueError(f"Problem: {field} is given twice, in mask= and as {field}=; pass it one way")
+            if field == "documents":
+                val = as_bounds(val)
+            elif field in ("window", "slices") and val is not None:
+                val = tuple(val)
+            object.__setattr__(self, field, val)
+        if "causal" not in mask.keywords():
+            object.__setattr__(self, "causal", False)
+        object.__setattr__(self, "mask", None)
+
+    @classmethod
+    def from_call(cls, call: AttentionCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Problem:
+        """The problem of a checked call, its mask the call's own. The model is of square attention: with
+        fewer queries than keys it models the keys' length, which is what the ring and the gather move."""
+        world = call.topo.world
+        layout = call.layout.base if isinstance(call.layout, Uneven) else call.layout
+        return cls(seq_len=world * k.shape[1], world=world, heads=q.shape[2], kv_heads=k.shape[2],
+                   head_dim=q.shape[3], v_head_dim=v.shape[3], batch=q.shape[0], dtype_bytes=q.element_size(),
+                   causal=call.spec.causal, window=call.spec.window, layout=str(layout),
+                   backward=bool(q.requires_grad or k.requires_grad or v.requires_grad),
+                   backward_exchange=str(call.backward_exchange), mask=call.spec)
+
     def spec(self) -> MaskSpec:
+        if isinstance(self.mask, MaskSpec):
+            return self.mask
         total = self.world * self.local_len
         real = self.documents[-1] if self.documents else self.seq_len  # keys past the documents: padding
         return MaskSpec(real, self.causal, self.window, self.documents, chunk=self.chunk_size,
@@ -485,38 +526,10 @@ def configured_hardware(device=None) -> Hardware:
     return PRESETS["cpu-gloo-loopback"]
 
 
-def choose_for_call(q, k, v, *, group=None, mesh=None, causal=False, window=None, layout="contiguous",
-                    seq_len=None, backward_exchange="ring", cu_seqlens=None, chunk_size=None, slices=None,
-                    mask_mod=None, **_ignored) -> str:
-    """The strategy ``ringattn.attention(strategy="auto")`` runs: the planner's choice for these
-    arguments on the configured hardware. With a ``mesh`` it is "hybrid" (the shards were made for
-    it). Arguments the strategies would reject fall back to "ring", which then raises on every rank.
-    """
-    if mesh is not None:
-        return "hybrid"
-    from . import comm
-
-    _, world = comm.group_rank_world(group)
-    if world == 1:
-        return "ring"
-    try:
-        w = tuple(window) if window is not None else None
-        # The cost model is of square attention; with fewer queries than keys (q_seq_len) it models the
-        # keys' length, which is what the ring and the gather move.
-        # Rows packed differently (a list of cu_seqlens) are planned by the first row's documents.
-        docs = cu_seqlens[0] if isinstance(cu_seqlens, (list, tuple)) and cu_seqlens else cu_seqlens
-        p = Problem(seq_len=world * k.shape[1], world=world, heads=q.shape[2], kv_heads=k.shape[2],
-                    head_dim=q.shape[3], v_head_dim=v.shape[3], batch=q.shape[0],
-                    dtype_bytes=q.element_size(), causal=bool(causal), window=w, layout=layout,
-                    backward=bool(q.requires_grad or k.requires_grad or v.requires_grad),
-                    backward_exchange=backward_exchange, documents=as_bounds(docs), chunk_size=chunk_size,
-                    slices=None if slices is None else tuple(slices),
-                    mask_mod=None if takes_four(mask_mod) else mask_mod)
-        if layout in ("zigzag", "balanced") and (q.shape[1] % 2 or k.shape[1] % 2):
-            return "ring"
-        return recommend(estimate_all(p, configured_hardware(q.device)), allowed=("ring", "allgather", "ulysses"))
-    except (AttributeError, IndexError, TypeError, ValueError):
-        return "ring"
+def choose_strategy(p: Problem, device=None) -> str:
+    """The strategy ``ringattn.attention(strategy="auto")`` runs for a checked call (``Problem.from_call``):
+    the cost model's choice on the configured hardware, deterministic, so every rank chooses the same."""
+    return recommend(estimate_all(p, configured_hardware(device)), allowed=("ring", "allgather", "ulysses"))
 
 
 def report(p: Problem, hw: Hardware) -> dict:

@@ -358,7 +358,7 @@ def decode_rows(step: _Step, q, key, value, kw: dict) -> torch.Tensor:
     def call(rows: slice, lo: int, valid: torch.Tensor) -> torch.Tensor:
         rk = _row_kw(kw, lo)
         return decode_attention(q[rows], k[rows], v[rows], q_pos, torch.where(valid, cache.positions, -1),
-                                group=rk["group"], scale=rk.get("softmax_scale"), causal=rk["causal"],
+                                group=rk["group"], softmax_scale=rk.get("softmax_scale"), causal=rk["causal"],
                                 window=rk.get("window"), softcap=rk.get("softcap"), sinks=rk.get("sinks"),
                                 chunk_size=rk.get("chunk_size"), mask_mod=rk.get("mask_mod"))
 

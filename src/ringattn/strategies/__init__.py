@@ -6,8 +6,8 @@
 - ``"ulysses"``: all-to-all from sequence-sharded to head-sharded, exact attention over the whole
   sequence on ``heads / W`` heads, all-to-all back (DeepSpeed-Ulysses).
 - ``"hybrid"``: Ulysses inside one dimension of a 2-D ``DeviceMesh``, the ring across the other (USP).
-- ``"auto"``: the planner (``ringattn.plan``) picks one of the above from the arguments and the configured
-  hardware (deterministic, so every rank picks the same).
+- ``"auto"``: the cost model (``ringattn.plan``) picks one of the above from the checked call and the
+  configured hardware (deterministic, so every rank picks the same; ``call.resolve_auto``).
 
 Strategy-specific keywords: ``kv_head_chunk`` (allgather: kv heads gathered at a time);
 ``backward_exchange`` (ring and hybrid: ``"ring"`` or ``"direct"``, see ``ring_attention``; the others
@@ -18,7 +18,6 @@ strategy that was not chosen.
 from __future__ import annotations
 
 from ..modes import Strategy
-from ..plan import choose_for_call
 from . import allgather, hybrid, ring, ulysses
 
 # strategy -> run(q, k, v, call) -> (out, lse), differentiable; the front door (call.py) validates first.
@@ -29,9 +28,3 @@ IMPLEMENTATIONS = {
     Strategy.HYBRID: hybrid.run,
 }
 
-
-def resolve_auto(q, k, v, *, group=None, mesh=None, **options) -> Strategy:
-    """The strategy ``"auto"`` runs: the planner's choice for these arguments (deterministic, so every
-    rank picks the same); arguments the strategies would reject fall back to the ring, which then raises
-    on every rank."""
-    return Strategy(choose_for_call(q, k, v, group=group, mesh=mesh, **options))

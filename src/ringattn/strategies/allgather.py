@@ -31,7 +31,7 @@ from ..masks import Segment, Task
 from ..tasks import plan_block
 
 if TYPE_CHECKING:
-    from ..call import AttentionCall
+    from ..callspec import AttentionCall
 
 # Default bound on one gathered chunk of K+V (the next one is in flight too).
 CHUNK_BYTES = 256 * 2**20

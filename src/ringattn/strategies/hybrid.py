@@ -26,7 +26,7 @@ from ..layouts import kv_replication
 from . import ring
 
 if TYPE_CHECKING:
-    from ..call import AttentionCall
+    from ..callspec import AttentionCall
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):

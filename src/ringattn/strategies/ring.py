@@ -27,7 +27,7 @@ from ..schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, RingPlan, make_plan
 from ..tasks import KeyTile, tile_tasks
 
 if TYPE_CHECKING:
-    from ..call import AttentionCall
+    from ..callspec import AttentionCall
 
 
 def plan_for(call: AttentionCall, q_len: int, k_len: int) -> RingPlan:

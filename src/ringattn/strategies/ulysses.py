@@ -34,7 +34,7 @@ from ..masks import Segment
 from ..tasks import plan_block
 
 if TYPE_CHECKING:
-    from ..call import AttentionCall
+    from ..callspec import AttentionCall
 
 
 @dataclass(frozen=True)
