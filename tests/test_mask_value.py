@@ -11,8 +11,8 @@ import torch
 
 import ringattn
 from ringattn import Mask, comm
+from ringattn.cost_model import Problem
 from ringattn.decode import decode_attention
-from ringattn.plan import Problem
 
 from .reference import attention_ref, dense_mask, rel_err
 

@@ -117,6 +117,23 @@ class Topology:
 
 
 @dataclass(frozen=True)
+class CallShape:
+    """The sizes of a call's tensors, as the cost model and the planning before the agreement read them:
+    ``q_rows`` and ``k_rows`` are the rows of one block of the layout (``block_rows`` local lengths)."""
+
+    batch: int
+    q_rows: int
+    k_rows: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    dtype_bytes: int
+    grad: bool  # q, k or v asks for a gradient
+    device: torch.device
+
+
+@dataclass(frozen=True)
 class AttentionCall:
     """One validated, agreed call, as every strategy receives it."""
 
@@ -130,6 +147,7 @@ class AttentionCall:
     q_offset: int = 0  # global position of query row 0 (Options.q_seq_len; 0 for square attention)
     scores: ScoreMod | None = None  # None: plain scores
     sinks: torch.Tensor | None = None  # (heads,) of the heads this call computes
+    shape: CallShape | None = None
 
     @property
     def group(self):

@@ -30,7 +30,7 @@ def _renamed_scale(scale: float | None, softmax_scale: float | None) -> float | 
     if scale is None:
         return softmax_scale
     if softmax_scale is not None:
-        raise ValueError("decode_attention: pass softmax_scale= only (scale= is its old name)")
+        raise ValueError("decode_attention: pass softmax_scale= only (scale= is its deprecated spelling)")
     warnings.warn("decode_attention(scale=) is renamed softmax_scale=, as in ring_attention", DeprecationWarning,
                   stacklevel=3)
     return scale
@@ -164,7 +164,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     document; ``softmax_scale``, ``softcap``, ``sinks``, ``chunk_size``, ``alibi_slopes``, ``mask_mod`` (2
     or 4 arguments) and ``slices`` as in ``ring_attention``. ``mask``: a ``ringattn.Mask`` for the mask
     keywords (a field set both ways is an error; a cache has no padding, so no ``seq_len``). ``causal``:
-    None = causal, unless ``mask`` says otherwise. ``scale``: the old name of ``softmax_scale``
+    None = causal, unless ``mask`` says otherwise. ``scale``: a deprecated spelling of ``softmax_scale``
     (deprecated).
     Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or ``(out, lse)``. Not differentiable (inference).
     """

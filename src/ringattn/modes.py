@@ -31,7 +31,7 @@ class Strategy(StrEnum):
 
 
 class BackwardExchange(StrEnum):
-    """How the ring's backward moves blocks (see Note [Backward exchange] in ``strategies/ring.py``)."""
+    """How the ring's backward moves blocks (see Note [Backward exchange: ring vs direct] in ``schedule.py``)."""
 
     RING = "ring"
     DIRECT = "direct"

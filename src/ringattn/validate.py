@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import first_line, group_rank_world
-from .layouts import BALANCED_NEEDS_DOCUMENTS, LAYOUTS
+from .kernels import BACKENDS, Backend, select
+from .layouts import layout_of
 from .masks import MaskMod, MaskSpec, Slice, SliceKind
 from .modes import RING_STRATEGIES, BackwardExchange
 
@@ -69,15 +70,11 @@ def check_qkv(q, k, v) -> None:
 
 def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_len, cu_seqlens,
               batch: int, chunk_size=None, positional: bool = False, mask_mod=None, slices=None) -> MaskSpec:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    rule = layout_of(layout)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if layout == "balanced" and world > 1 and cu_seqlens is None:
-        raise ValueError(BALANCED_NEEDS_DOCUMENTS)
-    if layout in ("zigzag", "balanced") and world > 1 and local_len % 2:
-        raise ValueError(f"layout={str(layout)!r} needs an even local_len, got {local_len} "
-                         "(ringattn.shard pads to a multiple of 2 * world)")
+    rule.check_documents(world, cu_seqlens)
+    rule.check_local_len(world, local_len)
     total = world * local_len
     if seq_len is None:
         seq_len = total
@@ -100,6 +97,28 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds,
                     chunk=check_chunk_size(chunk_size), positional=positional,
                     mask_mod=check_mask_mod(mask_mod, seq_len), slices=check_slices(slices, total))
+
+
+def check_backend(choice, q, k, v, score_mods: frozenset[str]) -> Backend:
+    """The call's kernel: ``choice`` checked against the tensors and the score modifications, or the fastest
+    that takes them (the reference for score modifications the fastest lacks)."""
+    if choice is None:
+        chosen = select(q, k, v)
+        # Score modifications the fastest kernel lacks are run by the reference (tiled, exact).
+        return chosen if score_mods <= chosen.caps.score_mods else BACKENDS["reference"]
+    if isinstance(choice, str):
+        if choice not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or a Backend, got {choice!r}")
+        choice = BACKENDS[choice]
+    if not (hasattr(choice, "caps") and hasattr(choice, "forward") and hasattr(choice, "supports")):
+        raise TypeError(f"backend must be a name or a ringattn.kernels.Backend, got {type(choice).__name__}")
+    if not choice.supports(q, k, v):
+        raise ValueError(f"backend {choice.name!r} does not support {q.dtype} tensors on {q.device.type}")
+    missing = score_mods - choice.caps.score_mods
+    if missing:
+        raise ValueError(f"backend {choice.name!r} cannot apply {', '.join(sorted(missing))}; leave backend=None "
+                         "(the reference backend applies every score modification)")
+    return choice
 
 
 def check_mask_mod(fn, seq_len: int | None = None) -> MaskMod | None:
@@ -165,9 +184,7 @@ def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout
     positions (bottom-right aligned, as in chunked prefill); the ``q_rows`` rows the ranks hold beyond
     ``q_seq_len`` are padding. None means ``seq_len`` when q and k have the same local length (square
     attention), else every query row."""
-    if layout in ("zigzag", "balanced") and world > 1 and q_local_len % 2:
-        raise ValueError(f"layout={str(layout)!r} needs an even q local_len, got {q_local_len} "
-                         "(ringattn.shard pads to a multiple of 2 * world)")
+    layout_of(layout).check_local_len(world, q_local_len, "q local_len")
     default = q_seq_len is None
     if default:
         q_seq_len = seq_len if same_len else q_rows
@@ -201,13 +218,13 @@ def softmax_scale_of(softmax_scale, head_dim: int) -> float:
     return scale
 
 
-def describe(name: str, q, k, v, spec: MaskSpec, layout: str, scale: float) -> str:
+def describe(q, k, v, spec: MaskSpec, layout: str, scale: float) -> str:
     """What every rank must agree on before the call communicates: ``name=value`` fields (see ``fields``)."""
     # Whether autograd records the call is part of it: a rank that will run the backward while a peer
     # will not would otherwise block until the group's timeout.
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     dtype = str(q.dtype).removeprefix("torch.")
-    return (f"strategy={name} q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)} dtype={dtype} "
+    return (f"q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)} dtype={dtype} "
             f"device={q.device.type} layout={layout} {describe_mask(spec, k.shape[1], q.device)} "
             f"scale={scale!r} grad={grad}")
 

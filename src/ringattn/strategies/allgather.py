@@ -3,7 +3,7 @@
 Only the ``kv_heads`` are gathered, ``kv_head_chunk`` of them at a time, with the next chunk's gather
 in flight while the current chunk is computed, so at most two chunks of the full-length K/V are
 alive. Each chunk is one pass of kernel calls over the whole sequence (planned once by
-``tasks.plan_block`` on the real global positions, so masks skip what they hide). Backward gathers
+``tasks.block_tasks`` on the real global positions, so masks skip what they hide). Backward gathers
 K/V again chunk by chunk and sends the dK/dV partial sums home by reduce-scatter (float32/64), again
 overlapped with the next chunk.
 
@@ -15,6 +15,7 @@ classifies as a shifted causal triangle.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,9 +27,11 @@ from ..autograd import SavedAttention
 from ..comm import gather_op, reduce_scatter_op
 from ..kernels import Backend, acc_dtype
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
-from ..layouts import cut_at, global_positions, query_segments, segments
+from ..layouts import cut_at, layout_of, query_segments, segments
 from ..masks import Segment, Task
-from ..tasks import plan_block
+from ..modes import Strategy
+from ..tasks import block_tasks
+from .base import StrategyKind, group_topology, register
 
 if TYPE_CHECKING:
     from ..callspec import AttentionCall
@@ -54,7 +57,7 @@ class GatherCall:
         return self.call.topo.world
 
     def tasks(self, backend: Backend) -> tuple[Task, ...]:
-        return plan_block(self.call.spec, self.qsegs, self.ksegs, backend.caps)
+        return block_tasks(self.call.spec, self.qsegs, self.ksegs, backend.caps)
 
 
 def head_chunks(kv_heads: int, per_chunk: int) -> tuple[tuple[int, int], ...]:
@@ -74,11 +77,11 @@ def default_chunk(k: torch.Tensor, v: torch.Tensor, world: int) -> int:
 
 def _key_layout(layout: str, world: int, local_len: int, device, bounds):
     """(key segments in kernel row order, permutation from rank order or None)."""
-    if world == 1 or layout == "contiguous":
+    rule = layout_of(layout)
+    if rule.in_order(world):
         return (Segment(0, world * local_len),), None
-    if layout in ("zigzag", "balanced"):
-        order = torch.cat([global_positions(layout, r, world, local_len, device, bounds) for r in range(world)])
-        return (Segment(0, world * local_len),), torch.argsort(order)
+    if rule.in_halves:  # two runs per rank: sorted into one run of positions after the gather
+        return (Segment(0, world * local_len),), torch.argsort(rule.rank_order(world, local_len, device, bounds))
     return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
 
 
@@ -210,10 +213,10 @@ def _segments(call: AttentionCall, q_len: int, k_len: int, device):
     return qsegs, ksegs, to_global
 
 
-def plan(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
+def tasks_for(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
     """This rank's kernel tasks (what ``run`` computes), without running anything."""
     qsegs, ksegs, _ = _segments(call, q_len, k_len, "cpu")
-    return plan_block(call.spec, qsegs, ksegs, call.backend.caps)
+    return block_tasks(call.spec, qsegs, ksegs, call.backend.caps)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
@@ -223,3 +226,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)
     gather = GatherCall(call, qsegs, ksegs, head_chunks(k.shape[2], per), to_global)
     return SavedAttention.apply(q, k, v, call.sinks, _forward, _backward, gather)
+
+
+STRATEGY = register(StrategyKind(Strategy.ALLGATHER, run, functools.partial(group_topology, Strategy.ALLGATHER),
+                                 tasks_for, frozenset({"kv_head_chunk"})))

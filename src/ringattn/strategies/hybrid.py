@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..callspec import Topology
 from ..comm import AllToAll
-from ..layouts import kv_replication
+from ..layouts import kv_replication, mesh_coords, mesh_dims
+from ..modes import Strategy
 from . import ring
+from .base import StrategyKind, register
 
 if TYPE_CHECKING:
     from ..callspec import AttentionCall
@@ -42,3 +45,21 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     qh, kh, vh = (AllToAll.apply(t, uly_group, 2, 1) for t in (q, k, v))
     out, lse = ring.run(qh, kh, vh, call.local_heads(q.shape[2]))
     return AllToAll.apply(out, uly_group, 1, 2), AllToAll.apply(lse, uly_group, 2, 1)
+
+
+def topology(group, mesh) -> Topology:
+    """The mesh's ring and Ulysses groups; misuse of ``group=`` / ``mesh=`` is an error at once."""
+    if group is not None:
+        raise ValueError("strategy='hybrid' takes its process groups from mesh=; leave group=None")
+    if mesh is None:
+        raise ValueError("strategy='hybrid' needs mesh=, a 2-D DeviceMesh with a ring and a ulysses dimension")
+    ring_dim, uly_dim = mesh_dims(mesh)
+    ring_rank, ring_world, uly_rank, uly_world = mesh_coords(mesh)
+    ring_group, uly_group = mesh.get_group(ring_dim), mesh.get_group(uly_dim)
+    # The layout is over the ring's blocks of U * local_len rows; two small agreements (the Ulysses group,
+    # then the ring group) reach every rank of the mesh.
+    return Topology(ring_group, ring_rank, ring_world, uly_world, uly_group, uly_world, uly_rank,
+                    agree_over=(uly_group, ring_group), mesh=mesh)
+
+
+STRATEGY = register(StrategyKind(Strategy.HYBRID, run, topology, ring.tasks_for, frozenset({"backward_exchange"})))

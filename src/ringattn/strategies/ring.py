@@ -12,6 +12,7 @@ strided passes); q, k, v, out and lse are all the forward saves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -22,20 +23,21 @@ from ..comm import TAG_GRAD, TAG_KV, TAG_RETURN, Outcome, Pending, Ring
 from ..kernels import acc_dtype, heads_major
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
 from ..masks import Task
-from ..modes import BackwardExchange
-from ..schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, RingPlan, make_plan
+from ..modes import BackwardExchange, Strategy
+from ..schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, RingSchedule, make_schedule
 from ..tasks import KeyTile, tile_tasks
+from .base import StrategyKind, group_topology, register
 
 if TYPE_CHECKING:
     from ..callspec import AttentionCall
 
 
-def plan_for(call: AttentionCall, q_len: int, k_len: int) -> RingPlan:
+def schedule_for(call: AttentionCall, q_len: int, k_len: int) -> RingSchedule:
     # Always the call's own (agreed) backend's caps, even where the backward computes with another
     # backend: whether a gradient flows into lse is decided per rank, and the key tiles that a rank
     # sends and receives must be cut the same way on every rank.
     topo = call.topo
-    return make_plan(call.spec, call.layout, topo.rank, topo.world, k_len, call.backend.caps,
+    return make_schedule(call.spec, call.layout, topo.rank, topo.world, k_len, call.backend.caps,
                      call.backward_exchange is BackwardExchange.DIRECT, q_len, call.q_offset)
 
 
@@ -59,13 +61,13 @@ def _prefetch(ring: Ring, steps, i: int, cur, own) -> Pending | None:
 
 def _forward(q, k, v, call: AttentionCall):
     ring = Ring(call.group)
-    plan = plan_for(call, q.shape[1], k.shape[1])
+    schedule = schedule_for(call, q.shape[1], k.shape[1])
     acc = OutLseAccumulator(q, v.shape[-1])
     cur = (k, v)
     outcome = Outcome(call.topo.agree_over, "ring forward", q.device)  # Note [A failure after the agreement]
-    for i, o in enumerate(plan.steps):
-        pending = _prefetch(ring, plan.steps, i, cur, (k, v))
-        tasks = plan.tasks[o]
+    for i, o in enumerate(schedule.steps):
+        pending = _prefetch(ring, schedule.steps, i, cur, (k, v))
+        tasks = schedule.tasks[o]
         if tasks and outcome.ok:
             profiling.count_flops(tasks, q, v, backward=False)
             with profiling.timed(), outcome:
@@ -75,8 +77,9 @@ def _forward(q, k, v, call: AttentionCall):
             # until the next post would make three blocks live instead of two.
             cur, pending = pending.wait(), None
     outcome.settle()
-    profiling.count_steps(len(plan.steps))
-    profiling.count_skipped(ring.world - len(plan.steps), k.numel() * k.element_size() + v.numel() * v.element_size())
+    profiling.count_steps(len(schedule.steps))
+    profiling.count_skipped(ring.world - len(schedule.steps),
+                            k.numel() * k.element_size() + v.numel() * v.element_size())
     # Row-major (batch, n, heads, dv) out, as a caller's projection wants it: ``out.flatten(2)`` is then a
     # view, and the projection saves the same storage we do rather than a second copy of it.
     return acc.out.to(q.dtype).contiguous(), acc.lse
@@ -110,7 +113,7 @@ class _RingBackward:
     def __init__(self, dout, q, k, v, out, lse, call: AttentionCall, dlse):
         self.call, self.ring = call, Ring(call.group)
         self.backend = call.backend_for(dlse)
-        self.plan = plan_for(call, q.shape[1], k.shape[1])
+        self.schedule = schedule_for(call, q.shape[1], k.shape[1])
         self.q, self.k, self.v, self.out, self.lse, self.dlse = q, k, v, out, lse, dlse
         self.dout = heads_major(dout)
         self.acc = acc_dtype(q.dtype)
@@ -121,19 +124,19 @@ class _RingBackward:
         self.outcome = Outcome(call.topo.agree_over, "ring backward", q.device)  # Note [A failure after the agreement]
 
     def run(self):
-        k, v, plan, steps = self.k, self.v, self.plan, self.plan.steps
+        k, v, schedule, steps = self.k, self.v, self.schedule, self.schedule.steps
         cur, grads_in = (k, v), None
         for i, o in enumerate(steps):
-            pending = None if i + 1 in plan.streamed else _prefetch(self.ring, steps, i, cur, (k, v))
+            pending = None if i + 1 in schedule.streamed else _prefetch(self.ring, steps, i, cur, (k, v))
             if o == 0:
-                self.compute(plan.tasks[0], k, v, self.dk, self.dv)
+                self.compute(schedule.tasks[0], k, v, self.dk, self.dv)
             else:
                 initial = grads_in.wait() if grads_in is not None else None
                 grads_in = None  # frees the gradient buffers we sent a step ago
-                if i not in plan.last:
+                if i not in schedule.last:
                     grads_in = self.travelling_step(o, cur, initial)
                 else:
-                    if i in plan.streamed:
+                    if i in schedule.streamed:
                         cur = None  # nothing of it is needed: the neighbour's block streams in instead
                     self.returning_step(i, o, cur, initial)
                 initial = None
@@ -163,7 +166,7 @@ class _RingBackward:
         d = 1 if o > 0 else -1
         gk, gv = (GradAccumulator(t.shape, self.acc, t.device, initial=None if initial is None else initial[x])
                   for x, t in enumerate((self.k, self.v)))
-        self.compute([t for tile in self.key_tiles(self.plan.tasks[o]) for t in tile.tasks], cur[0], cur[1], gk, gv)
+        self.compute([t for tile in self.key_tiles(self.schedule.tasks[o]) for t in tile.tasks], cur[0], cur[1], gk, gv)
         grads = (gk.get(), gv.get())
         # The exchange keeps what it sends alive only as long as it needs it.
         return self.ring.exchange(grads, d, grads, -d, TAG_GRAD)
@@ -175,10 +178,10 @@ class _RingBackward:
         sent nor awaited: both ends know it from the plans (ours, and that of the rank holding our block)
         unless travelling gradients (``initial``) reached it."""
         k, v = self.k, self.v
-        mine = self.key_tiles(self.plan.tasks[o])
-        theirs = self.key_tiles(self.plan.tasks_of_holder[o]) if initial is None else mine
+        mine = self.key_tiles(self.schedule.tasks[o])
+        theirs = self.key_tiles(self.schedule.tasks_of_holder[o]) if initial is None else mine
         live = {j for j, (a, b) in enumerate(zip(mine, theirs)) if a.tasks or b.tasks or initial is not None}
-        source = self.streamed_tiles(o, mine, theirs) if i in self.plan.streamed else \
+        source = self.streamed_tiles(o, mine, theirs) if i in self.schedule.streamed else \
             ((cur[0][:, t.start:t.stop], cur[1][:, t.start:t.stop]) for t in mine)
         for j, kv_tile in enumerate(source):
             if j not in live:
@@ -237,3 +240,13 @@ class _RingBackward:
         if got:
             self.dk.add(ret.start, ret.stop, got[0])
             self.dv.add(ret.start, ret.stop, got[1])
+
+
+def tasks_for(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
+    """This rank's kernel tasks over every step of its schedule (what ``run`` computes)."""
+    schedule = schedule_for(call, q_len, k_len)
+    return tuple(t for o in schedule.steps for t in schedule.tasks[o])
+
+
+STRATEGY = register(StrategyKind(Strategy.RING, run, functools.partial(group_topology, Strategy.RING), tasks_for,
+                                 frozenset({"backward_exchange"})))

@@ -19,6 +19,7 @@ rank holds the K/V heads its query heads read.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,9 +30,11 @@ from ..autograd import SavedAttention
 from ..comm import AllToAll, Outcome
 from ..kernels import acc_dtype
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
-from ..layouts import global_positions, kv_replication
+from ..layouts import kv_replication, layout_of
 from ..masks import Segment
-from ..tasks import plan_block
+from ..modes import Strategy
+from ..tasks import block_tasks
+from .base import StrategyKind, group_topology, register
 
 if TYPE_CHECKING:
     from ..callspec import AttentionCall
@@ -47,7 +50,7 @@ class LocalCall:
     nk: int
 
     def tasks(self, backend):
-        return plan_block(self.call.spec, (Segment(self.call.q_offset, self.nq),), (Segment(0, self.nk),),
+        return block_tasks(self.call.spec, (Segment(self.call.q_offset, self.nq),), (Segment(0, self.nk),),
                           backend.caps)
 
 
@@ -81,9 +84,7 @@ def local_backward(dout, q, k, v, out, lse, local: LocalCall, dlse):
 
 def rank_order(layout: str, world: int, local_len: int, device, bounds=None) -> torch.Tensor | None:
     """Global position of each row of the all-to-all result (rank order); None if that is 0, 1, 2, ..."""
-    if layout == "contiguous" or world == 1:
-        return None
-    return torch.cat([global_positions(layout, r, world, local_len, device, bounds) for r in range(world)])
+    return layout_of(layout).rank_order(world, local_len, device, bounds)
 
 
 def head_parallel_attention(q, k, v, call: AttentionCall, q_order: torch.Tensor | None,
@@ -114,8 +115,13 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """All-to-all to a head split, exact attention over the whole sequence, all-to-all back."""
     world = call.topo.world
     bounds = call.spec.doc_bounds
-    if call.q_offset and call.layout == "balanced" and bounds is not None:
+    if call.q_offset and layout_of(call.layout).needs_documents and bounds is not None:
         raise ValueError("layout='balanced' with documents takes as many queries as keys; use layout='zigzag'")
     q_order = rank_order(call.layout, world, q.shape[1], q.device, bounds)
     k_order = rank_order(call.layout, world, k.shape[1], q.device, bounds)
     return head_parallel_attention(q, k, v, call, q_order, k_order, kv_replication(k.shape[2], world))
+
+
+# Ulysses plans the whole sequence alike on every rank: a mask_mod's error there is every rank's.
+STRATEGY = register(StrategyKind(Strategy.ULYSSES, run,
+                                 functools.partial(group_topology, Strategy.ULYSSES, split_heads=True)))
