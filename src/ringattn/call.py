@@ -19,7 +19,7 @@ import torch
 from . import profiling
 from .callspec import AttentionCall, CallShape, Options, Topology
 from .comm import exclusive
-from .cost_model import Problem, choose_strategy
+from .cost_model import Problem
 from .layouts import (
     Sharding,
     Uneven,
@@ -38,6 +38,7 @@ from .masks import EVAL_PAIRS, Kind, MaskSpec, RowHeadMask, takes_four
 from .modes import Layout, Strategy, choose
 from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
 from .strategies import IMPLEMENTATIONS, REGISTRY
+from .strategies.auto import choose_strategy
 from .strategies.base import TUNING, group_topology
 from .validate import (
     agree,

@@ -46,10 +46,8 @@ import torch
 
 from .callspec import Mask
 from .kernels.base import Capabilities
-from .layouts import Uneven, as_bounds, cut_at, effective_layout, kv_replication, layout_of, padded_len, segments
+from .layouts import Uneven, as_bounds, effective_layout, layout_of, padded_len
 from .masks import MaskSpec, Segment
-from .schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, directions
-from .strategies.allgather import CHUNK_BYTES
 from .tasks import block_tasks, task_flops
 from .validate import check_backward_exchange, check_mask_mod, check_slices
 
@@ -241,9 +239,6 @@ class Estimate:
     fits: bool = True
 
 
-_BACKWARD_TILE = Capabilities().backward_tile
-
-
 def _tile(n: int) -> int:
     # Partial block pairs are tiled for counting as the kernels tile them, but coarser for huge
     # blocks so that planning a million tokens takes milliseconds, not minutes.
@@ -251,7 +246,7 @@ def _tile(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], per_token: float,
+def pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...], per_token: float,
                 key_block: int = 1) -> tuple[float, float]:
     """Forward FLOPs of a block pair per (batch * heads * (d + dv)) unit, scaled by ``per_token``: (the visible
     pairs', the ones a kernel computing whole diagonal blocks of ``key_block`` keys executes)."""
@@ -260,234 +255,9 @@ def _pair_flops(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment
             per_token * sum(task_flops(t, 1, 1, 1, 0, key_block) / 2 for t in tasks))
 
 
-def _unit(p: Problem, heads: int) -> float:
+def flop_unit(p: Problem, heads: int) -> float:
     """task_flops(batch, heads, d, dv) / task_flops(1, 1, 1, 0) * 2 — FLOPs per visible (i, j) unit."""
     return 2.0 * p.batch * heads * (p.head_dim + p.dv)
-
-
-def _ring_step_flops(p: Problem, world: int, local: int, heads: int,
-                     key_block: int = 1) -> tuple[list[float], list[float], int]:
-    """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_schedule`` schedules them), visible
-    and executed (``key_block``), and the longest direction's number of steps."""
-    spec = p.spec()
-    lay = effective_layout(p.layout, world)
-    segs = [segments(lay, r, world, local, spec.doc_bounds) for r in range(world)]
-    unit = _unit(p, heads)
-    per = [[_pair_flops(spec, segs[r], segs[(r - o) % world], unit, key_block) for o in range(world)]
-           for r in range(world)]
-    a, b = directions([o for o in range(1, world) if any(per[r][o][0] > 0 for r in range(world))], world)
-    steps = [0, *range(1, a + 1), *(world - i for i in range(1, b + 1))]
-    return ([max(per[r][o][0] for r in range(world)) for o in steps],
-            [max(per[r][o][1] for r in range(world)) for o in steps], max(a, b))
-
-
-def _pipelined(compute: list[float], transfer: float) -> tuple[float, float]:
-    """(time, exposed transfer) of steps whose next transfer runs during the current compute."""
-    total, exposed = 0.0, 0.0
-    for i, c in enumerate(compute):
-        x = transfer if i + 1 < len(compute) else 0.0
-        total += max(c, x)
-        exposed += max(0.0, x - c)
-    return total, exposed
-
-
-def _ring(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads: int,
-          bw: float) -> Estimate:
-    f_rank = hw.rank_flops(p.world)
-    e = p.dtype_bytes
-    step_f, step_x, longest = _ring_step_flops(p, world, local, heads, hw.key_block)
-    kv_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * e
-    x_fwd = hw.latency + kv_bytes / bw if world > 1 else 0.0
-    t, exposed = _pipelined([f / f_rank for f in step_x], x_fwd)
-    flops, sent = sum(step_f), kv_bytes * (len(step_f) - 1)
-    hidden = all(f / f_rank >= x_fwd for f in step_x[:-1] if f > 0)
-    # The backward streams every block in key tiles from its owner and returns dK/dV tile by tile when the
-    # exchange is direct, and also with the ring exchange where no direction is longer than one step
-    # (2 ranks, short windows); otherwise dK/dV travel with their block, the next block in flight.
-    direct = world > 1 and (p.backward_exchange == "direct" or longest <= 1)
-    if p.backward:
-        grad_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * 4  # float32 dK/dV
-        if direct:  # two exchanges per key tile (a group's messages go together: one latency each)
-            tiles = -(-local // _BACKWARD_TILE)
-            x_bwd = 2 * tiles * hw.latency + (kv_bytes + grad_bytes) / bw
-            ret = hw.latency + grad_bytes / tiles / bw  # the last tile home
-        else:  # dK/dV travel with their block, then go home in one hop
-            x_bwd = 2 * hw.latency + (kv_bytes + grad_bytes) / bw if world > 1 else 0.0
-            ret = hw.latency + grad_bytes / bw if world > 1 else 0.0
-        tb, eb = _pipelined([hw.backward_time * f / f_rank for f in step_x], x_bwd)
-        t, exposed = t + tb + ret, exposed + eb + ret
-        flops += 2.5 * sum(step_f)
-        sent += (kv_bytes + grad_bytes) * (len(step_f) - 1)  # each step's dK/dV leave once, either way
-        hidden = hidden and all(hw.backward_time * f / f_rank >= x_bwd for f in step_x[:-1] if f > 0)
-    steps = len(step_f)
-    kv_row, rows = kv_heads * (p.head_dim + p.dv), p.batch * local
-    # q, out, own K/V, the float32 out accumulator and lse; in flight: the current and next K/V block.
-    mem = rows * (heads * (p.head_dim + p.dv) * e + kv_row * e + heads * p.dv * 4 + heads * 4 * 2)
-    in_flight = 2 * rows * kv_row * e
-    if p.backward:  # float32 dq, dk, dv of our own block
-        mem += rows * (heads * p.head_dim + kv_row) * 4
-        if direct:  # a few key tiles of K/V coming in and of dK/dV going home, instead of whole blocks
-            tile_rows = p.batch * min(_BACKWARD_TILE, local)
-            tiles_live = tile_rows * kv_row * (e * (TILES_AHEAD + 1) + 4 * 2 * (RETURNS_IN_FLIGHT + 1))
-            in_flight = max(in_flight, tiles_live)
-        else:  # the travelling dK/dV and the ones coming in
-            in_flight += 2 * rows * kv_row * 4
-    mem += in_flight
-    comm_s = (steps - 1) * x_fwd + ((steps - 1) * x_bwd + ret if p.backward else 0.0)
-    how = ", direct backward" if p.backward_exchange == "direct" and world > 1 and p.backward else ""
-    compute_s = sum(step_x) * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
-    return Estimate("ring", True, f"{steps} steps of {local} tokens{how}", flops, compute_s, sent, comm_s,
-                    exposed, t, mem, hidden)
-
-
-def estimate_ring(p: Problem, hw: Hardware) -> Estimate:
-    return _ring(p, hw, p.world, p.local_len, p.heads, p.kv_heads, hw.link(p.world))
-
-
-def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
-    w, c, e = p.world, p.local_len, p.dtype_bytes
-    f_rank, bw = hw.rank_flops(w), hw.link(w)
-    spec, unit = p.spec(), _unit(p, p.heads)
-    lay = effective_layout(p.layout, w)
-    rule = layout_of(lay)
-
-    def keys(r):
-        if rule.strided:
-            return tuple(s for i in range(w) for s in segments(lay, i, w, c))
-        return cut_at(Segment(0, w * c), segments(lay, r, w, c, spec.doc_bounds))
-
-    pairs = [_pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit, hw.key_block)
-             for r in range(w)]
-    fwd, ran = max(f for f, _ in pairs), max(x for _, x in pairs)
-    per_head = p.batch * c * w * (p.head_dim + p.dv) * e
-    n = 1 if w == 1 else math.ceil(p.kv_heads / min(max(1, CHUNK_BYTES // per_head), math.ceil(p.kv_heads / 2)))
-    kv_local = p.batch * c * p.kv_heads * (p.head_dim + p.dv) * e
-    gather = ((w - 1) * (hw.latency * n + kv_local / bw)) if w > 1 else 0.0
-    cf = ran / f_rank
-    t = gather / n + (n - 1) * max(cf, gather) / n + cf / n
-    exposed = gather / n + (n - 1) * max(0.0, gather - cf) / n
-    sent, flops, comm_s = kv_local * (w - 1), fwd, gather
-    hidden = n > 1 and gather <= cf
-    mem = p.batch * c * (p.heads * (p.head_dim + p.dv) * e + p.kv_heads * (p.head_dim + p.dv) * e
-                         + p.heads * p.dv * 4) + 2 * per_head * math.ceil(p.kv_heads / n)
-    if p.backward:
-        rs = (w - 1) * (hw.latency * n + kv_local * 4 / e / bw) if w > 1 else 0.0
-        cb = hw.backward_time * cf
-        xb = gather + rs
-        t += gather / n + (n - 1) * max(cb, xb) / n + cb / n + rs / n
-        exposed += gather / n + (n - 1) * max(0.0, xb - cb) / n + rs / n
-        sent += kv_local * (w - 1) * (1 + 4 / e)
-        flops += 2.5 * fwd
-        comm_s += xb
-        hidden = hidden and xb <= cb
-        mem += per_head * math.ceil(p.kv_heads / n) * 4 / e + p.batch * c * p.heads * p.head_dim * 4
-    compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
-    copy_bw = hw.rank_copy(w)
-    if copy_bw is not None and w > 1:
-        # Passes over the gathered K/V: regrouped from rank order (and for layouts in halves also permuted
-        # into position order) in forward and again in backward; float32 dK/dV zeroed, accumulated, (permuted back,)
-        # regrouped by rank and packed for the reduce-scatter.
-        full = p.batch * c * w * p.kv_heads * (p.head_dim + p.dv)
-        reorder = 1 if rule.in_halves else 0
-        passes = (2 + reorder) * e * (2 if p.backward else 1) + ((4 + reorder) * 4 if p.backward else 0)
-        copy_s = full * passes / copy_bw
-        t, compute_s = t + copy_s, compute_s + copy_s
-    return Estimate("allgather", True, f"{n} chunk(s) of {math.ceil(p.kv_heads / n)} kv heads", flops,
-                    compute_s, sent, comm_s, exposed, t, mem, hidden)
-
-
-def _a2a_time(nbytes_local: float, ranks: int, hw: Hardware, bw: float) -> float:
-    """An all-to-all of a rank's ``nbytes_local``: it keeps 1/ranks and sends the rest."""
-    if ranks == 1:
-        return 0.0
-    return (ranks - 1) * hw.latency + nbytes_local * (ranks - 1) / ranks / bw
-
-
-def _ulysses_comm(p: Problem, hw: Hardware, ranks: int, local: int, bw: float) -> tuple[float, float, int]:
-    """(seconds, bytes sent, kv heads after replication) of Ulysses' all-to-alls over ``ranks``."""
-    kvh = p.kv_heads * kv_replication(p.kv_heads, ranks)
-    e, b = p.dtype_bytes, p.batch
-    tensors = [b * local * p.heads * p.head_dim * e, b * local * kvh * p.head_dim * e, b * local * kvh * p.dv * e,
-               b * local * p.heads * p.dv * e, b * local * p.heads * 4]  # q, k, v, out, lse
-    if p.backward:  # dout in; dq, dk, dv out
-        tensors += [b * local * p.heads * p.dv * e, tensors[0], tensors[1], tensors[2]]
-    t = sum(_a2a_time(x, ranks, hw, bw) for x in tensors)
-    return t, sum(tensors) * (ranks - 1) / ranks, kvh
-
-
-def estimate_ulysses(p: Problem, hw: Hardware) -> Estimate:
-    w = p.world
-    if p.heads % w:
-        return Estimate("ulysses", False, f"heads ({p.heads}) not divisible by world ({w})")
-    f_rank, bw = hw.rank_flops(w), hw.link(w)
-    n = w * p.local_len
-    fwd, ran = _pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), _unit(p, p.heads // w), hw.key_block)
-    flops = fwd * (3.5 if p.backward else 1.0)
-    compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
-    comm_s, sent, kvh = _ulysses_comm(p, hw, w, p.local_len, bw)
-    e = p.dtype_bytes
-    hl, kl = p.heads // w, kvh // w
-    mem = p.batch * n * (hl * (p.head_dim + p.dv) * e + kl * (p.head_dim + p.dv) * e + hl * p.dv * 4) \
-        + 2 * p.batch * p.local_len * (p.heads * p.head_dim + kvh * (p.head_dim + p.dv)) * e
-    if p.backward:
-        mem += p.batch * n * (hl * p.head_dim + kl * (p.head_dim + p.dv)) * 4
-    note = f"{p.heads // w} heads x {n} tokens per rank" + (f"; K/V heads replicated to {kvh}" if kvh > p.kv_heads
-                                                            else "")
-    return Estimate("ulysses", True, note, flops, compute_s, sent, comm_s, comm_s, compute_s + comm_s, mem, False)
-
-
-def hybrid_mesh(p: Problem, hw: Hardware) -> tuple[int, int] | None:
-    """(ring, ulysses): the largest Ulysses group inside a node that splits the heads, with R > 1."""
-    if p.mesh is not None:
-        return p.mesh
-    for u in range(min(hw.node_size, p.world // 2), 1, -1):
-        if p.world % u == 0 and p.heads % u == 0:
-            return p.world // u, u
-    return None
-
-
-def estimate_hybrid(p: Problem, hw: Hardware) -> Estimate:
-    mesh = hybrid_mesh(p, hw)
-    if mesh is None or p.heads % mesh[1]:
-        return Estimate("hybrid", False, "no 2-D mesh with 1 < ulysses <= node size dividing the heads")
-    r, u = mesh
-    a2a_s, a2a_bytes, kvh = _ulysses_comm(p, hw, u, p.local_len, hw.link(u))
-    ring_bw = hw.bandwidth if p.world > hw.node_size else hw.link(p.world)
-    est = _ring(p, hw, r, u * p.local_len, p.heads // u, kvh // u, ring_bw)
-    est.strategy = "hybrid"
-    est.note = f"mesh {r} ring x {u} ulysses; " + est.note
-    est.comm_bytes += a2a_bytes
-    est.comm_s += a2a_s
-    est.exposed_s += a2a_s
-    est.time_s += a2a_s
-    est.hidden = False
-    est.memory_bytes += 2 * p.batch * p.local_len * (p.heads * p.head_dim + kvh * (p.head_dim + p.dv)) * p.dtype_bytes
-    return est
-
-
-ESTIMATORS = {"ring": estimate_ring, "allgather": estimate_allgather, "ulysses": estimate_ulysses,
-              "hybrid": estimate_hybrid}
-
-
-@functools.lru_cache(maxsize=256)
-def estimate_all(p: Problem, hw: Hardware) -> tuple[Estimate, ...]:
-    """One ``Estimate`` per strategy (``STRATEGY_ORDER``), with ``fits`` set against device memory."""
-    out = []
-    for name in STRATEGY_ORDER:
-        est = ESTIMATORS[name](p, hw)
-        est.fits = est.memory_bytes <= hw.memory
-        out.append(est)
-    return tuple(out)
-
-
-def recommend(estimates, allowed=STRATEGY_ORDER) -> str:
-    """Fastest feasible strategy that fits in memory (ties: the order of ``STRATEGY_ORDER``)."""
-    cands = [e for e in estimates if e.feasible and e.strategy in allowed]
-    fitting = [e for e in cands if e.fits] or cands
-    if not fitting:
-        return "ring"
-    best = min(e.time_s for e in fitting)
-    return next(e.strategy for e in fitting if e.time_s <= best * 1.0001)
 
 
 # ---- strategy="auto" ------------------------------------------------------------------------------
@@ -523,24 +293,3 @@ def configured_hardware(device=None) -> Hardware:
         name = torch.cuda.get_device_name(device)
         return PRESETS["h100-nvlink" if ("H100" in name or "H200" in name) else "a100-nvlink"]
     return PRESETS["cpu-gloo-loopback"]
-
-
-def choose_strategy(p: Problem, device=None) -> str:
-    """The strategy ``ringattn.attention(strategy="auto")`` runs for a checked call (``Problem.from_call``):
-    the cost model's choice on the configured hardware, deterministic, so every rank chooses the same."""
-    return recommend(estimate_all(p, configured_hardware(device)), allowed=("ring", "allgather", "ulysses"))
-
-
-def report(p: Problem, hw: Hardware) -> dict:
-    """Everything ``ringattn plan`` prints, as a JSON-able dict."""
-    ests = estimate_all(p, hw)
-    c = p.local_len
-    need = overlap_block(hw, p.heads, p.kv_heads, p.dtype_bytes)
-    return {
-        "problem": dataclasses.asdict(p),
-        "hardware": dataclasses.asdict(hw),
-        "strategies": [dataclasses.asdict(e) for e in ests],
-        "recommendation": recommend(ests),
-        "overlap": {"block": c, "min_block": need, "ring_hidden_by_condition": c >= need,
-                    "paper_min_block": overlap_block(hw), "paper_min_sequence": min_sequence(hw)},
-    }

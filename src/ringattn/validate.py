@@ -432,36 +432,62 @@ def agree(description: str, error: Exception | None, groups, device: torch.devic
             raise error
         return
     calls = call_number(groups) if calls is None else calls
-    n = [c for g, c in zip(groups, calls) if group_rank_world(g)[1] > 1]
+    numbers = [c for g, c in zip(groups, calls) if group_rank_world(g)[1] > 1]
+    verdict = _compare(description, error, numbers, live, device)
+    if verdict.agreed:
+        return
+    if len(live) > 1:
+        _raise_on_mesh(verdict, description, error, numbers)
+    _raise_on_group(live[0], description, error, numbers[0])
+
+
+class _Verdict:
+    """What one MAX all-reduce says: whether the descriptions match, any rank failed, the calls match."""
+
+    def __init__(self, t: torch.Tensor, calls: int):
+        self.mismatch = int(t[0]) != -int(t[1])
+        self.failed = bool(int(t[2]))
+        self.in_step = all(int(t[3 + 2 * i]) == -int(t[4 + 2 * i]) for i in range(calls))
+
+    @property
+    def agreed(self) -> bool:
+        return not self.mismatch and not self.failed and self.in_step
+
+
+def _compare(description: str, error: Exception | None, numbers: list[int], live: list, device) -> _Verdict:
+    """One tiny MAX all-reduce over each live group: a hash of the description and its negation (equal
+    only where every rank's is the same), whether any rank failed, and each call number and its negation."""
     h = zlib.crc32(description.encode()) & 0x7FFFFFFF
     if dist.get_backend(live[0]) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([h, -h, 1 if error is not None else 0, *(x for c in n for x in (c, -c))], dtype=torch.int64,
-                     device=device)
+    t = torch.tensor([h, -h, 1 if error is not None else 0, *(x for c in numbers for x in (c, -c))],
+                     dtype=torch.int64, device=device)
     try:
         for g in live:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
     except RuntimeError as e:
         raise RuntimeError(f"ringattn: the ranks could not agree on the call (a peer rank probably died or "
                            f"timed out): {first_line(e)}") from e
-    mismatch = int(t[0]) != -int(t[1])
-    in_step = all(int(t[3 + 2 * i]) == -int(t[4 + 2 * i]) for i in range(len(n)))
-    if not mismatch and int(t[2]) == 0 and in_step:
-        return
-    if len(live) > 1:
-        if error is not None:
-            raise error
-        if int(t[2]):
-            raise ValueError("another rank of the mesh rejected its arguments, so this call was abandoned")
-        if not in_step:
-            raise out_of_step(f"this rank {tuple(n)}")
-        raise ValueError("ranks of the mesh disagree on the attention call (every rank must pass the same "
-                         f"shapes, dtype, masks and layout); this rank: {description}")
-    # Slow path, taken by every rank of the group together: find out what went wrong where.
-    group = live[0]
+    return _Verdict(t, len(numbers))
+
+
+def _raise_on_mesh(verdict: _Verdict, description: str, error: Exception | None, numbers: list[int]):
+    """Several groups: what this rank knows from the all-reduce alone (a slow path would need every group)."""
+    if error is not None:
+        raise error
+    if verdict.failed:
+        raise ValueError("another rank of the mesh rejected its arguments, so this call was abandoned")
+    if not verdict.in_step:
+        raise out_of_step(f"this rank {tuple(numbers)}")
+    raise ValueError("ranks of the mesh disagree on the attention call (every rank must pass the same "
+                     f"shapes, dtype, masks and layout); this rank: {description}")
+
+
+def _raise_on_group(group, description: str, error: Exception | None, number: int):
+    """The slow path, taken by every rank of the group together: find out what went wrong where."""
     mine = f"error: {type(error).__name__}: {error}" if error is not None else description
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (n[0], mine), group=group)
+    dist.all_gather_object(everyone, (number, mine), group=group)
     if error is not None:
         raise error
     bad = [f"rank {r}: {d[len('error: '):]}" for r, (_, d) in enumerate(everyone) if d.startswith("error: ")]

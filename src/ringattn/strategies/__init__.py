@@ -10,7 +10,8 @@
   configured hardware (deterministic, so every rank picks the same; ``call.resolve_auto``).
 
 Each strategy is one module here that registers a ``base.StrategyKind`` (its topology, the keywords that
-tune it, its tasks and its run); this package imports every module in it. Strategy-specific keywords:
+tune it, its tasks, its run and its cost estimate); this package imports every module in it, and
+``auto.py`` last, which compares them. Strategy-specific keywords:
 ``kv_head_chunk`` (allgather: kv heads gathered at a time); ``backward_exchange`` (ring and hybrid:
 ``"ring"`` or ``"direct"``, see ``ring_attention``; the others take only ``"ring"``). Under ``"auto"`` a
 keyword the chosen strategy does not use is dropped: it tunes a strategy that was not chosen.
@@ -24,11 +25,12 @@ import pkgutil
 from .base import REGISTRY, StrategyKind
 
 for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f".{_module.name}", __name__)
+    if _module.name != "auto":  # auto compares the others: imported once they are all registered
+        importlib.import_module(f".{_module.name}", __name__)
 
-from . import allgather, hybrid, ring, ulysses  # noqa: E402  (imported above; named for readers)
+from . import allgather, auto, hybrid, ring, ulysses  # noqa: E402  (the strategies imported above, then auto)
 
 # strategy -> run(q, k, v, call) -> (out, lse), differentiable; the front door (call.py) validates first.
 IMPLEMENTATIONS = {name: kind.run for name, kind in REGISTRY.items()}
 
-__all__ = ["IMPLEMENTATIONS", "REGISTRY", "StrategyKind", "allgather", "hybrid", "ring", "ulysses"]
+__all__ = ["IMPLEMENTATIONS", "REGISTRY", "StrategyKind", "allgather", "auto", "hybrid", "ring", "ulysses"]

@@ -25,9 +25,10 @@ import torch
 from .. import comm, profiling
 from ..autograd import SavedAttention
 from ..comm import gather_op, reduce_scatter_op
+from ..cost_model import Estimate, Hardware, Problem, flop_unit, pair_flops
 from ..kernels import Backend, acc_dtype
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
-from ..layouts import cut_at, layout_of, query_segments, segments
+from ..layouts import cut_at, effective_layout, layout_of, query_segments, segments
 from ..masks import Segment, Task
 from ..modes import Strategy
 from ..tasks import block_tasks
@@ -228,5 +229,60 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     return SavedAttention.apply(q, k, v, call.sinks, _forward, _backward, gather)
 
 
+
+# ---- the cost model's estimate ------------------------------------------------------------
+
+def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
+    w, c, e = p.world, p.local_len, p.dtype_bytes
+    f_rank, bw = hw.rank_flops(w), hw.link(w)
+    spec, unit = p.spec(), flop_unit(p, p.heads)
+    lay = effective_layout(p.layout, w)
+    rule = layout_of(lay)
+
+    def keys(r):
+        if rule.strided:
+            return tuple(s for i in range(w) for s in segments(lay, i, w, c))
+        return cut_at(Segment(0, w * c), segments(lay, r, w, c, spec.doc_bounds))
+
+    pairs = [pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit, hw.key_block)
+             for r in range(w)]
+    fwd, ran = max(f for f, _ in pairs), max(x for _, x in pairs)
+    per_head = p.batch * c * w * (p.head_dim + p.dv) * e
+    n = 1 if w == 1 else math.ceil(p.kv_heads / min(max(1, CHUNK_BYTES // per_head), math.ceil(p.kv_heads / 2)))
+    kv_local = p.batch * c * p.kv_heads * (p.head_dim + p.dv) * e
+    gather = ((w - 1) * (hw.latency * n + kv_local / bw)) if w > 1 else 0.0
+    cf = ran / f_rank
+    t = gather / n + (n - 1) * max(cf, gather) / n + cf / n
+    exposed = gather / n + (n - 1) * max(0.0, gather - cf) / n
+    sent, flops, comm_s = kv_local * (w - 1), fwd, gather
+    hidden = n > 1 and gather <= cf
+    mem = p.batch * c * (p.heads * (p.head_dim + p.dv) * e + p.kv_heads * (p.head_dim + p.dv) * e
+                         + p.heads * p.dv * 4) + 2 * per_head * math.ceil(p.kv_heads / n)
+    if p.backward:
+        rs = (w - 1) * (hw.latency * n + kv_local * 4 / e / bw) if w > 1 else 0.0
+        cb = hw.backward_time * cf
+        xb = gather + rs
+        t += gather / n + (n - 1) * max(cb, xb) / n + cb / n + rs / n
+        exposed += gather / n + (n - 1) * max(0.0, xb - cb) / n + rs / n
+        sent += kv_local * (w - 1) * (1 + 4 / e)
+        flops += 2.5 * fwd
+        comm_s += xb
+        hidden = hidden and xb <= cb
+        mem += per_head * math.ceil(p.kv_heads / n) * 4 / e + p.batch * c * p.heads * p.head_dim * 4
+    compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    copy_bw = hw.rank_copy(w)
+    if copy_bw is not None and w > 1:
+        # Passes over the gathered K/V: regrouped from rank order (and for layouts in halves also permuted
+        # into position order) in forward and again in backward; float32 dK/dV zeroed, accumulated, (permuted back,)
+        # regrouped by rank and packed for the reduce-scatter.
+        full = p.batch * c * w * p.kv_heads * (p.head_dim + p.dv)
+        reorder = 1 if rule.in_halves else 0
+        passes = (2 + reorder) * e * (2 if p.backward else 1) + ((4 + reorder) * 4 if p.backward else 0)
+        copy_s = full * passes / copy_bw
+        t, compute_s = t + copy_s, compute_s + copy_s
+    return Estimate("allgather", True, f"{n} chunk(s) of {math.ceil(p.kv_heads / n)} kv heads", flops,
+                    compute_s, sent, comm_s, exposed, t, mem, hidden)
+
+
 STRATEGY = register(StrategyKind(Strategy.ALLGATHER, run, functools.partial(group_topology, Strategy.ALLGATHER),
-                                 tasks_for, frozenset({"kv_head_chunk"})))
+                                 tasks_for, frozenset({"kv_head_chunk"}), estimate_allgather))

@@ -2,7 +2,8 @@
 
 A strategy owns where it runs (``topology``: its groups from ``group=`` / ``mesh=``), the keywords that
 tune it (``tunes``: any other strategy refuses them), which kernel tasks this rank computes (``tasks``:
-planned before the agreement where a user's ``mask_mod`` makes the plan) and how it runs (``run``). Adding
+planned before the agreement where a user's ``mask_mod`` makes the plan), how it runs (``run``) and what
+the cost model predicts for it (``estimate``, which ``"auto"`` compares). Adding
 a strategy is a file in this package that calls :func:`register`, plus a ``modes.Strategy`` member.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from .. import comm
 from ..callspec import AttentionCall, Topology
+from ..cost_model import Estimate, Hardware, Problem
 from ..masks import Task
 from ..modes import Strategy
 
@@ -32,6 +34,8 @@ class StrategyKind:
     topology: Callable[[object, object], Topology]
     tasks: Callable[[AttentionCall, int, int], tuple[Task, ...]] | None = None  # None: every rank plans alike
     tunes: frozenset[str] = frozenset()
+    estimate: Callable[[Problem, Hardware], Estimate] | None = None  # the cost model's view of it
+    auto: bool = True  # "auto" may choose it for a call over one group
 
     def check_tuning(self, values: dict[str, object]) -> None:
         """A keyword that tunes another strategy, at a value other than its default, is an error."""

@@ -23,10 +23,13 @@ import torch
 
 from ..callspec import Topology
 from ..comm import AllToAll
+from ..cost_model import Estimate, Hardware, Problem
 from ..layouts import kv_replication, mesh_coords, mesh_dims
 from ..modes import Strategy
 from . import ring
 from .base import StrategyKind, register
+from .ring import ring_cost
+from .ulysses import ulysses_comm
 
 if TYPE_CHECKING:
     from ..callspec import AttentionCall
@@ -62,4 +65,38 @@ def topology(group, mesh) -> Topology:
                     agree_over=(uly_group, ring_group), mesh=mesh)
 
 
-STRATEGY = register(StrategyKind(Strategy.HYBRID, run, topology, ring.tasks_for, frozenset({"backward_exchange"})))
+
+# ---- the cost model's estimate ------------------------------------------------------------
+
+def hybrid_mesh(p: Problem, hw: Hardware) -> tuple[int, int] | None:
+    """(ring, ulysses): the largest Ulysses group inside a node that splits the heads, with R > 1."""
+    if p.mesh is not None:
+        return p.mesh
+    for u in range(min(hw.node_size, p.world // 2), 1, -1):
+        if p.world % u == 0 and p.heads % u == 0:
+            return p.world // u, u
+    return None
+
+
+def estimate_hybrid(p: Problem, hw: Hardware) -> Estimate:
+    mesh = hybrid_mesh(p, hw)
+    if mesh is None or p.heads % mesh[1]:
+        return Estimate("hybrid", False, "no 2-D mesh with 1 < ulysses <= node size dividing the heads")
+    r, u = mesh
+    a2a_s, a2a_bytes, kvh = ulysses_comm(p, hw, u, p.local_len, hw.link(u))
+    ring_bw = hw.bandwidth if p.world > hw.node_size else hw.link(p.world)
+    est = ring_cost(p, hw, r, u * p.local_len, p.heads // u, kvh // u, ring_bw)
+    est.strategy = "hybrid"
+    est.note = f"mesh {r} ring x {u} ulysses; " + est.note
+    est.comm_bytes += a2a_bytes
+    est.comm_s += a2a_s
+    est.exposed_s += a2a_s
+    est.time_s += a2a_s
+    est.hidden = False
+    est.memory_bytes += 2 * p.batch * p.local_len * (p.heads * p.head_dim + kvh * (p.head_dim + p.dv)) * p.dtype_bytes
+    return est
+
+
+# "auto" chooses it only where the call has a mesh (the shards were made for one).
+STRATEGY = register(StrategyKind(Strategy.HYBRID, run, topology, ring.tasks_for, frozenset({"backward_exchange"}),
+                                 estimate_hybrid, auto=False))

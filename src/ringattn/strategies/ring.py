@@ -20,11 +20,14 @@ import torch
 from .. import profiling
 from ..autograd import SavedAttention
 from ..comm import TAG_GRAD, TAG_KV, TAG_RETURN, Outcome, Pending, Ring
+from ..cost_model import Estimate, Hardware, Problem, flop_unit, pair_flops
 from ..kernels import acc_dtype, heads_major
+from ..kernels.base import Capabilities
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
+from ..layouts import effective_layout, segments
 from ..masks import Task
 from ..modes import BackwardExchange, Strategy
-from ..schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, RingSchedule, make_schedule
+from ..schedule import RETURNS_IN_FLIGHT, TILES_AHEAD, RingSchedule, directions, make_schedule
 from ..tasks import KeyTile, tile_tasks
 from .base import StrategyKind, group_topology, register
 
@@ -248,5 +251,90 @@ def tasks_for(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
     return tuple(t for o in schedule.steps for t in schedule.tasks[o])
 
 
+
+BACKWARD_TILE = Capabilities().backward_tile  # the key tiles a direct backward exchanges
+
+
+# ---- the cost model's estimate ------------------------------------------------------------
+
+def _ring_step_flops(p: Problem, world: int, local: int, heads: int,
+                     key_block: int = 1) -> tuple[list[float], list[float], int]:
+    """Forward FLOPs per ring step on the busiest rank (steps as ``ring.make_schedule`` schedules them), visible
+    and executed (``key_block``), and the longest direction's number of steps."""
+    spec = p.spec()
+    lay = effective_layout(p.layout, world)
+    segs = [segments(lay, r, world, local, spec.doc_bounds) for r in range(world)]
+    unit = flop_unit(p, heads)
+    per = [[pair_flops(spec, segs[r], segs[(r - o) % world], unit, key_block) for o in range(world)]
+           for r in range(world)]
+    a, b = directions([o for o in range(1, world) if any(per[r][o][0] > 0 for r in range(world))], world)
+    steps = [0, *range(1, a + 1), *(world - i for i in range(1, b + 1))]
+    return ([max(per[r][o][0] for r in range(world)) for o in steps],
+            [max(per[r][o][1] for r in range(world)) for o in steps], max(a, b))
+
+
+def _pipelined(compute: list[float], transfer: float) -> tuple[float, float]:
+    """(time, exposed transfer) of steps whose next transfer runs during the current compute."""
+    total, exposed = 0.0, 0.0
+    for i, c in enumerate(compute):
+        x = transfer if i + 1 < len(compute) else 0.0
+        total += max(c, x)
+        exposed += max(0.0, x - c)
+    return total, exposed
+
+
+def ring_cost(p: Problem, hw: Hardware, world: int, local: int, heads: int, kv_heads: int,
+          bw: float) -> Estimate:
+    f_rank = hw.rank_flops(p.world)
+    e = p.dtype_bytes
+    step_f, step_x, longest = _ring_step_flops(p, world, local, heads, hw.key_block)
+    kv_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * e
+    x_fwd = hw.latency + kv_bytes / bw if world > 1 else 0.0
+    t, exposed = _pipelined([f / f_rank for f in step_x], x_fwd)
+    flops, sent = sum(step_f), kv_bytes * (len(step_f) - 1)
+    hidden = all(f / f_rank >= x_fwd for f in step_x[:-1] if f > 0)
+    # The backward streams every block in key tiles from its owner and returns dK/dV tile by tile when the
+    # exchange is direct, and also with the ring exchange where no direction is longer than one step
+    # (2 ranks, short windows); otherwise dK/dV travel with their block, the next block in flight.
+    direct = world > 1 and (p.backward_exchange == "direct" or longest <= 1)
+    if p.backward:
+        grad_bytes = p.batch * local * kv_heads * (p.head_dim + p.dv) * 4  # float32 dK/dV
+        if direct:  # two exchanges per key tile (a group's messages go together: one latency each)
+            tiles = -(-local // BACKWARD_TILE)
+            x_bwd = 2 * tiles * hw.latency + (kv_bytes + grad_bytes) / bw
+            ret = hw.latency + grad_bytes / tiles / bw  # the last tile home
+        else:  # dK/dV travel with their block, then go home in one hop
+            x_bwd = 2 * hw.latency + (kv_bytes + grad_bytes) / bw if world > 1 else 0.0
+            ret = hw.latency + grad_bytes / bw if world > 1 else 0.0
+        tb, eb = _pipelined([hw.backward_time * f / f_rank for f in step_x], x_bwd)
+        t, exposed = t + tb + ret, exposed + eb + ret
+        flops += 2.5 * sum(step_f)
+        sent += (kv_bytes + grad_bytes) * (len(step_f) - 1)  # each step's dK/dV leave once, either way
+        hidden = hidden and all(hw.backward_time * f / f_rank >= x_bwd for f in step_x[:-1] if f > 0)
+    steps = len(step_f)
+    kv_row, rows = kv_heads * (p.head_dim + p.dv), p.batch * local
+    # q, out, own K/V, the float32 out accumulator and lse; in flight: the current and next K/V block.
+    mem = rows * (heads * (p.head_dim + p.dv) * e + kv_row * e + heads * p.dv * 4 + heads * 4 * 2)
+    in_flight = 2 * rows * kv_row * e
+    if p.backward:  # float32 dq, dk, dv of our own block
+        mem += rows * (heads * p.head_dim + kv_row) * 4
+        if direct:  # a few key tiles of K/V coming in and of dK/dV going home, instead of whole blocks
+            tile_rows = p.batch * min(BACKWARD_TILE, local)
+            tiles_live = tile_rows * kv_row * (e * (TILES_AHEAD + 1) + 4 * 2 * (RETURNS_IN_FLIGHT + 1))
+            in_flight = max(in_flight, tiles_live)
+        else:  # the travelling dK/dV and the ones coming in
+            in_flight += 2 * rows * kv_row * 4
+    mem += in_flight
+    comm_s = (steps - 1) * x_fwd + ((steps - 1) * x_bwd + ret if p.backward else 0.0)
+    how = ", direct backward" if p.backward_exchange == "direct" and world > 1 and p.backward else ""
+    compute_s = sum(step_x) * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    return Estimate("ring", True, f"{steps} steps of {local} tokens{how}", flops, compute_s, sent, comm_s,
+                    exposed, t, mem, hidden)
+
+
+def estimate_ring(p: Problem, hw: Hardware) -> Estimate:
+    return ring_cost(p, hw, p.world, p.local_len, p.heads, p.kv_heads, hw.link(p.world))
+
+
 STRATEGY = register(StrategyKind(Strategy.RING, run, functools.partial(group_topology, Strategy.RING), tasks_for,
-                                 frozenset({"backward_exchange"})))
+                                 frozenset({"backward_exchange"}), estimate_ring))
