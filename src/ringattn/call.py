@@ -76,10 +76,8 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     backend = check_backend(opts.backend, q, k, v, kinds)
     # Uneven blocks arrive padded to the longest (uneven_inputs), at explicit positions: no even-length rule.
     spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1],
-                     layout=Layout.CONTIGUOUS if opts.uneven else layout, causal=opts.causal,
-                     window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0],
-                     chunk_size=opts.chunk_size, positional=ALIBI in kinds, mask_mod=opts.mask_mod,
-                     slices=opts.slices)
+                     layout=Layout.CONTIGUOUS if opts.uneven else layout, batch=q.shape[0],
+                     positional=ALIBI in kinds, **opts.mask_keywords())
     q_block = topo.block_rows * q.shape[1]
     q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
                             same_len=q.shape[1] == k.shape[1],

@@ -99,6 +99,10 @@ class Options:
     uneven: bool = False
     sharding: Sharding | None = None  # what a copy of a shard no longer remembers (``call.remembered``)
 
+    def mask_keywords(self) -> dict[str, Any]:
+        """The keywords of the mask (``Mask.KEYWORDS``' names), as ``validate.make_spec`` takes them."""
+        return {name: getattr(self, name) for name in Mask.KEYWORDS.values()}
+
 
 @dataclass(frozen=True)
 class Topology:

@@ -208,13 +208,12 @@ def segments(layout: str, rank: int, world: int, local_len: int, bounds: Bounds 
     c = local_len
     if layout == "contiguous" or world == 1:
         return (Segment(rank * c, c),)
-    if layout in ("zigzag", "balanced"):
-        if c % 2:
-            raise ValueError(f"layout={layout!r} needs an even local length, got {c}")
-        if layout == "balanced":
+    rule = _RULES[Layout(layout)]
+    if rule.in_halves:
+        rule.check_local_len(world, c, "local length")
+        if rule.needs_documents:
             # Placed by the documents: without them a shard and a call could silently disagree.
-            if bounds is None:
-                raise ValueError(BALANCED_NEEDS_DOCUMENTS)
+            rule.check_documents(world, bounds)
             return balanced_units(bounds, world, c)[rank]
         h = c // 2
         return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))
@@ -697,8 +696,7 @@ def unshard(x: torch.Tensor, *, group=None, layout: str | None = None, dim: int 
     seq_len = total if seq_len is None else seq_len
     if not 0 <= seq_len <= total:
         raise ValueError(f"seq_len must be in [0, {total}] (world * local length), got {seq_len}")
-    if layout in ("zigzag", "balanced") and world > 1 and x.shape[dim] % 2:
-        raise ValueError(f"layout={layout!r} needs an even local length, got {x.shape[dim]}")
+    layout_of(layout).check_local_len(world, x.shape[dim], "local length")
     rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, seq_len, "unshard")
     if rows is not None and len(rows) > 1 and dim == 0:
         raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
