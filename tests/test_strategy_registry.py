@@ -48,3 +48,31 @@ def test_each_strategy_owns_its_estimate():
         again = REGISTRY[Strategy(e.strategy)].estimate(p, hw)
         assert (again.strategy, again.time_s, again.flops) == (e.strategy, e.time_s, e.flops)
     assert [REGISTRY[Strategy(n)].auto for n in STRATEGY_ORDER] == [True, True, True, False]
+
+
+def _auto_with_hardware_per_rank():
+    import torch
+
+    import ringattn
+    from ringattn import comm, plan
+
+    rank, _ = comm.group_rank_world()
+    # Rank 0 plans for a very slow link (the fewest bytes: Ulysses), rank 1 for a balanced one (a ring).
+    hw = plan.Hardware("slow", 1e14, 1e8, 1e-6) if rank == 0 else plan.Hardware("balanced", 1e12, 1e10, 1e-6)
+    plan.set_hardware(hw)
+    q = torch.zeros(1, 1024, 8, 16, requires_grad=True)
+    k = v = torch.zeros(1, 1024, 8, 16)
+    try:
+        ringattn.attention(q, k, v, strategy="auto", causal=True, layout="zigzag")
+    except ValueError as e:
+        return str(e)
+    finally:
+        plan.set_hardware(None)
+    return "ran"
+
+
+def test_auto_choice_is_agreed_across_ranks(ranks):
+    # The choice is made after the checks and is part of what the ranks agree on: ranks that would run
+    # different strategies raise together instead of entering different collectives.
+    for got in ranks.run(2, _auto_with_hardware_per_rank):
+        assert "ranks disagree on the attention call" in got and "strategy" in got, got
