@@ -6,7 +6,7 @@
    reference's largest magnitude), for full, causal, windows, documents, striped and padding masks x
    float16 / bfloat16 / float32 x MHA and GQA: through ``ringattn.ring_attention`` on world size 1 (no
    process group) and through the selected backend directly on single block pairs (striped positions
-   included), planned by ``tasks.plan_block``. It also reports which backend ``kernels.select`` chose
+   included), planned by ``tasks.block_tasks``. It also reports which backend ``kernels.select`` chose
    (the CUDA backend must pass its self-check for every dtype) and which flash impl is active.
    The kernel seam's other paths run on the device too: the same block pairs planned for a backend that
    takes BAND tasks (windows, chunks, documents as one task each, masked from the band's own
@@ -205,7 +205,7 @@ def check_direct(dtype, kv_heads, name, spec, qsegs, ksegs, device, backend, ali
     from ringattn.kernels import acc_dtype
     from ringattn.kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
     from ringattn.scores import ScoreMod
-    from ringattn.tasks import plan_block
+    from ringattn.tasks import block_tasks
 
     g = torch.Generator(device=device).manual_seed(zlib.crc32(f"direct/{name}/{kv_heads}".encode()))
     nq, nk = sum(s.length for s in qsegs), sum(s.length for s in ksegs)
@@ -226,7 +226,7 @@ def check_direct(dtype, kv_heads, name, spec, qsegs, ksegs, device, backend, ali
         spec = dataclasses.replace(spec, positional=True)
         bias = -slopes[:, None, None] * (qpos[:, None] - kpos[None, :]).double()
     ref = reference(q, k, v, dout, keep, scale, bias)
-    tasks = plan_block(spec, qsegs, ksegs, backend.caps)
+    tasks = block_tasks(spec, qsegs, ksegs, backend.caps)
     acc = OutLseAccumulator(q, d)
     run_forward(backend, q, k, v, tasks, spec, scale, acc, scores)
     grads = [GradAccumulator(x.shape, acc_dtype(dtype), device) for x in (q, k, v)]
@@ -303,13 +303,13 @@ def _bench_case(device, S: int, H: int, d: int, causal: bool, reps: int) -> list
     from ringattn.kernels import BACKENDS
     from ringattn.kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
     from ringattn.masks import MaskSpec, Segment
-    from ringattn.tasks import plan_block
+    from ringattn.tasks import block_tasks
 
     backend = BACKENDS["cuda-flash"]
     g = torch.Generator(device=device).manual_seed(S + H)
     q, k, v, do = (torch.randn(1, S, H, d, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
     spec = MaskSpec(S, causal=causal)
-    tasks = plan_block(spec, (Segment(0, S),), (Segment(0, S),), backend.caps)
+    tasks = block_tasks(spec, (Segment(0, S),), (Segment(0, S),), backend.caps)
     scale = d ** -0.5
 
     def block_fwd():

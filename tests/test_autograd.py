@@ -11,7 +11,7 @@ import torch.distributed as dist
 import ringattn
 from ringattn import comm
 from ringattn.masks import MaskSpec
-from ringattn.schedule import make_plan
+from ringattn.schedule import make_schedule
 
 from .cases import Case, assert_close, run_case
 from .reference import TOL, dense_mask, rel_err
@@ -44,7 +44,7 @@ def partial_grads(which: str) -> float:
 
 @pytest.mark.parametrize("which", ["q", "kv", "v"])
 def test_partial_requires_grad(ranks, which):
-    assert make_plan(MaskSpec(48, window=(5, 5)), "contiguous", 0, 4, 12).steps == (0, 1, -1)
+    assert make_schedule(MaskSpec(48, window=(5, 5)), "contiguous", 0, 4, 12).steps == (0, 1, -1)
     assert max(ranks.run(4, partial_grads, which)) <= 1e-12
 
 
@@ -112,7 +112,7 @@ def test_gradient_through_lse(ranks, layout):
 def test_both_directions_exact(ranks, world, window, steps):
     c = 8
     spec = MaskSpec(seq_len=world * c, window=window)
-    assert all(make_plan(spec, "contiguous", r, world, c).steps == steps for r in range(world))
+    assert all(make_schedule(spec, "contiguous", r, world, c).steps == steps for r in range(world))
     case = Case(seq_len=world * c, window=window, kv_heads=1, seed=11)
     assert_close(ranks.run(world, run_case, case), case)
 

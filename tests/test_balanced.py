@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import ringattn
 from ringattn.layouts import balanced_units, padded_len, segments, unit_work, units_per_rank
 from ringattn.masks import MaskSpec, Segment
-from ringattn.schedule import make_plan
+from ringattn.schedule import make_schedule
 from ringattn.tasks import task_flops
 
 from .cases import Case, assert_close, raised, run_case
@@ -33,7 +33,7 @@ def imbalance(layout: str, bounds: tuple[int, ...], world: int) -> float:
     spec = MaskSpec(bounds[-1], causal=True, doc_bounds=bounds)
     work = []
     for r in range(world):
-        plan = make_plan(spec, layout, r, world, local)
+        plan = make_schedule(spec, layout, r, world, local)
         work.append(sum(task_flops(t, 1, 1, 1, 0) for ts in plan.tasks.values() for t in ts))
     return max(work) / (sum(work) / world)
 

@@ -11,7 +11,7 @@ import ringattn
 from ringattn import patterns
 from ringattn.kernels import Capabilities
 from ringattn.masks import Kind, MaskSpec, Segment
-from ringattn.tasks import plan_block
+from ringattn.tasks import block_tasks
 
 from .cases import Case, assert_close, run_case
 from .reference import attention_ref, dense_mask
@@ -123,11 +123,11 @@ def test_bottom_right_needs_no_dense_mask():
     with or without documents."""
     caps = Capabilities(max_dense_tile=64)
     spec = MaskSpec(seq_len=1000, causal=True)
-    tasks = plan_block(spec, (Segment(700, 300),), (Segment(0, 1000),), caps)
+    tasks = block_tasks(spec, (Segment(700, 300),), (Segment(0, 1000),), caps)
     assert sorted((t.kind.name, t.q0, t.q1, t.k0, t.k1) for t in tasks) == \
         [("CAUSAL", 0, 300, 700, 1000), ("FULL", 0, 300, 0, 700)]
     docs = MaskSpec(seq_len=1000, causal=True, doc_bounds=(0, 400, 850, 1000))
-    assert {t.kind for t in plan_block(docs, (Segment(700, 300),), (Segment(0, 1000),), caps)} \
+    assert {t.kind for t in block_tasks(docs, (Segment(700, 300),), (Segment(0, 1000),), caps)} \
         == {Kind.FULL, Kind.CAUSAL}
 
 

@@ -22,7 +22,7 @@ from ringattn.kernels.block import GradAccumulator, OutLseAccumulator, run_backw
 from ringattn.kernels.cuda import CudaFlashBackend
 from ringattn.kernels.lse import LseKernel, from_kernel, to_kernel
 from ringattn.masks import Kind, MaskSpec, Segment, Task
-from ringattn.tasks import plan_block
+from ringattn.tasks import block_tasks
 
 from .cases import Case, assert_close, run_case
 from .fake_cuda import FakeCudaOps, check_against_schema
@@ -36,7 +36,7 @@ def _cuda_vs_reference(cuda, dtype, spec: MaskSpec, qsegs, ksegs, q, k, v, dout)
     compared with the reference backend's result on the same inputs in float64."""
     def run(backend, dtype):
         xs = [t.to(dtype) for t in (q, k, v, dout)]
-        tasks = plan_block(spec, qsegs, ksegs, backend.caps)
+        tasks = block_tasks(spec, qsegs, ksegs, backend.caps)
         if backend is cuda:
             for t in tasks:  # bottom-right: the planner's promise the fake flash op also checks
                 assert t.kind is not Kind.CAUSAL or t.q1 - t.q0 == t.k1 - t.k0, t
@@ -103,7 +103,7 @@ def test_cuda_backend_call_convention(monkeypatch, dtype, dims):
         v = torch.randn(b, nk, kvh, dv, generator=g, dtype=F64)
         dout = torch.randn(b, nq, h, dv, generator=g, dtype=F64)
         q, k, v, dout = (t.to(dtype).to(F64) for t in (q, k, v, dout))  # the same inputs in every dtype
-        kinds.update(t.kind for t in plan_block(spec, qsegs, ksegs, cuda.caps))
+        kinds.update(t.kind for t in block_tasks(spec, qsegs, ksegs, cuda.caps))
         errs = _cuda_vs_reference(cuda, dtype, spec, qsegs, ksegs, q, k, v, dout)
         assert all(e <= tol for e in errs.values()), (spec, qsegs, ksegs, h, kvh, errs)
     assert kinds[Kind.FULL] and kinds[Kind.CAUSAL] and kinds[Kind.PARTIAL], kinds

@@ -14,7 +14,7 @@ import torch
 
 from ringattn.kernels import Alignment, Capabilities
 from ringattn.masks import Kind, MaskSpec, Segment
-from ringattn.tasks import plan_block, tile_tasks
+from ringattn.tasks import block_tasks, tile_tasks
 
 from .cases import Case, assert_close, run_case
 from .test_masks_on_ring import doc_cases
@@ -108,7 +108,7 @@ def test_random_plans_cover_exactly_the_visible_pairs(alignment, native_partial)
         qpos = torch.cat([s.positions() for s in qsegs])
         kpos = torch.cat([s.positions() for s in ksegs])
         want = spec.visible(qpos[:, None], kpos[None, :])
-        tasks = plan_block(spec, qsegs, ksegs, caps)
+        tasks = block_tasks(spec, qsegs, ksegs, caps)
         assert torch.equal(_cover(tasks, len(qpos), len(kpos), spec, qpos, kpos, alignment), want)
         tiled = [t for tile in tile_tasks(tasks, len(kpos), caps) for t in tile.tasks]
         assert torch.equal(_cover(tiled, len(qpos), len(kpos), spec, qpos, kpos, alignment), want)
@@ -117,7 +117,7 @@ def test_random_plans_cover_exactly_the_visible_pairs(alignment, native_partial)
 def test_documents_need_no_dense_mask():
     """Packed documents of useful length plan to full and causal calls only (the fast CPU path)."""
     spec = MaskSpec(seq_len=4096, causal=True, doc_bounds=(0, 700, 1900, 2500, 4096))
-    tasks = plan_block(spec, (Segment(0, 4096),), (Segment(0, 4096),), Capabilities())
+    tasks = block_tasks(spec, (Segment(0, 4096),), (Segment(0, 4096),), Capabilities())
     assert {t.kind for t in tasks} == {Kind.CAUSAL}
     assert len(tasks) == 4
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ringattn.kernels import BACKENDS, Capabilities, heads_major
 from ringattn.kernels.block import GradAccumulator, OutLseAccumulator, merge_into, run_forward
 from ringattn.masks import Kind, MaskSpec, Segment, Task
-from ringattn.tasks import plan_block, tile_tasks
+from ringattn.tasks import block_tasks, tile_tasks
 
 from .cases import Case, assert_close, run_case
 from .reference import TOL, attention_ref, rel_err
@@ -113,7 +113,7 @@ def test_plan_block_covers_mask(tile):
     spec = MaskSpec(seq_len=45, causal=True, window=(7, -1), doc_bounds=(0, 1, 13, 45))
     qsegs = (Segment(0, 12), Segment(36, 12))
     ksegs = (Segment(12, 12), Segment(24, 12))
-    tasks = plan_block(spec, qsegs, ksegs, Capabilities(max_dense_tile=tile))
+    tasks = block_tasks(spec, qsegs, ksegs, Capabilities(max_dense_tile=tile))
     covered = torch.zeros(24, 24, dtype=torch.bool)
     qpos = torch.cat([s.positions() for s in qsegs])
     kpos = torch.cat([s.positions() for s in ksegs])
@@ -136,7 +136,7 @@ def test_block_attention_api(backend):
     spec = MaskSpec(seq_len=20, causal=True)
     b = BACKENDS[backend]
     acc = OutLseAccumulator(q, v.shape[-1])
-    run_forward(b, q, k, v, plan_block(spec, (Segment(10, 10),), (Segment(5, 10),), b.caps), spec, 0.125 ** 0.5, acc)
+    run_forward(b, q, k, v, block_tasks(spec, (Segment(10, 10),), (Segment(5, 10),), b.caps), spec, 0.125 ** 0.5, acc)
     out, lse = acc.out, acc.lse
     keep = spec.visible(Segment(10, 10).positions()[:, None], Segment(5, 10).positions()[None, :])
     ro, rl = attention_ref(q, k, v, keep)

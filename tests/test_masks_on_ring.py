@@ -9,7 +9,7 @@ import torch
 
 import ringattn
 from ringattn.masks import MaskSpec
-from ringattn.schedule import make_plan
+from ringattn.schedule import make_schedule
 
 from .cases import Case, assert_close, run_case
 
@@ -79,11 +79,11 @@ def test_documents_float32_tiled(ranks, world):
 def test_contiguous_window_stops_early(world, left, local):
     """The ring takes ceil(left / local_len) + 1 steps on the contiguous layout (causal), not W."""
     spec = MaskSpec(seq_len=world * local, causal=True, window=(left, -1))
-    plan = make_plan(spec, "contiguous", 0, world, local)
+    plan = make_schedule(spec, "contiguous", 0, world, local)
     assert len(plan.steps) == min(world, math.ceil(left / local) + 1)
     # Non-causal: the right side adds its own steps, walked the other way round the ring.
     spec = MaskSpec(seq_len=world * local, window=(left, left))
-    steps = make_plan(spec, "contiguous", 0, world, local).steps
+    steps = make_schedule(spec, "contiguous", 0, world, local).steps
     need = math.ceil(left / local)
     assert len(steps) == min(world, 2 * need + 1)
 
@@ -91,7 +91,7 @@ def test_contiguous_window_stops_early(world, left, local):
 def test_documents_skip_steps():
     # Documents that each fit in one rank's shard: no rank needs any other rank's block.
     spec = MaskSpec(seq_len=64, causal=True, doc_bounds=(0, 16, 32, 48, 64))
-    assert make_plan(spec, "contiguous", 1, 4, 16).steps == (0,)
+    assert make_schedule(spec, "contiguous", 1, 4, 16).steps == (0,)
 
 
 def bytes_for(window):
@@ -114,5 +114,5 @@ def test_schedule_prefers_no_travelling_step():
     """Among equally short schedules, 3 ranks causal walk one step each way (both blocks used for one step
     only, so they stream) rather than two steps one way; 4 ranks keep the single long direction."""
     spec3, spec4 = MaskSpec(seq_len=3 * 8, causal=True), MaskSpec(seq_len=4 * 8, causal=True)
-    assert all(make_plan(spec3, "zigzag", r, 3, 8).steps == (0, 1, -1) for r in range(3))
-    assert all(make_plan(spec4, "zigzag", r, 4, 8).steps == (0, -1, -2, -3) for r in range(4))
+    assert all(make_schedule(spec3, "zigzag", r, 3, 8).steps == (0, 1, -1) for r in range(3))
+    assert all(make_schedule(spec4, "zigzag", r, 4, 8).steps == (0, -1, -2, -3) for r in range(4))

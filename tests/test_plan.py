@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ringattn import plan
+from ringattn.call import auto_strategy
 from ringattn.cli import main
 from ringattn.plan import PRESETS, Problem, estimate_all, min_sequence, overlap_block
 
@@ -106,7 +107,7 @@ def test_auto_is_deterministic_and_hardware_aware(monkeypatch):
         plan.set_hardware(hw)
         monkeypatch.setattr("ringattn.comm.group_rank_world", lambda group=None: (0, 4))
         try:
-            return plan.choose_for_call(q, k, v, causal=True, layout="zigzag")
+            return auto_strategy(q, k, v, causal=True, layout="zigzag")
         finally:
             plan.set_hardware(None)
 
@@ -118,7 +119,7 @@ def test_auto_is_deterministic_and_hardware_aware(monkeypatch):
     # Nothing can hide a very slow link: the fewest bytes win, and Ulysses sends (W-1)/W of its
     # tensors once where the ring forwards K/V W-1 times.
     assert pick(slow_link) == "ulysses"
-    assert plan.choose_for_call(q, k, v, mesh=object()) == "hybrid"
+    assert auto_strategy(q, k, v, mesh=object()) == "hybrid"
 
 
 def test_direct_backward_exchange_is_modelled():

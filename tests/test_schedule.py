@@ -10,8 +10,8 @@ import torch
 from ringattn.kernels import Capabilities
 from ringattn.layouts import segments
 from ringattn.masks import Kind, MaskSpec, Segment
-from ringattn.schedule import make_plan
-from ringattn.tasks import plan_block
+from ringattn.schedule import make_schedule
+from ringattn.tasks import block_tasks
 
 
 def test_plan_is_the_same_on_every_rank_and_covers_every_block():
@@ -27,7 +27,7 @@ def test_plan_is_the_same_on_every_rank_and_covers_every_block():
         cuts = sorted(rnd.sample(range(1, seq_len), min(seq_len - 1, rnd.randint(0, 3)))) if seq_len > 1 else []
         docs = rnd.choice([None, (0, *cuts, seq_len)])
         spec = MaskSpec(seq_len, rnd.random() < 0.5, window, docs)
-        plans = [make_plan(spec, layout, r, world, c) for r in range(world)]
+        plans = [make_schedule(spec, layout, r, world, c) for r in range(world)]
         assert len({p.steps for p in plans}) == 1, (spec, layout, world)
         steps = plans[0].steps
         assert len(set(o % world for o in steps)) == len(steps), "an offset is visited twice"
@@ -61,7 +61,7 @@ def test_random_plan_blocks_reproduce_the_mask():
         kpos = torch.cat([s.positions() for s in ksegs])
         want = spec.visible(qpos[:, None], kpos[None, :])
         got = torch.zeros_like(want)
-        for t in plan_block(spec, qsegs, ksegs, Capabilities(max_dense_tile=rnd.choice([3, 5, 512]))):
+        for t in block_tasks(spec, qsegs, ksegs, Capabilities(max_dense_tile=rnd.choice([3, 5, 512]))):
             keep = want[t.q0:t.q1, t.k0:t.k1]
             if t.kind is Kind.FULL:
                 assert keep.all()

@@ -9,8 +9,8 @@ import torch
 
 import ringattn
 from ringattn.masks import Kind, MaskSpec, Segment
-from ringattn.schedule import make_plan
-from ringattn.tasks import plan_block
+from ringattn.schedule import make_schedule
+from ringattn.tasks import block_tasks
 
 from .cases import Case, assert_close, run_case
 
@@ -68,17 +68,17 @@ def test_chunks_skip_ring_steps():
     # 4 ranks x 64 rows, chunks of 64: each query block sees only its own block's keys.
     spec = MaskSpec(seq_len=256, causal=True, chunk=64)
     for rank in range(4):
-        plan = make_plan(spec, "contiguous", rank, 4, 64)
+        plan = make_schedule(spec, "contiguous", rank, 4, 64)
         assert [o for o in plan.tasks if plan.tasks[o]] == [0], plan.tasks
     # Chunks that cut a block: one piece per chunk, each an unmasked causal call.
-    tasks = plan_block(MaskSpec(seq_len=512, causal=True, chunk=64), (Segment(0, 256),), (Segment(0, 256),))
+    tasks = block_tasks(MaskSpec(seq_len=512, causal=True, chunk=64), (Segment(0, 256),), (Segment(0, 256),))
     assert {t.kind for t in tasks} == {Kind.CAUSAL}, tasks
     assert len(tasks) == 4
 
 
 def test_alibi_tiles_carry_positions():
     spec = MaskSpec(seq_len=4096, causal=True, positional=True)
-    tasks = plan_block(spec, (Segment(0, 2048),), (Segment(0, 2048),))
+    tasks = block_tasks(spec, (Segment(0, 2048),), (Segment(0, 2048),))
     assert tasks and all(t.kind is Kind.PARTIAL and t.qseg is not None for t in tasks)
     assert max(t.q1 - t.q0 for t in tasks) <= 512 and max(t.k1 - t.k0 for t in tasks) <= 512
     # Tiles above the diagonal are skipped, as without ALiBi.

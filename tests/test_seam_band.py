@@ -21,7 +21,7 @@ from ringattn.kernels.block import GradAccumulator, OutLseAccumulator, run_backw
 from ringattn.kernels.reference import ReferenceBackend
 from ringattn.masks import Band, Kind, MaskSpec, Segment
 from ringattn.scores import ALIBI, ScoreMod
-from ringattn.tasks import plan_block, task_flops, tile_tasks
+from ringattn.tasks import block_tasks, task_flops, tile_tasks
 
 from .backends import BandBackend, VarlenBackend, backend_for
 from .cases import Case, assert_close, run_case
@@ -86,7 +86,7 @@ def test_band_plans_cover_exactly_the_visible_pairs(alignment):
         qpos = torch.cat([s.positions() for s in qsegs])
         kpos = torch.cat([s.positions() for s in ksegs])
         want = spec.visible(qpos[:, None], kpos[None, :])
-        tasks = plan_block(spec, qsegs, ksegs, caps)
+        tasks = block_tasks(spec, qsegs, ksegs, caps)
         assert torch.equal(_cover(tasks, spec, qpos, kpos, alignment), want), (spec, qsegs, ksegs)
         tiled = [t for tile in tile_tasks(tasks, len(kpos), caps) for t in tile.tasks]
         assert torch.equal(_cover(tiled, spec, qpos, kpos, alignment), want), (spec, qsegs, ksegs)
@@ -109,10 +109,10 @@ def test_backends_without_band_plan_as_before():
         spec = _random_spec(rnd)
         qsegs, ksegs = _segments(rnd), _segments(rnd)
         for b in (kernels.BACKENDS["cpu-flash"], kernels.BACKENDS["cuda-flash"], kernels.BACKENDS["reference"]):
-            tasks = plan_block(spec, qsegs, ksegs, b.caps)
+            tasks = block_tasks(spec, qsegs, ksegs, b.caps)
             assert all(t.kind is not Kind.BAND and t.band is None for t in tasks)
         alibi = dataclasses.replace(spec, positional=True)
-        tasks = plan_block(alibi, qsegs, ksegs, kernels.BACKENDS["cpu-flash"].caps)
+        tasks = block_tasks(alibi, qsegs, ksegs, kernels.BACKENDS["cpu-flash"].caps)
         assert all(t.kind is Kind.PARTIAL for t in tasks)
 
 
@@ -121,15 +121,15 @@ def test_band_of_documents_is_varlen():
     cu_seqlens), window (-1, 0) = causal; its FlashAttention windows are causal in every run."""
     spec = MaskSpec(seq_len=4096, causal=True, doc_bounds=(0, 700, 1900, 2500, 4096))
     caps = Capabilities(native=BAND_NATIVE)
-    (t,) = plan_block(spec, (Segment(0, 4096),), (Segment(0, 4096),), caps)
+    (t,) = block_tasks(spec, (Segment(0, 4096),), (Segment(0, 4096),), caps)
     assert t.kind is Kind.BAND and t.band == Band(0, (-1, 0), (0, 700, 1900, 2500, 4096), (0, 700, 1900, 2500, 4096))
     assert t.band.flash_windows(4096, 4096) == [(-1, 0)] * 4 and t.band.flash_window(4096, 4096) == (-1, 0)
     # A window of 512 keys to the left on an off-diagonal block: one call, the window as it is.
-    (t,) = plan_block(MaskSpec(seq_len=8192, causal=True, window=(512, -1)), (Segment(2048, 2048),),
+    (t,) = block_tasks(MaskSpec(seq_len=8192, causal=True, window=(512, -1)), (Segment(2048, 2048),),
                       (Segment(0, 2048),), caps)
     assert t.kind is Kind.BAND and t.band.window == (512, 0) and t.band.diag == 2048
     # Chunks of 1000 over a block of 2048 starting at 1500: runs cut at 2000 and 3000.
-    (t,) = plan_block(MaskSpec(seq_len=8192, causal=True, chunk=1000), (Segment(1500, 2048),),
+    (t,) = block_tasks(MaskSpec(seq_len=8192, causal=True, chunk=1000), (Segment(1500, 2048),),
                       (Segment(1500, 2048),), caps)
     assert t.band.cu_q == t.band.cu_k == (0, 500, 1500, 2048)
 
@@ -211,7 +211,7 @@ def _block(name, spec, qsegs, ksegs, scores=None, seed=0):
     p = torch.exp(s - lse_ref.masked_fill(torch.isneginf(lse_ref), 0)[..., None])
     out_ref = torch.einsum("bhij,bjhd->bihd", p, leaves[2].repeat_interleave(2, 2))
     (out_ref * dout).sum().backward()
-    tasks = plan_block(spec, qsegs, ksegs, backend.caps)
+    tasks = block_tasks(spec, qsegs, ksegs, backend.caps)
     acc = OutLseAccumulator(q, 8)
     run_forward(backend, q, k, v, tasks, spec, 8 ** -0.5, acc, scores)
     grads = [GradAccumulator(x.shape, acc_dtype(x.dtype), "cpu") for x in (q, k, v)]
@@ -267,12 +267,12 @@ def test_alibi_not_native_stays_in_tiles():
     """A backend that lists ALiBi in score_mods only (cpu-flash) keeps every visible pair a PARTIAL tile."""
     caps = kernels.BACKENDS["cpu-flash"].caps
     assert ALIBI in caps.score_mods and ALIBI not in caps.native_score_mods
-    tasks = plan_block(MaskSpec(300, causal=True, positional=True), (Segment(100, 50),), (Segment(0, 150),), caps)
+    tasks = block_tasks(MaskSpec(300, causal=True, positional=True), (Segment(100, 50),), (Segment(0, 150),), caps)
     assert tasks and all(t.kind is Kind.PARTIAL for t in tasks)
     # Nor does a native backend get other kinds where the strides differ: the bias is then no function of
     # row minus key (not FlashAttention's).
     native = backend_for("test-band").caps
-    tasks = plan_block(MaskSpec(300, causal=True, positional=True), (Segment(101, 20, 4),), (Segment(0, 60),), native)
+    tasks = block_tasks(MaskSpec(300, causal=True, positional=True), (Segment(101, 20, 4),), (Segment(0, 60),), native)
     assert tasks and all(t.kind is Kind.PARTIAL and t.qseg is not None for t in tasks)
 
 

@@ -451,6 +451,7 @@ def hybrid_job(local_len: int, heads: int, kv_heads_list: list[int], head_dim: i
 
     import ringattn
     from ringattn import plan
+    from ringattn.call import auto_strategy
 
     rank, world = _rank_world()
     mesh = init_device_mesh("cpu", (world // ranks_per_host, ranks_per_host),
@@ -493,7 +494,7 @@ def hybrid_job(local_len: int, heads: int, kv_heads_list: list[int], head_dim: i
             best = min(runs[1:], key=lambda r: r["fwd_wall_s"] + r["bwd_wall_s"])
             best["host_link_tx_bytes"] = link
             if strategy == "auto":
-                best["chose"] = plan.choose_for_call(q, k, v, causal=causal, layout=layout)
+                best["chose"] = str(auto_strategy(q, k, v, causal=causal, layout=layout))
             res["runs"][strategy] = best
         plan.set_hardware(None)
         out["by_kv_heads"][str(kv_heads)] = res

@@ -1,28 +1,39 @@
 """ringattn: exact Ring Attention and context parallelism for PyTorch, on CPU (gloo) and GPU (NCCL).
 
-The public contract is ``docs/api.md``: ``ring_attention``, ``attention``, ``shard``, ``unshard``,
-``profile``, ``Sharding`` / ``sharding_of`` (what a shard remembers) and ``ringattn.hf.register``.
+The public contract is ``docs/api.md``: ``ring_attention``, ``attention``, ``decode_attention``, ``Mask``,
+``shard``, ``unshard``, ``profile``, ``Sharding`` / ``sharding_of`` (what a shard remembers) and
+``ringattn.hf.register``.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 
 from . import _aliases
 from . import call as _call
+from .callspec import Documents, Mask, MaskFn, Slices, merge_mask
+from .decode import decode_attention
+from .kernels import Backend
 from .layouts import LAYOUTS, Sharding, global_positions, shard, sharding_of, unshard
 from .modes import BackwardExchange, Layout, Strategy
 from .profiling import Stats, profile
 
-__all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Sharding", "Stats", "Strategy", "attention",
+__all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Mask", "Sharding", "Stats", "Strategy", "attention",
+           "decode_attention",
            "global_positions", "profile", "ring_attention", "shard", "sharding_of", "unshard"]
 __version__ = "0.1.0"
 _aliases.install()
 
 
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None, **options):
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=None,
+                   mask: Mask | None = None, causal: bool = False, window: tuple[int, int] | None = None,
+                   layout: Layout | str | None = None, seq_len: int | None = None, q_seq_len: int | None = None,
+                   cu_seqlens: Documents | None = None, softmax_scale: float | None = None,
+                   return_lse: bool = False, backward_exchange: BackwardExchange | str = BackwardExchange.RING,
+                   kv_head_chunk: int | None = None, backend: str | Backend | None = None,
+                   softcap: float | None = None, sinks: torch.Tensor | None = None, chunk_size: int | None = None,
+                   alibi_slopes: torch.Tensor | None = None, mask_mod: MaskFn | None = None,
+                   slices: Slices | None = None, uneven: bool | None = None, sharding: Sharding | None = None):
     """Exact attention over a sequence split across the ranks of ``group``.
 
     Args:
@@ -33,6 +44,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         v: ``(batch, local_len, kv_heads, v_head_dim)``.
         group: the process group holding the sequence (None = default group; without an
             initialised ``torch.distributed``, exact single-process attention).
+        mask: a ``ringattn.Mask``: the mask keywords below (``causal``, ``window``, ``cu_seqlens`` as its
+            ``documents``, ``chunk_size``, ``slices``, ``mask_mod``, ``seq_len``) as one value; a field set
+            both there and as a keyword is an error.
         causal: keep key ``j`` for query ``i`` iff ``j <= i`` (global positions).
         window: ``(left, right)``: keep ``i - left <= j <= i + right``; -1 = unbounded on that side.
         layout: ``"contiguous"``, ``"zigzag"``, ``"striped"`` or ``"balanced"`` (``ringattn.Layout``):
@@ -80,25 +94,36 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         Both remember the call's sharding of the query rows, so ``ringattn.unshard(out)`` needs no
         arguments.
     """
+    options = merge_mask(mask, _given(locals()), "ring_attention")
     return _call.enter(q, k, v, strategy=Strategy.RING, group=group, **options)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: Strategy | str = Strategy.RING,
-              group=None, mesh=None, **options):
+              group=None, mesh=None, mask: Mask | None = None, causal: bool = False,
+              window: tuple[int, int] | None = None, layout: Layout | str | None = None, seq_len: int | None = None,
+              q_seq_len: int | None = None, cu_seqlens: Documents | None = None, softmax_scale: float | None = None,
+              return_lse: bool = False, backward_exchange: BackwardExchange | str = BackwardExchange.RING,
+              kv_head_chunk: int | None = None, backend: str | Backend | None = None, softcap: float | None = None,
+              sinks: torch.Tensor | None = None, chunk_size: int | None = None,
+              alibi_slopes: torch.Tensor | None = None, mask_mod: MaskFn | None = None,
+              slices: Slices | None = None, uneven: bool | None = None, sharding: Sharding | None = None):
     """Context-parallel attention by any strategy; same keywords, contract and results as
     ``ring_attention``.
 
     ``strategy``: ``"ring"``, ``"allgather"``, ``"ulysses"``, ``"hybrid"`` (needs a 2-D ``mesh``) or
     ``"auto"`` (the planner chooses).
     """
+    options = merge_mask(mask, _given(locals()), "attention")
     return _call.enter(q, k, v, strategy=strategy, group=group, mesh=mesh, **options)
 
 
-_KW = inspect.Parameter.KEYWORD_ONLY
-ring_attention.__signature__ = _call.signature(inspect.Parameter("group", _KW, default=None))
-attention.__signature__ = _call.signature(
-    inspect.Parameter("strategy", _KW, default=Strategy.RING, annotation=Strategy | str),
-    inspect.Parameter("group", _KW, default=None), inspect.Parameter("mesh", _KW, default=None))
+_NOT_OPTIONS = frozenset({"q", "k", "v", "group", "mesh", "strategy", "mask"})
+
+
+def _given(args: dict) -> dict:
+    """The call's keywords (``Options`` fields) that were set: None means left out (a layout, length,
+    documents or sharding left out is taken from what the shards remember)."""
+    return {name: val for name, val in args.items() if name not in _NOT_OPTIONS and val is not None}
 
 
 def __getattr__(name):

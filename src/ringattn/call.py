@@ -1,25 +1,25 @@
 """The front door: every attention call enters here, whatever the strategy.
 
-One signature (:class:`Options`), one validation, one cross-rank agreement, one description, one profile
-count, and one backend choice per call; the strategy then receives a finished :class:`AttentionCall`.
-Adding a keyword is one field of ``Options`` (plus its check in ``_build``): ``ring_attention`` and
-``attention`` take their signatures from it. ``decode_attention`` enters through :func:`checked` too.
+One validation (pure ``check_*`` functions), one cross-rank agreement (``validate.agree``), one
+description, one profile count, and one backend choice per call; the strategy then receives a finished
+``callspec.AttentionCall``. ``strategy="auto"`` is resolved after the checks, from the checked mask
+(``cost_model.Problem.from_call``), and the choice is part of what the ranks agree on.
+``decode_attention`` enters through :func:`checked` too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from . import profiling
-from .comm import exclusive, group_rank_world
-from .kernels import BACKENDS, Backend, select
+from .callspec import AttentionCall, CallShape, Options, Topology
+from .comm import exclusive
+from .cost_model import Problem
 from .layouts import (
     Sharding,
     Uneven,
@@ -27,8 +27,7 @@ from .layouts import (
     document_rows,
     documents_text,
     effective_layout,
-    mesh_coords,
-    mesh_dims,
+    layout_of,
     remember,
     settle,
     settle_len,
@@ -36,12 +35,15 @@ from .layouts import (
     uneven_lengths,
 )
 from .masks import EVAL_PAIRS, Kind, MaskSpec, RowHeadMask, takes_four
-from .modes import RING_STRATEGIES, BackwardExchange, Layout, Strategy, choose
+from .modes import Layout, Strategy, choose
 from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
-from .strategies import IMPLEMENTATIONS, allgather, resolve_auto, ring
+from .strategies import IMPLEMENTATIONS, REGISTRY
+from .strategies.auto import choose_strategy
+from .strategies.base import TUNING, group_topology
 from .validate import (
     agree,
     call_number,
+    check_backend,
     check_backward_exchange,
     check_qkv,
     describe,
@@ -51,116 +53,12 @@ from .validate import (
 )
 
 
-@dataclass(frozen=True, kw_only=True)
-class Options:
-    """The keywords of an attention call (see ``ring_attention`` for what each means)."""
-
-    causal: bool = False
-    window: tuple[int, int] | None = None
-    layout: Layout | str = Layout.CONTIGUOUS
-    seq_len: int | None = None
-    q_seq_len: int | None = None
-    cu_seqlens: torch.Tensor | Sequence[torch.Tensor] | None = None  # a list: one per batch row
-    softmax_scale: float | None = None
-    return_lse: bool = False
-    backward_exchange: BackwardExchange | str = BackwardExchange.RING
-    kv_head_chunk: int | None = None
-    backend: str | Backend | None = None
-    softcap: float | None = None
-    sinks: torch.Tensor | None = None
-    chunk_size: int | None = None
-    alibi_slopes: torch.Tensor | None = None
-    mask_mod: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    slices: Sequence[tuple[tuple[int, int], tuple[int, int], str]] | None = None
-    uneven: bool = False
-    sharding: Sharding | None = None  # what a copy of a shard no longer remembers (``remembered``)
-
-
-# Keywords that tune one kind of strategy, and the strategies that take a non-default value.
-# "auto" drops them for a strategy that was not chosen: they tune a strategy that was not picked.
-TUNING: dict[str, tuple[object, frozenset[Strategy]]] = {
-    "kv_head_chunk": (None, frozenset({Strategy.ALLGATHER})),
-    "backward_exchange": (BackwardExchange.RING, RING_STRATEGIES),
-}
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where a strategy runs: the group its layout is over (``world`` blocks of ``block_rows`` local
-    lengths), the group that splits the heads, if any, and every group that must agree on the call."""
-
-    group: object
-    rank: int
-    world: int
-    block_rows: int = 1
-    head_group: object = None
-    head_world: int = 1
-    head_rank: int = 0
-    agree_over: tuple = (None,)
-    mesh: object = None
-
-
-@dataclass(frozen=True)
-class AttentionCall:
-    """One validated, agreed call, as every strategy receives it."""
-
-    strategy: Strategy
-    options: Options
-    topo: Topology
-    layout: Layout | Uneven  # contiguous when the layout's group has one rank (every layout is the same then)
-    spec: MaskSpec
-    scale: float
-    backend: Backend
-    q_offset: int = 0  # global position of query row 0 (Options.q_seq_len; 0 for square attention)
-    scores: ScoreMod | None = None  # None: plain scores
-    sinks: torch.Tensor | None = None  # (heads,) of the heads this call computes
-
-    @property
-    def group(self):
-        return self.topo.group
-
-    def heads(self, h0: int, h1: int) -> AttentionCall:
-        """The call for query heads ``[h0, h1)`` only (strategies that split the heads)."""
-        return dataclasses.replace(self, scores=None if self.scores is None else self.scores.heads(h0, h1),
-                                   sinks=None if self.sinks is None else self.sinks[h0:h1])
-
-    def local_heads(self, heads: int) -> AttentionCall:
-        """The call for this rank's share of ``heads`` query heads after a head-splitting all-to-all."""
-        per = heads // self.topo.head_world
-        return self.heads(self.topo.head_rank * per, (self.topo.head_rank + 1) * per)
-
-    @property
-    def backward_exchange(self) -> BackwardExchange:
-        return BackwardExchange(self.options.backward_exchange)
-
-    def backend_for(self, dlse: torch.Tensor | None) -> Backend:
-        """The backend of this call's backward: its own, unless a gradient flows into lse and it cannot
-        take one."""
-        if dlse is None or self.backend.caps.takes_dlse:
-            return self.backend
-        return BACKENDS["reference"]
-
-
 def topology(strategy: Strategy, group, mesh) -> Topology:
-    """The strategy's groups; misuse of ``group=`` / ``mesh=`` is an error at once (nothing to agree on)."""
-    if strategy is not Strategy.HYBRID:
-        if mesh is not None:
-            raise ValueError(f"mesh is only used by strategy='hybrid' (got strategy={strategy!r}); "
-                             "pass group= for the others")
-        rank, world = group_rank_world(group)
-        heads = (group, world, rank) if strategy is Strategy.ULYSSES else (None, 1, 0)
-        return Topology(group, rank, world, 1, *heads, agree_over=(group,))
-    if group is not None:
-        raise ValueError("strategy='hybrid' takes its process groups from mesh=; leave group=None")
-    if mesh is None:
-        raise ValueError("strategy='hybrid' needs mesh=, a 2-D DeviceMesh with a ring and a ulysses dimension")
-    ring_dim, uly_dim = mesh_dims(mesh)
-    ring_rank, ring_world, uly_rank, uly_world = mesh_coords(mesh)
-    ring_group, uly_group = mesh.get_group(ring_dim), mesh.get_group(uly_dim)
-    # The layout is over the ring's blocks of U * local_len rows; two small agreements (the Ulysses group,
-    # then the ring group) reach every rank of the mesh.
-    return Topology(ring_group, ring_rank, ring_world, uly_world, uly_group, uly_world, uly_rank,
-                    agree_over=(uly_group, ring_group), mesh=mesh)
+    """The strategy's groups; misuse of ``group=`` / ``mesh=`` is an error at once (nothing to agree on).
+    ``"auto"`` runs over ``group`` until it has chosen."""
+    if strategy is Strategy.AUTO:
+        return group_topology(strategy, group, mesh)
+    return REGISTRY[strategy].topology(group, mesh)
 
 
 def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) -> tuple[AttentionCall, str]:
@@ -173,67 +71,97 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     layout = choose(Layout, opts.layout, "layout")
     if not isinstance(opts.uneven, bool):
         raise TypeError(f"uneven must be a bool, got {type(opts.uneven).__name__}")
-    scores = ScoreMod(check_softcap(opts.softcap), check_alibi_slopes(opts.alibi_slopes, q.shape[2], q))
-    sinks = check_per_head("sinks", opts.sinks, q.shape[2], q)
+    cap = check_softcap(opts.softcap)
+    kinds = ScoreMod(cap, opts.alibi_slopes).kinds
+    backend = check_backend(opts.backend, q, k, v, kinds)
     # Uneven blocks arrive padded to the longest (uneven_inputs), at explicit positions: no even-length rule.
     spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1],
-                     layout=Layout.CONTIGUOUS if opts.uneven else layout, causal=opts.causal,
-                     window=opts.window, seq_len=opts.seq_len, cu_seqlens=opts.cu_seqlens, batch=q.shape[0],
-                     chunk_size=opts.chunk_size, positional=ALIBI in scores.kinds, mask_mod=opts.mask_mod,
-                     slices=opts.slices)
+                     layout=Layout.CONTIGUOUS if opts.uneven else layout, batch=q.shape[0],
+                     positional=ALIBI in kinds, **opts.mask_keywords())
     q_block = topo.block_rows * q.shape[1]
     q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
                             same_len=q.shape[1] == k.shape[1],
                             layout=Layout.CONTIGUOUS if opts.uneven else layout, world=topo.world,
                             q_local_len=q_block)
     scale = softmax_scale_of(opts.softmax_scale, q.shape[-1])
-    check_backward_exchange(opts.backward_exchange, str(strategy))
-    exchange = BackwardExchange(opts.backward_exchange)
+    check_backward_exchange(opts.backward_exchange)
     chunk = opts.kv_head_chunk
-    if chunk is not None:
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"kv_head_chunk must be a positive int or None, got {chunk!r}")
-        if strategy is not Strategy.ALLGATHER:
-            raise ValueError(f"kv_head_chunk is an allgather setting; strategy={strategy!r} gathers no K/V")
-    if topo.head_world > 1 and q.shape[2] % topo.head_world:
-        raise ValueError(f"strategy={strategy!r} splits the heads over {topo.head_world} ranks: heads "
-                         f"({q.shape[2]}) must be divisible by {topo.head_world}")
-    backend = _backend(opts.backend, q, k, v, scores.kinds)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"kv_head_chunk must be a positive int or None, got {chunk!r}")
+    if strategy is not Strategy.AUTO:
+        REGISTRY[strategy].check_tuning(options)
+    shape = CallShape(q.shape[0], q_block, topo.block_rows * k.shape[1], q.shape[2], k.shape[2], q.shape[3],
+                      v.shape[3], q.element_size(), any(t.requires_grad for t in (q, k, v)), q.device)
+    about = describe(q, k, v, spec, layout, scale)
+    scores = ScoreMod(cap, check_alibi_slopes(opts.alibi_slopes, shape.heads, q))
+    sinks = check_per_head("sinks", opts.sinks, shape.heads, q)
     placed = Uneven(layout, spec.seq_len) if opts.uneven else layout
     call = AttentionCall(strategy, opts, topo, effective_layout(placed, topo.world), spec, scale, backend,
-                         q_offset, scores if scores.kinds else None, sinks)
-    plan_user_mask(call, topo.block_rows * q.shape[1], topo.block_rows * k.shape[1])
-    desc = (describe(str(strategy), q, k, v, spec, layout, scale) + f" q_offset={q_offset}"
-            f" backward_exchange={exchange}"
+                         q_offset, scores if scores.kinds else None, sinks, shape)
+    if strategy is Strategy.AUTO:
+        call = resolve_auto(call)
+    return call, f"strategy={call.strategy} {about} {described(call)}"
+
+
+def described(call: AttentionCall) -> str:
+    """What the ranks agree on beyond ``validate.describe`` of the tensors and the mask: the rest of the
+    checked call. The strategy's head split is checked here and the user's mask planned (see
+    ``evaluate_user_mask``)."""
+    topo, shape, scores = call.topo, call.shape, call.scores or ScoreMod(None, None)
+    if topo.head_world > 1 and shape.heads % topo.head_world:
+        raise ValueError(f"strategy={call.strategy!r} splits the heads over {topo.head_world} ranks: heads "
+                         f"({shape.heads}) must be divisible by {topo.head_world}")
+    evaluate_user_mask(call)
+    sinks = call.sinks
+    return (f"q_offset={call.q_offset}"
+            f" backward_exchange={call.backward_exchange}"
             f" {scores.describe()} sinks={sink_digest(sinks)}"
             f" sinks_grad={sinks is not None and sinks.requires_grad and torch.is_grad_enabled()}"
-            f" kv_head_chunk={chunk} backend={backend.name} {_caps_text(backend.caps)}"
+            f" kv_head_chunk={call.options.kv_head_chunk} backend={call.backend.name} {_caps_text(call.backend.caps)}"
             f" blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")
-    return call, desc
 
 
-def plan_user_mask(call: AttentionCall, q_len: int, k_len: int) -> None:
-    """Plan this rank's blocks now, before the agreement, where a mask_mod makes the plan: planning runs the
+def resolve_auto(call: AttentionCall) -> AttentionCall:
+    """The checked ``strategy="auto"`` call as the strategy the cost model chooses for it runs it
+    (deterministic from the checked call and the configured hardware). Keywords that tune a strategy
+    not chosen go back to their defaults."""
+    topo = call.topo
+    chosen = Strategy.RING
+    if topo.world > 1:
+        chosen = Strategy(choose_strategy(Problem.from_call(call), call.shape.device))
+    if chosen is not Strategy.RING:
+        topo = topology(chosen, topo.group, None)
+    opts = call.options
+    tunes = REGISTRY[chosen].tunes
+    opts = dataclasses.replace(opts, **{name: default for name, (default, _) in TUNING.items() if name not in tunes})
+    return dataclasses.replace(call, strategy=chosen, topo=topo, options=opts)
+
+
+def auto_strategy(q, k, v, *, group=None, mesh=None, **options) -> Strategy:
+    """The strategy ``attention(q, k, v, strategy="auto", group=group, mesh=mesh, **options)`` runs on this
+    rank (its checks run, nothing is communicated)."""
+    if mesh is not None:
+        return Strategy.HYBRID
+    call, _ = build(q, k, v, Strategy.AUTO, topology(Strategy.AUTO, group, None), options)
+    return call.strategy
+
+
+def evaluate_user_mask(call: AttentionCall) -> None:
+    """Plan this rank's blocks before the agreement where a mask_mod makes the plan: planning runs the
     user's function on every block pair this rank computes (and the cached plan is what the strategy then
     runs), so whatever it raises on some ranks only becomes an agreed error on every rank. Pairs too
     large to classify whole, which a backend masks natively, are evaluated here too, tile by tile.
 
     A mask_mod that answers differently when asked again (not a function of its positions) and failures
     of anything else once the exchanges start (a kernel, memory) are left to Note [A failure after the
-    agreement] (comm.Outcome). Ulysses plans the whole sequence alike on every rank: any error there is
-    every rank's.
+    agreement] (comm.Outcome). A strategy without ``tasks`` (Ulysses) plans the whole sequence alike on every
+    rank: any error there is every rank's.
     """
-    if call.spec.mask_mod is None:
+    tasks_for = REGISTRY[call.strategy].tasks
+    if call.spec.mask_mod is None or tasks_for is None:
         return
-    if call.strategy in (Strategy.RING, Strategy.HYBRID):
-        plan = ring.plan_for(call, q_len, k_len)
-        tasks = tuple(t for o in plan.steps for t in plan.tasks[o])
-    elif call.strategy is Strategy.ALLGATHER:
-        tasks = allgather.plan(call, q_len, k_len)
-    else:
-        return
-    _evaluate_large_partials(call.spec, tasks)
+    _evaluate_large_partials(call.spec, tasks_for(call, call.shape.q_rows, call.shape.k_rows))
 
 
 @functools.lru_cache(maxsize=256)
@@ -258,26 +186,6 @@ def _caps_text(caps) -> str:
             val = ",".join(sorted(str(getattr(x, "name", x)) for x in val))
         fields.append(f"{f.name}={val}")
     return "caps(" + " ".join(fields) + ")"
-
-
-def _backend(choice, q, k, v, score_mods: frozenset[str]) -> Backend:
-    if choice is None:
-        chosen = select(q, k, v)
-        # Score modifications the fastest kernel lacks are run by the reference (tiled, exact).
-        return chosen if score_mods <= chosen.caps.score_mods else BACKENDS["reference"]
-    if isinstance(choice, str):
-        if choice not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or a Backend, got {choice!r}")
-        choice = BACKENDS[choice]
-    if not (hasattr(choice, "caps") and hasattr(choice, "forward") and hasattr(choice, "supports")):
-        raise TypeError(f"backend must be a name or a ringattn.kernels.Backend, got {type(choice).__name__}")
-    if not choice.supports(q, k, v):
-        raise ValueError(f"backend {choice.name!r} does not support {q.dtype} tensors on {q.device.type}")
-    missing = score_mods - choice.caps.score_mods
-    if missing:
-        raise ValueError(f"backend {choice.name!r} cannot apply {', '.join(sorted(missing))}; leave backend=None "
-                         "(the reference backend applies every score modification)")
-    return choice
 
 
 def checked(make: Callable[[], tuple[Any, str]], groups, like) -> Any:
@@ -305,13 +213,9 @@ def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh
         problem = None
     except Exception as e:  # noqa: BLE001 - raised below on every rank together, at the agreement
         sharded, problem = None, e
-    if strategy is Strategy.AUTO:
-        if problem is None:
-            strategy = resolve_auto(q, k, v, group=group, mesh=mesh, **options)
-            options = {key: val for key, val in options.items()
-                       if key not in TUNING or strategy in TUNING[key][1] or val == TUNING[key][0]}
-        else:  # the strategy "auto" falls back to for arguments it cannot plan
-            strategy = Strategy.HYBRID if mesh is not None else Strategy.RING
+    if strategy is Strategy.AUTO and mesh is not None:  # the shards were made for the mesh
+        strategy = Strategy.HYBRID
+        options.pop("kv_head_chunk", None)
     topo = topology(strategy, group, mesh)
     if problem is None and sharded is not None:
         problem = misplaced(sharded, topo)
@@ -324,7 +228,7 @@ def enter(q, k, v, *, strategy: Strategy | str = Strategy.RING, group=None, mesh
             out = _enter_parts(q, k, v, strategy, topo, options)
         else:
             call = checked(lambda: build(q, k, v, strategy, topo, options), topo.agree_over, q)
-            out, lse = IMPLEMENTATIONS[strategy](q, k, v, call)
+            out, lse = IMPLEMENTATIONS[call.strategy](q, k, v, call)
             out = (out, lse) if call.options.return_lse else out
     return _remembering(out, topo, options, q.shape[1], k.shape[1])
 
@@ -415,7 +319,7 @@ def _remembering(out, topo: Topology, options: dict[str, Any], q_rows: int, k_ro
         n = options.get("seq_len")
     if n is None:  # every query row is real
         n = topo.world * topo.block_rows * q_rows
-    docs = document_rows(options.get("cu_seqlens")) if layout == "balanced" else None
+    docs = document_rows(options.get("cu_seqlens")) if layout_of(layout).needs_documents else None
     place = ((topo.rank, topo.world, topo.head_rank, topo.head_world) if topo.mesh is not None
              else (topo.rank, topo.world))
     group = None if topo.mesh is not None else topo.group
@@ -457,7 +361,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _enter_uneven(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
     call, padded, n = checked(lambda: uneven_inputs(q, k, v, strategy, topo, options), topo.agree_over, q)
-    out, lse = IMPLEMENTATIONS[strategy](*padded, call)
+    out, lse = IMPLEMENTATIONS[call.strategy](*padded, call)
     out, lse = out[:, :n], lse[..., :n]  # the padding rows' gradient is zero: they leave the graph here
     return (out, lse) if call.options.return_lse else out
 
@@ -512,19 +416,10 @@ def _enter_parts(q, k, v, strategy: Strategy, topo: Topology, options: dict[str,
     # Every part's checks pass one agreement together; then each runs as a call of its own (its documents
     # or its mask give it its own plan), on the same group in the same order on every rank.
     parts = checked(lambda: build_parts(q, k, v, strategy, topo, options), topo.agree_over, q)
-    done = [IMPLEMENTATIONS[strategy](*part_inputs(q, k, v, b, h), call) for b, h, call in parts]
+    done = [IMPLEMENTATIONS[call.strategy](*part_inputs(q, k, v, b, h), call) for b, h, call in parts]
     per_row = len(parts) // q.shape[0]  # parts are row-major: every head of row 0, then of row 1, ...
     out = torch.cat([torch.cat([o for o, _ in done[b * per_row:(b + 1) * per_row]], 2) for b in range(q.shape[0])])
     if not parts[0][2].options.return_lse:
         return out
     return out, torch.cat([torch.cat([lse for _, lse in done[b * per_row:(b + 1) * per_row]], 1)
                            for b in range(q.shape[0])])
-
-
-def signature(*leading: inspect.Parameter) -> inspect.Signature:
-    """``(q, k, v, *, <leading>, <every Options field>)``: the public functions' one signature."""
-    pos = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor)
-           for n in ("q", "k", "v")]
-    kw = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-          for f in dataclasses.fields(Options)]
-    return inspect.Signature([*pos, *leading, *kw])

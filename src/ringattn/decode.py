@@ -10,10 +10,13 @@ bit-identical outputs (generation relies on it: every rank samples the same toke
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import comm, profiling
 from .call import checked
+from .callspec import Mask, MaskFn, Slices, merge_mask
 from .kernels import acc_dtype
 from .masks import MaskSpec, RowHeadMask, takes_four
 from .scores import ScoreMod, check_alibi_slopes, check_per_head, check_softcap, merge_sinks, sink_digest
@@ -21,6 +24,16 @@ from .validate import check_chunk_size, check_cu_seqlens, check_mask_mod, check_
 
 # Decoding has no padded length: empty cache slots are marked by a negative position instead.
 _NO_PADDING = 2**62
+
+
+def _renamed_scale(scale: float | None, softmax_scale: float | None) -> float | None:
+    if scale is None:
+        return softmax_scale
+    if softmax_scale is not None:
+        raise ValueError("decode_attention: pass softmax_scale= only (scale= is its deprecated spelling)")
+    warnings.warn("decode_attention(scale=) is renamed softmax_scale=, as in ring_attention", DeprecationWarning,
+                  stacklevel=3)
+    return scale
 
 
 def decode_spec(causal: bool = True, window: tuple[int, int] | None = None,
@@ -137,20 +150,37 @@ def _check(q, k, v, q_pos, k_pos, window) -> None:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                     k_pos: torch.Tensor, *, group=None, scale: float | None = None, causal: bool = True,
+                     k_pos: torch.Tensor, *, group=None, mask: Mask | None = None,
+                     softmax_scale: float | None = None, causal: bool | None = None,
                      window: tuple[int, int] | None = None, cu_seqlens: torch.Tensor | None = None,
                      return_lse: bool = False, softcap: float | None = None, sinks: torch.Tensor | None = None,
                      chunk_size: int | None = None, alibi_slopes: torch.Tensor | None = None,
-                     mask_mod=None, slices=None):
+                     mask_mod: MaskFn | None = None, slices: Slices | None = None, scale: float | None = None):
     """Exact attention of new queries over a KV cache split across ``group``: local partial + merge.
 
     Arguments as in ``partial_attention`` (``k``, ``v``, ``k_pos`` are this rank's cache slice; every rank
     passes the same ``q`` and ``q_pos``); ``cu_seqlens`` (packed documents, as for ``ring_attention``)
     keeps each query to the keys of its own document, queries past the last boundary continuing the last
-    document; ``softcap``, ``sinks``, ``chunk_size``, ``alibi_slopes``, ``mask_mod`` (2 or 4 arguments) and
-    ``slices`` as in ``ring_attention``.
+    document; ``softmax_scale``, ``softcap``, ``sinks``, ``chunk_size``, ``alibi_slopes``, ``mask_mod`` (2
+    or 4 arguments) and ``slices`` as in ``ring_attention``. ``mask``: a ``ringattn.Mask`` for the mask
+    keywords (a field set both ways is an error; a cache has no padding, so no ``seq_len``). ``causal``:
+    None = causal, unless ``mask`` says otherwise. ``scale``: a deprecated spelling of ``softmax_scale``
+    (deprecated).
     Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or ``(out, lse)``. Not differentiable (inference).
     """
+    softmax_scale = _renamed_scale(scale, softmax_scale)
+    given = {name: val for name, val in (("causal", causal), ("window", window), ("cu_seqlens", cu_seqlens),
+                                         ("chunk_size", chunk_size), ("slices", slices), ("mask_mod", mask_mod))
+             if val is not None}
+    if mask is not None:
+        if isinstance(mask, Mask) and mask.seq_len is not None:
+            raise ValueError("decode_attention: a KV cache has no padding to cut off; leave Mask.seq_len out "
+                             "(empty cache slots take a negative position in k_pos)")
+        given = {"causal": False, **merge_mask(mask, given, "decode_attention")}
+    causal, window, cu_seqlens = given.get("causal", True), given.get("window"), given.get("cu_seqlens")
+    chunk_size, slices, mask_mod = given.get("chunk_size"), given.get("slices"), given.get("mask_mod")
+    scale = softmax_scale
+
     def make():
         _check(q, k, v, q_pos, k_pos, window)
         bounds = None

@@ -68,6 +68,78 @@ def effective_layout(layout, world: int):
     return Layout(layout) if world > 1 else Layout.CONTIGUOUS
 
 
+@dataclass(frozen=True)
+class LayoutRule:
+    """What a layout needs and gives, for code outside this module: the one place its rules live, so that
+    nothing else branches on layout names. ``layout_of(name)`` returns it.
+
+    ``in_halves``: a rank's block is two halves at different places (zigzag, balanced), so local lengths
+    are even on more than one rank. ``needs_documents``: the documents (``cu_seqlens``) place the tokens
+    (balanced), so a shard, the call and unshard take the same ones. ``strided``: a rank's positions are
+    one strided run (striped). ``in_order``: rank order is position order (contiguous, and every layout on
+    one rank).
+    """
+
+    layout: Layout | Uneven
+    in_halves: bool = False
+    needs_documents: bool = False
+    strided: bool = False
+
+    @property
+    def name(self) -> str:
+        return str(self.layout.base if isinstance(self.layout, Uneven) else self.layout)
+
+    def in_order(self, world: int) -> bool:
+        return world == 1 or self.layout == Layout.CONTIGUOUS
+
+    def check_local_len(self, world: int, local_len: int, what: str = "local_len") -> None:
+        """The even-length rule of layouts in halves: a ``ValueError`` naming the layout and ``what``."""
+        if self.in_halves and world > 1 and local_len % 2:
+            raise ValueError(f"layout={self.name!r} needs an even {what}, got {local_len} "
+                             "(ringattn.shard pads to a multiple of 2 * world)")
+
+    def padded_len(self, seq_len: int, world: int) -> int:
+        """The length ``shard`` pads ``seq_len`` to (``padded_len``)."""
+        return padded_len(seq_len, world, self.name)
+
+    def pad_multiple(self, world: int, seq_len: int = 1) -> int:
+        """The multiple ``shard`` pads a ``seq_len``-token sequence to: W, 2W for layouts in halves (balanced:
+        2mW, m by the length)."""
+        return pad_multiple(seq_len, world, self.name)
+
+    def check_documents(self, world: int, documents) -> None:
+        """A layout placed by documents, on more than one rank, takes them (``BALANCED_NEEDS_DOCUMENTS``)."""
+        if self.needs_documents and world > 1 and documents is None:
+            raise ValueError(BALANCED_NEEDS_DOCUMENTS)
+
+    def uneven_lengths(self, seq_len: int, world: int) -> tuple[int, ...]:
+        return uneven_lengths(seq_len, world, self.name)
+
+    def rank_order(self, world: int, local_len: int, device=None, bounds: Bounds = None) -> torch.Tensor | None:
+        """The global position of each row of every rank's block, in rank order (what a gather or an
+        all-to-all over the sequence holds); None where that is ``0, 1, 2, ...``."""
+        if self.in_order(world):
+            return None
+        return torch.cat([global_positions(self.layout, r, world, local_len, device, bounds) for r in range(world)])
+
+
+def layout_of(layout: Layout | Uneven | str) -> LayoutRule:
+    """The rules of ``layout`` (a name, a ``ringattn.Layout`` or an uneven layout); a ``ValueError`` naming
+    the choices for an unknown name."""
+    if isinstance(layout, Uneven):
+        return LayoutRule(layout, strided=layout.base == Layout.STRIPED)
+    check_layout(layout)
+    return _RULES[Layout(layout)]
+
+
+_RULES = {
+    Layout.CONTIGUOUS: LayoutRule(Layout.CONTIGUOUS),
+    Layout.ZIGZAG: LayoutRule(Layout.ZIGZAG, in_halves=True),
+    Layout.STRIPED: LayoutRule(Layout.STRIPED, strided=True),
+    Layout.BALANCED: LayoutRule(Layout.BALANCED, in_halves=True, needs_documents=True),
+}
+
+
 def uneven_lengths(seq_len: int, world: int, layout: str) -> tuple[int, ...]:
     """Each rank's number of tokens when ``seq_len`` is split without padding (``shard(..., uneven=True)``):
     contiguous and striped as evenly as possible (the first ``seq_len % W`` ranks one more), zigzag from 2W
@@ -136,13 +208,12 @@ def segments(layout: str, rank: int, world: int, local_len: int, bounds: Bounds 
     c = local_len
     if layout == "contiguous" or world == 1:
         return (Segment(rank * c, c),)
-    if layout in ("zigzag", "balanced"):
-        if c % 2:
-            raise ValueError(f"layout={layout!r} needs an even local length, got {c}")
-        if layout == "balanced":
+    rule = _RULES[Layout(layout)]
+    if rule.in_halves:
+        rule.check_local_len(world, c, "local length")
+        if rule.needs_documents:
             # Placed by the documents: without them a shard and a call could silently disagree.
-            if bounds is None:
-                raise ValueError(BALANCED_NEEDS_DOCUMENTS)
+            rule.check_documents(world, bounds)
             return balanced_units(bounds, world, c)[rank]
         h = c // 2
         return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))
@@ -161,14 +232,14 @@ def unit_work(bounds: tuple[int, ...], a: int, b: int) -> int:
     documents, as the planner cuts them: visible pairs, plus the masked part of dense tiles over
     documents too short for a kernel call each (padding past ``bounds[-1]``: none)."""
     from .masks import MaskSpec
-    from .tasks import plan_block, task_flops
+    from .tasks import block_tasks, task_flops
 
     b = min(b, bounds[-1])
     if a >= b:
         return 0
     first = bounds[bisect.bisect_right(bounds, a) - 1]  # keys before the first query's document: unseen
     spec = MaskSpec(bounds[-1], causal=True, doc_bounds=bounds)
-    tasks = plan_block(spec, (Segment(a, b - a),), (Segment(first, b - first),))
+    tasks = block_tasks(spec, (Segment(a, b - a),), (Segment(first, b - first),))
     return int(sum(task_flops(t, 1, 1, 1, 0) for t in tasks) // 2)
 
 
@@ -267,12 +338,17 @@ def as_bounds(cu_seqlens: torch.Tensor | Sequence[int] | None) -> Bounds:
 def padded_len(seq_len: int, world: int, layout: str) -> int:
     """The length ``shard`` pads to: a multiple of W, of 2W for zigzag, and for balanced of 2mW with units
     of at least MIN_UNIT tokens (m up to BALANCE_UNITS)."""
-    m = world
-    if layout == "zigzag":
-        m = 2 * world
-    elif layout == "balanced" and world > 1:
-        m = 2 * world * next((u for u in (BALANCE_UNITS, 4, 2) if seq_len >= 2 * world * u * MIN_UNIT), 1)
+    m = pad_multiple(seq_len, world, layout)
     return -(-seq_len // m) * m
+
+
+def pad_multiple(seq_len: int, world: int, layout: str) -> int:
+    """What ``padded_len`` pads to a multiple of."""
+    if layout == "zigzag":
+        return 2 * world
+    if layout == "balanced" and world > 1:
+        return 2 * world * next((u for u in (BALANCE_UNITS, 4, 2) if seq_len >= 2 * world * u * MIN_UNIT), 1)
+    return world
 
 
 def _pad(x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
@@ -620,8 +696,7 @@ def unshard(x: torch.Tensor, *, group=None, layout: str | None = None, dim: int 
     seq_len = total if seq_len is None else seq_len
     if not 0 <= seq_len <= total:
         raise ValueError(f"seq_len must be in [0, {total}] (world * local length), got {seq_len}")
-    if layout in ("zigzag", "balanced") and world > 1 and x.shape[dim] % 2:
-        raise ValueError(f"layout={layout!r} needs an even local length, got {x.shape[dim]}")
+    layout_of(layout).check_local_len(world, x.shape[dim], "local length")
     rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, seq_len, "unshard")
     if rows is not None and len(rows) > 1 and dim == 0:
         raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")

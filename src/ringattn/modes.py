@@ -40,7 +40,7 @@ class Strategy(Mode):
 
 
 class BackwardExchange(Mode):
-    """How the ring's backward moves blocks (see Note [Backward exchange] in ``strategies/ring.py``)."""
+    """How the ring's backward moves blocks (see Note [Backward exchange: ring vs direct] in ``schedule.py``)."""
 
     RING = "ring"
     DIRECT = "direct"

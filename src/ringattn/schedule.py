@@ -48,14 +48,14 @@ from dataclasses import dataclass
 from .kernels.base import Capabilities
 from .layouts import query_segments, segments
 from .masks import MaskSpec, Task
-from .tasks import DEFAULT_CAPS, plan_block
+from .tasks import DEFAULT_CAPS, block_tasks
 
 RETURNS_IN_FLIGHT = 2  # returned dK/dV key tiles a rank may have posted and not yet added
 TILES_AHEAD = 2  # key/value tiles of a streamed block asked for ahead of the one being computed
 
 
 @dataclass(frozen=True)
-class RingPlan:
+class RingSchedule:
     steps: tuple[int, ...]  # offsets, the same on every rank
     tasks: dict[int, tuple[Task, ...]]  # offset -> this rank's kernel tasks
     tasks_of_holder: dict[int, tuple[Task, ...]]  # offset -> tasks of the rank holding *our* block (rank + o)
@@ -85,9 +85,9 @@ def last_of_direction(steps: tuple[int, ...], i: int, direct: bool) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int,
+def make_schedule(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int,
               caps: Capabilities = DEFAULT_CAPS, direct: bool = False, q_len: int | None = None,
-              q_offset: int = 0) -> RingPlan:
+              q_offset: int = 0) -> RingSchedule:
     """The schedule (Note [Ring schedule and offsets]) and this rank's kernel tasks at every step.
 
     ``local_len`` is the key block's length; ``q_len`` (default: the same) the query block's, whose row
@@ -101,11 +101,11 @@ def make_plan(spec: MaskSpec, layout: str, rank: int, world: int, local_len: int
 
     a, b = directions([o for o in range(1, world) if any(busy(r, o) for r in range(world))], world)
     steps = (0, *range(1, a + 1), *(-i for i in range(1, b + 1)))
-    tasks = {o: plan_block(spec, qsegs[rank], ksegs[(rank - o) % world], caps) for o in steps}
-    held = {o: plan_block(spec, qsegs[(rank + o) % world], ksegs[rank], caps) for o in steps if o}
+    tasks = {o: block_tasks(spec, qsegs[rank], ksegs[(rank - o) % world], caps) for o in steps}
+    held = {o: block_tasks(spec, qsegs[(rank + o) % world], ksegs[rank], caps) for o in steps if o}
     last = frozenset(i for i in range(len(steps)) if last_of_direction(steps, i, direct))
     # A block used for one step only (a direction one step long, e.g. 2 ranks; every block if direct) is
     # not prefetched whole: it streams in from its owner key tile by key tile during that step, so at no
     # time does a whole extra block sit beside our gradients.
     streamed = frozenset(i for i in last if direct or abs(steps[i]) == 1)
-    return RingPlan(steps, tasks, held, last, streamed)
+    return RingSchedule(steps, tasks, held, last, streamed)

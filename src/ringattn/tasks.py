@@ -34,7 +34,7 @@ DEFAULT_CAPS = Capabilities()
 
 
 @functools.lru_cache(maxsize=4096)
-def plan_block(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...],
+def block_tasks(spec: MaskSpec, qsegs: tuple[Segment, ...], ksegs: tuple[Segment, ...],
                caps: Capabilities = DEFAULT_CAPS) -> tuple[Task, ...]:
     """The kernel calls that compute local query block ``qsegs`` against key block ``ksegs``.
 

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .comm import first_line, group_rank_world
-from .layouts import BALANCED_NEEDS_DOCUMENTS, LAYOUTS
+from .kernels import BACKENDS, Backend, select
+from .layouts import layout_of
 from .masks import MaskMod, MaskSpec, Slice, SliceKind
 from .modes import RING_STRATEGIES, BackwardExchange
 
@@ -69,15 +70,11 @@ def check_qkv(q, k, v) -> None:
 
 def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_len, cu_seqlens,
               batch: int, chunk_size=None, positional: bool = False, mask_mod=None, slices=None) -> MaskSpec:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    rule = layout_of(layout)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if layout == "balanced" and world > 1 and cu_seqlens is None:
-        raise ValueError(BALANCED_NEEDS_DOCUMENTS)
-    if layout in ("zigzag", "balanced") and world > 1 and local_len % 2:
-        raise ValueError(f"layout={str(layout)!r} needs an even local_len, got {local_len} "
-                         "(ringattn.shard pads to a multiple of 2 * world)")
+    rule.check_documents(world, cu_seqlens)
+    rule.check_local_len(world, local_len)
     total = world * local_len
     if seq_len is None:
         seq_len = total
@@ -100,6 +97,28 @@ def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_le
     return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds,
                     chunk=check_chunk_size(chunk_size), positional=positional,
                     mask_mod=check_mask_mod(mask_mod, seq_len), slices=check_slices(slices, total))
+
+
+def check_backend(choice, q, k, v, score_mods: frozenset[str]) -> Backend:
+    """The call's kernel: ``choice`` checked against the tensors and the score modifications, or the fastest
+    that takes them (the reference for score modifications the fastest lacks)."""
+    if choice is None:
+        chosen = select(q, k, v)
+        # Score modifications the fastest kernel lacks are run by the reference (tiled, exact).
+        return chosen if score_mods <= chosen.caps.score_mods else BACKENDS["reference"]
+    if isinstance(choice, str):
+        if choice not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or a Backend, got {choice!r}")
+        choice = BACKENDS[choice]
+    if not (hasattr(choice, "caps") and hasattr(choice, "forward") and hasattr(choice, "supports")):
+        raise TypeError(f"backend must be a name or a ringattn.kernels.Backend, got {type(choice).__name__}")
+    if not choice.supports(q, k, v):
+        raise ValueError(f"backend {choice.name!r} does not support {q.dtype} tensors on {q.device.type}")
+    missing = score_mods - choice.caps.score_mods
+    if missing:
+        raise ValueError(f"backend {choice.name!r} cannot apply {', '.join(sorted(missing))}; leave backend=None "
+                         "(the reference backend applies every score modification)")
+    return choice
 
 
 def check_mask_mod(fn, seq_len: int | None = None) -> MaskMod | None:
@@ -165,9 +184,7 @@ def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout
     positions (bottom-right aligned, as in chunked prefill); the ``q_rows`` rows the ranks hold beyond
     ``q_seq_len`` are padding. None means ``seq_len`` when q and k have the same local length (square
     attention), else every query row."""
-    if layout in ("zigzag", "balanced") and world > 1 and q_local_len % 2:
-        raise ValueError(f"layout={str(layout)!r} needs an even q local_len, got {q_local_len} "
-                         "(ringattn.shard pads to a multiple of 2 * world)")
+    layout_of(layout).check_local_len(world, q_local_len, "q local_len")
     default = q_seq_len is None
     if default:
         q_seq_len = seq_len if same_len else q_rows
@@ -201,13 +218,13 @@ def softmax_scale_of(softmax_scale, head_dim: int) -> float:
     return scale
 
 
-def describe(name: str, q, k, v, spec: MaskSpec, layout: str, scale: float) -> str:
+def describe(q, k, v, spec: MaskSpec, layout: str, scale: float) -> str:
     """What every rank must agree on before the call communicates: ``name=value`` fields (see ``fields``)."""
     # Whether autograd records the call is part of it: a rank that will run the backward while a peer
     # will not would otherwise block until the group's timeout.
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     dtype = str(q.dtype).removeprefix("torch.")
-    return (f"strategy={name} q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)} dtype={dtype} "
+    return (f"q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)} dtype={dtype} "
             f"device={q.device.type} layout={layout} {describe_mask(spec, k.shape[1], q.device)} "
             f"scale={scale!r} grad={grad}")
 
@@ -415,36 +432,62 @@ def agree(description: str, error: Exception | None, groups, device: torch.devic
             raise error
         return
     calls = call_number(groups) if calls is None else calls
-    n = [c for g, c in zip(groups, calls) if group_rank_world(g)[1] > 1]
+    numbers = [c for g, c in zip(groups, calls) if group_rank_world(g)[1] > 1]
+    verdict = _compare(description, error, numbers, live, device)
+    if verdict.agreed:
+        return
+    if len(live) > 1:
+        _raise_on_mesh(verdict, description, error, numbers)
+    _raise_on_group(live[0], description, error, numbers[0])
+
+
+class _Verdict:
+    """What one MAX all-reduce says: whether the descriptions match, any rank failed, the calls match."""
+
+    def __init__(self, t: torch.Tensor, calls: int):
+        self.mismatch = int(t[0]) != -int(t[1])
+        self.failed = bool(int(t[2]))
+        self.in_step = all(int(t[3 + 2 * i]) == -int(t[4 + 2 * i]) for i in range(calls))
+
+    @property
+    def agreed(self) -> bool:
+        return not self.mismatch and not self.failed and self.in_step
+
+
+def _compare(description: str, error: Exception | None, numbers: list[int], live: list, device) -> _Verdict:
+    """One tiny MAX all-reduce over each live group: a hash of the description and its negation (equal
+    only where every rank's is the same), whether any rank failed, and each call number and its negation."""
     h = zlib.crc32(description.encode()) & 0x7FFFFFFF
     if dist.get_backend(live[0]) == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([h, -h, 1 if error is not None else 0, *(x for c in n for x in (c, -c))], dtype=torch.int64,
-                     device=device)
+    t = torch.tensor([h, -h, 1 if error is not None else 0, *(x for c in numbers for x in (c, -c))],
+                     dtype=torch.int64, device=device)
     try:
         for g in live:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
     except RuntimeError as e:
         raise RuntimeError(f"ringattn: the ranks could not agree on the call (a peer rank probably died or "
                            f"timed out): {first_line(e)}") from e
-    mismatch = int(t[0]) != -int(t[1])
-    in_step = all(int(t[3 + 2 * i]) == -int(t[4 + 2 * i]) for i in range(len(n)))
-    if not mismatch and int(t[2]) == 0 and in_step:
-        return
-    if len(live) > 1:
-        if error is not None:
-            raise error
-        if int(t[2]):
-            raise ValueError("another rank of the mesh rejected its arguments, so this call was abandoned")
-        if not in_step:
-            raise out_of_step(f"this rank {tuple(n)}")
-        raise ValueError("ranks of the mesh disagree on the attention call (every rank must pass the same "
-                         f"shapes, dtype, masks and layout); this rank: {description}")
-    # Slow path, taken by every rank of the group together: find out what went wrong where.
-    group = live[0]
+    return _Verdict(t, len(numbers))
+
+
+def _raise_on_mesh(verdict: _Verdict, description: str, error: Exception | None, numbers: list[int]):
+    """Several groups: what this rank knows from the all-reduce alone (a slow path would need every group)."""
+    if error is not None:
+        raise error
+    if verdict.failed:
+        raise ValueError("another rank of the mesh rejected its arguments, so this call was abandoned")
+    if not verdict.in_step:
+        raise out_of_step(f"this rank {tuple(numbers)}")
+    raise ValueError("ranks of the mesh disagree on the attention call (every rank must pass the same "
+                     f"shapes, dtype, masks and layout); this rank: {description}")
+
+
+def _raise_on_group(group, description: str, error: Exception | None, number: int):
+    """The slow path, taken by every rank of the group together: find out what went wrong where."""
     mine = f"error: {type(error).__name__}: {error}" if error is not None else description
     everyone: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, (n[0], mine), group=group)
+    dist.all_gather_object(everyone, (number, mine), group=group)
     if error is not None:
         raise error
     bad = [f"rank {r}: {d[len('error: '):]}" for r, (_, d) in enumerate(everyone) if d.startswith("error: ")]

@@ -7,6 +7,7 @@ import weakref
 import torch
 
 from .. import ring_attention
+from ..layouts import layout_of
 from ..validate import agree
 from . import features, generation, positions
 from .batch import check_sharded_as
@@ -71,8 +72,9 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
     needs = _needs(module, sliding_window, softcap, settings, query.device, kwargs)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if needs.temperature is not None and (step is None or step.prefill):  # a decode step's index is already global
+        by_documents = layout_of(settings.layout).needs_documents
         query = positions.temperature_rescale(query, *needs.temperature, settings.group, settings.layout,
-                                              kwargs.get("cu_seq_lens_q") if settings.layout == "balanced" else None)
+                                              kwargs.get("cu_seq_lens_q") if by_documents else None)
     kw = dict(group=settings.group, layout=settings.layout, softmax_scale=scaling,
               **needs.ring_kwargs(causal=causal, softcap=softcap, sinks=kwargs.get("s_aux")))
     if settings.backward_exchange != "ring":
@@ -119,9 +121,9 @@ def _documents(module, needs: LayerNeeds, batch: int, settings: RingSettings, kw
     read from ``position_ids``, the real length before ``shard_batch``'s padding."""
     cu = kwargs.get("cu_seq_lens_q")
     rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
-    if cu is None and settings.layout == "balanced":
-        raise ValueError("layout='balanced' places the tokens by document: pass the model the cu_seq_lens_q that "
-                         "ringattn.hf.shard_batch returns with them")
+    if cu is None and layout_of(settings.layout).needs_documents:
+        raise ValueError(f"layout={str(settings.layout)!r} places the tokens by document: pass the model the "
+                         "cu_seq_lens_q that ringattn.hf.shard_batch returns with them")
     if cu is None and kwargs.get("position_ids") is not None:
         rows, real = positions.documents(kwargs["position_ids"], batch, settings.group, settings.layout)
         if all(r is None for r in rows):

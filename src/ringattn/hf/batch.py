@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..layouts import check_layout, padded_len, shard
+from ..layouts import check_layout, layout_of, padded_len, shard
 from ..training.batch import IGNORE_INDEX
 from ..training.batch import shard_batch as _shard_tokens
 from ..training.batch import shift_labels as _shift_labels
@@ -83,7 +83,7 @@ def shard_batch(input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, 
     position_ids = _padded_positions(position_ids, b, n, padded_len(n, world, layout) - n, input_ids.device)
     shifted = _shift_labels(labels, ignore_index)
     cu = None
-    if layout == "balanced":  # the documents place the tokens, and the attention needs the same ones
+    if layout_of(layout).needs_documents:  # the documents place the tokens, and the attention needs the same ones
         rows = [positions.restarts(row[:n]) for row in position_ids]
         cu = rows[0] if all(torch.equal(r, rows[0]) for r in rows) else rows
     ids, shift_labels, _ = _shard_tokens(input_ids, shifted, group=group, layout=layout, ignore_index=ignore_index,

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from .. import comm
 from ..decode import decode_attention
-from ..layouts import global_positions, padded_len, shard
+from ..layouts import global_positions, layout_of, padded_len, shard
 from ..validate import agree
 from .registry import SETTINGS, RingSettings
 
@@ -181,8 +181,8 @@ def _before(decoder, args, kwargs):
     b, n = x.shape[:2]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     error = _refuse(kwargs, decoder)
-    if s.layout == "balanced" and error is None:
-        error = "layout='balanced' places tokens by document; model.generate() with ring attention takes " \
+    if layout_of(s.layout).needs_documents and error is None:
+        error = f"layout={str(s.layout)!r} places tokens by document; model.generate() with ring attention takes " \
                 "contiguous, zigzag or striped"
     decode = isinstance(cache, RingCache) and cache.length > 0
     if decode:
@@ -359,7 +359,7 @@ def decode_rows(step: _Step, q, key, value, kw: dict) -> torch.Tensor:
     def call(rows: slice, lo: int, valid: torch.Tensor) -> torch.Tensor:
         rk = _row_kw(kw, lo)
         return decode_attention(q[rows], k[rows], v[rows], q_pos, torch.where(valid, cache.positions, -1),
-                                group=rk["group"], scale=rk.get("softmax_scale"), causal=rk["causal"],
+                                group=rk["group"], softmax_scale=rk.get("softmax_scale"), causal=rk["causal"],
                                 window=rk.get("window"), softcap=rk.get("softcap"), sinks=rk.get("sinks"),
                                 chunk_size=rk.get("chunk_size"), mask_mod=rk.get("mask_mod"))
 

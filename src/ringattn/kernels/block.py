@@ -1,6 +1,6 @@
 """Attention of one local query block against one key/value block, as a list of kernel calls.
 
-``tasks.plan_block`` turns (query positions, key positions, mask) into tasks; this module runs them on
+``tasks.block_tasks`` turns (query positions, key positions, mask) into tasks; this module runs them on
 a backend and merges the partial results by logsumexp into a float32 (float64) accumulator: one call per
 task, or all of them in one call for a backend with ``caps.takes_task_lists``.
 """

@@ -6,32 +6,31 @@
 - ``"ulysses"``: all-to-all from sequence-sharded to head-sharded, exact attention over the whole
   sequence on ``heads / W`` heads, all-to-all back (DeepSpeed-Ulysses).
 - ``"hybrid"``: Ulysses inside one dimension of a 2-D ``DeviceMesh``, the ring across the other (USP).
-- ``"auto"``: the planner (``ringattn.plan``) picks one of the above from the arguments and the configured
-  hardware (deterministic, so every rank picks the same).
+- ``"auto"``: the cost model (``ringattn.cost_model``) picks one of the above from the checked call and the
+  configured hardware (deterministic, so every rank picks the same; ``call.resolve_auto``).
 
-Strategy-specific keywords: ``kv_head_chunk`` (allgather: kv heads gathered at a time);
-``backward_exchange`` (ring and hybrid: ``"ring"`` or ``"direct"``, see ``ring_attention``; the others
-take only ``"ring"``). Under ``"auto"`` a keyword the chosen strategy does not use is dropped: it tunes a
-strategy that was not chosen.
+Each strategy is one module here that registers a ``base.StrategyKind`` (its topology, the keywords that
+tune it, its tasks, its run and its cost estimate); this package imports every module in it, and
+``auto.py`` last, which compares them. Strategy-specific keywords:
+``kv_head_chunk`` (allgather: kv heads gathered at a time); ``backward_exchange`` (ring and hybrid:
+``"ring"`` or ``"direct"``, see ``ring_attention``; the others take only ``"ring"``). Under ``"auto"`` a
+keyword the chosen strategy does not use is dropped: it tunes a strategy that was not chosen.
 """
 
 from __future__ import annotations
 
-from ..modes import Strategy
-from ..plan import choose_for_call
-from . import allgather, hybrid, ring, ulysses
+import importlib
+import pkgutil
+
+from .base import REGISTRY, StrategyKind
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "auto":  # auto compares the others: imported once they are all registered
+        importlib.import_module(f".{_module.name}", __name__)
+
+from . import allgather, auto, hybrid, ring, ulysses  # noqa: E402  (the strategies imported above, then auto)
 
 # strategy -> run(q, k, v, call) -> (out, lse), differentiable; the front door (call.py) validates first.
-IMPLEMENTATIONS = {
-    Strategy.RING: ring.run,
-    Strategy.ALLGATHER: allgather.run,
-    Strategy.ULYSSES: ulysses.run,
-    Strategy.HYBRID: hybrid.run,
-}
+IMPLEMENTATIONS = {name: kind.run for name, kind in REGISTRY.items()}
 
-
-def resolve_auto(q, k, v, *, group=None, mesh=None, **options) -> Strategy:
-    """The strategy ``"auto"`` runs: the planner's choice for these arguments (deterministic, so every
-    rank picks the same); arguments the strategies would reject fall back to the ring, which then raises
-    on every rank."""
-    return Strategy(choose_for_call(q, k, v, group=group, mesh=mesh, **options))
+__all__ = ["IMPLEMENTATIONS", "REGISTRY", "StrategyKind", "allgather", "auto", "hybrid", "ring", "ulysses"]

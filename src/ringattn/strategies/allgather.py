@@ -3,7 +3,7 @@
 Only the ``kv_heads`` are gathered, ``kv_head_chunk`` of them at a time, with the next chunk's gather
 in flight while the current chunk is computed, so at most two chunks of the full-length K/V are
 alive. Each chunk is one pass of kernel calls over the whole sequence (planned once by
-``tasks.plan_block`` on the real global positions, so masks skip what they hide). Backward gathers
+``tasks.block_tasks`` on the real global positions, so masks skip what they hide). Backward gathers
 K/V again chunk by chunk and sends the dK/dV partial sums home by reduce-scatter (float32/64), again
 overlapped with the next chunk.
 
@@ -15,6 +15,7 @@ classifies as a shifted causal triangle.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,14 +25,17 @@ import torch
 from .. import comm, profiling
 from ..autograd import SavedAttention
 from ..comm import gather_op, reduce_scatter_op
+from ..cost_model import Estimate, Hardware, Problem, flop_unit, pair_flops
 from ..kernels import Backend, acc_dtype
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
-from ..layouts import cut_at, global_positions, query_segments, segments
+from ..layouts import cut_at, effective_layout, layout_of, query_segments, segments
 from ..masks import Segment, Task
-from ..tasks import plan_block
+from ..modes import Strategy
+from ..tasks import block_tasks
+from .base import StrategyKind, group_topology, register
 
 if TYPE_CHECKING:
-    from ..call import AttentionCall
+    from ..callspec import AttentionCall
 
 # Default bound on one gathered chunk of K+V (the next one is in flight too).
 CHUNK_BYTES = 256 * 2**20
@@ -54,7 +58,7 @@ class GatherCall:
         return self.call.topo.world
 
     def tasks(self, backend: Backend) -> tuple[Task, ...]:
-        return plan_block(self.call.spec, self.qsegs, self.ksegs, backend.caps)
+        return block_tasks(self.call.spec, self.qsegs, self.ksegs, backend.caps)
 
 
 def head_chunks(kv_heads: int, per_chunk: int) -> tuple[tuple[int, int], ...]:
@@ -74,11 +78,11 @@ def default_chunk(k: torch.Tensor, v: torch.Tensor, world: int) -> int:
 
 def _key_layout(layout: str, world: int, local_len: int, device, bounds):
     """(key segments in kernel row order, permutation from rank order or None)."""
-    if world == 1 or layout == "contiguous":
+    rule = layout_of(layout)
+    if rule.in_order(world):
         return (Segment(0, world * local_len),), None
-    if layout in ("zigzag", "balanced"):
-        order = torch.cat([global_positions(layout, r, world, local_len, device, bounds) for r in range(world)])
-        return (Segment(0, world * local_len),), torch.argsort(order)
+    if rule.in_halves:  # two runs per rank: sorted into one run of positions after the gather
+        return (Segment(0, world * local_len),), torch.argsort(rule.rank_order(world, local_len, device, bounds))
     return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
 
 
@@ -210,10 +214,10 @@ def _segments(call: AttentionCall, q_len: int, k_len: int, device):
     return qsegs, ksegs, to_global
 
 
-def plan(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
+def tasks_for(call: AttentionCall, q_len: int, k_len: int) -> tuple[Task, ...]:
     """This rank's kernel tasks (what ``run`` computes), without running anything."""
     qsegs, ksegs, _ = _segments(call, q_len, k_len, "cpu")
-    return plan_block(call.spec, qsegs, ksegs, call.backend.caps)
+    return block_tasks(call.spec, qsegs, ksegs, call.backend.caps)
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
@@ -223,3 +227,62 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     per = call.options.kv_head_chunk or default_chunk(k, v, topo.world)
     gather = GatherCall(call, qsegs, ksegs, head_chunks(k.shape[2], per), to_global)
     return SavedAttention.apply(q, k, v, call.sinks, _forward, _backward, gather)
+
+
+
+# ---- the cost model's estimate ------------------------------------------------------------
+
+def estimate_allgather(p: Problem, hw: Hardware) -> Estimate:
+    w, c, e = p.world, p.local_len, p.dtype_bytes
+    f_rank, bw = hw.rank_flops(w), hw.link(w)
+    spec, unit = p.spec(), flop_unit(p, p.heads)
+    lay = effective_layout(p.layout, w)
+    rule = layout_of(lay)
+
+    def keys(r):
+        if rule.strided:
+            return tuple(s for i in range(w) for s in segments(lay, i, w, c))
+        return cut_at(Segment(0, w * c), segments(lay, r, w, c, spec.doc_bounds))
+
+    pairs = [pair_flops(spec, segments(lay, r, w, c, spec.doc_bounds), keys(r), unit, hw.key_block)
+             for r in range(w)]
+    fwd, ran = max(f for f, _ in pairs), max(x for _, x in pairs)
+    per_head = p.batch * c * w * (p.head_dim + p.dv) * e
+    n = 1 if w == 1 else math.ceil(p.kv_heads / min(max(1, CHUNK_BYTES // per_head), math.ceil(p.kv_heads / 2)))
+    kv_local = p.batch * c * p.kv_heads * (p.head_dim + p.dv) * e
+    gather = ((w - 1) * (hw.latency * n + kv_local / bw)) if w > 1 else 0.0
+    cf = ran / f_rank
+    t = gather / n + (n - 1) * max(cf, gather) / n + cf / n
+    exposed = gather / n + (n - 1) * max(0.0, gather - cf) / n
+    sent, flops, comm_s = kv_local * (w - 1), fwd, gather
+    hidden = n > 1 and gather <= cf
+    mem = p.batch * c * (p.heads * (p.head_dim + p.dv) * e + p.kv_heads * (p.head_dim + p.dv) * e
+                         + p.heads * p.dv * 4) + 2 * per_head * math.ceil(p.kv_heads / n)
+    if p.backward:
+        rs = (w - 1) * (hw.latency * n + kv_local * 4 / e / bw) if w > 1 else 0.0
+        cb = hw.backward_time * cf
+        xb = gather + rs
+        t += gather / n + (n - 1) * max(cb, xb) / n + cb / n + rs / n
+        exposed += gather / n + (n - 1) * max(0.0, xb - cb) / n + rs / n
+        sent += kv_local * (w - 1) * (1 + 4 / e)
+        flops += 2.5 * fwd
+        comm_s += xb
+        hidden = hidden and xb <= cb
+        mem += per_head * math.ceil(p.kv_heads / n) * 4 / e + p.batch * c * p.heads * p.head_dim * 4
+    compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    copy_bw = hw.rank_copy(w)
+    if copy_bw is not None and w > 1:
+        # Passes over the gathered K/V: regrouped from rank order (and for layouts in halves also permuted
+        # into position order) in forward and again in backward; float32 dK/dV zeroed, accumulated, (permuted back,)
+        # regrouped by rank and packed for the reduce-scatter.
+        full = p.batch * c * w * p.kv_heads * (p.head_dim + p.dv)
+        reorder = 1 if rule.in_halves else 0
+        passes = (2 + reorder) * e * (2 if p.backward else 1) + ((4 + reorder) * 4 if p.backward else 0)
+        copy_s = full * passes / copy_bw
+        t, compute_s = t + copy_s, compute_s + copy_s
+    return Estimate("allgather", True, f"{n} chunk(s) of {math.ceil(p.kv_heads / n)} kv heads", flops,
+                    compute_s, sent, comm_s, exposed, t, mem, hidden)
+
+
+STRATEGY = register(StrategyKind(Strategy.ALLGATHER, run, functools.partial(group_topology, Strategy.ALLGATHER),
+                                 tasks_for, frozenset({"kv_head_chunk"}), estimate_allgather))

@@ -19,6 +19,7 @@ rank holds the K/V heads its query heads read.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,14 +28,17 @@ import torch
 from .. import profiling
 from ..autograd import SavedAttention
 from ..comm import AllToAll, Outcome
+from ..cost_model import Estimate, Hardware, Problem, flop_unit, pair_flops
 from ..kernels import acc_dtype
 from ..kernels.block import GradAccumulator, OutLseAccumulator, run_backward, run_forward
-from ..layouts import global_positions, kv_replication
+from ..layouts import kv_replication, layout_of
 from ..masks import Segment
-from ..tasks import plan_block
+from ..modes import Strategy
+from ..tasks import block_tasks
+from .base import StrategyKind, group_topology, register
 
 if TYPE_CHECKING:
-    from ..call import AttentionCall
+    from ..callspec import AttentionCall
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class LocalCall:
     nk: int
 
     def tasks(self, backend):
-        return plan_block(self.call.spec, (Segment(self.call.q_offset, self.nq),), (Segment(0, self.nk),),
+        return block_tasks(self.call.spec, (Segment(self.call.q_offset, self.nq),), (Segment(0, self.nk),),
                           backend.caps)
 
 
@@ -81,9 +85,7 @@ def local_backward(dout, q, k, v, out, lse, local: LocalCall, dlse):
 
 def rank_order(layout: str, world: int, local_len: int, device, bounds=None) -> torch.Tensor | None:
     """Global position of each row of the all-to-all result (rank order); None if that is 0, 1, 2, ..."""
-    if layout == "contiguous" or world == 1:
-        return None
-    return torch.cat([global_positions(layout, r, world, local_len, device, bounds) for r in range(world)])
+    return layout_of(layout).rank_order(world, local_len, device, bounds)
 
 
 def head_parallel_attention(q, k, v, call: AttentionCall, q_order: torch.Tensor | None,
@@ -114,8 +116,57 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall):
     """All-to-all to a head split, exact attention over the whole sequence, all-to-all back."""
     world = call.topo.world
     bounds = call.spec.doc_bounds
-    if call.q_offset and call.layout == "balanced" and bounds is not None:
+    if call.q_offset and layout_of(call.layout).needs_documents and bounds is not None:
         raise ValueError("layout='balanced' with documents takes as many queries as keys; use layout='zigzag'")
     q_order = rank_order(call.layout, world, q.shape[1], q.device, bounds)
     k_order = rank_order(call.layout, world, k.shape[1], q.device, bounds)
     return head_parallel_attention(q, k, v, call, q_order, k_order, kv_replication(k.shape[2], world))
+
+
+
+# ---- the cost model's estimate ------------------------------------------------------------
+
+def _a2a_time(nbytes_local: float, ranks: int, hw: Hardware, bw: float) -> float:
+    """An all-to-all of a rank's ``nbytes_local``: it keeps 1/ranks and sends the rest."""
+    if ranks == 1:
+        return 0.0
+    return (ranks - 1) * hw.latency + nbytes_local * (ranks - 1) / ranks / bw
+
+
+def ulysses_comm(p: Problem, hw: Hardware, ranks: int, local: int, bw: float) -> tuple[float, float, int]:
+    """(seconds, bytes sent, kv heads after replication) of Ulysses' all-to-alls over ``ranks``."""
+    kvh = p.kv_heads * kv_replication(p.kv_heads, ranks)
+    e, b = p.dtype_bytes, p.batch
+    tensors = [b * local * p.heads * p.head_dim * e, b * local * kvh * p.head_dim * e, b * local * kvh * p.dv * e,
+               b * local * p.heads * p.dv * e, b * local * p.heads * 4]  # q, k, v, out, lse
+    if p.backward:  # dout in; dq, dk, dv out
+        tensors += [b * local * p.heads * p.dv * e, tensors[0], tensors[1], tensors[2]]
+    t = sum(_a2a_time(x, ranks, hw, bw) for x in tensors)
+    return t, sum(tensors) * (ranks - 1) / ranks, kvh
+
+
+def estimate_ulysses(p: Problem, hw: Hardware) -> Estimate:
+    w = p.world
+    if p.heads % w:
+        return Estimate("ulysses", False, f"heads ({p.heads}) not divisible by world ({w})")
+    f_rank, bw = hw.rank_flops(w), hw.link(w)
+    n = w * p.local_len
+    fwd, ran = pair_flops(p.spec(), (Segment(0, n),), (Segment(0, n),), flop_unit(p, p.heads // w), hw.key_block)
+    flops = fwd * (3.5 if p.backward else 1.0)
+    compute_s = ran * (1.0 + hw.backward_time if p.backward else 1.0) / f_rank
+    comm_s, sent, kvh = ulysses_comm(p, hw, w, p.local_len, bw)
+    e = p.dtype_bytes
+    hl, kl = p.heads // w, kvh // w
+    mem = p.batch * n * (hl * (p.head_dim + p.dv) * e + kl * (p.head_dim + p.dv) * e + hl * p.dv * 4) \
+        + 2 * p.batch * p.local_len * (p.heads * p.head_dim + kvh * (p.head_dim + p.dv)) * e
+    if p.backward:
+        mem += p.batch * n * (hl * p.head_dim + kl * (p.head_dim + p.dv)) * 4
+    note = f"{p.heads // w} heads x {n} tokens per rank" + (f"; K/V heads replicated to {kvh}" if kvh > p.kv_heads
+                                                            else "")
+    return Estimate("ulysses", True, note, flops, compute_s, sent, comm_s, comm_s, compute_s + comm_s, mem, False)
+
+
+# Ulysses plans the whole sequence alike on every rank: a mask_mod's error there is every rank's.
+STRATEGY = register(StrategyKind(Strategy.ULYSSES, run,
+                                 functools.partial(group_topology, Strategy.ULYSSES, split_heads=True),
+                                 estimate=estimate_ulysses))

@@ -33,7 +33,7 @@ import torch.utils.checkpoint as ckpt
 from torch import nn
 
 from ... import comm
-from ...layouts import effective_layout, global_positions
+from ...layouts import effective_layout, global_positions, layout_of
 from ...modes import BackwardExchange, Layout, Strategy
 from ...validate import check_backward_exchange
 from ..config import flag
@@ -86,9 +86,9 @@ class LlamaConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim = dim / n_heads must be even for rotary embeddings, got {self.head_dim}")
-        if self.layout == "balanced":
-            raise ValueError("layout='balanced' places tokens by packed documents, which this model does not take; "
-                             "use layout='zigzag' (the same balance for one sequence)")
+        if layout_of(self.layout).needs_documents:
+            raise ValueError(f"layout={self.layout!r} places tokens by packed documents, which this model does not "
+                             "take; use layout='zigzag' (the same balance for one sequence)")
         if not self.rope_theta > 1:
             raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
         if self.ffn_chunk < 0:
