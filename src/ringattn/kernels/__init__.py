@@ -4,7 +4,7 @@
 for one that declares ``self_check``, passed its check against the reference on that device, dtype and head
 dims): torch's fused CPU flash op on CPU, torch's fused CUDA ops on CUDA for float16/bfloat16/float32, and
 the pure-torch tiled reference otherwise (float64 on CUDA). ``RINGATTN_BACKEND=<name>`` forces one (for
-debugging and tests). A new backend is a module with its class and one ``register`` line below.
+debugging and tests). A new backend is one module in this package: its class, and a ``register`` call at its end.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib
 import os
+import pkgutil
 import warnings
 
 import torch
@@ -20,41 +22,31 @@ import torch
 from ..masks import Band, Kind, MaskSpec, Segment, Task
 from ..scores import ALIBI, ScoreMod
 from .base import (
+    BACKENDS,
     Alignment,
     Backend,
     Capabilities,
     DenseMaskKernel,
     acc_dtype,
+    check_backend,
     empty_result,
     heads_major,
     new_heads_major,
 )
 from .block import backward_each, forward_each
-from .cpu import CpuFlashBackend
-from .cuda import CudaFlashBackend
-from .reference import ReferenceBackend
 
-BACKENDS: dict[str, Backend] = {}
+# Every module of this package that defines a backend registers it at import (``base.register``): a new
+# backend is one file here, and nothing else names it.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f".{_module.name}", __name__)
 
 
 def register(backend: Backend) -> Backend:
-    """Make ``backend`` selectable (by ``select``, in order of its ``priority``) and nameable (``backend=``,
-    ``RINGATTN_BACKEND``)."""
-    for attr in ("name", "caps", "priority", "self_check", "supports", "forward", "backward"):
-        if not hasattr(backend, attr):
-            raise TypeError(f"a backend needs {attr!r} (see ringattn.kernels.base.Backend); "
-                            f"{type(backend).__name__} has none")
-    lists = hasattr(backend, "forward_tasks") and hasattr(backend, "backward_tasks")
-    if backend.caps.takes_task_lists and not lists:
-        raise TypeError(f"backend {backend.name!r} declares takes_task_lists: it needs forward_tasks and "
-                        "backward_tasks")
+    """Make ``backend`` selectable and nameable after import (a backend defined outside this package, or a
+    test's): ``base.register`` into the registry ``select`` reads."""
+    check_backend(backend)
     BACKENDS[backend.name] = backend
     return backend
-
-
-register(CpuFlashBackend())
-register(CudaFlashBackend())
-register(ReferenceBackend())
 
 __all__ = ["BACKENDS", "Alignment", "Backend", "Capabilities", "DenseMaskKernel", "acc_dtype", "empty_result",
            "heads_major", "new_heads_major", "register", "retiled", "select"]

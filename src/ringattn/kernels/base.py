@@ -223,3 +223,26 @@ def empty_result(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def zero_grads(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Make ``backend`` selectable (by ``select``, in order of its ``priority``) and nameable (``backend=``,
+    ``RINGATTN_BACKEND``): each backend module calls this at its end."""
+    check_backend(backend)
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def check_backend(backend: Backend) -> None:
+    """A ``TypeError`` naming what ``backend`` lacks of the contract."""
+    for attr in ("name", "caps", "priority", "self_check", "supports", "forward", "backward"):
+        if not hasattr(backend, attr):
+            raise TypeError(f"a backend needs {attr!r} (see ringattn.kernels.base.Backend); "
+                            f"{type(backend).__name__} has none")
+    lists = hasattr(backend, "forward_tasks") and hasattr(backend, "backward_tasks")
+    if backend.caps.takes_task_lists and not lists:
+        raise TypeError(f"backend {backend.name!r} declares takes_task_lists: it needs forward_tasks and "
+                        "backward_tasks")

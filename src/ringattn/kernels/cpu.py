@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..scores import ALIBI
-from .base import Capabilities, DenseMaskKernel, acc_dtype, empty_result, unit_last_stride, zero_grads
+from .base import Capabilities, DenseMaskKernel, acc_dtype, empty_result, register, unit_last_stride, zero_grads
 from .lse import LseKernel, from_kernel, to_kernel
 from .reference import ReferenceBackend
 
@@ -83,3 +83,6 @@ class CpuFlashBackend(DenseMaskKernel):
         dq, dk, dvv = _bwd(dot, qt, kt, vt, ot, lse, 0.0, causal,
                            attn_mask=_bias(mask, q.dtype, bias), scale=scale)
         return (dq.transpose(1, 2)[..., :d], dk.transpose(1, 2)[..., :d], dvv.transpose(1, 2)[..., :dv])
+
+
+register(CpuFlashBackend())

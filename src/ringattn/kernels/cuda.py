@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from .base import Alignment, Capabilities, DenseMaskKernel, empty_result, unit_last_stride, zero_grads
+from .base import Alignment, Capabilities, DenseMaskKernel, empty_result, register, unit_last_stride, zero_grads
 from .lse import LseKernel, from_kernel, to_kernel
 from .reference import ReferenceBackend
 
@@ -253,3 +253,5 @@ class CudaFlashBackend(DenseMaskKernel):
             return _efficient_backward(dout, q, k, v, out, lse, scale, causal, mask)
         return _ref.backward_dense(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
 
+
+register(CudaFlashBackend())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..scores import ALIBI, SOFTCAP
-from .base import Capabilities, DenseMaskKernel, acc_dtype, empty_result
+from .base import Capabilities, DenseMaskKernel, acc_dtype, empty_result, register
 
 Q_TILE = 1024
 
@@ -116,3 +116,6 @@ class ReferenceBackend(DenseMaskKernel):
             dq[:, t0:t1] = torch.einsum("bkgts,bskd->btkgd", ds, kf[:, :ke]).reshape(b, t1 - t0, h, d)
             dk[:, :ke] += torch.einsum("bkgts,btkgd->bskd", ds, qg[:, t0:t1].to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+register(ReferenceBackend())
