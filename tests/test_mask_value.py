@@ -101,6 +101,22 @@ def test_problem_takes_a_mask():
     assert Problem(**kw, mask=Mask(window=(8, 8))).causal is False
     with pytest.raises(ValueError, match="window is given twice"):
         Problem(**kw, window=(4, 0), mask=Mask(window=(4, 0)))
+    # causal=True beside a mask stands, as it does at the call
+    assert Problem(**kw, causal=True, mask=Mask(window=(8, 0))).causal is True
+    assert Problem(**kw).causal is True
+
+
+def test_auto_plans_calls_of_one_shape_with_other_masks_apart():
+    from ringattn.cost_model import hardware
+    from ringattn.masks import MaskSpec
+    from ringattn.strategies.auto import estimate_all
+
+    kw = dict(seq_len=4096, world=4, heads=8, kv_heads=8)
+    plain = Problem(**kw, mask=MaskSpec(seq_len=4096, causal=True))
+    docs = Problem(**kw, mask=MaskSpec(seq_len=4096, causal=True, doc_bounds=tuple(range(0, 4097, 32))))
+    assert plain != docs
+    hw = hardware("cpu")
+    assert estimate_all(plain, hw) != estimate_all(docs, hw)  # not one cached answer for both
 
 
 @pytest.mark.parametrize("fn", [ringattn.ring_attention, ringattn.attention, decode_attention])

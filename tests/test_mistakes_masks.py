@@ -278,3 +278,24 @@ def test_a_mask_mod_reading_a_table_that_changes_between_calls_is_replanned():
         out = ringattn.ring_attention(q, k, v, mask_mod=fn, backend="reference")
         ref, _ = attention_ref(q, k, v, fn(pos[:, None], pos[None, :]))
         assert rel_err(out, ref) < 1e-12, docs
+
+
+def decode_with_rank_tables():
+    # Each rank's closure reads its own document table: decode must refuse, as the ring does.
+    rank = dist.get_rank()
+    table = torch.tensor([0] * 6 + [1] * 6) if rank == 0 else torch.tensor([0] * 4 + [1] * 8)
+    fn = _table_mask(table)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 2, 8, generator=g, dtype=F64)
+    k, v = (torch.randn(1, 6, 2, 8, generator=g, dtype=F64) for _ in range(2))
+    k_pos = torch.arange(rank * 6, rank * 6 + 6)
+    try:
+        ringattn.decode_attention(q, k, v, torch.tensor([11]), k_pos, mask_mod=fn)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_decode_with_different_masks_on_each_rank_is_refused(ranks):
+    for msg in ranks.run(2, decode_with_rank_tables):
+        assert "ranks disagree" in msg and "mask_mod" in msg, msg

@@ -141,7 +141,9 @@ def _balanced_and_uneven():
     us = [ringattn.shard(t, layout="zigzag", uneven=True) for t in (q, k, v)]
     out = ringattn.ring_attention(*us, causal=True)
     e2 = rel_err(ringattn.unshard(out), reference(q, k, v, True)[0])
-    return e1, e2, other
+    # A view of the uneven output (one head) remembers the uneven split too.
+    e3 = rel_err(ringattn.unshard(out[:, :, :1]), reference(q, k, v, True)[0][:, :, :1])
+    return e1, max(e2, e3), other
 
 
 def test_balanced_documents_and_uneven_travel_too(ranks):

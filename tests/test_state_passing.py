@@ -280,3 +280,24 @@ def test_weights_and_half(ranks):
     (err0, rel0, seen0), (err1, rel1, seen1) = ranks.run(2, rank_weights_and_half)
     assert max(err0, err1) < 1e-11 and max(rel0, rel1) < 0.05
     assert seen0 == [] and seen1 == [torch.float32]  # rank 1's piece starts from rank 0's state, in float32
+
+
+def test_forgotten_init_process_group_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"ringattn.mixers: torch.distributed is not initialised but WORLD_SIZE=2"):
+        mixers.fragments(8, layout="zigzag")
+
+
+def test_a_shard_of_another_layout_is_refused():
+    # A zigzag shard given a striped plan would run its tokens at the wrong positions.
+    x = ringattn.shard(torch.randn(1, 12, 4, dtype=torch.float64), layout="zigzag")
+    plan = mixers.fragments(x.shape[1], layout="striped")
+    with pytest.raises(ValueError, match=r"sharded with layout='zigzag'.*plan is for layout='striped'"):
+        mixers.causal_conv1d(x, torch.randn(4, 3, dtype=torch.float64), plan=plan)
+    step = functools.partial(diag_step)
+    a = torch.rand(1, 12, H, N, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"sharded with layout='zigzag'"):
+        mixers.run_fragments(step, diag_transition, [ringattn.shard(a, layout="zigzag")], plan=plan,
+                             kind="diagonal", state_shape=(H, N, P))
+    same = mixers.fragments(x.shape[1], layout="zigzag")
+    assert mixers.causal_conv1d(x, torch.randn(4, 3, dtype=torch.float64), plan=same).shape == x.shape

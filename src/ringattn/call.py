@@ -362,7 +362,10 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 def _enter_uneven(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]):
     call, padded, n = checked(lambda: uneven_inputs(q, k, v, strategy, topo, options), topo.agree_over, q)
     out, lse = IMPLEMENTATIONS[call.strategy](*padded, call)
-    out, lse = out[:, :n], lse[..., :n]  # the padding rows' gradient is zero: they leave the graph here
+    # The padding rows' gradient is zero: they leave the graph here. Copies, not views of the padded result,
+    # so that views of the output remember its sharding too (sharding_of follows a view to its base).
+    if n < out.shape[1]:
+        out, lse = out[:, :n].clone(), lse[..., :n].clone()
     return (out, lse) if call.options.return_lse else out
 
 

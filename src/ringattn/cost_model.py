@@ -143,7 +143,7 @@ class Problem:
     v_head_dim: int | None = None
     batch: int = 1
     dtype_bytes: int = 2
-    causal: bool = True
+    causal: bool | None = None  # None: True, or what mask= says
     window: tuple[int, int] | None = None
     layout: str = "zigzag"
     backward: bool = True
@@ -157,11 +157,14 @@ class Problem:
     mask_mod: object = dataclasses.field(default=None, compare=False)  # fn(q_idx, kv_idx); not in reports
     # The whole mask as one value: a ringattn.Mask (its fields fill the ones above), or the MaskSpec of a
     # checked call (``from_call``), which is then the mask planned.
-    mask: Mask | MaskSpec | None = dataclasses.field(default=None, compare=False, repr=False)
+    # Compared (and so part of auto's cache key): two calls of one shape with other masks plan apart.
+    mask: Mask | MaskSpec | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if isinstance(self.mask, Mask):
             self._take_mask(self.mask)
+        elif self.causal is None:
+            object.__setattr__(self, "causal", True)
         for name in ("seq_len", "world", "heads", "kv_heads", "head_dim", "batch", "dtype_bytes"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -190,15 +193,17 @@ class Problem:
             field = {"cu_seqlens": "documents"}.get(name, name)
             if field == "seq_len":
                 raise ValueError("Problem(mask=Mask(seq_len=...)): the problem's seq_len is its own field")
-            if field not in ("causal",) and given[field] is not None:
+            if field == "causal":
+                continue
+            if given[field] is not None:
                 raise ValueError(f"Problem: {field} is given twice, in mask= and as {field}=; pass it one way")
             if field == "documents":
                 val = as_bounds(val)
             elif field in ("window", "slices") and val is not None:
                 val = tuple(val)
             object.__setattr__(self, field, val)
-        if "causal" not in mask.keywords():
-            object.__setattr__(self, "causal", False)
+        # As at the call: a causal=True given beside the mask stands; otherwise the mask says.
+        object.__setattr__(self, "causal", bool(self.causal) or mask.causal)
         object.__setattr__(self, "mask", None)
 
     @classmethod

@@ -10,6 +10,7 @@ bit-identical outputs (generation relies on it: every rank samples the same toke
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -20,7 +21,7 @@ from .callspec import Mask, MaskFn, Slices, merge_mask
 from .kernels import acc_dtype
 from .masks import MaskSpec, RowHeadMask, takes_four
 from .scores import ScoreMod, check_alibi_slopes, check_per_head, check_softcap, merge_sinks, sink_digest
-from .validate import check_chunk_size, check_cu_seqlens, check_mask_mod, check_slices
+from .validate import check_chunk_size, check_cu_seqlens, check_mask_mod, check_slices, describe_mask
 
 # Decoding has no padded length: empty cache slots are marked by a negative position instead.
 _NO_PADDING = 2**62
@@ -164,8 +165,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     document; ``softmax_scale``, ``softcap``, ``sinks``, ``chunk_size``, ``alibi_slopes``, ``mask_mod`` (2
     or 4 arguments) and ``slices`` as in ``ring_attention``. ``mask``: a ``ringattn.Mask`` for the mask
     keywords (a field set both ways is an error; a cache has no padding, so no ``seq_len``). ``causal``:
-    None = causal, unless ``mask`` says otherwise. ``scale``: a deprecated spelling of ``softmax_scale``
-    (deprecated).
+    None = causal, unless ``mask`` says otherwise. ``scale``: a deprecated spelling of
+    ``softmax_scale``.
     Returns ``out`` ``(b, t, heads, dv)`` in q's dtype, or ``(out, lse)``. Not differentiable (inference).
     """
     softmax_scale = _renamed_scale(scale, softmax_scale)
@@ -194,8 +195,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         spec = decode_spec(causal, window, bounds, check_chunk_size(chunk_size), None if four else mask_mod, slices)
         if four:  # checked as the 2-argument form of row 0, head 0 would be
             check_mask_mod(RowHeadMask(mask_mod, 0, 0))
+        # The mask as the ring's agreement describes it: a mask_mod by its answers on probe positions, here
+        # those up to the newest query (every key position is at most that), so ranks with different
+        # functions or tables disagree before anything runs.
+        seen = dataclasses.replace(spec, seq_len=int(q_pos.max()) + 1 if q_pos.numel() else 0)
         return (spec, mods if mods.kinds else None, sink, mask_mod if four else None), (
-            f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} {spec} "
+            f"decode q{tuple(q.shape)} kv_heads={k.shape[2]} dv={v.shape[3]} {q.dtype} "
+            f"{describe_mask(seen, seen.seq_len, q.device)} "
             f"scale={scale!r} {mods.describe()} sinks={sink_digest(sink)}"
             f" mask_mod4={RowHeadMask(mask_mod, 0, 0) if four else None}")
 

@@ -309,8 +309,8 @@ def _last_position(hidden: torch.Tensor, step: _Step) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def row_mask(lo: int, chunk: int | None):
     """A padded row's mask beyond causal: keys from ``lo`` (its first real token) on, and with chunked
-    attention chunks counted from ``lo``, as transformers counts them. One object per argument pair, so the
-    plans made for it stay cached."""
+    attention chunks counted from ``lo``, as transformers counts them. One object per argument pair (the
+    decode agreement describes it by its answers, not its address)."""
     return _RowMask(lo, chunk)
 
 

@@ -43,7 +43,8 @@ for _module in pkgutil.iter_modules(__path__):
 
 def register(backend: Backend) -> Backend:
     """Make ``backend`` selectable and nameable after import (a backend defined outside this package, or a
-    test's): ``base.register`` into the registry ``select`` reads."""
+    test's), with ``base.register``'s checks, into the registry ``select`` reads (this module's
+    ``BACKENDS``, which tests may swap for a copy)."""
     check_backend(backend)
     BACKENDS[backend.name] = backend
     return backend

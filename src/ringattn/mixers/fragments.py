@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..layouts import check_distributed, global_positions, sharding_of
+
 LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
 
 
@@ -149,8 +151,7 @@ def fragments(local_len: int, *, group=None, layout: str = "contiguous", cu_seql
     """Every rank's fragments and pieces for ``local_len`` local tokens under ``layout`` (as ``ringattn.shard``
     made them: the same ``layout``, ``cu_seqlens`` and ``uneven``/``seq_len``). ``cu_seqlens``: one 1-D int
     tensor (or ints) for every row, or a list of one per batch row (``batch`` rows). No communication."""
-    import ringattn
-
+    check_distributed("mixers")
     if str(layout) not in LAYOUTS:
         raise ValueError(f"ringattn.mixers: layout must be one of {LAYOUTS}, got {layout!r} (the mixers know "
                          "where each rank's tokens sit only for these)")
@@ -199,7 +200,7 @@ def fragments(local_len: int, *, group=None, layout: str = "contiguous", cu_seql
         for b in bounds or ():
             if b > total:
                 raise ValueError(f"ringattn.mixers: cu_seqlens reaches {b}, past world * local_len = {total}")
-        positions = [ringattn.global_positions(layout, r, world, local_len, cu_seqlens=list(bounds) if bounds
+        positions = [global_positions(layout, r, world, local_len, cu_seqlens=list(bounds) if bounds
                                                else None).tolist() for r in range(world)]
         plans.append(_row_plan(rows, positions, bounds or (0, total), total))
     return Fragments(layout, world, rank, (local_len,) * world, total, tuple(plans), group, False)
@@ -337,3 +338,17 @@ def regroup(xs: Sequence[torch.Tensor], src: Fragments, dst: Fragments) -> list[
     for x, part in zip(xs, moved.split(widths, 1)):
         out.append(part.reshape(moved.shape[0], x.shape[0], *x.shape[2:]).movedim(0, 1))
     return out
+
+
+def check_sharding(plan: Fragments, *tensors: torch.Tensor) -> None:
+    """A ``ValueError`` where a tensor remembers a ``ringattn.shard`` other than the plan's (another layout or
+    uneven split, or the sequence in another dim): the mixer would run its tokens at the wrong positions."""
+    for t in tensors:
+        s = sharding_of(t)
+        if s is None:
+            continue
+        if str(s.layout) != plan.layout or bool(s.uneven) != plan.uneven or s.dim != 1:
+            raise ValueError(f"ringattn.mixers: the input was sharded with {s.describe()} (dim={s.dim}), but the "
+                             f"plan is for layout={plan.layout!r}, uneven={plan.uneven} along dim 1: build the plan "
+                             "with ringattn.mixers.fragments(...) from the same layout, documents and uneven as "
+                             "the shard")

@@ -15,7 +15,7 @@ import bisect
 
 import torch
 
-from .fragments import Fragments, Tie, agree, all_gather, as_contiguous, regroup
+from .fragments import Fragments, Tie, agree, all_gather, as_contiguous, check_sharding, regroup
 
 WHAT = "ringattn.mixers.causal_conv1d"
 
@@ -55,6 +55,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns ``(batch, local_len, channels)``. Every rank must call it (collectives)."""
     error, extra = None, None
     try:
+        check_sharding(plan, x)
         k = _check(x, weight, bias, plan)
         extra = (k, tuple(x.shape[::2]), x.dtype, x.requires_grad)
     except Exception as e:  # noqa: BLE001 - raised on every rank by agree

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .fragments import Fragments, Piece, RowPlan, Tie, agree, all_gather, as_contiguous, regroup
+from .fragments import Fragments, Piece, RowPlan, Tie, agree, all_gather, as_contiguous, check_sharding, regroup
 
 KINDS = ("diagonal", "dense")
 WHAT = "ringattn.mixers.run_fragments"
@@ -188,6 +188,7 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
     error, extra = None, None
     try:
         state_shape = tuple(state_shape)
+        check_sharding(plan, *inputs)
         batch = _check(inputs, plan, kind, state_shape)
         mshape = transition_shape_of(kind, state_shape, transition_shape)
         extra = (kind, state_shape, mshape, batch, [(x.dtype, tuple(x.shape[2:]), x.requires_grad) for x in inputs])

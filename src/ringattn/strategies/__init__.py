@@ -28,7 +28,7 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "auto":  # auto compares the others: imported once they are all registered
         importlib.import_module(f".{_module.name}", __name__)
 
-from . import allgather, auto, hybrid, ring, ulysses  # noqa: E402  (the strategies imported above, then auto)
+from . import auto  # noqa: E402  (it compares the strategies imported above)
 
 # strategy -> run(q, k, v, call) -> (out, lse), differentiable; the front door (call.py) validates first.
 IMPLEMENTATIONS = {name: kind.run for name, kind in REGISTRY.items()}
