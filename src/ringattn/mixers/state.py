@@ -94,12 +94,7 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
         parts.append(torch.stack([e if e is not None else zero for e in entries], 1) if slots else
                      zero.new_zeros(len(rows), 0, mn + sn))
         order += rows
-    buf = torch.cat(parts, 0)
-    if order != list(range(batch)):
-        inv = [0] * batch
-        for i, b in enumerate(order):
-            inv[b] = i
-        buf = buf[torch.tensor(inv, device=buf.device)]
+    buf = in_batch_order(torch.cat(parts, 0), order)
     if anchor is not None and not buf.requires_grad:
         # Every rank must run the gather's backward (an all-reduce), also one with no summary of its own
         # and under autograd.grad(..., inputs), which runs only what leads to those inputs.
@@ -256,12 +251,17 @@ def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch):
     for rp in plan.plans:
         parts.append(torch.cat([outs[i] for i, (q, _) in enumerate(mine) if q is rp], 1))
         order += _rows(rp, batch)
-    y = torch.cat(parts, 0)
-    if order != list(range(batch)):
-        inv = [0] * batch
-        for i, b in enumerate(order):
-            inv[b] = i
-        y = y[torch.tensor(inv, device=y.device)]
+    y = in_batch_order(torch.cat(parts, 0), order)
     if gathered is not None and grad:
         y = Tie.apply(y, gathered)
     return y
+
+
+def in_batch_order(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``t``'s rows, stacked plan by plan (row ``i`` is batch row ``order[i]``), back in batch order."""
+    if order == list(range(len(order))):
+        return t
+    inv = [0] * len(order)
+    for i, b in enumerate(order):
+        inv[b] = i
+    return t[torch.tensor(inv, device=t.device)]
