@@ -144,16 +144,16 @@ def test_disagreeing_models_are_named(ranks):
 
 def test_refused_hybrids_name_the_layer(tmp_path):
     # Refusals come from the structure alone (meta device): no rank is started, so this runs in the test process.
-    path = tmp_path / "falcon_h1.json"
-    auditing.tiny_config("falcon_h1").to_json_file(path)
+    path = tmp_path / "minimax.json"
+    auditing.tiny_config("minimax").to_json_file(path)
     code, out, _ = cli_main(["audit", "--model", str(path), "--nproc", "2"])
     assert code == 1, out
     culprit = out.strip().splitlines()[-1]
-    assert culprit.startswith("culprit: layer 0 (FalconH1Mixer): token mixing outside attention is not "
-                              "context-parallel"), culprit
-    jamba = hf.audit("jamba")
-    assert jamba.culprit.startswith("layer 0 (JambaMambaDecoderLayer): token mixing"), jamba.culprit
-    assert "UnsupportedModel" in jamba.refused and jamba.rows == []
+    assert culprit.startswith("culprit: layer 1 (MiniMaxLightningAttention): token mixing outside attention that "
+                              "ringattn does not know"), culprit
+    rg = hf.audit("recurrent_gemma")
+    assert rg.culprit.startswith("layer 0 (Conv1d): token mixing outside attention"), rg.culprit
+    assert "UnsupportedModel" in rg.refused and rg.rows == []
     # Refused by the name of a layer type only (config.layer_types), not by any module: still the layer.
     # (transformers reads "mamba" there as "linear_attention").
     named = hf.audit(llama_config(layer_types=["full_attention", "mamba"]), nproc=2)
@@ -167,16 +167,17 @@ def test_refused_hybrids_name_the_layer(tmp_path):
 
 
 def compare_refused_case() -> dict:
-    return hf.audit("falcon_h1", seq_len=SEQ, compare_refused=True)
+    return hf.audit("minimax", seq_len=SEQ, compare_refused=True)
 
 
 def test_compare_refused_shows_where(ranks):
     # The refusal is by structure (a mixer's class name); compared anyway, the numbers agree with it.
     r = ranks.run(2, compare_refused_case)[0]
-    assert not r.ok and "FalconH1Mixer" in r.refused
-    assert r.culprit.startswith("layer 0 (FalconH1Mixer): token mixing outside attention is not context-parallel")
-    assert "compared anyway: layer 0 (FalconH1Mixer): mamba output differs" in r.culprit, r.culprit
-    assert r.rows[0].part == "mamba (FalconH1Mixer)" and r.rows[1].part == auditing.INPUT_DIFFERS
+    assert not r.ok and "MiniMaxLightningAttention" in r.refused
+    assert r.culprit.startswith("layer 1 (MiniMaxLightningAttention): token mixing outside attention that ringattn "
+                                "does not know")
+    assert "compared anyway: layer 1 (MiniMaxLightningAttention): attention output differs" in r.culprit, r.culprit
+    assert any("(MiniMaxLightningAttention)" in row.part for row in r.rows), [row.part for row in r.rows]
 
 
 def test_bad_input_is_exit_2(tmp_path):

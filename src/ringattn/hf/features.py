@@ -6,6 +6,7 @@ ring on global positions. Anything else is refused here, by name, before it can 
 
 from __future__ import annotations
 
+import inspect
 import re
 import weakref
 from dataclasses import dataclass
@@ -13,11 +14,15 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
+# Layer types that act on each token alone (Nemotron-H lists its MoE and MLP blocks as layers).
+PER_TOKEN_LAYER_TYPES = frozenset({"moe", "mlp"})
 
 # Module class names that mix tokens along the sequence without the attention interface. Each runs on one
 # rank's shard alone, so its output would be that of a shorter, cut-up sequence.
 MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|lightning|shortconv|rwkv|mlstm|slstm|"
                           r"xlstm|rglru|recurrentblock|recurrent_block|lru", re.IGNORECASE)
+# Parts of a mixer's family that act on each token alone (its norms, MLPs, embeddings), named after the family.
+_PER_TOKEN_NAMES = re.compile(r"norm|mlp|embed", re.IGNORECASE)
 # Sparse attention that picks keys with a learned scorer (DeepSeek-V3.2's indexer): the scorer sees only the
 # local shard, and ring attention has no top-k key selection.
 _INDEXER_NAMES = re.compile(r"indexer", re.IGNORECASE)
@@ -31,6 +36,8 @@ _DYNAMIC_ROPE = ("dynamic", "longrope")
 
 _PREPARED: dict[int, weakref.ref] = {}  # id(config) -> config, for the configs prepare() patched
 _CHECKED: dict[int, weakref.ref] = {}  # id(config) -> config, for the models check_model() passed without prepare
+# id(config) -> (config, the layer indices whose token mixer prepare() made context-parallel)
+_MIXER_LAYERS: dict[int, tuple[weakref.ref, set]] = {}
 # id(config) -> (config, the local sizes of the masks transformers asked the mask interface for): which
 # windows a model applies only in its mask (PhiMoE), and which config windows it never applies (Moshi).
 _MASK_SIZES: dict[int, tuple[weakref.ref, set]] = {}
@@ -116,8 +123,10 @@ def check_config(config) -> None:
             "the rotary embedding uses the global largest position")
 
 
-def check_model(model: torch.nn.Module) -> None:
-    """Every refusal, model-wide: modules that mix tokens outside attention, attention off the interface."""
+def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
+    """Every refusal, model-wide: modules that mix tokens outside attention in a way ringattn does not run
+    context-parallel (and, unless ``prepared``, any: their handlers are installed by ``prepare``), attention off the
+    interface."""
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"prepare needs a transformers PreTrainedModel, got {type(model).__name__}")
@@ -128,6 +137,10 @@ def check_model(model: torch.nn.Module) -> None:
             "or the first), which one rank holds and each rank would take from its own shard; not supported with "
             "context parallelism (run the decoder, and the head on the rank holding that position)",
             feature="a head that pools one position of the sequence is not supported")
+    from .mixers import HANDLERS, mixer_functions, unknown_functions
+
+    # path -> a mixer ringattn runs context-parallel
+    handled = {p: m for p, m in model.named_modules() if p and mixer_functions(m)}
     for path, m in model.named_modules():
         if not path:  # the model itself: its class is named after the family, not a mixer
             continue
@@ -140,16 +153,45 @@ def check_model(model: torch.nn.Module) -> None:
             raise UnsupportedModel(f"{name}: {path} ({cls}) picks its weights by the token's index in the "
                                    "sequence, which each rank knows only locally; not supported",
                                    module=path, feature="weights picked by the token's local index are not supported")
-        conv = isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1
-        if MIXER_NAMES.search(cls) or conv:
-            what = ("a 1-D convolution along the sequence" if conv
-                    else "a recurrent / state-space / linear-attention mixer")
+        unknown = unknown_functions(m)
+        if unknown:
             raise UnsupportedModel(
-                f"{name}: {path} ({cls}) is {what}: token mixing outside attention is not context-parallel, so each "
-                "rank would mix its own shard alone; not supported yet (run this model without context parallelism)",
-                module=path, feature="token mixing outside attention is not context-parallel")
+                f"{name}: {path} ({cls}) mixes tokens in {', '.join(unknown)}, which ringattn does not run "
+                "context-parallel (it knows: " + ", ".join(sorted(HANDLERS)) + "), so each rank would mix its own "
+                "shard alone; not supported yet (run this model without context parallelism)",
+                module=path, layer=_index(m), feature=f"token mixing in {unknown[0]} is not context-parallel yet")
+        if path in handled and not prepared:
+            what = " and ".join(sorted({HANDLERS[f].what for f in mixer_functions(m)}))
+            raise UnsupportedModel(
+                f"{name}: {path} ({cls}) mixes tokens outside attention ({what}), which runs context-parallel "
+                "only in a prepared model: call ringattn.hf.prepare(model) once after loading",
+                module=path, layer=_index(m), feature="a token mixer outside attention needs prepare(model)")
+    suspects = []
+    for path, m in model.named_modules():
+        cls = type(m).__name__
+        if not path or any(path == h or path.startswith(h + ".") or h.startswith(path + ".") for h in handled):
+            continue  # the model, a handled mixer, a part of one (its convolution), or the block holding one
+        conv = isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1
+        if conv or (MIXER_NAMES.search(cls) and not _PER_TOKEN_NAMES.search(cls) and not _calls_attention(type(m))):
+            suspects.append((path, m, conv))
+    # The first that holds no other, so that the mixer is named rather than the block or model holding it.
+    for path, m, conv in suspects:
+        if any(p.startswith(path + ".") for p, _, _ in suspects):
+            continue
+        what = "a 1-D convolution along the sequence" if conv else "a recurrent / state-space / linear-attention mixer"
+        raise UnsupportedModel(
+            f"{name}: {path} ({type(m).__name__}) is {what} whose token mixing ringattn does not know (its forward "
+            "calls none of the state-passing or convolution functions ringattn runs context-parallel: "
+            f"{', '.join(sorted(HANDLERS))}), so each rank would mix its own shard alone; not supported "
+            "(run this model without context parallelism)",
+            module=path, layer=_index(m), feature="token mixing outside attention that ringattn does not know")
+    if handled:
+        _MIXER_LAYERS[id(config)] = (weakref.ref(config), {_index(m) for m in handled.values()})
     _check_layer_types(config)
-    if not getattr(type(model), "_supports_attention_backend", False):
+    attends = any(_calls_attention(type(m)) or "attention" in type(m).__name__.lower()
+                  for p, m in model.named_modules() if p not in handled)
+    # A model of mixers alone (Mamba, Mamba2) has no attention for the interface to reach.
+    if (attends or not handled) and not getattr(type(model), "_supports_attention_backend", False):
         raise UnsupportedModel(
             f"{name}: transformers marks {type(model).__name__} as not supporting custom attention backends "
             "(_supports_attention_backend is False: its attention does not, or not only, go through the attention "
@@ -157,14 +199,32 @@ def check_model(model: torch.nn.Module) -> None:
             feature="attention off transformers' attention interface is not supported")
 
 
+def _index(m) -> int | None:
+    idx = getattr(m, "layer_idx", None)
+    return idx if isinstance(idx, int) else None
+
+
+# The attention interface, as a module's forward names it: such a module is softmax attention, whatever its name.
+_ATTENTION_CALLS = frozenset({"eager_attention_forward", "ALL_ATTENTION_FUNCTIONS", "sdpa_attention_forward"})
+
+
+def _calls_attention(cls: type) -> bool:
+    fwd = inspect.unwrap(getattr(cls, "forward", None))
+    code = getattr(fwd, "__code__", None)
+    return code is not None and bool(_ATTENTION_CALLS & set(code.co_names))
+
+
 def _check_layer_types(config) -> None:
     types = _layer_types(config)
+    entry = _MIXER_LAYERS.get(id(config))
+    mixers = entry[1] if entry is not None and entry[0]() is config else set()
     for i, t in enumerate(types or ()):
-        if t not in ATTENTION_LAYER_TYPES:
+        if t not in ATTENTION_LAYER_TYPES | PER_TOKEN_LAYER_TYPES and i not in mixers:
             raise UnsupportedModel(
-                f"{model_name(config)}: layer {i} is a {t!r} layer (config.layer_types): token mixing outside "
-                "attention is not context-parallel, so each rank would mix its own shard alone; ring attention "
-                "supports models whose layers are all attention (full, sliding or chunked)",
+                f"{model_name(config)}: layer {i} is a {t!r} layer (config.layer_types) and no module of it runs "
+                "context-parallel (token mixing outside attention runs context-parallel only where ringattn knows "
+                "its functions, in a model given to ringattn.hf.prepare(model)), so each rank would mix its own shard "
+                "alone",
                 layer=i, feature=f"a {t!r} layer: token mixing outside attention is not context-parallel")
 
 
@@ -178,7 +238,7 @@ def needs_of(module, sliding_window, softcap, kwargs: dict) -> LayerNeeds:
         check_config(config)
     idx = getattr(module, "layer_idx", None)
     where = f"{name}: layer {idx} ({cls})" if idx is not None else f"{name}: {cls}"
-    if MIXER_NAMES.search(cls) or _INDEXER_NAMES.search(cls):
+    if _INDEXER_NAMES.search(cls):
         raise UnsupportedModel(f"{where}: not plain softmax attention; not supported by ring attention",
                                layer=idx if isinstance(idx, int) else None, feature="not plain softmax attention")
     types = _layer_types(config) if config is not None else None

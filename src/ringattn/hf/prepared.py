@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from . import features, generation, positions
+from . import features, generation, mixers, positions
 from .batch import needs_ring
 from .features import UnsupportedModel
 from .registry import SETTINGS
@@ -15,9 +15,11 @@ from .registry import SETTINGS
 def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     """Check a transformers model for ``attn_implementation="ring"`` and adapt what needs the global sequence.
 
-    Raises ``ringattn.hf.UnsupportedModel`` (a ``NotImplementedError``) naming the model, the layer and the
-    feature for what ring attention cannot compute exactly: token mixing outside attention (Mamba, Mamba2,
-    gated delta net / linear attention, short convolutions, recurrent blocks), attention that is not on
+    Makes the token mixers of hybrid models context-parallel in the same layout (``ringattn.hf.mixers``: Mamba2
+    scans, short convolutions, ...). Raises ``ringattn.hf.UnsupportedModel`` (a ``NotImplementedError``) naming
+    the model, the layer and the feature for what it cannot compute exactly: token mixing outside attention that
+    ringattn does not know (a recurrence in the module's own code, a convolution it does not call through
+    transformers' convolution function), attention that is not on
     transformers' attention interface (Bloom, MPT, Falcon, ...), DeepSeek-V3.2's sparse indexer. Patches the
     rotary embeddings whose frequencies depend on the largest position (dynamic NTK, LongRoPE) to use the
     group's. Returns ``model``. Without it the same checks run at the model's first forward (the per-layer ones
@@ -26,6 +28,7 @@ def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     Also hooks the decoder so that ``model.generate()`` runs context-parallel (``ringattn.hf.generation``).
     """
     features.check_model(model)
+    mixers.install(model)
     generation.install(model)
     if not getattr(model, "_ringattn_needs_ring", False):
         model.register_forward_pre_hook(needs_ring, with_kwargs=True)
@@ -81,7 +84,7 @@ def first_forward(model, args) -> None:
     if not features.is_prepared(config) and not features.is_checked(config):
         try:
             features.check_config(config)  # what the mask function would refuse, said first as it would say it
-            features.check_model(model)
+            features.check_model(model, prepared=False)
         except UnsupportedModel as e:
             raise UnsupportedModel(
                 f"{type(model).__name__} runs with attn_implementation={impl!r} without ringattn.hf.prepare(model) "

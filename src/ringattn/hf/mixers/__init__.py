@@ -1,0 +1,11 @@
+"""Hybrid models' token mixers, context-parallel in the same layout as their attention layers.
+
+``install(model)`` (called by ``ringattn.hf.prepare``) finds every module whose forward calls a token-mixing
+function registered here (see ``base.py`` for why that, and not the class name, is how a mixer is recognised)
+and runs it over the ranks with ``ringattn.mixers``' state passing and convolution halos. One file per function:
+"""
+
+from . import conv, mamba2  # noqa: F401 - each registers its handlers
+from .base import HANDLERS, Handler, handles, install, mixer_functions, unknown_functions
+
+__all__ = ["HANDLERS", "Handler", "handles", "install", "mixer_functions", "unknown_functions"]

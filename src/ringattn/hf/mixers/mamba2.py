@@ -1,0 +1,40 @@
+"""Mamba2's selective scan (SSD): Mamba2, Bamba, Granite-4.0-H, Nemotron-H, Falcon-H1, Zamba2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import mixers as mx
+from .base import MixerCall, StateCache, handles
+
+
+@handles("mamba2_scan_forward", "Mamba2 selective scan (SSD)")
+def scan(original, call: MixerCall, module, hidden_states, B, C, dt, cache=None, **kwargs):
+    """``mamba2_scan_forward(module, x, B, C, dt, cache)``: the state ``(heads, head_dim, state)`` decays by
+    ``exp(A_h * sum dt)`` per head over a span, so a span's transition is one scalar per head."""
+    b, n, _ = hidden_states.shape
+    heads = module.num_heads
+    a = -torch.exp(module.A_log.float())
+    lo, hi = module.time_step_limit
+
+    def step(x, b_, c, d, initial_state):
+        state = StateCache(initial_state)
+        y = original(module, x, b_, c, d, state, **kwargs)
+        return y, state.final
+
+    def transition(x, b_, c, d):
+        # As the scan discretises dt: softplus(dt + dt_bias), clamped to the module's limits.
+        d = torch.clamp(F.softplus(d + module.dt_bias.to(d.dtype)), min=lo, max=hi)
+        return torch.exp(a.to(d.dtype) * d.sum(1)).view(-1, heads, 1, 1)
+
+    return mx.run_fragments(step, transition, [hidden_states, B, C, dt], plan=call.plan(n, b), kind="diagonal",
+                            state_shape=(heads, module.head_dim, module.ssm_state_size),
+                            transition_shape=(heads, 1, 1))
+
+
+@handles("mamba2_split_conv1d_scan_combined", "fused Mamba2 convolution and scan")
+def fused(original, call: MixerCall, *args, **kwargs):
+    """The fused kernel would run the convolution and the scan over the local shard alone: returning None sends
+    the mixer down its unfused path, whose convolution and scan are the ones handled above."""
+    return None
