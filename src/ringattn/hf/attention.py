@@ -9,7 +9,7 @@ import torch
 from .. import ring_attention
 from ..layouts import layout_of
 from ..validate import agree
-from . import features, generation, positions
+from . import features, forward, generation, positions
 from .batch import check_sharded_as
 from .features import LayerNeeds
 from .registry import SETTINGS, RingSettings
@@ -119,6 +119,10 @@ def _check_call(module, query, key, attention_mask, dropout, step, settings: Rin
 def _documents(module, needs: LayerNeeds, batch: int, settings: RingSettings, kwargs) -> tuple[list, int | None]:
     """Each row's packed documents (one entry for rows packed alike; None: no documents) and, where they were
     read from ``position_ids``, the real length before ``shard_batch``'s padding."""
+    model = forward.current()
+    if model is not None:  # what the prepared model was given, where its layer does not pass it on
+        kwargs = {"cu_seq_lens_q": model.cu_seq_lens, "position_ids": model.position_ids} | \
+            {k: v for k, v in kwargs.items() if v is not None}
     cu = kwargs.get("cu_seq_lens_q")
     rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
     if cu is None and layout_of(settings.layout).needs_documents:
