@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import profiling
-from .callspec import AttentionCall, CallShape, Options, Topology
+from .callspec import MASK_KINDS, AttentionCall, CallShape, Options, Topology
 from .comm import exclusive
 from .cost_model import Problem
 from .layouts import (
@@ -63,8 +63,9 @@ def topology(strategy: Strategy, group, mesh) -> Topology:
 
 def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) -> tuple[AttentionCall, str]:
     """Check every argument on this rank; the call and the description all ranks must agree on."""
+    kinds = dict(options.get(MASK_KINDS, ()))
     try:
-        opts = Options(**options)
+        opts = Options(**{name: val for name, val in options.items() if name != MASK_KINDS})
     except TypeError as e:
         raise TypeError(f"attention(): {e}".replace("Options.__init__() ", "")) from None
     check_qkv(q, k, v)
@@ -72,12 +73,12 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     if not isinstance(opts.uneven, bool):
         raise TypeError(f"uneven must be a bool, got {type(opts.uneven).__name__}")
     cap = check_softcap(opts.softcap)
-    kinds = ScoreMod(cap, opts.alibi_slopes).kinds
-    backend = check_backend(opts.backend, q, k, v, kinds)
+    mods = ScoreMod(cap, opts.alibi_slopes).kinds
+    backend = check_backend(opts.backend, q, k, v, mods)
     # Uneven blocks arrive padded to the longest (uneven_inputs), at explicit positions: no even-length rule.
     spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1],
                      layout=Layout.CONTIGUOUS if opts.uneven else layout, batch=q.shape[0],
-                     positional=ALIBI in kinds, **opts.mask_keywords())
+                     positional=ALIBI in mods, **opts.mask_keywords(), **kinds)
     q_block = topo.block_rows * q.shape[1]
     q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
                             same_len=q.shape[1] == k.shape[1],
