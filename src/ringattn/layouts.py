@@ -68,126 +68,6 @@ def effective_layout(layout, world: int):
     return Layout(layout) if world > 1 else Layout.CONTIGUOUS
 
 
-@dataclass(frozen=True)
-class LayoutRule:
-    """What a layout needs and gives, for code outside this module: the one place its rules live, so that
-    nothing else branches on layout names. ``layout_of(name)`` returns it.
-
-    ``in_halves``: a rank's block is two halves at different places (zigzag, balanced), so local lengths
-    are even on more than one rank. ``needs_documents``: the documents (``cu_seqlens``) place the tokens
-    (balanced), so a shard, the call and unshard take the same ones. ``strided``: a rank's positions are
-    one strided run (striped). ``in_order``: rank order is position order (contiguous, and every layout on
-    one rank).
-    """
-
-    layout: Layout | Uneven
-    in_halves: bool = False
-    needs_documents: bool = False
-    strided: bool = False
-
-    @property
-    def name(self) -> str:
-        return str(self.layout.base if isinstance(self.layout, Uneven) else self.layout)
-
-    def in_order(self, world: int) -> bool:
-        return world == 1 or self.layout == Layout.CONTIGUOUS
-
-    def check_local_len(self, world: int, local_len: int, what: str = "local_len") -> None:
-        """The even-length rule of layouts in halves: a ``ValueError`` naming the layout and ``what``."""
-        if self.in_halves and world > 1 and local_len % 2:
-            raise ValueError(f"layout={self.name!r} needs an even {what}, got {local_len} "
-                             "(ringattn.shard pads to a multiple of 2 * world)")
-
-    def padded_len(self, seq_len: int, world: int) -> int:
-        """The length ``shard`` pads ``seq_len`` to (``padded_len``)."""
-        return padded_len(seq_len, world, self.name)
-
-    def pad_multiple(self, world: int, seq_len: int = 1) -> int:
-        """The multiple ``shard`` pads a ``seq_len``-token sequence to: W, 2W for layouts in halves (balanced:
-        2mW, m by the length)."""
-        return pad_multiple(seq_len, world, self.name)
-
-    def check_documents(self, world: int, documents) -> None:
-        """A layout placed by documents, on more than one rank, takes them (``BALANCED_NEEDS_DOCUMENTS``)."""
-        if self.needs_documents and world > 1 and documents is None:
-            raise ValueError(BALANCED_NEEDS_DOCUMENTS)
-
-    def uneven_lengths(self, seq_len: int, world: int) -> tuple[int, ...]:
-        return uneven_lengths(seq_len, world, self.name)
-
-    def rank_order(self, world: int, local_len: int, device=None, bounds: Bounds = None) -> torch.Tensor | None:
-        """The global position of each row of every rank's block, in rank order (what a gather or an
-        all-to-all over the sequence holds); None where that is ``0, 1, 2, ...``."""
-        if self.in_order(world):
-            return None
-        return torch.cat([global_positions(self.layout, r, world, local_len, device, bounds) for r in range(world)])
-
-
-def layout_of(layout: Layout | Uneven | str) -> LayoutRule:
-    """The rules of ``layout`` (a name, a ``ringattn.Layout`` or an uneven layout); a ``ValueError`` naming
-    the choices for an unknown name."""
-    if isinstance(layout, Uneven):
-        return LayoutRule(layout, strided=layout.base == Layout.STRIPED)
-    check_layout(layout)
-    return _RULES[Layout(layout)]
-
-
-_RULES = {
-    Layout.CONTIGUOUS: LayoutRule(Layout.CONTIGUOUS),
-    Layout.ZIGZAG: LayoutRule(Layout.ZIGZAG, in_halves=True),
-    Layout.STRIPED: LayoutRule(Layout.STRIPED, strided=True),
-    Layout.BALANCED: LayoutRule(Layout.BALANCED, in_halves=True, needs_documents=True),
-}
-
-
-def uneven_lengths(seq_len: int, world: int, layout: str) -> tuple[int, ...]:
-    """Each rank's number of tokens when ``seq_len`` is split without padding (``shard(..., uneven=True)``):
-    contiguous and striped as evenly as possible (the first ``seq_len % W`` ranks one more), zigzag from 2W
-    chunks split that way (rank r holds chunks r and 2W-1-r)."""
-    if layout == "zigzag":
-        sizes = [n for _, n in _zigzag_chunks(seq_len, world)]
-        return tuple(sizes[r] + sizes[2 * world - 1 - r] for r in range(world))
-    if layout in ("contiguous", "striped"):
-        return tuple(seq_len // world + (r < seq_len % world) for r in range(world))
-    raise ValueError(f"uneven shards take layout 'contiguous', 'zigzag' or 'striped', got {str(layout)!r} (the "
-                     "balanced layout pads: pass seq_len instead)")
-
-
-def _zigzag_chunks(n: int, world: int) -> list[tuple[int, int]]:
-    """(start, length) of the 2W chunks of ``n`` positions, the first ``n % 2W`` one longer."""
-    out, start = [], 0
-    for i in range(2 * world):
-        size = n // (2 * world) + (i < n % (2 * world))
-        out.append((start, size))
-        start += size
-    return out
-
-
-def uneven_segments(layout: Uneven, rank: int, world: int, with_padding: bool = True) -> tuple[Segment, ...]:
-    """A rank's positions in an uneven layout: its real tokens, then (``with_padding``) its padding rows up
-    to the longest rank's length, at positions past ``seq_len`` (see ``Uneven``)."""
-    n, base = layout.seq_len, layout.base
-    lens = uneven_lengths(n, world, base)
-    if base == "contiguous":
-        real = [Segment(sum(lens[:rank]), lens[rank])]
-    elif base == "striped":
-        real = [Segment(rank, lens[rank], world)]
-    else:
-        chunks = _zigzag_chunks(n, world)
-        real = [Segment(*chunks[rank]), Segment(*chunks[2 * world - 1 - rank])]
-    longest = max(lens)
-    if with_padding:
-        real.append(Segment(n + sum(longest - x for x in lens[:rank]), longest - lens[rank]))
-    return tuple(s for s in real if s.length > 0)
-
-
-def check_layout(layout: str) -> None:
-    if isinstance(layout, Uneven):
-        return
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-
-
 Bounds = tuple[int, ...] | None  # document boundaries (cu_seqlens as ints), for the balanced layout
 # cu_seqlens as callers pass it: one 1-D int tensor (or ints), or a list of them, one per batch row
 CuSeqlens = torch.Tensor | Sequence[int] | Sequence[torch.Tensor] | None
@@ -199,25 +79,245 @@ BALANCE_UNITS = 8  # at most 2 * BALANCE_UNITS units per rank in the balanced la
 MIN_UNIT = 16  # ... each of at least this many tokens where the length allows (a kernel call per unit pair)
 
 
+class LayoutRule:
+    """A layout: which global positions each rank holds, and every rule that follows from it. The one place
+    a layout lives: the rest of the library asks ``layout_of(name)`` and never branches on a name.
+
+    A subclass sets ``name`` (what users type: ``layout="zigzag"``) and ``positions``, and overrides what
+    differs from the defaults; ``register(rule)`` adds it (and its member of ``ringattn.Layout``).
+    ``in_halves``: a rank's block is two halves at different places (zigzag, balanced), so local lengths
+    are even on more than one rank and ``shard`` pads to a multiple of 2W. ``needs_documents``: the
+    documents (``cu_seqlens``) place the tokens (balanced), so a shard, the call and unshard take the same
+    ones. ``strided``: a rank's positions are one strided run (striped). ``ordered``: rank order is position
+    order on any number of ranks (contiguous). ``takes_uneven``: ``shard(..., uneven=True)`` splits it
+    without padding (``uneven_positions``).
+    """
+
+    name: str = ""
+    in_halves: bool = False
+    needs_documents: bool = False
+    strided: bool = False
+    ordered: bool = False
+    takes_uneven: bool = False
+
+    @property
+    def layout(self) -> Layout | Uneven:
+        return Layout(self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # -- what a layout defines ------------------------------------------------------------------------
+
+    def positions(self, rank: int, world: int, local_len: int, bounds: Bounds) -> tuple[Segment, ...]:
+        """The global positions of rank ``rank``'s ``local_len`` tokens (``world > 1``), in local order;
+        ``bounds``: the documents, for a layout that ``needs_documents``."""
+        raise NotImplementedError
+
+    def pad_multiple(self, world: int, seq_len: int = 1) -> int:
+        """The multiple ``shard`` pads a ``seq_len``-token sequence to: W, 2W for layouts in halves."""
+        return 2 * world if self.in_halves else world
+
+    def uneven_positions(self, seq_len: int, rank: int, world: int) -> tuple[Segment, ...]:
+        """A rank's real tokens when ``seq_len`` is split without padding (``takes_uneven`` layouts)."""
+        takers = [repr(r.name) for r in RULES.values() if r.takes_uneven]
+        names = ", ".join(takers[:-1]) + f" or {takers[-1]}" if len(takers) > 1 else "".join(takers)
+        raise ValueError(f"uneven shards take layout {names}, got {self.name!r}{self.uneven_hint}")
+
+    uneven_hint = ""  # what an uneven split of this layout should be instead, for its error
+
+    def check_query_offset(self, offset: int, bounds: Bounds) -> None:
+        """Whether queries fewer than the keys (moved on by ``offset``) can follow this layout."""
+
+    # -- what follows from it -------------------------------------------------------------------------
+
+    def segments(self, rank: int, world: int, local_len: int, bounds: Bounds = None) -> tuple[Segment, ...]:
+        """The global positions of a rank's ``local_len`` tokens, in local order (one rank: all of them)."""
+        if world == 1:
+            return (Segment(rank * local_len, local_len),)
+        self.check_local_len(world, local_len, "local length")
+        # Placed by the documents: without them a shard and a call could silently disagree.
+        self.check_documents(world, bounds)
+        return self.positions(rank, world, local_len, bounds)
+
+    def in_order(self, world: int) -> bool:
+        return world == 1 or self.ordered
+
+    def check_local_len(self, world: int, local_len: int, what: str = "local_len") -> None:
+        """The even-length rule of layouts in halves: a ``ValueError`` naming the layout and ``what``."""
+        if self.in_halves and world > 1 and local_len % 2:
+            raise ValueError(f"layout={self.name!r} needs an even {what}, got {local_len} "
+                             "(ringattn.shard pads to a multiple of 2 * world)")
+
+    def padded_len(self, seq_len: int, world: int) -> int:
+        """The length ``shard`` pads ``seq_len`` to."""
+        m = self.pad_multiple(world, seq_len)
+        return -(-seq_len // m) * m
+
+    def check_documents(self, world: int, documents) -> None:
+        """A layout placed by documents, on more than one rank, takes them (``BALANCED_NEEDS_DOCUMENTS``)."""
+        if self.needs_documents and world > 1 and documents is None:
+            raise ValueError(BALANCED_NEEDS_DOCUMENTS)
+
+    def uneven_lengths(self, seq_len: int, world: int) -> tuple[int, ...]:
+        """Each rank's number of tokens when ``seq_len`` is split without padding."""
+        return tuple(sum(s.length for s in self.uneven_positions(seq_len, r, world)) for r in range(world))
+
+    def rank_order(self, world: int, local_len: int, device=None, bounds: Bounds = None) -> torch.Tensor | None:
+        """The global position of each row of every rank's block, in rank order (what a gather or an
+        all-to-all over the sequence holds); None where that is ``0, 1, 2, ...``."""
+        if self.in_order(world):
+            return None
+        return torch.cat([torch.cat([s.positions(device) for s in self.segments(r, world, local_len, bounds)])
+                          for r in range(world)])
+
+
+def _even_split(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` as evenly as possible, the first ``n % parts`` one longer."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+class Contiguous(LayoutRule):
+    """Rank r holds ``[r*c, (r+1)*c)``."""
+
+    name, ordered, takes_uneven = "contiguous", True, True
+
+    def positions(self, rank, world, local_len, bounds):
+        return (Segment(rank * local_len, local_len),)
+
+    def uneven_positions(self, seq_len, rank, world):
+        lens = _even_split(seq_len, world)
+        return (Segment(sum(lens[:rank]), lens[rank]),)
+
+
+class Zigzag(LayoutRule):
+    """The padded sequence cut into 2W chunks; rank r holds chunks r and 2W-1-r (equal causal work)."""
+
+    name, in_halves, takes_uneven = "zigzag", True, True
+
+    def positions(self, rank, world, local_len, bounds):
+        h = local_len // 2
+        return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))
+
+    def uneven_positions(self, seq_len, rank, world):
+        sizes = _even_split(seq_len, 2 * world)
+        starts = [sum(sizes[:i]) for i in range(2 * world)]
+        return tuple(Segment(starts[i], sizes[i]) for i in (rank, 2 * world - 1 - rank))
+
+
+class Striped(LayoutRule):
+    """Rank r holds ``r, r+W, r+2W, ...`` (Striped Attention)."""
+
+    name, strided, takes_uneven = "striped", True, True
+
+    def positions(self, rank, world, local_len, bounds):
+        return (Segment(rank, local_len, world),)
+
+    def uneven_positions(self, seq_len, rank, world):
+        return (Segment(rank, _even_split(seq_len, world)[rank], world),)
+
+
+class Balanced(LayoutRule):
+    """Zigzag's causal balance for packed documents: 2mW units, assigned greedily by their work
+    (``balanced_units``)."""
+
+    name, in_halves, needs_documents = "balanced", True, True
+    uneven_hint = " (the balanced layout pads: pass seq_len instead)"
+
+    def positions(self, rank, world, local_len, bounds):
+        return balanced_units(bounds, world, local_len)[rank]
+
+    def pad_multiple(self, world: int, seq_len: int = 1) -> int:
+        if world == 1:
+            return 1
+        return 2 * world * next((u for u in (BALANCE_UNITS, 4, 2) if seq_len >= 2 * world * u * MIN_UNIT), 1)
+
+    def check_query_offset(self, offset, bounds):
+        if offset and bounds is not None:
+            raise ValueError("layout='balanced' with documents takes as many queries as keys (q_seq_len = seq_len); "
+                             "use layout='zigzag' for fewer queries")
+
+
+class UnevenRule(LayoutRule):
+    """The rules of an uneven split of a layout (``Uneven``): its base's positions without padding, every
+    rank's block padded to the longest with rows past ``seq_len``."""
+
+    def __init__(self, uneven: Uneven):
+        self.uneven, self.base = uneven, layout_of(uneven.base)
+        self.name, self.strided = self.base.name, self.base.strided
+
+    @property
+    def layout(self) -> Uneven:
+        return self.uneven
+
+    def segments(self, rank, world, local_len=0, bounds=None):
+        return uneven_segments(self.uneven, rank, world)
+
+
+RULES: dict[str, LayoutRule] = {}
+
+
+def register(rule: LayoutRule) -> LayoutRule:
+    """Add a layout: ``layout=rule.name`` then works on every call, ``shard`` and ``unshard``, and
+    ``ringattn.Layout`` gains its member. A name taken already is an error."""
+    if not rule.name or rule.name in RULES:
+        raise ValueError(f"a layout needs a new name, got {rule.name!r} (taken: {tuple(RULES)})")
+    RULES[rule.name] = rule
+    Layout.add(rule.name)
+    return rule
+
+
+def unregister(name: str) -> None:
+    """Remove a layout added by ``register`` (a test's, or a plugin's); the built-in layouts stay."""
+    if name in RULES and name not in LAYOUTS:
+        del RULES[name]
+        Layout.remove(name)
+
+
+for _rule in (Contiguous(), Zigzag(), Striped(), Balanced()):
+    register(_rule)
+assert tuple(RULES) == LAYOUTS, "every member of modes.Layout has its rule here"
+
+
+def layout_of(layout: Layout | Uneven | str) -> LayoutRule:
+    """The rules of ``layout`` (a name, a ``ringattn.Layout`` or an uneven layout); a ``ValueError`` naming
+    the choices for an unknown name."""
+    if isinstance(layout, Uneven):
+        return UnevenRule(layout)
+    check_layout(layout)
+    return RULES[str(layout)]
+
+
+def check_layout(layout: str) -> None:
+    if isinstance(layout, Uneven):
+        return
+    if not isinstance(layout, str) or str(layout) not in RULES:
+        raise ValueError(f"layout must be one of {tuple(RULES)}, got {layout!r}")
+
+
+def uneven_lengths(seq_len: int, world: int, layout: str) -> tuple[int, ...]:
+    """Each rank's number of tokens when ``seq_len`` is split without padding (``shard(..., uneven=True)``):
+    contiguous and striped as evenly as possible (the first ``seq_len % W`` ranks one more), zigzag from 2W
+    chunks split that way (rank r holds chunks r and 2W-1-r)."""
+    return layout_of(layout).uneven_lengths(seq_len, world)
+
+
+def uneven_segments(layout: Uneven, rank: int, world: int, with_padding: bool = True) -> tuple[Segment, ...]:
+    """A rank's positions in an uneven layout: its real tokens, then (``with_padding``) its padding rows up
+    to the longest rank's length, at positions past ``seq_len`` (see ``Uneven``)."""
+    n, rule = layout.seq_len, layout_of(layout.base)
+    lens = rule.uneven_lengths(n, world)
+    real = list(rule.uneven_positions(n, rank, world))
+    longest = max(lens)
+    if with_padding:
+        real.append(Segment(n + sum(longest - x for x in lens[:rank]), longest - lens[rank]))
+    return tuple(s for s in real if s.length > 0)
+
+
 def segments(layout: str, rank: int, world: int, local_len: int, bounds: Bounds = None) -> tuple[Segment, ...]:
     """The global positions of a rank's ``local_len`` tokens, in local order (``bounds``: the documents,
     which only the balanced layout reads)."""
-    if isinstance(layout, Uneven):
-        return uneven_segments(layout, rank, world)
-    check_layout(layout)
-    c = local_len
-    if layout == "contiguous" or world == 1:
-        return (Segment(rank * c, c),)
-    rule = _RULES[Layout(layout)]
-    if rule.in_halves:
-        rule.check_local_len(world, c, "local length")
-        if rule.needs_documents:
-            # Placed by the documents: without them a shard and a call could silently disagree.
-            rule.check_documents(world, bounds)
-            return balanced_units(bounds, world, c)[rank]
-        h = c // 2
-        return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))
-    return (Segment(rank, c, world),)
+    return layout_of(layout).segments(rank, world, local_len, bounds)
 
 
 def units_per_rank(local_len: int) -> int:
@@ -272,9 +372,7 @@ def query_segments(layout: str, rank: int, world: int, local_len: int, offset: i
                    bounds: Bounds = None) -> tuple[Segment, ...]:
     """The global positions of a rank's ``local_len`` queries: the layout of the query rows, moved on by
     ``offset``, the position of query row 0 (the queries are the last rows of the key sequence)."""
-    if offset and layout == "balanced" and bounds is not None:
-        raise ValueError("layout='balanced' with documents takes as many queries as keys (q_seq_len = seq_len); "
-                         "use layout='zigzag' for fewer queries")
+    layout_of(layout).check_query_offset(offset, bounds)
     return tuple(Segment(s.start + offset, s.length, s.stride)
                  for s in segments(layout, rank, world, local_len, bounds))
 
@@ -338,17 +436,12 @@ def as_bounds(cu_seqlens: torch.Tensor | Sequence[int] | None) -> Bounds:
 def padded_len(seq_len: int, world: int, layout: str) -> int:
     """The length ``shard`` pads to: a multiple of W, of 2W for zigzag, and for balanced of 2mW with units
     of at least MIN_UNIT tokens (m up to BALANCE_UNITS)."""
-    m = pad_multiple(seq_len, world, layout)
-    return -(-seq_len // m) * m
+    return layout_of(layout).padded_len(seq_len, world)
 
 
 def pad_multiple(seq_len: int, world: int, layout: str) -> int:
     """What ``padded_len`` pads to a multiple of."""
-    if layout == "zigzag":
-        return 2 * world
-    if layout == "balanced" and world > 1:
-        return 2 * world * next((u for u in (BALANCE_UNITS, 4, 2) if seq_len >= 2 * world * u * MIN_UNIT), 1)
-    return world
+    return layout_of(layout).pad_multiple(world, seq_len)
 
 
 def _pad(x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
@@ -555,7 +648,7 @@ def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int =
     n = x.shape[dim]
 
     def made(part: torch.Tensor, rows=None) -> torch.Tensor:
-        docs = tuple(rows) if rows is not None and layout == "balanced" else None
+        docs = tuple(rows) if rows is not None and layout_of(layout).needs_documents else None
         return remember(part, Sharding(str(Layout(layout)), n, dim, bool(uneven), docs, place_of(group, mesh), group,
                                        mesh))
 
