@@ -14,9 +14,10 @@ from . import call as _call
 from .callspec import Documents, Mask, MaskFn, Slices, merge_mask
 from .decode import decode_attention
 from .kernels import Backend
-from .layouts import LAYOUTS, Sharding, global_positions, shard, sharding_of, unshard
+from .layouts import LAYOUTS, global_positions
 from .modes import BackwardExchange, Layout, Strategy
 from .profiling import Stats, profile
+from .sharding import Sharding, shard, sharding_of, unshard
 
 __all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Mask", "Sharding", "Stats", "Strategy", "attention",
            "decode_attention",

@@ -20,23 +20,20 @@ from . import profiling
 from .callspec import MASK_KINDS, AttentionCall, CallShape, Options, Topology
 from .comm import exclusive
 from .cost_model import Problem
-from .layouts import (
+from .layouts import Uneven, effective_layout, layout_of, uneven_lengths
+from .masks import EVAL_PAIRS, Kind, MaskSpec, RowHeadMask, takes_four
+from .modes import Layout, Strategy, choose
+from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
+from .sharding import (
     Sharding,
-    Uneven,
     check_distributed,
     document_rows,
     documents_text,
-    effective_layout,
-    layout_of,
     remember,
     settle,
     settle_len,
     sharding_of,
-    uneven_lengths,
 )
-from .masks import EVAL_PAIRS, Kind, MaskSpec, RowHeadMask, takes_four
-from .modes import Layout, Strategy, choose
-from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
 from .strategies import IMPLEMENTATIONS, REGISTRY
 from .strategies.auto import choose_strategy
 from .strategies.base import TUNING, group_topology

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 
 from .kernels import BACKENDS, Backend
-from .layouts import Sharding, Uneven
+from .layouts import Uneven
 from .masks import KINDS, MaskSpec, is_set
 from .modes import BackwardExchange, Layout, Strategy
 from .scores import ScoreMod
+from .sharding import Sharding
 
 Documents = torch.Tensor | Sequence[torch.Tensor]  # cu_seqlens, or one per batch row
 Slices = Sequence[tuple[tuple[int, int], tuple[int, int], str]]

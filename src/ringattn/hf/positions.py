@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..layouts import RULES, global_positions, padded_len, unshard
+from ..layouts import RULES, global_positions, padded_len
+from ..sharding import unshard
 
 
 class _Cache:
