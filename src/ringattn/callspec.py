@@ -49,11 +49,13 @@ class Mask:
 
     def __init__(self, *, causal: bool = False, window: tuple[int, int] | None = None,
                  documents: Documents | None = None, chunk_size: int | None = None, slices: Slices | None = None,
-                 mask_mod: MaskFn | None = None, seq_len: int | None = None, **kinds: Any) -> None:
+                 mask_mod: MaskFn | None = None, seq_len: int | None = None,
+                 kinds: tuple[tuple[str, Any], ...] = (), **named: Any) -> None:
         for name, val in (("causal", causal), ("window", window), ("documents", documents),
                           ("chunk_size", chunk_size), ("slices", slices), ("mask_mod", mask_mod),
                           ("seq_len", seq_len)):
             object.__setattr__(self, name, val)
+        kinds = {**dict(kinds), **named}
         for name in kinds:
             if name not in KINDS:
                 raise TypeError(f"Mask() got an unexpected keyword {name!r}: the mask kinds are {sorted(KINDS)} "
