@@ -85,7 +85,7 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     check_backward_exchange(opts.backward_exchange)
     chunk = opts.kv_head_chunk
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"kv_head_chunk must be a positive int or None, got {chunk!r}")
+        raise ValueError(f"kv_heads_per_gather must be a positive int or None, got {chunk!r}")
     if strategy is not Strategy.AUTO:
         REGISTRY[strategy].check_tuning(options)
     shape = CallShape(q.shape[0], q_block, topo.block_rows * k.shape[1], q.shape[2], k.shape[2], q.shape[3],
@@ -115,7 +115,8 @@ def described(call: AttentionCall) -> str:
             f" backward_exchange={call.backward_exchange}"
             f" {scores.describe()} sinks={sink_digest(sinks)}"
             f" sinks_grad={sinks is not None and sinks.requires_grad and torch.is_grad_enabled()}"
-            f" kv_head_chunk={call.options.kv_head_chunk} backend={call.backend.name} {_caps_text(call.backend.caps)}"
+            f" kv_heads_per_gather={call.options.kv_head_chunk}"
+            f" backend={call.backend.name} {_caps_text(call.backend.caps)}"
             f" blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")
 

@@ -121,7 +121,7 @@ class Options:
     softmax_scale: float | None = None
     return_lse: bool = False
     backward_exchange: BackwardExchange | str = BackwardExchange.RING
-    kv_head_chunk: int | None = None
+    kv_head_chunk: int | None = None  # the kv_heads_per_gather keyword (allgather)
     backend: str | Backend | None = None
     softcap: float | None = None
     sinks: torch.Tensor | None = None

@@ -1,6 +1,6 @@
 """All-gather context parallelism (Llama 3): every rank gathers all keys and values, then attends.
 
-Only the ``kv_heads`` are gathered, ``kv_head_chunk`` of them at a time, with the next chunk's gather
+Only the ``kv_heads`` are gathered, ``kv_heads_per_gather`` of them at a time, with the next chunk's gather
 in flight while the current chunk is computed, so at most two chunks of the full-length K/V are
 alive. Each chunk is one pass of kernel calls over the whole sequence (planned once by
 ``tasks.block_tasks`` on the real global positions, so masks skip what they hide). Backward gathers
