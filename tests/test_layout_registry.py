@@ -1,5 +1,6 @@
 """A new layout is one ``LayoutRule``: registered from this file alone (no package file edited), it shards,
-runs ring attention exactly against the dense float64 reference, and unshards."""
+runs ring, all-gather and Ulysses attention exactly against the dense float64 reference, and
+unshards."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def reversed_layout():
         unregister("reversed")
 
 
-def _reversed_on_ranks(n: int, causal: bool, window) -> list[float]:
+def _reversed_on_ranks(n: int, causal: bool, window, strategy: str) -> list[float]:
     rank, world = comm.group_rank_world()
     g = torch.Generator().manual_seed(11)
     q, k, v, dout = (torch.randn(1, n, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
@@ -45,7 +46,7 @@ def _reversed_on_ranks(n: int, causal: bool, window) -> list[float]:
         qs, ks, vs = (ringattn.shard(t, layout="reversed").requires_grad_() for t in (q, k, v))
         held = ringattn.layouts.global_positions("reversed", rank, world, qs.shape[1])
         assert int(held[0]) == (world - 1 - rank) * qs.shape[1]
-        out = ringattn.ring_attention(qs, ks, vs, mask=Mask(causal=causal, window=window))
+        out = ringattn.attention(qs, ks, vs, strategy=strategy, mask=Mask(causal=causal, window=window))
         (out * ringattn.shard(dout, layout=Layout.REVERSED)).sum().backward()
         sharding = ringattn.sharding_of(qs)
         assert sharding.layout == "reversed"
@@ -53,9 +54,10 @@ def _reversed_on_ranks(n: int, causal: bool, window) -> list[float]:
     return [rel_err(x, ref) for x, ref in zip(got, (want[0], *want[2:]))]
 
 
-@pytest.mark.parametrize("causal,window", [(True, None), (False, (5, 3))])
-def test_a_registered_layout_is_exact_on_two_ranks(ranks, causal, window):
-    for errs in ranks.run(2, _reversed_on_ranks, 27, causal, window):
+@pytest.mark.parametrize("causal,window,strategy", [(True, None, "ring"), (False, (5, 3), "ring"),
+                                                    (True, (4, -1), "allgather"), (True, None, "ulysses")])
+def test_a_registered_layout_is_exact_on_two_ranks(ranks, causal, window, strategy):
+    for errs in ranks.run(2, _reversed_on_ranks, 27, causal, window, strategy):
         assert max(errs) < 1e-9, errs
 
 

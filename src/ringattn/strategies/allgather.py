@@ -83,7 +83,7 @@ def _key_layout(layout: str, world: int, local_len: int, device, bounds):
         return (Segment(0, world * local_len),), None
     if rule.in_halves:  # two runs per rank: sorted into one run of positions after the gather
         return (Segment(0, world * local_len),), torch.argsort(rule.rank_order(world, local_len, device, bounds))
-    return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
+    return tuple(s for r in range(world) for s in segments(layout, r, world, local_len, bounds)), None
 
 
 def _start_gather(k, v, g0: int, g1: int, call: GatherCall):
