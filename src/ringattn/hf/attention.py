@@ -8,7 +8,9 @@ import weakref
 import torch
 
 from .. import ring_attention
+from ..callspec import Mask
 from ..layouts import layout_of
+from ..masks import KINDS
 from ..validate import agree
 from . import features, generation, positions
 from .batch import check_sharded_as
@@ -142,10 +144,14 @@ def _documents(module, needs: LayerNeeds, batch: int, settings: RingSettings, kw
 
 def _flat(kw: dict) -> dict:
     """The call's keywords with the layer's mask as flat keywords (``causal`` always), as the decoding
-    hooks read them."""
+    hooks read them; registered kinds, which have no flat keyword, stay in ``mask=``."""
     mask = kw["mask"]
-    return {**{name: val for name, val in kw.items() if name != "mask"}, "causal": mask.causal, "window": None,
-            **mask.keywords()}
+    out = {name: val for name, val in kw.items() if name != "mask"}
+    out.update(causal=mask.causal, window=None)
+    out.update((KINDS[name].keyword, val) for name, val in mask.fields().items() if KINDS[name].keyword is not None)
+    if mask.kinds:
+        out["mask"] = Mask(kinds=mask.kinds)
+    return out
 
 
 def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
