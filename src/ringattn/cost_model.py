@@ -155,7 +155,8 @@ class Problem:
     chunk_size: int | None = None
     slices: tuple | None = None  # ((q0, q1), (k0, k1), kind), ...
     mask_mod: object = dataclasses.field(default=None, compare=False)  # fn(q_idx, kv_idx); not in reports
-    # Registered kinds (``Mask(name=...)``, ``masks.register``) as (name, value) pairs, from ``mask``.
+    # The kinds of ``mask`` without a field above (``masks.register``) as (name, value) pairs, each planned
+    # as its MaskKind checks it.
     kinds: tuple[tuple[str, object], ...] = dataclasses.field(default=(), repr=False)
     # The whole mask as one value: a ringattn.Mask (its fields fill the ones above), or the MaskSpec of a
     # checked call (``from_call``), which is then the mask planned.
@@ -190,8 +191,8 @@ class Problem:
         return padded_len(self.seq_len, self.world, effective_layout(self.layout, self.world)) // self.world
 
     def _take_mask(self, mask: Mask) -> None:
-        """The fields of ``mask`` as this problem's: the built-in kinds into the fields of their name, the
-        registered ones into ``kinds``."""
+        """The fields of ``mask`` as this problem's: kinds with a field here into it, the others (registered
+        kinds) into ``kinds``."""
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         kinds = list(self.kinds)
         for name, val in mask.fields().items():
@@ -199,7 +200,7 @@ class Problem:
                 raise ValueError("Problem(mask=Mask(seq_len=...)): the problem's seq_len is its own field")
             if name == "causal":
                 continue
-            if KINDS[name].spec_field is None:
+            if name not in given:  # a kind without a field here: planned from its MaskKind
                 kinds.append((name, val))
                 continue
             if given[name] is not None:
@@ -230,9 +231,9 @@ class Problem:
             return self.mask
         total = self.world * self.local_len
         real = self.documents[-1] if self.documents else self.seq_len  # keys past the documents: padding
-        terms = spec_fields(dict(self.kinds), MaskContext(real, total, self.batch)).get("terms", ())
+        others = spec_fields({KINDS[name].key: val for name, val in self.kinds}, MaskContext(real, total, self.batch))
         return MaskSpec(real, self.causal, self.window, self.documents, chunk=self.chunk_size,
-                        mask_mod=check_mask_mod(self.mask_mod), slices=check_slices(self.slices, total), terms=terms)
+                        mask_mod=check_mask_mod(self.mask_mod), slices=check_slices(self.slices, total), **others)
 
 
 @dataclass

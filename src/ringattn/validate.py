@@ -27,6 +27,7 @@ from .comm import first_line, group_rank_world
 from .kernels import BACKENDS, Backend, select
 from .layouts import layout_of
 from .masks import (  # noqa: F401 - the mask checks, importable from here too
+    KINDS,
     MaskContext,
     MaskSpec,
     check_chunk_size,
@@ -182,9 +183,15 @@ def describe_mask(spec: MaskSpec, block: int, device) -> str:
     if spec.slices is not None:
         text += (f" slices={len(spec.slices)}slices:"
                  f"{_crc(tuple((s.q0, s.q1, s.k0, s.k1, s.kind.value) for s in spec.slices))}")
+    for kind in KINDS.values():  # a MaskSpec field of a kind not described above: by value
+        if kind.spec_field is not None and kind.spec_field not in _DESCRIBED:
+            text += f" {kind.key}={getattr(spec, kind.spec_field)!r}"
     if spec.terms:  # registered kinds, by value (a MaskTerm's repr says what it computes)
         text += f" terms=({', '.join(re.sub(r' at 0x[0-9a-fA-F]+', '', repr(t)) for t in spec.terms)})"
     return text
+
+
+_DESCRIBED = frozenset({"seq_len", "causal", "window", "doc_bounds", "chunk", "mask_mod", "slices"})
 
 
 def _crc(value) -> str:
