@@ -8,6 +8,10 @@ A rank's tokens are a few arithmetic runs of positions (:class:`Segment`), so wh
 empty, fully visible, a (shifted) causal triangle or genuinely partial is decided from a handful of
 integers, without building any mask (``tasks.py`` turns that into kernel calls); ``MaskSpec.visible`` is
 the same mask as a vectorised predicate.
+
+Each kind of mask is declared once, in ``KINDS`` (a ``MaskKind``: its ``ringattn.Mask`` field, its flat
+keyword, its check and the ``MaskSpec`` field it fills); ``register`` adds one whose value is a
+``MaskTerm``, ANDed with the rest and reached through ``Mask(name=...)``.
 """
 
 from __future__ import annotations
