@@ -464,7 +464,7 @@ def kv_replication(kv_heads: int, ranks: int) -> int:
     return ranks // math.gcd(kv_heads, ranks)
 
 
-# What ringattn.sharding holds, by the names it was first imported under from here.
+# ringattn.sharding's public names, importable from here too (ringattn.layouts.shard, ...).
 _SHARDING = frozenset({"Sharding", "shard", "unshard", "sharding_of", "remember", "settle", "settle_len", "place_of",
                        "check_distributed", "documents_text", "document_rows"})
 
