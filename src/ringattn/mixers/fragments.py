@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..layouts import check_distributed, global_positions, sharding_of
-
-LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
+from ..layouts import check_distributed, global_positions, layout_of, sharding_of
 
 
 def rank_world(group=None) -> tuple[int, int]:
@@ -103,20 +101,9 @@ class Fragments:
 
 
 def _uneven_positions(layout: str, seq_len: int, world: int) -> list[list[int]]:
-    from ringattn.layouts import uneven_lengths
-
-    lens = uneven_lengths(seq_len, world, layout)
-    if layout == "contiguous":
-        starts = [sum(lens[:r]) for r in range(world)]
-        return [list(range(starts[r], starts[r] + lens[r])) for r in range(world)]
-    if layout == "striped":
-        return [list(range(r, seq_len, world)) for r in range(world)]
-    # zigzag: 2W chunks, the first seq_len % 2W one longer; rank r holds chunks r and 2W-1-r
-    sizes = [seq_len // (2 * world) + (i < seq_len % (2 * world)) for i in range(2 * world)]
-    starts = [sum(sizes[:i]) for i in range(2 * world)]
-    return [list(range(starts[r], starts[r] + sizes[r]))
-            + list(range(starts[2 * world - 1 - r], starts[2 * world - 1 - r] + sizes[2 * world - 1 - r]))
-            for r in range(world)]
+    rule = layout_of(layout)
+    return [[p for seg in rule.uneven_positions(seq_len, r, world)
+             for p in range(seg.start, seg.start + seg.length * seg.stride, seg.stride)] for r in range(world)]
 
 
 def _as_bounds(cu) -> tuple[int, ...]:
@@ -152,9 +139,10 @@ def fragments(local_len: int, *, group=None, layout: str = "contiguous", cu_seql
     made them: the same ``layout``, ``cu_seqlens`` and ``uneven``/``seq_len``). ``cu_seqlens``: one 1-D int
     tensor (or ints) for every row, or a list of one per batch row (``batch`` rows). No communication."""
     check_distributed("mixers")
-    if str(layout) not in LAYOUTS:
-        raise ValueError(f"ringattn.mixers: layout must be one of {LAYOUTS}, got {layout!r} (the mixers know "
-                         "where each rank's tokens sit only for these)")
+    try:
+        rule = layout_of(layout)
+    except ValueError as e:
+        raise ValueError(f"ringattn.mixers: {e}") from None
     layout = str(layout)
     if not isinstance(local_len, int) or isinstance(local_len, bool) or local_len < 0:
         raise ValueError(f"ringattn.mixers: local_len must be a non-negative int, got {local_len!r}")
@@ -176,9 +164,9 @@ def fragments(local_len: int, *, group=None, layout: str = "contiguous", cu_seql
                                    or any(b <= a for a, b in zip(bounds, bounds[1:]))):
             raise ValueError(f"ringattn.mixers: cu_seqlens must rise strictly from 0, got {list(bounds)[:8]}")
     if uneven:
-        if layout not in ("contiguous", "zigzag", "striped"):
-            raise ValueError("ringattn.mixers: uneven=True takes layout 'contiguous', 'zigzag' or 'striped' "
-                             f"(as ringattn.shard does), got {layout!r}")
+        if not rule.takes_uneven:
+            raise ValueError(f"ringattn.mixers: uneven=True takes the layouts ringattn.shard splits unevenly, got "
+                             f"{layout!r}")
         if seq_len is None:
             raise ValueError("ringattn.mixers: uneven=True needs seq_len (the unpadded length)")
         positions = _uneven_positions(layout, seq_len, world)
@@ -192,8 +180,8 @@ def fragments(local_len: int, *, group=None, layout: str = "contiguous", cu_seql
     total = world * local_len
     if seq_len is not None and seq_len > total:
         raise ValueError(f"ringattn.mixers: seq_len={seq_len} is longer than world * local_len = {total}")
-    if layout == "balanced" and world > 1 and rows_bounds[0][1] is None:
-        raise ValueError("ringattn.mixers: layout='balanced' places tokens by the documents: pass the same "
+    if rule.needs_documents and world > 1 and rows_bounds[0][1] is None:
+        raise ValueError(f"ringattn.mixers: layout={layout!r} places tokens by the documents: pass the same "
                          "cu_seqlens as to ringattn.shard")
     plans = []
     for rows, bounds in rows_bounds:
