@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -35,3 +36,177 @@ def test_hybrids_exact_2_ranks(ranks, layout):
 
 def test_hybrids_exact_3_ranks(ranks):
     exact(ranks.run(3, run, FAMILIES, "contiguous")[0])
+
+
+# Mamba1's selective scan (hf/mixers/mamba.py). Zamba's shared attention block follows its Mamba layer.
+MAMBA1 = ("mamba", "falcon_mamba", "jamba", "zamba")
+MAMBA1_FEATURES: dict = {}
+
+
+def run_mamba1(layout: str) -> dict:
+    hf.register(layout=layout)
+    warnings.filterwarnings("ignore")
+    return {f: compare(f, f, MAMBA1_FEATURES.get(f, FEATURES.get(f, {})), layout) for f in MAMBA1}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_mamba1_exact_2_ranks(ranks, layout):
+    exact(ranks.run(2, run_mamba1, layout)[0])
+
+
+def test_mamba1_exact_3_ranks(ranks):
+    exact(ranks.run(3, run_mamba1, "zigzag")[0])
+
+
+# Mixers whose recurrence is the module's own code (no function of the modeling file to run context-parallel):
+# refused by the model-wide check, naming the module and why. RecurrentGemma's convolution in front of its RG-LRU
+# is the first such module of its recurrent block.
+UNKNOWN_MIXERS = {
+    "minimax": "model.layers.1.self_attn (MiniMaxLightningAttention) is a recurrent / state-space / linear-attention "
+               "mixer",
+    "recurrent_gemma": "model.layers.0.temporal_block.conv_1d (Conv1d) is a 1-D convolution along the sequence",
+    "xlstm": "backbone.blocks.0.mlstm_layer.mlstm_backend (xLSTMBackend) is a recurrent / state-space / "
+             "linear-attention mixer",
+    "rwkv": "rwkv.blocks.0.attention (RwkvSelfAttention) is a recurrent / state-space / linear-attention mixer",
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNKNOWN_MIXERS))
+def test_unknown_mixers_refused_naming_the_module(family):
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .test_hf_sweep import tiny_config
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+    with torch.device("meta"):
+        model = cls(tiny_config(family, FEATURES.get(family, {}), "sdpa" if cls._supports_sdpa else "eager"))
+    model.config._attn_implementation = "ring"
+    with pytest.raises(hf.UnsupportedModel) as e:
+        hf.prepare(model)
+    assert UNKNOWN_MIXERS[family] in str(e.value), str(e.value)
+    assert "whose token mixing ringattn does not know" in str(e.value)
+    assert "each rank would mix its own shard alone" in str(e.value)
+
+
+def test_mamba1_cache_refused():
+    # Decoding carries the recurrent state in the cache, which under context parallelism only the rank holding
+    # the last token would have.
+    from .test_hf_sweep import build
+
+    hf.register(layout="contiguous")
+    model, _ = build("mamba", {}, 0)
+    model.set_attn_implementation("ring")
+    hf.prepare(model)
+    with pytest.raises(hf.UnsupportedModel, match="pass use_cache=False to train or score"):
+        model(input_ids=torch.arange(3, 9)[None], use_cache=True)
+
+
+def test_mamba1_scan_asked_for_its_final_state_refused():
+    from transformers.models.mamba import modeling_mamba as mm
+
+    from ringattn.hf.mixers import HANDLERS
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    call = MixerCall(torch.nn.Module(), Batch(RingSettings(), None, None))
+    x = torch.randn(1, 2, 4, dtype=torch.float64)
+    b_ = torch.randn(1, 3, 4, dtype=torch.float64)
+    with pytest.raises(hf.UnsupportedModel, match="asked for its final state"):
+        HANDLERS["mamba_selective_scan"].run(mm.mamba_selective_scan, call, x, x, -torch.ones(2, 3), b_, b_,
+                                             return_last_state=True)
+    with pytest.raises(hf.UnsupportedModel, match="one-token step from a cached recurrent state"):
+        HANDLERS["mamba_selective_state_update"].run(mm.mamba_selective_state_update, call)
+
+
+# --- Mamba1's selective scan (hf/mixers/mamba.py) called directly, no model ---
+
+SCAN_LEN = 24  # every W in 1..4 splits it (2W for zigzag)
+# transformers' scans cast x and B (and, in mamba_scan_forward, A_log, D and dt_proj.bias) to float32 on the way
+# in, so the gradients reaching those tensors are float32 sums, which the two runs add in different orders: the
+# outputs and the other gradients agree to ~1e-16, these to ~1e-7.
+SCAN_TOL = 1e-6
+SCANS = ("mamba_scan_forward", "mamba_selective_scan")
+
+
+def _scan_case(name: str, batch: int):
+    """(original, module or None, inputs as (tensor, its sequence dim), weights that take a gradient)."""
+    from transformers import MambaConfig
+    from transformers.models.mamba import modeling_mamba as mm
+
+    g = torch.Generator().manual_seed(1)
+    d, n, L = 6, 4, SCAN_LEN
+    x, dt, z = (torch.randn(batch, d, L, generator=g, dtype=torch.float64) for _ in range(3))
+    original = getattr(getattr(mm, name), "_ringattn_original", getattr(mm, name))
+    if name == "mamba_scan_forward":
+        torch.manual_seed(0)
+        m = mm.MambaMixer(MambaConfig(hidden_size=4, intermediate_size=d, state_size=n, time_step_rank=2,
+                                      num_hidden_layers=1), layer_idx=0).double()
+        with torch.no_grad():
+            m.A_log.add_(0.3 * torch.randn(d, n, generator=g, dtype=torch.float64))
+            m.D.add_(torch.randn(d, generator=g, dtype=torch.float64))
+            m.dt_proj.bias.add_(torch.randn(d, generator=g, dtype=torch.float64))
+        b_, c = (torch.randn(batch, L, n, generator=g, dtype=torch.float64) for _ in range(2))
+        return original, m, [(x, 2), (dt, 2), (b_, 1), (c, 1), (z, 2)], [m.A_log, m.D, m.dt_proj.bias]
+    b_, c = (torch.randn(batch, n, L, generator=g, dtype=torch.float64) for _ in range(2))
+    weights = [-torch.rand(d, n, generator=g, dtype=torch.float64) - 0.5,  # A, D, delta_bias
+               torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)]
+    return original, None, [(x, 2), (dt, 2), (b_, 2), (c, 2), (z, 2)], [w.requires_grad_() for w in weights]
+
+
+def _scan_call(name, fn, module, xs, weights):
+    if name == "mamba_scan_forward":
+        return fn(module, *xs, None)
+    x, dt, b_, c, z = xs
+    a, d, bias = weights
+    return fn(x, dt, a, b_, c, D=d, z=z, delta_bias=bias, delta_softplus=True)
+
+
+def scan_direct(name: str, layouts: tuple[str, ...], batch: int) -> float:
+    """The handler on this rank's tokens against the original over the whole sequence: the output and the
+    gradients of every input and weight (summed over the ranks). Returns the worst relative error."""
+    import functools
+
+    import torch.distributed as dist
+
+    import ringattn
+    from ringattn.hf.mixers import HANDLERS
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    from .reference import rel_err
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    worst = 0.0
+    for layout in layouts:
+        original, module, inputs, weights = _scan_case(name, batch)
+        full = [t.clone().requires_grad_() for t, _ in inputs]
+        ref = _scan_call(name, original, module, full, weights)
+        gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        expect = torch.autograd.grad((ref * gy).sum(), full + weights)
+
+        pos = ringattn.global_positions(layout, rank, world, SCAN_LEN // world)
+        local = [t.index_select(dim, pos).requires_grad_() for t, dim in inputs]
+        call = MixerCall(module or torch.nn.Module(), Batch(RingSettings(layout=layout), None, None))
+        y = _scan_call(name, functools.partial(HANDLERS[name].run, original, call), module, local, weights)
+        got = torch.autograd.grad((y * gy.index_select(2, pos)).sum(), local + weights)
+        errs = [rel_err(y.detach(), ref.detach().index_select(2, pos))]
+        errs += [rel_err(a, b.index_select(dim, pos)) for a, b, (_, dim) in zip(got, expect, inputs)]
+        for a, b in zip(got[len(local):], expect[len(local):]):
+            if world > 1:  # each rank holds its tokens' part of a weight's gradient
+                dist.all_reduce(a)
+            errs.append(rel_err(a, b))
+        worst = max(worst, *errs)
+    return worst
+
+
+@pytest.mark.parametrize("name", SCANS)
+def test_mamba_scan_handler_one_process(name):
+    assert scan_direct(name, ("contiguous",), batch=2) < SCAN_TOL
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("name", SCANS)
+def test_mamba_scan_handler_ranks(ranks, name, world):
+    layouts = ("contiguous", "zigzag", "striped") if world != 3 else ("contiguous", "striped")
+    assert max(ranks.run(world, scan_direct, name, layouts, 2)) < SCAN_TOL

@@ -114,8 +114,10 @@ SKIP = {
 MUST_BE_EXACT = ("llama", "mistral", "qwen2", "qwen2_moe", "phimoe", "gemma2", "gpt_oss", "llama4_text", "phi3",
                  "llama-dynamic-ntk", "mixtral", "qwen3", "gemma", "starcoder2",
                  # hybrids: Mamba2 scans and short convolutions run context-parallel (ringattn.hf.mixers)
-                 "mamba2", "lfm2", "granitemoehybrid", "bamba")
-MUST_BE_REFUSED = ("bloom", "mpt", "falcon", "jamba", "mamba", "qwen3_next", "deepseek_v32", "qwen3_5_text")
+                 "mamba2", "lfm2", "granitemoehybrid", "bamba",
+                 # Mamba1 scans (Jamba: the tiny config's two layers are Mamba layers)
+                 "mamba", "falcon_mamba", "jamba", "zamba")
+MUST_BE_REFUSED = ("bloom", "mpt", "falcon", "qwen3_next", "deepseek_v32", "qwen3_5_text")
 
 
 def entries() -> list[tuple[str, str, dict]]:
