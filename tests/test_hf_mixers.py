@@ -210,3 +210,38 @@ def test_mamba_scan_handler_one_process(name):
 def test_mamba_scan_handler_ranks(ranks, name, world):
     layouts = ("contiguous", "zigzag", "striped") if world != 3 else ("contiguous", "striped")
     assert max(ranks.run(world, scan_direct, name, layouts, 2)) < SCAN_TOL
+
+
+def scans_per_rank(layout: str) -> int:
+    """How many times the handler ran transformers' scan on this rank for one call."""
+    from transformers.models.mamba import modeling_mamba as mm
+
+    original, module, inputs, _ = _scan_case("mamba_scan_forward", 1)
+    counted = [0]
+    scan = mm.mamba_selective_scan
+
+    def counting(*args, **kwargs):
+        counted[0] += 1
+        return scan(*args, **kwargs)
+
+    import ringattn
+    from ringattn.hf.mixers import HANDLERS
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    pos = ringattn.global_positions(layout, rank, world, SCAN_LEN // world)
+    call = MixerCall(module, Batch(RingSettings(layout=layout), None, None))
+    mm.mamba_selective_scan = counting
+    try:
+        HANDLERS["mamba_scan_forward"].run(original, call, module, *[t.index_select(d, pos) for t, d in inputs], None)
+    finally:
+        mm.mamba_selective_scan = scan
+    return counted[0]
+
+
+def test_mamba1_scan_runs_once_per_piece(ranks):
+    # A piece continuing another reuses its zero-start run (the summary's) and adds the inherited state's part.
+    # Zigzag on 2 ranks: rank 0 holds quarters 0 and 3 (two pieces, one of them first), rank 1 quarters 1 and 2
+    # (one piece, which continues rank 0's and feeds it): rerunning it would make [2, 2].
+    assert ranks.run(2, scans_per_rank, "zigzag") == [2, 1]
