@@ -7,6 +7,8 @@ The public contract is ``docs/api.md``: ``ring_attention``, ``attention``, ``dec
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import _aliases
@@ -14,9 +16,10 @@ from . import call as _call
 from .callspec import Documents, Mask, MaskFn, Slices, merge_mask
 from .decode import decode_attention
 from .kernels import Backend
-from .layouts import LAYOUTS, Sharding, global_positions, shard, sharding_of, unshard
+from .layouts import LAYOUTS, global_positions
 from .modes import BackwardExchange, Layout, Strategy
 from .profiling import Stats, profile
+from .sharding import Sharding, shard, sharding_of, unshard
 
 __all__ = ["LAYOUTS", "BackwardExchange", "Layout", "Mask", "Sharding", "Stats", "Strategy", "attention",
            "decode_attention",
@@ -30,10 +33,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
                    layout: Layout | str | None = None, seq_len: int | None = None, q_seq_len: int | None = None,
                    cu_seqlens: Documents | None = None, softmax_scale: float | None = None,
                    return_lse: bool = False, backward_exchange: BackwardExchange | str = BackwardExchange.RING,
-                   kv_head_chunk: int | None = None, backend: str | Backend | None = None,
+                   kv_heads_per_gather: int | None = None, backend: str | Backend | None = None,
                    softcap: float | None = None, sinks: torch.Tensor | None = None, chunk_size: int | None = None,
                    alibi_slopes: torch.Tensor | None = None, mask_mod: MaskFn | None = None,
-                   slices: Slices | None = None, uneven: bool | None = None, sharding: Sharding | None = None):
+                   slices: Slices | None = None, uneven: bool | None = None, sharding: Sharding | None = None,
+                   kv_head_chunk: int | None = None):
     """Exact attention over a sequence split across the ranks of ``group``.
 
     Args:
@@ -65,7 +69,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
             float64 input).
         backward_exchange: how the backward moves blocks, ``"ring"`` (the paper's) or ``"direct"``; see
             Note [Backward exchange: ring vs direct] in ``ringattn/schedule.py``. Results are identical.
-        kv_head_chunk: only for ``attention(strategy="allgather")``: K/V heads gathered per step.
+        kv_heads_per_gather: only for ``attention(strategy="allgather")``: K/V heads gathered per step
+            (``kv_head_chunk``: its deprecated spelling).
         backend: the per-block kernel: None (chosen by device and dtype), a name in
             ``ringattn.kernels.BACKENDS`` or a ``ringattn.kernels.Backend``.
         softcap: Gemma 2's logit softcapping, scores ``cap * tanh(s / cap)`` before the mask.
@@ -94,7 +99,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group=N
         Both remember the call's sharding of the query rows, so ``ringattn.unshard(out)`` needs no
         arguments.
     """
-    options = merge_mask(mask, _given(locals()), "ring_attention")
+    options = merge_mask(mask, _renamed(_given(locals()), "ring_attention"), "ring_attention")
     return _call.enter(q, k, v, strategy=Strategy.RING, group=group, **options)
 
 
@@ -103,17 +108,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strategy: St
               window: tuple[int, int] | None = None, layout: Layout | str | None = None, seq_len: int | None = None,
               q_seq_len: int | None = None, cu_seqlens: Documents | None = None, softmax_scale: float | None = None,
               return_lse: bool = False, backward_exchange: BackwardExchange | str = BackwardExchange.RING,
-              kv_head_chunk: int | None = None, backend: str | Backend | None = None, softcap: float | None = None,
+              kv_heads_per_gather: int | None = None, backend: str | Backend | None = None,
+              softcap: float | None = None,
               sinks: torch.Tensor | None = None, chunk_size: int | None = None,
               alibi_slopes: torch.Tensor | None = None, mask_mod: MaskFn | None = None,
-              slices: Slices | None = None, uneven: bool | None = None, sharding: Sharding | None = None):
+              slices: Slices | None = None, uneven: bool | None = None, sharding: Sharding | None = None,
+              kv_head_chunk: int | None = None):
     """Context-parallel attention by any strategy; same keywords, contract and results as
     ``ring_attention``.
 
     ``strategy``: ``"ring"``, ``"allgather"``, ``"ulysses"``, ``"hybrid"`` (needs a 2-D ``mesh``) or
     ``"auto"`` (the planner chooses).
     """
-    options = merge_mask(mask, _given(locals()), "attention")
+    options = merge_mask(mask, _renamed(_given(locals()), "attention"), "attention")
     return _call.enter(q, k, v, strategy=strategy, group=group, mesh=mesh, **options)
 
 
@@ -124,6 +131,18 @@ def _given(args: dict) -> dict:
     """The call's keywords (``Options`` fields) that were set: None means left out (a layout, length,
     documents or sharding left out is taken from what the shards remember)."""
     return {name: val for name, val in args.items() if name not in _NOT_OPTIONS and val is not None}
+
+
+def _renamed(options: dict, who: str) -> dict:
+    """``kv_heads_per_gather`` under the name the strategies' tuning rules use (``kv_head_chunk``, also its
+    deprecated spelling, which warns)."""
+    if "kv_head_chunk" in options:
+        if "kv_heads_per_gather" in options:
+            raise ValueError(f"{who}: pass kv_heads_per_gather= only (kv_head_chunk= is its deprecated spelling)")
+        warnings.warn("kv_head_chunk= is renamed kv_heads_per_gather=", DeprecationWarning, stacklevel=3)
+    elif "kv_heads_per_gather" in options:
+        options["kv_head_chunk"] = options.pop("kv_heads_per_gather")
+    return options
 
 
 def __getattr__(name):

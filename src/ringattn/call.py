@@ -17,26 +17,23 @@ from typing import Any
 import torch
 
 from . import profiling
-from .callspec import AttentionCall, CallShape, Options, Topology
+from .callspec import MASK_KINDS, AttentionCall, CallShape, Options, Topology
 from .comm import exclusive
 from .cost_model import Problem
-from .layouts import (
+from .layouts import Uneven, effective_layout, layout_of, uneven_lengths
+from .masks import EVAL_PAIRS, Kind, MaskSpec, RowHeadMask, takes_four
+from .modes import Layout, Strategy, choose
+from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
+from .sharding import (
     Sharding,
-    Uneven,
     check_distributed,
     document_rows,
     documents_text,
-    effective_layout,
-    layout_of,
     remember,
     settle,
     settle_len,
     sharding_of,
-    uneven_lengths,
 )
-from .masks import EVAL_PAIRS, Kind, MaskSpec, RowHeadMask, takes_four
-from .modes import Layout, Strategy, choose
-from .scores import ALIBI, ScoreMod, check_alibi_slopes, check_per_head, check_softcap, sink_digest
 from .strategies import IMPLEMENTATIONS, REGISTRY
 from .strategies.auto import choose_strategy
 from .strategies.base import TUNING, group_topology
@@ -63,8 +60,9 @@ def topology(strategy: Strategy, group, mesh) -> Topology:
 
 def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) -> tuple[AttentionCall, str]:
     """Check every argument on this rank; the call and the description all ranks must agree on."""
+    kinds = dict(options.get(MASK_KINDS, ()))
     try:
-        opts = Options(**options)
+        opts = Options(**{name: val for name, val in options.items() if name != MASK_KINDS})
     except TypeError as e:
         raise TypeError(f"attention(): {e}".replace("Options.__init__() ", "")) from None
     check_qkv(q, k, v)
@@ -72,12 +70,12 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     if not isinstance(opts.uneven, bool):
         raise TypeError(f"uneven must be a bool, got {type(opts.uneven).__name__}")
     cap = check_softcap(opts.softcap)
-    kinds = ScoreMod(cap, opts.alibi_slopes).kinds
-    backend = check_backend(opts.backend, q, k, v, kinds)
+    mods = ScoreMod(cap, opts.alibi_slopes).kinds
+    backend = check_backend(opts.backend, q, k, v, mods)
     # Uneven blocks arrive padded to the longest (uneven_inputs), at explicit positions: no even-length rule.
     spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1],
                      layout=Layout.CONTIGUOUS if opts.uneven else layout, batch=q.shape[0],
-                     positional=ALIBI in kinds, **opts.mask_keywords())
+                     positional=ALIBI in mods, **opts.mask_keywords(), **kinds)
     q_block = topo.block_rows * q.shape[1]
     q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
                             same_len=q.shape[1] == k.shape[1],
@@ -87,7 +85,7 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     check_backward_exchange(opts.backward_exchange)
     chunk = opts.kv_head_chunk
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"kv_head_chunk must be a positive int or None, got {chunk!r}")
+        raise ValueError(f"kv_heads_per_gather must be a positive int or None, got {chunk!r}")
     if strategy is not Strategy.AUTO:
         REGISTRY[strategy].check_tuning(options)
     shape = CallShape(q.shape[0], q_block, topo.block_rows * k.shape[1], q.shape[2], k.shape[2], q.shape[3],
@@ -117,7 +115,8 @@ def described(call: AttentionCall) -> str:
             f" backward_exchange={call.backward_exchange}"
             f" {scores.describe()} sinks={sink_digest(sinks)}"
             f" sinks_grad={sinks is not None and sinks.requires_grad and torch.is_grad_enabled()}"
-            f" kv_head_chunk={call.options.kv_head_chunk} backend={call.backend.name} {_caps_text(call.backend.caps)}"
+            f" kv_heads_per_gather={call.options.kv_head_chunk}"
+            f" backend={call.backend.name} {_caps_text(call.backend.caps)}"
             f" blocks={topo.world}x{topo.block_rows}"
             f" heads_split={topo.head_world}")
 

@@ -15,17 +15,18 @@ from typing import Any
 import torch
 
 from .kernels import BACKENDS, Backend
-from .layouts import Sharding, Uneven
-from .masks import MaskSpec
+from .layouts import Uneven
+from .masks import KINDS, MaskSpec, is_set
 from .modes import BackwardExchange, Layout, Strategy
 from .scores import ScoreMod
+from .sharding import Sharding
 
 Documents = torch.Tensor | Sequence[torch.Tensor]  # cu_seqlens, or one per batch row
 Slices = Sequence[tuple[tuple[int, int], tuple[int, int], str]]
 MaskFn = Callable[..., torch.Tensor]
 
 
-@dataclass(frozen=True, kw_only=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class Mask:
     """Which keys each query sees, on global positions: one value for every mask keyword of a call.
 
@@ -33,6 +34,8 @@ class Mask:
     window=(128, 0)`` passed flat. Fields (see ``ring_attention`` for each): ``causal``, ``window``,
     ``documents`` (the ``cu_seqlens`` keyword), ``chunk_size``, ``slices``, ``mask_mod`` and ``seq_len``
     (positions at or past it are padding). A field set both here and as a flat keyword is an error.
+    A kind registered with ``ringattn.masks.register`` is one more keyword here (``Mask(name=value)``),
+    read back as an attribute; the calls take it through ``mask=`` only.
     """
 
     causal: bool = False
@@ -42,36 +45,66 @@ class Mask:
     slices: Slices | None = None
     mask_mod: MaskFn | None = None
     seq_len: int | None = None
+    kinds: tuple[tuple[str, Any], ...] = ()  # registered kinds beyond the fields above, (name, value)
 
-    # Mask field -> the flat keyword of the calls.
-    KEYWORDS = {"causal": "causal", "window": "window", "documents": "cu_seqlens", "chunk_size": "chunk_size",
-                "slices": "slices", "mask_mod": "mask_mod", "seq_len": "seq_len"}
+    def __init__(self, *, causal: bool = False, window: tuple[int, int] | None = None,
+                 documents: Documents | None = None, chunk_size: int | None = None, slices: Slices | None = None,
+                 mask_mod: MaskFn | None = None, seq_len: int | None = None,
+                 kinds: tuple[tuple[str, Any], ...] = (), **named: Any) -> None:
+        for name, val in (("causal", causal), ("window", window), ("documents", documents),
+                          ("chunk_size", chunk_size), ("slices", slices), ("mask_mod", mask_mod),
+                          ("seq_len", seq_len)):
+            object.__setattr__(self, name, val)
+        kinds = {**dict(kinds), **named}
+        for name in kinds:
+            if name not in KINDS:
+                raise TypeError(f"Mask() got an unexpected keyword {name!r}: the mask kinds are {sorted(KINDS)} "
+                                "(ringattn.masks.register adds one)")
+        object.__setattr__(self, "kinds", tuple(kinds.items()))
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "kinds" and name in KINDS:
+            return dict(self.kinds).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def fields(self) -> dict[str, Any]:
+        """The kinds this mask sets (not left at their defaults), by ``Mask`` field name."""
+        out = {name: getattr(self, name) for name in _BUILT_IN if is_set(getattr(self, name))}
+        out.update((name, val) for name, val in self.kinds if is_set(val))
+        return out
 
     def keywords(self) -> dict[str, Any]:
-        """The fields this mask sets (not left at their defaults), by their flat keyword names."""
-        out = {}
-        for f in dataclasses.fields(self):
-            val = getattr(self, f.name)
-            if val is not f.default and not (f.name == "causal" and val is False):
-                out[self.KEYWORDS[f.name]] = val
-        return out
+        """The kinds this mask sets, by their names in the calls' keywords (``MaskKind.key``)."""
+        return {KINDS[name].key: val for name, val in self.fields().items()}
+
+
+# The Mask fields of the built-in kinds: every kind with a MaskSpec field, declared in masks.KINDS.
+_BUILT_IN = tuple(f.name for f in dataclasses.fields(Mask) if f.name != "kinds")
+assert set(_BUILT_IN) == {k.name for k in KINDS.values() if k.spec_field is not None}, \
+    "Mask's fields and the built-in kinds of masks.KINDS must match"
 
 
 def merge_mask(mask: Mask | None, flat: dict[str, Any], who: str) -> dict[str, Any]:
     """``flat`` (the keywords a caller set) with the fields of ``mask`` added; a field given both ways is
-    a ``ValueError`` naming it."""
+    a ``ValueError`` naming it. Kinds without a flat keyword go in ``mask_kinds``."""
     if mask is None:
         return flat
     if not isinstance(mask, Mask):
         raise TypeError(f"{who}: mask must be a ringattn.Mask, got {type(mask).__name__}")
     out = dict(flat)
-    for name, val in mask.keywords().items():
-        given = flat.get(name)
-        if given is not None and given is not False:
-            field = next(f for f, kw in Mask.KEYWORDS.items() if kw == name)
-            raise ValueError(f"{who}: {name} is given twice, as mask=Mask({field}=...) and as the keyword "
-                             f"{name}=; pass it one way")
-        out[name] = val
+    extra = []
+    for name, val in mask.fields().items():
+        kind = KINDS[name]
+        if kind.keyword is None:
+            extra.append((name, val))
+            continue
+        given = flat.get(kind.keyword)
+        if is_set(given):
+            raise ValueError(f"{who}: {kind.keyword} is given twice, as mask=Mask({name}=...) and as the keyword "
+                             f"{kind.keyword}=; pass it one way")
+        out[kind.keyword] = val
+    if extra:
+        out[MASK_KINDS] = tuple(extra)
     return out
 
 
@@ -88,7 +121,7 @@ class Options:
     softmax_scale: float | None = None
     return_lse: bool = False
     backward_exchange: BackwardExchange | str = BackwardExchange.RING
-    kv_head_chunk: int | None = None
+    kv_head_chunk: int | None = None  # the kv_heads_per_gather keyword (allgather)
     backend: str | Backend | None = None
     softcap: float | None = None
     sinks: torch.Tensor | None = None
@@ -100,8 +133,13 @@ class Options:
     sharding: Sharding | None = None  # what a copy of a shard no longer remembers (``call.remembered``)
 
     def mask_keywords(self) -> dict[str, Any]:
-        """The keywords of the mask (``Mask.KEYWORDS``' names), as ``validate.make_spec`` takes them."""
-        return {name: getattr(self, name) for name in Mask.KEYWORDS.values()}
+        """The flat keywords of the mask (``MaskKind.keyword``), as ``validate.make_spec`` takes them."""
+        return {kind.keyword: getattr(self, kind.keyword) for kind in KINDS.values() if kind.keyword is not None}
+
+
+# The options-dictionary key of the registered kinds a ``Mask`` carries (no flat keyword, so no ``Options``
+# field): ``merge_mask`` puts them there, ``call.build`` hands them to ``validate.make_spec``.
+MASK_KINDS = "mask_kinds"
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ import torch
 from .callspec import Mask
 from .kernels.base import Capabilities
 from .layouts import Uneven, as_bounds, effective_layout, layout_of, padded_len
-from .masks import MaskSpec, Segment
+from .masks import KINDS, MaskContext, MaskSpec, Segment, check_mask_mod, check_slices, spec_fields
 from .tasks import block_tasks, task_flops
-from .validate import check_backward_exchange, check_mask_mod, check_slices
+from .validate import check_backward_exchange
 
 if TYPE_CHECKING:
     from .callspec import AttentionCall
@@ -155,6 +155,9 @@ class Problem:
     chunk_size: int | None = None
     slices: tuple | None = None  # ((q0, q1), (k0, k1), kind), ...
     mask_mod: object = dataclasses.field(default=None, compare=False)  # fn(q_idx, kv_idx); not in reports
+    # The kinds of ``mask`` without a field above (``masks.register``) as (name, value) pairs, each planned
+    # as its MaskKind checks it.
+    kinds: tuple[tuple[str, object], ...] = dataclasses.field(default=(), repr=False)
     # The whole mask as one value: a ringattn.Mask (its fields fill the ones above), or the MaskSpec of a
     # checked call (``from_call``), which is then the mask planned.
     # Compared (and so part of auto's cache key): two calls of one shape with other masks plan apart.
@@ -188,20 +191,26 @@ class Problem:
         return padded_len(self.seq_len, self.world, effective_layout(self.layout, self.world)) // self.world
 
     def _take_mask(self, mask: Mask) -> None:
+        """The fields of ``mask`` as this problem's: kinds with a field here into it, the others (registered
+        kinds) into ``kinds``."""
         given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name, val in mask.keywords().items():
-            field = {"cu_seqlens": "documents"}.get(name, name)
-            if field == "seq_len":
+        kinds = list(self.kinds)
+        for name, val in mask.fields().items():
+            if name == "seq_len":
                 raise ValueError("Problem(mask=Mask(seq_len=...)): the problem's seq_len is its own field")
-            if field == "causal":
+            if name == "causal":
                 continue
-            if given[field] is not None:
-                raise ValueError(f"Problem: {field} is given twice, in mask= and as {field}=; pass it one way")
-            if field == "documents":
+            if name not in given:  # a kind without a field here: planned from its MaskKind
+                kinds.append((name, val))
+                continue
+            if given[name] is not None:
+                raise ValueError(f"Problem: {name} is given twice, in mask= and as {name}=; pass it one way")
+            if name == "documents":
                 val = as_bounds(val)
-            elif field in ("window", "slices") and val is not None:
+            elif name in ("window", "slices"):
                 val = tuple(val)
-            object.__setattr__(self, field, val)
+            object.__setattr__(self, name, val)
+        object.__setattr__(self, "kinds", tuple(kinds))
         # As at the call: a causal=True given beside the mask stands; otherwise the mask says.
         object.__setattr__(self, "causal", bool(self.causal) or mask.causal)
         object.__setattr__(self, "mask", None)
@@ -222,8 +231,9 @@ class Problem:
             return self.mask
         total = self.world * self.local_len
         real = self.documents[-1] if self.documents else self.seq_len  # keys past the documents: padding
+        others = spec_fields({KINDS[name].key: val for name, val in self.kinds}, MaskContext(real, total, self.batch))
         return MaskSpec(real, self.causal, self.window, self.documents, chunk=self.chunk_size,
-                        mask_mod=check_mask_mod(self.mask_mod), slices=check_slices(self.slices, total))
+                        mask_mod=check_mask_mod(self.mask_mod), slices=check_slices(self.slices, total), **others)
 
 
 @dataclass

@@ -17,9 +17,9 @@ import torch
 
 from . import comm, profiling
 from .call import checked
-from .callspec import Mask, MaskFn, Slices, merge_mask
+from .callspec import MASK_KINDS, Mask, MaskFn, Slices, merge_mask
 from .kernels import acc_dtype
-from .masks import MaskSpec, RowHeadMask, takes_four
+from .masks import MaskContext, MaskSpec, RowHeadMask, spec_fields, takes_four
 from .scores import ScoreMod, check_alibi_slopes, check_per_head, check_softcap, merge_sinks, sink_digest
 from .validate import check_chunk_size, check_cu_seqlens, check_mask_mod, check_slices, describe_mask
 
@@ -39,14 +39,16 @@ def _renamed_scale(scale: float | None, softmax_scale: float | None) -> float | 
 
 def decode_spec(causal: bool = True, window: tuple[int, int] | None = None,
                 doc_bounds: tuple[int, ...] | None = None, chunk: int | None = None, mask_mod=None,
-                slices=None) -> MaskSpec:
-    """The mask of a decode call, on global positions (the same predicate as every other path)."""
+                slices=None, kinds: tuple[tuple[str, object], ...] = (), batch: int = 1) -> MaskSpec:
+    """The mask of a decode call, on global positions (the same predicate as every other path); ``kinds``:
+    registered kinds (``Mask(name=...)``), checked by their ``MaskKind``."""
     if window is not None:
         window = (int(window[0]), int(window[1]))
         if window == (-1, -1):
             window = None
+    terms = spec_fields(dict(kinds), MaskContext(_NO_PADDING, _NO_PADDING, batch), decode=True).get("terms", ())
     return MaskSpec(seq_len=_NO_PADDING, causal=causal, window=window, doc_bounds=doc_bounds, chunk=chunk,
-                    mask_mod=check_mask_mod(mask_mod), slices=check_slices(slices, _NO_PADDING))
+                    mask_mod=check_mask_mod(mask_mod), slices=check_slices(slices, _NO_PADDING), terms=terms)
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
@@ -180,6 +182,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         given = {"causal": False, **merge_mask(mask, given, "decode_attention")}
     causal, window, cu_seqlens = given.get("causal", True), given.get("window"), given.get("cu_seqlens")
     chunk_size, slices, mask_mod = given.get("chunk_size"), given.get("slices"), given.get("mask_mod")
+    kinds = given.get(MASK_KINDS, ())
     scale = softmax_scale
 
     def make():
@@ -192,7 +195,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         mods = ScoreMod(check_softcap(softcap), check_alibi_slopes(alibi_slopes, q.shape[2], q))
         sink = check_per_head("sinks", sinks, q.shape[2], q)
         four = takes_four(mask_mod)
-        spec = decode_spec(causal, window, bounds, check_chunk_size(chunk_size), None if four else mask_mod, slices)
+        spec = decode_spec(causal, window, bounds, check_chunk_size(chunk_size), None if four else mask_mod, slices,
+                           kinds, q.shape[0])
         if four:  # checked as the 2-argument form of row 0, head 0 would be
             check_mask_mod(RowHeadMask(mask_mod, 0, 0))
         # The mask as the ring's agreement describes it: a mask_mod by its answers on probe positions, here

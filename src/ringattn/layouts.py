@@ -1,4 +1,4 @@
-"""Which global positions each rank holds, and moving full tensors to shards and back.
+"""Which global positions each rank holds: one ``LayoutRule`` per layout, registered by name.
 
 ``contiguous``: rank r holds ``[r*c, (r+1)*c)``. ``zigzag``: the padded sequence is cut into 2W chunks
 and rank r holds chunks r and 2W-1-r, so every rank has the same causal work. ``striped``: rank r holds
@@ -20,24 +20,21 @@ the Ulysses dimension.
 Queries fewer than the keys (``q_seq_len``) are the last positions of the key sequence; they follow
 the same layout over their own rows, moved on by the offset of their first row (``query_segments``),
 so a rank's query and key blocks differ in length and ``shard`` makes both.
+
+Moving full tensors to shards and back (``shard``, ``unshard``, ``Sharding``) lives in ``ringattn.sharding``;
+its names stay importable from here.
 """
 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import functools
 import math
-import numbers
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .comm import gather_op, group_rank_world
 from .masks import Segment
 from .modes import Layout
 
@@ -68,126 +65,6 @@ def effective_layout(layout, world: int):
     return Layout(layout) if world > 1 else Layout.CONTIGUOUS
 
 
-@dataclass(frozen=True)
-class LayoutRule:
-    """What a layout needs and gives, for code outside this module: the one place its rules live, so that
-    nothing else branches on layout names. ``layout_of(name)`` returns it.
-
-    ``in_halves``: a rank's block is two halves at different places (zigzag, balanced), so local lengths
-    are even on more than one rank. ``needs_documents``: the documents (``cu_seqlens``) place the tokens
-    (balanced), so a shard, the call and unshard take the same ones. ``strided``: a rank's positions are
-    one strided run (striped). ``in_order``: rank order is position order (contiguous, and every layout on
-    one rank).
-    """
-
-    layout: Layout | Uneven
-    in_halves: bool = False
-    needs_documents: bool = False
-    strided: bool = False
-
-    @property
-    def name(self) -> str:
-        return str(self.layout.base if isinstance(self.layout, Uneven) else self.layout)
-
-    def in_order(self, world: int) -> bool:
-        return world == 1 or self.layout == Layout.CONTIGUOUS
-
-    def check_local_len(self, world: int, local_len: int, what: str = "local_len") -> None:
-        """The even-length rule of layouts in halves: a ``ValueError`` naming the layout and ``what``."""
-        if self.in_halves and world > 1 and local_len % 2:
-            raise ValueError(f"layout={self.name!r} needs an even {what}, got {local_len} "
-                             "(ringattn.shard pads to a multiple of 2 * world)")
-
-    def padded_len(self, seq_len: int, world: int) -> int:
-        """The length ``shard`` pads ``seq_len`` to (``padded_len``)."""
-        return padded_len(seq_len, world, self.name)
-
-    def pad_multiple(self, world: int, seq_len: int = 1) -> int:
-        """The multiple ``shard`` pads a ``seq_len``-token sequence to: W, 2W for layouts in halves (balanced:
-        2mW, m by the length)."""
-        return pad_multiple(seq_len, world, self.name)
-
-    def check_documents(self, world: int, documents) -> None:
-        """A layout placed by documents, on more than one rank, takes them (``BALANCED_NEEDS_DOCUMENTS``)."""
-        if self.needs_documents and world > 1 and documents is None:
-            raise ValueError(BALANCED_NEEDS_DOCUMENTS)
-
-    def uneven_lengths(self, seq_len: int, world: int) -> tuple[int, ...]:
-        return uneven_lengths(seq_len, world, self.name)
-
-    def rank_order(self, world: int, local_len: int, device=None, bounds: Bounds = None) -> torch.Tensor | None:
-        """The global position of each row of every rank's block, in rank order (what a gather or an
-        all-to-all over the sequence holds); None where that is ``0, 1, 2, ...``."""
-        if self.in_order(world):
-            return None
-        return torch.cat([global_positions(self.layout, r, world, local_len, device, bounds) for r in range(world)])
-
-
-def layout_of(layout: Layout | Uneven | str) -> LayoutRule:
-    """The rules of ``layout`` (a name, a ``ringattn.Layout`` or an uneven layout); a ``ValueError`` naming
-    the choices for an unknown name."""
-    if isinstance(layout, Uneven):
-        return LayoutRule(layout, strided=layout.base == Layout.STRIPED)
-    check_layout(layout)
-    return _RULES[Layout(layout)]
-
-
-_RULES = {
-    Layout.CONTIGUOUS: LayoutRule(Layout.CONTIGUOUS),
-    Layout.ZIGZAG: LayoutRule(Layout.ZIGZAG, in_halves=True),
-    Layout.STRIPED: LayoutRule(Layout.STRIPED, strided=True),
-    Layout.BALANCED: LayoutRule(Layout.BALANCED, in_halves=True, needs_documents=True),
-}
-
-
-def uneven_lengths(seq_len: int, world: int, layout: str) -> tuple[int, ...]:
-    """Each rank's number of tokens when ``seq_len`` is split without padding (``shard(..., uneven=True)``):
-    contiguous and striped as evenly as possible (the first ``seq_len % W`` ranks one more), zigzag from 2W
-    chunks split that way (rank r holds chunks r and 2W-1-r)."""
-    if layout == "zigzag":
-        sizes = [n for _, n in _zigzag_chunks(seq_len, world)]
-        return tuple(sizes[r] + sizes[2 * world - 1 - r] for r in range(world))
-    if layout in ("contiguous", "striped"):
-        return tuple(seq_len // world + (r < seq_len % world) for r in range(world))
-    raise ValueError(f"uneven shards take layout 'contiguous', 'zigzag' or 'striped', got {str(layout)!r} (the "
-                     "balanced layout pads: pass seq_len instead)")
-
-
-def _zigzag_chunks(n: int, world: int) -> list[tuple[int, int]]:
-    """(start, length) of the 2W chunks of ``n`` positions, the first ``n % 2W`` one longer."""
-    out, start = [], 0
-    for i in range(2 * world):
-        size = n // (2 * world) + (i < n % (2 * world))
-        out.append((start, size))
-        start += size
-    return out
-
-
-def uneven_segments(layout: Uneven, rank: int, world: int, with_padding: bool = True) -> tuple[Segment, ...]:
-    """A rank's positions in an uneven layout: its real tokens, then (``with_padding``) its padding rows up
-    to the longest rank's length, at positions past ``seq_len`` (see ``Uneven``)."""
-    n, base = layout.seq_len, layout.base
-    lens = uneven_lengths(n, world, base)
-    if base == "contiguous":
-        real = [Segment(sum(lens[:rank]), lens[rank])]
-    elif base == "striped":
-        real = [Segment(rank, lens[rank], world)]
-    else:
-        chunks = _zigzag_chunks(n, world)
-        real = [Segment(*chunks[rank]), Segment(*chunks[2 * world - 1 - rank])]
-    longest = max(lens)
-    if with_padding:
-        real.append(Segment(n + sum(longest - x for x in lens[:rank]), longest - lens[rank]))
-    return tuple(s for s in real if s.length > 0)
-
-
-def check_layout(layout: str) -> None:
-    if isinstance(layout, Uneven):
-        return
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-
-
 Bounds = tuple[int, ...] | None  # document boundaries (cu_seqlens as ints), for the balanced layout
 # cu_seqlens as callers pass it: one 1-D int tensor (or ints), or a list of them, one per batch row
 CuSeqlens = torch.Tensor | Sequence[int] | Sequence[torch.Tensor] | None
@@ -199,25 +76,245 @@ BALANCE_UNITS = 8  # at most 2 * BALANCE_UNITS units per rank in the balanced la
 MIN_UNIT = 16  # ... each of at least this many tokens where the length allows (a kernel call per unit pair)
 
 
+class LayoutRule:
+    """A layout: which global positions each rank holds, and every rule that follows from it. The one place
+    a layout lives: the rest of the library asks ``layout_of(name)`` and never branches on a name.
+
+    A subclass sets ``name`` (what users type: ``layout="zigzag"``) and ``positions``, and overrides what
+    differs from the defaults; ``register(rule)`` adds it (and its member of ``ringattn.Layout``).
+    ``in_halves``: a rank's block is two halves at different places (zigzag, balanced), so local lengths
+    are even on more than one rank and ``shard`` pads to a multiple of 2W. ``needs_documents``: the
+    documents (``cu_seqlens``) place the tokens (balanced), so a shard, the call and unshard take the same
+    ones. ``strided``: a rank's positions are one strided run (striped). ``ordered``: rank order is position
+    order on any number of ranks (contiguous). ``takes_uneven``: ``shard(..., uneven=True)`` splits it
+    without padding (``uneven_positions``).
+    """
+
+    name: str = ""
+    in_halves: bool = False
+    needs_documents: bool = False
+    strided: bool = False
+    ordered: bool = False
+    takes_uneven: bool = False
+
+    @property
+    def layout(self) -> Layout | Uneven:
+        return Layout(self.name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # -- what a layout defines ------------------------------------------------------------------------
+
+    def positions(self, rank: int, world: int, local_len: int, bounds: Bounds) -> tuple[Segment, ...]:
+        """The global positions of rank ``rank``'s ``local_len`` tokens (``world > 1``), in local order;
+        ``bounds``: the documents, for a layout that ``needs_documents``."""
+        raise NotImplementedError
+
+    def pad_multiple(self, world: int, seq_len: int = 1) -> int:
+        """The multiple ``shard`` pads a ``seq_len``-token sequence to: W, 2W for layouts in halves."""
+        return 2 * world if self.in_halves else world
+
+    def uneven_positions(self, seq_len: int, rank: int, world: int) -> tuple[Segment, ...]:
+        """A rank's real tokens when ``seq_len`` is split without padding (``takes_uneven`` layouts)."""
+        takers = [repr(r.name) for r in RULES.values() if r.takes_uneven]
+        names = ", ".join(takers[:-1]) + f" or {takers[-1]}" if len(takers) > 1 else "".join(takers)
+        raise ValueError(f"uneven shards take layout {names}, got {self.name!r}{self.uneven_hint}")
+
+    uneven_hint = ""  # what an uneven split of this layout should be instead, for its error
+
+    def check_query_offset(self, offset: int, bounds: Bounds) -> None:
+        """Whether queries fewer than the keys (moved on by ``offset``) can follow this layout."""
+
+    # -- what follows from it -------------------------------------------------------------------------
+
+    def segments(self, rank: int, world: int, local_len: int, bounds: Bounds = None) -> tuple[Segment, ...]:
+        """The global positions of a rank's ``local_len`` tokens, in local order (one rank: all of them)."""
+        if world == 1:
+            return (Segment(rank * local_len, local_len),)
+        self.check_local_len(world, local_len, "local length")
+        # Placed by the documents: without them a shard and a call could silently disagree.
+        self.check_documents(world, bounds)
+        return self.positions(rank, world, local_len, bounds)
+
+    def in_order(self, world: int) -> bool:
+        return world == 1 or self.ordered
+
+    def check_local_len(self, world: int, local_len: int, what: str = "local_len") -> None:
+        """The even-length rule of layouts in halves: a ``ValueError`` naming the layout and ``what``."""
+        if self.in_halves and world > 1 and local_len % 2:
+            raise ValueError(f"layout={self.name!r} needs an even {what}, got {local_len} "
+                             "(ringattn.shard pads to a multiple of 2 * world)")
+
+    def padded_len(self, seq_len: int, world: int) -> int:
+        """The length ``shard`` pads ``seq_len`` to."""
+        m = self.pad_multiple(world, seq_len)
+        return -(-seq_len // m) * m
+
+    def check_documents(self, world: int, documents) -> None:
+        """A layout placed by documents, on more than one rank, takes them (``BALANCED_NEEDS_DOCUMENTS``)."""
+        if self.needs_documents and world > 1 and documents is None:
+            raise ValueError(BALANCED_NEEDS_DOCUMENTS)
+
+    def uneven_lengths(self, seq_len: int, world: int) -> tuple[int, ...]:
+        """Each rank's number of tokens when ``seq_len`` is split without padding."""
+        return tuple(sum(s.length for s in self.uneven_positions(seq_len, r, world)) for r in range(world))
+
+    def rank_order(self, world: int, local_len: int, device=None, bounds: Bounds = None) -> torch.Tensor | None:
+        """The global position of each row of every rank's block, in rank order (what a gather or an
+        all-to-all over the sequence holds); None where that is ``0, 1, 2, ...``."""
+        if self.in_order(world):
+            return None
+        return torch.cat([torch.cat([s.positions(device) for s in self.segments(r, world, local_len, bounds)])
+                          for r in range(world)])
+
+
+def _even_split(n: int, parts: int) -> list[int]:
+    """``n`` split into ``parts`` as evenly as possible, the first ``n % parts`` one longer."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
+class Contiguous(LayoutRule):
+    """Rank r holds ``[r*c, (r+1)*c)``."""
+
+    name, ordered, takes_uneven = "contiguous", True, True
+
+    def positions(self, rank, world, local_len, bounds):
+        return (Segment(rank * local_len, local_len),)
+
+    def uneven_positions(self, seq_len, rank, world):
+        lens = _even_split(seq_len, world)
+        return (Segment(sum(lens[:rank]), lens[rank]),)
+
+
+class Zigzag(LayoutRule):
+    """The padded sequence cut into 2W chunks; rank r holds chunks r and 2W-1-r (equal causal work)."""
+
+    name, in_halves, takes_uneven = "zigzag", True, True
+
+    def positions(self, rank, world, local_len, bounds):
+        h = local_len // 2
+        return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))
+
+    def uneven_positions(self, seq_len, rank, world):
+        sizes = _even_split(seq_len, 2 * world)
+        starts = [sum(sizes[:i]) for i in range(2 * world)]
+        return tuple(Segment(starts[i], sizes[i]) for i in (rank, 2 * world - 1 - rank))
+
+
+class Striped(LayoutRule):
+    """Rank r holds ``r, r+W, r+2W, ...`` (Striped Attention)."""
+
+    name, strided, takes_uneven = "striped", True, True
+
+    def positions(self, rank, world, local_len, bounds):
+        return (Segment(rank, local_len, world),)
+
+    def uneven_positions(self, seq_len, rank, world):
+        return (Segment(rank, _even_split(seq_len, world)[rank], world),)
+
+
+class Balanced(LayoutRule):
+    """Zigzag's causal balance for packed documents: 2mW units, assigned greedily by their work
+    (``balanced_units``)."""
+
+    name, in_halves, needs_documents = "balanced", True, True
+    uneven_hint = " (the balanced layout pads: pass seq_len instead)"
+
+    def positions(self, rank, world, local_len, bounds):
+        return balanced_units(bounds, world, local_len)[rank]
+
+    def pad_multiple(self, world: int, seq_len: int = 1) -> int:
+        if world == 1:
+            return 1
+        return 2 * world * next((u for u in (BALANCE_UNITS, 4, 2) if seq_len >= 2 * world * u * MIN_UNIT), 1)
+
+    def check_query_offset(self, offset, bounds):
+        if offset and bounds is not None:
+            raise ValueError("layout='balanced' with documents takes as many queries as keys (q_seq_len = seq_len); "
+                             "use layout='zigzag' for fewer queries")
+
+
+class UnevenRule(LayoutRule):
+    """The rules of an uneven split of a layout (``Uneven``): its base's positions without padding, every
+    rank's block padded to the longest with rows past ``seq_len``."""
+
+    def __init__(self, uneven: Uneven):
+        self.uneven, self.base = uneven, layout_of(uneven.base)
+        self.name, self.strided = self.base.name, self.base.strided
+
+    @property
+    def layout(self) -> Uneven:
+        return self.uneven
+
+    def segments(self, rank, world, local_len=0, bounds=None):
+        return uneven_segments(self.uneven, rank, world)
+
+
+RULES: dict[str, LayoutRule] = {}
+
+
+def register(rule: LayoutRule) -> LayoutRule:
+    """Add a layout: ``layout=rule.name`` then works on every call, ``shard`` and ``unshard``, and
+    ``ringattn.Layout`` gains its member. A name taken already is an error."""
+    if not rule.name or rule.name in RULES:
+        raise ValueError(f"a layout needs a new name, got {rule.name!r} (taken: {tuple(RULES)})")
+    RULES[rule.name] = rule
+    Layout.add(rule.name)
+    return rule
+
+
+def unregister(name: str) -> None:
+    """Remove a layout added by ``register`` (a test's, or a plugin's); the built-in layouts stay."""
+    if name in RULES and name not in LAYOUTS:
+        del RULES[name]
+        Layout.remove(name)
+
+
+for _rule in (Contiguous(), Zigzag(), Striped(), Balanced()):
+    register(_rule)
+assert tuple(RULES) == LAYOUTS, "every member of modes.Layout has its rule here"
+
+
+def layout_of(layout: Layout | Uneven | str) -> LayoutRule:
+    """The rules of ``layout`` (a name, a ``ringattn.Layout`` or an uneven layout); a ``ValueError`` naming
+    the choices for an unknown name."""
+    if isinstance(layout, Uneven):
+        return UnevenRule(layout)
+    check_layout(layout)
+    return RULES[str(layout)]
+
+
+def check_layout(layout: str) -> None:
+    if isinstance(layout, Uneven):
+        return
+    if not isinstance(layout, str) or str(layout) not in RULES:
+        raise ValueError(f"layout must be one of {tuple(RULES)}, got {layout!r}")
+
+
+def uneven_lengths(seq_len: int, world: int, layout: str) -> tuple[int, ...]:
+    """Each rank's number of tokens when ``seq_len`` is split without padding (``shard(..., uneven=True)``):
+    contiguous and striped as evenly as possible (the first ``seq_len % W`` ranks one more), zigzag from 2W
+    chunks split that way (rank r holds chunks r and 2W-1-r)."""
+    return layout_of(layout).uneven_lengths(seq_len, world)
+
+
+def uneven_segments(layout: Uneven, rank: int, world: int, with_padding: bool = True) -> tuple[Segment, ...]:
+    """A rank's positions in an uneven layout: its real tokens, then (``with_padding``) its padding rows up
+    to the longest rank's length, at positions past ``seq_len`` (see ``Uneven``)."""
+    n, rule = layout.seq_len, layout_of(layout.base)
+    lens = rule.uneven_lengths(n, world)
+    real = list(rule.uneven_positions(n, rank, world))
+    longest = max(lens)
+    if with_padding:
+        real.append(Segment(n + sum(longest - x for x in lens[:rank]), longest - lens[rank]))
+    return tuple(s for s in real if s.length > 0)
+
+
 def segments(layout: str, rank: int, world: int, local_len: int, bounds: Bounds = None) -> tuple[Segment, ...]:
     """The global positions of a rank's ``local_len`` tokens, in local order (``bounds``: the documents,
     which only the balanced layout reads)."""
-    if isinstance(layout, Uneven):
-        return uneven_segments(layout, rank, world)
-    check_layout(layout)
-    c = local_len
-    if layout == "contiguous" or world == 1:
-        return (Segment(rank * c, c),)
-    rule = _RULES[Layout(layout)]
-    if rule.in_halves:
-        rule.check_local_len(world, c, "local length")
-        if rule.needs_documents:
-            # Placed by the documents: without them a shard and a call could silently disagree.
-            rule.check_documents(world, bounds)
-            return balanced_units(bounds, world, c)[rank]
-        h = c // 2
-        return (Segment(rank * h, h), Segment((2 * world - 1 - rank) * h, h))
-    return (Segment(rank, c, world),)
+    return layout_of(layout).segments(rank, world, local_len, bounds)
 
 
 def units_per_rank(local_len: int) -> int:
@@ -272,9 +369,7 @@ def query_segments(layout: str, rank: int, world: int, local_len: int, offset: i
                    bounds: Bounds = None) -> tuple[Segment, ...]:
     """The global positions of a rank's ``local_len`` queries: the layout of the query rows, moved on by
     ``offset``, the position of query row 0 (the queries are the last rows of the key sequence)."""
-    if offset and layout == "balanced" and bounds is not None:
-        raise ValueError("layout='balanced' with documents takes as many queries as keys (q_seq_len = seq_len); "
-                         "use layout='zigzag' for fewer queries")
+    layout_of(layout).check_query_offset(offset, bounds)
     return tuple(Segment(s.start + offset, s.length, s.stride)
                  for s in segments(layout, rank, world, local_len, bounds))
 
@@ -338,384 +433,12 @@ def as_bounds(cu_seqlens: torch.Tensor | Sequence[int] | None) -> Bounds:
 def padded_len(seq_len: int, world: int, layout: str) -> int:
     """The length ``shard`` pads to: a multiple of W, of 2W for zigzag, and for balanced of 2mW with units
     of at least MIN_UNIT tokens (m up to BALANCE_UNITS)."""
-    m = pad_multiple(seq_len, world, layout)
-    return -(-seq_len // m) * m
+    return layout_of(layout).padded_len(seq_len, world)
 
 
 def pad_multiple(seq_len: int, world: int, layout: str) -> int:
     """What ``padded_len`` pads to a multiple of."""
-    if layout == "zigzag":
-        return 2 * world
-    if layout == "balanced" and world > 1:
-        return 2 * world * next((u for u in (BALANCE_UNITS, 4, 2) if seq_len >= 2 * world * u * MIN_UNIT), 1)
-    return world
-
-
-def _pad(x: torch.Tensor, dim: int, total: int) -> torch.Tensor:
-    if total == x.shape[dim]:
-        return x
-    pad = list(x.shape)
-    pad[dim] = total - x.shape[dim]
-    return torch.cat([x, x.new_zeros(pad)], dim=dim)
-
-
-def _row_bounds(cu_seqlens, batch: int, n: int, what: str) -> list[Bounds] | None:
-    """The documents of ``cu_seqlens`` (one tensor for batch 1, or one per row), checked to end at ``n`` at most
-    (the rest is padding): one entry per row, or a single entry when every row has the same (it then
-    applies to all); None without documents."""
-    if cu_seqlens is None:
-        return None
-    rows = list(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens]
-    if len(rows) != batch:
-        raise ValueError(f"{what}: cu_seqlens must hold one tensor per batch row ({batch}), got {len(rows)}")
-    out = []
-    for b in rows:
-        bounds = as_bounds(b)
-        if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] > n or any(y <= x for x, y in zip(bounds, bounds[1:])):
-            raise ValueError(f"{what}: cu_seqlens must rise strictly from 0 to at most the length {n}, got "
-                             f"{list(bounds)[:8]}{' ...' if len(bounds) > 8 else ''}")
-        out.append(bounds)
-    return out[:1] if len(set(out)) == 1 else out
-
-
-def _by_row(x: torch.Tensor, dim: int, rows: list[Bounds] | None, index) -> torch.Tensor:
-    """``x`` indexed along ``dim`` by ``index(bounds)``, row by row when the rows' documents differ."""
-    if rows is None or len(rows) == 1:
-        return x.index_select(dim, index(None if rows is None else rows[0]))
-    if dim == 0:
-        raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
-    return torch.stack([x[b].index_select(dim - 1, index(r)) for b, r in enumerate(rows)])
-
-
-def check_distributed(what: str = "") -> None:
-    """Refuse to work as a single process where the environment says this is one of several (torchrun sets
-    ``WORLD_SIZE``) but ``torch.distributed`` is not initialised: each process would take itself for the
-    whole group and shard, attend and unshard on its own, a wrong number on every rank without an error."""
-    if dist.is_available() and dist.is_initialized():
-        return
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return
-    if world > 1:
-        raise RuntimeError(f"ringattn{'.' + what if what else ''}: torch.distributed is not initialised but "
-                           f"WORLD_SIZE={world}: call dist.init_process_group(...) first (or "
-                           f"ringattn.launch.init_from_env()); without it each of the {world} processes takes "
-                           "itself for the whole group and attends over its own part alone")
-
-
-@dataclass(frozen=True)
-class Sharding:
-    """What ``shard`` did to a tensor; the tensor remembers it (``sharding_of``), and so does the output (and
-    lse) of an attention call. The call and ``unshard`` take their defaults from it and refuse an argument
-    that contradicts it.
-
-    ``seq_len``: the real length (what was sharded, before padding; for a call's output its real queries);
-    ``dim``: the sequence dimension; ``documents``: the balanced layout's document boundaries, one tuple per
-    batch row or a single one for every row (None for the other layouts); ``place``: this process's (rank,
-    world) in ``group``, or (ring rank, ring size, ulysses rank, ulysses size) in ``mesh`` (None: not
-    checked, for one made by hand).
-    """
-
-    layout: str
-    seq_len: int
-    dim: int = 1
-    uneven: bool = False
-    documents: tuple[tuple[int, ...], ...] | None = None
-    place: tuple[int, ...] | None = None
-    group: object = dataclasses.field(default=None, compare=False, repr=False)
-    mesh: object = dataclasses.field(default=None, compare=False, repr=False)
-
-    def describe(self) -> str:
-        """The sharding as the arguments that make it, for messages."""
-        text = f"layout={str(self.layout)!r}, seq_len={self.seq_len}"
-        if self.uneven:
-            text += ", uneven=True"
-        if self.documents is not None:
-            text += f", cu_seqlens={documents_text(self.documents)}"
-        if self.dim != 1:
-            text += f", dim={self.dim}"
-        if self.place is None:
-            return text
-        where = "mesh (ring rank, ring size, ulysses rank, ulysses size)" if self.mesh is not None else "group"
-        return text + f", {where} {self.place}"
-
-    @property
-    def cu_seqlens(self) -> torch.Tensor | list[torch.Tensor] | None:
-        """The documents as ``shard`` and ``unshard`` take them: one tensor, or a list of one per row."""
-        if self.documents is None:
-            return None
-        rows = [torch.tensor(b, dtype=torch.int64) for b in self.documents]
-        return rows[0] if len(rows) == 1 else rows
-
-    def unshard(self, x: torch.Tensor, *, dim: int | None = None) -> torch.Tensor:
-        """``unshard`` with this sharding's arguments, for a tensor that does not remember it (a copy, a
-        ``detach()``, a gradient); ``dim`` if its sequence is elsewhere."""
-        return unshard(x, group=self.group, layout=self.layout, dim=self.dim if dim is None else dim,
-                       seq_len=self.seq_len, mesh=self.mesh, cu_seqlens=self.cu_seqlens, uneven=self.uneven)
-
-
-def documents_text(documents: tuple[tuple[int, ...], ...]) -> str:
-    rows = [f"[{', '.join(map(str, b[:6]))}{', ...' if len(b) > 6 else ''}]" for b in documents[:3]]
-    return rows[0] if len(documents) == 1 else f"[{', '.join(rows)}{', ...' if len(documents) > 3 else ''}]"
-
-
-def document_rows(cu_seqlens) -> tuple[tuple[int, ...], ...] | None:
-    """``cu_seqlens`` (one tensor or a list of one per row) as bounds per row, a single entry when every
-    row has the same; None without documents (or when they are not integers: validation names that)."""
-    if cu_seqlens is None:
-        return None
-    rows = list(cu_seqlens) if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens]
-    try:
-        out = tuple(as_bounds(r) for r in rows)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return out[:1] if len(set(out)) == 1 else out
-
-
-# What each tensor made by shard (or output by a call) remembers; weak, so a tensor's entry goes with it.
-_REMEMBERED = WeakIdKeyDictionary()
-
-
-def remember(x: torch.Tensor, sharding: Sharding) -> torch.Tensor:
-    """Record on ``x`` (the same object, returned) how it is sharded."""
-    _REMEMBERED[x] = sharding
-    return x
-
-
-def sharding_of(x) -> Sharding | None:
-    """How ``x`` is sharded, if it remembers: a result of ``shard``, an attention call's output or lse, or a
-    view of one (``.view`` splitting the heads, a transpose, a slice of the batch or heads), whose sequence
-    dimension is then the one of the same size and stride. None for anything else: copies (``.to``,
-    ``.contiguous()`` of a transpose, ``.clone()``), ``detach()``, results of arithmetic, gradients."""
-    if not isinstance(x, torch.Tensor):
-        return None
-    s = _REMEMBERED.get(x)
-    base = x._base
-    if s is not None or base is None:
-        return s
-    s = _REMEMBERED.get(base)
-    if s is None or s.dim >= base.dim():
-        return None
-    size, stride = base.shape[s.dim], base.stride(s.dim)
-    same = [d for d in range(x.dim()) if x.shape[d] == size and x.stride(d) == stride]
-    if not same:
-        return None
-    return dataclasses.replace(s, dim=s.dim if s.dim in same else same[0])
-
-
-def settle(name: str, given, remembered, whose: str, who: str):
-    """``given`` where it agrees with what the tensors remember, ``remembered`` where nothing was given;
-    a ``ValueError`` naming both where they differ (a shard and a call that disagree give wrong numbers)."""
-    if given is None:
-        return remembered
-    if given == remembered:
-        return given
-    show = (lambda v: repr(str(v))) if name == "layout" else repr
-    raise ValueError(f"{who}: {name}={show(given)} was passed, but {whose} ringattn.shard with "
-                     f"{name}={show(remembered)}: leave {name} out (what the shards remember is used) or pass "
-                     "the same")
-
-
-def settle_len(name: str, given, remembered: int, whose: str, who: str):
-    """A length: at most the remembered one (a smaller one marks more of the end as the caller's own
-    padding); past it would take ``shard``'s padding rows for tokens."""
-    if given is None:
-        return remembered
-    if isinstance(given, bool) or not isinstance(given, numbers.Integral):
-        return given  # not a length: validation names it
-    if int(given) > remembered:
-        raise ValueError(f"{who}: {name}={int(given)} was passed, but {whose} ringattn.shard of {remembered} "
-                         f"tokens (the rows past {remembered} are the padding shard added): leave {name} out "
-                         "(what the shards remember is used) or pass at most that")
-    return given
-
-
-def place_of(group=None, mesh=None) -> tuple[int, ...]:
-    """This process's place in ``group`` (rank, world), or in ``mesh`` (``mesh_coords``)."""
-    return mesh_coords(mesh) if mesh is not None else group_rank_world(group)
-
-
-def shard(x: torch.Tensor, *, group=None, layout: str = "contiguous", dim: int = 1, mesh=None,
-          cu_seqlens: CuSeqlens = None, uneven: bool = False) -> torch.Tensor:
-    """This rank's part of a full tensor (same on every rank), zero-padded along ``dim`` first up to a
-    multiple of W (2W for zigzag; see ``padded_len``). With ``mesh`` (a 2-D DeviceMesh, hybrid strategy) W
-    is the mesh size and positions follow ``hybrid_segments``. ``cu_seqlens`` (the documents, one 1-D
-    tensor, or a list of one per batch row in dim 0) places the balanced layout's tokens; other layouts
-    ignore it. ``uneven=True``: no padding, each rank gets its share of ``uneven_lengths`` (the call then
-    takes ``uneven=True`` and ``seq_len``).
-
-    The result remembers how it was made (``sharding_of``, a ``Sharding``): an attention call on it and
-    ``unshard`` take their layout, length and documents from it, and refuse ones that differ."""
-    check_distributed("shard")
-    check_layout(layout)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    dim = dim % x.dim()
-    n = x.shape[dim]
-
-    def made(part: torch.Tensor, rows=None) -> torch.Tensor:
-        docs = tuple(rows) if rows is not None and layout == "balanced" else None
-        return remember(part, Sharding(str(Layout(layout)), n, dim, bool(uneven), docs, place_of(group, mesh), group,
-                                       mesh))
-
-    if uneven:
-        if mesh is not None:
-            raise ValueError("uneven=True is not supported with a mesh (the hybrid strategy); pad instead")
-        rank, world = group_rank_world(group)
-        segs = uneven_segments(Uneven(Layout(layout), n), rank, world, with_padding=False)
-        idx = torch.cat([s.positions(x.device) for s in segs]) if segs else torch.zeros(0, dtype=torch.long)
-        return made(x.index_select(dim, idx.to(x.device)))
-    rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, n, "shard")
-    # One tensor: the same documents in every row.
-    if mesh is not None:
-        rr, rw, ur, uw = mesh_coords(mesh)
-        total = padded_len(n, rw * uw, layout)
-        x = _pad(x, dim, total)
-        return made(_by_row(x, dim, rows, lambda b: mesh_positions(layout, mesh, total // (rw * uw), x.device, b)),
-                    rows)
-    rank, world = group_rank_world(group)
-    total = padded_len(n, world, layout)
-    x = _pad(x, dim, total)
-    return made(_by_row(x, dim, rows, lambda b: global_positions(layout, rank, world, total // world, x.device, b)),
-                rows)
-
-
-def _rank_order(layout: str, world: int, c: int, device, bounds: Bounds, mesh=None) -> torch.Tensor:
-    """Global position of each row of the gathered shards, in rank order."""
-    if mesh is None:
-        return torch.cat([global_positions(layout, r, world, c, device, bounds) for r in range(world)])
-    _, rw, _, uw = mesh_coords(mesh)
-    return torch.cat([s.positions(device) for r in range(rw) for u in range(uw)
-                      for s in hybrid_segments(layout, r, rw, u, uw, c, bounds)])
-
-
-class _Unshard(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, layout, dim, seq_len, mesh=None, rows=None):
-        c = x.shape[dim]
-        moved = x.movedim(dim, 0).contiguous()
-        if mesh is None:
-            rank, world = group_rank_world(group)
-            ctx.info = (rank, world, layout, dim, c, rows)
-            gathered = _gather(moved, group, world)
-        else:
-            rr, rw, ur, uw = mesh_coords(mesh)
-            world = rw * uw
-            ctx.info = (None, world, layout, dim, c, rows)
-            ctx.mesh = mesh
-            rd, ud = mesh_dims(mesh)
-            # Ulysses dim first (a ring block in row order), then the ring blocks: (ring, ulysses) order.
-            gathered = _gather(_gather(moved, mesh.get_group(ud), uw), mesh.get_group(rd), rw)
-        full = torch.empty_like(gathered)
-        if rows is None or len(rows) == 1:
-            full[_rank_order(layout, world, c, x.device, rows and rows[0], mesh)] = gathered
-        else:  # the batch is dim 1 of the moved tensor
-            for b, bounds in enumerate(rows):
-                full[:, b][_rank_order(layout, world, c, x.device, bounds, mesh)] = gathered[:, b]
-        return full[:seq_len].movedim(0, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank holds the same full tensor and (by contract) the same loss on it: the gradient
-        # of a shard is the matching slice of the full gradient, no communication needed.
-        rank, world, layout, dim, c, rows = ctx.info
-        g = grad.movedim(dim, 0)
-        if g.shape[0] < world * c:
-            g = torch.cat([g, g.new_zeros((world * c - g.shape[0], *g.shape[1:]))])
-
-        def own(bounds):
-            if rank is None:
-                return mesh_positions(layout, ctx.mesh, c, grad.device, bounds)
-            return global_positions(layout, rank, world, c, grad.device, bounds)
-
-        if rows is None or len(rows) == 1:
-            out = g.index_select(0, own(rows and rows[0]))
-        else:
-            out = torch.stack([g[:, b].index_select(0, own(bounds)) for b, bounds in enumerate(rows)], 1)
-        return out.movedim(0, dim), None, None, None, None, None, None
-
-
-def _gather(moved: torch.Tensor, group, world: int) -> torch.Tensor:
-    if world == 1:
-        return moved
-    gathered = moved.new_empty((world * moved.shape[0], *moved.shape[1:]))
-    gather_op()(gathered, moved, group=group)
-    return gathered
-
-
-def unshard(x: torch.Tensor, *, group=None, layout: str | None = None, dim: int | None = None,
-            seq_len: int | None = None, mesh=None, cu_seqlens: CuSeqlens = None,
-            uneven: bool | None = None) -> torch.Tensor:
-    """The full tensor on every rank, in global order, cut to ``seq_len``; differentiable.
-
-    Arguments left out (None) are what ``x`` remembers (``sharding_of``: a result of ``shard``, an attention
-    call's output or lse), else ``layout="contiguous"``, ``dim=1``, ``seq_len`` = every row, ``uneven=False``;
-    one that contradicts what ``x`` remembers is an error. With ``mesh`` (the 2-D DeviceMesh of the hybrid
-    strategy) the inverse of ``shard(..., mesh=mesh)``; ``cu_seqlens`` as given to ``shard`` (ending at
-    ``seq_len``); ``uneven=True`` (with ``seq_len``) undoes ``shard(..., uneven=True)``.
-
-    Backward assumes every rank computes the same loss from the full tensor (the usual pattern): each
-    rank's shard receives its slice of that gradient.
-    """
-    check_distributed("unshard")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    s = sharding_of(x)
-    if s is not None:
-        whose, who = "x was sharded by", "unshard"
-        layout = settle("layout", layout, s.layout, whose, who)
-        dim = settle("dim", None if dim is None else dim % x.dim(), s.dim, whose, who)
-        uneven = settle("uneven", uneven, s.uneven, whose, who)
-        seq_len = settle_len("seq_len", seq_len, s.seq_len, whose, who)
-        if group is None and mesh is None:
-            group, mesh = s.group, s.mesh
-        elif s.place is not None and place_of(group, mesh) != s.place:
-            raise ValueError(f"unshard: x was sharded over a group where this process is {s.place} (rank, world), "
-                             f"but the group or mesh passed here makes it {place_of(group, mesh)}: leave group / "
-                             "mesh out (what the shard remembers is used) or pass the same")
-        if s.documents is not None:
-            if cu_seqlens is None:
-                cu_seqlens = s.cu_seqlens
-            elif document_rows(cu_seqlens) != s.documents:
-                raise ValueError(f"unshard: x was sharded by ringattn.shard with the documents cu_seqlens="
-                                 f"{documents_text(s.documents)}, not the ones passed here: leave cu_seqlens out "
-                                 "(what the shard remembers is used) or pass the same")
-    layout = "contiguous" if layout is None else str(layout) if isinstance(layout, Layout) else layout
-    dim = 1 if dim is None else dim
-    check_layout(layout)
-    if mesh is not None:
-        _, rw, _, uw = mesh_coords(mesh)
-        world = rw * uw
-    else:
-        _, world = group_rank_world(group)
-    dim = dim % x.dim()
-    if uneven:
-        return _unshard_uneven(x, group, Layout(layout), dim, seq_len, mesh)
-    total = world * x.shape[dim]
-    seq_len = total if seq_len is None else seq_len
-    if not 0 <= seq_len <= total:
-        raise ValueError(f"seq_len must be in [0, {total}] (world * local length), got {seq_len}")
-    layout_of(layout).check_local_len(world, x.shape[dim], "local length")
-    rows = _row_bounds(cu_seqlens, x.shape[0] if isinstance(cu_seqlens, (list, tuple)) else 1, seq_len, "unshard")
-    if rows is not None and len(rows) > 1 and dim == 0:
-        raise ValueError("per-row cu_seqlens need the batch in dim 0 and the sequence in another dim")
-    # The rank order of a balanced layout is the same for the padded stream: padding is a zero-work tail.
-    return _Unshard.apply(x, group, layout, dim, seq_len, mesh, None if rows is None else tuple(rows))
-
-
-def _unshard_uneven(x: torch.Tensor, group, layout: Layout, dim: int, seq_len, mesh) -> torch.Tensor:
-    if mesh is not None:
-        raise ValueError("uneven=True is not supported with a mesh (the hybrid strategy); pad instead")
-    if seq_len is None:
-        raise ValueError("unshard(..., uneven=True) needs seq_len, the total number of tokens")
-    rank, world = group_rank_world(group)
-    lens = uneven_lengths(seq_len, world, layout)
-    if x.shape[dim] != lens[rank]:
-        raise ValueError(f"unshard(..., uneven=True): rank {rank} holds {x.shape[dim]} rows; layout {str(layout)!r} "
-                         f"over {world} ranks of seq_len {seq_len} gives it {lens[rank]}")
-    # Pad to the longest block: the padding rows sit at positions past seq_len, cut off by the gather.
-    return _Unshard.apply(_pad(x, dim, max(lens)), group, Uneven(layout, seq_len), dim, seq_len, None, None)
+    return layout_of(layout).pad_multiple(world, seq_len)
 
 
 def cut_at(keys: Segment, qsegs: tuple[Segment, ...]) -> tuple[Segment, ...]:
@@ -739,3 +462,16 @@ def kv_replication(kv_heads: int, ranks: int) -> int:
     find their K/V heads locally and the contiguous GQA grouping is kept.
     """
     return ranks // math.gcd(kv_heads, ranks)
+
+
+# ringattn.sharding's public names, importable from here too (ringattn.layouts.shard, ...).
+_SHARDING = frozenset({"Sharding", "shard", "unshard", "sharding_of", "remember", "settle", "settle_len", "place_of",
+                       "check_distributed", "documents_text", "document_rows"})
+
+
+def __getattr__(name: str):
+    if name in _SHARDING:
+        from . import sharding
+
+        return getattr(sharding, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

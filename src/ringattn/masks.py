@@ -8,6 +8,10 @@ A rank's tokens are a few arithmetic runs of positions (:class:`Segment`), so wh
 empty, fully visible, a (shifted) causal triangle or genuinely partial is decided from a handful of
 integers, without building any mask (``tasks.py`` turns that into kernel calls); ``MaskSpec.visible`` is
 the same mask as a vectorised predicate.
+
+Each kind of mask is declared once, in ``KINDS`` (a ``MaskKind``: its ``ringattn.Mask`` field, its flat
+keyword, its check and the ``MaskSpec`` field it fills); ``register`` adds one whose value is a
+``MaskTerm``, ANDed with the rest and reached through ``Mask(name=...)``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import bisect
 import enum
 import functools
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -246,6 +252,29 @@ class RowHeadMask:
         return f"{getattr(self.fn, '__module__', '?')}.{getattr(self.fn, '__qualname__', '?')}(b={self.b}, h={self.h})"
 
 
+class MaskTerm:
+    """The mask of a registered kind (``MaskKind``) on global positions, ANDed with the rest of the call's mask.
+
+    A subclass is hashable and equal by value (a frozen dataclass), and its ``repr`` says what it computes:
+    plans are cached on the ``MaskSpec`` that holds it, and the ranks compare that repr before any exchange.
+    ``visible`` is its meaning (broadcasting int64 position tensors -> bool, True = visible); ``classify``
+    says what it does on a whole pair of runs (EMPTY, FULL or PARTIAL; PARTIAL when unsure) and by default
+    evaluates ``visible`` on pairs of at most ``EVAL_PAIRS`` positions. Padding queries (at or past
+    ``seq_len``) see nothing under it, as under a ``mask_mod``.
+    """
+
+    def visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def classify(self, qs: Segment, ks: Segment) -> Kind:
+        if qs.length * ks.length > EVAL_PAIRS:
+            return Kind.PARTIAL
+        keep = self.visible(qs.positions()[:, None], ks.positions()[None, :])
+        if not bool(keep.any()):
+            return Kind.EMPTY
+        return Kind.FULL if bool(keep.all()) else Kind.PARTIAL
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     """The global mask of one attention call. Hashable, so plans can be cached on it."""
@@ -260,6 +289,7 @@ class MaskSpec:
     positional: bool = False
     mask_mod: MaskMod | None = None  # ANDed with the rest
     slices: tuple[Slice, ...] | None = None  # their union, ANDed with the rest
+    terms: tuple[MaskTerm, ...] = ()  # the masks of registered kinds (``MaskKind``), each ANDed with the rest
 
     @functools.cached_property
     def slice_index(self) -> SliceIndex:
@@ -267,8 +297,9 @@ class MaskSpec:
 
     @property
     def custom(self) -> bool:
-        """Whether a user mask (mask_mod or slices) applies: block pairs are then classified from it."""
-        return self.mask_mod is not None or self.slices is not None
+        """Whether a user mask (mask_mod, slices or a registered kind's term) applies: block pairs are then
+        classified from it."""
+        return self.mask_mod is not None or self.slices is not None or bool(self.terms)
 
     # Visible iff lo <= i - j <= hi; None = unbounded.
     @property
@@ -360,6 +391,11 @@ class MaskSpec:
             if not any(m for m, _ in hits):
                 return Kind.EMPTY
             full = any(c for _, c in hits)
+        for term in self.terms:
+            kind = term.classify(qs, ks)
+            if kind is Kind.EMPTY:
+                return Kind.EMPTY
+            full = full and kind is Kind.FULL
         if self.mask_mod is None and full:
             return Kind.PARTIAL if padded else Kind.FULL
         if qs.length * ks.length > EVAL_PAIRS:
@@ -386,6 +422,8 @@ class MaskSpec:
             keep = keep & self._slices_visible(q_pos, k_pos, segs)
         if self.mask_mod is not None and self.seq_len > 0:
             keep = keep & self.mask_mod(*self.real_positions(q_pos, k_pos))
+        for term in self.terms:
+            keep = keep & term.visible(q_pos, k_pos)
         return keep
 
     def _slices_visible(self, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -409,7 +447,8 @@ class MaskSpec:
         """Whether any pair of the two runs is visible: exact, evaluating a mask_mod tile by tile where
         classification alone cannot tell (the ring skips a step only if no rank needs it)."""
         pair = self.classify(qs, ks)
-        exact = self.mask_mod is None and not self.grouped and qs.stride == ks.stride == 1  # slices' test
+        exact = (self.mask_mod is None and not self.terms and not self.grouped
+                 and qs.stride == ks.stride == 1)  # slices' test
         if pair.kind is not Kind.PARTIAL or not self.custom or exact:
             return pair.kind is not Kind.EMPTY
         ks = Segment(ks.start, pair.k_len, ks.stride)
@@ -555,3 +594,212 @@ class Task:
     qseg: Segment | None = None
     kseg: Segment | None = None
     band: Band | None = None  # set for BAND
+
+
+# ---- mask kinds: each declared once --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskContext:
+    """What a kind's check knows of the call: the real length ``seq_len``, the padded one ``total`` (every
+    position the ranks hold together) and the batch. A decode call has no padding: both are unbounded."""
+
+    seq_len: int
+    total: int
+    batch: int = 1
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    """One kind of mask, declared once (``register``): ``ringattn.Mask``, the calls' keywords, the checks of
+    ``validate.make_spec`` and ``decode_attention``, and the cost model's ``Problem`` read it from ``KINDS``.
+
+    ``name``: its ``Mask`` field (``Mask(name=value)``). ``check(value, MaskContext)``: the checked value, or a
+    ``TypeError``/``ValueError`` naming the keyword; called for a value that is set (not None, not False).
+    ``keyword``: the flat keyword of the calls (``cu_seqlens`` for ``documents``); a kind without one is
+    reached through ``Mask(...)`` only, since the calls' signatures are static. ``spec_field``: the
+    ``MaskSpec`` field the checked value fills; None for a kind whose checked value is a ``MaskTerm``
+    (``MaskSpec.terms``). ``decode``: whether ``decode_attention`` takes it (a cache has no ``seq_len``).
+    """
+
+    name: str
+    check: Callable[[Any, MaskContext], Any]
+    keyword: str | None = None
+    spec_field: str | None = None
+    decode: bool = True
+
+    @property
+    def key(self) -> str:
+        """Its name in the calls' keyword dictionaries: the flat keyword, else the ``Mask`` field."""
+        return self.keyword or self.name
+
+
+KINDS: dict[str, MaskKind] = {}
+
+
+def register(kind: MaskKind) -> MaskKind:
+    """Add a kind of mask: ``Mask(name=...)`` then takes it on every call (``ring_attention``, ``attention``,
+    ``decode_attention``, ``cost_model.Problem``). Registering a name twice is an error."""
+    if kind.name in KINDS or any(k.key == kind.key for k in KINDS.values()):
+        raise ValueError(f"a mask kind named {kind.name!r} is registered already")
+    if kind.spec_field is None and kind.keyword is not None:
+        raise ValueError(f"mask kind {kind.name!r}: a flat keyword is for the built-in kinds (MaskSpec fields); "
+                         "a new kind is reached through Mask(...)")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    """Remove a kind added by ``register`` (a test's, or a plugin's); the built-in kinds stay."""
+    kind = KINDS.get(name)
+    if kind is not None and kind.spec_field is None:
+        del KINDS[name]
+
+
+def is_set(value) -> bool:
+    """Whether a mask keyword's value sets something (None and False leave it out)."""
+    return value is not None and value is not False
+
+
+def check_causal(causal, ctx: MaskContext | None = None) -> bool:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return causal
+
+
+def check_window(window, ctx: MaskContext | None = None) -> tuple[int, int] | None:
+    """``(left, right)`` with ints >= -1 (-1 = unbounded); ``(-1, -1)`` is no window."""
+    ok = (isinstance(window, (tuple, list)) and len(window) == 2
+          and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window))
+    if not ok:
+        raise ValueError(f"window must be (left, right) with ints >= -1 (-1 = unbounded), got {window!r}")
+    window = (int(window[0]), int(window[1]))
+    return None if window == (-1, -1) else window
+
+
+def check_seq_len(seq_len, ctx: MaskContext) -> int:
+    """The real length, in ``[0, total]``."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+        raise TypeError(f"seq_len must be an int or None, got {type(seq_len).__name__}")
+    seq_len = int(seq_len)
+    if not 0 <= seq_len <= ctx.total:
+        raise ValueError(f"seq_len must be in [0, world * local_len = {ctx.total}], got {seq_len}")
+    return seq_len
+
+
+def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an integer torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} with shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"one cu_seqlens tensor is the documents of a batch of 1, got batch {batch}: pass a "
+                         "list of one cu_seqlens per batch row")
+    b = tuple(int(x) for x in cu_seqlens.tolist())
+    if len(b) < 2 or b[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0 and hold at least one document, got {list(b)[:8]}")
+    if any(y <= x for x, y in zip(b, b[1:])):
+        raise ValueError("cu_seqlens must be strictly increasing (documents of length >= 1)")
+    if b[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at the valid length seq_len = {seq_len}, got {b[-1]}")
+    return b
+
+
+def check_chunk_size(chunk_size, ctx: MaskContext | None = None) -> int | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def check_mask_mod(fn, seq_len: int | None = None) -> MaskMod | None:
+    """A callable that maps broadcastable int64 position tensors to a bool tensor of their broadcast shape,
+    probed at positions below ``seq_len`` only (a mask may index a table of ``seq_len`` entries)."""
+    if fn is None:
+        return None
+    if not callable(fn):
+        raise TypeError(f"mask_mod must be a callable fn(q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
+    if seq_len is not None and seq_len < 1:
+        return MaskMod(fn)  # no position to ask about: it is never called
+    top = 2 if seq_len is None else min(2, seq_len - 1)
+    probe_q, probe_k = torch.arange(3).clamp(max=top)[:, None], torch.arange(2).clamp(max=top)[None, :]
+    try:
+        keep = fn(probe_q, probe_k)
+    except Exception as e:  # noqa: BLE001 - reported as the user's function failing, whatever it raised
+        raise ValueError(f"mask_mod raised on a probe (q_idx (3, 1), kv_idx (1, 2) int64): "
+                         f"{type(e).__name__}: {e}") from e
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (3, 2):
+        raise ValueError("mask_mod(q_idx, kv_idx) must return a bool tensor of the broadcast shape of its "
+                         f"arguments; for (3, 1) and (1, 2) it returned "
+                         f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
+    return MaskMod(fn)
+
+
+def check_slices(slices, total: int) -> tuple[Slice, ...] | None:
+    """Attention slices ``(q_range, k_range, kind)`` on global positions in ``[0, total]``."""
+    if slices is None:
+        return None
+    if isinstance(slices, (str, bytes)) or not hasattr(slices, "__iter__"):
+        raise TypeError(f"slices must be a list of (q_range, k_range, kind), got {type(slices).__name__}")
+    kinds = {k.value: k for k in SliceKind}
+    out = []
+    for n, item in enumerate(slices):
+        try:
+            (q0, q1), (k0, k1), kind = item
+        except (TypeError, ValueError):
+            raise ValueError(f"slices[{n}] must be ((q_start, q_end), (k_start, k_end), kind), got {item!r}") from None
+        if isinstance(kind, SliceKind):
+            kind = kind.value
+        if kind not in kinds:
+            raise ValueError(f"slices[{n}]: kind must be one of {sorted(kinds)}, got {kind!r}")
+        ends = (q0, q1, k0, k1)
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in ends) \
+                or not (0 <= q0 <= q1 <= total and 0 <= k0 <= k1 <= total):
+            raise ValueError(f"slices[{n}]: ranges must be ints with 0 <= start <= end <= {total} (the padded "
+                             f"global length), got q {(q0, q1)}, k {(k0, k1)}")
+        out.append(Slice(int(q0), int(q1), int(k0), int(k1), kinds[kind]))
+    return tuple(out)
+
+
+# The built-in kinds, in the order their checks run. ``seq_len`` is the length the others are checked against.
+for _kind in (
+    MaskKind("seq_len", check_seq_len, "seq_len", "seq_len", decode=False),
+    MaskKind("causal", check_causal, "causal", "causal"),
+    MaskKind("window", check_window, "window", "window"),
+    MaskKind("documents", lambda v, ctx: check_cu_seqlens(v, ctx.seq_len, ctx.batch), "cu_seqlens", "doc_bounds"),
+    MaskKind("chunk_size", check_chunk_size, "chunk_size", "chunk"),
+    MaskKind("mask_mod", lambda v, ctx: check_mask_mod(v, ctx.seq_len), "mask_mod", "mask_mod"),
+    MaskKind("slices", lambda v, ctx: check_slices(v, ctx.total), "slices", "slices"),
+):
+    register(_kind)
+del _kind
+
+
+def spec_fields(mask: dict[str, Any], ctx: MaskContext, *, decode: bool = False) -> dict[str, Any]:
+    """The ``MaskSpec`` fields of the mask keywords ``mask`` (by ``MaskKind.key``), each checked by its kind,
+    ``seq_len`` excepted (the caller settles the length ``ctx`` carries). A key no kind has is a
+    ``TypeError``; with ``decode``, a kind decoding does not take is one."""
+    known = {kind.key: kind for kind in KINDS.values()}
+    unknown = [key for key in mask if key not in known or (decode and not known[key].decode)]
+    if unknown:
+        raise TypeError(f"unknown mask kind {unknown[0]!r}: the kinds are {sorted(KINDS)} (ringattn.masks.register "
+                        "adds one)")
+    out: dict[str, Any] = {}
+    terms = []
+    for kind in KINDS.values():
+        val = mask.get(kind.key)
+        if kind.name == "seq_len" or not is_set(val):
+            continue
+        checked = kind.check(val, ctx)
+        if kind.spec_field is None:
+            if not isinstance(checked, MaskTerm):
+                raise TypeError(f"mask kind {kind.name!r}: its check must return a ringattn.masks.MaskTerm, got "
+                                f"{type(checked).__name__}")
+            terms.append(checked)
+        else:
+            out[kind.spec_field] = checked
+    if terms:
+        out["terms"] = tuple(terms)
+    return out

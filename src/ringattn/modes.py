@@ -19,9 +19,37 @@ class Mode(StrEnum):
     def __repr__(self) -> str:
         return repr(self.value)
 
+    @classmethod
+    def add(cls, value: str) -> Mode:
+        """A member for ``value`` added at run time (a layout registered by a plugin or a test): ``cls(value)``,
+        ``list(cls)``, argparse's choices and ``cls.NAME`` then see it as they see the members declared here."""
+        if value in cls._value2member_map_:
+            return cls._value2member_map_[value]
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member._name_ = name = value.upper().replace("-", "_")
+        member.__objclass__ = cls
+        member._sort_order_ = len(cls._member_names_)
+        cls._member_names_.append(name)
+        cls._member_map_[name] = member
+        cls._value2member_map_[value] = member
+        type.__setattr__(cls, name, member)
+        return member
+
+    @classmethod
+    def remove(cls, value: str) -> None:
+        """Take back a member made by ``add``."""
+        member = cls._value2member_map_.pop(value, None)
+        if member is None:
+            return
+        cls._member_names_.remove(member._name_)
+        del cls._member_map_[member._name_]
+        type.__delattr__(cls, member._name_)
+
 
 class Layout(Mode):
-    """Which global positions a rank holds (see ``ringattn.layouts``)."""
+    """Which global positions a rank holds (see ``ringattn.layouts``). Each member has its ``LayoutRule`` there
+    (``layouts.layout_of``); a rule registered there (``layouts.register``) adds its member here."""
 
     CONTIGUOUS = "contiguous"
     ZIGZAG = "zigzag"

@@ -18,6 +18,7 @@ import numbers
 import re
 import weakref
 import zlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,17 @@ import torch.distributed as dist
 from .comm import first_line, group_rank_world
 from .kernels import BACKENDS, Backend, select
 from .layouts import layout_of
-from .masks import MaskMod, MaskSpec, Slice, SliceKind
+from .masks import (  # noqa: F401 - the mask checks, importable from here too
+    KINDS,
+    MaskContext,
+    MaskSpec,
+    check_chunk_size,
+    check_cu_seqlens,
+    check_mask_mod,
+    check_seq_len,
+    check_slices,
+    spec_fields,
+)
 from .modes import RING_STRATEGIES, BackwardExchange
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,35 +79,19 @@ def check_qkv(q, k, v) -> None:
         raise ValueError("head_dim must be positive")
 
 
-def make_spec(*, world: int, local_len: int, layout: str, causal, window, seq_len, cu_seqlens,
-              batch: int, chunk_size=None, positional: bool = False, mask_mod=None, slices=None) -> MaskSpec:
+def make_spec(*, world: int, local_len: int, layout: str, batch: int, positional: bool = False,
+              **mask: Any) -> MaskSpec:
+    """The checked mask of a call: ``mask`` holds the mask keywords (``MaskKind.key`` of ``masks.KINDS``:
+    ``causal``, ``window``, ``seq_len``, ``cu_seqlens``, ``chunk_size``, ``mask_mod``, ``slices`` and any
+    registered kind), each checked by its kind."""
     rule = layout_of(layout)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    rule.check_documents(world, cu_seqlens)
+    rule.check_documents(world, mask.get("cu_seqlens"))
     rule.check_local_len(world, local_len)
     total = world * local_len
-    if seq_len is None:
-        seq_len = total
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
-        raise TypeError(f"seq_len must be an int or None, got {type(seq_len).__name__}")
-    seq_len = int(seq_len)
-    if not 0 <= seq_len <= total:
-        raise ValueError(f"seq_len must be in [0, world * local_len = {total}], got {seq_len}")
-    if window is not None:
-        ok = (isinstance(window, (tuple, list)) and len(window) == 2
-              and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window))
-        if not ok:
-            raise ValueError(f"window must be (left, right) with ints >= -1 (-1 = unbounded), got {window!r}")
-        window = (int(window[0]), int(window[1]))
-        if window == (-1, -1):
-            window = None
-    bounds = None
-    if cu_seqlens is not None:
-        bounds = check_cu_seqlens(cu_seqlens, seq_len, batch)
-    return MaskSpec(seq_len=seq_len, causal=causal, window=window, doc_bounds=bounds,
-                    chunk=check_chunk_size(chunk_size), positional=positional,
-                    mask_mod=check_mask_mod(mask_mod, seq_len), slices=check_slices(slices, total))
+    seq_len = mask.get("seq_len")
+    seq_len = total if seq_len is None else check_seq_len(seq_len, MaskContext(total, total, batch))
+    fields = spec_fields(mask, MaskContext(seq_len, total, batch))
+    return MaskSpec(seq_len=seq_len, positional=positional, **fields)
 
 
 def check_backend(choice, q, k, v, score_mods: frozenset[str]) -> Backend:
@@ -119,63 +114,6 @@ def check_backend(choice, q, k, v, score_mods: frozenset[str]) -> Backend:
         raise ValueError(f"backend {choice.name!r} cannot apply {', '.join(sorted(missing))}; leave backend=None "
                          "(the reference backend applies every score modification)")
     return choice
-
-
-def check_mask_mod(fn, seq_len: int | None = None) -> MaskMod | None:
-    """A callable that maps broadcastable int64 position tensors to a bool tensor of their broadcast shape,
-    probed at positions below ``seq_len`` only (a mask may index a table of ``seq_len`` entries)."""
-    if fn is None:
-        return None
-    if not callable(fn):
-        raise TypeError(f"mask_mod must be a callable fn(q_idx, kv_idx) -> bool tensor, got {type(fn).__name__}")
-    if seq_len is not None and seq_len < 1:
-        return MaskMod(fn)  # no position to ask about: it is never called
-    top = 2 if seq_len is None else min(2, seq_len - 1)
-    probe_q, probe_k = torch.arange(3).clamp(max=top)[:, None], torch.arange(2).clamp(max=top)[None, :]
-    try:
-        keep = fn(probe_q, probe_k)
-    except Exception as e:  # noqa: BLE001 - reported as the user's function failing, whatever it raised
-        raise ValueError(f"mask_mod raised on a probe (q_idx (3, 1), kv_idx (1, 2) int64): "
-                         f"{type(e).__name__}: {e}") from e
-    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or tuple(keep.shape) != (3, 2):
-        raise ValueError("mask_mod(q_idx, kv_idx) must return a bool tensor of the broadcast shape of its "
-                         f"arguments; for (3, 1) and (1, 2) it returned "
-                         f"{getattr(keep, 'dtype', type(keep).__name__)} {tuple(getattr(keep, 'shape', ()))}")
-    return MaskMod(fn)
-
-
-def check_slices(slices, total: int) -> tuple[Slice, ...] | None:
-    """Attention slices ``(q_range, k_range, kind)`` on global positions in ``[0, total]``."""
-    if slices is None:
-        return None
-    if isinstance(slices, (str, bytes)) or not hasattr(slices, "__iter__"):
-        raise TypeError(f"slices must be a list of (q_range, k_range, kind), got {type(slices).__name__}")
-    kinds = {k.value: k for k in SliceKind}
-    out = []
-    for n, item in enumerate(slices):
-        try:
-            (q0, q1), (k0, k1), kind = item
-        except (TypeError, ValueError):
-            raise ValueError(f"slices[{n}] must be ((q_start, q_end), (k_start, k_end), kind), got {item!r}") from None
-        if isinstance(kind, SliceKind):
-            kind = kind.value
-        if kind not in kinds:
-            raise ValueError(f"slices[{n}]: kind must be one of {sorted(kinds)}, got {kind!r}")
-        ends = (q0, q1, k0, k1)
-        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in ends) \
-                or not (0 <= q0 <= q1 <= total and 0 <= k0 <= k1 <= total):
-            raise ValueError(f"slices[{n}]: ranges must be ints with 0 <= start <= end <= {total} (the padded "
-                             f"global length), got q {(q0, q1)}, k {(k0, k1)}")
-        out.append(Slice(int(q0), int(q1), int(k0), int(k1), kinds[kind]))
-    return tuple(out)
-
-
-def check_chunk_size(chunk_size) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return int(chunk_size)
 
 
 def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout: str, world: int,
@@ -245,7 +183,15 @@ def describe_mask(spec: MaskSpec, block: int, device) -> str:
     if spec.slices is not None:
         text += (f" slices={len(spec.slices)}slices:"
                  f"{_crc(tuple((s.q0, s.q1, s.k0, s.k1, s.kind.value) for s in spec.slices))}")
+    for kind in KINDS.values():  # a MaskSpec field of a kind not described above: by value
+        if kind.spec_field is not None and kind.spec_field not in _DESCRIBED:
+            text += f" {kind.key}={getattr(spec, kind.spec_field)!r}"
+    if spec.terms:  # registered kinds, by value (a MaskTerm's repr says what it computes)
+        text += f" terms=({', '.join(re.sub(r' at 0x[0-9a-fA-F]+', '', repr(t)) for t in spec.terms)})"
     return text
+
+
+_DESCRIBED = frozenset({"seq_len", "causal", "window", "doc_bounds", "chunk", "mask_mod", "slices"})
 
 
 def _crc(value) -> str:
@@ -361,25 +307,6 @@ def differences(descriptions: list[str], limit: int = 6) -> str:
             f"rank {r}: {d!r}" for r, d in enumerate(descriptions))
     more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
     return "; ".join(lines[:limit]) + more
-
-
-def check_cu_seqlens(cu_seqlens, seq_len: int, batch: int) -> tuple[int, ...]:
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an integer torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.dim() != 1:
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor, got {cu_seqlens.dtype} with shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    if batch != 1:
-        raise ValueError(f"one cu_seqlens tensor is the documents of a batch of 1, got batch {batch}: pass a "
-                         "list of one cu_seqlens per batch row")
-    b = tuple(int(x) for x in cu_seqlens.tolist())
-    if len(b) < 2 or b[0] != 0:
-        raise ValueError(f"cu_seqlens must start at 0 and hold at least one document, got {list(b)[:8]}")
-    if any(y <= x for x, y in zip(b, b[1:])):
-        raise ValueError("cu_seqlens must be strictly increasing (documents of length >= 1)")
-    if b[-1] != seq_len:
-        raise ValueError(f"cu_seqlens must end at the valid length seq_len = {seq_len}, got {b[-1]}")
-    return b
 
 
 # Per process group: how many agreed calls this rank has made on it (weak: a destroyed group's count goes).

@@ -27,8 +27,9 @@ import torch.distributed as dist
 
 from .. import comm, profiling
 from ..decode import merge_partials, partial_attention
-from ..layouts import effective_layout, global_positions, padded_len, shard
+from ..layouts import effective_layout, global_positions, padded_len
 from ..profiling import Stats
+from ..sharding import shard
 from ..validate import agree
 from .config import flag
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 
 import torch
 
 from .. import ring_attention
+from ..callspec import Mask
 from ..layouts import layout_of
+from ..masks import KINDS
 from ..validate import agree
-from . import features, generation, positions
+from . import features, forward, generation, positions
 from .batch import check_sharded_as
 from .features import LayerNeeds
 from .registry import SETTINGS, RingSettings
@@ -81,14 +84,15 @@ def attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: tor
         kw["backward_exchange"] = settings.backward_exchange
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     if step is not None:  # inside model.generate(): the prompt's shard, or one new token over the sharded cache
+        flat = _flat(kw)
         if not step.prefill:
-            return generation.decode_rows(step, q, key, value, kw), None
-        return generation.prefill_rows(step, q, k, v, kw,
+            return generation.decode_rows(step, q, key, value, flat), None
+        return generation.prefill_rows(step, q, k, v, flat,
                                        lambda qr, kr, vr, kwr: _call(qr, kr, vr, None, settings, kwr)), None
     rows, real = _documents(module, needs, query.shape[0], settings, kwargs)
     if real is not None and not causal:
         # shard_batch's padding repeats the last position; without a causal mask real tokens would see it.
-        kw["seq_len"] = real
+        kw["mask"] = dataclasses.replace(kw["mask"], seq_len=real)
     if len(rows) == 1:
         return _call(q, k, v, rows[0], settings, kw), None
     # Rows packed differently: one ring call per row, each with its own documents.
@@ -119,6 +123,10 @@ def _check_call(module, query, key, attention_mask, dropout, step, settings: Rin
 def _documents(module, needs: LayerNeeds, batch: int, settings: RingSettings, kwargs) -> tuple[list, int | None]:
     """Each row's packed documents (one entry for rows packed alike; None: no documents) and, where they were
     read from ``position_ids``, the real length before ``shard_batch``'s padding."""
+    model = forward.current()
+    if model is not None:  # what the prepared model was given, where its layer does not pass it on
+        kwargs = {"cu_seq_lens_q": model.cu_seq_lens, "position_ids": model.position_ids} | \
+            {k: v for k, v in kwargs.items() if v is not None}
     cu = kwargs.get("cu_seq_lens_q")
     rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
     if cu is None and layout_of(settings.layout).needs_documents:
@@ -138,12 +146,26 @@ def _documents(module, needs: LayerNeeds, batch: int, settings: RingSettings, kw
     return rows, real
 
 
+def _flat(kw: dict) -> dict:
+    """The call's keywords with the layer's mask as flat keywords (``causal`` always), as the decoding
+    hooks read them; registered kinds, which have no flat keyword, stay in ``mask=``."""
+    mask = kw["mask"]
+    out = {name: val for name, val in kw.items() if name != "mask"}
+    out.update(causal=mask.causal, window=None)
+    out.update((KINDS[name].keyword, val) for name, val in mask.fields().items() if KINDS[name].keyword is not None)
+    if mask.kinds:
+        out["mask"] = Mask(kinds=mask.kinds)
+    return out
+
+
 def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
-    if cu is not None:
-        if "seq_len" in kw:  # the padding as a document of its own: no real token sees it either way
-            cu = cu[cu < kw["seq_len"]]
-            cu = torch.cat([cu, cu.new_tensor([kw["seq_len"]])])
-        kw = dict(kw, cu_seqlens=cu if q.shape[0] == 1 else [cu] * q.shape[0], seq_len=int(cu[-1]))
+    if cu is not None:  # the documents join the layer's mask
+        mask = kw["mask"]
+        if mask.seq_len is not None:  # the padding as a document of its own: no real token sees it either way
+            cu = cu[cu < mask.seq_len]
+            cu = torch.cat([cu, cu.new_tensor([mask.seq_len])])
+        kw = dict(kw, mask=dataclasses.replace(mask, documents=cu if q.shape[0] == 1 else [cu] * q.shape[0],
+                                               seq_len=int(cu[-1])))
     if settings.strategy == "ring":
         return ring_attention(q, k, v, **kw)
     from .. import attention

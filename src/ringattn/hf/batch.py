@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..layouts import check_layout, layout_of, padded_len, shard
+from ..layouts import check_layout, layout_of, padded_len
+from ..sharding import shard
 from ..training.batch import IGNORE_INDEX
 from ..training.batch import shard_batch as _shard_tokens
 from ..training.batch import shift_labels as _shift_labels

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..callspec import Mask
+
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
 # Layer types that act on each token alone (Nemotron-H lists its MoE and MLP blocks as layers).
 PER_TOKEN_LAYER_TYPES = frozenset({"moe", "mlp"})
@@ -64,15 +66,19 @@ class LayerNeeds:
     chunk_size: int | None = None   # Llama 4 chunked attention: i // c == j // c
     temperature: tuple[float, float] | None = None  # Llama 4 (floor_scale, attn_scale) on NoPE layers
 
-    def ring_kwargs(self, *, causal: bool, softcap: float | None = None, sinks=None) -> dict:
-        """The mask and score keywords of ``ring_attention`` for this layer's call: transformers' window ``w``
-        (keys ``j > i - w``) is ringattn's ``window=(w - 1, ...)``, one-sided under a causal mask."""
-        kw: dict = {"causal": causal, "window": None}
+    def mask(self, *, causal: bool) -> Mask:
+        """The layer's mask: transformers' window ``w`` (keys ``j > i - w``) is ringattn's ``window=(w - 1,
+        ...)``, one-sided under a causal mask; chunked layers' ``chunk_size``."""
+        window = None
         if self.window is not None:
             w = int(self.window) - 1
-            kw["window"] = (w, -1 if causal else w)
-        if self.chunk_size is not None:
-            kw["chunk_size"] = self.chunk_size
+            window = (w, -1 if causal else w)
+        return Mask(causal=causal, window=window, chunk_size=self.chunk_size)
+
+    def ring_kwargs(self, *, causal: bool, softcap: float | None = None, sinks=None) -> dict:
+        """The keywords of ``ring_attention`` for this layer's call: ``mask=`` the layer's ``Mask``, and its
+        score modifications (``softcap``, ``sinks``)."""
+        kw: dict = {"mask": self.mask(causal=causal)}
         if softcap is not None:
             kw["softcap"] = float(softcap)
         if sinks is not None:

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..layouts import global_positions, padded_len, unshard
+from ..layouts import RULES, global_positions, padded_len
+from ..sharding import unshard
 
 
 class _Cache:
@@ -102,7 +103,9 @@ def _doc_starts(row: torch.Tensor) -> tuple[torch.Tensor, int]:
     return starts, tail
 
 
-_READABLE = ("contiguous", "zigzag", "striped")  # the layouts that place tokens without knowing the documents
+def _readable() -> list[str]:
+    """The layouts that place tokens without knowing the documents."""
+    return [name for name, rule in RULES.items() if not rule.needs_documents]
 
 
 def _check_layout(full: torch.Tensor, world: int, layout: str) -> None:
@@ -112,10 +115,11 @@ def _check_layout(full: torch.Tensor, world: int, layout: str) -> None:
     positions has fewer starts where the documents start at 0, the usual packing."""
     total = full.shape[-1]
     local = total // world
-    if layout not in _READABLE or padded_len(total, world, layout) != total:
+    readable = _readable()
+    if layout not in readable or padded_len(total, world, layout) != total:
         return
     counts = {}
-    for other in _READABLE:
+    for other in readable:
         if padded_len(total, world, other) != total:
             continue
         if other == layout:

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from . import features, generation, mixers, positions
+from . import features, forward, generation, mixers, positions
 from .batch import needs_ring
 from .features import UnsupportedModel
 from .registry import SETTINGS
@@ -28,6 +28,7 @@ def prepare(model: torch.nn.Module, *, group=None) -> torch.nn.Module:
     Also hooks the decoder so that ``model.generate()`` runs context-parallel (``ringattn.hf.generation``).
     """
     features.check_model(model)
+    forward.install(model)
     mixers.install(model)
     generation.install(model)
     if not getattr(model, "_ringattn_needs_ring", False):

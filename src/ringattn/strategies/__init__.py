@@ -12,8 +12,9 @@
 Each strategy is one module here that registers a ``base.StrategyKind`` (its topology, the keywords that
 tune it, its tasks, its run and its cost estimate); this package imports every module in it, and
 ``auto.py`` last, which compares them. Strategy-specific keywords:
-``kv_head_chunk`` (allgather: kv heads gathered at a time); ``backward_exchange`` (ring and hybrid:
-``"ring"`` or ``"direct"``, see ``ring_attention``; the others take only ``"ring"``). Under ``"auto"`` a
+``kv_heads_per_gather`` (allgather: kv heads gathered at a time; ``Options.kv_head_chunk``);
+``backward_exchange`` (ring and hybrid: ``"ring"`` or ``"direct"``, see ``ring_attention``; the others
+take only ``"ring"``). Under ``"auto"`` a
 keyword the chosen strategy does not use is dropped: it tunes a strategy that was not chosen.
 """
 

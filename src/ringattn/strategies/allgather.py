@@ -1,6 +1,6 @@
 """All-gather context parallelism (Llama 3): every rank gathers all keys and values, then attends.
 
-Only the ``kv_heads`` are gathered, ``kv_head_chunk`` of them at a time, with the next chunk's gather
+Only the ``kv_heads`` are gathered, ``kv_heads_per_gather`` of them at a time, with the next chunk's gather
 in flight while the current chunk is computed, so at most two chunks of the full-length K/V are
 alive. Each chunk is one pass of kernel calls over the whole sequence (planned once by
 ``tasks.block_tasks`` on the real global positions, so masks skip what they hide). Backward gathers
@@ -83,7 +83,7 @@ def _key_layout(layout: str, world: int, local_len: int, device, bounds):
         return (Segment(0, world * local_len),), None
     if rule.in_halves:  # two runs per rank: sorted into one run of positions after the gather
         return (Segment(0, world * local_len),), torch.argsort(rule.rank_order(world, local_len, device, bounds))
-    return tuple(s for r in range(world) for s in segments(layout, r, world, local_len)), None
+    return tuple(s for r in range(world) for s in segments(layout, r, world, local_len, bounds)), None
 
 
 def _start_gather(k, v, g0: int, g1: int, call: GatherCall):

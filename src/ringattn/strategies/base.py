@@ -22,7 +22,8 @@ from ..modes import Strategy
 
 # The keywords that tune one kind of strategy: their default, and what another strategy says of them.
 TUNING: dict[str, tuple[object, str]] = {
-    "kv_head_chunk": (None, "kv_head_chunk is an allgather setting; strategy={strategy!r} gathers no K/V"),
+    "kv_head_chunk": (None, "kv_heads_per_gather / kv_head_chunk is an allgather setting; strategy={strategy!r} "
+                            "gathers no K/V"),
     "backward_exchange": ("ring", "backward_exchange='direct' is a ring setting; strategy={strategy!r} has no ring"),
 }
 

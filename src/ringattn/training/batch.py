@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..layouts import check_layout, padded_len, shard, unshard
+from ..layouts import check_layout, padded_len
+from ..sharding import shard, unshard
 
 # The label that is never scored: PyTorch's cross_entropy default, and Hugging Face's.
 IGNORE_INDEX = -100

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from ... import comm
 from ..._measure import rel_err
-from ...layouts import unshard
+from ...sharding import unshard
 from .report import INPUT_DIFFERS, TOL, TOL_FLOAT32_INSIDE, AuditReport, Row, fmt
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from ... import comm
-from ...layouts import check_layout, unshard
+from ...layouts import check_layout
+from ...sharding import unshard
 from ...training import launch
 from .. import features, positions
 from ..batch import shard_batch

@@ -19,16 +19,16 @@ import contextvars
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ... import comm
 from ... import mixers as mx
 from ...layouts import layout_of
-from .. import positions
+from .. import forward, positions
 from ..features import UnsupportedModel, model_name
-from ..registry import SETTINGS, RingSettings
+from ..forward import Batch
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,6 @@ def unknown_functions(module: torch.nn.Module) -> list[str]:
 
 
 @dataclass
-class Batch:
-    """What one forward of a prepared model tells its mixers: the packed documents and the plans built."""
-
-    settings: RingSettings
-    position_ids: torch.Tensor | None
-    cu_seq_lens: object
-    plans: dict = field(default_factory=dict)
-
-
-@dataclass
 class MixerCall:
     """A prepared mixer's forward in progress: what its handlers need."""
 
@@ -142,7 +132,6 @@ def _documents(b: Batch, local_len: int, batch: int):
     return [torch.tensor([0, total], dtype=torch.int32) if r is None else r for r in rows]
 
 
-_BATCH: contextvars.ContextVar[Batch | None] = contextvars.ContextVar("ringattn_mixer_batch", default=None)
 _ACTIVE: contextvars.ContextVar[MixerCall | None] = contextvars.ContextVar("ringattn_mixer_call", default=None)
 
 
@@ -165,29 +154,10 @@ def _patch(cls: type) -> None:
             g[n] = _dispatcher(n, g[n])
 
 
-def _settings(module) -> RingSettings | None:
-    config = getattr(module, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    return SETTINGS.get(impl) if isinstance(impl, str) else None
-
-
-def _model_pre(model, args, kwargs):
-    settings = _settings(model)
-    token = _BATCH.set(None if settings is None else Batch(
-        settings, kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q")))
-    model.__dict__.setdefault("_ringattn_batch_tokens", []).append(token)
-
-
-def _model_post(model, args, kwargs, output):
-    tokens = model.__dict__.get("_ringattn_batch_tokens")
-    if tokens:
-        _BATCH.reset(tokens.pop())
-
-
 def _mixer_pre(module, args, kwargs):
     cache = kwargs.get("cache", kwargs.get("cache_params", kwargs.get("past_key_values")))
-    batch = _BATCH.get()
-    if batch is None and _settings(module) is None:
+    batch = forward.current()
+    if batch is None:
         token = _ACTIVE.set(None)  # not running a ring: the module's own code, unchanged
     else:
         if cache is not None:
@@ -209,12 +179,7 @@ def _mixer_post(module, args, kwargs, output):
 def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Make ``model``'s mixers context-parallel; returns them as ``(path, module)``. Idempotent."""
     found = [(p, m) for p, m in model.named_modules() if p and mixer_functions(m)]
-    if not found:
-        return found
-    if "_ringattn_mixer_hooks" not in model.__dict__:
-        model.__dict__["_ringattn_mixer_hooks"] = (
-            model.register_forward_pre_hook(_model_pre, with_kwargs=True),
-            model.register_forward_hook(_model_post, with_kwargs=True, always_call=True))
+    forward.install(model)
     for _, m in found:
         _patch(type(m))
         if "_ringattn_mixer_hooks" not in m.__dict__:

@@ -18,15 +18,23 @@ def scan(original, call: MixerCall, module, hidden_states, B, C, dt, cache=None,
     a = -torch.exp(module.A_log.float())
     lo, hi = module.time_step_limit
 
-    def step(x, b_, c, d, initial_state):
-        state = StateCache(initial_state)
-        y = original(module, x, b_, c, d, state, **kwargs)
-        return y, state.final
-
     def transition(x, b_, c, d):
         # As the scan discretises dt: softplus(dt + dt_bias), clamped to the module's limits.
         d = torch.clamp(F.softplus(d + module.dt_bias.to(d.dtype)), min=lo, max=hi)
         return torch.exp(a.to(d.dtype) * d.sum(1)).view(-1, heads, 1, 1)
+
+    def step(x, b_, c, d, initial_state):
+        if initial_state is not None and x.shape[1] == 1:
+            # One token from a state is the scan's decode path, which updates a state in place (no gradient):
+            # run it from zero and add what the state contributes, h = M h0 + S and y += C . (M h0).
+            y, s = step(x, b_, c, d, None)
+            h = transition(x, b_, c, d).to(s.dtype) * initial_state.to(s.dtype)
+            cc = c.view(c.shape[0], module.n_groups, -1).repeat_interleave(heads // module.n_groups, dim=1)
+            y = y + torch.einsum("bhpn,bhn->bhp", h, cc.to(h.dtype)).reshape(y.shape).to(y.dtype)
+            return y, h + s
+        state = StateCache(initial_state)
+        y = original(module, x, b_, c, d, state, **kwargs)
+        return y, state.final
 
     return mx.run_fragments(step, transition, [hidden_states, B, C, dt], plan=call.plan(n, b), kind="diagonal",
                             state_shape=(heads, module.head_dim, module.ssm_state_size),
