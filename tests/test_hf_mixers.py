@@ -199,7 +199,7 @@ SCAN_LEN = 24  # every W in 1..4 splits it (2W for zigzag)
 # in, so the gradients reaching those tensors are float32 sums, which the two runs add in different orders: the
 # outputs and the other gradients agree to ~1e-16, these to ~1e-7.
 SCAN_TOL = 1e-6
-SCANS = ("mamba_scan_forward", "mamba_selective_scan")
+SCANS = ("mamba_scan_forward", "mamba_selective_scan", "mamba_selective_scan bare")  # bare: no D, gate, bias, softplus
 
 
 def _scan_case(name: str, batch: int):
@@ -210,7 +210,8 @@ def _scan_case(name: str, batch: int):
     g = torch.Generator().manual_seed(1)
     d, n, L = 6, 4, SCAN_LEN
     x, dt, z = (torch.randn(batch, d, L, generator=g, dtype=torch.float64) for _ in range(3))
-    original = getattr(getattr(mm, name), "_ringattn_original", getattr(mm, name))
+    fn = getattr(mm, name.split()[0])
+    original = getattr(fn, "_ringattn_original", fn)
     if name == "mamba_scan_forward":
         torch.manual_seed(0)
         m = mm.MambaMixer(MambaConfig(hidden_size=4, intermediate_size=d, state_size=n, time_step_rank=2,
@@ -222,6 +223,9 @@ def _scan_case(name: str, batch: int):
         b_, c = (torch.randn(batch, L, n, generator=g, dtype=torch.float64) for _ in range(2))
         return original, m, [(x, 2), (dt, 2), (b_, 1), (c, 1), (z, 2)], [m.A_log, m.D, m.dt_proj.bias]
     b_, c = (torch.randn(batch, n, L, generator=g, dtype=torch.float64) for _ in range(2))
+    if name.endswith("bare"):  # dt as given, so positive
+        a = -torch.rand(d, n, generator=g, dtype=torch.float64) - 0.5
+        return original, None, [(x, 2), (dt.abs(), 2), (b_, 2), (c, 2)], [a.requires_grad_()]
     weights = [-torch.rand(d, n, generator=g, dtype=torch.float64) - 0.5,  # A, D, delta_bias
                torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)]
     return original, None, [(x, 2), (dt, 2), (b_, 2), (c, 2), (z, 2)], [w.requires_grad_() for w in weights]
@@ -230,6 +234,8 @@ def _scan_case(name: str, batch: int):
 def _scan_call(name, fn, module, xs, weights):
     if name == "mamba_scan_forward":
         return fn(module, *xs, None)
+    if name.endswith("bare"):
+        return fn(*xs[:2], weights[0], *xs[2:])
     x, dt, b_, c, z = xs
     a, d, bias = weights
     return fn(x, dt, a, b_, c, D=d, z=z, delta_bias=bias, delta_softplus=True)
@@ -261,7 +267,7 @@ def scan_direct(name: str, layouts: tuple[str, ...], batch: int) -> float:
         pos = ringattn.global_positions(layout, rank, world, SCAN_LEN // world)
         local = [t.index_select(dim, pos).requires_grad_() for t, dim in inputs]
         call = MixerCall(module or torch.nn.Module(), Batch(RingSettings(layout=layout), None, None))
-        y = _scan_call(name, functools.partial(HANDLERS[name].run, original, call), module, local, weights)
+        y = _scan_call(name, functools.partial(HANDLERS[name.split()[0]].run, original, call), module, local, weights)
         got = torch.autograd.grad((y * gy.index_select(2, pos)).sum(), local + weights)
         errs = [rel_err(y.detach(), ref.detach().index_select(2, pos))]
         errs += [rel_err(a, b.index_select(dim, pos)) for a, b, (_, dim) in zip(got, expect, inputs)]
