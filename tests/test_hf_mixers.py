@@ -175,6 +175,25 @@ def test_mamba1_cache_refused():
         model(input_ids=torch.arange(3, 9)[None], use_cache=True)
 
 
+def test_mamba1_fused_kernel_left_for_the_unfused_path(monkeypatch):
+    # Training without a cache, the mixer first tries the fused kernel (a hub kernel where installed), which would
+    # convolve and scan this rank's shard alone: under a ring it must get None and take the unfused path.
+    from transformers.models.mamba import modeling_mamba as mm
+
+    from .test_hf_sweep import build
+
+    def kernel(*args, **kwargs):
+        raise AssertionError("the fused kernel ran under context parallelism")
+
+    monkeypatch.setattr(mm, "mamba_inner_fn", kernel)
+    hf.register(layout="contiguous")
+    model, _ = build("mamba", {}, 0)
+    model.set_attn_implementation("ring")
+    hf.prepare(model)
+    model.train()
+    assert model(input_ids=torch.arange(3, 9)[None], use_cache=False).logits.shape == (1, 6, model.config.vocab_size)
+
+
 def test_mamba1_scan_asked_for_its_final_state_refused():
     from transformers.models.mamba import modeling_mamba as mm
 
