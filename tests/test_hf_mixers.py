@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -102,3 +103,243 @@ def test_hybrids_packed_documents_balanced_3_ranks(ranks):
     r = ranks.run(3, packed_case, FAMILIES, "balanced", [0, 11, 12, 30], "cu_seq_lens")[0]
     bad = {k: v for k, v in r.items() if not v[1] <= PACKED_TOL}
     assert not bad, r
+
+
+# Mamba1's selective scan (hf/mixers/mamba.py). Zamba's shared attention block follows its Mamba layer.
+MAMBA1 = ("mamba", "falcon_mamba", "jamba", "zamba")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_mamba1_exact_2_ranks(ranks, layout):
+    exact(ranks.run(2, run, MAMBA1, layout)[0])
+
+
+def test_mamba1_exact_3_ranks(ranks):
+    exact(ranks.run(3, run, MAMBA1, "zigzag")[0])
+
+
+@pytest.mark.parametrize("via", ["position_ids", "cu_seq_lens"])
+def test_mamba1_packed_documents_2_ranks(ranks, via):
+    r = ranks.run(2, packed_case, MAMBA1, "zigzag", [0, 5, 17, 30], via)[0]
+    bad = {k: v for k, v in r.items() if not v[1] <= PACKED_TOL}
+    assert not bad, r
+
+
+def test_mamba1_packed_documents_balanced_3_ranks(ranks):
+    r = ranks.run(3, packed_case, MAMBA1, "balanced", [0, 11, 12, 30], "cu_seq_lens")[0]
+    bad = {k: v for k, v in r.items() if not v[1] <= PACKED_TOL}
+    assert not bad, r
+
+
+# Mixers whose recurrence is the module's own code (no function of the modeling file to run context-parallel):
+# refused by the model-wide check, naming the module and why. RecurrentGemma's convolution in front of its RG-LRU
+# is the first such module of its recurrent block.
+UNKNOWN_MIXERS = {
+    "minimax": "model.layers.1.self_attn (MiniMaxLightningAttention) is a recurrent / state-space / linear-attention "
+               "mixer",
+    "recurrent_gemma": "model.layers.0.temporal_block.conv_1d (Conv1d) is a 1-D convolution along the sequence",
+    "xlstm": "backbone.blocks.0.mlstm_layer.mlstm_backend (xLSTMBackend) is a recurrent / state-space / "
+             "linear-attention mixer",
+    "rwkv": "rwkv.blocks.0.attention (RwkvSelfAttention) is a recurrent / state-space / linear-attention mixer",
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNKNOWN_MIXERS))
+def test_unknown_mixers_refused_naming_the_module(family):
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .test_hf_sweep import tiny_config
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+    with torch.device("meta"):
+        model = cls(tiny_config(family, FEATURES.get(family, {}), "sdpa" if cls._supports_sdpa else "eager"))
+    model.config._attn_implementation = "ring"
+    with pytest.raises(hf.UnsupportedModel) as e:
+        hf.prepare(model)
+    assert UNKNOWN_MIXERS[family] in str(e.value), str(e.value)
+    assert "whose token mixing ringattn does not know" in str(e.value)
+    assert "each rank would mix its own shard alone" in str(e.value)
+
+
+def test_mamba1_cache_refused():
+    # Decoding carries the recurrent state in the cache, which under context parallelism only the rank holding
+    # the last token would have.
+    from .test_hf_sweep import build
+
+    hf.register(layout="contiguous")
+    model, _ = build("mamba", {}, 0)
+    model.set_attn_implementation("ring")
+    hf.prepare(model)
+    with pytest.raises(hf.UnsupportedModel, match="pass use_cache=False to train or score"):
+        model(input_ids=torch.arange(3, 9)[None], use_cache=True)
+
+
+def test_mamba1_fused_kernel_left_for_the_unfused_path(monkeypatch):
+    # Training without a cache, the mixer first tries the fused kernel (a hub kernel where installed), which would
+    # convolve and scan this rank's shard alone: under a ring it must get None and take the unfused path.
+    from transformers.models.mamba import modeling_mamba as mm
+
+    from .test_hf_sweep import build
+
+    def kernel(*args, **kwargs):
+        raise AssertionError("the fused kernel ran under context parallelism")
+
+    monkeypatch.setattr(mm, "mamba_inner_fn", kernel)
+    hf.register(layout="contiguous")
+    model, _ = build("mamba", {}, 0)
+    model.set_attn_implementation("ring")
+    hf.prepare(model)
+    model.train()
+    assert model(input_ids=torch.arange(3, 9)[None], use_cache=False).logits.shape == (1, 6, model.config.vocab_size)
+
+
+def test_mamba1_scan_asked_for_its_final_state_refused():
+    from transformers.models.mamba import modeling_mamba as mm
+
+    from ringattn.hf.mixers import HANDLERS
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    call = MixerCall(torch.nn.Module(), Batch(RingSettings(), None, None))
+    x = torch.randn(1, 2, 4, dtype=torch.float64)
+    b_ = torch.randn(1, 3, 4, dtype=torch.float64)
+    with pytest.raises(hf.UnsupportedModel, match="asked for its final state"):
+        HANDLERS["mamba_selective_scan"].run(mm.mamba_selective_scan, call, x, x, -torch.ones(2, 3), b_, b_,
+                                             return_last_state=True)
+    with pytest.raises(hf.UnsupportedModel, match="one-token step from a cached recurrent state"):
+        HANDLERS["mamba_selective_state_update"].run(mm.mamba_selective_state_update, call)
+
+
+# --- Mamba1's selective scan (hf/mixers/mamba.py) called directly, no model ---
+
+SCAN_LEN = 24  # every W in 1..4 splits it (2W for zigzag)
+# transformers' scans cast x and B (and, in mamba_scan_forward, A_log, D and dt_proj.bias) to float32 on the way
+# in, so the gradients reaching those tensors are float32 sums, which the two runs add in different orders: the
+# outputs and the other gradients agree to ~1e-16, these to ~1e-7.
+SCAN_TOL = 1e-6
+SCANS = ("mamba_scan_forward", "mamba_selective_scan", "mamba_selective_scan bare")  # bare: no D, gate, bias, softplus
+
+
+def _scan_case(name: str, batch: int):
+    """(original, module or None, inputs as (tensor, its sequence dim), weights that take a gradient)."""
+    from transformers import MambaConfig
+    from transformers.models.mamba import modeling_mamba as mm
+
+    g = torch.Generator().manual_seed(1)
+    d, n, L = 6, 4, SCAN_LEN
+    x, dt, z = (torch.randn(batch, d, L, generator=g, dtype=torch.float64) for _ in range(3))
+    fn = getattr(mm, name.split()[0])
+    original = getattr(fn, "_ringattn_original", fn)
+    if name == "mamba_scan_forward":
+        torch.manual_seed(0)
+        m = mm.MambaMixer(MambaConfig(hidden_size=4, intermediate_size=d, state_size=n, time_step_rank=2,
+                                      num_hidden_layers=1), layer_idx=0).double()
+        with torch.no_grad():
+            m.A_log.add_(0.3 * torch.randn(d, n, generator=g, dtype=torch.float64))
+            m.D.add_(torch.randn(d, generator=g, dtype=torch.float64))
+            m.dt_proj.bias.add_(torch.randn(d, generator=g, dtype=torch.float64))
+        b_, c = (torch.randn(batch, L, n, generator=g, dtype=torch.float64) for _ in range(2))
+        return original, m, [(x, 2), (dt, 2), (b_, 1), (c, 1), (z, 2)], [m.A_log, m.D, m.dt_proj.bias]
+    b_, c = (torch.randn(batch, n, L, generator=g, dtype=torch.float64) for _ in range(2))
+    if name.endswith("bare"):  # dt as given, so positive
+        a = -torch.rand(d, n, generator=g, dtype=torch.float64) - 0.5
+        return original, None, [(x, 2), (dt.abs(), 2), (b_, 2), (c, 2)], [a.requires_grad_()]
+    weights = [-torch.rand(d, n, generator=g, dtype=torch.float64) - 0.5,  # A, D, delta_bias
+               torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)]
+    return original, None, [(x, 2), (dt, 2), (b_, 2), (c, 2), (z, 2)], [w.requires_grad_() for w in weights]
+
+
+def _scan_call(name, fn, module, xs, weights):
+    if name == "mamba_scan_forward":
+        return fn(module, *xs, None)
+    if name.endswith("bare"):
+        return fn(*xs[:2], weights[0], *xs[2:])
+    x, dt, b_, c, z = xs
+    a, d, bias = weights
+    return fn(x, dt, a, b_, c, D=d, z=z, delta_bias=bias, delta_softplus=True)
+
+
+def scan_direct(name: str, layouts: tuple[str, ...], batch: int) -> float:
+    """The handler on this rank's tokens against the original over the whole sequence: the output and the
+    gradients of every input and weight (summed over the ranks). Returns the worst relative error."""
+    import functools
+
+    import torch.distributed as dist
+
+    import ringattn
+    from ringattn.hf.mixers import HANDLERS
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    from .reference import rel_err
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    worst = 0.0
+    for layout in layouts:
+        original, module, inputs, weights = _scan_case(name, batch)
+        full = [t.clone().requires_grad_() for t, _ in inputs]
+        ref = _scan_call(name, original, module, full, weights)
+        gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        expect = torch.autograd.grad((ref * gy).sum(), full + weights)
+
+        pos = ringattn.global_positions(layout, rank, world, SCAN_LEN // world)
+        local = [t.index_select(dim, pos).requires_grad_() for t, dim in inputs]
+        call = MixerCall(module or torch.nn.Module(), Batch(RingSettings(layout=layout), None, None))
+        y = _scan_call(name, functools.partial(HANDLERS[name.split()[0]].run, original, call), module, local, weights)
+        got = torch.autograd.grad((y * gy.index_select(2, pos)).sum(), local + weights)
+        errs = [rel_err(y.detach(), ref.detach().index_select(2, pos))]
+        errs += [rel_err(a, b.index_select(dim, pos)) for a, b, (_, dim) in zip(got, expect, inputs)]
+        for a, b in zip(got[len(local):], expect[len(local):]):
+            if world > 1:  # each rank holds its tokens' part of a weight's gradient
+                dist.all_reduce(a)
+            errs.append(rel_err(a, b))
+        worst = max(worst, *errs)
+    return worst
+
+
+@pytest.mark.parametrize("name", SCANS)
+def test_mamba_scan_handler_one_process(name):
+    assert scan_direct(name, ("contiguous",), batch=2) < SCAN_TOL
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("name", SCANS)
+def test_mamba_scan_handler_ranks(ranks, name, world):
+    layouts = ("contiguous", "zigzag", "striped") if world != 3 else ("contiguous", "striped")
+    assert max(ranks.run(world, scan_direct, name, layouts, 2)) < SCAN_TOL
+
+
+def scans_per_rank(layout: str) -> int:
+    """How many times the handler ran transformers' scan on this rank for one call."""
+    from transformers.models.mamba import modeling_mamba as mm
+
+    original, module, inputs, _ = _scan_case("mamba_scan_forward", 1)
+    counted = [0]
+    scan = mm.mamba_selective_scan
+
+    def counting(*args, **kwargs):
+        counted[0] += 1
+        return scan(*args, **kwargs)
+
+    import ringattn
+    from ringattn.hf.mixers import HANDLERS
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    pos = ringattn.global_positions(layout, rank, world, SCAN_LEN // world)
+    call = MixerCall(module, Batch(RingSettings(layout=layout), None, None))
+    mm.mamba_selective_scan = counting
+    try:
+        HANDLERS["mamba_scan_forward"].run(original, call, module, *[t.index_select(d, pos) for t, d in inputs], None)
+    finally:
+        mm.mamba_selective_scan = scan
+    return counted[0]
+
+
+def test_mamba1_scan_runs_once_per_piece(ranks):
+    # A piece continuing another reuses its zero-start run (the summary's) and adds the inherited state's part.
+    # Zigzag on 2 ranks: rank 0 holds quarters 0 and 3 (two pieces, one of them first), rank 1 quarters 1 and 2
+    # (one piece, which continues rank 0's and feeds it): rerunning it would make [2, 2].
+    assert ranks.run(2, scans_per_rank, "zigzag") == [2, 1]

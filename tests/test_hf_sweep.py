@@ -113,9 +113,10 @@ SKIP = {
 # The families that must be exact (the rest may be exact or refused, never silently wrong).
 MUST_BE_EXACT = ("llama", "mistral", "qwen2", "qwen2_moe", "phimoe", "gemma2", "gpt_oss", "llama4_text", "phi3",
                  "llama-dynamic-ntk", "mixtral", "qwen3", "gemma", "starcoder2")
-# Hybrids whose scans and short convolutions run context-parallel (ringattn.hf.mixers).
-MUST_BE_EXACT_HYBRIDS = ("mamba2", "lfm2", "granitemoehybrid", "bamba")
-MUST_BE_REFUSED = ("bloom", "mpt", "falcon", "jamba", "mamba", "qwen3_next", "deepseek_v32", "qwen3_5_text")
+# Hybrids whose scans and short convolutions run context-parallel (ringattn.hf.mixers). Jamba: the tiny config's
+# two layers are Mamba layers.
+MUST_BE_EXACT_HYBRIDS = ("mamba2", "lfm2", "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "zamba")
+MUST_BE_REFUSED = ("bloom", "mpt", "falcon", "qwen3_next", "deepseek_v32", "qwen3_5_text")
 
 
 def entries() -> list[tuple[str, str, dict]]:
