@@ -76,6 +76,8 @@ FEATURES = {
 VARIANTS = [
     ("llama-dynamic-ntk", "llama", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
                                         max_position_embeddings=20)),
+    # The tiny Jamba has no attention layer (one every attn_layer_period = 8): one with both kinds.
+    ("jamba-attention", "jamba", dict(attn_layer_period=2, attn_layer_offset=1)),
 ]
 # Families whose tiny config this sweep cannot build; each says why.
 SKIP = {
@@ -115,7 +117,8 @@ MUST_BE_EXACT = ("llama", "mistral", "qwen2", "qwen2_moe", "phimoe", "gemma2", "
                  "llama-dynamic-ntk", "mixtral", "qwen3", "gemma", "starcoder2")
 # Hybrids whose scans and short convolutions run context-parallel (ringattn.hf.mixers). Jamba: the tiny config's
 # two layers are Mamba layers.
-MUST_BE_EXACT_HYBRIDS = ("mamba2", "lfm2", "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "zamba")
+MUST_BE_EXACT_HYBRIDS = ("mamba2", "lfm2", "granitemoehybrid", "bamba", "mamba", "falcon_mamba", "jamba", "zamba",
+                         "falcon_h1", "zamba2", "nemotron_h", "lfm3", "jamba-attention")
 MUST_BE_REFUSED = ("bloom", "mpt", "falcon", "qwen3_next", "deepseek_v32", "qwen3_5_text")
 
 
