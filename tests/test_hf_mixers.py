@@ -237,3 +237,19 @@ def test_rule_float32_inside(ranks, name):
                                                                  for a, b in zip(grads32, grads)])
     assert 1e-9 < floor < 1e-4
     assert max(ranks.run(2, rank_rule, name, exact64, False)) < 10 * floor
+
+
+def test_rule_refuses_a_carried_state():
+    """A state carried in or out (what a cache does) has no place on a rank's pieces: refused, naming it."""
+    import torch
+
+    from ringattn.hf.mixers import HANDLERS
+
+    name = "torch_chunk_gated_delta_rule"
+    q, k, v, g, beta = rule_inputs(name, 8, seed=0)
+    run = functools.partial(HANDLERS[name].run, rule(name), DirectCall("contiguous", False, 8, None))
+    with pytest.raises(hf.UnsupportedModel, match="recurrent state carried into or out of a context-parallel "
+                                                  "Gated DeltaNet delta rule .*pass use_cache=False"):
+        run(q, k, v, g=g, beta=beta, output_final_state=True)
+    with pytest.raises(hf.UnsupportedModel, match="recurrent state carried into"):
+        run(q, k, v, g=g, beta=beta, initial_state=torch.zeros(B, 4, 4, 3, dtype=torch.float64))
