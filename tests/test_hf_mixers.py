@@ -54,7 +54,6 @@ def test_delta_rules_exact_3_ranks(ranks):
     exact(ranks.run(3, run, DELTA_FAMILIES, "zigzag")[0])
 
 
-@pytest.mark.slow
 def test_delta_rules_exact_4_ranks(ranks):
     exact(ranks.run(4, run, ("qwen3_next",), "zigzag")[0])
 
