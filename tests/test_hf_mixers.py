@@ -65,13 +65,17 @@ def run_beside_attention(layout: str) -> dict:
     hf.register(layout=layout)
     warnings.filterwarnings("ignore")
     # transformers leaves _supports_attention_backend unset on these families although their attention layers
-    # call the attention interface, and prepare refuses on the flag; set here for the test only.
-    classes = (transformers.Qwen3NextForCausalLM, transformers.KimiLinearForCausalLM)
+    # call the attention interface, and prepare refuses on the flag; set here for the test only. OLMo-hybrid's
+    # beta reaches 2 (allow_neg_eigval); LaRA-mini's attention layers slide.
+    attention = {"qwen3_next": "full_attention", "kimi_linear": "full_attention", "olmo_hybrid": "full_attention",
+                 "lara_mini": "sliding_attention"}
+    classes = (transformers.Qwen3NextForCausalLM, transformers.KimiLinearForCausalLM,
+               transformers.OlmoHybridForCausalLM, transformers.LaraMiniForCausalLM)
     for cls in classes:
         cls._supports_attention_backend = True
     try:
-        return {f: compare(f, f, dict(FEATURES[f], layer_types=["linear_attention", "full_attention"]), layout)
-                for f in DELTA_FAMILIES}
+        return {f: compare(f, f, dict(FEATURES[f], layer_types=["linear_attention", t]), layout)
+                for f, t in attention.items()}
     finally:
         for cls in classes:
             del cls._supports_attention_backend
