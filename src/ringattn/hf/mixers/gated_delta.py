@@ -49,31 +49,41 @@ def delta_rule(original, call: MixerCall, what: str, *args, **kwargs):
     b, n, heads, vd = v.shape
     kd = k.shape[-1]
     plan = call.plan(n, b)
-    # The transition of the span the latest zero-start pass ran, with that span's inputs (held, so that no other
-    # tensor can take their memory): ``transition`` called on the same span reads it instead of another pass.
-    last: dict = {}
+    # What the zero-start pass of each span found, by the span's inputs (held, so that no other tensor can take
+    # their memory and key): the transition, read by ``transition``, and for a span run again from its true state,
+    # the outputs corrected for that state instead of a second pass.
+    done: dict = {}
 
     def step(q_, k_, v_, g_, beta_, initial_state):
+        key = _key((q_, k_, v_, g_, beta_))
         if initial_state is not None:
-            return original(q_, k_, v_, g=g_, beta=beta_, initial_state=initial_state, output_final_state=True,
-                            **rest)
+            hit = done.pop(key, None)
+            if hit is None:
+                return original(q_, k_, v_, g=g_, beta=beta_, initial_state=initial_state, output_final_state=True,
+                                **rest)
+            _, y0, ym, s, m = hit
+            h0 = initial_state
+            # o_t = q_t^T S_t and S_t = M_{<=t} h0 + S_t(0): the output from h0 is the zero-start output plus the
+            # identity columns' output (q_t^T M_{<=t}) times h0 (for half inputs both come rounded to the input's
+            # dtype, as the rule returns them: the sum is within one unit of the last place of a second pass).
+            y = y0.to(h0.dtype) + torch.einsum("bnhk,bhkv->bnhv", ym.to(h0.dtype), h0)
+            return y.to(y0.dtype), s.to(h0.dtype) + m.to(h0.dtype) @ h0
         # K more value columns, zero, from the identity: the state's columns evolve alone, so these carry the
-        # span's transition out beside its state in the same pass, and the first V columns are the zero-start run.
+        # span's transition out beside its state, and its outputs' part linear in the initial state beside the
+        # zero-start outputs, in the same pass.
         rows, length = v_.shape[:2]
         sdtype = mx.summary_dtype(v_.dtype)
         eye = torch.eye(kd, dtype=sdtype, device=v_.device).expand(rows, heads, kd, kd)
         h0 = torch.cat([eye.new_zeros(rows, heads, kd, vd), eye], -1)
         vv = torch.cat([v_, v_.new_zeros(rows, length, heads, kd)], -1)
         y, h = original(q_, k_, vv, g=g_, beta=beta_, initial_state=h0, output_final_state=True, **rest)
-        last.clear()
-        last.update(inputs=(q_, k_, g_, beta_), key=_key((q_, k_, g_, beta_)), m=h[..., vd:])
+        done[key] = ((q_, k_, v_, g_, beta_), y[..., :vd], y[..., vd:], h[..., :vd], h[..., vd:])
         return y[..., :vd], h[..., :vd]
 
     def transition(q_, k_, v_, g_, beta_):
-        if last and last["key"] == _key((q_, k_, g_, beta_)):
-            m = last["m"]
-            last.clear()
-            return m
+        hit = done.get(_key((q_, k_, v_, g_, beta_)))
+        if hit is not None:
+            return hit[4]
         rows, length = v_.shape[:2]
         sdtype = mx.summary_dtype(v_.dtype)
         eye = torch.eye(kd, dtype=sdtype, device=v_.device).expand(rows, heads, kd, kd)
