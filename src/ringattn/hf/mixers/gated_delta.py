@@ -49,6 +49,9 @@ def delta_rule(original, call: MixerCall, what: str, *args, **kwargs):
     b, n, heads, vd = v.shape
     kd = k.shape[-1]
     plan = call.plan(n, b)
+    if plan.world == 1 and all(len(rp.pieces) == 1 for rp in plan.plans):
+        # One rank, one document a row: nothing to pass, and no summary pass whose extra columns nobody reads.
+        return original(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=False, **rest)
     # What the zero-start pass of each span found, by the span's inputs (held, so that no other tensor can take
     # their memory and key): the transition, read by ``transition``, and for a span run again from its true state,
     # the outputs corrected for that state instead of a second pass.
