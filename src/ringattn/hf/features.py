@@ -214,9 +214,11 @@ def _index(m) -> int | None:
 
 # Hybrids that transformers leaves off _supports_attention_backend (the flag means a vLLM/TGI backend can run
 # them, which would have to manage their mixers' state) whose attention calls the interface all the same, each
-# exact in tests/test_hf_sweep.py. Not inferred from the code: Inkling's attention calls the interface too and is
-# not what the ring computes.
-_HYBRIDS_ON_INTERFACE = frozenset({"falcon_h1", "zamba2", "jamba", "nemotron_h"})
+# exact with attention layers in tests/test_hf_sweep.py or tests/test_hf_mixers.py. Not inferred from the code:
+# Inkling's attention calls the interface too and is not what the ring computes.
+_HYBRIDS_ON_INTERFACE = frozenset({"falcon_h1", "zamba2", "jamba", "nemotron_h", "qwen3_next", "qwen3_5_text",
+                                   "qwen3_5_moe_text", "qwen4_exp_text", "kimi_linear", "bailing_hybrid",
+                                   "olmo_hybrid", "lara_mini"})
 # The attention interface, as a module's forward names it: such a module is softmax attention, whatever its name.
 _ATTENTION_CALLS = frozenset({"eager_attention_forward", "ALL_ATTENTION_FUNCTIONS", "sdpa_attention_forward"})
 
