@@ -1,0 +1,85 @@
+"""``model.generate()`` of hybrid models (Mamba2 scans, short convolutions) with attn_implementation="ring": the
+prompt prefilled context-parallel, the conv and recurrent states after it kept on every rank, each decode step the
+module's own single-token path. Tokens equal to one process, every step's float64 logits to rounding, on 2 ranks
+in the contiguous and zigzag layouts, with left and right padding, seeded sampling and beam search."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ringattn import hf  # noqa: E402
+from ringattn.hf.audit import Float32Seen  # noqa: E402
+
+from . import test_hf_sweep as sw  # noqa: E402
+from .reference import rel_err  # noqa: E402
+from .test_hf_generate import generate  # noqa: E402
+
+# A family whose mixer ringattn runs context-parallel joins by one entry here.
+FAMILIES = ("mamba2", "lfm2", "granitemoehybrid")
+TOL = 1e-9
+
+CASES = [  # (prompt length, batch, padding, generate kwargs)
+    (13, 1, None, {"do_sample": False}),
+    (16, 2, "left", {"do_sample": False}),
+    (11, 2, "right", {"do_sample": False}),
+    (3, 1, None, {"do_sample": False}),  # shorter than the convolution: its state starts with zeros
+    (14, 1, None, {"do_sample": True, "top_k": 20}),
+    (12, 2, None, {"do_sample": False, "num_beams": 2}),
+    (10, 1, None, {"do_sample": False, "use_cache": False}),
+]
+
+
+def prompts(batch: int, n: int, pad: str | None):
+    ids = torch.randint(3, sw.VOCAB, (batch, n), generator=torch.Generator().manual_seed(n))
+    mask = torch.ones(batch, n, dtype=torch.long)
+    if pad == "right":
+        mask[1, n - 3:] = 0
+    elif pad == "left":
+        mask[1, :4] = 0
+    return ids, (None if pad is None else mask)
+
+
+def build(family: str, ring: bool):
+    model, _ = sw.build(family, sw.FEATURES.get(family, {}), seed=0)
+    if ring:
+        hf.prepare(model)
+        model.set_attn_implementation("ring")
+    return model
+
+
+def case(layout: str, families: tuple[str, ...]) -> dict:
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    hf.register(layout=layout)
+    out = {}
+    for family in families:
+        for i, (n, batch, pad, kw) in enumerate(CASES):
+            ids, mask = prompts(batch, n, pad)
+            results = []
+            for ring in (False, True):
+                torch.manual_seed(7)  # the same draws for sampling in the reference and on every rank
+                with sw.float64_softmax(), Float32Seen() as f32:
+                    results.append(generate(build(family, ring), ids, mask, max_new_tokens=5, **kw))
+            (want, want_logits, _), (got, logits, cache) = results
+            out[f"{family} {i}"] = {
+                "same_tokens": torch.equal(got, want), "logits_err": rel_err(logits, want_logits),
+                # the model's own noise floor where it computes parts in float32 (Mamba2's scan keeps its state so)
+                "tol": sw.TOL_FLOAT32_INSIDE if f32.seen else TOL,
+                "ring_cache": kw.get("use_cache", True) is False or isinstance(cache, hf.RingCache)}
+    return out
+
+
+def check(results: list[dict]) -> None:
+    for r in results:
+        bad = {k: v for k, v in r.items() if not (v["same_tokens"] and v["logits_err"] <= v["tol"] and v["ring_cache"])}
+        assert not bad, bad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_hybrid_generate_equals_one_process(ranks, layout):
+    check(ranks.run(2, case, layout, FAMILIES, timeout=600))
