@@ -83,3 +83,24 @@ def check(results: list[dict]) -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_hybrid_generate_equals_one_process(ranks, layout):
     check(ranks.run(2, case, layout, FAMILIES, timeout=600))
+
+
+def plain_forward_case(use_cache) -> str:
+    warnings.filterwarnings("ignore")
+    hf.register(layout="zigzag")
+    model = build("mamba2", True)
+    sb = hf.shard_batch(torch.randint(3, sw.VOCAB, (1, 12)), layout="zigzag")
+    kw = {} if use_cache is None else {"use_cache": use_cache}
+    try:
+        model(input_ids=sb["input_ids"], **kw)
+    except hf.UnsupportedModel as e:
+        return str(e)
+    return "ran"
+
+
+def test_plain_forward_with_a_cache_says_what_to_do(ranks):
+    # Mamba2's config defaults to use_cache=True: a plain forward makes a cache no rank could fill alone.
+    for use_cache in (None, True):
+        for msg in ranks.run(2, plain_forward_case, use_cache):
+            assert all(w in msg for w in ("outside model.generate()", "use_cache=False", "call model.generate()")), msg
+    assert ranks.run(2, plain_forward_case, False) == ["ran", "ran"]
