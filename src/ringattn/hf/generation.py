@@ -14,6 +14,11 @@ change what one forward sees, never what generate does:
   merged by logsumexp (``ringattn.decode``): every rank ends with the same logits, so greedy search and
   sampling with one seed pick the same token everywhere.
 
+Hybrid models (``ringattn.hf.mixers``): the prefill's mixers run context-parallel and leave in the cache, on
+every rank, the conv inputs of the prompt's last ``k`` positions and the recurrent state after its last position
+(``RingCache``'s linear-attention layers); each decode step runs the module's own single-token path on them, alike
+on every rank. A padded prompt gives each mixer this rank's shard of the padding mask.
+
 Padding (batch > 1): a row's ``attention_mask`` may be ones then zeros (right padding) or zeros then ones
 (left padding); its padded keys are never seen, as transformers' mask has it for sdpa. The mask is
 checked, not assumed: other shapes are refused. Memory per rank: the cache holds about ``S / W + new / W``
