@@ -110,3 +110,49 @@ def test_plain_forward_with_a_cache_says_what_to_do(ranks):
         for msg in ranks.run(2, plain_forward_case, use_cache):
             assert all(w in msg for w in ("outside model.generate()", "use_cache=False", "call model.generate()")), msg
     assert ranks.run(2, plain_forward_case, False) == ["ran", "ran"]
+
+
+def forgetful_case() -> str:
+    # A handler that runs context-parallel but keeps no state for decoding (as a new mixer's might): refused.
+    from ringattn.hf.mixers import HANDLERS, Handler
+
+    saved = HANDLERS["mamba2_scan_forward"]
+
+    def forgetful(original, call, *args, **kwargs):
+        args = list(args)
+        args[5] = None  # the cache
+        return saved.run(original, call, *args, **kwargs)
+
+    HANDLERS["mamba2_scan_forward"] = Handler(saved.name, saved.what, forgetful)
+    warnings.filterwarnings("ignore")
+    hf.register(layout="zigzag")
+    try:
+        generate(build("mamba2", True), *prompts(1, 9, None), max_new_tokens=2)
+    except hf.UnsupportedModel as e:
+        return str(e)
+    finally:
+        HANDLERS["mamba2_scan_forward"] = saved
+    return "ran"
+
+
+def test_a_handler_that_keeps_no_state_is_refused(ranks):
+    for msg in ranks.run(2, forgetful_case):
+        assert "needs the state its Mamba2 selective scan (SSD) leaves after the prompt" in msg, msg
+        assert "mamba2_scan_forward does not keep yet" in msg, msg
+
+
+def test_a_padded_prompt_needs_the_mixers_mask_keyword():
+    from ringattn.hf.generation import _Step
+    from ringattn.hf.mixers import base
+
+    class Mixer(torch.nn.Module):
+        def forward(self, hidden_states, cache=None):
+            return hidden_states
+
+    hf.register(layout="zigzag")
+    step = _Step(hf.registry.settings("ring"), None, True, [(0, 6), (2, 6)], 6)
+    with pytest.raises(hf.UnsupportedModel, match="padded batch needs the mixer's attention_mask as a keyword"):
+        base._prefill_mask(Mixer(), (torch.zeros(2, 6, 4),), {}, step)
+    kwargs = {}
+    base._prefill_mask(Mixer(), (), kwargs, _Step(step.settings, None, True, [(0, 6), (0, 6)], 6))
+    assert kwargs == {}  # unpadded: the mixer's call unchanged

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from transformers.cache_utils import Cache
 
 from ... import comm
 from ... import mixers as mx
@@ -115,6 +116,7 @@ class MixerCall:
     module: torch.nn.Module
     batch: Batch | None
     seq_len: int = 0
+    kept: int = 0  # states this forward's handlers left in a generation cache
 
     @property
     def where(self) -> str:
@@ -179,6 +181,7 @@ class MixerCall:
             out = out + final.detach().reshape(b, *shape).to(out.dtype)
         if world > 1:
             dist.all_reduce(out, group=s.group)
+        self.kept += 1
         return y, out
 
     def save_conv_state(self, cache, x: torch.Tensor, layer_idx: int, state_idx: int, k: int) -> None:
@@ -197,6 +200,7 @@ class MixerCall:
         if world > 1:
             dist.all_reduce(tail, group=s.group)
         cache.update_conv_state(tail, layer_idx, state_idx=state_idx, conv_kernel_size=k)
+        self.kept += 1
 
     def _need_prompt(self, what: str) -> None:
         if self.seq_len <= 0 or self.batch is None:
@@ -232,7 +236,17 @@ def _dispatcher(name: str, original: Callable) -> Callable:
         call = _ACTIVE.get()
         if call is None:
             return original(*args, **kwargs)
-        return HANDLERS[name].run(original, call, *args, **kwargs)
+        handler = HANDLERS[name]
+        kept = call.kept
+        out = handler.run(original, call, *args, **kwargs)
+        if call.seq_len and call.kept == kept and any(isinstance(a, Cache) for a in (*args, *kwargs.values())):
+            # Decoding would read a state this prefill never wrote and go on from zero: refused, on every rank alike
+            raise UnsupportedModel(
+                f"{call.where}: model.generate() needs the state its {handler.what} leaves after the prompt, which "
+                f"ringattn's context-parallel {name} does not keep yet; generate with this model without context "
+                "parallelism", layer=getattr(call.module, "layer_idx", None),
+                feature=f"generation through {name} is not supported yet")
+        return out
 
     dispatch._ringattn_original = original
     return dispatch
