@@ -260,7 +260,8 @@ def _patch(cls: type) -> None:
 
 
 def _settings(module) -> RingSettings | None:
-    config = getattr(module, "config", None)
+    # A mixer without a config of its own (Granite-4.0-H's) reads its model's, kept by install.
+    config = getattr(module, "config", None) or module.__dict__.get("_ringattn_config")
     impl = getattr(config, "_attn_implementation", None)
     return SETTINGS.get(impl) if isinstance(impl, str) else None
 
@@ -291,6 +292,14 @@ def _mixer_pre(module, args, kwargs):
         _prefill_mask(module, args, kwargs, gen)
     elif batch is None and _settings(module) is None:
         token = _ACTIVE.set(None)  # not running a ring: the module's own code, unchanged
+    elif batch is None and torch._C._current_graph_task_id() != -1:
+        # Inside backward: activation checkpointing recomputing the layer, after the model's forward is over.
+        raise UnsupportedModel(
+            f"{MixerCall(module, None).where}: activation checkpointing recomputes this layer during backward, "
+            "outside the model's forward that tells its context-parallel mixer where each rank's tokens sit; not "
+            "supported yet for layers with such mixers: train without activation (gradient) checkpointing",
+            layer=getattr(module, "layer_idx", None),
+            feature="activation checkpointing of layers with recurrent or convolution mixers")
     else:
         if cache is not None:
             where = MixerCall(module, batch).where
@@ -365,6 +374,7 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
             model.register_forward_hook(_model_post, with_kwargs=True, always_call=True))
     for _, m in found:
         _patch(type(m))
+        m.__dict__["_ringattn_config"] = getattr(model, "config", None)
         if "_ringattn_mixer_hooks" not in m.__dict__:
             m.__dict__["_ringattn_mixer_hooks"] = (
                 m.register_forward_pre_hook(_mixer_pre, with_kwargs=True),
