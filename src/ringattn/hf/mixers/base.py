@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -120,7 +121,7 @@ class MixerCall:
 
     @property
     def where(self) -> str:
-        config = getattr(self.module, "config", None)
+        config = getattr(self.module, "config", None) or self.module.__dict__.get("_ringattn_config")
         idx = getattr(self.module, "layer_idx", None)
         name = model_name(config) if config is not None else "model"
         return f"{name}: layer {idx} ({type(self.module).__name__})" if idx is not None else \
@@ -294,12 +295,7 @@ def _mixer_pre(module, args, kwargs):
         token = _ACTIVE.set(None)  # not running a ring: the module's own code, unchanged
     elif batch is None and torch._C._current_graph_task_id() != -1:
         # Inside backward: activation checkpointing recomputing the layer, after the model's forward is over.
-        raise UnsupportedModel(
-            f"{MixerCall(module, None).where}: activation checkpointing recomputes this layer during backward, "
-            "outside the model's forward that tells its context-parallel mixer where each rank's tokens sit; not "
-            "supported yet for layers with such mixers: train without activation (gradient) checkpointing",
-            layer=getattr(module, "layer_idx", None),
-            feature="activation checkpointing of layers with recurrent or convolution mixers")
+        token = _ACTIVE.set(MixerCall(module, _recomputed_batch(module)))
     else:
         if cache is not None:
             where = MixerCall(module, batch).where
@@ -314,6 +310,34 @@ def _mixer_pre(module, args, kwargs):
         token = _ACTIVE.set(MixerCall(module, batch))
     module.__dict__.setdefault("_ringattn_call_tokens", []).append(token)
     return args, kwargs
+
+
+def _layer_pre(layer, args, kwargs):
+    """A checkpointed layer's forward: what its input is, with the batch it belongs to, for the recompute."""
+    batch = _BATCH.get()
+    x = args[0] if args else kwargs.get("hidden_states")
+    if batch is None or not isinstance(x, torch.Tensor) or not torch.is_grad_enabled():
+        return
+    seen = [(r, b) for r, b in layer.__dict__.get("_ringattn_inputs", []) if r() is not None and r() is not x]
+    layer.__dict__["_ringattn_inputs"] = [*seen, (weakref.ref(x), batch)]
+
+
+def _recomputed_batch(module) -> Batch:
+    """The batch of the forward that activation checkpointing replays: the checkpoint keeps the layer's input
+    alive until the replay, so the one forward whose input is still alive is the one. Several (forwards whose
+    backward has not run yet): refused, since which one this replay belongs to is not known."""
+    layer = module.__dict__.get("_ringattn_layer")
+    live = [b for r, b in (layer.__dict__.get("_ringattn_inputs", []) if layer is not None else []) if r() is not None]
+    if len(live) == 1:
+        return live[0]
+    why = ("its layer is not transformers' GradientCheckpointingLayer" if layer is None else
+           f"{len(live)} forwards of its layer are awaiting backward" if live else "its layer's input is gone")
+    raise UnsupportedModel(
+        f"{MixerCall(module, None).where}: activation checkpointing recomputes this layer during backward, outside "
+        "the model's forward that tells its context-parallel mixer where each rank's tokens sit, and ringattn "
+        f"cannot tell which forward it replays ({why}); run backward after each forward, or train without "
+        "activation (gradient) checkpointing", layer=getattr(module, "layer_idx", None),
+        feature="activation checkpointing of layers with recurrent or convolution mixers")
 
 
 def _prefill_batch(gen) -> Batch:
@@ -372,14 +396,29 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         model.__dict__["_ringattn_mixer_hooks"] = (
             model.register_forward_pre_hook(_model_pre, with_kwargs=True),
             model.register_forward_hook(_model_post, with_kwargs=True, always_call=True))
-    for _, m in found:
+    layers = _checkpointed_layers(model)
+    for path, m in found:
         _patch(type(m))
         m.__dict__["_ringattn_config"] = getattr(model, "config", None)
+        layer = next((lay for p, lay in layers if path.startswith(p + ".")), None)
+        if layer is not None:
+            m.__dict__["_ringattn_layer"] = layer
+            if "_ringattn_layer_hook" not in layer.__dict__:
+                layer.__dict__["_ringattn_layer_hook"] = layer.register_forward_pre_hook(_layer_pre, with_kwargs=True)
         if "_ringattn_mixer_hooks" not in m.__dict__:
             m.__dict__["_ringattn_mixer_hooks"] = (
                 m.register_forward_pre_hook(_mixer_pre, with_kwargs=True),
                 m.register_forward_hook(_mixer_post, with_kwargs=True, always_call=True))
     return found
+
+
+def _checkpointed_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The modules activation checkpointing replays whole (transformers' GradientCheckpointingLayer)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - other transformers versions
+        return []
+    return [(p, m) for p, m in model.named_modules() if p and isinstance(m, GradientCheckpointingLayer)]
 
 
 class StateCache:
