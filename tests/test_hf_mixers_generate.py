@@ -156,3 +156,21 @@ def test_a_padded_prompt_needs_the_mixers_mask_keyword():
     kwargs = {}
     base._prefill_mask(Mixer(), (), kwargs, _Step(step.settings, None, True, [(0, 6), (0, 6)], 6))
     assert kwargs == {}  # unpadded: the mixer's call unchanged
+
+
+def test_a_scan_asked_for_its_final_state_in_a_prefill_must_keep_it():
+    # Gated DeltaNet's scans return their final state for the module to store (output_final_state=True): a handler
+    # that returns the local shard's instead is refused, as one given the cache that writes none.
+    from ringattn.hf.mixers import base
+
+    base.HANDLERS["fake_rule"] = base.Handler("fake_rule", "fake rule",
+                                              lambda original, call, *a, **k: original(*a, **k))
+    dispatch = base._dispatcher("fake_rule", lambda x, output_final_state=False: (x, x if output_final_state else None))
+    token = base._ACTIVE.set(base.MixerCall(torch.nn.Linear(1, 1), None, seq_len=4))
+    try:
+        with pytest.raises(hf.UnsupportedModel, match="ringattn's context-parallel fake_rule does not keep yet"):
+            dispatch(torch.zeros(1), output_final_state=True)
+        assert dispatch(torch.zeros(1))[1] is None  # not asked for it: the handler's answer as it is
+    finally:
+        base._ACTIVE.reset(token)
+        del base.HANDLERS["fake_rule"]

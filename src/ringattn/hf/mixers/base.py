@@ -15,8 +15,11 @@ A handler is one function in one file of this package (``conv.py``, ``mamba2.py`
 ``model.generate()``: the prompt's forward (prefill) runs the mixers context-parallel as any forward, and each
 handler given the generation cache also leaves in it what the module's own single-token path reads next, on
 every rank: a convolution the conv inputs of the prompt's last ``k`` positions (``MixerCall.save_conv_state``),
-a scan its state after the prompt's last position (``MixerCall.run_fragments``). Every decode step then runs
-the module's own code, unchanged and alike on every rank, on those states.
+a scan its state after the prompt's last position (``MixerCall.run_fragments(..., keep_final=True)``, written to
+the cache, or returned where the function returns its final state for the module to store, as
+``output_final_state=True`` asks). Every decode step then runs the module's own code, unchanged and alike on every
+rank, on those states. A handler that is given a cache (or asked for the final state) in a prefill and keeps none
+is refused, naming its function.
 """
 
 from __future__ import annotations
@@ -240,8 +243,11 @@ def _dispatcher(name: str, original: Callable) -> Callable:
         handler = HANDLERS[name]
         kept = call.kept
         out = handler.run(original, call, *args, **kwargs)
-        if call.seq_len and call.kept == kept and any(isinstance(a, Cache) for a in (*args, *kwargs.values())):
-            # Decoding would read a state this prefill never wrote and go on from zero: refused, on every rank alike
+        wants_state = kwargs.get("output_final_state") is True or \
+            any(isinstance(a, Cache) for a in (*args, *kwargs.values()))
+        if call.seq_len and call.kept == kept and wants_state:
+            # The module's decode steps would read a state this prefill never wrote (or the local shard's, returned
+            # to the module to store): refused, on every rank alike
             raise UnsupportedModel(
                 f"{call.where}: model.generate() needs the state its {handler.what} leaves after the prompt, which "
                 f"ringattn's context-parallel {name} does not keep yet; generate with this model without context "
