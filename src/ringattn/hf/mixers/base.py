@@ -142,7 +142,6 @@ class MixerCall:
                                         cu_seqlens=_documents(b, local_len, batch), batch=batch)
         return b.plans[key]
 
-
     def run_fragments(self, step: Callable, transition: Callable, inputs: list[torch.Tensor], *, keep_final: bool,
                       **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ringattn.mixers.run_fragments`` over this forward's plan: ``(outputs, final)``. With ``keep_final``
@@ -324,8 +323,10 @@ def _layer_pre(layer, args, kwargs):
     x = args[0] if args else kwargs.get("hidden_states")
     if batch is None or not isinstance(x, torch.Tensor) or not torch.is_grad_enabled():
         return
-    seen = [(r, b) for r, b in layer.__dict__.get("_ringattn_inputs", []) if r() is not None and r() is not x]
-    layer.__dict__["_ringattn_inputs"] = [*seen, (weakref.ref(x), batch)]
+    # Forwards whose input is gone were replayed (or never will be); one fed the same tensor again stays, so that
+    # its replay is refused rather than guessed.
+    alive = [(r, b) for r, b in layer.__dict__.get("_ringattn_inputs", []) if r() is not None]
+    layer.__dict__["_ringattn_inputs"] = [*alive, (weakref.ref(x), batch)]
 
 
 def _recomputed_batch(module) -> Batch:
