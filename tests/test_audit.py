@@ -142,6 +142,52 @@ def test_disagreeing_models_are_named(ranks):
     assert "culprit: layer 0 (LlamaAttention)" in off.table()
 
 
+def hybrid_case() -> dict:
+    """Every rank: the CLI on a model type (Mamba2: its mixers alone), the function on configs whose layers
+    alternate a mixer and attention (Granite-4.0-H's Mamba2 layer, LFM2's short convolution)."""
+    code, out, _ = cli_main(["audit", "--model", "mamba2", "--seq-len", str(SEQ), "--json"])
+    configs = {"granitemoehybrid": dict(layer_types=["mamba", "attention"]),
+               "lfm2": dict(layer_types=["conv", "full_attention"])}
+    reports = {k: hf.audit(auditing.tiny_config(k, **kw), seq_len=SEQ, layout="contiguous")
+               for k, kw in configs.items()}
+    return {"code": code, "out": out, **reports}
+
+
+def test_hybrids_compare_mixer_layers_like_attention_layers(ranks):
+    r = ranks.run(2, hybrid_case)[0]
+    d = json.loads(r["out"])
+    assert r["code"] == 0 and d["ok"] and d["tol"] == 1e-9 and not d["float32_inside"], d
+    assert [row["name"] for row in d["rows"]] == ["layer 0", "layer 1", "logits", "loss", "other parameters"]
+    for row in d["rows"][:2]:
+        assert row["cls"] == "Mamba2Block" and "Mamba2 selective scan (SSD)" in row["mixes"], row
+        assert "causal short convolution" in row["mixes"] and row["output_err"] <= 1e-9 and row["grad_err"] <= 1e-9
+    granite, lfm2 = r["granitemoehybrid"], r["lfm2"]
+    assert granite.ok and lfm2.ok and granite.tol == lfm2.tol == 1e-9, (granite.table(), lfm2.table())
+    assert granite.rows[0].mixes.startswith("mamba: ") and granite.rows[1].mixes is None, granite.table()
+    assert lfm2.rows[0].mixes == "conv: causal short convolution" and lfm2.rows[1].mixes is None, lfm2.table()
+    assert all(row.output_err <= 1e-9 and row.grad_err <= 1e-9 for rep in (granite, lfm2) for row in rep.rows[:2])
+    assert "[conv: causal short convolution]" in lfm2.table()
+
+
+def broken_mixer_case() -> hf.AuditReport:
+    # A stand-in for a bug in a mixer ringattn runs: the scan over the local shard alone, from a zero state.
+    from ringattn.hf.mixers import HANDLERS, Handler
+
+    saved = HANDLERS["mamba2_scan_forward"]
+    HANDLERS["mamba2_scan_forward"] = Handler(saved.name, saved.what, lambda original, call, *a, **k: original(*a, **k))
+    try:
+        return hf.audit("mamba2", seq_len=SEQ)
+    finally:
+        HANDLERS["mamba2_scan_forward"] = saved
+
+
+def test_a_wrong_mixer_is_named(ranks):
+    r = ranks.run(2, broken_mixer_case)[0]
+    assert not r.ok and r.refused is None and r.rows[0].part == "mixer (Mamba2Mixer)", r.table()
+    assert r.culprit.startswith("layer 0 (Mamba2Mixer): mixer output differs"), r.culprit
+    assert "ringattn runs its token mixing context-parallel (" in r.culprit and "ringattn bug" in r.culprit
+
+
 def test_refused_hybrids_name_the_layer(tmp_path):
     # Refusals come from the structure alone (meta device): no rank is started, so this runs in the test process.
     path = tmp_path / "minimax.json"

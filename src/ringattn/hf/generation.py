@@ -14,6 +14,11 @@ change what one forward sees, never what generate does:
   merged by logsumexp (``ringattn.decode``): every rank ends with the same logits, so greedy search and
   sampling with one seed pick the same token everywhere.
 
+Hybrid models (``ringattn.hf.mixers``): the prefill's mixers run context-parallel and leave in the cache, on
+every rank, the conv inputs of the prompt's last ``k`` positions and the recurrent state after its last position
+(``RingCache``'s linear-attention layers); each decode step runs the module's own single-token path on them, alike
+on every rank. A padded prompt gives each mixer this rank's shard of the padding mask.
+
 Padding (batch > 1): a row's ``attention_mask`` may be ones then zeros (right padding) or zeros then ones
 (left padding); its padded keys are never seen, as transformers' mask has it for sdpa. The mask is
 checked, not assumed: other shapes are refused. Memory per rank: the cache holds about ``S / W + new / W``
@@ -40,7 +45,13 @@ from ..validate import agree
 from .registry import SETTINGS, RingSettings
 
 try:
-    from transformers.cache_utils import Cache, DynamicLayer
+    from transformers.cache_utils import (
+        DYNAMIC_LAYER_TYPE_MAPPING,
+        Cache,
+        DynamicLayer,
+        LinearAttentionCacheLayerMixin,
+        get_layer_types_and_kwargs,
+    )
 except ImportError:  # pragma: no cover - ringattn.hf needs transformers
     raise ImportError("ringattn.hf needs transformers: pip install 'ringattn[hf]'") from None
 
@@ -53,10 +64,18 @@ class RingCache(Cache):
     ``positions`` are the global positions of this rank's slots and ``valid`` ``(batch, slots)`` which of
     them each row may see (padding is not); ``length`` is the whole sequence's length, what generate reads
     as the cache's length. Made by the generation hooks at prefill; not meant to be filled by hand.
+
+    Given the model's ``config``, the layers of hybrid models' recurrent or convolution mixers are transformers'
+    own linear-attention cache layers, holding the same states on every rank (those after the whole prompt, then
+    after each decoded token).
     """
 
-    def __init__(self, group=None, layout: str = "contiguous") -> None:
-        super().__init__(layer_class_to_replicate=DynamicLayer)
+    def __init__(self, group=None, layout: str = "contiguous", config=None) -> None:
+        layers = _layers(config)
+        if layers is None:
+            super().__init__(layer_class_to_replicate=DynamicLayer)
+        else:
+            super().__init__(layers=layers)
         self.group, self.layout = group, layout
         self.rank, self.world = comm.group_rank_world(group)
         self.length = 0
@@ -87,7 +106,9 @@ class RingCache(Cache):
     def reorder_cache(self, beam_idx: torch.Tensor) -> None:
         """Beam search: rows follow their beams (every rank gets the same ``beam_idx``: the logits agree)."""
         for layer in self.layers:
-            if layer.is_initialized:
+            if isinstance(layer, LinearAttentionCacheLayerMixin):
+                LinearAttentionCacheLayerMixin.reorder_cache(layer, beam_idx)
+            if getattr(layer, "is_initialized", False):
                 layer.keys = layer.keys.index_select(0, beam_idx.to(layer.keys.device))
                 layer.values = layer.values.index_select(0, beam_idx.to(layer.values.device))
         if self.valid is not None:
@@ -96,6 +117,29 @@ class RingCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("ringattn's RingCache does not support assisted or speculative decoding yet")
+
+
+def _layers(config) -> list | None:
+    """One cache layer per decoder layer where some hold a recurrent or convolution state (None: none does).
+    Attention layers keep every key of this rank (the ring applies windows and chunks itself)."""
+    if config is None:
+        return None
+    try:
+        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    classes = [DYNAMIC_LAYER_TYPE_MAPPING.get(t) for t in types]
+    if not any(isinstance(c, type) and issubclass(c, LinearAttentionCacheLayerMixin) for c in classes):
+        return None
+    out = []
+    for c, kw in zip(classes, kwargs):
+        if isinstance(c, type) and issubclass(c, LinearAttentionCacheLayerMixin):
+            if issubclass(c, DynamicLayer) and c is not DYNAMIC_LAYER_TYPE_MAPPING["hybrid"]:
+                c = DYNAMIC_LAYER_TYPE_MAPPING["hybrid"]  # a sliding hybrid layer: the ring keeps every key
+            out.append(c(number_of_states=kw.get("number_of_states", 1)))
+        else:
+            out.append(DynamicLayer())
+    return out
 
 
 class _Step:
@@ -173,8 +217,7 @@ def _before(decoder, args, kwargs):
     if s is None:
         return None
     if args:
-        raise ValueError("ringattn's generation hooks need the decoder called with keyword arguments, as "
-                         "transformers' causal LMs do")
+        args, kwargs = _as_keywords(decoder, args, kwargs)
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     x = ids if ids is not None else embeds
     device = x.device
@@ -191,6 +234,17 @@ def _before(decoder, args, kwargs):
         step = _before_prefill(decoder, kwargs, cache, b, n, error, s, device)
     _ACTIVE[id(decoder)] = step
     return args, kwargs
+
+
+def _as_keywords(decoder, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The decoder's positional arguments (Mamba2's causal LM passes ``input_ids`` so) by their names."""
+    params = [p for p in inspect.signature(decoder.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(params) or any(p.name in kwargs for p in params[:len(args)]) or \
+            any(p.kind is p.POSITIONAL_ONLY for p in params[:len(args)]):
+        raise ValueError("ringattn's generation hooks need the decoder's arguments by name, as transformers' causal "
+                         f"LMs pass them; {type(decoder).__name__} got {len(args)} positional")
+    return (), {**kwargs, **{p.name: a for p, a in zip(params, args)}}
 
 
 def _cache_key(decoder) -> str:
@@ -236,7 +290,7 @@ def _before_prefill(decoder, kwargs, cache, b, n, error, s, device) -> _Step:
     use_cache = kwargs.get("use_cache", True) is not False
     ring = None
     if use_cache:
-        ring = cache if isinstance(cache, RingCache) else RingCache(s.group, s.layout)
+        ring = cache if isinstance(cache, RingCache) else RingCache(s.group, s.layout, getattr(decoder, "config", None))
         lo = torch.tensor([r[0] for r in ranges], device=device)[:, None]
         hi = torch.tensor([r[1] for r in ranges], device=device)[:, None]
         ring.positions, ring.valid, ring.keep_new = pos, (pos[None] >= lo) & (pos[None] < hi), True

@@ -212,7 +212,7 @@ def _layer_row(i: int, path: str, layer, errs: _CallErrors, gerrs: dict, tol: fl
     mine = {n: e for n, e in gerrs.items() if n.startswith(path + ".")}
     worst = max(mine, key=lambda n: _nan_big(mine[n])) if mine else None
     row = Row(f"layer {i}", path, type(layer).__name__, max(out_errs, key=_nan_big) if out_errs else None,
-              mine[worst] if worst else None, worst)
+              mine[worst] if worst else None, worst, mixes=mixes(layer))
     row.ok = all(_nan_big(e) <= tol for e in (row.output_err, row.grad_err) if e is not None)
     if _nan_big(row.output_err or 0.0) <= tol:
         return row, False
@@ -222,6 +222,20 @@ def _layer_row(i: int, path: str, layer, errs: _CallErrors, gerrs: dict, tol: fl
         return row, False
     row.part = _part(path, layer, keys, errs.order, errs.err, tol)
     return row, True
+
+
+def mixes(layer: torch.nn.Module) -> str | None:
+    """What the layer's token mixers outside attention compute, as ringattn runs them context-parallel (None: none):
+    ``"mamba: causal short convolution, Mamba2 selective scan (SSD)"``. Found by what each module's forward calls
+    (``ringattn.hf.mixers``), as ``prepare`` finds them."""
+    from ..mixers import HANDLERS, mixer_functions
+
+    found = []
+    for name, m in layer.named_modules():
+        names = mixer_functions(m)
+        if names:
+            found.append(f"{name or type(m).__name__}: " + ", ".join(dict.fromkeys(HANDLERS[n].what for n in names)))
+    return "; ".join(found) or None
 
 
 def _model_rows(layers, gerrs: dict, logits_err, loss_err, tol: float) -> list[Row]:
@@ -286,6 +300,11 @@ def _culprit_forward(row: Row, layers, tol) -> str:
     cls = cls.rstrip(")")
     layer = dict(layers)[row.module]
     child = layer.get_submodule(name)
+    known = mixes(child)
+    if known:
+        return (f"{row.name} ({cls}): {name} output differs ({err}) with its input equal, though ringattn runs its "
+                f"token mixing context-parallel ({known.partition(': ')[2]}): the context-parallel mixer computes "
+                "something else (a ringattn bug: please report it with this audit)")
     if _is_attention(child):
         return (f"{row.name} ({cls}): attention output differs from the single-process reference ({err}) with "
                 f"its input equal: the ring call computes something else (a mask feature it does not see, or a "

@@ -32,6 +32,8 @@ class Row:
     worst_param: str | None = None   # the parameter with that gradient error
     ok: bool = True
     part: str | None = None          # where in the layer it first differs, e.g. "self_attn (LlamaAttention)"
+    mixes: str | None = None         # its token mixing outside attention that ringattn runs context-parallel, e.g.
+    #                                  "mamba: causal short convolution, Mamba2 selective scan (SSD)"
 
 
 @dataclass
@@ -70,7 +72,9 @@ class AuditReport:
             lines.append(f"{'':16}  {'class':{w}}  {'output err':>10}  {'grad err':>10}  status")
             for r in self.rows:
                 status = "ok" if r.ok else "DIFFERS" + (f" in {r.part}" if r.part else "")
-                lines.append(f"{r.name:16}  {r.cls:{w}}  {fmt(r.output_err):>10}  {fmt(r.grad_err):>10}  {status}")
+                mixes = f"  [{r.mixes}]" if r.mixes else ""
+                lines.append(f"{r.name:16}  {r.cls:{w}}  {fmt(r.output_err):>10}  {fmt(r.grad_err):>10}  {status}"
+                             f"{mixes}")
         if self.ok:
             worst = max((e for r in self.rows for e in (r.output_err, r.grad_err) if e is not None), default=0.0)
             lines.append(f"exact: every layer output, the logits, the loss and every parameter gradient match "

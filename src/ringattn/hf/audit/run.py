@@ -23,6 +23,7 @@ from ..features import MIXER_NAMES, UnsupportedModel, check_model
 from ..interface import register
 from ..loss import causal_lm_loss as lm_loss
 from ..loss import sync_gradients
+from ..mixers import unknown_functions
 from ..prepared import prepare
 from .compare import Float64Throughout, Recorder, compare, decoder_layers, gather
 from .report import AuditReport, first_line
@@ -129,8 +130,9 @@ def _refused(report: AuditReport, e: BaseException, source: Source | None = None
     path, idx = getattr(e, "module", None), getattr(e, "layer", None)
     if path is not None and any(p.startswith(path + ".") for p, _ in layers):
         # The refused module holds the layers (MambaModel is named like its mixers): name the first layer's part.
+        # The token mixer ringattn refused: by what its forward calls where it calls modeling functions, else by name.
         inner = [f"{p}.{q}".rstrip(".") for p, layer in layers for q, m in layer.named_modules()
-                 if MIXER_NAMES.search(type(m).__name__)]
+                 if unknown_functions(m) or MIXER_NAMES.search(type(m).__name__)]
         path = inner[0] if inner else path
     if idx is None:
         idx = _layer_of(path, layers)

@@ -140,8 +140,9 @@ def resolve(model: str | os.PathLike | Any, *, trust_remote_code: bool = False) 
                      "qwen2)")
 
 
-def tiny_config(model_type: str):
-    """A tiny random config of ``model_type`` (2 layers, hidden size 32, vocabulary 61)."""
+def tiny_config(model_type: str, **overrides):
+    """A tiny random config of ``model_type`` (2 layers, hidden size 32, vocabulary 61); ``overrides`` set last
+    (e.g. ``layer_types=["conv", "full_attention"]``)."""
     from transformers import AutoConfig
 
     base = AutoConfig.for_model(model_type)
@@ -152,6 +153,10 @@ def tiny_config(model_type: str):
         kw["sliding_window"] = 5  # below any audited length, so the window is exercised
     if getattr(base, "attention_chunk_size", None) is not None:
         kw["attention_chunk_size"] = 8
+    if all(hasattr(base, k) for k in ("num_heads", "head_dim", "expand", "n_groups", "state_size", "chunk_size")):
+        # Mamba2's geometry: heads x head_dim = expand x hidden; chunks shorter than the audited length
+        kw.update(num_heads=base.expand * kw.get("hidden_size", base.hidden_size) // kw.get("head_dim", base.head_dim),
+                  n_groups=1, state_size=8, chunk_size=8)
     vocab = kw.get("vocab_size")
     for k, v in base.to_dict().items():
         # The family's special tokens past the tiny vocabulary (GPT-2's 50256): transformers warns about each, on
@@ -162,4 +167,4 @@ def tiny_config(model_type: str):
                 kw[k] = None
             elif isinstance(v, list) and any(isinstance(i, int) and i >= vocab for i in v):
                 kw[k] = [i for i in v if not isinstance(i, int) or i < vocab] or None
-    return AutoConfig.for_model(model_type, **kw)
+    return AutoConfig.for_model(model_type, **{**kw, **overrides})

@@ -11,6 +11,15 @@ name, which calls the same original over this rank's pieces with the state or ha
 
 A handler is one function in one file of this package (``conv.py``, ``mamba2.py``, ...), registered with
 ``@handles(name, what)``; adding a family whose mixer calls a new function is one new file.
+
+``model.generate()``: the prompt's forward (prefill) runs the mixers context-parallel as any forward, and each
+handler given the generation cache also leaves in it what the module's own single-token path reads next, on
+every rank: a convolution the conv inputs of the prompt's last ``k`` positions (``MixerCall.save_conv_state``),
+a scan its state after the prompt's last position (``MixerCall.run_fragments(..., keep_final=True)``, written to
+the cache, or returned where the function returns its final state for the module to store, as
+``output_final_state=True`` asks). Every decode step then runs the module's own code, unchanged and alike on every
+rank, on those states. A handler that is given a cache (or asked for the final state) in a prefill and keeps none
+is refused, naming its function.
 """
 
 from __future__ import annotations
@@ -18,17 +27,21 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from transformers.cache_utils import Cache
 
 from ... import comm
 from ... import mixers as mx
-from ...layouts import layout_of
-from .. import forward, positions
+from ...layouts import global_positions, layout_of, padded_len, shard
+from .. import forward, generation, positions
 from ..features import UnsupportedModel, model_name
 from ..forward import Batch
+from ..registry import SETTINGS, RingSettings
 
 
 @dataclass(frozen=True)
@@ -90,14 +103,19 @@ def unknown_functions(module: torch.nn.Module) -> list[str]:
 
 @dataclass
 class MixerCall:
-    """A prepared mixer's forward in progress: what its handlers need."""
+    """A prepared mixer's forward in progress: what its handlers need.
+
+    ``seq_len``: in the prefill of ``model.generate()``, the prompt's length (the states after its last position
+    are the ones decoding continues from); 0 otherwise."""
 
     module: torch.nn.Module
     batch: Batch | None
+    seq_len: int = 0
+    kept: int = 0  # states this forward's handlers left in a generation cache
 
     @property
     def where(self) -> str:
-        config = getattr(self.module, "config", None)
+        config = getattr(self.module, "config", None) or self.module.__dict__.get("_ringattn_config")
         idx = getattr(self.module, "layer_idx", None)
         name = model_name(config) if config is not None else "model"
         return f"{name}: layer {idx} ({type(self.module).__name__})" if idx is not None else \
@@ -114,6 +132,76 @@ class MixerCall:
             b.plans[key] = mx.fragments(local_len, group=b.settings.group, layout=str(b.settings.layout),
                                         cu_seqlens=_documents(b, local_len, batch), batch=batch)
         return b.plans[key]
+
+    def run_fragments(self, step: Callable, transition: Callable, inputs: list[torch.Tensor], *, keep_final: bool,
+                      **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``ringattn.mixers.run_fragments`` over this forward's plan: ``(outputs, final)``. With ``keep_final``
+        (the handler was given a cache, which only a generate prefill may) ``final`` is the state after the
+        prompt's last position, ``(batch, *state_shape)`` on every rank (else None): the run's step of the piece
+        ending there is the only one that sees that position last (the prefill's plan ends a document at it), and
+        one sum over the ranks brings its state from whichever rank ran it."""
+        b, n = inputs[0].shape[:2]
+        plan = self.plan(n, b)
+        if not keep_final:
+            return mx.run_fragments(step, transition, inputs, plan=plan, **kwargs), None
+        self._need_prompt("a recurrent state")
+        s = self.batch.settings
+        rank, world = comm.group_rank_world(s.group)
+        # Each token's global position rides along as one more input: the step learns which span it runs even
+        # where the layout is regrouped for the mixer.
+        where = global_positions(str(s.layout), rank, world, n, inputs[0].device)
+        where = where.view(1, n, 1).expand(b, n, 1).contiguous()
+        last, seen = self.seq_len - 1, {}
+
+        def tracked(*args):
+            *pieces, pos, initial = args
+            y, h = step(*pieces, initial)
+            if initial is None:
+                seen["dtype"] = h.dtype
+            if int(pos[0, -1, 0]) == last:
+                seen["final"] = h
+            return y, h
+
+        y = mx.run_fragments(tracked, lambda *a: transition(*a[:-1]), [*inputs, where], plan=plan, **kwargs)
+        final = seen.get("final")
+        shape = kwargs["state_shape"]
+        # The state's dtype as the scan leaves it from a zero state, as one process keeps it (a scan may promote a
+        # state it was given in the summaries' dtype): rank 0 runs the sequence's first piece so.
+        code = torch.tensor(_DTYPES.index(seen["dtype"]) if "dtype" in seen else -1, device=inputs[0].device)
+        if world > 1:
+            dist.all_reduce(code, op=dist.ReduceOp.MAX, group=s.group)
+        out = torch.zeros(b, *shape, dtype=_DTYPES[int(code)], device=inputs[0].device)
+        if final is not None:
+            out = out + final.detach().reshape(b, *shape).to(out.dtype)
+        if world > 1:
+            dist.all_reduce(out, group=s.group)
+        self.kept += 1
+        return y, out
+
+    def save_conv_state(self, cache, x: torch.Tensor, layer_idx: int, state_idx: int, k: int) -> None:
+        """Write into ``cache`` the conv inputs of the prompt's last ``k`` positions (zeros before position 0),
+        what transformers' single-token convolution reads next: ``x`` is this rank's ``(batch, channels,
+        local_len)``; each position comes from the rank that holds it (one sum over the ranks)."""
+        self._need_prompt("a convolution state")
+        s = self.batch.settings
+        rank, world = comm.group_rank_world(s.group)
+        b, c, n = x.shape
+        pos = global_positions(str(s.layout), rank, world, n, x.device)
+        lo = self.seq_len - k
+        mine = torch.nonzero((pos >= lo) & (pos < self.seq_len)).flatten()
+        tail = x.new_zeros(b, c, k)
+        tail[:, :, pos[mine] - lo] = x.detach()[:, :, mine]
+        if world > 1:
+            dist.all_reduce(tail, group=s.group)
+        cache.update_conv_state(tail, layer_idx, state_idx=state_idx, conv_kernel_size=k)
+        self.kept += 1
+
+    def _need_prompt(self, what: str) -> None:
+        if self.seq_len <= 0 or self.batch is None:
+            raise RuntimeError(f"{self.where}: {what} for a cache is kept only in the prefill of model.generate()")
+
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def _documents(b: Batch, local_len: int, batch: int):
@@ -141,7 +229,20 @@ def _dispatcher(name: str, original: Callable) -> Callable:
         call = _ACTIVE.get()
         if call is None:
             return original(*args, **kwargs)
-        return HANDLERS[name].run(original, call, *args, **kwargs)
+        handler = HANDLERS[name]
+        kept = call.kept
+        out = handler.run(original, call, *args, **kwargs)
+        wants_state = kwargs.get("output_final_state") is True or \
+            any(isinstance(a, Cache) for a in (*args, *kwargs.values()))
+        if call.seq_len and call.kept == kept and wants_state:
+            # The module's decode steps would read a state this prefill never wrote (or the local shard's, returned
+            # to the module to store): refused, on every rank alike
+            raise UnsupportedModel(
+                f"{call.where}: model.generate() needs the state its {handler.what} leaves after the prompt, which "
+                f"ringattn's context-parallel {name} does not keep yet; generate with this model without context "
+                "parallelism", layer=getattr(call.module, "layer_idx", None),
+                feature=f"generation through {name} is not supported yet")
+        return out
 
     dispatch._ringattn_original = original
     return dispatch
@@ -154,20 +255,114 @@ def _patch(cls: type) -> None:
             g[n] = _dispatcher(n, g[n])
 
 
+def _settings(module) -> RingSettings | None:
+    # A mixer without a config of its own (Granite-4.0-H's) reads its model's, kept by install.
+    config = getattr(module, "config", None) or module.__dict__.get("_ringattn_config")
+    impl = getattr(config, "_attn_implementation", None)
+    return SETTINGS.get(impl) if isinstance(impl, str) else None
+
+
 def _mixer_pre(module, args, kwargs):
     cache = kwargs.get("cache", kwargs.get("cache_params", kwargs.get("past_key_values")))
     batch = forward.current()
-    if batch is None:
+    gen = generation.active()
+    if gen is not None and not gen.prefill:
+        # A decode step: every rank runs the token through the module's own single-token path, on the states the
+        # prefill left in the cache (alike on every rank).
+        token = _ACTIVE.set(None)
+    elif gen is not None:
+        token = _ACTIVE.set(MixerCall(module, _prefill_batch(gen), gen.seq_len))
+        _prefill_mask(module, args, kwargs, gen)
+    elif batch is None and _settings(module) is None:
         token = _ACTIVE.set(None)  # not running a ring: the module's own code, unchanged
+    elif batch is None and torch._C._current_graph_task_id() != -1:
+        # Inside backward: activation checkpointing recomputing the layer, after the model's forward is over.
+        token = _ACTIVE.set(MixerCall(module, _recomputed_batch(module)))
     else:
         if cache is not None:
+            where = MixerCall(module, batch).where
             raise UnsupportedModel(
-                f"{MixerCall(module, batch).where}: a cache given to a context-parallel "
-                f"{HANDLERS[mixer_functions(module)[-1]].what} (use_cache=True, or past_key_values): "
-                "generation of models with such layers is not supported yet; pass use_cache=False to train or score",
-                layer=getattr(module, "layer_idx", None), feature="generation with recurrent or convolution layers")
+                f"{where}: a cache given to a context-parallel {HANDLERS[mixer_functions(module)[-1]].what} outside "
+                "model.generate() (use_cache=True, which this model's config defaults to, or past_key_values): each "
+                "rank holds a shard of the sequence, so no rank's cache would hold the state after it. Pass "
+                "use_cache=False to train or score (model(input_ids=..., use_cache=False)); to generate, call "
+                "model.generate(), which keeps every layer's states after the prompt on every rank",
+                layer=getattr(module, "layer_idx", None), feature="a cache outside model.generate() with recurrent or "
+                "convolution layers")
         token = _ACTIVE.set(MixerCall(module, batch))
     module.__dict__.setdefault("_ringattn_call_tokens", []).append(token)
+    return args, kwargs
+
+
+def _layer_pre(layer, args, kwargs):
+    """A checkpointed layer's forward: what its input is, with the batch it belongs to, for the recompute."""
+    batch = forward.current()
+    x = args[0] if args else kwargs.get("hidden_states")
+    if batch is None or not isinstance(x, torch.Tensor) or not torch.is_grad_enabled():
+        return
+    # Forwards whose input is gone were replayed (or never will be); one fed the same tensor again stays, so that
+    # its replay is refused rather than guessed.
+    alive = [(r, b) for r, b in layer.__dict__.get("_ringattn_inputs", []) if r() is not None]
+    layer.__dict__["_ringattn_inputs"] = [*alive, (weakref.ref(x), batch)]
+
+
+def _recomputed_batch(module) -> Batch:
+    """The batch of the forward that activation checkpointing replays: the checkpoint keeps the layer's input
+    alive until the replay, so the one forward whose input is still alive is the one. Several (forwards whose
+    backward has not run yet): refused, since which one this replay belongs to is not known."""
+    layer = module.__dict__.get("_ringattn_layer")
+    live = [b for r, b in (layer.__dict__.get("_ringattn_inputs", []) if layer is not None else []) if r() is not None]
+    if len(live) == 1:
+        return live[0]
+    why = ("its layer is not transformers' GradientCheckpointingLayer" if layer is None else
+           f"{len(live)} forwards of its layer are awaiting backward" if live else "its layer's input is gone")
+    raise UnsupportedModel(
+        f"{MixerCall(module, None).where}: activation checkpointing recomputes this layer during backward, outside "
+        "the model's forward that tells its context-parallel mixer where each rank's tokens sit, and ringattn "
+        f"cannot tell which forward it replays ({why}); run backward after each forward, or train without "
+        "activation (gradient) checkpointing", layer=getattr(module, "layer_idx", None),
+        feature="activation checkpointing of layers with recurrent or convolution mixers")
+
+
+def _prefill_batch(gen) -> Batch:
+    """The plan of a generate prefill, shared by its layers: the prompt one document ending at its last position
+    (the layout's padding after it another), so that the piece holding that position ends there."""
+    b = gen.__dict__.get("mixer_batch")
+    if b is None:
+        s = gen.settings
+        total = padded_len(gen.seq_len, comm.group_rank_world(s.group)[1], s.layout)
+        cu = torch.tensor([0, gen.seq_len] + ([total] if total > gen.seq_len else []), dtype=torch.int32)
+        b = gen.__dict__["mixer_batch"] = Batch(s, None, cu)
+    return b
+
+
+def _prefill_mask(module, args, kwargs, gen) -> None:
+    """A padded prompt: the mixer gets this rank's shard of the padding mask, as one process gives it the whole
+    mask (its own code zeroes the padded positions' inputs)."""
+    if all(r == (0, gen.seq_len) for r in gen.ranges):
+        return
+    params = list(inspect.signature(module.forward).parameters)
+    if "attention_mask" not in params or params.index("attention_mask") < len(args):
+        raise UnsupportedModel(
+            f"{MixerCall(module, None).where}: model.generate() with a padded batch needs the mixer's attention_mask "
+            "as a keyword argument, which ringattn replaces by this rank's shard of the padding mask; this layer "
+            "takes none: generate one unpadded prompt at a time", layer=getattr(module, "layer_idx", None),
+            feature="padded generation with recurrent or convolution layers")
+    s = gen.settings
+    mask = gen.__dict__.get("mixer_mask")
+    if mask is None:
+        world = comm.group_rank_world(s.group)[1]
+        total = padded_len(gen.seq_len, world, s.layout)
+        full = torch.zeros(len(gen.ranges), total, dtype=torch.long)
+        for i, (lo, hi) in enumerate(gen.ranges):
+            full[i, lo:hi] = 1
+        mask = gen.__dict__["mixer_mask"] = shard(full, group=s.group, layout=s.layout)
+    kwargs["attention_mask"] = mask.to(_device(module))
+
+
+def _device(module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _mixer_post(module, args, kwargs, output):
@@ -180,13 +375,31 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Make ``model``'s mixers context-parallel; returns them as ``(path, module)``. Idempotent."""
     found = [(p, m) for p, m in model.named_modules() if p and mixer_functions(m)]
     forward.install(model)
-    for _, m in found:
+    if not found:
+        return found
+    layers = _checkpointed_layers(model)
+    for path, m in found:
         _patch(type(m))
+        m.__dict__["_ringattn_config"] = getattr(model, "config", None)
+        layer = next((lay for p, lay in layers if path.startswith(p + ".")), None)
+        if layer is not None:
+            m.__dict__["_ringattn_layer"] = layer
+            if "_ringattn_layer_hook" not in layer.__dict__:
+                layer.__dict__["_ringattn_layer_hook"] = layer.register_forward_pre_hook(_layer_pre, with_kwargs=True)
         if "_ringattn_mixer_hooks" not in m.__dict__:
             m.__dict__["_ringattn_mixer_hooks"] = (
                 m.register_forward_pre_hook(_mixer_pre, with_kwargs=True),
                 m.register_forward_hook(_mixer_post, with_kwargs=True, always_call=True))
     return found
+
+
+def _checkpointed_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The modules activation checkpointing replays whole (transformers' GradientCheckpointingLayer)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - other transformers versions
+        return []
+    return [(p, m) for p, m in model.named_modules() if p and isinstance(m, GradientCheckpointingLayer)]
 
 
 class StateCache:

@@ -10,7 +10,8 @@ from .base import MixerCall, handles
 def conv(original, call: MixerCall, conv1d, hidden_states, cache=None, layer_idx=None, activation=None,
          state_idx: int = 0, **kwargs):
     """``causal_conv1d_forward(conv1d, x (batch, channels, len), ...)``: the depthwise convolution with its
-    ``k - 1`` inputs before each fragment fetched from whichever ranks hold them, then the activation."""
+    ``k - 1`` inputs before each fragment fetched from whichever ranks hold them, then the activation. Given a
+    cache (a generate prefill), it also keeps the prompt's last ``k`` inputs there for the decode steps."""
     from transformers.activations import ACT2FN
 
     weight = conv1d.weight.squeeze(1)
@@ -19,4 +20,6 @@ def conv(original, call: MixerCall, conv1d, hidden_states, cache=None, layer_idx
                          plan=call.plan(n, b)).transpose(1, 2)
     if activation is not None:
         y = ACT2FN[activation](y)
+    if cache is not None:
+        call.save_conv_state(cache, hidden_states, layer_idx, state_idx, conv1d.kernel_size[0])
     return y.to(hidden_states.dtype)

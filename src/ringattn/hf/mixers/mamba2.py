@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ... import mixers as mx
 from .base import MixerCall, StateCache, handles
 
 
 @handles("mamba2_scan_forward", "Mamba2 selective scan (SSD)")
 def scan(original, call: MixerCall, module, hidden_states, B, C, dt, cache=None, **kwargs):
     """``mamba2_scan_forward(module, x, B, C, dt, cache)``: the state ``(heads, head_dim, state)`` decays by
-    ``exp(A_h * sum dt)`` per head over a span, so a span's transition is one scalar per head."""
+    ``exp(A_h * sum dt)`` per head over a span, so a span's transition is one scalar per head. Given a cache (a
+    generate prefill), the state after the prompt goes there, as the scan's own code would put it."""
     b, n, _ = hidden_states.shape
     heads = module.num_heads
     a = -torch.exp(module.A_log.float())
@@ -36,9 +36,12 @@ def scan(original, call: MixerCall, module, hidden_states, B, C, dt, cache=None,
         y = original(module, x, b_, c, d, state, **kwargs)
         return y, state.final
 
-    return mx.run_fragments(step, transition, [hidden_states, B, C, dt], plan=call.plan(n, b), kind="diagonal",
-                            state_shape=(heads, module.head_dim, module.ssm_state_size),
-                            transition_shape=(heads, 1, 1))
+    y, final = call.run_fragments(step, transition, [hidden_states, B, C, dt], keep_final=cache is not None,
+                                  kind="diagonal", state_shape=(heads, module.head_dim, module.ssm_state_size),
+                                  transition_shape=(heads, 1, 1))
+    if cache is not None:
+        cache.update_recurrent_state(final, module.layer_idx)
+    return y
 
 
 @handles("mamba2_split_conv1d_scan_combined", "fused Mamba2 convolution and scan")
