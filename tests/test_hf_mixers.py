@@ -172,7 +172,7 @@ def test_mamba1_cache_refused():
     model, _ = build("mamba", {}, 0)
     model.set_attn_implementation("ring")
     hf.prepare(model)
-    with pytest.raises(hf.UnsupportedModel, match="pass use_cache=False to train or score"):
+    with pytest.raises(hf.UnsupportedModel, match="Pass use_cache=False to train or score"):
         model(input_ids=torch.arange(3, 9)[None], use_cache=True)
 
 
