@@ -30,13 +30,20 @@ def exact(results: dict) -> None:
     assert not bad, bad
 
 
+# Mamba1's selective scan (hf/mixers/mamba.py). Zamba's shared attention block follows its Mamba layer.
+MAMBA1 = ("mamba", "falcon_mamba", "jamba", "zamba")
+GROUPS = {"mamba2-conv": FAMILIES, "mamba1": MAMBA1}
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
-def test_hybrids_exact_2_ranks(ranks, layout):
-    exact(ranks.run(2, run, FAMILIES, layout)[0])
+def test_hybrids_exact_2_ranks(ranks, layout, group):
+    exact(ranks.run(2, run, GROUPS[group], layout)[0])
 
 
-def test_hybrids_exact_3_ranks(ranks):
-    exact(ranks.run(3, run, FAMILIES, "contiguous")[0])
+@pytest.mark.parametrize("group,layout", [("mamba2-conv", "contiguous"), ("mamba1", "zigzag")])
+def test_hybrids_exact_3_ranks(ranks, group, layout):
+    exact(ranks.run(3, run, GROUPS[group], layout)[0])
 
 
 def packed_case(families: tuple[str, ...], layout: str, packed: list[int], via: str) -> dict:
@@ -92,42 +99,19 @@ def packed_case(families: tuple[str, ...], layout: str, packed: list[int], via: 
 PACKED_TOL = 1e-5
 
 
+@pytest.mark.parametrize("group", sorted(GROUPS))
 @pytest.mark.parametrize("via", ["position_ids", "cu_seq_lens"])
-def test_hybrids_packed_documents_2_ranks(ranks, via):
+def test_hybrids_packed_documents_2_ranks(ranks, via, group):
     # Odd boundaries: a document inside one rank's shard, one across the ranks, one ending in the padding.
-    r = ranks.run(2, packed_case, FAMILIES, "zigzag", [0, 5, 17, 30], via)[0]
+    r = ranks.run(2, packed_case, GROUPS[group], "zigzag", [0, 5, 17, 30], via)[0]
     bad = {k: v for k, v in r.items() if not v[1] <= PACKED_TOL}
     assert not bad, r
 
 
-def test_hybrids_packed_documents_balanced_3_ranks(ranks):
-    r = ranks.run(3, packed_case, FAMILIES, "balanced", [0, 11, 12, 30], "cu_seq_lens")[0]
-    bad = {k: v for k, v in r.items() if not v[1] <= PACKED_TOL}
-    assert not bad, r
-
-
-# Mamba1's selective scan (hf/mixers/mamba.py). Zamba's shared attention block follows its Mamba layer.
-MAMBA1 = ("mamba", "falcon_mamba", "jamba", "zamba")
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
-def test_mamba1_exact_2_ranks(ranks, layout):
-    exact(ranks.run(2, run, MAMBA1, layout)[0])
-
-
-def test_mamba1_exact_3_ranks(ranks):
-    exact(ranks.run(3, run, MAMBA1, "zigzag")[0])
-
-
-@pytest.mark.parametrize("via", ["position_ids", "cu_seq_lens"])
-def test_mamba1_packed_documents_2_ranks(ranks, via):
-    r = ranks.run(2, packed_case, MAMBA1, "zigzag", [0, 5, 17, 30], via)[0]
-    bad = {k: v for k, v in r.items() if not v[1] <= PACKED_TOL}
-    assert not bad, r
-
-
-def test_mamba1_packed_documents_balanced_3_ranks(ranks):
-    r = ranks.run(3, packed_case, MAMBA1, "balanced", [0, 11, 12, 30], "cu_seq_lens")[0]
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_hybrids_packed_documents_balanced_3_ranks(ranks, group):
+    # A one-token document: a piece of one token continuing a state.
+    r = ranks.run(3, packed_case, GROUPS[group], "balanced", [0, 11, 12, 30], "cu_seq_lens")[0]
     bad = {k: v for k, v in r.items() if not v[1] <= PACKED_TOL}
     assert not bad, r
 

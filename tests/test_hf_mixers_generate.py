@@ -17,7 +17,7 @@ from ringattn.hf.audit.compare import Float64Throughout  # noqa: E402
 
 from . import test_hf_sweep as sw  # noqa: E402
 from .reference import rel_err  # noqa: E402
-from .test_hf_generate import generate  # noqa: E402
+from .test_hf_generate import generate, prompts  # noqa: E402
 
 # A family whose mixer ringattn runs context-parallel joins by one entry here.
 FAMILIES = ("mamba2", "lfm2", "granitemoehybrid")
@@ -32,16 +32,6 @@ CASES = [  # (prompt length, batch, padding, generate kwargs)
     (12, 2, None, {"do_sample": False, "num_beams": 2}),
     (10, 1, None, {"do_sample": False, "use_cache": False}),
 ]
-
-
-def prompts(batch: int, n: int, pad: str | None):
-    ids = torch.randint(3, sw.VOCAB, (batch, n), generator=torch.Generator().manual_seed(n))
-    mask = torch.ones(batch, n, dtype=torch.long)
-    if pad == "right":
-        mask[1, n - 3:] = 0
-    elif pad == "left":
-        mask[1, :4] = 0
-    return ids, (None if pad is None else mask)
 
 
 def build(family: str, ring: bool):

@@ -98,14 +98,15 @@ def delta_rule(original, call: MixerCall, what: str, *args, **kwargs):
     return y, None
 
 
-@handles("torch_chunk_gated_delta_rule", "Gated DeltaNet delta rule")
-def chunked(original, call: MixerCall, *args, **kwargs):
-    """The chunked rule the forward runs on a sequence."""
-    return delta_rule(original, call, "Gated DeltaNet delta rule", *args, **kwargs)
+def register_rules(chunked: str, recurrent: str, what: str) -> None:
+    """Register a family's chunked rule (what its forward runs on a sequence) and its token-by-token rule (called
+    only with a cache: decoding, or the states a cache keeps, which a context-parallel forward refuses before;
+    any other call runs exactly like the chunked rule) as ``delta_rule``."""
+    def run(original, call: MixerCall, *args, **kwargs):
+        return delta_rule(original, call, what, *args, **kwargs)
+
+    handles(chunked, what)(run)
+    handles(recurrent, f"{what}, token by token")(run)
 
 
-@handles("torch_recurrent_gated_delta_rule", "Gated DeltaNet delta rule, token by token")
-def recurrent(original, call: MixerCall, *args, **kwargs):
-    """The token-by-token rule: the forward calls it only with a cache (decoding, or the states a cache keeps),
-    which a context-parallel forward refuses before; any other call runs exactly like the chunked rule."""
-    return delta_rule(original, call, "Gated DeltaNet delta rule", *args, **kwargs)
+register_rules("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "Gated DeltaNet delta rule")
