@@ -1,0 +1,401 @@
+"""Token mixers of hybrid models, context-parallel: W ranks x 1 thread vs 1 process x 2 threads running the
+same code over the whole sequence (``ringattn.mixers`` with one rank), same run, forward + backward.
+
+Mixers, each transformers' own pure-torch code path as the step: Mamba2 / SSD (``mamba2_chunk_scan``),
+Gated DeltaNet (``torch_chunk_gated_delta_rule``), Mamba1 (``mamba_selective_scan``: it takes no initial
+state, so only the correction path can pass one; forward only, its sequential loop's backward is
+quadratic in the length), and a depthwise causal convolution (``causal_conv1d``).
+ratio = single-process time / slowest rank's time. Per rank: the forward's parts (the local pass from a
+zero state, the transition, the correction, the rest: exchange and fold), bytes each rank puts into
+collectives per layer (measured by counting what is handed to torch.distributed), peak memory growth.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import torch
+import torch.distributed as dist
+
+from ringattn import mixers as mx
+
+from ..common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
+
+NAMES = ("mamba2", "gdn", "mamba1", "conv")
+GOAL = {"mamba2": 0.85, "mamba1": 0.85, "conv": 0.85, "gdn": 0.7}
+LABEL = {"mamba2": "Mamba2 / SSD", "gdn": "Gated DeltaNet", "mamba1": "Mamba1", "conv": "causal conv k=4"}
+SIZES = {  # per token: Mamba2 heads x head_dim x state; GDN heads x K = V; Mamba1 channels x state; conv channels
+    "mamba2": dict(H=4, P=32, N=32, chunk=256),
+    "gdn": dict(H=1, K=64, chunk=64),
+    "mamba1": dict(D=32, N=8),
+    "conv": dict(C=256, k=4),
+}
+# Mamba1's step is transformers' sequential loop, whose backward re-allocates the whole sequence's
+# gradient at every token (quadratic): forward only.
+FORWARD_ONLY = ("mamba1",)
+TINY = {"mamba2": dict(H=2, P=4, N=3, chunk=8), "gdn": dict(H=2, K=4, chunk=4), "mamba1": dict(D=3, N=2),
+        "conv": dict(C=3, k=4)}
+
+PARTS: dict[str, float] = {}
+
+
+def _timed(key, fn):
+    def wrapped(*a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        PARTS[key] = PARTS.get(key, 0.0) + time.perf_counter() - t0
+        return out
+    return wrapped
+
+
+def inputs(name: str, S: int, size: dict, dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    """The per-token inputs of one layer over the whole sequence (batch 1), the same on every rank."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+    def u(*shape, lo, hi):
+        return (lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)).to(dtype)
+
+    if name == "mamba2":
+        return [r(1, S, size["H"], size["P"]), u(1, S, size["H"], lo=0.001, hi=0.1),
+                r(1, S, 1, size["N"]), r(1, S, 1, size["N"])]
+    if name == "gdn":
+        k = torch.nn.functional.normalize(r(1, S, size["H"], size["K"]), dim=-1)
+        return [r(1, S, size["H"], size["K"]), k, r(1, S, size["H"], size["K"]),
+                u(1, S, size["H"], lo=-0.1, hi=-0.001), u(1, S, size["H"], lo=0.1, hi=0.9)]
+    if name == "mamba1":
+        return [r(1, S, size["D"]), u(1, S, size["D"], lo=0.001, hi=0.1), r(1, S, size["N"]), r(1, S, size["N"])]
+    return [r(1, S, size["C"])]
+
+
+def weights(name: str, size: dict, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(1)
+    if name == "mamba2":
+        return {"A": -torch.linspace(0.5, 4.0, size["H"], dtype=torch.float64).to(dtype)}
+    if name == "mamba1":
+        return {"A": -torch.rand(size["D"], size["N"], generator=g, dtype=torch.float64).add(0.5).to(dtype)}
+    if name == "conv":
+        return {"w": torch.randn(size["C"], size["k"], generator=g, dtype=torch.float64).to(dtype),
+                "b": torch.randn(size["C"], generator=g, dtype=torch.float64).to(dtype)}
+    return {}
+
+
+def layer(name: str, xs: list[torch.Tensor], plan: mx.Fragments, size: dict, wts: dict, mode: str = "correct"):
+    """One mixer layer on this rank's shard. ``mode``: "correct" (zero-state pass, exchange, correction)
+    or "rerun" (pieces that continue a document run again from their true state)."""
+    if name == "conv":
+        return mx.causal_conv1d(xs[0], wts["w"], wts["b"], plan=plan)
+    if mode == "rerun":
+        (step, transition, kw), correct = _rerun_callables(name, size, wts), None
+    else:
+        step, transition, correct, kw = _callables(name, size, wts)
+    return mx.run_fragments(_timed("step", step), _timed("transition", transition), xs, plan=plan,
+                            correct=None if correct is None else _timed("correct", correct), **kw)
+
+
+def _callables(name, size, wts):
+    if name == "mamba2":
+        from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+        A, H, P, N = wts["A"], size["H"], size["P"], size["N"]
+
+        def step(x, dt, b, c, h0):
+            return mamba2_chunk_scan(x, dt, A, b, c, size["chunk"], initial_states=h0, return_final_states=True)
+
+        def transition(x, dt, b, c):  # a scalar per head: exp(sum A dt)
+            return torch.exp((dt * A).sum(1))[..., None, None]
+
+        def correct(x, dt, b, c, h0):  # y_t += exp(cumsum A dt)_t C_t . h0 (state (H, P, N))
+            decay = torch.exp(torch.cumsum(dt * A, 1))
+            return torch.einsum("btn,bhpn->bthp", c[:, :, 0].to(h0.dtype), h0) * decay[..., None]
+
+        return step, transition, correct, dict(kind="diagonal", state_shape=(H, P, N), transition_shape=(H, 1, 1))
+    if name == "mamba1":
+        from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+        A, D, N = wts["A"], size["D"], size["N"]
+
+        def step(x, dt, b, c, h0):
+            if h0 is not None:
+                raise ValueError("mamba_selective_scan takes no initial state: pass correct=")
+            y, h = mamba_selective_scan(x.transpose(1, 2), dt.transpose(1, 2), A, b.transpose(1, 2),
+                                        c.transpose(1, 2), return_last_state=True)
+            return y.transpose(1, 2), h
+
+        def transition(x, dt, b, c):  # diagonal per channel and state: exp(A sum dt)
+            return torch.exp(A * dt.sum(1)[..., None])
+
+        def correct(x, dt, b, c, h0):  # y_t[d] += sum_n C_t[n] exp(A[d, n] cumsum(dt)_t[d]) h0[d, n]
+            decay = torch.exp(A * torch.cumsum(dt, 1)[..., None])
+            return torch.einsum("btdn,btn->btd", decay * h0[:, None], c.to(h0.dtype))
+
+        return step, transition, correct, dict(kind="diagonal", state_shape=(D, N))
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as rule
+
+    H, K = size["H"], size["K"]
+
+    def step(q, k, v, g, beta, h0):
+        # One pass of the rule with K more value columns, zero values and the identity as their initial
+        # state: those columns' state ends as the span's transition M, and their outputs are P_t with
+        # y_t's part due to an initial state h equal to P_t^T h. The rule acts on each value column alike.
+        if h0 is not None:
+            return rule(q, k, v, g, beta, chunk_size=size["chunk"], initial_state=h0, output_final_state=True)
+        n = q.shape[0]
+        eye = torch.eye(K, dtype=torch.float32).expand(n, H, K, K)
+        y, s = rule(q, k, torch.cat([v, v.new_zeros(v.shape)], -1), g, beta, chunk_size=size["chunk"],
+                    initial_state=torch.cat([eye.new_zeros(n, H, K, K), eye], -1), output_final_state=True)
+        return y[..., :K], s[..., :K], (s[..., K:], y[..., K:])
+
+    def transition(*spans, aux):
+        return aux[0]
+
+    def correct(*spans_and_state, aux):
+        return torch.einsum("bthj,bhjv->bthv", aux[1].to(spans_and_state[-1].dtype), spans_and_state[-1])
+
+    return step, transition, correct, dict(kind="dense", state_shape=(H, K, K))
+
+
+def _rerun_callables(name, size, wts):
+    """The callables of the rerun path (no correction): the step runs from any state; Gated DeltaNet's
+    transition is the rule run from the identity with zero values."""
+    step, transition, _, kw = _callables(name, size, wts)
+    if name != "gdn":
+        return step, transition, kw
+    from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule as rule
+
+    def plain(q, k, v, g, beta, h0):
+        return rule(q, k, v, g, beta, chunk_size=size["chunk"], initial_state=h0, output_final_state=True)
+
+    def transition_from_eye(q, k, v, g, beta):
+        eye = torch.eye(size["K"], dtype=torch.float32).expand(q.shape[0], size["H"], size["K"], size["K"])
+        return rule(q, k, torch.zeros_like(v), g, beta, chunk_size=size["chunk"], initial_state=eye,
+                    output_final_state=True)[1]
+
+    return plain, transition_from_eye, kw
+
+
+class CountBytes:
+    """Bytes this rank hands to torch.distributed's collectives (payload only), by phase."""
+
+    def __init__(self):
+        self.phase, self.bytes, self.control = "forward", {"forward": 0, "backward": 0}, 0
+        self.saved = {}
+
+    def __enter__(self):
+        for fn in ("all_gather_into_tensor", "all_reduce", "all_to_all_single", "all_gather_single"):
+            if hasattr(dist, fn):
+                self.saved[fn] = getattr(dist, fn)
+                setattr(dist, fn, self._wrap(self.saved[fn], fn))
+        return self
+
+    def _wrap(self, f, fn):
+        def counted(*a, **kw):
+            t = a[1] if fn in ("all_gather_into_tensor", "all_to_all_single", "all_gather_single") else a[0]
+            n = t.numel() * t.element_size()
+            if t.dtype == torch.int64 and t.numel() == 4:
+                self.control += n  # the agreement on shapes and failures
+            else:
+                self.bytes[self.phase] += n
+            return f(*a, **kw)
+        return counted
+
+    def __exit__(self, *exc):
+        for fn, f in self.saved.items():
+            setattr(dist, fn, f)
+
+
+def _rank_jobs(jobs, layout) -> list[list[dict]]:
+    """Every job ``(name, S, mode, size, reps)`` on this group (one launch for all: a launch costs seconds)."""
+    return [_rank_run(name, S, layout, reps, mode, size) for name, S, mode, size, reps in jobs]
+
+
+def _rank_run(name, S, layout, reps, mode, size) -> list[dict]:
+    import ringattn
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pos = ringattn.global_positions(layout, rank, world, S // world)
+    local = [x.index_select(1, pos) for x in inputs(name, S, size)]
+    wts = weights(name, size)
+    gy = torch.randn(local[0].shape[0], local[0].shape[1], *_out_tail(name, size),
+                     generator=torch.Generator().manual_seed(5 + rank))
+    plan = mx.fragments(S // world, layout=layout, batch=1)
+    best, peak = None, float("nan")
+    for i in range(reps + 1):  # a warm-up, then the timed runs; the first of them measures memory too
+        xs = [x.clone().requires_grad_(name not in FORWARD_ONLY) for x in local]
+        PARTS.clear()
+        dist.barrier()
+        if i == 1:
+            base = rss_mb()
+            reset_peak_rss()
+        with CountBytes() as cb:
+            t0 = time.perf_counter()
+            y = layer(name, xs, plan, size, wts, mode)
+            t1 = time.perf_counter()
+            cb.phase = "backward"
+            if name not in FORWARD_ONLY:
+                y.backward(gy)
+            t2 = time.perf_counter()
+        del y, xs
+        if i == 1:
+            peak = rss_mb("VmHWM") - base
+        rec = {"fwd_s": t1 - t0, "total_s": t2 - t0, "parts": dict(PARTS), "bytes": dict(cb.bytes),
+               "control_bytes": cb.control}
+        if i and (best is None or rec["total_s"] < best["total_s"]):
+            best = rec
+    best["peak_growth_mb"] = peak
+    recs = [None] * world
+    dist.all_gather_object(recs, best)
+    return recs
+
+
+def _out_tail(name, size):
+    return tuple(size[k] for k in {"mamba2": ("H", "P"), "gdn": ("H", "K"), "mamba1": ("D",), "conv": ("C",)}[name])
+
+
+def single_time(name, S, reps, size, threads=2) -> dict:
+    """One process, ``threads`` threads, the same code over the whole sequence (a plan of one rank)."""
+    torch.set_num_threads(threads)
+    full = inputs(name, S, size)
+    wts = weights(name, size)
+    gy = torch.randn(1, S, *_out_tail(name, size), generator=torch.Generator().manual_seed(5))
+    plan = mx.fragments(S, layout="contiguous", batch=1)
+    best, peak = None, float("nan")
+    for i in range(reps + 1):
+        xs = [x.clone().requires_grad_(name not in FORWARD_ONLY) for x in full]
+        if i == 1:
+            base = rss_mb()
+            reset_peak_rss()
+        t0 = time.perf_counter()
+        y = layer(name, xs, plan, size, wts)
+        t1 = time.perf_counter()
+        if name not in FORWARD_ONLY:
+            y.backward(gy)
+        t2 = time.perf_counter()
+        del y, xs
+        if i == 1:
+            peak = rss_mb("VmHWM") - base
+        if i and (best is None or t2 - t0 < best["total_s"]):
+            best = {"fwd_s": t1 - t0, "total_s": t2 - t0}
+    best["peak_growth_mb"] = peak
+    return best
+
+
+def ranks_run(jobs, world, layout="zigzag") -> list[list[dict]]:
+    from ringattn.training.launch import spawn_collect
+
+    return spawn_collect(_rank_jobs, world, jobs, layout)
+
+
+def run(out: pathlib.Path, quick: bool, names=NAMES, sizes=None, lengths=None) -> dict:
+    sizes = sizes or SIZES
+    lengths = lengths or ([1024, 2048] if quick else [16384, 32768])
+    reps = 1 if quick else 2
+    worlds = [2] if quick else [2, 4]
+    res = {"machine": machine(), "lengths": lengths, "sizes": {n: sizes[n] for n in names}, "dtype": "float32",
+           "layout": "zigzag", "timed_runs_per_side": reps, "mixers": {n: {} for n in names}}
+    singles = {(n, S): single_time(n, S, reps, sizes[n]) for n in names for S in lengths}
+    ranked = {}
+    for w in worlds:
+        jobs = [(n, S, "correct", sizes[n], reps) for n in names for S in lengths]
+        if w == 2 and not quick:  # Mamba1's step takes no initial state: it has only the correction path
+            jobs += [(n, lengths[-1], "rerun", sizes[n], reps) for n in names if n not in ("conv", "mamba1")]
+        for job, recs in zip(jobs, ranks_run(jobs, w)):
+            ranked[(w, job[0], job[1], job[2])] = recs
+    for name in names:
+        for S in lengths:
+            single = singles[(name, S)]
+            row = {"single": single, "ranks": {}}
+            for w in worlds:
+                recs = ranked[(w, name, S, "correct")]
+                row["ranks"][w] = {"time_s": max(r["total_s"] for r in recs),
+                                   "fwd_s": max(r["fwd_s"] for r in recs),
+                                   "ratio": single["total_s"] / max(r["total_s"] for r in recs),
+                                   "fwd_ratio": single["fwd_s"] / max(r["fwd_s"] for r in recs),
+                                   "per_rank": recs}
+            if (2, name, S, "rerun") in ranked:
+                recs = ranked[(2, name, S, "rerun")]
+                row["rerun_2"] = {"time_s": max(r["total_s"] for r in recs),
+                                  "ratio": single["total_s"] / max(r["total_s"] for r in recs), "per_rank": recs}
+            res["mixers"][name][S] = row
+            print(f"  {name:<7} S={S:<6} single {single['total_s']:6.2f}s  " + "  ".join(
+                f"W={w}: {r['time_s']:6.2f}s ratio {r['ratio']:.3f} (fwd {r['fwd_ratio']:.3f}) "
+                f"bytes/rank {_kib(r['per_rank'])}"
+                for w, r in row["ranks"].items())
+                + (f"  rerun W=2 ratio {row['rerun_2']['ratio']:.3f}" if "rerun_2" in row else ""), flush=True)
+    _plot(res, out / "mixers.png")
+    return res
+
+
+def _kib(recs) -> str:
+    return "/".join(f"{(r['bytes']['forward'] + r['bytes']['backward']) / 1024:.1f}" for r in recs) + " KiB"
+
+
+def _plot(res: dict, path: pathlib.Path) -> None:
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(res["mixers"])
+    S = res["lengths"][-1]
+    worlds = sorted({int(w) for n in names for w in res["mixers"][n][S]["ranks"]})
+    width = 0.8 / (len(worlds) + 1)
+    for j, w in enumerate(worlds):
+        a.bar([i + j * width for i in range(len(names))],
+              [res["mixers"][n][S]["ranks"][w]["ratio"] for n in names], width, label=f"{w} ranks (correction)")
+    rerun = [(i, n) for i, n in enumerate(names) if "rerun_2" in res["mixers"][n][S]]
+    if rerun:
+        a.bar([i + len(worlds) * width for i, _ in rerun], [res["mixers"][n][S]["rerun_2"]["ratio"] for _, n in rerun],
+              width, label="2 ranks (rerun instead of correction)", color="gray")
+    for i, n in enumerate(names):
+        a.plot([i - width / 2, i + (len(worlds) + 0.5) * width], [GOAL[n]] * 2, "k--", lw=1)
+    a.set_xticks([i + width * (len(worlds) - 1) / 2 for i in range(len(names))], [LABEL[n] for n in names],
+                 fontsize=8)
+    a.set_ylabel("single-process time / slowest rank's time")
+    a.set_title(f"W ranks x 1 thread vs 1 process x 2 threads, S={S}\nfp32, fwd+bwd (Mamba1 fwd), zigzag "
+                "(dashed: goal)")
+    a.legend(fontsize=8)
+    for i, n in enumerate(names):
+        pts = [(s, res["mixers"][n][s]["single"]["total_s"], res["mixers"][n][s]["ranks"][2]["time_s"])
+               for s in res["lengths"]]
+        b.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{LABEL[n]}: 1 process")
+        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="x", ls="--", color=f"C{i}",
+               label=f"{LABEL[n]}: 2 ranks")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("sequence length")
+    b.set_ylabel("fwd+bwd time, s")
+    b.set_title("time vs sequence length")
+    b.legend(fontsize=7)
+    save_figure(fig, path, res["machine"])
+
+
+def summary(res: dict) -> str:
+    lines = ["| mixer | S | single (2 threads) s | W | ranks s | ratio (fwd+bwd) | ratio (fwd) | goal | "
+             "fwd parts per rank: local pass / transition / correction / rest, s | bytes per rank per layer "
+             "(fwd + bwd) | peak growth per rank MiB (single) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in res["mixers"].items():
+        for S, row in rows.items():
+            for w, r in row["ranks"].items():
+                parts = "; ".join(
+                    f"{p['parts'].get('step', 0):.2f} / {p['parts'].get('transition', 0):.2f} / "
+                    f"{p['parts'].get('correct', 0):.2f} / "
+                    f"{p['fwd_s'] - sum(p['parts'].values()):.2f}" for p in r["per_rank"])
+                by = ", ".join(f"{p['bytes']['forward'] / 1024:.0f} + {p['bytes']['backward'] / 1024:.0f} KiB"
+                               for p in r["per_rank"][:2])
+                mem = ", ".join(f"{p['peak_growth_mb']:.0f}" for p in r["per_rank"])
+                lines.append(f"| {LABEL[name]} | {S} | {row['single']['total_s']:.2f} | {w} | {r['time_s']:.2f} | "
+                             f"{r['ratio']:.3f} | {r['fwd_ratio']:.3f} | {GOAL[name]} | {parts} | {by} | "
+                             f"{mem} ({row['single']['peak_growth_mb']:.0f}) |")
+            if "rerun_2" in row:
+                lines.append(f"| {LABEL[name]}, rerun instead of correction | {S} | {row['single']['total_s']:.2f} "
+                             f"| 2 | {row['rerun_2']['time_s']:.2f} | {row['rerun_2']['ratio']:.3f} | | | | | |")
+    sz = "; ".join(f"{LABEL[n]}: " + ", ".join(f"{k}={v}" for k, v in s.items()) for n, s in res["sizes"].items())
+    lines.append(f"\nSizes (batch 1, float32, zigzag): {sz}. ratio = single-process time / slowest rank's time; "
+                 f"{res['machine']['cpu_count']} cores, so 4 ranks x 1 thread oversubscribe them (the ideal "
+                 "ratio stays 1: the same total CPU). Bytes are what each rank hands to the collectives "
+                 "(the first two ranks shown; the 4-int agreements not counted).")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["NAMES", "TINY", "inputs", "layer", "run", "single_time", "summary", "weights"]
