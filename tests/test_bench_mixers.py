@@ -55,5 +55,19 @@ def test_quick_variant(tmp_path):
         for a, b in zip(short, long):
             assert a["bytes"] == b["bytes"], f"{name}: bytes per layer depend on the length"
             assert a["bytes"]["forward"] > 0
+    # the planner's bytes are the measured ones (zigzag on 2 ranks, float32)
+    from ringattn.cost_model import mixer_cost
+
+    t = bm.TINY
+    model = {"mamba2": dict(kind="scalar", heads=t["mamba2"]["H"], state=(t["mamba2"]["P"], t["mamba2"]["N"])),
+             "gdn": dict(kind="dense", heads=t["gdn"]["H"], state=(t["gdn"]["K"], t["gdn"]["K"])),
+             "mamba1": dict(kind="diagonal", state=(t["mamba1"]["D"], t["mamba1"]["N"])),
+             "conv": dict(kind="conv", channels=t["conv"]["C"], kernel=t["conv"]["k"])}
+    for name, kw in model.items():
+        c = mixer_cost(seq_len=32, world=2, dtype_bytes=4, **kw)
+        measured = res["mixers"][name][32]["ranks"][2]["per_rank"][0]["bytes"]
+        assert measured["forward"] == c.bytes_sent, name
+        if name != "mamba1":  # forward only
+            assert measured["backward"] == c.backward_bytes, name
     assert (tmp_path / "mixers.png").exists()
     assert "| Mamba2 / SSD | 32 |" in bm.summary(res)

@@ -12,6 +12,7 @@ collectives per layer (measured by counting what is handed to torch.distributed)
 
 from __future__ import annotations
 
+import math
 import pathlib
 import time
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from ringattn import mixers as mx
 
-from ..common import machine, pyplot, reset_peak_rss, rss_mb, save_figure
+from ..common import best_of, machine, pyplot, reset_peak_rss, rss_mb, save_figure
 
 NAMES = ("mamba2", "gdn", "mamba1", "conv")
 GOAL = {"mamba2": 0.85, "mamba1": 0.85, "conv": 0.85, "gdn": 0.7}
@@ -208,125 +209,171 @@ class CountBytes:
 
 
 def _rank_jobs(jobs, layout) -> list[list[dict]]:
-    """Every job ``(name, S, mode, size, reps)`` on this group (one launch for all: a launch costs seconds)."""
-    return [_rank_run(name, S, layout, reps, mode, size) for name, S, mode, size, reps in jobs]
+    """Every job ``(name, S, mode, size, reps, single)`` on this group (one launch for all: a launch costs
+    seconds)."""
+    solo = dist.new_group([0])  # rank 0's one-process baseline: a plan of one rank, no collectives
+    return [_rank_run(name, S, layout, reps, mode, size, solo if single else None)
+            for name, S, mode, size, reps, single in jobs]
 
 
-def _rank_run(name, S, layout, reps, mode, size) -> list[dict]:
+def _pass(name, xs, plan, size, wts, mode, gy, cb=None) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    y = layer(name, xs, plan, size, wts, mode)
+    t1 = time.perf_counter()
+    if cb is not None:
+        cb.phase = "backward"
+    if name not in FORWARD_ONLY:
+        y.backward(gy)
+    return t1 - t0, time.perf_counter() - t0
+
+
+def _rank_run(name, S, layout, reps, mode, size, solo=None) -> dict:
+    """This group's best of ``reps`` timed runs (after a warm-up; the first measures memory). With
+    ``solo``, rank 0 runs the one-process baseline (2 threads, the others idle at a barrier) right after
+    each group run, so that both see the same machine load."""
     import ringattn
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    full = inputs(name, S, size)
     pos = ringattn.global_positions(layout, rank, world, S // world)
-    local = [x.index_select(1, pos) for x in inputs(name, S, size)]
+    local = [x.index_select(1, pos) for x in full]
     wts = weights(name, size)
-    gy = torch.randn(local[0].shape[0], local[0].shape[1], *_out_tail(name, size),
-                     generator=torch.Generator().manual_seed(5 + rank))
+    gy_full = torch.randn(1, S, *_out_tail(name, size), generator=torch.Generator().manual_seed(5))
+    gy = gy_full.index_select(1, pos)
     plan = mx.fragments(S // world, layout=layout, batch=1)
-    best, peak = None, float("nan")
-    for i in range(reps + 1):  # a warm-up, then the timed runs; the first of them measures memory too
-        xs = [x.clone().requires_grad_(name not in FORWARD_ONLY) for x in local]
+    grad = name not in FORWARD_ONLY
+    best, single, peak, single_peak = None, None, float("nan"), float("nan")
+    for i in range(reps + 1):
+        xs = [x.clone().requires_grad_(grad) for x in local]
         PARTS.clear()
         dist.barrier()
         if i == 1:
             base = rss_mb()
             reset_peak_rss()
         with CountBytes() as cb:
-            t0 = time.perf_counter()
-            y = layer(name, xs, plan, size, wts, mode)
-            t1 = time.perf_counter()
-            cb.phase = "backward"
-            if name not in FORWARD_ONLY:
-                y.backward(gy)
-            t2 = time.perf_counter()
-        del y, xs
+            fwd, total = _pass(name, xs, plan, size, wts, mode, gy, cb)
+        del xs
         if i == 1:
             peak = rss_mb("VmHWM") - base
-        rec = {"fwd_s": t1 - t0, "total_s": t2 - t0, "parts": dict(PARTS), "bytes": dict(cb.bytes),
+        rec = {"fwd_s": fwd, "total_s": total, "parts": dict(PARTS), "bytes": dict(cb.bytes),
                "control_bytes": cb.control}
-        if i and (best is None or rec["total_s"] < best["total_s"]):
+        if i and (best is None or total < best["total_s"]):
             best = rec
+        dist.barrier()
+        if solo is not None and rank == 0:
+            torch.set_num_threads(2)
+            xs = [x.clone().requires_grad_(grad) for x in full]
+            if i == 1:
+                base = rss_mb()
+                reset_peak_rss()
+            fwd, total = _pass(name, xs, mx.fragments(S, layout="contiguous", batch=1, group=solo), size, wts,
+                               "correct", gy_full)
+            del xs
+            if i == 1:
+                single_peak = rss_mb("VmHWM") - base
+            torch.set_num_threads(1)
+            if i and (single is None or total < single["total_s"]):
+                single = {"fwd_s": fwd, "total_s": total}
+        dist.barrier()
     best["peak_growth_mb"] = peak
     recs = [None] * world
     dist.all_gather_object(recs, best)
-    return recs
+    if single is not None:
+        single["peak_growth_mb"] = single_peak
+    return {"per_rank": recs, "single": single}
 
 
 def _out_tail(name, size):
     return tuple(size[k] for k in {"mamba2": ("H", "P"), "gdn": ("H", "K"), "mamba1": ("D",), "conv": ("C",)}[name])
 
 
-def single_time(name, S, reps, size, threads=2) -> dict:
-    """One process, ``threads`` threads, the same code over the whole sequence (a plan of one rank)."""
-    torch.set_num_threads(threads)
-    full = inputs(name, S, size)
-    wts = weights(name, size)
-    gy = torch.randn(1, S, *_out_tail(name, size), generator=torch.Generator().manual_seed(5))
-    plan = mx.fragments(S, layout="contiguous", batch=1)
-    best, peak = None, float("nan")
-    for i in range(reps + 1):
-        xs = [x.clone().requires_grad_(name not in FORWARD_ONLY) for x in full]
-        if i == 1:
-            base = rss_mb()
-            reset_peak_rss()
-        t0 = time.perf_counter()
-        y = layer(name, xs, plan, size, wts)
-        t1 = time.perf_counter()
-        if name not in FORWARD_ONLY:
-            y.backward(gy)
-        t2 = time.perf_counter()
-        del y, xs
-        if i == 1:
-            peak = rss_mb("VmHWM") - base
-        if i and (best is None or t2 - t0 < best["total_s"]):
-            best = {"fwd_s": t1 - t0, "total_s": t2 - t0}
-    best["peak_growth_mb"] = peak
-    return best
-
-
-def ranks_run(jobs, world, layout="zigzag") -> list[list[dict]]:
+def ranks_run(jobs, world, layout="zigzag") -> list[dict]:
     from ringattn.training.launch import spawn_collect
 
     return spawn_collect(_rank_jobs, world, jobs, layout)
 
 
-def run(out: pathlib.Path, quick: bool, names=NAMES, sizes=None, lengths=None) -> dict:
+def run(out: pathlib.Path, quick: bool, names=NAMES, sizes=None, lengths=None, reps: int | None = None) -> dict:
     sizes = sizes or SIZES
     lengths = lengths or ([1024, 2048] if quick else [16384, 32768])
-    reps = 1 if quick else 2
+    reps = reps or (1 if quick else 2)
     worlds = [2] if quick else [2, 4]
     res = {"machine": machine(), "lengths": lengths, "sizes": {n: sizes[n] for n in names}, "dtype": "float32",
            "layout": "zigzag", "timed_runs_per_side": reps, "mixers": {n: {} for n in names}}
-    singles = {(n, S): single_time(n, S, reps, sizes[n]) for n in names for S in lengths}
     ranked = {}
     for w in worlds:
-        jobs = [(n, S, "correct", sizes[n], reps) for n in names for S in lengths]
+        jobs = [(n, S, "correct", sizes[n], reps, True) for n in names for S in lengths]
         if w == 2 and not quick:  # Mamba1's step takes no initial state: it has only the correction path
-            jobs += [(n, lengths[-1], "rerun", sizes[n], reps) for n in names if n not in ("conv", "mamba1")]
-        for job, recs in zip(jobs, ranks_run(jobs, w)):
-            ranked[(w, job[0], job[1], job[2])] = recs
+            jobs += [(n, lengths[-1], "rerun", sizes[n], reps, False) for n in names if n not in ("conv", "mamba1")]
+        for job, got in zip(jobs, ranks_run(jobs, w)):
+            ranked[(w, job[0], job[1], job[2])] = got
     for name in names:
         for S in lengths:
-            single = singles[(name, S)]
-            row = {"single": single, "ranks": {}}
+            row = {"ranks": {}}
             for w in worlds:
-                recs = ranked[(w, name, S, "correct")]
+                got = ranked[(w, name, S, "correct")]
+                recs, single = got["per_rank"], got["single"]
                 row["ranks"][w] = {"time_s": max(r["total_s"] for r in recs),
                                    "fwd_s": max(r["fwd_s"] for r in recs),
+                                   "single": single,
                                    "ratio": single["total_s"] / max(r["total_s"] for r in recs),
                                    "fwd_ratio": single["fwd_s"] / max(r["fwd_s"] for r in recs),
                                    "per_rank": recs}
+            row["single"] = row["ranks"][2]["single"]
             if (2, name, S, "rerun") in ranked:
-                recs = ranked[(2, name, S, "rerun")]
+                recs = ranked[(2, name, S, "rerun")]["per_rank"]
                 row["rerun_2"] = {"time_s": max(r["total_s"] for r in recs),
-                                  "ratio": single["total_s"] / max(r["total_s"] for r in recs), "per_rank": recs}
+                                  "ratio": row["single"]["total_s"] / max(r["total_s"] for r in recs),
+                                  "per_rank": recs}
             res["mixers"][name][S] = row
-            print(f"  {name:<7} S={S:<6} single {single['total_s']:6.2f}s  " + "  ".join(
-                f"W={w}: {r['time_s']:6.2f}s ratio {r['ratio']:.3f} (fwd {r['fwd_ratio']:.3f}) "
-                f"bytes/rank {_kib(r['per_rank'])}"
+            print(f"  {name:<7} S={S:<6} " + "  ".join(
+                f"W={w}: single {r['single']['total_s']:6.2f}s ranks {r['time_s']:6.2f}s ratio {r['ratio']:.3f} "
+                f"(fwd {r['fwd_ratio']:.3f}) bytes/rank {_kib(r['per_rank'])}"
                 for w, r in row["ranks"].items())
                 + (f"  rerun W=2 ratio {row['rerun_2']['ratio']:.3f}" if "rerun_2" in row else ""), flush=True)
+    res["fold"] = fold_table(worlds=(2, 4) if quick else (2, 4, 8, 16, 32, 64), reps=1 if quick else 3)
     _plot(res, out / "mixers.png")
     return res
+
+
+def fold_table(worlds=(2, 4, 8, 16, 32, 64), heads: int = 16, k: int = 128, slots: int = 2,
+               reps: int = 3) -> list[dict]:
+    """All-gather + fold vs a Hillis-Steele scan for Gated DeltaNet-size summaries (``heads`` x K x K
+    transitions, K x K states, float32), one thread: bytes per rank (computed from the buffer sizes) and
+    the time of the local work each does for the last rank (measured): the fold applies every earlier
+    summary to the state (``W * slots`` products ``M h``), the scan composes a pair per round (``M2 M1``
+    and ``M2 S1``, ``ceil(log2 W)`` rounds). Forward + backward through autograd, as in training."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    unit = heads * (k * k + k * k) * 4  # one summary's bytes
+    out = []
+    for w in worlds:
+        n = w * slots
+        ms = (torch.randn(n, heads, k, k, generator=g) / k ** 0.5).requires_grad_()
+        ss = torch.randn(n, heads, k, k, generator=g).requires_grad_()
+
+        def fold():
+            h = ss[0]
+            for i in range(1, n):
+                h = ms[i] @ h + ss[i]
+            h.sum().backward()
+
+        rounds = math.ceil(math.log2(w))
+
+        def scan():
+            m, st = ms[0], ss[0]
+            for i in range(rounds):
+                m, st = ms[i + 1] @ m, ms[i + 1] @ st + ss[i + 1]
+            (m.sum() + st.sum()).backward()
+
+        out.append({"world": w, "gather_received_mib": (w - 1) * slots * unit / 2 ** 20,
+                    "gather_held_mib": w * slots * unit / 2 ** 20, "fold_s": best_of(fold, reps),
+                    "scan_moved_mib": rounds * slots * unit / 2 ** 20, "scan_rounds": rounds,
+                    "scan_s": best_of(scan, reps)})
+        print(f"  fold W={w}: all-gather {out[-1]['gather_received_mib']:.0f} MiB received, fold "
+              f"{out[-1]['fold_s'] * 1e3:.0f} ms; scan {out[-1]['scan_moved_mib']:.0f} MiB in {rounds} rounds, "
+              f"{out[-1]['scan_s'] * 1e3:.0f} ms", flush=True)
+    return out
 
 
 def _kib(recs) -> str:
@@ -384,12 +431,22 @@ def summary(res: dict) -> str:
                 by = ", ".join(f"{p['bytes']['forward'] / 1024:.0f} + {p['bytes']['backward'] / 1024:.0f} KiB"
                                for p in r["per_rank"][:2])
                 mem = ", ".join(f"{p['peak_growth_mb']:.0f}" for p in r["per_rank"])
-                lines.append(f"| {LABEL[name]} | {S} | {row['single']['total_s']:.2f} | {w} | {r['time_s']:.2f} | "
+                lines.append(f"| {LABEL[name]} | {S} | {r['single']['total_s']:.2f} | {w} | {r['time_s']:.2f} | "
                              f"{r['ratio']:.3f} | {r['fwd_ratio']:.3f} | {GOAL[name]} | {parts} | {by} | "
-                             f"{mem} ({row['single']['peak_growth_mb']:.0f}) |")
+                             f"{mem} ({r['single']['peak_growth_mb']:.0f}) |")
             if "rerun_2" in row:
                 lines.append(f"| {LABEL[name]}, rerun instead of correction | {S} | {row['single']['total_s']:.2f} "
                              f"| 2 | {row['rerun_2']['time_s']:.2f} | {row['rerun_2']['ratio']:.3f} | | | | | |")
+    if res.get("fold"):
+        lines.append("\nAll-gather + fold vs a Hillis-Steele scan, Gated DeltaNet-size summaries (16 heads, K = V = "
+                     "128, float32, 2 per rank: 4 MiB each), one thread, forward + backward of the local work "
+                     "(`fold_table`; bytes computed from the buffer sizes, times measured):\n")
+        lines.append("| W | all-gather: MiB received / held per rank | fold s (the last rank: W x 2 products) | "
+                     "scan: MiB moved per rank, rounds | scan s (local compose) |")
+        lines.append("|---|---|---|---|---|")
+        for f in res["fold"]:
+            lines.append(f"| {f['world']} | {f['gather_received_mib']:.0f} / {f['gather_held_mib']:.0f} | "
+                         f"{f['fold_s']:.3f} | {f['scan_moved_mib']:.0f}, {f['scan_rounds']} | {f['scan_s']:.3f} |")
     sz = "; ".join(f"{LABEL[n]}: " + ", ".join(f"{k}={v}" for k, v in s.items()) for n, s in res["sizes"].items())
     lines.append(f"\nSizes (batch 1, float32, zigzag): {sz}. ratio = single-process time / slowest rank's time; "
                  f"{res['machine']['cpu_count']} cores, so 4 ranks x 1 thread oversubscribe them (the ideal "
@@ -398,4 +455,4 @@ def summary(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["NAMES", "TINY", "inputs", "layer", "run", "single_time", "summary", "weights"]
+__all__ = ["NAMES", "TINY", "fold_table", "inputs", "layer", "run", "summary", "weights"]
