@@ -13,7 +13,9 @@ collectives per layer (measured by counting what is handed to torch.distributed)
 from __future__ import annotations
 
 import math
+import os
 import pathlib
+import tempfile
 import time
 
 import torch
@@ -260,6 +262,12 @@ def _rank_run(name, S, layout, reps, mode, size, solo=None) -> dict:
         if i and (best is None or total < best["total_s"]):
             best = rec
         dist.barrier()
+        flag = f"{tempfile.gettempdir()}/ringattn-mixers-{os.getppid()}-{name}-{S}-{mode}-{i}"
+        if solo is not None and rank != 0:
+            # Idle asleep, not in a collective: a waiting collective may spin on a core the baseline's
+            # two threads need.
+            while not os.path.exists(flag):
+                time.sleep(0.01)
         if solo is not None and rank == 0:
             torch.set_num_threads(2)
             xs = [x.clone().requires_grad_(grad) for x in full]
@@ -274,7 +282,10 @@ def _rank_run(name, S, layout, reps, mode, size, solo=None) -> dict:
             torch.set_num_threads(1)
             if i and (single is None or total < single["total_s"]):
                 single = {"fwd_s": fwd, "total_s": total}
+            open(flag, "w").close()
         dist.barrier()
+        if solo is not None and rank == 0:
+            os.remove(flag)
     best["peak_growth_mb"] = peak
     recs = [None] * world
     dist.all_gather_object(recs, best)
