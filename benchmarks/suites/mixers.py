@@ -363,18 +363,21 @@ def fold_table(worlds=(2, 4, 8, 16, 32, 64), heads: int = 16, k: int = 128, slot
         ms = (torch.randn(n, heads, k, k, generator=g) / k ** 0.5).requires_grad_()
         ss = torch.randn(n, heads, k, k, generator=g).requires_grad_()
 
-        def fold():
-            h = ss[0]
+        def fold():  # as scan_states reads the gathered buffer: one unbind
+            mu, su = ms.unbind(0), ss.unbind(0)
+            h = su[0]
             for i in range(1, n):
-                h = ms[i] @ h + ss[i]
+                h = mu[i] @ h + su[i]
             h.sum().backward()
 
         rounds = math.ceil(math.log2(w))
+        # a scan holds one summary per round, not W of them
+        mr, sr = (t[:rounds + 1].detach().clone().requires_grad_() for t in (ms, ss))
 
         def scan():
-            m, st = ms[0], ss[0]
+            m, st = mr[0], sr[0]
             for i in range(rounds):
-                m, st = ms[i + 1] @ m, ms[i + 1] @ st + ss[i + 1]
+                m, st = mr[i + 1] @ m, mr[i + 1] @ st + sr[i + 1]
             (m.sum() + st.sum()).backward()
 
         out.append({"world": w, "gather_received_mib": (w - 1) * slots * unit / 2 ** 20,
@@ -458,6 +461,24 @@ def summary(res: dict) -> str:
         for f in res["fold"]:
             lines.append(f"| {f['world']} | {f['gather_received_mib']:.0f} / {f['gather_held_mib']:.0f} | "
                          f"{f['fold_s']:.3f} | {f['scan_moved_mib']:.0f}, {f['scan_rounds']} | {f['scan_s']:.3f} |")
+    lines.append("\nWhere the time goes (2 ranks, the longest length, forward; the slowest rank's parts):\n")
+    for name, rows in res["mixers"].items():
+        keys = sorted(rows, key=int)
+        big, small = rows[keys[-1]], rows[keys[0]]
+        r = big["ranks"].get(2) or big["ranks"].get("2")
+        p = max(r["per_rank"], key=lambda x: x["fwd_s"])
+        parts = p["parts"]
+        rest = p["fwd_s"] - sum(parts.values())
+        one = r["single"]
+        growth = one["total_s"] / (small["ranks"].get(2) or small["ranks"].get("2"))["single"]["total_s"]
+        ranks_growth = r["time_s"] / (small["ranks"].get(2) or small["ranks"].get("2"))["time_s"]
+        lines.append(
+            f"- {LABEL[name]}: one process {one['fwd_s']:.2f} s forward, {one['total_s']:.2f} s with backward; "
+            f"the rank {p['fwd_s']:.2f} s forward = local pass from zero {parts.get('step', 0):.2f} + transition "
+            f"{parts.get('transition', 0):.2f} + correction {parts.get('correct', 0):.2f} + the rest (agreement, "
+            f"exchange, fold, waiting for the other rank) {rest:.2f}. From S = {keys[0]} to {keys[-1]} (2x) the "
+            f"one-process time grows {growth:.1f}x and the ranks' {ranks_growth:.1f}x"
+            + (f"; the rerun path instead: {big['rerun_2']['ratio']:.2f}" if "rerun_2" in big else "") + ".")
     sz = "; ".join(f"{LABEL[n]}: " + ", ".join(f"{k}={v}" for k, v in s.items()) for n, s in res["sizes"].items())
     lines.append(f"\nSizes (batch 1, float32, zigzag): {sz}. ratio = single-process time / slowest rank's time; "
                  f"{res['machine']['cpu_count']} cores, so 4 ranks x 1 thread oversubscribe them (the ideal "

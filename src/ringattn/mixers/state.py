@@ -109,6 +109,9 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
         rows = _rows(rp, batch)
         last = max((p.start for p in rp.pieces if p.rank == plan.rank), default=-1)
         g = gathered[:, torch.tensor(rows, device=gathered.device)] if rp.rows is not None else gathered
+        # One unbind, not an index per summary: each index's backward would materialise a gradient of
+        # the whole gathered buffer (quadratic in W); unbind's stacks them once.
+        cells = [r.unbind(1) for r in g.unbind(0)]
         slot_of = {r: rp.slots(r) for r in range(plan.world)}
         end_state: dict[int, torch.Tensor | None] = {}
         for p in rp.pieces:
@@ -118,7 +121,7 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
             if p.rank == plan.rank:
                 states[(gi, p.local)] = h0
             if p.feeds:
-                row = g[p.rank, :, slot_of[p.rank][p]]
+                row = cells[p.rank][slot_of[p.rank][p]]
                 m = row[:, :mn].reshape(len(rows), *mshape)
                 s = row[:, mn:].reshape(len(rows), *state_shape)
                 end_state[p.end] = s if h0 is None else apply(kind, m, h0) + s
