@@ -54,10 +54,31 @@ def dense_transition(q, k, v, alpha, beta):
     return m
 
 
+def diag_correct(a, b, x, c, h0):
+    """The outputs' part due to h0: y_t += c_t^T (prod_{s<=t} a_s * h0)."""
+    return torch.einsum("bthn,bhnp->bthp", c * a.cumprod(1), h0)
+
+
+def dense_correct(q, k, v, alpha, beta, s0):
+    """The rule run with v = 0 from s0 (the outputs are linear in the state)."""
+    return dense_step(q, k, torch.zeros_like(v), alpha, beta, s0)[0]
+
+
+def dense_step_aux(q, k, v, alpha, beta, s0):
+    """A step that hands out its span's transition (as a kernel reading it off its own pass would)."""
+    y, s = dense_step(q, k, v, alpha, beta, s0)
+    return y, s, dense_transition(q, k, v, alpha, beta)
+
+
 MIXERS = {
     "diagonal": dict(step=diag_step, transition=diag_transition, kind="diagonal", state_shape=(H, N, P),
                      transition_shape=(H, N, 1)),
     "dense": dict(step=dense_step, transition=dense_transition, kind="dense", state_shape=(H, K, V)),
+    # the correction path: every piece runs from zero, then adds its incoming state's part of the outputs
+    "diagonal-correct": dict(step=diag_step, transition=diag_transition, kind="diagonal", state_shape=(H, N, P),
+                             transition_shape=(H, N, 1), correct=diag_correct),
+    "dense-correct": dict(step=dense_step_aux, transition=lambda *spans, aux: aux, kind="dense",
+                          state_shape=(H, K, V), correct=lambda *a, aux: dense_correct(*a)),
 }
 
 
@@ -70,7 +91,7 @@ def make_inputs(name, n, seed):
     def u(*shape, lo=0.5, hi=1.0):
         return lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)
 
-    if name == "diagonal":
+    if name.startswith("diagonal"):
         return [u(B, n, H, N), r(B, n, H, N), r(B, n, H, P), r(B, n, H, N)]
     k = torch.nn.functional.normalize(r(B, n, H, K), dim=-1)
     return [r(B, n, H, K), k, r(B, n, H, V), u(B, n, H), u(B, n, H, lo=0.1, hi=0.9)]
@@ -78,7 +99,7 @@ def make_inputs(name, n, seed):
 
 def reference(name, inputs, rows_bounds):
     """One process, whole sequence, each row's documents from a zero state."""
-    step = MIXERS[name]["step"]
+    step = MIXERS[name.split("-")[0]]["step"]
     out = []
     for b, bounds in enumerate(rows_bounds):
         ys = [step(*[x[b:b + 1, s:e] for x in inputs], None)[0] for s, e in zip(bounds, bounds[1:])]
@@ -147,7 +168,8 @@ def rank_check(name, expect):
         plan = mixers.fragments(pos.shape[1], layout=layout, cu_seqlens=cu, uneven=uneven,
                                 seq_len=n if uneven else None, batch=B)
         y = mixers.run_fragments(spec["step"], spec["transition"], local, plan=plan, kind=spec["kind"],
-                                 state_shape=spec["state_shape"], transition_shape=spec.get("transition_shape"))
+                                 state_shape=spec["state_shape"], transition_shape=spec.get("transition_shape"),
+                                 correct=spec.get("correct"))
         err = (y - mine(ref)).abs().max().item()
         grads = torch.autograd.grad((y * mine(gy)).sum(), local)
         for g, rg in zip(grads, ref_grads):
@@ -209,6 +231,9 @@ def rank_mistakes():
             lambda *a: (_ for _ in ()).throw(ValueError("mixer bug")) if rank == 1 else spec["step"](*a),
             spec["transition"], inputs, plan=plan, kind="diagonal", state_shape=(H, N, P),
             transition_shape=(H, N, 1))),
+        "correct": _error(lambda: call(correct="diag_correct")),
+        # a correction of the wrong shape (both zigzag ranks hold a piece that continues a document)
+        "correct_shape": _error(lambda: call(correct=lambda *a: torch.zeros(1, dtype=torch.float64))),
         "conv": _error(lambda: mixers.causal_conv1d(inputs[0][:, :, 0], torch.ones(H, 1, 2, dtype=torch.float64),
                                                     plan=plan)),
     }
@@ -225,6 +250,10 @@ def test_mistakes(ranks):
         assert "kind must be one of ('diagonal', 'dense')" in r["kind"]
         assert "ranks disagree on layout" in r["layout"]
         assert "weight must be (channels, k) or (channels, 1, k)" in r["conv"]
+        assert "correct must be a callable (*pieces, initial_state) -> y_delta or None, got str" in r["correct"]
+    # rank 0's second zigzag chunk continues the first; rank 1's two chunks are one run of 18
+    assert "correct's output must have shape (2, 9, 2, 2), got (1,)" in r0["correct_shape"]
+    assert "correct's output must have shape (2, 18, 2, 2), got (1,)" in r1["correct_shape"]
     assert "disagree" in r0["state"] and "disagree" in r1["state"]
     assert r1["step"] == "ValueError: mixer bug" and "another rank failed its checks" in r0["step"]
 

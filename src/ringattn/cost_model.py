@@ -308,3 +308,108 @@ def configured_hardware(device=None) -> Hardware:
         name = torch.cuda.get_device_name(device)
         return PRESETS["h100-nvlink" if ("H100" in name or "H200" in name) else "a100-nvlink"]
     return PRESETS["cpu-gloo-loopback"]
+
+
+# --- token mixers of hybrid models (ringattn.mixers) ---------------------------------------------------
+
+MIXER_KINDS = ("scalar", "diagonal", "dense", "conv")
+
+
+def _mixer_slots(layout: str, world: int, kind: str) -> int:
+    """Summary slots (the most feeding pieces a rank holds) or, for a halo, the most fragments, without
+    documents. Zigzag: chunks r and 2W-1-r, one run on rank W-1; every piece but the last feeds.
+    Striped regroups to contiguous."""
+    if world == 1:
+        return 0
+    if layout in ("contiguous", "striped"):
+        return 1
+    if kind == "conv":
+        return 2
+    return 1 if world == 2 else 2
+
+
+@dataclass(frozen=True)
+class MixerCost:
+    """One mixer layer on one rank, beyond its share of the one-process work (``mixer_cost``)."""
+
+    kind: str
+    slots: int  # summaries (or halo tails) this rank contributes
+    bytes_sent: int  # forward: what this rank puts into the all-gather (independent of the length)
+    bytes_received: int  # forward: the other ranks' buffers
+    backward_bytes: int  # the all-reduce of the gathered buffer's gradient (its size; a ring sends ~2x)
+    regroup_bytes: int  # striped: the local tensors sent by the all-to-all, both ways, forward
+    local_flops: float  # this rank's share of the one-process pass
+    extra_flops: float  # the summary's extra local work: transition, correction (or rerun)
+    extra_passes: float  # extra_flops / local_flops
+    time: float  # predicted seconds of the extra work and the exchange, forward
+    note: str
+
+
+def mixer_cost(kind: str, *, seq_len: int, world: int, heads: int = 1, state: tuple[int, int] = (1, 1),
+               channels: int = 0, kernel: int = 4, chunk: int = 64, batch: int = 1, dtype_bytes: int = 2,
+               layout: str = "zigzag", slots: int | None = None, correct: bool = True,
+               token_bytes: int = 0, hw: Hardware | None = None) -> MixerCost:
+    """Per-layer cost of a context-parallel mixer on one rank (forward): bytes and the extra local work.
+
+    ``kind``: ``"scalar"`` (Mamba2 / SSD: state ``heads x (P, N)``, a scalar transition per head),
+    ``"diagonal"`` (Mamba1, RG-LRU: state ``heads x (D, N)`` and a transition of the state's shape; pass
+    ``heads=1, state=(d_inner, N)``), ``"dense"`` (Gated DeltaNet, KDA: state ``heads x (K, V)``, a K x K
+    transition), ``"conv"`` (a depthwise causal convolution of ``channels`` and ``kernel``: a halo of
+    ``kernel - 1`` rows per fragment). ``slots``: summaries per rank, the most feeding pieces one holds
+    (default without documents: 1 contiguous or striped; zigzag 1 on 2 ranks, else 2; a halo: the most
+    fragments, 2 zigzag); ``Fragments.summary_slots()`` / ``fragment_slots()`` give them for a plan.
+    ``correct``: the correction path (``run_fragments(correct=)``; dense: one pass with K more value
+    columns gives the transition and the correction's operator), else the rerun path (a second pass
+    over the pieces that continue a document, after the exchange). ``token_bytes``: bytes of a token's
+    inputs, for striped's regroup. Summaries are float32 (float64 for ``dtype_bytes=8``).
+
+    FLOPs per token are rough counts of the chunked pure-torch steps (scalar: ``2cN + 2cP + 6PN`` per
+    head; diagonal: ``6N`` per channel; dense: ``4cK + 4cV + 6KV`` per head; conv: ``2k`` per channel),
+    enough to compare the extra work with the pass; ``python -m benchmarks mixers`` measures them."""
+    if kind not in MIXER_KINDS:
+        raise ValueError(f"mixer_cost: kind must be one of {MIXER_KINDS}, got {kind!r}")
+    if world < 1 or seq_len < world:
+        raise ValueError(f"mixer_cost: need 1 <= world <= seq_len, got world={world}, seq_len={seq_len}")
+    hw = hw or configured_hardware()
+    local = seq_len // world
+    slots = slots if slots is not None else _mixer_slots(layout, world, kind)
+    if world == 1:
+        slots = 0
+    a, b = state
+    sbytes = 8 if dtype_bytes == 8 else 4
+    if kind == "conv":
+        if channels < 1:
+            raise ValueError("mixer_cost: kind='conv' needs channels >= 1")
+        per_slot, elem = (kernel - 1) * channels, dtype_bytes
+        pass_flops, extra = 2.0 * kernel * channels, 0.0
+    else:
+        m = {"scalar": heads, "diagonal": heads * a * b, "dense": heads * a * a}[kind]
+        per_slot, elem = m + heads * a * b, sbytes
+        if kind == "scalar":  # state (P, N) = (a, b)
+            pass_flops = heads * (2 * chunk * (a + b) + 6 * a * b)
+            corr = heads * 2 * a * b + heads  # C . h_in per token, and the decay
+        elif kind == "diagonal":
+            pass_flops = 6.0 * heads * a * b
+            corr = 4.0 * heads * a * b  # the decay of h_in per (channel, state), and C . that
+        else:  # dense (K, V) = (a, b)
+            pass_flops = heads * (4 * chunk * (a + b) + 6 * a * b)
+            corr = heads * (4 * chunk * a + 6 * a * a + 2 * a * b)  # K more value columns, then P_t . h_in
+        # The rerun path runs each piece that continues a document again: all but the first rank's
+        # first piece, about one whole local pass on the critical path.
+        extra = corr if correct else pass_flops
+    local_flops = pass_flops * local * batch
+    extra_flops = extra * local * batch if world > 1 else 0.0
+    sent = slots * batch * per_slot * elem
+    received = (world - 1) * sent
+    regroup = 2 * local * batch * token_bytes * (world - 1) // world if layout == "striped" and world > 1 else 0
+    time = extra_flops / hw.rank_flops(world)
+    if world > 1:
+        time += hw.latency * 2 + (received + regroup) / hw.link(world)  # agreement + gather (+ all-to-alls)
+    if kind == "conv":
+        note = f"halo of {kernel - 1} rows x {slots} fragments; no extra pass"
+    elif correct:
+        note = "correction path: all ranks' local passes at once, the correction after the exchange"
+    else:
+        note = "rerun path: pieces that continue a document run again after the exchange"
+    return MixerCost(kind, slots, sent, received, world * sent if world > 1 else 0, regroup, local_flops,
+                     extra_flops, extra_flops / local_flops if local_flops else 0.0, time, note)

@@ -6,7 +6,9 @@ collective and each rank folds, in global order, those before its pieces; each p
 true initial state. Autograd runs back through the fold and the gather, whose backward sums the
 gradients every rank computed for each summary (one all-reduce): the mirror fold
 ``dh_in = M^T dh_out`` is the fold's own backward, so gradients are exact with no hand-written rule.
-Pieces that start a document run once; the others run twice (summary, then from the true state).
+Pieces that start a document run once; the others run twice (summary, then from the true state), or,
+where the caller gives ``correct``, once from a zero state before the exchange plus a correction for the
+incoming state after it: every rank's local pass then runs at once, and only the correction waits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ WHAT = "ringattn.mixers.run_fragments"
 
 Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Transition = Callable[..., torch.Tensor]
+Correct = Callable[..., torch.Tensor]
 
 
 def summary_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -106,6 +109,9 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
         rows = _rows(rp, batch)
         last = max((p.start for p in rp.pieces if p.rank == plan.rank), default=-1)
         g = gathered[:, torch.tensor(rows, device=gathered.device)] if rp.rows is not None else gathered
+        # One unbind, not an index per summary: each index's backward would materialise a gradient of
+        # the whole gathered buffer (quadratic in W); unbind's stacks them once.
+        cells = [r.unbind(1) for r in g.unbind(0)]
         slot_of = {r: rp.slots(r) for r in range(plan.world)}
         end_state: dict[int, torch.Tensor | None] = {}
         for p in rp.pieces:
@@ -115,7 +121,7 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
             if p.rank == plan.rank:
                 states[(gi, p.local)] = h0
             if p.feeds:
-                row = g[p.rank, :, slot_of[p.rank][p]]
+                row = cells[p.rank][slot_of[p.rank][p]]
                 m = row[:, :mn].reshape(len(rows), *mshape)
                 s = row[:, mn:].reshape(len(rows), *state_shape)
                 end_state[p.end] = s if h0 is None else apply(kind, m, h0) + s
@@ -166,7 +172,7 @@ def _checked(what: str, t, shape: tuple[int, ...]) -> torch.Tensor:
 
 def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Tensor], *, plan: Fragments,
                   kind: str, state_shape: Sequence[int], transition_shape: Sequence[int] | None = None,
-                  ) -> torch.Tensor:
+                  correct: Correct | None = None) -> torch.Tensor:
     """Run an affine-state mixer over this rank's shard exactly as one process would over the whole
     sequence (every document from a zero state).
 
@@ -178,6 +184,14 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
     ``(heads, 1, 1)`` for a scalar per head) or ``(rows, ..., K, K)`` for ``kind="dense"`` (state ``(..., K, V)``,
     ``h_out = M @ h_in + S``). Returns the outputs ``(batch, local_len, ...)``.
 
+    ``correct(*pieces, initial_state) -> y_delta``: the outputs' part due to a nonzero initial state
+    (for these mixers linear in it; e.g. Mamba2 ``y_t += C_t . exp(cumsum(A dt))_t h_in``), the shape of
+    ``y``. Given it, every piece runs from a zero state before the exchange (all ranks at once) and the
+    pieces that do not start a document add ``correct(...)`` after it, instead of running a second time
+    from their true state after it. Then ``step`` may return a third value, ``aux``, handed to
+    ``transition`` and ``correct`` of the same piece as ``aux=``: a step that computes the transition
+    or the correction's operator in its own pass passes them on.
+
     Striped layouts (every token its own fragment) are regrouped to contiguous for the mixer by one
     all-to-all each way. Every rank must call it (collectives)."""
     error, extra = None, None
@@ -185,8 +199,12 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
         state_shape = tuple(state_shape)
         check_sharding(plan, *inputs)
         batch = _check(inputs, plan, kind, state_shape)
+        if correct is not None and not callable(correct):
+            raise TypeError(f"{WHAT}: correct must be a callable (*pieces, initial_state) -> y_delta or None, "
+                            f"got {type(correct).__name__}")
         mshape = transition_shape_of(kind, state_shape, transition_shape)
-        extra = (kind, state_shape, mshape, batch, [(x.dtype, tuple(x.shape[2:]), x.requires_grad) for x in inputs])
+        extra = (kind, state_shape, mshape, batch, correct is None,
+                 [(x.dtype, tuple(x.shape[2:]), x.requires_grad) for x in inputs])
     except Exception as e:  # noqa: BLE001 - raised on every rank by agree
         error = e
     agree(plan, error, WHAT, extra)
@@ -199,12 +217,12 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
         for idx in by_dtype.values():
             for i, x in zip(idx, regroup([inputs[i] for i in idx], plan, target)):
                 moved[i] = x
-        y = _run(step, transition, moved, target, kind, state_shape, mshape, batch)
+        y = _run(step, transition, moved, target, kind, state_shape, mshape, batch, correct)
         return regroup([y], target, plan)[0]
-    return _run(step, transition, inputs, plan, kind, state_shape, mshape, batch)
+    return _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, correct)
 
 
-def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch):
+def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, correct=None):
     mine = local_pieces(plan)
     sdtype = summary_dtype(inputs[0].dtype)
     outs: dict[int, torch.Tensor] = {}
@@ -216,19 +234,26 @@ def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch):
         idx = None if rows is None else torch.tensor(rows, device=inputs[0].device)
         return [(x if idx is None else x.index_select(0, idx)).narrow(1, p.local, p.length) for x in inputs]
 
+    aux: dict[int, dict] = {}
     try:
         for i, (rp, p) in enumerate(mine):
             n = len(rp.rows) if rp.rows is not None else batch
-            if not (p.fresh or p.feeds):
+            if not (p.fresh or p.feeds or correct is not None):
                 summaries.append(None)
                 continue
-            y, h = step(*span(rp, p), None)
+            res = step(*span(rp, p), None)
+            if not isinstance(res, (tuple, list)) or len(res) not in ((2, 3) if correct is not None else (2,)):
+                raise ValueError(f"{WHAT}: step must return (y, final_state)"
+                                 + (" or (y, final_state, aux)" if correct is not None else "")
+                                 + f", got {type(res).__name__} of {len(res) if isinstance(res, (tuple, list)) else 1}")
+            y, h = res[0], res[1]
+            aux[i] = {"aux": res[2]} if len(res) == 3 else {}
             _checked("step's final state", h, (n, *state_shape))
-            if p.fresh:
+            if p.fresh or correct is not None:
                 _checked("step's output", y, (n, p.length, *y.shape[2:]))
                 outs[i] = y
             if p.feeds:
-                m = _checked("transition", transition(*span(rp, p)), (n, *mshape))
+                m = _checked("transition", transition(*span(rp, p), **aux[i]), (n, *mshape))
                 summaries.append((m.to(sdtype), h.to(sdtype)))
             else:
                 summaries.append(None)
@@ -245,7 +270,12 @@ def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch):
     else:
         states, gathered = [None] * len(mine), None
     for i, (rp, p) in enumerate(mine):
-        if i not in outs:
+        if correct is not None:
+            if states[i] is not None:
+                # The state arrives in the summaries' dtype; the correction, like step, takes it so.
+                delta = correct(*span(rp, p), states[i], **aux[i])
+                outs[i] = outs[i] + _checked("correct's output", delta, tuple(outs[i].shape)).to(outs[i].dtype)
+        elif i not in outs:
             outs[i] = step(*span(rp, p), states[i])[0]
     parts, order = [], []
     for rp in plan.plans:
