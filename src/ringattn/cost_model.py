@@ -317,15 +317,26 @@ MIXER_KINDS = ("scalar", "diagonal", "dense", "conv")
 
 def _mixer_slots(layout: str, world: int, kind: str) -> int:
     """Summary slots (the most feeding pieces a rank holds) or, for a halo, the most fragments, without
-    documents. Zigzag: chunks r and 2W-1-r, one run on rank W-1; every piece but the last feeds.
-    Striped regroups to contiguous."""
+    documents, from the layout's own positions (a layout placed by documents: as one run per rank). Zigzag:
+    chunks r and 2W-1-r, one run on rank W-1; every piece but the last feeds. Strided layouts regroup to
+    contiguous."""
     if world == 1:
         return 0
-    if layout in ("contiguous", "striped"):
+    rule = layout_of(layout)
+    if rule.strided or rule.needs_documents:
         return 1
-    if kind == "conv":
-        return 2
-    return 1 if world == 2 else 2
+    local = 2 * world  # any local length the layout takes shows its runs
+    most = 0
+    for r in range(world):
+        runs = []
+        for seg in rule.positions(r, world, local, None):
+            if runs and runs[-1][1] == seg.start:
+                runs[-1] = (runs[-1][0], seg.start + seg.length)
+            else:
+                runs.append((seg.start, seg.start + seg.length))
+        feeding = len(runs) if kind == "conv" else sum(end < world * local for _, end in runs)
+        most = max(most, feeding)
+    return most
 
 
 @dataclass(frozen=True)
@@ -401,7 +412,7 @@ def mixer_cost(kind: str, *, seq_len: int, world: int, heads: int = 1, state: tu
     extra_flops = extra * local * batch if world > 1 else 0.0
     sent = slots * batch * per_slot * elem
     received = (world - 1) * sent
-    regroup = 2 * local * batch * token_bytes * (world - 1) // world if layout == "striped" and world > 1 else 0
+    regroup = 2 * local * batch * token_bytes * (world - 1) // world if layout_of(layout).strided and world > 1 else 0
     time = extra_flops / hw.rank_flops(world)
     if world > 1:
         time += hw.latency * 2 + (received + regroup) / hw.link(world)  # agreement + gather (+ all-to-alls)

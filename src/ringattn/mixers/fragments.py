@@ -96,6 +96,13 @@ class Fragments:
     def fragment_slots(self) -> int:
         return max((len(p.fragments[r]) for p in self.plans for r in range(self.world)), default=0)
 
+    @property
+    def scattered(self) -> bool:
+        """Whether some rank's fragments average under two tokens (striped: one each), too short for a
+        summary each to pay: the mixers then regroup the tokens contiguously, one all-to-all each way."""
+        return self.world > 1 and any(2 * len(p.fragments[r]) > self.lengths[r]
+                                      for p in self.plans for r in range(self.world) if self.lengths[r])
+
     def describe(self) -> str:
         return f"{self.layout} over {self.world} ranks, local lengths {list(self.lengths)}"
 

@@ -62,7 +62,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         error = e
     agree(plan, error, WHAT, extra)
     w = weight.reshape(weight.shape[0], k)
-    if plan.layout == "striped" and plan.world > 1 and k > 1:
+    if plan.scattered and k > 1:
         target = as_contiguous(plan)
         y = _conv(regroup([x], plan, target)[0], w, target, k)
         y = regroup([y], target, plan)[0]

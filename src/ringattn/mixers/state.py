@@ -208,7 +208,7 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
     except Exception as e:  # noqa: BLE001 - raised on every rank by agree
         error = e
     agree(plan, error, WHAT, extra)
-    if plan.layout == "striped" and plan.world > 1:
+    if plan.scattered:
         target = as_contiguous(plan)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, x in enumerate(inputs):
