@@ -20,6 +20,8 @@ transformers = pytest.importorskip("transformers")
 
 from ringattn import cli, hf  # noqa: E402
 
+from .test_hf_sweep import needs_hybrids  # noqa: E402
+
 auditing = importlib.import_module("ringattn.hf.audit")  # the module (ringattn.hf.audit is the function)
 
 SEQ = 30  # not a multiple of 2W: the padded tail is part of every audit here
@@ -153,6 +155,7 @@ def hybrid_case() -> dict:
     return {"code": code, "out": out, **reports}
 
 
+@needs_hybrids
 def test_hybrids_compare_mixer_layers_like_attention_layers(ranks):
     r = ranks.run(2, hybrid_case)[0]
     d = json.loads(r["out"])
@@ -181,6 +184,7 @@ def broken_mixer_case() -> hf.AuditReport:
         HANDLERS["mamba2_scan_forward"] = saved
 
 
+@needs_hybrids
 def test_a_wrong_mixer_is_named(ranks):
     r = ranks.run(2, broken_mixer_case)[0]
     assert not r.ok and r.refused is None and r.rows[0].part == "mixer (Mamba2Mixer)", r.table()

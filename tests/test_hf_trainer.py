@@ -18,6 +18,7 @@ from ringattn import hf  # noqa: E402
 
 from .reference import rel_err  # noqa: E402
 from .test_hf import tiny_model  # noqa: E402
+from .test_hf_sweep import needs_hybrids  # noqa: E402
 
 TOL = 1e-10
 TOL_FLOAT32_INSIDE = 1e-5  # as the HF sweep's, where Mamba2's scan keeps its float32 decays
@@ -172,6 +173,7 @@ def test_trainer_context_parallel(ranks, family, layout):
     print(f"{family} {layout}: max rel err {worst:.2e}")
 
 
+@needs_hybrids
 @pytest.mark.parametrize("family,layout", [("granitemoehybrid", "zigzag"), ("mamba2", "contiguous")])
 def test_trainer_hybrid(ranks, family, layout):
     # Granite-4.0-H: a Mamba2 layer (convolution and scan, context-parallel) and an attention layer.
@@ -179,6 +181,8 @@ def test_trainer_hybrid(ranks, family, layout):
     print(f"{family} {layout}: max rel err {worst:.2e}")
 
 
+@needs_hybrids
+@pytest.mark.slow
 def test_trainer_hybrid_activation_checkpointing(ranks):
     # The replay of each layer in backward runs its mixers context-parallel with the forward's documents.
     results = ranks.run(2, ring_run, "granitemoehybrid", "zigzag", 2, 1, 2, True)
@@ -265,6 +269,7 @@ def two_forwards_case() -> str:
     return "ran"
 
 
+@needs_hybrids
 def test_checkpointing_replays_of_several_pending_forwards_are_refused(ranks):
     for msg in ranks.run(2, two_forwards_case):
         assert "cannot tell which forward it replays (2 forwards of its layer are awaiting backward)" in msg, msg

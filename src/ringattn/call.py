@@ -73,14 +73,12 @@ def build(q, k, v, strategy: Strategy, topo: Topology, options: dict[str, Any]) 
     mods = ScoreMod(cap, opts.alibi_slopes).kinds
     backend = check_backend(opts.backend, q, k, v, mods)
     # Uneven blocks arrive padded to the longest (uneven_inputs), at explicit positions: no even-length rule.
+    q_block = topo.block_rows * q.shape[1]
     spec = make_spec(world=topo.world, local_len=topo.block_rows * k.shape[1],
                      layout=Layout.CONTIGUOUS if opts.uneven else layout, batch=q.shape[0],
-                     positional=ALIBI in mods, **opts.mask_keywords(), **kinds)
-    q_block = topo.block_rows * q.shape[1]
+                     positional=ALIBI in mods, q_local_len=q_block, **opts.mask_keywords(), **kinds)
     q_offset = query_offset(opts.q_seq_len, seq_len=spec.seq_len, q_rows=topo.world * q_block,
-                            same_len=q.shape[1] == k.shape[1],
-                            layout=Layout.CONTIGUOUS if opts.uneven else layout, world=topo.world,
-                            q_local_len=q_block)
+                            same_len=q.shape[1] == k.shape[1])
     scale = softmax_scale_of(opts.softmax_scale, q.shape[-1])
     check_backward_exchange(opts.backward_exchange)
     chunk = opts.kv_head_chunk

@@ -462,16 +462,3 @@ def kv_replication(kv_heads: int, ranks: int) -> int:
     find their K/V heads locally and the contiguous GQA grouping is kept.
     """
     return ranks // math.gcd(kv_heads, ranks)
-
-
-# ringattn.sharding's public names, importable from here too (ringattn.layouts.shard, ...).
-_SHARDING = frozenset({"Sharding", "shard", "unshard", "sharding_of", "remember", "settle", "settle_len", "place_of",
-                       "check_distributed", "documents_text", "document_rows"})
-
-
-def __getattr__(name: str):
-    if name in _SHARDING:
-        from . import sharding
-
-        return getattr(sharding, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -403,3 +403,15 @@ def _unshard_uneven(x: torch.Tensor, group, layout: Layout, dim: int, seq_len, m
     # Pad to the longest block: the padding rows sit at positions past seq_len, cut off by the gather.
     return _Unshard.apply(_pad(x, dim, max(lens)), group, Uneven(layout, seq_len), dim, seq_len, None, None)
 
+
+# These names lived in ringattn.layouts and stay importable from there (ringattn.layouts.shard, ...); set from
+# here, so that layouts, which this module builds on, imports nothing back.
+def _alias_in_layouts() -> None:
+    from . import layouts
+
+    for name in ("Sharding", "shard", "unshard", "sharding_of", "remember", "settle", "settle_len", "place_of",
+                 "check_distributed", "documents_text", "document_rows"):
+        setattr(layouts, name, globals()[name])
+
+
+_alias_in_layouts()

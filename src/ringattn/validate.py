@@ -80,13 +80,16 @@ def check_qkv(q, k, v) -> None:
 
 
 def make_spec(*, world: int, local_len: int, layout: str, batch: int, positional: bool = False,
-              **mask: Any) -> MaskSpec:
+              q_local_len: int | None = None, **mask: Any) -> MaskSpec:
     """The checked mask of a call: ``mask`` holds the mask keywords (``MaskKind.key`` of ``masks.KINDS``:
     ``causal``, ``window``, ``seq_len``, ``cu_seqlens``, ``chunk_size``, ``mask_mod``, ``slices`` and any
-    registered kind), each checked by its kind."""
+    registered kind), each checked by its kind. ``q_local_len``: the queries' local length where it is not
+    ``local_len``'s (the layout's rules for both, asked here at once)."""
     rule = layout_of(layout)
     rule.check_documents(world, mask.get("cu_seqlens"))
     rule.check_local_len(world, local_len)
+    if q_local_len is not None:
+        rule.check_local_len(world, q_local_len, "q local_len")
     total = world * local_len
     seq_len = mask.get("seq_len")
     seq_len = total if seq_len is None else check_seq_len(seq_len, MaskContext(total, total, batch))
@@ -116,13 +119,11 @@ def check_backend(choice, q, k, v, score_mods: frozenset[str]) -> Backend:
     return choice
 
 
-def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool, layout: str, world: int,
-                 q_local_len: int) -> int:
+def query_offset(q_seq_len, *, seq_len: int, q_rows: int, same_len: bool) -> int:
     """The global position of query row 0. The queries are the last ``q_seq_len`` of the ``seq_len`` key
     positions (bottom-right aligned, as in chunked prefill); the ``q_rows`` rows the ranks hold beyond
     ``q_seq_len`` are padding. None means ``seq_len`` when q and k have the same local length (square
-    attention), else every query row."""
-    layout_of(layout).check_local_len(world, q_local_len, "q local_len")
+    attention), else every query row. The layout's rule for the queries' local length is make_spec's."""
     default = q_seq_len is None
     if default:
         q_seq_len = seq_len if same_len else q_rows

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..callspec import Mask
+from .refusals import UnsupportedModel, model_name
 
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
 # Layer types that act on each token alone (Nemotron-H lists its MoE and MLP blocks as layers).
@@ -45,19 +46,6 @@ _MIXER_LAYERS: dict[int, tuple[weakref.ref, set]] = {}
 _MASK_SIZES: dict[int, tuple[weakref.ref, set]] = {}
 
 
-class UnsupportedModel(NotImplementedError):
-    """A model feature ring attention cannot compute exactly (raised at load time or the first call).
-
-    ``module`` (the refused submodule's path), ``layer`` (its decoder-layer index, where the config names it)
-    and ``feature`` (what is refused, in a few words) are set where the refusal knows them, so tools such as
-    ``ringattn.hf.audit`` can name the layer without parsing the message."""
-
-    def __init__(self, message: str, *, module: str | None = None, layer: int | None = None,
-                 feature: str | None = None):
-        super().__init__(message)
-        self.module, self.layer, self.feature = module, layer, feature
-
-
 @dataclass(frozen=True)
 class LayerNeeds:
     """The ring-attention options one attention module needs."""
@@ -87,11 +75,6 @@ class LayerNeeds:
 
 
 LayerPlan = LayerNeeds  # the name ringattn.hf exports
-
-
-def model_name(config) -> str:
-    archs = getattr(config, "architectures", None)
-    return archs[0] if archs else f"{type(config).__name__.removesuffix('Config')} (model_type={config.model_type!r})"
 
 
 def _layer_types(config) -> list | None:

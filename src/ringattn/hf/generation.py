@@ -40,7 +40,8 @@ import torch.distributed as dist
 
 from .. import comm
 from ..decode import decode_attention
-from ..layouts import global_positions, layout_of, padded_len, shard
+from ..layouts import global_positions, layout_of, padded_len
+from ..sharding import shard
 from ..validate import agree
 from .registry import SETTINGS, RingSettings
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..layouts import check_distributed, global_positions, layout_of, sharding_of
+from ..layouts import global_positions, layout_of
+from ..sharding import check_distributed, sharding_of
 
 
 def rank_world(group=None) -> tuple[int, int]:

@@ -37,10 +37,11 @@ from transformers.cache_utils import Cache
 
 from ... import comm
 from ... import mixers as mx
-from ...layouts import global_positions, layout_of, padded_len, shard
+from ...layouts import global_positions, layout_of, padded_len
+from ...sharding import shard
 from .. import forward, generation, positions
-from ..features import UnsupportedModel, model_name
 from ..forward import Batch
+from ..refusals import UnsupportedModel, model_name
 from ..registry import SETTINGS, RingSettings
 
 

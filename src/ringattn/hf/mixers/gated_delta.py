@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from ... import mixers as mx
-from ..features import UnsupportedModel
+from ..refusals import UnsupportedModel
 from .base import MixerCall, handles
 
 # Keywords that describe the whole sequence (its packed documents), not this rank's spans: the plan cuts the

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import mixers as mx
-from ..features import UnsupportedModel
+from ..refusals import UnsupportedModel
 from .base import MixerCall, StateCache, handles
 
 

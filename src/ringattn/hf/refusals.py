@@ -1,0 +1,22 @@
+"""What a refusal says: ``UnsupportedModel`` and how it names the model. A leaf, so that every part of the
+integration (the checks in ``features``, the mixers, the audit) can refuse without importing the others."""
+
+from __future__ import annotations
+
+
+class UnsupportedModel(NotImplementedError):
+    """A model feature ring attention cannot compute exactly (raised at load time or the first call).
+
+    ``module`` (the refused submodule's path), ``layer`` (its decoder-layer index, where the config names it)
+    and ``feature`` (what is refused, in a few words) are set where the refusal knows them, so tools such as
+    ``ringattn.hf.audit`` can name the layer without parsing the message."""
+
+    def __init__(self, message: str, *, module: str | None = None, layer: int | None = None,
+                 feature: str | None = None):
+        super().__init__(message)
+        self.module, self.layer, self.feature = module, layer, feature
+
+
+def model_name(config) -> str:
+    archs = getattr(config, "architectures", None)
+    return archs[0] if archs else f"{type(config).__name__.removesuffix('Config')} (model_type={config.model_type!r})"
