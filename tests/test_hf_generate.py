@@ -167,11 +167,14 @@ def test_generate_every_exact_family(ranks):
 
 # Families whose one-process generate fails in the sweep's tiny configuration (the error it raises): Bamba's has
 # only Mamba layers, and transformers asks such a cache for an attention layer's mask sizes.
-REFERENCE_CANNOT_GENERATE = {"bamba": "can only be called on Attention layers"}
+REFERENCE_CANNOT_GENERATE = {name: "can only be called on Attention layers" for name in (
+    "bamba", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "kimi_linear", "bailing_hybrid")}
 # (the tiny configs of the delta-rule families have only linear-attention layers too, and so cannot generate in
 # one process either; context-parallel they are refused first, below)
 # The hybrids that generate: their convolutions and Mamba2 scans leave the states decoding needs on every rank.
-GENERATE_HYBRIDS = ("mamba2", "lfm2", "lfm3", "granitemoehybrid", "bamba", "falcon_h1", "zamba2", "nemotron_h")
+GENERATE_HYBRIDS = ("mamba2", "lfm2", "lfm3", "granitemoehybrid", "bamba", "falcon_h1", "zamba2", "nemotron_h",
+                    "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "olmo_hybrid", "lara_mini",
+                    "kimi_linear", "bailing_hybrid")
 
 
 def refusal_case() -> dict:

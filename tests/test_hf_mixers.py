@@ -435,6 +435,12 @@ class DirectCall:
         return mixers.fragments(local_len, layout=self.layout, uneven=self.uneven, cu_seqlens=self.cu,
                                 seq_len=self.n if self.uneven else None, batch=batch)
 
+    def run_fragments(self, step, transition, inputs, *, keep_final: bool, **kwargs):
+        from ringattn import mixers
+
+        assert not keep_final  # a direct call keeps no decoding state
+        return mixers.run_fragments(step, transition, inputs, plan=self.plan(*inputs[0].shape[1::-1]), **kwargs), None
+
 
 def rule_reference(name: str, float64: bool) -> list:
     """Per case: inputs, output gradient, the whole-sequence outputs (each document of each row alone) and input
@@ -522,7 +528,8 @@ def test_rule_float32_inside(ranks, name):
 
 
 def test_rule_refuses_a_carried_state():
-    """A state carried in or out (what a cache does) has no place on a rank's pieces: refused, naming it."""
+    """A state carried in (a cache continued by more than one token) has no place on a rank's pieces: refused,
+    naming it. (A state carried out is what a generate prefill keeps: tests/test_hf_mixers_generate.py.)"""
     import torch
 
     from ringattn.hf.mixers import HANDLERS
@@ -530,8 +537,6 @@ def test_rule_refuses_a_carried_state():
     name = "torch_chunk_gated_delta_rule"
     q, k, v, g, beta = rule_inputs(name, 8, seed=0)
     run = functools.partial(HANDLERS[name].run, rule(name), DirectCall("contiguous", False, 8, None))
-    with pytest.raises(hf.UnsupportedModel, match="recurrent state carried into or out of a context-parallel "
-                                                  "Gated DeltaNet delta rule .*pass use_cache=False"):
-        run(q, k, v, g=g, beta=beta, output_final_state=True)
-    with pytest.raises(hf.UnsupportedModel, match="recurrent state carried into"):
+    with pytest.raises(hf.UnsupportedModel, match="recurrent state carried into a context-parallel Gated DeltaNet "
+                                                  "delta rule .*prefill the whole prompt at once"):
         run(q, k, v, g=g, beta=beta, initial_state=torch.zeros(B, 4, 4, 3, dtype=torch.float64))

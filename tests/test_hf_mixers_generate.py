@@ -20,7 +20,7 @@ from .reference import rel_err  # noqa: E402
 from .test_hf_generate import generate, prompts  # noqa: E402
 
 # A family whose mixer ringattn runs context-parallel joins by one entry here.
-FAMILIES = ("mamba2", "lfm2", "granitemoehybrid")
+FAMILIES = ("mamba2", "lfm2", "granitemoehybrid", "qwen3_next")
 TOL = 1e-9
 
 CASES = [  # (prompt length, batch, padding, generate kwargs)
@@ -34,8 +34,16 @@ CASES = [  # (prompt length, batch, padding, generate kwargs)
 ]
 
 
+# Families whose tiny config has only mixer layers, which transformers cannot generate with in one process:
+# the same with an attention layer.
+WITH_ATTENTION = {"qwen3_next": ["linear_attention", "full_attention"]}
+
+
 def build(family: str, ring: bool):
-    model, _ = sw.build(family, sw.FEATURES.get(family, {}), seed=0)
+    extra = dict(sw.FEATURES.get(family, {}))
+    if family in WITH_ATTENTION:
+        extra["layer_types"] = WITH_ATTENTION[family]
+    model, _ = sw.build(family, extra, seed=0)
     if ring:
         hf.prepare(model)
         model.set_attn_implementation("ring")

@@ -39,17 +39,17 @@ def delta_rule(original, call: MixerCall, what: str, *args, **kwargs):
             params.update(params.pop(name, {}))
     q, k, v, g, beta = (params.pop(n) for n in ("query", "key", "value", "g", "beta"))
     initial_state = params.pop("initial_state", None)
-    final = params.pop("output_final_state", False)
-    if initial_state is not None or final:
+    final = bool(params.pop("output_final_state", False))
+    if initial_state is not None:
         raise UnsupportedModel(
-            f"{call.where}: a recurrent state carried into or out of a context-parallel {what} (a cache: "
-            "generation, or a prefill that keeps its state) is not supported; pass use_cache=False to train or score",
-            layer=getattr(call.module, "layer_idx", None), feature=f"a cached state for {what}")
+            f"{call.where}: a recurrent state carried into a context-parallel {what} (a cache continued by more "
+            "than one token: prefill chunking); prefill the whole prompt at once, or pass use_cache=False to train "
+            "or score", layer=getattr(call.module, "layer_idx", None), feature=f"a cached state for {what}")
     rest = {n: x for n, x in params.items() if n not in GLOBAL_KEYWORDS}
     b, n, heads, vd = v.shape
     kd = k.shape[-1]
     plan = call.plan(n, b)
-    if plan.world == 1 and all(len(rp.pieces) == 1 for rp in plan.plans):
+    if not final and plan.world == 1 and all(len(rp.pieces) == 1 for rp in plan.plans):
         # One rank, one document a row: nothing to pass, and no summary pass whose extra columns nobody reads.
         return original(q, k, v, g=g, beta=beta, initial_state=None, output_final_state=False, **rest)
     # What the zero-start pass of each span found, by the span's inputs (held, so that no other tensor can take
@@ -94,8 +94,9 @@ def delta_rule(original, call: MixerCall, what: str, *args, **kwargs):
                         output_final_state=True, **rest)
         return m
 
-    y = mx.run_fragments(step, transition, [q, k, v, g, beta], plan=plan, kind="dense", state_shape=(heads, kd, vd))
-    return y, None
+    # Asked for its final state (a generate prefill): the state after the prompt, on every rank, for decoding.
+    return call.run_fragments(step, transition, [q, k, v, g, beta], keep_final=final, kind="dense",
+                              state_shape=(heads, kd, vd))
 
 
 def register_rules(chunked: str, recurrent: str, what: str) -> None:
