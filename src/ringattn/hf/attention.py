@@ -127,16 +127,10 @@ def _documents(module, needs: LayerNeeds, batch: int, settings: RingSettings, kw
     if model is not None:  # what the prepared model was given, where its layer does not pass it on
         kwargs = {"cu_seq_lens_q": model.cu_seq_lens, "position_ids": model.position_ids} | \
             {k: v for k, v in kwargs.items() if v is not None}
-    cu = kwargs.get("cu_seq_lens_q")
-    rows, real = list(cu) if isinstance(cu, (list, tuple)) else [cu], None
-    if cu is None and layout_of(settings.layout).needs_documents:
-        raise ValueError(f"layout={str(settings.layout)!r} places the tokens by document: pass the model the "
-                         "cu_seq_lens_q that ringattn.hf.shard_batch returns with them")
-    if cu is None and kwargs.get("position_ids") is not None:
-        rows, real = positions.documents(kwargs["position_ids"], batch, settings.group, settings.layout)
-        if all(r is None for r in rows):
-            rows = [None]
-        elif needs.chunk_size is not None:
+    rows, real = positions.packed_documents(kwargs.get("cu_seq_lens_q"), kwargs.get("position_ids"), batch,
+                                            settings.group, settings.layout)
+    if kwargs.get("cu_seq_lens_q") is None and any(r is not None for r in rows):  # read from position_ids
+        if needs.chunk_size is not None:
             raise features.UnsupportedModel(
                 f"{_where(module)}: chunked attention with packed documents (transformers counts the chunks "
                 "from each document's start); not supported yet",

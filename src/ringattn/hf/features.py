@@ -6,7 +6,6 @@ ring on global positions. Anything else is refused here, by name, before it can 
 
 from __future__ import annotations
 
-import inspect
 import re
 import weakref
 from dataclasses import dataclass
@@ -207,9 +206,10 @@ _ATTENTION_CALLS = frozenset({"eager_attention_forward", "ALL_ATTENTION_FUNCTION
 
 
 def _calls_attention(cls: type) -> bool:
-    fwd = inspect.unwrap(getattr(cls, "forward", None))
-    code = getattr(fwd, "__code__", None)
-    return code is not None and bool(_ATTENTION_CALLS & set(code.co_names))
+    from .mixers.base import forward_of
+
+    fwd = forward_of(cls)
+    return fwd is not None and bool(_ATTENTION_CALLS & set(fwd.__code__.co_names))
 
 
 def _check_layer_types(config) -> None:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import comm
-from ..layouts import RULES, global_positions, padded_len
+from ..layouts import RULES, global_positions, layout_of, padded_len
 from ..sharding import unshard
 
 
@@ -91,6 +91,21 @@ def documents(position_ids: torch.Tensor, batch: int, group, layout: str) -> tup
         _check_layout(full, world, layout)
     _DOCS.put(position_ids, (out, real))
     return out, real
+
+
+def packed_documents(cu_seq_lens, position_ids, batch: int, group, layout) -> tuple[list, int | None]:
+    """The packed documents a layer of a prepared model sees, as ``documents`` gives them: ``cu_seq_lens_q``
+    where the model was given it (one per row, or one for all), else where ``position_ids`` restart (and the
+    real length), else none (``[None]``). A layout that places tokens by document needs ``cu_seq_lens_q``."""
+    if cu_seq_lens is not None:
+        return (list(cu_seq_lens) if isinstance(cu_seq_lens, (list, tuple)) else [cu_seq_lens]), None
+    if layout_of(layout).needs_documents:
+        raise ValueError(f"layout={str(layout)!r} places the tokens by document: pass the model the "
+                         "cu_seq_lens_q that ringattn.hf.shard_batch returns with them")
+    if position_ids is None:
+        return [None], None
+    rows, real = documents(position_ids, batch, group, layout)
+    return (rows if any(r is not None for r in rows) else [None]), real
 
 
 def _doc_starts(row: torch.Tensor) -> tuple[torch.Tensor, int]:

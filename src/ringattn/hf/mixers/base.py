@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache
 
 from ... import comm
 from ... import mixers as mx
-from ...layouts import global_positions, layout_of, padded_len
+from ...layouts import global_positions, padded_len
 from ...sharding import shard
 from .. import forward, generation, positions
 from ..forward import Batch
@@ -67,15 +67,21 @@ def handles(name: str, what: str):
 PER_TOKEN = frozenset({"apply_mask_to_padding_states", "l2norm", "rms_norm_gated"})
 
 
+def forward_of(cls: type):
+    """``cls.forward`` under its decorators (``deprecate_kwarg``, accelerate's hooks), or None where it has no
+    code of its own to read."""
+    fwd = cls.__dict__.get("forward") or getattr(cls, "forward", None)
+    fwd = inspect.unwrap(getattr(fwd, "__func__", fwd))
+    return fwd if getattr(fwd, "__code__", None) is not None else None
+
+
 def calls(cls: type) -> tuple[dict, list[str], list[str]]:
     """``cls.forward``'s globals, the registered functions it calls by name, and the other functions of
     transformers' modeling files it calls (a recurrence ringattn does not know, unless acting per token)."""
-    fwd = cls.__dict__.get("forward") or getattr(cls, "forward", None)
-    fwd = inspect.unwrap(getattr(fwd, "__func__", fwd))
-    code = getattr(fwd, "__code__", None)
-    if code is None:
+    fwd = forward_of(cls)
+    if fwd is None:
         return {}, [], []
-    g = fwd.__globals__
+    code, g = fwd.__code__, fwd.__globals__
     known = [n for n in code.co_names if n in HANDLERS and n in g]
     other = [n for n in code.co_names
              if n in g and n not in HANDLERS and n not in PER_TOKEN and _modeling_function(g[n])]
@@ -207,16 +213,11 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 def _documents(b: Batch, local_len: int, batch: int):
     """The packed documents the attention layers see (``cu_seq_lens_q``, else where position_ids restart)."""
-    if b.cu_seq_lens is not None:
-        return list(b.cu_seq_lens) if isinstance(b.cu_seq_lens, (list, tuple)) else b.cu_seq_lens
-    if layout_of(b.settings.layout).needs_documents:
-        raise ValueError(f"layout={str(b.settings.layout)!r} places the tokens by document: pass the model the "
-                         "cu_seq_lens_q that ringattn.hf.shard_batch returns with them")
-    if b.position_ids is None:
-        return None
-    rows, _ = positions.documents(b.position_ids, batch, b.settings.group, b.settings.layout)
+    rows, _ = positions.packed_documents(b.cu_seq_lens, b.position_ids, batch, b.settings.group, b.settings.layout)
     if all(r is None for r in rows):
         return None
+    if len(rows) == 1:
+        return rows[0]
     total = local_len * comm.group_rank_world(b.settings.group)[1]
     return [torch.tensor([0, total], dtype=torch.int32) if r is None else r for r in rows]
 
