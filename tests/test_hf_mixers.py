@@ -288,7 +288,7 @@ def test_mamba_scan_handler_one_process(name):
     assert scan_direct(name, ("contiguous",), batch=2) < SCAN_TOL
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", SCANS)
 def test_mamba_scan_handler_ranks(ranks, name, world):
     layouts = ("contiguous", "zigzag", "striped") if world != 3 else ("contiguous", "striped")
@@ -344,6 +344,7 @@ def test_delta_rules_exact_3_ranks(ranks):
     exact(ranks.run(3, run, DELTA_FAMILIES, "zigzag")[0])
 
 
+@pytest.mark.slow
 def test_delta_rules_exact_4_ranks(ranks):
     exact(ranks.run(4, run, ("qwen3_next",), "zigzag")[0])
 
@@ -507,7 +508,7 @@ def test_rule_one_process(name):
     assert rank_rule(name, rule_expected(name)) < 1e-10
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_rule_ranks(ranks, name, world):
     assert max(ranks.run(world, rank_rule, name, rule_expected(name))) < 1e-10
