@@ -124,7 +124,7 @@ def sweep_case(layout: str) -> dict:
                 model.set_attn_implementation(attn)
             # A hybrid's mixers may compute in float32 in a float64 model (Mamba2's scan): float64 there too, in
             # both runs alike
-            hybrid = any(hf.mixers.mixer_functions(m) for m in model.modules())
+            hybrid = any(hf.mixers.mixes(m) for m in model.modules())
             try:
                 with Float64Throughout() if hybrid else sw.float64_softmax() if ref == "eager" else torch.no_grad():
                     results.append(generate(model, ids, mask, max_new_tokens=4, do_sample=False))

@@ -125,10 +125,10 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
             "or the first), which one rank holds and each rank would take from its own shard; not supported with "
             "context parallelism (run the decoder, and the head on the rank holding that position)",
             feature="a head that pools one position of the sequence is not supported")
-    from .mixers import HANDLERS, mixer_functions, unknown_functions
+    from .mixers import HANDLERS, MODULE_HANDLERS, mixes, unknown_functions
 
     # path -> a mixer ringattn runs context-parallel
-    handled = {p: m for p, m in model.named_modules() if p and mixer_functions(m)}
+    handled = {p: m for p, m in model.named_modules() if p and mixes(m)}
     for path, m in model.named_modules():
         if not path:  # the model itself: its class is named after the family, not a mixer
             continue
@@ -149,7 +149,7 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
                 "shard alone; not supported yet (run this model without context parallelism)",
                 module=path, layer=_index(m), feature=f"token mixing in {unknown[0]} is not context-parallel yet")
         if path in handled and not prepared:
-            what = " and ".join(sorted({HANDLERS[f].what for f in mixer_functions(m)}))
+            what = " and ".join(sorted(set(mixes(m))))
             raise UnsupportedModel(
                 f"{name}: {path} ({cls}) mixes tokens outside attention ({what}), which runs context-parallel "
                 "only in a prepared model: call ringattn.hf.prepare(model) once after loading",
@@ -170,7 +170,9 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
         raise UnsupportedModel(
             f"{name}: {path} ({type(m).__name__}) is {what} whose token mixing ringattn does not know (its forward "
             "calls none of the state-passing or convolution functions ringattn runs context-parallel: "
-            f"{', '.join(sorted(HANDLERS))}), so each rank would mix its own shard alone; not supported "
+            f"{', '.join(sorted(HANDLERS))}; nor is it a module ringattn runs whole: "
+            f"{', '.join(sorted(MODULE_HANDLERS)) or 'none'}), so each rank would mix its own shard alone; "
+            "not supported "
             "(run this model without context parallelism)",
             module=path, layer=_index(m), feature="token mixing outside attention that ringattn does not know")
     if handled:

@@ -228,13 +228,13 @@ def mixes(layer: torch.nn.Module) -> str | None:
     """What the layer's token mixers outside attention compute, as ringattn runs them context-parallel (None: none):
     ``"mamba: causal short convolution, Mamba2 selective scan (SSD)"``. Found by what each module's forward calls
     (``ringattn.hf.mixers``), as ``prepare`` finds them."""
-    from ..mixers import HANDLERS, mixer_functions
+    from ..mixers import mixes as whats
 
     found = []
     for name, m in layer.named_modules():
-        names = mixer_functions(m)
+        names = whats(m)
         if names:
-            found.append(f"{name or type(m).__name__}: " + ", ".join(dict.fromkeys(HANDLERS[n].what for n in names)))
+            found.append(f"{name or type(m).__name__}: " + ", ".join(names))
     return "; ".join(found) or None
 
 

@@ -6,6 +6,19 @@ and runs it over the ranks with ``ringattn.mixers``' state passing and convoluti
 """
 
 from . import conv, gated_delta, kda, mamba, mamba2  # noqa: F401 - each registers its handlers
-from .base import HANDLERS, Handler, handles, install, mixer_functions, unknown_functions
+from .base import (
+           HANDLERS,
+           MODULE_HANDLERS,
+           Handler,
+           ModuleHandler,
+           handles,
+           handles_module,
+           install,
+           mixer_functions,
+           mixes,
+           module_handler,
+           unknown_functions,
+)
 
-__all__ = ["HANDLERS", "Handler", "handles", "install", "mixer_functions", "unknown_functions"]
+__all__ = ["HANDLERS", "MODULE_HANDLERS", "Handler", "ModuleHandler", "handles", "handles_module", "install",
+           "mixer_functions", "mixes", "module_handler", "unknown_functions"]

@@ -10,7 +10,15 @@ the original unchanged outside a prepared mixer's forward, and inside one runs t
 name, which calls the same original over this rank's pieces with the state or halo passed between the ranks.
 
 A handler is one function in one file of this package (``conv.py``, ``mamba2.py``, ...), registered with
-``@handles(name, what)``; adding a family whose mixer calls a new function is one new file.
+``@handles(name, what)``; adding a family whose mixer calls a new function is one new file. The name may also be a
+method of the mixer's own class that its forward calls (RecurrentGemma's ``_rnn_scan``): the class attribute is
+rebound the same way.
+
+Some mixers keep their recurrence inline in their forward, or mix tokens in a submodule (a token shift, a
+``Conv1d``), with no function to rebind. Such a module is recognised by what it is or calls, through a ``match``
+predicate registered with ``@handles_module(name, what, match)``; its class's forward is rebound to a dispatcher
+that, for a matched instance inside a ring forward, runs the handler with the module's own forward to call over
+this rank's pieces (with a state it reads from a cache, or a halo of the tokens before each piece).
 
 ``model.generate()``: the prompt's forward (prefill) runs the mixers context-parallel as any forward, and each
 handler given the generation cache also leaves in it what the module's own single-token path reads next, on
@@ -56,11 +64,46 @@ HANDLERS: dict[str, Handler] = {}
 
 
 def handles(name: str, what: str):
-    """Register ``run`` as the context-parallel form of the modeling files' function ``name``."""
+    """Register ``run`` as the context-parallel form of the modeling files' function ``name`` (or the mixer class's
+    method ``name``, which gets the module as its first argument)."""
     def register(run: Callable) -> Callable:
         HANDLERS[name] = Handler(name, what, run)
         return run
     return register
+
+
+@dataclass(frozen=True)
+class ModuleHandler:
+    name: str                                   # for messages and the audit
+    what: str                                   # what it computes
+    match: Callable[[torch.nn.Module], bool]    # whether a module is one this handler runs (by what it does)
+    run: Callable   # run(forward, call: MixerCall, *args, **kwargs): the module's forward's result, context-parallel;
+    #                 forward(*args, **kwargs) is the module's own forward, bound
+
+
+MODULE_HANDLERS: dict[str, ModuleHandler] = {}
+
+
+def handles_module(name: str, what: str, match: Callable[[torch.nn.Module], bool]):
+    """Register ``run`` as the context-parallel forward of every module ``match`` accepts: a mixer whose
+    recurrence is inline in its forward, or a submodule that mixes tokens (a token shift, a convolution). ``match``
+    must not accept a module it cannot run exactly: the rest of the model is checked for token mixing it leaves."""
+    def register(run: Callable) -> Callable:
+        MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run)
+        return run
+    return register
+
+
+def module_handler(module: torch.nn.Module) -> ModuleHandler | None:
+    """The module handler that runs ``module`` context-parallel, if one matches it."""
+    return next((h for h in MODULE_HANDLERS.values() if h.match(module)), None)
+
+
+def mixes(module: torch.nn.Module) -> list[str]:
+    """What ``module`` mixes that ringattn runs context-parallel, one ``what`` per handler (empty: it is not such
+    a mixer, or it also calls a function ringattn does not know: see ``unknown_functions``)."""
+    h = module_handler(module)
+    return [h.what] if h is not None else list(dict.fromkeys(HANDLERS[n].what for n in mixer_functions(module)))
 
 
 # Functions of the modeling files that mixers call and that act on each token alone.
@@ -76,16 +119,24 @@ def forward_of(cls: type):
 
 
 def calls(cls: type) -> tuple[dict, list[str], list[str]]:
-    """``cls.forward``'s globals, the registered functions it calls by name, and the other functions of
-    transformers' modeling files it calls (a recurrence ringattn does not know, unless acting per token)."""
+    """``cls.forward``'s globals, the registered functions it calls by name (or registered methods of its own
+    class), and the other functions of transformers' modeling files it calls (a recurrence ringattn does not know,
+    unless acting per token)."""
     fwd = forward_of(cls)
     if fwd is None:
         return {}, [], []
     code, g = fwd.__code__, fwd.__globals__
-    known = [n for n in code.co_names if n in HANDLERS and n in g]
+    known = [n for n in code.co_names if n in HANDLERS and (n in g or _own_method(cls, n) is not None)]
     other = [n for n in code.co_names
              if n in g and n not in HANDLERS and n not in PER_TOKEN and _modeling_function(g[n])]
     return g, known, other
+
+
+def _own_method(cls: type, name: str):
+    """``cls``'s method ``name`` where a transformers modeling file defines it (the class that does), else None."""
+    owner = next((c for c in cls.__mro__ if name in c.__dict__), None)
+    fn = owner.__dict__[name] if owner is not None else None
+    return owner if inspect.isfunction(fn) and _modeling_function(fn) else None
 
 
 def _modeling_function(obj) -> bool:
@@ -250,11 +301,36 @@ def _dispatcher(name: str, original: Callable) -> Callable:
     return dispatch
 
 
+def _module_dispatcher(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        call = _ACTIVE.get()
+        h = module_handler(self) if call is not None and call.module is self else None
+        if h is None:
+            return original(self, *args, **kwargs)
+        return h.run(functools.partial(original, self), call, *args, **kwargs)
+
+    forward._ringattn_original = original
+    return forward
+
+
 def _patch(cls: type) -> None:
     g, names, _ = calls(cls)
     for n in names:
-        if not hasattr(g[n], "_ringattn_original"):
+        owner = _own_method(cls, n) if n not in g else None
+        if owner is not None:
+            if not hasattr(owner.__dict__[n], "_ringattn_original"):
+                setattr(owner, n, _dispatcher(n, owner.__dict__[n]))
+        elif not hasattr(g[n], "_ringattn_original"):
             g[n] = _dispatcher(n, g[n])
+
+
+def _patch_module(cls: type) -> None:
+    # The class that defines the forward instances run: rebound there, so that copies of the model and the
+    # module's subclasses dispatch alike; outside a matched instance's ring forward it is the original.
+    owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
+    if not hasattr(owner.__dict__["forward"], "_ringattn_original"):
+        owner.forward = _module_dispatcher(owner.__dict__["forward"])
 
 
 def _settings(module) -> RingSettings | None:
@@ -284,7 +360,7 @@ def _mixer_pre(module, args, kwargs):
         if cache is not None:
             where = MixerCall(module, batch).where
             raise UnsupportedModel(
-                f"{where}: a cache given to a context-parallel {HANDLERS[mixer_functions(module)[-1]].what} outside "
+                f"{where}: a cache given to a context-parallel {mixes(module)[-1]} outside "
                 "model.generate() (use_cache=True, which this model's config defaults to, or past_key_values): each "
                 "rank holds a shard of the sequence, so no rank's cache would hold the state after it. Pass "
                 "use_cache=False to train or score (model(input_ids=..., use_cache=False)); to generate, call "
@@ -375,13 +451,16 @@ def _mixer_post(module, args, kwargs, output):
 
 def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Make ``model``'s mixers context-parallel; returns them as ``(path, module)``. Idempotent."""
-    found = [(p, m) for p, m in model.named_modules() if p and mixer_functions(m)]
+    found = [(p, m) for p, m in model.named_modules() if p and mixes(m)]
     forward.install(model)
     if not found:
         return found
     layers = _checkpointed_layers(model)
     for path, m in found:
-        _patch(type(m))
+        if module_handler(m) is not None:
+            _patch_module(type(m))
+        else:
+            _patch(type(m))
         m.__dict__["_ringattn_config"] = getattr(model, "config", None)
         layer = next((lay for p, lay in layers if path.startswith(p + ".")), None)
         if layer is not None:
