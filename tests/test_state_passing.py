@@ -70,6 +70,31 @@ def dense_step_aux(q, k, v, alpha, beta, s0):
     return y, s, dense_transition(q, k, v, alpha, beta)
 
 
+EPS = 1e-3  # large enough that an output off by its stabiliser would show
+
+
+def log_step(k, v, lw, h0):
+    """A stabilised recurrence (the shape of xLSTM's mLSTM and RWKV's WKV), per channel of (H, P):
+    m_t = max(lw_t + m_{t-1}, k_t); (num, den)_t = exp(lw_t + m_{t-1} - m_t) (num, den)_{t-1} + exp(k_t - m_t) (v_t, 1);
+    y_t = num_t / (max(|den_t|, exp(-m_t)) + EPS), which depends on m_t itself. A document starts from
+    num = den = 0, m = 0 (h0 None); h0: (rows, 2, 2, H, P), [value (num, den), log scale (m, m)]."""
+    if h0 is None:
+        num, den, m = (k.new_zeros(k.shape[0], H, P) for _ in range(3))
+    else:
+        num, den, m = h0[:, 0, 0], h0[:, 0, 1], h0[:, 1, 0]
+    ys = []
+    for t in range(k.shape[1]):
+        top = torch.maximum(lw[:, t] + m, k[:, t])
+        keep, add = torch.exp(lw[:, t] + m - top), torch.exp(k[:, t] - top)
+        num, den, m = keep * num + add * v[:, t], keep * den + add, top
+        ys.append(num / (torch.maximum(den.abs(), torch.exp(-m)) + EPS))
+    return torch.stack(ys, 1), torch.stack([torch.stack([num, den], 1), torch.stack([m, m], 1)], 1)
+
+
+def log_transition(k, v, lw):
+    return lw.sum(1)[:, None]  # (rows, 1, H, P): the same decay for num and den
+
+
 MIXERS = {
     "diagonal": dict(step=diag_step, transition=diag_transition, kind="diagonal", state_shape=(H, N, P),
                      transition_shape=(H, N, 1)),
@@ -79,6 +104,8 @@ MIXERS = {
                              transition_shape=(H, N, 1), correct=diag_correct),
     "dense-correct": dict(step=dense_step_aux, transition=lambda *spans, aux: aux, kind="dense",
                           state_shape=(H, K, V), correct=lambda *a, aux: dense_correct(*a)),
+    "log": dict(step=log_step, transition=log_transition, kind="log", state_shape=(2, 2, H, P),
+                transition_shape=(1, H, P)),
 }
 
 
@@ -93,6 +120,11 @@ def make_inputs(name, n, seed):
 
     if name.startswith("diagonal"):
         return [u(B, n, H, N), r(B, n, H, N), r(B, n, H, P), r(B, n, H, N)]
+    if name == "log":
+        # Keys spread wide, mostly below a document start's log scale (0) and decays mild, so that the
+        # stabiliser a document start leaves decides many outputs: a piece's summary that took it for its own
+        # start would be off by about EPS.
+        return [3 * r(B, n, H, P) - 4, r(B, n, H, P), -u(B, n, H, P, lo=0.01, hi=0.5)]
     k = torch.nn.functional.normalize(r(B, n, H, K), dim=-1)
     return [r(B, n, H, K), k, r(B, n, H, V), u(B, n, H), u(B, n, H, lo=0.1, hi=0.9)]
 
@@ -330,3 +362,36 @@ def test_a_shard_of_another_layout_is_refused():
                              kind="diagonal", state_shape=(H, N, P))
     same = mixers.fragments(x.shape[1], layout="zigzag")
     assert mixers.causal_conv1d(x, torch.randn(4, 3, dtype=torch.float64), plan=same).shape == x.shape
+
+
+def float32_large_keys():
+    """Keys whose exp overflows float32 (e^100): a linear summary would be inf; the log fold is not."""
+    rank, world = _rank_world()
+    n, c = 24, 24 // world
+    g = torch.Generator().manual_seed(7)
+    k = 100 + 10 * torch.randn(B, n, H, P, generator=g, dtype=torch.float64)
+    v = torch.randn(B, n, H, P, generator=g, dtype=torch.float64)
+    lw = -0.01 - 0.5 * torch.rand(B, n, H, P, generator=g, dtype=torch.float64)
+    ref = log_step(k, v, lw, None)[0]
+    local = [x[:, rank * c:(rank + 1) * c].float() for x in (k, v, lw)]
+    plan = mixers.fragments(c, layout="contiguous", batch=B)
+    y = mixers.run_fragments(log_step, log_transition, local, plan=plan, kind="log", state_shape=(2, 2, H, P),
+                             transition_shape=(1, H, P))
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref[:, rank * c:(rank + 1) * c]).abs() / ref[:, rank * c:(rank + 1) * c].abs().clamp_min(1)
+            ).max().item()
+
+
+def test_log_kind_float32_large_keys(ranks):
+    assert max(ranks.run(2, float32_large_keys)) < 1e-5
+
+
+def test_log_kind_refuses_a_correction_and_a_misshaped_transition():
+    plan = mixers.fragments(4, batch=1)
+    x = torch.zeros(1, 4, H, P)
+    with pytest.raises(ValueError, match="correct= with kind='log'"):
+        mixers.run_fragments(log_step, log_transition, [x, x, x], plan=plan, kind="log", state_shape=(2, 2, H, P),
+                             transition_shape=(1, H, P), correct=lambda *a: None)
+    with pytest.raises(ValueError, match="one dim fewer than the state"):
+        mixers.run_fragments(log_step, log_transition, [x, x, x], plan=plan, kind="log", state_shape=(2, 2, H, P),
+                             transition_shape=(H, P))

@@ -9,6 +9,15 @@ gradients every rank computed for each summary (one all-reduce): the mirror fold
 Pieces that start a document run once; the others run twice (summary, then from the true state), or,
 where the caller gives ``correct``, once from a zero state before the exchange plus a correction for the
 incoming state after it: every rank's local pass then runs at once, and only the correction waits.
+
+Mixers that carry their state with a stabiliser (RWKV's WKV: ``num * exp(max)``; xLSTM's mLSTM:
+``C * exp(m)``) overflow in a linear summary, so ``kind="log"`` folds in the log domain: a state is a
+value and its log scale, a transition the log of a diagonal decay, and two spans compose as
+``m = max(log M + m_1, m_2)``, ``v = exp(log M + m_1 - m) v_1 + exp(m_2 - m) v_2``. The log scale is
+also part of what such a mixer computes (xLSTM adds ``eps`` to a denominator scaled by ``exp(-m)``), so
+a piece that continues a document runs its summary from an explicitly empty state (log scale
+``EMPTY_LOG_SCALE``), not from the mixer's own zero state, which may carry a log scale of its own
+(xLSTM's ``m = 0`` at a document start): the fold then reproduces one process's stabiliser exactly.
 """
 
 from __future__ import annotations
@@ -19,8 +28,11 @@ import torch
 
 from .fragments import Fragments, Piece, RowPlan, Tie, agree, all_gather, as_contiguous, check_sharding, regroup
 
-KINDS = ("diagonal", "dense")
+KINDS = ("diagonal", "dense", "log")
 WHAT = "ringattn.mixers.run_fragments"
+# The log scale of an empty state under kind="log": exp of it (less any finite log scale) is 0, with no
+# infinities whose differences would be NaN.
+EMPTY_LOG_SCALE = -1e30
 
 Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Transition = Callable[..., torch.Tensor]
@@ -38,19 +50,51 @@ def transition_shape_of(kind: str, state_shape: tuple[int, ...], transition_shap
         if len(state_shape) < 2:
             raise ValueError(f"{WHAT}: kind='dense' needs a state of shape (..., K, V), got {state_shape}")
         return (*state_shape[:-1], state_shape[-2])
+    if kind == "log":
+        if len(state_shape) < 2 or state_shape[0] != 2:
+            raise ValueError(f"{WHAT}: kind='log' needs a state of shape (2, ...): its value and its log scale, "
+                             f"got {state_shape}")
+        shape = tuple(transition_shape) if transition_shape is not None else tuple(state_shape[1:])
+        if len(shape) != len(state_shape) - 1:
+            # (rows, *shape) must broadcast against the (rows, *state_shape[1:]) halves dim for dim
+            raise ValueError(f"{WHAT}: kind='log' takes a transition_shape with one dim fewer than the state "
+                             f"{state_shape} (it applies to the value and the log scale alike), got {shape}")
+        return shape
     return tuple(transition_shape) if transition_shape is not None else tuple(state_shape)
 
 
 def apply(kind: str, m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``M`` applied to a state: elementwise (diagonal, broadcast) or as a K x K matrix on (..., K, V)."""
+    """``M`` applied to a state: elementwise (diagonal, broadcast) or as a K x K matrix on (..., K, V); for
+    ``kind="log"``, ``log M`` added to the log scale (dim 1 of a ``(rows, 2, ...)`` state)."""
+    if kind == "log":
+        return torch.stack([h[:, 0], m + h[:, 1]], 1)
     return m @ h if kind == "dense" else m * h
+
+
+def fold(kind: str, m: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The state after a span with summary ``(M, S)`` entered with state ``h``: ``M h + S``."""
+    if kind != "log":
+        return apply(kind, m, h) + s
+    a = m + h[:, 1]
+    top = torch.maximum(a, s[:, 1])
+    return torch.stack([torch.exp(a - top) * h[:, 0] + torch.exp(s[:, 1] - top) * s[:, 0], top], 1)
+
+
+def empty_state(kind: str, rows: int, state_shape: Sequence[int], dtype: torch.dtype,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """The state a span adds nothing to: zeros, and for ``kind="log"`` the log scale ``EMPTY_LOG_SCALE``."""
+    h = torch.zeros(rows, *state_shape, dtype=dtype, device=device)
+    if kind == "log":
+        h[:, 1] = EMPTY_LOG_SCALE
+    return h
 
 
 def compose(kind: str, later: tuple[torch.Tensor, torch.Tensor],
             earlier: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summary of two consecutive spans: ``(M2, S2) o (M1, S1) = (M2 M1, M2 S1 + S2)`` (associative)."""
+    """The summary of two consecutive spans: ``(M2, S2) o (M1, S1) = (M2 M1, M2 S1 + S2)`` (associative; for
+    ``kind="log"`` the transitions are logs, so ``M2 M1`` is their sum)."""
     (m2, s2), (m1, s1) = later, earlier
-    return apply(kind, m2, m1), apply(kind, m2, s1) + s2
+    return (m2 + m1 if kind == "log" else apply(kind, m2, m1)), fold(kind, m2, s2, s1)
 
 
 def local_pieces(plan: Fragments) -> list[tuple[RowPlan, Piece]]:
@@ -124,7 +168,7 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
                 row = cells[p.rank][slot_of[p.rank][p]]
                 m = row[:, :mn].reshape(len(rows), *mshape)
                 s = row[:, mn:].reshape(len(rows), *state_shape)
-                end_state[p.end] = s if h0 is None else apply(kind, m, h0) + s
+                end_state[p.end] = s if h0 is None else fold(kind, m, s, h0)
     index = {id(rp): gi for gi, rp in enumerate(plan.plans)}
     return [states[(index[id(rp)], p.local)] for rp, p in mine], gathered
 
@@ -141,7 +185,8 @@ def _check(inputs, plan, kind, state_shape) -> int:
         raise TypeError(f"{WHAT}: plan must come from ringattn.mixers.fragments(...), got {type(plan).__name__}")
     if kind not in KINDS:
         raise ValueError(f"{WHAT}: kind must be one of {KINDS} (a transition applied elementwise, "
-                         f"broadcast, or as a K x K matrix on a (..., K, V) state), got {kind!r}")
+                         f"broadcast, as a K x K matrix on a (..., K, V) state, or as the log of a diagonal "
+                         f"decay on a stabilised (2, ...) state), got {kind!r}")
     if not all(isinstance(d, int) and d > 0 for d in state_shape):
         raise ValueError(f"{WHAT}: state_shape must be positive ints (the state of one batch row), got {state_shape}")
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
@@ -184,6 +229,13 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
     ``(heads, 1, 1)`` for a scalar per head) or ``(rows, ..., K, K)`` for ``kind="dense"`` (state ``(..., K, V)``,
     ``h_out = M @ h_in + S``). Returns the outputs ``(batch, local_len, ...)``.
 
+    ``kind="log"``: a mixer with a stabilised state (module docstring). The state is ``(rows, 2, *shape)``,
+    its value and its log scale (the true state is ``value * exp(log scale)``), ``transition`` returns the
+    log of the span's diagonal decay, broadcast against ``shape`` (default ``shape``), and a piece that
+    continues a document runs its summary from ``empty_state`` (log scale ``EMPTY_LOG_SCALE``) rather than
+    from None, which always means a document start. No ``correct``: such mixers' outputs are not linear
+    in their state.
+
     ``correct(*pieces, initial_state) -> y_delta``: the outputs' part due to a nonzero initial state
     (for these mixers linear in it; e.g. Mamba2 ``y_t += C_t . exp(cumsum(A dt))_t h_in``), the shape of
     ``y``. Given it, every piece runs from a zero state before the exchange (all ranks at once) and the
@@ -202,6 +254,9 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
         if correct is not None and not callable(correct):
             raise TypeError(f"{WHAT}: correct must be a callable (*pieces, initial_state) -> y_delta or None, "
                             f"got {type(correct).__name__}")
+        if correct is not None and kind == "log":
+            raise ValueError(f"{WHAT}: correct= with kind='log': a stabilised mixer's outputs are not linear in "
+                             "its state, so continuing pieces run again from their true state; drop correct")
         mshape = transition_shape_of(kind, state_shape, transition_shape)
         extra = (kind, state_shape, mshape, batch, correct is None,
                  [(x.dtype, tuple(x.shape[2:]), x.requires_grad) for x in inputs])
@@ -241,7 +296,9 @@ def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, corre
             if not (p.fresh or p.feeds or correct is not None):
                 summaries.append(None)
                 continue
-            res = step(*span(rp, p), None)
+            start = None if p.fresh or kind != "log" else \
+                empty_state(kind, n, state_shape, summary_dtype(inputs[0].dtype), inputs[0].device)
+            res = step(*span(rp, p), start)
             if not isinstance(res, (tuple, list)) or len(res) not in ((2, 3) if correct is not None else (2,)):
                 raise ValueError(f"{WHAT}: step must return (y, final_state)"
                                  + (" or (y, final_state, aux)" if correct is not None else "")
