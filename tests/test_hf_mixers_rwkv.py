@@ -47,7 +47,7 @@ def build(dtype=torch.float64, layers: int = 3, seed: int = 0, attn: str = "eage
 
 
 def case(layout: str, seq: int, batch: int, train: bool, packed: list | None = None, dtype=torch.float64,
-         key_scale: float = 1.0, via: str = "position_ids") -> dict:
+         key_scale: float = 1.0, via: str = "position_ids", checkpoint: bool = False) -> dict:
     """On every rank: the prepared model on this rank's shard against the same model in one process over the whole
     sequence (``packed``: each document alone). Returns rank 0's relative errors: logits, loss, worst gradient."""
     import ringattn
@@ -64,6 +64,8 @@ def case(layout: str, seq: int, batch: int, train: bool, packed: list | None = N
     cp = build(dtype, attn="ring")
     cp.load_state_dict(ref.state_dict())
     hf.prepare(cp)
+    if checkpoint:
+        cp.gradient_checkpointing_enable()
     ref.train(train)
     cp.train(train)
     g = torch.Generator().manual_seed(1)
@@ -132,6 +134,11 @@ def test_rwkv_exact_4_ranks(ranks, layout):
     check(ranks.run(4, case, layout, 37, 3, False)[0])
 
 
+def test_rwkv_activation_checkpointing_2_ranks(ranks):
+    # Backward recomputes each block, its token shifts and WKV context-parallel again.
+    check(ranks.run(2, case, "zigzag", 29, 1, True, checkpoint=True)[0])
+
+
 @pytest.mark.parametrize("via", ["position_ids", "cu_seq_lens"])
 def test_rwkv_packed_documents_2_ranks(ranks, via):
     # A document inside one shard, one across the ranks, one ending in the padding: each as if run alone.
@@ -186,10 +193,34 @@ def test_rwkv_state_refused():
         model(input_ids=torch.arange(3, 9)[None])
 
 
-def test_rwkv_generate_refused():
+def test_rwkv_generate_with_cache_refused():
     model = _prepared().eval()
-    with pytest.raises(hf.UnsupportedModel, match=r"model.generate\(\) needs RWKV's state after the prompt"):
+    with pytest.raises(hf.UnsupportedModel, match=r"model.generate\(\) needs RWKV's state after the prompt.*"
+                       r"model.generate\(..., use_cache=False\)"):
         model.generate(input_ids=torch.arange(3, 9)[None], max_new_tokens=2, do_sample=False)
+
+
+def generate_case(layout: str) -> dict:
+    """model.generate(use_cache=False): every step one context-parallel forward over the whole sequence."""
+    hf.register(layout=layout)
+    warnings.filterwarnings("ignore")
+    ref = build().eval()
+    cp = build(attn="ring")
+    cp.load_state_dict(ref.state_dict())
+    hf.prepare(cp).eval()
+    ids = torch.randint(3, VOCAB, (1, 13), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=4, do_sample=False, use_cache=False, output_scores=True, return_dict_in_generate=True,
+              eos_token_id=None, pad_token_id=0)
+    a, b = cp.generate(input_ids=ids, **kw), ref.generate(input_ids=ids, **kw)
+    from .reference import rel_err
+
+    return {"same": a.sequences.tolist() == b.sequences.tolist(), "new": a.sequences.shape[1] - 13,
+            "scores": rel_err(torch.stack(a.scores), torch.stack(b.scores))}
+
+
+def test_rwkv_generate_without_cache_2_ranks(ranks):
+    r = ranks.run(2, generate_case, "zigzag")[0]
+    assert r["same"] and r["new"] == 4 and r["scores"] <= 1e-12, r
 
 
 def test_rwkv_prepared_mixers():

@@ -16,7 +16,7 @@ before dim -2, the last row cut), not by the name of the module holding it.
 
 RWKV passes its recurrent state through the model as ``state`` (a list of tensors, not a Cache): a context-parallel
 forward refuses one (``use_cache=True``, the config's default in eval mode, or ``state=...``), and with it
-``model.generate()``.
+``model.generate()`` with a cache; ``model.generate(..., use_cache=False)`` runs each step as a whole forward.
 """
 
 from __future__ import annotations
@@ -57,13 +57,14 @@ def _refuse_state(call: MixerCall) -> None:
         raise UnsupportedModel(
             f"{call.where}: model.generate() needs RWKV's state after the prompt on every rank (each layer's last "
             "token-shift inputs and WKV numerator, denominator and maximum, which RWKV passes through the model as "
-            "`state`, not in a Cache); ringattn does not keep it yet: generate with this model without context "
-            "parallelism", layer=layer, feature="model.generate() with RWKV is not supported yet")
+            "`state`, not in a Cache); ringattn does not keep it yet: call model.generate(..., use_cache=False), which "
+            "runs every step context-parallel over the whole sequence (one full forward per new token), or generate "
+            "without context parallelism", layer=layer, feature="model.generate() with RWKV is not supported yet")
     raise UnsupportedModel(
         f"{call.where}: a recurrent state given to or asked of a context-parallel RWKV WKV (use_cache=True, which "
         "RWKV's config defaults to in eval mode, or state=...): each rank holds a shard of the sequence, so no "
         "rank's state would be the one after it. Pass use_cache=False to train or score "
-        "(model(input_ids=..., use_cache=False)); generate with this model without context parallelism",
+        "(model(input_ids=..., use_cache=False)) and to generate (model.generate(..., use_cache=False))",
         layer=layer, feature="an RWKV state (use_cache=True or state=...) under context parallelism")
 
 
