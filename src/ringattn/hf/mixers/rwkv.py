@@ -91,15 +91,33 @@ def wkv(original, call: MixerCall, time_decay, time_first, key, value, state=Non
                 layer=getattr(call.module, "layer_id", None), feature="RWKV WKV without its pure-torch fallback")
     log_decay = -torch.exp(time_decay)  # per token, as the fallback computes it
 
+    def packed(num, den, top):
+        return torch.stack([torch.stack([num, den], 1), torch.stack([top, top], 1)], 1)
+
     def step(k, v, initial):
         if initial is None:
             y, (num, den, top) = run(time_decay, time_first, k, v, state=None, return_state=True)
-        else:
-            value_, scale = initial[:, 0], initial[:, 1]
-            top = scale.amax(1)  # num and den share their log scale; the fold keeps it so
-            num, den = (value_ * torch.exp(scale - top[:, None])).unbind(1)
-            y, (num, den, top) = run(time_decay, time_first, k, v, state=[num, den, top], return_state=True)
-        return y, torch.stack([torch.stack([num, den], 1), torch.stack([top, top], 1)], 1)
+            return y, packed(num, den, top)
+        value_, scale = initial[:, 0], initial[:, 1]
+        if bool((scale <= mx.EMPTY_LOG_SCALE / 2).all()):
+            # The summary pass of a piece that continues a document (run_fragments gives it the empty state): only
+            # its state after the span is read, whose closed form is one vectorised pass where the WKV is a loop
+            # over the tokens; its outputs come from the run from its true state.
+            return k.new_zeros(()).expand(k.shape), packed(*summary(k, v))
+        top = scale.amax(1)  # num and den share their log scale; the fold keeps it so
+        num, den = (value_ * torch.exp(scale - top[:, None])).unbind(1)
+        y, (num, den, top) = run(time_decay, time_first, k, v, state=[num, den, top], return_state=True)
+        return y, packed(num, den, top)
+
+    def summary(k, v):
+        # Token t of n adds exp(k_t) (v_t, 1), decayed by exp(w) for each token after it: the true state after the
+        # span is sum_t exp(k_t + (n - 1 - t) w) (v_t, 1), kept as its maximum exponent and what multiplies it.
+        # Keys in float32, as the WKV reads them.
+        n = k.shape[1]
+        e = k.float() + torch.arange(n - 1, -1, -1, device=k.device, dtype=log_decay.dtype)[:, None] * log_decay
+        top = e.amax(1)
+        weight = torch.exp(e - top[:, None])
+        return (weight * v).sum(1), weight.sum(1), top
 
     def transition(k, v):
         return (k.shape[1] * log_decay).expand(k.shape[0], 1, c)
