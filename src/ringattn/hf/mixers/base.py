@@ -49,7 +49,7 @@ from ...layouts import global_positions, padded_len
 from ...sharding import shard
 from .. import forward, generation, positions
 from ..forward import Batch
-from ..refusals import UnsupportedModel, model_name
+from ..refusals import UnsupportedModel, layer_index, where
 from ..registry import SETTINGS, RingSettings
 
 
@@ -173,11 +173,7 @@ class MixerCall:
 
     @property
     def where(self) -> str:
-        config = getattr(self.module, "config", None) or self.module.__dict__.get("_ringattn_config")
-        idx = getattr(self.module, "layer_idx", None)
-        name = model_name(config) if config is not None else "model"
-        return f"{name}: layer {idx} ({type(self.module).__name__})" if idx is not None else \
-            f"{name}: {type(self.module).__name__}"
+        return where(self.module, getattr(self.module, "config", None) or self.module.__dict__.get("_ringattn_config"))
 
     def plan(self, local_len: int, batch: int) -> mx.Fragments:
         """Every rank's fragments for this forward (built once per forward and length, shared by its layers)."""
@@ -293,7 +289,7 @@ def _dispatcher(name: str, original: Callable) -> Callable:
             raise UnsupportedModel(
                 f"{call.where}: model.generate() needs the state its {handler.what} leaves after the prompt, which "
                 f"ringattn's context-parallel {name} does not keep yet; generate with this model without context "
-                "parallelism", layer=getattr(call.module, "layer_idx", None),
+                "parallelism", layer=layer_index(call.module),
                 feature=f"generation through {name} is not supported yet")
         return out
 
@@ -365,7 +361,7 @@ def _mixer_pre(module, args, kwargs):
                 "rank holds a shard of the sequence, so no rank's cache would hold the state after it. Pass "
                 "use_cache=False to train or score (model(input_ids=..., use_cache=False)); to generate, call "
                 "model.generate(), which keeps every layer's states after the prompt on every rank",
-                layer=getattr(module, "layer_idx", None), feature="a cache outside model.generate() with recurrent or "
+                layer=layer_index(module), feature="a cache outside model.generate() with recurrent or "
                 "convolution layers")
         token = _ACTIVE.set(MixerCall(module, batch))
     module.__dict__.setdefault("_ringattn_call_tokens", []).append(token)
@@ -398,7 +394,7 @@ def _recomputed_batch(module) -> Batch:
         f"{MixerCall(module, None).where}: activation checkpointing recomputes this layer during backward, outside "
         "the model's forward that tells its context-parallel mixer where each rank's tokens sit, and ringattn "
         f"cannot tell which forward it replays ({why}); run backward after each forward, or train without "
-        "activation (gradient) checkpointing", layer=getattr(module, "layer_idx", None),
+        "activation (gradient) checkpointing", layer=layer_index(module),
         feature="activation checkpointing of layers with recurrent or convolution mixers")
 
 
@@ -424,7 +420,7 @@ def _prefill_mask(module, args, kwargs, gen) -> None:
         raise UnsupportedModel(
             f"{MixerCall(module, None).where}: model.generate() with a padded batch needs the mixer's attention_mask "
             "as a keyword argument, which ringattn replaces by this rank's shard of the padding mask; this layer "
-            "takes none: generate one unpadded prompt at a time", layer=getattr(module, "layer_idx", None),
+            "takes none: generate one unpadded prompt at a time", layer=layer_index(module),
             feature="padded generation with recurrent or convolution layers")
     s = gen.settings
     mask = gen.__dict__.get("mixer_mask")
