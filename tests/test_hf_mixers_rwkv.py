@@ -73,9 +73,12 @@ def case(layout: str, seq: int, batch: int, train: bool, packed: list | None = N
     labels = ids.clone()
     labels[torch.rand(batch, seq, generator=g) < 0.2] = hf.IGNORE_INDEX
     pos = None
-    if packed is not None:
-        pos = torch.cat([torch.arange(b - a) for a, b in zip(packed[:-1], packed[1:])])[None].expand(batch, seq)
-        labels[:, packed[1:-1]] = hf.IGNORE_INDEX
+    # One list of document bounds for every row, or one per row.
+    rows = None if packed is None else [packed] * batch if isinstance(packed[0], int) else packed
+    if rows is not None:
+        pos = torch.stack([torch.cat([torch.arange(b - a) for a, b in zip(r[:-1], r[1:])]) for r in rows])
+        for i, r in enumerate(rows):
+            labels[i, r[1:-1]] = hf.IGNORE_INDEX
     sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
     kw = {}
     if packed is not None and via == "cu_seq_lens":
@@ -91,9 +94,9 @@ def case(layout: str, seq: int, batch: int, train: bool, packed: list | None = N
     full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq, cu_seqlens=sb.get("cu_seq_lens_q"))
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return {}
-    bounds = packed if packed is not None else [0, seq]
-    ref_logits = torch.cat([ref(input_ids=ids[:, a:b], use_cache=False).logits
-                            for a, b in zip(bounds[:-1], bounds[1:])], 1)
+    rows = rows or [[0, seq]] * batch
+    ref_logits = torch.cat([torch.cat([ref(input_ids=ids[i:i + 1, a:b], use_cache=False).logits
+                                       for a, b in zip(r[:-1], r[1:])], 1) for i, r in enumerate(rows)])
     ref_loss = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                                  ignore_index=hf.IGNORE_INDEX)
     ref_loss.backward()
@@ -143,6 +146,11 @@ def test_rwkv_activation_checkpointing_2_ranks(ranks):
 def test_rwkv_packed_documents_2_ranks(ranks, via):
     # A document inside one shard, one across the ranks, one ending in the padding: each as if run alone.
     check(ranks.run(2, case, "zigzag", 29, 2, True, [0, 5, 17, 29], via=via)[0])
+
+
+def test_rwkv_packed_documents_per_row_3_ranks(ranks):
+    # Each row its own documents (position_ids restarting at other places): the rows' pieces differ.
+    check(ranks.run(3, case, "zigzag", 29, 2, True, [[0, 5, 17, 29], [0, 9, 10, 24, 29]])[0])
 
 
 def test_rwkv_packed_documents_balanced_3_ranks(ranks):
