@@ -1,0 +1,148 @@
+"""MiniMax's lightning attention (hf/mixers/lightning.py) context-parallel through ringattn.hf.prepare, beside ring
+attention in the same model: logits and every parameter gradient equal to the same model in one process (float64),
+on 2 and 3 ranks (4 under -m slow), contiguous, zigzag and striped, odd lengths, batch > 1, packed documents from
+position_ids restarts (against each document run alone: the module's own forward carries its state across them)."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ringattn import hf  # noqa: E402
+
+from . import test_hf_sweep as sw  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not sw.HYBRIDS_RUN, reason="transformers before 5.25 refuses hybrid models")
+
+# Lightning layer first, so that its decay is the strong one (the slope shrinks with the layer index to ~0 at the
+# last layer) and ring attention reads its output. Blocks of 4 put the forward's block boundaries inside every
+# rank's pieces.
+EXTRA = dict(layer_types=["linear_attention", "full_attention"], block_size=4)
+TOL = 1e-10
+
+
+@contextlib.contextmanager
+def float64_minimax():
+    """MiniMax's modeling file in float64 throughout (its RMSNorm casts to float32), in both runs alike."""
+    saved = sw.FLOAT64_INSIDE
+    sw.FLOAT64_INSIDE = saved | {"minimax"}
+    try:
+        with sw.float64_inside("minimax"), sw.float64_softmax():
+            yield
+    finally:
+        sw.FLOAT64_INSIDE = saved
+
+
+def build():
+    """The tiny model, its lightning layers' decay tables in float64: transformers computes them in float32 when it
+    builds the module, and the two runs cut the sequence into blocks at different places, so each would apply a
+    different mix of float32-rounded and float64 decays (the module's blocked and token-by-token paths differ by as
+    much, ~1e-8, in one process)."""
+    model, _ = sw.build("minimax", EXTRA, 0)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for m in model.modules():
+            if hasattr(m, "decay_factors"):
+                slope = m.get_slope_rate()
+                for name, t in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"),
+                                   (slope, *m.decay_factors(slope))):
+                    getattr(m, name).copy_(t)
+    finally:
+        torch.set_default_dtype(dtype)
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def case(ref, cp, layout: str, batch: int, seq: int, docs: list[list[int]] | None = None) -> dict:
+    """Every rank: the prepared model on this rank's shard against the model in one process; rank 0 returns the
+    errors (logits, loss, the worst parameter gradient). ``docs``: each row's document boundaries (packed documents,
+    marked by position_ids restarts), the reference running each document alone."""
+    import ringattn
+
+    hf.register(layout=layout)
+    ref.zero_grad(set_to_none=True)
+    cp.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(seq + batch)
+    ids = torch.randint(3, sw.VOCAB, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(batch, seq, generator=g) < 0.2] = hf.IGNORE_INDEX
+    pos = None
+    if docs is not None:
+        for r, row in enumerate(docs):
+            labels[r, row[1:-1]] = hf.IGNORE_INDEX
+        pos = torch.stack([torch.cat([torch.arange(b - a) for a, b in zip(row, row[1:])]) for row in docs])
+    sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
+    with float64_minimax():
+        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False).logits
+        loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
+        loss.backward()
+    hf.sync_gradients(cp)
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq)
+    if torch.distributed.get_rank() != 0:
+        return {}
+    with float64_minimax():
+        if docs is None:
+            want = ref(input_ids=ids, use_cache=False).logits
+        else:
+            want = torch.cat([torch.cat([ref(input_ids=ids[r:r + 1, a:b], use_cache=False).logits
+                                         for a, b in zip(row, row[1:])], 1) for r, row in enumerate(docs)])
+        ref_loss = torch.nn.functional.cross_entropy(want[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                     ignore_index=hf.IGNORE_INDEX)
+        ref_loss.backward()
+    errs = {"logits": rel(full, want.detach()), "loss": rel(loss.detach(), ref_loss.detach())}
+    grads = dict(cp.named_parameters())
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            errs[f"grad {n}"] = rel(grads[n].grad, p.grad)
+    missing = [n for n, p in ref.named_parameters() if (p.grad is None) != (grads[n].grad is None)]
+    assert not missing, missing
+    return errs
+
+
+def cases(layouts: tuple[str, ...], shapes: tuple[tuple, ...]) -> dict:
+    warnings.filterwarnings("ignore")
+    hf.register(layout=layouts[0])
+    ref = build()
+    cp = build()
+    cp.load_state_dict(ref.state_dict())
+    cp.set_attn_implementation("ring")
+    hf.prepare(cp)
+    return {(layout, *shape[:2], shape[2] is not None): case(ref, cp, layout, *shape)
+            for layout in layouts for shape in shapes}
+
+
+def exact(results: dict) -> None:
+    bad = {k: max(v.items(), key=lambda kv: kv[1]) for k, v in results.items() if max(v.values()) > TOL}
+    assert not bad, bad
+    assert all(len(v) > 10 for v in results.values())  # every parameter's gradient was compared
+
+
+# (batch, length, documents): an odd length (the layout pads it), and two rows of packed documents that differ per
+# row: one inside a rank's shard, one across ranks, one of one token, one ending in the padding.
+SHAPES = ((2, 29, None), (2, 30, [[0, 5, 17, 30], [0, 11, 12, 30]]))
+
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def test_minimax_exact_2_ranks(ranks):
+    # One job for every layout: the models are built once.
+    exact(ranks.run(2, cases, LAYOUTS, SHAPES)[0])
+
+
+def test_minimax_exact_3_ranks(ranks):
+    exact(ranks.run(3, cases, ("zigzag",), SHAPES)[0])
+
+
+@pytest.mark.slow
+def test_minimax_exact_4_ranks(ranks):
+    exact(ranks.run(4, cases, LAYOUTS, SHAPES)[0])
