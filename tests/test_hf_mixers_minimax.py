@@ -146,3 +146,73 @@ def test_minimax_exact_3_ranks(ranks):
 @pytest.mark.slow
 def test_minimax_exact_4_ranks(ranks):
     exact(ranks.run(4, cases, LAYOUTS, SHAPES)[0])
+
+
+def generate_case(layout: str) -> dict:
+    """model.generate() on every rank: with a cache refused (MiniMax's decoder takes only its own cache class);
+    without one, every step runs the whole sequence context-parallel, the tokens and float64 logits of one process."""
+    from .reference import rel_err
+    from .test_hf_generate import generate, prompts
+
+    warnings.filterwarnings("ignore")
+    transformers.utils.logging.set_verbosity_error()
+    hf.register(layout=layout)
+    ref = build()
+    cp = build()
+    cp.load_state_dict(ref.state_dict())
+    hf.prepare(cp)
+    cp.set_attn_implementation("ring")
+    ids, _ = prompts(2, 13, None)
+    out = {}
+    with float64_minimax():
+        want, want_logits, _ = generate(ref, ids, None, max_new_tokens=4, do_sample=False)
+        got, logits, _ = generate(cp, ids, None, max_new_tokens=4, do_sample=False, use_cache=False)
+        try:
+            generate(cp, ids, None, max_new_tokens=2, do_sample=False)
+        except hf.UnsupportedModel as e:
+            out["refused"] = str(e)
+    out.update(same=torch.equal(got, want), err=rel_err(logits, want_logits))
+    return out
+
+
+def test_minimax_generate(ranks):
+    for r in ranks.run(2, generate_case, "zigzag"):
+        assert r["same"] and r["err"] < 1e-12, r
+        assert "model.generate() with a cache" in r.get("refused", ""), r
+        assert "pass use_cache=False to generate" in r["refused"], r
+
+
+def test_the_match_takes_lightning_attention_only():
+    # Matched by what its forward does (a linear state from the cache, the decay buffers), not by its class name:
+    # every other module of MiniMax and of other hybrids is left to the other checks, and a module whose forward
+    # reads the same names but whose decay is not one scalar per head is not taken.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ringattn.hf.mixers import MODULE_HANDLERS
+    from ringattn.hf.mixers.lightning import is_lightning
+
+    assert MODULE_HANDLERS["lightning_attention"].match is is_lightning
+    taken = []
+    for family in ("minimax", "qwen3_next", "mamba2", "rwkv", "llama"):
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+        with torch.device("meta"):
+            model = cls(sw.tiny_config(family, dict(sw.FEATURES.get(family, {}), **(EXTRA if family == "minimax"
+                                                                                  else {})), "eager"))
+        taken += [(family, p) for p, m in model.named_modules() if is_lightning(m)]
+    assert taken == [("minimax", "model.layers.0.self_attn")], taken
+
+    layer = build().model.layers[0].self_attn
+    odd = type(layer).__new__(type(layer))  # a decay per head and key channel
+    odd.__dict__.update(layer.__dict__)
+    odd._buffers = dict(layer._buffers, slope_rate=torch.ones(layer.num_attention_heads, 2, 1))
+    assert is_lightning(layer) and not is_lightning(odd)
+
+    class Renamed(torch.nn.Module):  # the same attributes, a forward that reads no linear state
+        def __init__(self):
+            super().__init__()
+            self.__dict__.update(layer.__dict__)
+
+        def forward(self, hidden_states):
+            return self.norm(hidden_states)
+
+    assert not is_lightning(Renamed())

@@ -20,7 +20,8 @@ import inspect
 
 import torch
 
-from ..refusals import UnsupportedModel
+from .. import generation
+from ..refusals import UnsupportedModel, model_name
 from .base import MixerCall, calls, forward_of, handles_module
 
 # What the forward reads and writes that makes it this recurrence: the cache's linear state, the decay per head and
@@ -60,7 +61,33 @@ class LinearStateCache:
 WHAT = "lightning attention (linear attention with decay)"
 
 
-@handles_module("lightning_attention", WHAT, is_lightning)
+def refuse_cached_generate(model: torch.nn.Module) -> None:
+    """``model.generate()`` with a cache is refused before the decoder runs: MiniMax's decoder takes no cache but its
+    own class (``MiniMaxCache``), which ringattn's sharded generation cache is not. Without a cache every step runs
+    the whole sequence context-parallel, exactly."""
+    decoder = generation._decoder(model)
+    if decoder is None or "_ringattn_lightning_generate" in decoder.__dict__:
+        return
+
+    def check(module, args, kwargs):
+        if generation._settings(module) is None:
+            return
+        use = kwargs.get("use_cache")
+        use = getattr(getattr(module, "config", None), "use_cache", False) if use is None else use
+        if use or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
+            config = getattr(module, "config", None)
+            raise UnsupportedModel(
+                f"{model_name(config) if config is not None else type(module).__name__}: model.generate() with a "
+                f"cache: this model's {WHAT} keeps its state in a cache class of its own, which ringattn's sharded "
+                "generation cache is not; pass use_cache=False to generate (each step then runs the whole sequence "
+                "context-parallel, exactly), or generate without context parallelism",
+                feature=f"model.generate() with a cache through {WHAT}")
+
+    decoder.__dict__["_ringattn_lightning_generate"] = decoder.register_forward_pre_hook(check, with_kwargs=True,
+                                                                                          prepend=True)
+
+
+@handles_module("lightning_attention", WHAT, is_lightning, refuse_cached_generate)
 def run(forward, call: MixerCall, *args, **kwargs):
     """The module's forward over every rank's tokens: ``(output, final state)``, the final state (after the
     prompt, on every rank) only in a generate prefill, where it also goes to the cache; else None."""
