@@ -1,7 +1,8 @@
 """MiniMax's lightning attention (hf/mixers/lightning.py) context-parallel through ringattn.hf.prepare, beside ring
 attention in the same model: logits and every parameter gradient equal to the same model in one process (float64),
-on 2 and 3 ranks (4 under -m slow), contiguous, zigzag and striped, odd lengths, batch > 1, packed documents from
-position_ids restarts (against each document run alone: the module's own forward carries its state across them)."""
+on 2 and 3 ranks (4 under -m slow), contiguous, zigzag, striped and balanced, odd lengths, batch > 1, packed
+documents from position_ids restarts (against each document run alone: the module's own forward carries its state
+across them)."""
 
 from __future__ import annotations
 
@@ -81,12 +82,14 @@ def case(ref, cp, layout: str, batch: int, seq: int, docs: list[list[int]] | Non
             labels[r, row[1:-1]] = hf.IGNORE_INDEX
         pos = torch.stack([torch.cat([torch.arange(b - a) for a, b in zip(row, row[1:])]) for row in docs])
     sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
+    # balanced places tokens by document: the model is given the documents too
+    extra = {k: sb[k] for k in ("cu_seq_lens_q",) if k in sb}
     with float64_minimax():
-        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False).logits
+        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False, **extra).logits
         loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
         loss.backward()
     hf.sync_gradients(cp)
-    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq)
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq, cu_seqlens=sb.get("cu_seq_lens_q"))
     if torch.distributed.get_rank() != 0:
         return {}
     with float64_minimax():
@@ -131,7 +134,7 @@ def exact(results: dict) -> None:
 SHAPES = ((2, 29, None), (2, 30, [[0, 5, 17, 30], [0, 11, 12, 30]]))
 
 
-LAYOUTS = ("contiguous", "zigzag", "striped")
+LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
 
 
 def test_minimax_exact_2_ranks(ranks):
@@ -140,7 +143,7 @@ def test_minimax_exact_2_ranks(ranks):
 
 
 def test_minimax_exact_3_ranks(ranks):
-    exact(ranks.run(3, cases, ("zigzag",), SHAPES)[0])
+    exact(ranks.run(3, cases, ("zigzag", "balanced"), SHAPES[1:])[0])  # packed rows: pieces of 1-5 tokens
 
 
 @pytest.mark.slow
