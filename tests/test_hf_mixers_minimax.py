@@ -111,7 +111,7 @@ def case(ref, cp, layout: str, batch: int, seq: int, docs: list[list[int]] | Non
     return errs
 
 
-def cases(layouts: tuple[str, ...], shapes: tuple[tuple, ...]) -> dict:
+def cases(layouts: tuple[str, ...], shapes: tuple[tuple, ...], checkpointed: bool = False) -> dict:
     warnings.filterwarnings("ignore")
     hf.register(layout=layouts[0])
     ref = build()
@@ -119,6 +119,9 @@ def cases(layouts: tuple[str, ...], shapes: tuple[tuple, ...]) -> dict:
     cp.load_state_dict(ref.state_dict())
     cp.set_attn_implementation("ring")
     hf.prepare(cp)
+    if checkpointed:  # backward recomputes each layer, the lightning layer's pieces and state passing included
+        cp.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        cp.train()
     return {(layout, *shape[:2], shape[2] is not None): case(ref, cp, layout, *shape)
             for layout in layouts for shape in shapes}
 
@@ -144,6 +147,10 @@ def test_minimax_exact_2_ranks(ranks):
 
 def test_minimax_exact_3_ranks(ranks):
     exact(ranks.run(3, cases, ("zigzag", "balanced"), SHAPES[1:])[0])  # packed rows: pieces of 1-5 tokens
+
+
+def test_minimax_activation_checkpointing(ranks):
+    exact(ranks.run(2, cases, ("zigzag",), SHAPES[:1], True)[0])
 
 
 @pytest.mark.slow

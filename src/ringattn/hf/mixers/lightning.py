@@ -119,7 +119,7 @@ def run(forward, call: MixerCall, *args, **kwargs):
         if initial is None:
             y, _ = forward(x_, attention_mask=m_, cache=state, **params)
             return y, state.final
-        qkv = []
+        qkv, normed = [], []
         n = x_.shape[1]
 
         def keep(mod, inputs, out):
@@ -127,6 +127,7 @@ def run(forward, call: MixerCall, *args, **kwargs):
 
         def carried(mod, inputs):
             (o,) = inputs
+            normed.append(o.shape)
             q = qkv[-1] if m_ is None else qkv[-1] * m_[:, :, None]
             q = q.reshape(q.shape[0], n, heads, 3 * d)[..., :d]
             decay = torch.exp(-slope.to(initial.dtype) * torch.arange(1, n + 1, device=o.device, dtype=initial.dtype))
@@ -139,9 +140,11 @@ def run(forward, call: MixerCall, *args, **kwargs):
         finally:
             for h in hooks:
                 h.remove()
-        if len(qkv) != 1:
-            raise RuntimeError(f"{call.where}: its forward applied act_fn {len(qkv)} times, where lightning attention "
-                               "applies it once, to the query-key-value projection")
+        if len(qkv) != 1 or len(normed) != 1:
+            # The inherited state's part would be missing or misplaced: never a silently wrong output.
+            raise RuntimeError(f"{call.where}: its forward applied act_fn {len(qkv)} and norm {len(normed)} times, "
+                               "where lightning attention applies each once (to the query-key-value projection, and "
+                               "to the mixed values before the output gate)")
         decay = transition(x_).to(initial.dtype)
         return y, decay * initial + state.final.to(initial.dtype)
 
