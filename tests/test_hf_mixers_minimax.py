@@ -230,3 +230,15 @@ def test_the_match_takes_lightning_attention_only():
             return self.norm(hidden_states)
 
     assert not is_lightning(Renamed())
+
+
+def test_a_cache_reaching_the_handler_is_refused():
+    # A cache is refused before the module runs (a plain forward's, a generate's); one given to the handler directly
+    # would get no state: refused alike, not ignored.
+    from ringattn.hf.mixers import MODULE_HANDLERS
+    from ringattn.hf.mixers.base import MixerCall
+
+    layer = build().model.layers[0].self_attn
+    x = torch.zeros(1, 4, layer.norm.weight.numel(), dtype=torch.float64)
+    with pytest.raises(hf.UnsupportedModel, match=r"model.generate\(\) with a cache: .* pass use_cache=False"):
+        MODULE_HANDLERS["lightning_attention"].run(layer.forward, MixerCall(layer, None), x, None, None, cache=object())

@@ -61,6 +61,14 @@ class LinearStateCache:
 WHAT = "lightning attention (linear attention with decay)"
 
 
+def _cached_generate(where: str) -> UnsupportedModel:
+    return UnsupportedModel(
+        f"{where}: model.generate() with a cache: this model's {WHAT} keeps its state in a cache class of its own, "
+        "which ringattn's sharded generation cache is not; pass use_cache=False to generate (each step then runs the "
+        "whole sequence context-parallel, exactly), or generate without context parallelism",
+        feature=f"model.generate() with a cache through {WHAT}")
+
+
 def refuse_cached_generate(model: torch.nn.Module) -> None:
     """``model.generate()`` with a cache is refused before the decoder runs: MiniMax's decoder takes no cache but its
     own class (``MiniMaxCache``), which ringattn's sharded generation cache is not. Without a cache every step runs
@@ -76,12 +84,7 @@ def refuse_cached_generate(model: torch.nn.Module) -> None:
         use = getattr(getattr(module, "config", None), "use_cache", False) if use is None else use
         if use or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
             config = getattr(module, "config", None)
-            raise UnsupportedModel(
-                f"{model_name(config) if config is not None else type(module).__name__}: model.generate() with a "
-                f"cache: this model's {WHAT} keeps its state in a cache class of its own, which ringattn's sharded "
-                "generation cache is not; pass use_cache=False to generate (each step then runs the whole sequence "
-                "context-parallel, exactly), or generate without context parallelism",
-                feature=f"model.generate() with a cache through {WHAT}")
+            raise _cached_generate(model_name(config) if config is not None else type(module).__name__)
 
     decoder.__dict__["_ringattn_lightning_generate"] = decoder.register_forward_pre_hook(check, with_kwargs=True,
                                                                                           prepend=True)
@@ -89,8 +92,8 @@ def refuse_cached_generate(model: torch.nn.Module) -> None:
 
 @handles_module("lightning_attention", WHAT, is_lightning, refuse_cached_generate)
 def run(forward, call: MixerCall, *args, **kwargs):
-    """The module's forward over every rank's tokens: ``(output, final state)``, the final state (after the
-    prompt, on every rank) only in a generate prefill, where it also goes to the cache; else None."""
+    """The module's forward over every rank's tokens: ``(output, None)``. The module returns its final state beside
+    its output, which the decoder layer drops; no rank holds the whole sequence's."""
     module = call.module
     bound = inspect.signature(forward).bind(*args, **kwargs)
     params = dict(bound.arguments)
@@ -99,12 +102,10 @@ def run(forward, call: MixerCall, *args, **kwargs):
             params.update(params.pop(name, {}))
     x = params.pop("hidden_states")
     mask = params.pop("attention_mask", None)
-    cache = params.pop("cache", None)
-    if cache is not None and cache.get_linear_cache(module.layer_idx) is not None:
-        raise UnsupportedModel(
-            f"{call.where}: a recurrent state carried into a context-parallel {WHAT} (a cache continued by more "
-            "than one token: prefill chunking); prefill the whole prompt at once, or pass use_cache=False to train or "
-            "score", layer=module.layer_idx, feature=f"a cached state for {WHAT}")
+    if params.pop("cache", None) is not None:
+        # A plain forward's cache is refused before the module runs (base._mixer_pre), a generate's before the
+        # decoder runs (refuse_cached_generate); one that reaches here anyway keeps no state: refused the same.
+        raise _cached_generate(call.where)
     heads, d = module.num_attention_heads, module.head_dim
     slope = module.slope_rate
     masked = mask is not None
@@ -149,9 +150,6 @@ def run(forward, call: MixerCall, *args, **kwargs):
         return y, decay * initial + state.final.to(initial.dtype)
 
     inputs = [x] + ([mask] if masked else [])
-    y, final = call.run_fragments(step, transition, inputs, keep_final=cache is not None, kind="diagonal",
-                                  state_shape=(heads, d, d), transition_shape=(heads, 1, 1))
-    if cache is not None:
-        final = final.to(x.dtype)
-        cache.set_linear_cache(module.layer_idx, final)
-    return y, final
+    y, _ = call.run_fragments(step, transition, inputs, keep_final=False, kind="diagonal", state_shape=(heads, d, d),
+                              transition_shape=(heads, 1, 1))
+    return y, None
