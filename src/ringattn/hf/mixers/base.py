@@ -79,17 +79,20 @@ class ModuleHandler:
     match: Callable[[torch.nn.Module], bool]    # whether a module is one this handler runs (by what it does)
     run: Callable   # run(forward, call: MixerCall, *args, **kwargs): the module's forward's result, context-parallel;
     #                 forward(*args, **kwargs) is the module's own forward, bound
+    prepare: Callable[[torch.nn.Module], None] | None = None  # prepare(model), once per model holding a match
 
 
 MODULE_HANDLERS: dict[str, ModuleHandler] = {}
 
 
-def handles_module(name: str, what: str, match: Callable[[torch.nn.Module], bool]):
+def handles_module(name: str, what: str, match: Callable[[torch.nn.Module], bool],
+                   prepare: Callable[[torch.nn.Module], None] | None = None):
     """Register ``run`` as the context-parallel forward of every module ``match`` accepts: a mixer whose
     recurrence is inline in its forward, or a submodule that mixes tokens (a token shift, a convolution). ``match``
-    must not accept a module it cannot run exactly: the rest of the model is checked for token mixing it leaves."""
+    must not accept a module it cannot run exactly: the rest of the model is checked for token mixing it leaves.
+    ``prepare(model)``: what the model around such modules needs (``install`` calls it; it must be idempotent)."""
     def register(run: Callable) -> Callable:
-        MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run)
+        MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run, prepare)
         return run
     return register
 
@@ -452,6 +455,9 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     if not found:
         return found
     layers = _checkpointed_layers(model)
+    for h in dict.fromkeys(module_handler(m) for _, m in found):
+        if h is not None and h.prepare is not None:
+            h.prepare(model)
     for path, m in found:
         if module_handler(m) is not None:
             _patch_module(type(m))
