@@ -8,8 +8,8 @@ forward and backward, against one process over the whole sequence, every documen
 """
 
 from .fragments import Fragments, Piece, RowPlan, fragments
-from .halo import causal_conv1d
+from .halo import causal_conv1d, causal_windows
 from .state import KINDS, apply, compose, local_pieces, run_fragments, scan_states, summary_dtype
 
-__all__ = ["KINDS", "Fragments", "Piece", "RowPlan", "apply", "causal_conv1d", "compose", "fragments",
+__all__ = ["KINDS", "Fragments", "Piece", "RowPlan", "apply", "causal_conv1d", "causal_windows", "compose", "fragments",
            "local_pieces", "run_fragments", "scan_states", "summary_dtype"]

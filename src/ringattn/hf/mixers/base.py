@@ -254,6 +254,25 @@ class MixerCall:
         cache.update_conv_state(tail, layer_idx, state_idx=state_idx, conv_kernel_size=k)
         self.kept += 1
 
+    def prompt_tail(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The prompt's last ``min(k, prompt length)`` positions of ``x``, this rank's ``(batch, local_len, ...)``,
+        on every rank (each position from the rank that holds it: one sum over the ranks), detached: what a
+        module's own forward reads to write the states decoding continues from."""
+        self._need_prompt("the prompt's last tokens")
+        s = self.batch.settings
+        rank, world = comm.group_rank_world(s.group)
+        b, n = x.shape[:2]
+        pos = global_positions(str(s.layout), rank, world, n, x.device)
+        lo = max(self.seq_len - k, 0)
+        mine = torch.nonzero((pos >= lo) & (pos < self.seq_len)).flatten()
+        flag = x.dtype == torch.bool
+        src = x.detach().to(torch.uint8) if flag else x.detach()
+        tail = src.new_zeros(b, self.seq_len - lo, *x.shape[2:])
+        tail[:, pos[mine] - lo] = src[:, mine]
+        if world > 1:
+            dist.all_reduce(tail, group=s.group)
+        return tail.bool() if flag else tail
+
     def _need_prompt(self, what: str) -> None:
         if self.seq_len <= 0 or self.batch is None:
             raise RuntimeError(f"{self.where}: {what} for a cache is kept only in the prefill of model.generate()")

@@ -1,0 +1,180 @@
+"""Zaya (CCA: q/k through two stacked causal convolutions, half of each value head from the previous token)
+context-parallel through ringattn.hf.prepare: logits and every parameter gradient equal to the same model in one
+process, float64, on 2 and 3 ranks (4 under -m slow), every layout, odd lengths, batch 2, packed documents from
+position_ids restarts (against each document alone). Inkling: refused, naming its learned position bias."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ringattn import hf  # noqa: E402
+
+from .test_hf_sweep import FEATURES, HYBRIDS_RUN  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HYBRIDS_RUN or not hasattr(transformers, "ZayaForCausalLM"),
+                                reason="Zaya's CCA needs transformers 5.25")
+TOL = 1e-9
+# The default CCA (kernels 2 and 2: 2 tokens of reach), and one whose reach (2 + 3 = 5 tokens) spans several ranks'
+# fragments, beside a sliding-window layer.
+CONFIGS = {"default": dict(FEATURES["zaya"]),
+           "wide": dict(FEATURES["zaya"], cca_time0=3, cca_time1=4, layer_types=["hybrid", "hybrid_sliding"],
+                        sliding_window=5)}
+
+
+def case(layout: str, config: str, n: int, batch: int, packed: list | None = None) -> float:
+    """The worst relative error of the logits, the loss and every parameter gradient (rank 0; 0 elsewhere)."""
+    import ringattn
+
+    from .reference import rel_err
+    from .test_hf_sweep import VOCAB, build, float64_softmax
+
+    hf.register(layout=layout)
+    warnings.filterwarnings("ignore")
+    ref, _ = build("zaya", CONFIGS[config], 0)
+    cp, _ = build("zaya", CONFIGS[config], 0)
+    cp.load_state_dict(ref.state_dict())
+    cp.set_attn_implementation("ring")
+    hf.prepare(cp)
+    g = torch.Generator().manual_seed(n + batch)
+    ids = torch.randint(3, VOCAB, (batch, n), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(batch, n, generator=g) < 0.2] = hf.IGNORE_INDEX
+    pos = None
+    if packed is not None:
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(packed[:-1], packed[1:])])[None]
+        labels[:, packed[1:-1]] = hf.IGNORE_INDEX
+    sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
+    with float64_softmax():
+        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False).logits
+    loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
+    loss.backward()
+    hf.sync_gradients(cp)
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=n, cu_seqlens=sb.get("cu_seq_lens_q"))
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return 0.0
+    with float64_softmax():
+        if packed is None:
+            ref_logits = ref(input_ids=ids, use_cache=False).logits
+        else:  # each document alone: the convolutions and the delayed value start from zeros at its first token
+            ref_logits = torch.cat([ref(input_ids=ids[:, a:b], use_cache=False).logits
+                                    for a, b in zip(packed[:-1], packed[1:])], 1)
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=hf.IGNORE_INDEX)
+    ref_loss.backward()
+    errs = [rel_err(full, ref_logits.detach()), rel_err(loss.detach(), ref_loss.detach())]
+    grads = dict(cp.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.grad is not None:
+            errs.append(rel_err(grads[name].grad, p.grad))
+    return max(errs)
+
+
+def cases(layouts: tuple[str, ...], configs: tuple[str, ...], n: int, batch: int, packed=None) -> dict:
+    return {(layout, c): case(layout, c, n, batch, packed) for layout in layouts for c in configs}
+
+
+def exact(results: dict) -> None:
+    bad = {k: v for k, v in results.items() if not v <= TOL}
+    assert not bad, results
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_zaya_exact_2_ranks(ranks, layout):
+    # 29 tokens: odd, padded on every layout; batch 2
+    exact(ranks.run(2, cases, (layout,), ("default", "wide"), 29, 2)[0])
+
+
+def test_zaya_exact_3_ranks(ranks):
+    # Striped over 3 ranks: the 5 tokens before a position lie on every other rank
+    exact(ranks.run(3, cases, ("zigzag", "striped"), ("wide",), 31, 1)[0])
+
+
+@pytest.mark.slow
+def test_zaya_exact_4_ranks(ranks):
+    exact(ranks.run(4, cases, ("contiguous", "zigzag", "striped"), ("default", "wide"), 29, 2)[0])
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_zaya_packed_documents_2_ranks(ranks, layout):
+    # Restarts of position_ids: a 5-token document (shorter than the wide CCA's reach plus one), one across the
+    # ranks, one ending in the padding.
+    exact(ranks.run(2, cases, (layout,), ("default", "wide"), 29, 1, [0, 5, 17, 29])[0])
+
+
+def _model(config: str = "default"):
+    from .test_hf_sweep import build
+
+    hf.register(layout="contiguous")
+    model, _ = build("zaya", CONFIGS[config], 0)
+    model.set_attn_implementation("ring")
+    hf.prepare(model)
+    return model
+
+
+def test_zaya_cca_is_run_whole_by_what_it_does():
+    from ringattn.hf.mixers import window
+
+    model = _model("wide")
+    cca = model.model.layers[0].self_attn.qkv_proj
+    assert window.matches(cca) and window.history(cca) == 5 == cca.conv_kernel_size
+    assert not window.matches(model.model.layers[0].self_attn)  # the attention around it
+    # Padded by the Conv1d itself, not by the forward: not this handler's (the model-wide check names it)
+    cca.conv_qk_grouped.padding = (1,)
+    assert not window.matches(cca)
+
+
+def test_zaya_cache_outside_generate_refused():
+    # The cache reaches the CCA positionally; no rank's cache would hold the states after the sequence.
+    model = _model()
+    with pytest.raises(hf.UnsupportedModel, match="a cache given to a context-parallel causal convolutions .*"
+                                                  "Pass use_cache=False"):
+        model(input_ids=torch.arange(3, 9)[None], use_cache=True)
+
+
+def test_window_refuses_a_longer_recurrent_state():
+    # A module whose outputs reach further back than its convolutions (a running sum standing for a recurrent
+    # state that carries more than the previous token) is refused before its first context-parallel forward.
+    from ringattn.hf.mixers import window
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    call = MixerCall(torch.nn.Module(), Batch(RingSettings(), None, None))
+    x = torch.randn(1, 6, 4, dtype=torch.float64)
+    window._check_delay(lambda h, cache, mask: h.roll(1, 1) + h, call, x, 1)  # reaches 1 back (and wraps: padded)
+    with pytest.raises(hf.UnsupportedModel, match="depend on tokens more than 2 positions back"):
+        window._check_delay(lambda h, cache, mask: h.cumsum(1), call, x, 2)
+
+
+@pytest.mark.parametrize("family", ["inkling_text", "inkling2_text"])
+def test_inkling_refused_naming_its_position_bias(family):
+    # Its attention calls the interface with a learned, hidden-state-conditioned relative bias (position_bias,
+    # (batch, heads, q_len, kv_len) built from the positions a rank holds) that sdpa adds to the scores and the ring
+    # would drop: refused at prepare, naming the module that makes it.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from .test_hf_sweep import tiny_config
+
+    if family not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        pytest.skip(f"{family} is not in this transformers")
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+    with torch.device("meta"):
+        model = cls(tiny_config(family, {}, "sdpa" if cls._supports_sdpa else "eager"))
+    model.config._attn_implementation = "ring"
+    with pytest.raises(hf.UnsupportedModel, match=r"self_attn \(\w+Attention\) adds a learned position bias to its "
+                                                  r"attention scores \(position_bias, from \w+ \(\w+(Logits|Bias)\)"):
+        hf.prepare(model)
+
+
+def test_position_bias_at_the_interface_refused():
+    # Unprepared, or a model whose attention the model-wide check passes: the call itself is refused, never
+    # run without its bias.
+    from ringattn.hf.attention import attention_forward
+
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    with pytest.raises(hf.UnsupportedModel, match="passes a position_bias to the attention interface"):
+        attention_forward(torch.nn.Module(), q, q, q, None, position_bias=torch.zeros(1, 2, 4, 4))
