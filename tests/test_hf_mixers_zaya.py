@@ -5,6 +5,7 @@ position_ids restarts (against each document alone). Inkling: refused, naming it
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -241,3 +242,106 @@ def test_zaya_padded_generate_refused(ranks):
     # The CCA zeroes padding through its conv_mask, not an attention_mask keyword ringattn could give its shard of
     for msg in ranks.run(2, padded_generate):
         assert "ZayaCCAProjection): model.generate() with a padded batch needs the mixer's attention_mask" in msg, msg
+
+
+# --- ringattn.mixers.causal_windows alone: a function of whole sequences against itself on each document of each
+# row, every layout, uneven shards, documents shared and per row, batch 2, float64, outputs and every gradient.
+HISTORIES = (1, 7)  # 7 > the shortest fragments: the tokens before a piece span several ranks
+
+
+def window_fn(w, v0):
+    """Tokens mixed only within ``len(w[0]) - 1`` back: a depthwise convolution of the masked input, which it pads
+    itself, and the input delayed by one token (a learned row before the first)."""
+    import torch.nn.functional as F
+
+    def fn(x, mask):
+        xm = x * mask[..., None].to(x.dtype)
+        conv = F.conv1d(F.pad(xm.transpose(1, 2), (w.shape[1] - 1, 0)), w[:, None], groups=w.shape[0])
+        delayed = torch.cat([v0.expand(x.shape[0], 1, -1), x[:, :-1]], 1)
+        return conv.transpose(1, 2), delayed
+    return fn
+
+
+@functools.cache
+def window_expected():
+    from .test_state_passing import B, cases, per_row
+
+    out = []
+    for i, (_, _, n, cu) in enumerate(cases()):
+        for h in HISTORIES:
+            g = torch.Generator().manual_seed(10 * i + h)
+            x = torch.randn(B, n, 3, generator=g, dtype=torch.float64, requires_grad=True)
+            mask = (torch.rand(B, n, generator=g) > 0.2).long()
+            w = torch.randn(3, h + 1, generator=g, dtype=torch.float64, requires_grad=True)
+            v0 = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+            fn = window_fn(w, v0)
+            ys = []
+            for b, r in enumerate(per_row(cu)):
+                bounds = list(r) + ([n] if r[-1] < n else []) if r is not None else [0, n]
+                parts = [fn(x[b:b + 1, s:e], mask[b:b + 1, s:e]) for s, e in zip(bounds, bounds[1:])]
+                ys.append([torch.cat(p, 1) for p in zip(*parts)])
+            ys = [torch.cat(p, 0) for p in zip(*ys)]
+            gys = [torch.randn(y.shape, generator=g, dtype=torch.float64) for y in ys]
+            grads = torch.autograd.grad(sum((y * gy).sum() for y, gy in zip(ys, gys)), (x, w, v0))
+            out.append((i, h, x.detach(), mask, w.detach(), v0.detach(), gys, [y.detach() for y in ys], grads))
+    return out
+
+
+def window_check(expect) -> float:
+    import torch.distributed as dist
+
+    from ringattn import mixers
+
+    from .test_state_passing import B, _rank_world, case_positions, cases
+
+    rank, world = _rank_world()
+    worst = 0.0
+    for i, h, x, mask, w, v0, gys, refs, (gx, gw, gv) in expect:
+        layout, uneven, n, cu = cases()[i]
+        _, pos = case_positions(layout, uneven, n, cu, world, rank)
+
+        def mine(t, pos=pos):
+            return torch.stack([t[b].index_select(0, pos[b]) for b in range(B)])
+
+        xl = mine(x).requires_grad_()
+        wl, vl = w.clone().requires_grad_(), v0.clone().requires_grad_()
+        plan = mixers.fragments(pos.shape[1], layout=layout, cu_seqlens=cu, uneven=uneven,
+                                seq_len=n if uneven else None, batch=B)
+        ys = mixers.causal_windows(window_fn(wl, vl), [xl, mine(mask)], h, plan=plan)
+        err = max((y - mine(r)).abs().max().item() for y, r in zip(ys, refs))
+        dx, dw, dv = torch.autograd.grad(sum((y * mine(gy)).sum() for y, gy in zip(ys, gys)), (xl, wl, vl))
+        if world > 1:  # each rank holds its tokens' part of a weight's gradient
+            dist.all_reduce(dw)
+            dist.all_reduce(dv)
+        err = max(err, (dx - mine(gx)).abs().max().item(), (dw - gw).abs().max().item(),
+                  (dv - gv).abs().max().item())
+        assert err < 1e-11, f"{layout} uneven={uneven} n={n} cu={cu} history={h} W={world}: max error {err}"
+        worst = max(worst, err)
+    return worst
+
+
+def test_causal_windows_one_process():
+    assert window_check(window_expected()) < 1e-11
+
+
+@pytest.mark.parametrize("world", [2, 3, pytest.param(4, marks=pytest.mark.slow)])
+def test_causal_windows_ranks(ranks, world):
+    assert max(ranks.run(world, window_check, window_expected())) < 1e-11
+
+
+def bad_history() -> str:
+    from ringattn import mixers
+
+    plan = mixers.fragments(4, layout="zigzag")
+    try:
+        mixers.causal_windows(lambda x: x, [torch.zeros(1, 4, 2)], -1 if plan.rank == 0 else 2, plan=plan)
+    except ValueError as e:
+        return str(e)
+    return "ran"
+
+
+def test_causal_windows_bad_input_raises_on_every_rank(ranks):
+    # Rank 0's history is wrong: it says why, the other rank stops too rather than wait in the gather.
+    msgs = ranks.run(2, bad_history)
+    assert "history must be a non-negative int, got -1" in msgs[0], msgs
+    assert "another rank failed its checks" in msgs[1], msgs
