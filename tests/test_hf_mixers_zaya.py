@@ -27,8 +27,10 @@ CONFIGS = {"default": dict(FEATURES["zaya"]),
                         sliding_window=5)}
 
 
-def case(layout: str, config: str, n: int, batch: int, packed: list | None = None) -> float:
-    """The worst relative error of the logits, the loss and every parameter gradient (rank 0; 0 elsewhere)."""
+def case(layout: str, config: str, n: int, batch: int, packed: list | None = None, via: str = "position_ids") -> float:
+    """The worst relative error of the logits, the loss and every parameter gradient (rank 0; 0 elsewhere).
+    ``via``: how the model learns of the packed documents, "position_ids" (restarts) or "cu_seq_lens" (the model
+    is given cu_seq_lens_q too)."""
     import ringattn
 
     from .reference import rel_err
@@ -50,8 +52,11 @@ def case(layout: str, config: str, n: int, batch: int, packed: list | None = Non
         pos = torch.cat([torch.arange(b - a) for a, b in zip(packed[:-1], packed[1:])])[None]
         labels[:, packed[1:-1]] = hf.IGNORE_INDEX
     sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
+    kw = {}
+    if via == "cu_seq_lens":
+        kw["cu_seq_lens_q"] = sb.get("cu_seq_lens_q", torch.tensor(packed, dtype=torch.int32))
     with float64_softmax():
-        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False).logits
+        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False, **kw).logits
     loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
     loss.backward()
     hf.sync_gradients(cp)
@@ -75,8 +80,9 @@ def case(layout: str, config: str, n: int, batch: int, packed: list | None = Non
     return max(errs)
 
 
-def cases(layouts: tuple[str, ...], configs: tuple[str, ...], n: int, batch: int, packed=None) -> dict:
-    return {(layout, c): case(layout, c, n, batch, packed) for layout in layouts for c in configs}
+def cases(layouts: tuple[str, ...], configs: tuple[str, ...], n: int, batch: int, packed=None,
+          via: str = "position_ids") -> dict:
+    return {(layout, c): case(layout, c, n, batch, packed, via) for layout in layouts for c in configs}
 
 
 def exact(results: dict) -> None:
@@ -105,6 +111,11 @@ def test_zaya_packed_documents_2_ranks(ranks, layout):
     # Restarts of position_ids: a 5-token document (shorter than the wide CCA's reach plus one), one across the
     # ranks, one ending in the padding.
     exact(ranks.run(2, cases, (layout,), ("default", "wide"), 29, 1, [0, 5, 17, 29])[0])
+
+
+def test_zaya_packed_documents_balanced_3_ranks(ranks):
+    # The balanced layout places tokens by the documents (cu_seq_lens_q); a one-token document continues none.
+    exact(ranks.run(3, cases, ("balanced",), ("wide",), 30, 1, [0, 11, 12, 30], "cu_seq_lens")[0])
 
 
 def _model(config: str = "default"):
