@@ -1,7 +1,9 @@
 """Zaya (CCA: q/k through two stacked causal convolutions, half of each value head from the previous token)
 context-parallel through ringattn.hf.prepare: logits and every parameter gradient equal to the same model in one
 process, float64, on 2 and 3 ranks (4 under -m slow), every layout, odd lengths, batch 2, packed documents from
-position_ids restarts (against each document alone). Inkling: refused, naming its learned position bias."""
+position_ids restarts and cu_seq_lens_q (against each document alone); generate() and RingTrainer (activation
+checkpointing included) equal to one process. ringattn.mixers.causal_windows alone. Inkling: refused, naming its
+learned position bias."""
 
 from __future__ import annotations
 
@@ -356,3 +358,24 @@ def test_causal_windows_bad_input_raises_on_every_rank(ranks):
     msgs = ranks.run(2, bad_history)
     assert "history must be a non-negative int, got -1" in msgs[0], msgs
     assert "another rank failed its checks" in msgs[1], msgs
+
+
+def trainer_run(checkpointing: bool) -> dict:
+    from . import test_hf_trainer as t
+
+    t.HYBRIDS = (*t.HYBRIDS, "zaya") if "zaya" not in t.HYBRIDS else t.HYBRIDS
+    return t.ring_run("zaya", "zigzag", 2, 1, 2, checkpointing)
+
+
+@pytest.mark.parametrize("checkpointing", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_zaya_ring_trainer(ranks, checkpointing):
+    # RingTrainer, 3 float64 steps with gradient accumulation: loss, gradient norm and weights equal to transformers'
+    # Trainer in one process; with activation checkpointing the replay of each layer in backward runs the CCA
+    # context-parallel with its forward's documents.
+    from . import test_hf_trainer as t
+
+    t.HYBRIDS = (*t.HYBRIDS, "zaya") if "zaya" not in t.HYBRIDS else t.HYBRIDS
+    results = ranks.run(2, trainer_run, checkpointing)
+    want = t.reference("zaya", 1, 2, checkpointing)
+    assert want["checkpointing"] == checkpointing and all(r["checkpointing"] == checkpointing for r in results)
+    t.check(results, want, "zaya", TOL)
