@@ -7,6 +7,9 @@ holds one of ``s - k + 1 .. s - 1`` holds it among its last k - 1 rows), also wh
 fragments on several ranks. The gather's backward (one all-reduce of the tails' gradients) returns each
 halo row's gradient to its owner. Striped layouts (every token its own fragment) regroup to contiguous
 by one all-to-all each way instead, which moves less than (k - 1) tails per token.
+
+``causal_windows`` uses the same tails for a function that pads itself (a module's own forward): each piece is
+given to it with the tokens before it, rather than convolved here.
 """
 
 from __future__ import annotations
@@ -78,22 +81,7 @@ def _conv(x: torch.Tensor, w: torch.Tensor, plan: Fragments, k: int) -> torch.Te
     if h == 0:
         return x * w[:, 0]
     slots = plan.fragment_slots()
-    parts, order = [], []
-    for rp in plan.plans:
-        rows = list(rp.rows) if rp.rows is not None else list(range(batch))
-        xr = x if rp.rows is None else x.index_select(0, torch.tensor(rows, device=x.device))
-        tails = []
-        for local, _, length in rp.fragments[plan.rank]:
-            t = min(length, h)
-            tail = xr.narrow(1, local + length - t, t)
-            tails.append(torch.cat([tail.new_zeros(len(rows), h - t, channels), tail], 1) if t < h else tail)
-        tails += [xr.new_zeros(len(rows), h, channels)] * (slots - len(tails))
-        parts.append(torch.stack(tails, 1))
-        order += rows
-    buf = torch.cat(parts, 0)
-    if order != list(range(batch)):
-        buf = buf[torch.tensor(_inverse(order), device=buf.device)]
-    gathered = all_gather(buf, plan)  # (W, batch, slots, k - 1, channels)
+    gathered = _gather_tails(x, plan, h, slots)  # (W, batch, slots, k - 1, channels)
 
     outs, order = [], []
     for rp in plan.plans:
