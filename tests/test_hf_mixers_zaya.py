@@ -379,3 +379,17 @@ def test_zaya_ring_trainer(ranks, checkpointing):
     want = t.reference("zaya", 1, 2, checkpointing)
     assert want["checkpointing"] == checkpointing and all(r["checkpointing"] == checkpointing for r in results)
     t.check(results, want, "zaya", TOL)
+
+
+def audit_case():
+    from ringattn.hf.audit import source as auditing
+
+    warnings.filterwarnings("ignore")
+    return hf.audit(auditing.tiny_config("zaya", **CONFIGS["wide"]), seq_len=23, layout="zigzag")
+
+
+def test_zaya_audit_compares_the_cca_layers(ranks):
+    r = ranks.run(2, audit_case)[0]
+    assert r.ok and r.tol == 1e-9, r.table()
+    assert all(row.mixes == "self_attn.qkv_proj: causal convolutions and a one-token delay it pads itself"
+               and row.output_err <= 1e-9 and row.grad_err <= 1e-9 for row in r.rows[:2]), r.table()
