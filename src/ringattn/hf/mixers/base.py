@@ -369,7 +369,7 @@ def _mixer_pre(module, args, kwargs):
         token = _ACTIVE.set(None)
     elif gen is not None:
         token = _ACTIVE.set(MixerCall(module, _prefill_batch(gen), gen.seq_len))
-        _prefill_mask(module, args, kwargs, gen)
+        args = _prefill_mask(module, args, kwargs, gen)
     elif batch is None and _settings(module) is None:
         token = _ACTIVE.set(None)  # not running a ring: the module's own code, unchanged
     elif batch is None and torch._C._current_graph_task_id() != -1:
@@ -433,18 +433,24 @@ def _prefill_batch(gen) -> Batch:
     return b
 
 
-def _prefill_mask(module, args, kwargs, gen) -> None:
+# The mixers' parameters for the 2-D padding mask (1: a real token), as transformers names them.
+_MASK_PARAMS = ("attention_mask", "conv_mask")
+
+
+def _prefill_mask(module, args: tuple, kwargs: dict, gen) -> tuple:
     """A padded prompt: the mixer gets this rank's shard of the padding mask, as one process gives it the whole
-    mask (its own code zeroes the padded positions' inputs)."""
+    mask (its own code zeroes the padded positions' inputs): in ``kwargs``, or in the returned ``args`` where the
+    mask is passed by position."""
     if all(r == (0, gen.seq_len) for r in gen.ranges):
-        return
-    params = list(inspect.signature(module.forward).parameters)
-    if "attention_mask" not in params or params.index("attention_mask") < len(args):
+        return args
+    params = [p for p in inspect.signature(module.forward).parameters if p != "self"]
+    name = next((n for n in _MASK_PARAMS if n in params), None)
+    if name is None:
         raise UnsupportedModel(
             f"{MixerCall(module, None).where}: model.generate() with a padded batch needs the mixer's attention_mask "
-            "as a keyword argument, which ringattn replaces by this rank's shard of the padding mask; this layer "
-            "takes none: generate one unpadded prompt at a time", layer=getattr(module, "layer_idx", None),
-            feature="padded generation with recurrent or convolution layers")
+            "as a keyword argument (or a conv_mask), which ringattn replaces by this rank's shard of the padding "
+            "mask; this layer takes none: generate one unpadded prompt at a time",
+            layer=getattr(module, "layer_idx", None), feature="padded generation with recurrent or convolution layers")
     s = gen.settings
     mask = gen.__dict__.get("mixer_mask")
     if mask is None:
@@ -454,7 +460,12 @@ def _prefill_mask(module, args, kwargs, gen) -> None:
         for i, (lo, hi) in enumerate(gen.ranges):
             full[i, lo:hi] = 1
         mask = gen.__dict__["mixer_mask"] = shard(full, group=s.group, layout=s.layout)
-    kwargs["attention_mask"] = mask.to(_device(module))
+    mask = mask.to(_device(module))
+    i = params.index(name)
+    if i < len(args):
+        return (*args[:i], mask, *args[i + 1:])
+    kwargs[name] = mask
+    return args
 
 
 def _device(module) -> torch.device:
