@@ -204,6 +204,7 @@ GENERATE_CASES = [  # (config, prompt length, batch, padding, generate kwargs)
     # The CCA zeroes the padding through its conv_mask (passed by position), given this rank's shard of it
     ("wide", 16, 2, "left", {"do_sample": False}),
     ("wide", 11, 2, "right", {"do_sample": False}),
+    ("default", 10, 1, None, {"do_sample": False, "use_cache": False}),  # every step a context-parallel forward
 ]
 
 
