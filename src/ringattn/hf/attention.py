@@ -113,6 +113,14 @@ def _check_call(module, query, key, attention_mask, dropout, step, settings: Rin
             f"{where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
             "which ring attention cannot apply on global positions; not supported",
             layer=layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
+    if isinstance(kwargs.get("position_bias"), torch.Tensor):
+        # sdpa and eager add it to the scores; the ring has no dense (queries x keys) bias to add, on global
+        # positions or otherwise
+        raise features.UnsupportedModel(
+            f"{where(module)}: the layer passes a position_bias to the attention interface (a learned bias added to "
+            "its attention scores, built densely for the queries and keys it holds), which ring attention cannot "
+            "apply; not supported (run this model without context parallelism)", layer=layer_index(module),
+            feature="a learned position bias added to the attention scores (position_bias) is not supported")
     if step is None and isinstance(kwargs.get("position_ids"), torch.Tensor):
         check_sharded_as(kwargs["position_ids"], settings)
     if key.shape[2] != query.shape[2] and (step is None or step.prefill):

@@ -142,6 +142,14 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
             raise UnsupportedModel(f"{name}: {path} ({cls}) picks its weights by the token's index in the "
                                    "sequence, which each rank knows only locally; not supported",
                                    module=path, feature="weights picked by the token's local index are not supported")
+        if _passes_score_bias(type(m)):
+            bias = [f"{p} ({type(b).__name__})" for p, b in m.named_children() if _PER_QUERY_BIAS.search(p)]
+            raise UnsupportedModel(
+                f"{name}: {path} ({cls}) adds a learned position bias to its attention scores (position_bias"
+                + (f", from {bias[0]}" if bias else "") + "), built densely for the queries and keys it holds, "
+                "which ring attention has no way to apply on global positions (it would drop it); not supported "
+                "(run this model without context parallelism)", module=path, layer=layer_index(m),
+                feature="a learned position bias added to the attention scores (position_bias) is not supported")
         unknown = unknown_functions(m)
         if unknown:
             raise UnsupportedModel(
@@ -195,12 +203,25 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
 # Hybrids that transformers leaves off _supports_attention_backend (the flag means a vLLM/TGI backend can run
 # them, which would have to manage their mixers' state) whose attention calls the interface all the same, each
 # exact with attention layers in tests/test_hf_sweep.py or tests/test_hf_mixers.py. Not inferred from the code:
-# Inkling's attention calls the interface too and is not what the ring computes.
+# Inkling's attention calls the interface too, with a position_bias the ring cannot add (refused by name above).
 _HYBRIDS_ON_INTERFACE = frozenset({"falcon_h1", "zamba2", "jamba", "nemotron_h", "qwen3_next", "qwen3_5_text",
                                    "qwen3_5_moe_text", "qwen4_exp_text", "kimi_linear", "bailing_hybrid",
                                    "olmo_hybrid", "lara_mini"})
 # The attention interface, as a module's forward names it: such a module is softmax attention, whatever its name.
 _ATTENTION_CALLS = frozenset({"eager_attention_forward", "ALL_ATTENTION_FUNCTIONS", "sdpa_attention_forward"})
+
+
+# Submodules that make the per-query bias (Inkling's rel_logits_proj), named in the refusal.
+_PER_QUERY_BIAS = re.compile(r"rel|bias", re.IGNORECASE)
+
+
+def _passes_score_bias(cls: type) -> bool:
+    """Whether ``cls``'s forward calls the attention interface with a ``position_bias`` of its own (Inkling's
+    relative logits, T5-style biases): the interface's sdpa adds it to the scores, the ring cannot."""
+    from .mixers.base import forward_of
+
+    fwd = forward_of(cls)
+    return _calls_attention(cls) and "position_bias" in fwd.__code__.co_varnames
 
 
 def _calls_attention(cls: type) -> bool:

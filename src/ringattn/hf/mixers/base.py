@@ -264,6 +264,25 @@ class MixerCall:
         cache.update_conv_state(tail, layer_idx, state_idx=state_idx, conv_kernel_size=k)
         self.kept += 1
 
+    def prompt_tail(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The prompt's last ``min(k, prompt length)`` positions of ``x``, this rank's ``(batch, local_len, ...)``,
+        on every rank (each position from the rank that holds it: one sum over the ranks), detached: what a
+        module's own forward reads to write the states decoding continues from."""
+        self._need_prompt("the prompt's last tokens")
+        s = self.batch.settings
+        rank, world = comm.group_rank_world(s.group)
+        b, n = x.shape[:2]
+        pos = global_positions(str(s.layout), rank, world, n, x.device)
+        lo = max(self.seq_len - k, 0)
+        mine = torch.nonzero((pos >= lo) & (pos < self.seq_len)).flatten()
+        flag = x.dtype == torch.bool
+        src = x.detach().to(torch.uint8) if flag else x.detach()
+        tail = src.new_zeros(b, self.seq_len - lo, *x.shape[2:])
+        tail[:, pos[mine] - lo] = src[:, mine]
+        if world > 1:
+            dist.all_reduce(tail, group=s.group)
+        return tail.bool() if flag else tail
+
     def _need_prompt(self, what: str) -> None:
         if self.seq_len <= 0 or self.batch is None:
             raise RuntimeError(f"{self.where}: {what} for a cache is kept only in the prefill of model.generate()")
@@ -360,7 +379,7 @@ def _mixer_pre(module, args, kwargs):
         token = _ACTIVE.set(None)
     elif gen is not None:
         token = _ACTIVE.set(MixerCall(module, _prefill_batch(gen), gen.seq_len))
-        _prefill_mask(module, args, kwargs, gen)
+        args = _prefill_mask(module, args, kwargs, gen)
     elif batch is None and _settings(module) is None:
         token = _ACTIVE.set(None)  # not running a ring: the module's own code, unchanged
     elif batch is None and torch._C._current_graph_task_id() != -1:
@@ -424,18 +443,24 @@ def _prefill_batch(gen) -> Batch:
     return b
 
 
-def _prefill_mask(module, args, kwargs, gen) -> None:
+# The mixers' parameters for the 2-D padding mask (1: a real token), as transformers names them.
+_MASK_PARAMS = ("attention_mask", "conv_mask")
+
+
+def _prefill_mask(module, args: tuple, kwargs: dict, gen) -> tuple:
     """A padded prompt: the mixer gets this rank's shard of the padding mask, as one process gives it the whole
-    mask (its own code zeroes the padded positions' inputs)."""
+    mask (its own code zeroes the padded positions' inputs): in ``kwargs``, or in the returned ``args`` where the
+    mask is passed by position."""
     if all(r == (0, gen.seq_len) for r in gen.ranges):
-        return
-    params = list(inspect.signature(module.forward).parameters)
-    if "attention_mask" not in params or params.index("attention_mask") < len(args):
+        return args
+    params = [p for p in inspect.signature(module.forward).parameters if p != "self"]
+    name = next((n for n in _MASK_PARAMS if n in params), None)
+    if name is None:
         raise UnsupportedModel(
             f"{MixerCall(module, None).where}: model.generate() with a padded batch needs the mixer's attention_mask "
-            "as a keyword argument, which ringattn replaces by this rank's shard of the padding mask; this layer "
-            "takes none: generate one unpadded prompt at a time", layer=layer_index(module),
-            feature="padded generation with recurrent or convolution layers")
+            "as a keyword argument (or a conv_mask), which ringattn replaces by this rank's shard of the padding "
+            "mask; this layer takes none: generate one unpadded prompt at a time",
+            layer=layer_index(module), feature="padded generation with recurrent or convolution layers")
     s = gen.settings
     mask = gen.__dict__.get("mixer_mask")
     if mask is None:
@@ -445,7 +470,12 @@ def _prefill_mask(module, args, kwargs, gen) -> None:
         for i, (lo, hi) in enumerate(gen.ranges):
             full[i, lo:hi] = 1
         mask = gen.__dict__["mixer_mask"] = shard(full, group=s.group, layout=s.layout)
-    kwargs["attention_mask"] = mask.to(_device(module))
+    mask = mask.to(_device(module))
+    i = params.index(name)
+    if i < len(args):
+        return (*args[:i], mask, *args[i + 1:])
+    kwargs[name] = mask
+    return args
 
 
 def _device(module) -> torch.device:
