@@ -123,8 +123,6 @@ UNKNOWN_MIXERS = {
     "minimax": "model.layers.1.self_attn (MiniMaxLightningAttention) is a recurrent / state-space / linear-attention "
                "mixer",
     "recurrent_gemma": "model.layers.0.temporal_block.conv_1d (Conv1d) is a 1-D convolution along the sequence",
-    "xlstm": "backbone.blocks.0.mlstm_layer.mlstm_backend (xLSTMBackend) is a recurrent / state-space / "
-             "linear-attention mixer",
     "rwkv": "rwkv.blocks.0.attention (RwkvSelfAttention) is a recurrent / state-space / linear-attention mixer",
 }
 

@@ -23,8 +23,9 @@ PER_TOKEN_LAYER_TYPES = frozenset({"moe", "mlp"})
 # rank's shard alone, so its output would be that of a shorter, cut-up sequence.
 MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|lightning|shortconv|rwkv|mlstm|slstm|"
                           r"xlstm|rglru|recurrentblock|recurrent_block|lru", re.IGNORECASE)
-# Parts of a mixer's family that act on each token alone (its norms, MLPs, embeddings), named after the family.
-_PER_TOKEN_NAMES = re.compile(r"norm|mlp|embed", re.IGNORECASE)
+# Parts of a mixer's family that act on each token alone (its norms, MLPs and feed-forwards, embeddings), named after
+# the family.
+_PER_TOKEN_NAMES = re.compile(r"norm|mlp|feedforward|embed", re.IGNORECASE)
 # Sparse attention that picks keys with a learned scorer (DeepSeek-V3.2's indexer): the scorer sees only the
 # local shard, and ring attention has no top-k key selection.
 _INDEXER_NAMES = re.compile(r"indexer", re.IGNORECASE)

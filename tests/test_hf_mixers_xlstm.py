@@ -1,0 +1,160 @@
+"""xLSTM (mLSTM cells) context-parallel through ringattn.hf.prepare: logits and every parameter gradient equal to the
+same model in one process (float64), on 2 and 3 ranks (4 under -m slow), every layout, odd lengths, batch > 1, packed
+documents; the backend's ``train`` mode (chunked kernel) and ``inference`` mode (chunked, then token by token)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ringattn import hf  # noqa: E402
+
+from .reference import rel_err  # noqa: E402
+from .test_hf_sweep import HYBRIDS_RUN, VOCAB  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HYBRIDS_RUN or not hasattr(transformers, "xLSTMForCausalLM"),
+                                reason="xLSTM's mLSTM runs context-parallel under transformers 5.25's xLSTM")
+
+TOL = 1e-10
+CHUNK = 8
+
+
+def build(mode: str = "train", seed: int = 0, hidden: int = 32):
+    """A tiny float64 xLSTM: 2 blocks of 4 heads (K = hidden / 8, V = hidden / 4)."""
+    cfg = transformers.xLSTMConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_heads=4,
+                                   chunk_size=CHUNK, mode=mode, ffn_round_up_to_multiple_of=16, use_cache=False,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    # Its token-by-token kernel keeps the state in float32 unless told otherwise, which the config's validation
+    # refuses: float64 in the reference and on every rank alike, so that the context parallelism is what is compared.
+    object.__setattr__(cfg, "inference_state_dtype", "float64")
+    torch.manual_seed(seed)
+    model = transformers.xLSTMForCausalLM(cfg).double()
+    with torch.no_grad():  # gates far from their init, so that the stabiliser moves and forgets
+        for n, p in model.named_parameters():
+            if "gate_preact" in n or "norm" in n:
+                p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+def case(layout: str, mode: str, seq: int, batch: int = 1, packed: list | None = None, via: str = "") -> dict:
+    """On every rank: the prepared model's logits and gradients against one process (rank 0 compares). Packed
+    documents against each document run alone."""
+    import ringattn
+
+    hf.register(layout=layout)
+    warnings.filterwarnings("ignore")
+    ref = build(mode)
+    cp = build(mode)
+    cp.load_state_dict(ref.state_dict())
+    cp.config._attn_implementation = "ring"
+    hf.prepare(cp)
+    if mode == "train":
+        ref.train()
+        cp.train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(batch, seq, generator=g) < 0.2] = hf.IGNORE_INDEX
+    pos, kw = None, {}
+    if packed is not None:
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(packed[:-1], packed[1:])])[None]
+        for b in packed[1:-1]:
+            labels[:, b] = hf.IGNORE_INDEX
+    sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
+    if via == "cu_seq_lens":
+        kw["cu_seq_lens_q"] = sb.get("cu_seq_lens_q", torch.tensor(packed, dtype=torch.int32))
+    # xLSTM returns float32 logits (its head's output .float()): the losses sum them in float64, in one order.
+    logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False, **kw).logits.double()
+    loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
+    loss.backward()
+    hf.sync_gradients(cp)
+    full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq, cu_seqlens=sb.get("cu_seq_lens_q"))
+    if packed is None:
+        ref_logits = ref(input_ids=ids, use_cache=False).logits.double()
+    else:
+        ref_logits = torch.cat([ref(input_ids=ids[:, a:b], use_cache=False).logits
+                                for a, b in zip(packed[:-1], packed[1:])], 1)
+    ref_logits = ref_logits.double()
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 ignore_index=hf.IGNORE_INDEX)
+    ref_loss.backward()
+    errs = {"logits": rel_err(full, ref_logits.detach()), "loss": rel_err(loss.detach(), ref_loss.detach())}
+    grads = dict(cp.named_parameters())
+    for n, p in ref.named_parameters():
+        errs[f"grad {n}"] = rel_err(grads[n].grad, p.grad)
+    return errs
+
+
+def exact(errs: dict) -> None:
+    worst = max(errs, key=lambda k: errs[k] if errs[k] == errs[k] else float("inf"))
+    assert errs[worst] <= TOL, (worst, errs[worst], errs)
+
+
+# train: 24 tokens, whole chunks of 8 in one process; on the ranks spans of 12, 6 and 4 (a chunk and a shorter one,
+# one shorter chunk). inference: 29 tokens, its chunked kernel then its token-by-token one, batch 2.
+MODES = {"train": (24, 1), "inference": (29, 2)}
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_xlstm_exact_2_ranks(ranks, layout, mode):
+    exact(ranks.run(2, case, layout, mode, *MODES[mode])[0])
+
+
+@pytest.mark.parametrize("mode,layout", [("train", "zigzag"), ("inference", "contiguous")])
+def test_xlstm_exact_3_ranks(ranks, mode, layout):
+    exact(ranks.run(3, case, layout, mode, *MODES[mode])[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,layout", [("train", "zigzag"), ("inference", "striped"), ("train", "balanced")])
+def test_xlstm_exact_4_ranks(ranks, mode, layout):
+    exact(ranks.run(4, case, layout, mode, *MODES[mode])[0])
+
+
+@pytest.mark.parametrize("via", ["position_ids", "cu_seq_lens"])
+def test_xlstm_packed_documents_2_ranks(ranks, via):
+    # A document inside one rank's shard, one across the ranks, one ending in the padding; each from m_0 = 0.
+    exact(ranks.run(2, case, "zigzag", "inference", 30, 1, [0, 5, 17, 30], via)[0])
+
+
+def test_xlstm_packed_documents_balanced_3_ranks(ranks):
+    # A one-token document: a piece of one token continuing a state.
+    exact(ranks.run(3, case, "balanced", "inference", 30, 1, [0, 11, 12, 30], "cu_seq_lens")[0])
+
+
+# --- recognised by what it does, refusals ---
+
+def test_xlstm_backend_is_the_mixer_prepare_runs():
+    from ringattn.hf.mixers import mixes
+
+    model = build()
+    model.config._attn_implementation = "ring"
+    hf.register(layout="contiguous")
+    hf.prepare(model)
+    found = {p: mixes(m) for p, m in model.named_modules() if p and mixes(m)}
+    assert found == {f"backbone.blocks.{i}.mlstm_layer.mlstm_backend": ["mLSTM (xLSTM) matrix memory"]
+                     for i in range(2)}, found
+
+
+def test_xlstm_cache_outside_generate_refused():
+    # xLSTM's config defaults to use_cache=True: a cache of each rank's own shard would be silently wrong.
+    hf.register(layout="contiguous")
+    model = build("inference")
+    model.config._attn_implementation = "ring"
+    hf.prepare(model)
+    with pytest.raises(hf.UnsupportedModel, match="Pass use_cache=False to train or score"):
+        model(input_ids=torch.arange(3, 9)[None], use_cache=True)
+
+
+def test_xlstm_train_with_padding_refused():
+    hf.register(layout="contiguous")
+    model = build("train_with_padding")
+    model.config._attn_implementation = "ring"
+    hf.prepare(model)
+    with pytest.raises(hf.UnsupportedModel, match="mode 'train_with_padding'"):
+        model(input_ids=torch.arange(3, 11)[None], use_cache=False)
