@@ -23,11 +23,12 @@ TOL = 1e-10
 CHUNK = 8
 
 
-def build(mode: str = "train", seed: int = 0, hidden: int = 32):
-    """A tiny float64 xLSTM: 2 blocks of 4 heads (K = hidden / 8, V = hidden / 4)."""
+def build(mode: str = "train", seed: int = 0, hidden: int = 32, qk_dim_factor: float = 0.5):
+    """A tiny float64 xLSTM: 2 blocks of 4 heads (K = hidden * qk_dim_factor / 4, V = hidden / 4)."""
     cfg = transformers.xLSTMConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_heads=4,
-                                   chunk_size=CHUNK, mode=mode, ffn_round_up_to_multiple_of=16, use_cache=False,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                                   chunk_size=CHUNK, mode=mode, qk_dim_factor=qk_dim_factor,
+                                   ffn_round_up_to_multiple_of=16, use_cache=False, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2)
     # Its token-by-token kernel keeps the state in float32 unless told otherwise, which the config's validation
     # refuses: float64 in the reference and on every rank alike, so that the context parallelism is what is compared.
     object.__setattr__(cfg, "inference_state_dtype", "float64")
@@ -65,8 +66,8 @@ def case(layout: str, mode: str, seq: int, batch: int = 1, packed: list | None =
         for b in packed[1:-1]:
             labels[:, b] = hf.IGNORE_INDEX
     sb = hf.shard_batch(ids, labels, layout=layout, position_ids=pos)
-    if via == "cu_seq_lens":
-        kw["cu_seq_lens_q"] = sb.get("cu_seq_lens_q", torch.tensor(packed, dtype=torch.int32))
+    if via == "cu_seq_lens" or "cu_seq_lens_q" in sb:  # the balanced layout places tokens by document
+        kw["cu_seq_lens_q"] = sb["cu_seq_lens_q"] if "cu_seq_lens_q" in sb else torch.tensor(packed, dtype=torch.int32)
     # xLSTM returns float32 logits (its head's output .float()): the losses sum them in float64, in one order.
     logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False, **kw).logits.double()
     loss = hf.causal_lm_loss(logits, sb["shift_labels"], sb["num_items_in_batch"])
@@ -158,3 +159,37 @@ def test_xlstm_train_with_padding_refused():
     hf.prepare(model)
     with pytest.raises(hf.UnsupportedModel, match="mode 'train_with_padding'"):
         model(input_ids=torch.arange(3, 11)[None], use_cache=False)
+
+
+# --- model.generate() ---
+
+def generate_case(layout: str, n: int, kw: dict) -> dict:
+    """Tokens and every step's float64 logits against one process. transformers' generate runs xLSTM over the whole
+    sequence at every step (its cache is not carried between steps), so every step is a context-parallel prefill that
+    keeps the state after its last position. A padded batch is refused: xLSTM's mixer takes no padding mask."""
+    from .test_hf_generate import generate, prompts
+
+    warnings.filterwarnings("ignore")
+    hf.register(layout=layout)
+    ids, _ = prompts(1, n, None)
+    runs = []
+    for ring in (False, True):
+        # The cache's state widths follow config.qk_head_dim (rounded up to 64 channels): a layer that matches it.
+        model = build("inference", hidden=64, qk_dim_factor=1.0)
+        if ring:
+            model.config._attn_implementation = "ring"
+            hf.prepare(model)
+        torch.manual_seed(7)  # the same draws for sampling in the reference and on every rank
+        runs.append(generate(model, ids, None, max_new_tokens=4, **kw))
+    (want, want_logits, _), (got, logits, _) = runs
+    ids2, mask = prompts(2, n, "left")
+    with pytest.raises(hf.UnsupportedModel, match="generate one unpadded prompt at a time"):
+        generate(model, ids2, mask, max_new_tokens=2, do_sample=False)
+    return {"same_tokens": torch.equal(got, want), "logits_err": rel_err(logits, want_logits)}
+
+
+@pytest.mark.parametrize("layout,n,kw", [("zigzag", 13, {"do_sample": False}),
+                                         ("contiguous", 10, {"do_sample": True, "top_k": 20})])
+def test_xlstm_generate_2_ranks(ranks, layout, n, kw):
+    for r in ranks.run(2, generate_case, layout, n, kw):
+        assert r["same_tokens"] and r["logits_err"] <= TOL, r
