@@ -34,10 +34,15 @@ def build(mode: str = "train", seed: int = 0, hidden: int = 32, qk_dim_factor: f
     object.__setattr__(cfg, "inference_state_dtype", "float64")
     torch.manual_seed(seed)
     model = transformers.xLSTMForCausalLM(cfg).double()
-    with torch.no_grad():  # gates far from their init, so that the stabiliser moves and forgets
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "gate_preact" in n or "norm" in n:
                 p.add_(0.5 * torch.randn_like(p))
+            if "igate_preact.bias" in n:
+                # Input gates per head from the init's -10 (the stabiliser is the decayed start, m_0 = 0: a summary
+                # that counted it would be wrong) to around 0 (it is a token's input gate; the normaliser sometimes
+                # |q.n|, sometimes exp(-m)).
+                p.copy_(torch.tensor([-10.0, -6.0, -1.0, 1.0], dtype=p.dtype) + 0.3 * torch.randn_like(p))
     return model
 
 
