@@ -198,3 +198,27 @@ def generate_case(layout: str, n: int, kw: dict) -> dict:
 def test_xlstm_generate_2_ranks(ranks, layout, n, kw):
     for r in ranks.run(2, generate_case, layout, n, kw):
         assert r["same_tokens"] and r["logits_err"] <= TOL, r
+
+
+def half_case(layout: str) -> tuple[float, float]:
+    """A bfloat16 model (train mode: the chunked kernel multiplies the passed state with bfloat16 inputs): the
+    logits' error against float64, context-parallel and in one process."""
+    import ringattn
+
+    hf.register(layout=layout)
+    warnings.filterwarnings("ignore")
+    f64, ref, cp = build(), build().bfloat16(), build().bfloat16()
+    cp.config._attn_implementation = "ring"
+    hf.prepare(cp)
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+    sb = hf.shard_batch(ids, layout=layout)
+    with torch.no_grad():
+        logits = cp(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False).logits
+        full = ringattn.unshard(logits.double(), layout=layout, seq_len=24)
+        want = f64(input_ids=ids, use_cache=False).logits.double()
+        return rel_err(full, want), rel_err(ref(input_ids=ids, use_cache=False).logits.double(), want)
+
+
+def test_xlstm_bfloat16_2_ranks(ranks):
+    cp, one = ranks.run(2, half_case, "zigzag")[0]
+    assert cp <= 3 * one, (cp, one)

@@ -86,7 +86,8 @@ def mlstm(forward, call: MixerCall, *args, **kwargs):
         if "inference" in mode:
             return forward(q_, k_, v_, i_, f_, c, nn, m, mode=mode)
         whole = q_.shape[2] - q_.shape[2] % cs
-        outs, state = [], (c, nn, m)
+        # The chunked kernel keeps its state in the inputs' dtype (it multiplies them together): a passed state too.
+        outs, state = [], tuple(None if t is None else t.to(q_.dtype) for t in (c, nn, m))
         for lo, hi, chunk in ((0, whole, cs), (whole, q_.shape[2], q_.shape[2] - whole)):
             if hi > lo:
                 span = [t[:, :, lo:hi].contiguous() for t in (q_, k_, v_, i_, f_)]
