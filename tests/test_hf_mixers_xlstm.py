@@ -155,6 +155,10 @@ def test_xlstm_cache_outside_generate_refused():
     hf.prepare(model)
     with pytest.raises(hf.UnsupportedModel, match="Pass use_cache=False to train or score"):
         model(input_ids=torch.arange(3, 9)[None], use_cache=True)
+    # Evaluating a shard longer than max_inference_chunksize, xLSTM runs it in chunks through a cache of its own.
+    model.eval().config.max_inference_chunksize = 4
+    with torch.no_grad(), pytest.raises(hf.UnsupportedModel, match="max_inference_chunksize at least"):
+        model(input_ids=torch.arange(3, 9)[None], use_cache=False)
 
 
 def test_xlstm_train_with_padding_refused():
