@@ -226,3 +226,22 @@ def half_case(layout: str) -> tuple[float, float]:
 def test_xlstm_bfloat16_2_ranks(ranks):
     cp, one = ranks.run(2, half_case, "zigzag")[0]
     assert cp <= 3 * one, (cp, one)
+
+
+def test_feed_forward_per_token_only_where_its_parts_are():
+    # xLSTM's feed-forward is named after the family but acts per token; RWKV's holds a token shift and stays a
+    # suspect of the model-wide check.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ringattn.hf import features
+
+    from .test_hf_sweep import FEATURES, tiny_config
+
+    seen = {}
+    for family in ("xlstm", "rwkv"):
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
+        with torch.device("meta"):
+            model = cls(tiny_config(family, FEATURES.get(family, {}), "eager"))
+        seen.update({type(m).__name__: features._per_token_feed_forward(m) for m in model.modules()
+                     if "FeedForward" in type(m).__name__})
+    assert seen == {"xLSTMFeedForward": True, "RwkvFeedForward": False}, seen
