@@ -17,7 +17,7 @@ import sys
 import time
 
 SUITES = ["kernel", "documents", "balance", "ring", "prefill", "window", "mods", "strategies", "memory", "table3",
-          "decode", "multihost", "mixers"]
+          "decode", "multihost", "mixers", "hybrid"]
 # Run by name only, not by 'all' (``make longctx``: it trains a model), but reported like the others.
 EXTRA = ["passkey"]
 

@@ -194,12 +194,12 @@ def test_a_wrong_mixer_is_named(ranks):
 
 def test_refused_hybrids_name_the_layer(tmp_path):
     # Refusals come from the structure alone (meta device): no rank is started, so this runs in the test process.
-    path = tmp_path / "minimax.json"
-    auditing.tiny_config("minimax").to_json_file(path)
+    path = tmp_path / "rwkv.json"
+    auditing.tiny_config("rwkv").to_json_file(path)
     code, out, _ = cli_main(["audit", "--model", str(path), "--nproc", "2"])
     assert code == 1, out
     culprit = out.strip().splitlines()[-1]
-    assert culprit.startswith("culprit: layer 1 (MiniMaxLightningAttention): token mixing outside attention that "
+    assert culprit.startswith("culprit: layer 0 (RwkvSelfAttention): token mixing outside attention that "
                               "ringattn does not know"), culprit
     rg = hf.audit("recurrent_gemma")
     assert rg.culprit.startswith("layer 0 (Conv1d): token mixing outside attention"), rg.culprit
@@ -217,17 +217,17 @@ def test_refused_hybrids_name_the_layer(tmp_path):
 
 
 def compare_refused_case() -> dict:
-    return hf.audit("minimax", seq_len=SEQ, compare_refused=True)
+    return hf.audit("rwkv", seq_len=SEQ, compare_refused=True)
 
 
 def test_compare_refused_shows_where(ranks):
     # The refusal is by structure (a mixer's class name); compared anyway, the numbers agree with it.
     r = ranks.run(2, compare_refused_case)[0]
-    assert not r.ok and "MiniMaxLightningAttention" in r.refused
-    assert r.culprit.startswith("layer 1 (MiniMaxLightningAttention): token mixing outside attention that ringattn "
+    assert not r.ok and "RwkvSelfAttention" in r.refused
+    assert r.culprit.startswith("layer 0 (RwkvSelfAttention): token mixing outside attention that ringattn "
                                 "does not know")
-    assert "compared anyway: layer 1 (MiniMaxLightningAttention): attention output differs" in r.culprit, r.culprit
-    assert any("(MiniMaxLightningAttention)" in (row.part or "") for row in r.rows), [row.part for row in r.rows]
+    assert "compared anyway: layer 0 (RwkvSelfAttention): attention output differs" in r.culprit, r.culprit
+    assert any("(RwkvSelfAttention)" in (row.part or "") for row in r.rows), [row.part for row in r.rows]
 
 
 def test_bad_input_is_exit_2(tmp_path):

@@ -71,3 +71,17 @@ def test_quick_variant(tmp_path):
             assert measured["backward"] == c.backward_bytes, name
     assert (tmp_path / "mixers.png").exists()
     assert "| Mamba2 / SSD | 32 |" in bm.summary(res)
+
+
+@pytest.mark.slow
+def test_hybrid_model_step_variant(tmp_path):
+    """``python -m benchmarks hybrid``'s step at a tiny size: the ranks' loss is the one process's (float32), and
+    the report renders."""
+    from benchmarks.suites import hybrid
+
+    res = hybrid.run(tmp_path, True, lengths=[96], worlds=[2], reps=1)
+    (row,) = res["rows"]
+    assert row["loss_diff"] < 1e-5 * abs(row["single_loss"]), row
+    assert row["single_s"] > 0 and row["ranks_s"] > 0
+    assert (tmp_path / "hybrid.png").exists()
+    assert "| 96 | 2 |" in hybrid.summary(res)

@@ -312,3 +312,18 @@ def test_a_different_batch_on_each_rank_refused_on_every_rank(ranks, what):
             assert msg == "ran"
         else:
             assert msg.startswith("ringattn.hf.shard_batch got a different batch on each rank of the group"), msg
+
+
+def test_a_shared_layer_is_not_named_layer_minus_one():
+    """Zamba2's attention block, shared by several layers, carries layer_idx=-1: messages name no layer for it
+    rather than "layer -1" (and its layer type is not read from the end of layer_types)."""
+    from ringattn.hf.refusals import layer_index, where
+
+    class Shared(torch.nn.Module):
+        layer_idx = -1
+
+    class Own(torch.nn.Module):
+        layer_idx = 3
+
+    assert layer_index(Shared()) is None and where(Shared()) == "model: Shared"
+    assert layer_index(Own()) == 3 and where(Own()) == "model: layer 3 (Own)"

@@ -51,9 +51,19 @@ def test_striped_regroups():
 
 
 def test_mistakes():
-    with pytest.raises(ValueError, match=r"kind must be one of \('scalar', 'diagonal', 'dense', 'conv'\), got 'ssm'"):
+    kinds = r"\('scalar', 'diagonal', 'dense', 'log', 'conv'\)"
+    with pytest.raises(ValueError, match=rf"kind must be one of {kinds}, got 'ssm'"):
         mixer_cost("ssm", seq_len=1024, world=2, hw=HW)
     with pytest.raises(ValueError, match=r"kind='conv' needs channels >= 1"):
         mixer_cost("conv", seq_len=1024, world=2, hw=HW)
     with pytest.raises(ValueError, match=r"need 1 <= world <= seq_len"):
         mixer_cost("dense", seq_len=2, world=4, hw=HW)
+
+
+def test_log_kind_sends_the_log_scale_and_reruns():
+    """A stabilised state (RWKV, xLSTM) travels with its log scale, and has no correction path."""
+    lg = mixer_cost("log", seq_len=32768, world=2, heads=4, state=(16, 17), hw=HW, correct=True)
+    dg = mixer_cost("diagonal", seq_len=32768, world=2, heads=4, state=(16, 17), hw=HW)
+    assert lg.bytes_sent == 3 * 4 * 16 * 17 * 4  # log decay + value + log scale, float32
+    assert lg.bytes_sent == dg.bytes_sent * 3 // 2
+    assert "rerun" in lg.note and lg.extra_passes == pytest.approx(1.0)

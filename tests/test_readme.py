@@ -3,7 +3,8 @@
 A python block that names ``torchrun --nproc-per-node N`` runs on N real gloo ranks of the test pool
 (whose process group is already up, so the block's ``init_process_group`` call is a no-op there);
 a bash block runs in a fresh folder with the venv's ``bin`` first on ``PATH``. A block right after an
-``<!-- not-run: why -->`` line is skipped, with that reason.
+``<!-- not-run: why -->`` line is skipped, with that reason; one after ``<!-- slow: why -->`` runs in
+``make test-slow`` only.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(.*?)\s*-->\s*$")
+SLOW = re.compile(r"<!--\s*slow:\s*(.*?)\s*-->\s*$")
 TORCHRUN = re.compile(r"torchrun --nproc-per-node (\d+)")
 
 
@@ -32,7 +34,7 @@ def blocks() -> list:
         line = text.count("\n", 0, m.start()) + 1
         before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
         skip = NOT_RUN.search(before)
-        marks = [pytest.mark.skip(reason=skip.group(1))] if skip else []
+        marks = [pytest.mark.skip(reason=skip.group(1))] if skip else [pytest.mark.slow] if SLOW.search(before) else []
         out.append(pytest.param(lang, code, id=f"{lang}-line{line}", marks=marks))
     return out
 

@@ -186,7 +186,7 @@ def expected(name):
     return out
 
 
-def rank_check(name, expect):
+def rank_check(name, expect, combine="auto"):
     rank, world = _rank_world()
     worst = 0.0
     spec = MIXERS[name]
@@ -201,7 +201,7 @@ def rank_check(name, expect):
                                 seq_len=n if uneven else None, batch=B)
         y = mixers.run_fragments(spec["step"], spec["transition"], local, plan=plan, kind=spec["kind"],
                                  state_shape=spec["state_shape"], transition_shape=spec.get("transition_shape"),
-                                 correct=spec.get("correct"))
+                                 correct=spec.get("correct"), combine=combine)
         err = (y - mine(ref)).abs().max().item()
         grads = torch.autograd.grad((y * mine(gy)).sum(), local)
         for g, rg in zip(grads, ref_grads):
@@ -228,6 +228,16 @@ def test_one_process(name):
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_ranks(ranks, name, world):
     assert max(ranks.run(world, rank_check, name, expected(name))) < 1e-11
+
+
+@pytest.mark.parametrize("name,world", [(n, w) for n in sorted(MIXERS) for w in (1, 3)] + [("dense", 4), ("log", 4)])
+def test_ranks_log_depth_scan(ranks, name, world):
+    """The same cases with the summaries combined by the log-depth scan (point-to-point rounds) instead of the
+    all-gather: the same outputs and gradients."""
+    if world == 1:
+        assert rank_check(name, expected(name), "scan") < 1e-11
+    else:
+        assert max(ranks.run(world, rank_check, name, expected(name), "scan")) < 1e-11
 
 
 # --- mistakes: a clear error on every rank before anyone blocks in a collective ---------------------
@@ -395,3 +405,22 @@ def test_log_kind_refuses_a_correction_and_a_misshaped_transition():
     with pytest.raises(ValueError, match="one dim fewer than the state"):
         mixers.run_fragments(log_step, log_transition, [x, x, x], plan=plan, kind="log", state_shape=(2, 2, H, P),
                              transition_shape=(H, P))
+
+
+def test_log_depth_scan_messages():
+    """The scan's messages per rank grow with log2 of the pieces, not with the ranks: 16 ranks holding 32
+    zigzag chunks send and receive at most log2(32) + 1 summaries each (the all-gather: 31 x 2 received)."""
+    from ringattn.mixers.fragments import Piece, RowPlan
+    from ringattn.mixers.scan import _rounds
+
+    world, n = 16, 32
+    owner = [c if c < world else 2 * world - 1 - c for c in range(n)]
+    pieces = tuple(Piece(rank=r, local=0 if c < world else 1, start=c, length=1, fresh=c == 0, feeds=c < n - 1,
+                         fragment=0 if c < world else 1) for c, r in enumerate(owner))
+    rp = RowPlan(rows=None, bounds=(0,), fragments=(), pieces=pieces)
+    for rank in range(world):
+        rounds = _rounds(rp, rank)
+        assert len(rounds) == 6  # log2(32) rounds and the shift
+        sent = sum(len(idx) for rnd, _ in rounds for _, idx in rnd.sends)
+        got = sum(c for rnd, _ in rounds for _, c in rnd.recvs)
+        assert sent <= 2 * 6 and got <= 2 * 6, (rank, sent, got)

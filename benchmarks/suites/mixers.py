@@ -180,6 +180,35 @@ def _rerun_callables(name, size, wts):
     return plain, transition_from_eye, kw
 
 
+class CountTraffic:
+    """Bytes through torch.distributed on this rank: an all-gather's whole gathered buffer, an all-reduce's
+    buffer, and every point-to-point message sent or received."""
+
+    def __init__(self):
+        self.bytes, self.saved = 0, {}
+
+    def __enter__(self):
+        def count(fn, pick):
+            f = self.saved[fn] = getattr(dist, fn)
+
+            def counted(*a, **kw):
+                for t in pick(a):
+                    self.bytes += t.numel() * t.element_size()
+                return f(*a, **kw)
+            setattr(dist, fn, counted)
+
+        for fn in ("all_gather_into_tensor", "all_gather_single"):
+            if hasattr(dist, fn):
+                count(fn, lambda a: [a[0]])
+        count("all_reduce", lambda a: [a[0]] if a[0].numel() != 4 else [])  # not the 4-int agreements
+        count("batch_isend_irecv", lambda a: [o.tensor for o in a[0]])
+        return self
+
+    def __exit__(self, *exc):
+        for fn, f in self.saved.items():
+            setattr(dist, fn, f)
+
+
 class CountBytes:
     """Bytes this rank hands to torch.distributed's collectives (payload only), by phase."""
 
@@ -343,6 +372,8 @@ def run(out: pathlib.Path, quick: bool, names=NAMES, sizes=None, lengths=None, r
                 for w, r in row["ranks"].items())
                 + (f"  rerun W=2 ratio {row['rerun_2']['ratio']:.3f}" if "rerun_2" in row else ""), flush=True)
     res["fold"] = fold_table(worlds=(2, 4) if quick else (2, 4, 8, 16, 32, 64), reps=1 if quick else 3)
+    res["combine"] = combine_table(worlds=(4,) if quick else (4, 8), heads=2 if quick else 16,
+                                   k=16 if quick else 128, reps=1 if quick else 2)
     _plot(res, out / "mixers.png")
     return res
 
@@ -388,6 +419,51 @@ def fold_table(worlds=(2, 4, 8, 16, 32, 64), heads: int = 16, k: int = 128, slot
               f"{out[-1]['fold_s'] * 1e3:.0f} ms; scan {out[-1]['scan_moved_mib']:.0f} MiB in {rounds} rounds, "
               f"{out[-1]['scan_s'] * 1e3:.0f} ms", flush=True)
     return out
+
+
+def _combine_rank(worlds_reps: tuple[int, int], heads: int, k: int, local_len: int) -> list[dict]:
+    """On this group: ``scan_states`` with the all-gather and with the log-depth scan, forward + backward,
+    Gated DeltaNet-size summaries (one piece per rank, contiguous), best time and bytes this rank sends."""
+    _, reps = worlds_reps
+    rank, world = dist.get_rank(), dist.get_world_size()
+    plan = mx.fragments(local_len, layout="contiguous", batch=1)
+    g = torch.Generator().manual_seed(rank)
+    m = (torch.randn(1, heads, k, k, generator=g) / k ** 0.5).requires_grad_()
+    st = torch.randn(1, heads, k, k, generator=g).requires_grad_()
+    out = []
+    for combine in ("gather", "scan"):
+        best, sent = float("inf"), 0
+        for i in range(reps + 1):
+            with CountTraffic() as ct:
+                dist.barrier()
+                t0 = time.perf_counter()
+                states, tie = mx.scan_states([(m, st) if rank < world - 1 else None], plan, kind="dense",
+                                             state_shape=(heads, k, k), batch=1, anchor=m, combine=combine)
+                loss = tie.sum() * 0 + sum(s.sum() for s in states if s is not None) + m.sum() * 0 + st.sum() * 0
+                loss.backward()
+                el = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(el, op=dist.ReduceOp.MAX)
+            if i:
+                best = min(best, float(el))
+            sent = ct.bytes
+        mine = torch.tensor([float(sent)])
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+        out.append({"world": world, "combine": combine, "time_s": best, "max_sent_mib": float(mine) / 2 ** 20})
+    return out
+
+
+def combine_table(worlds=(4, 8), heads: int = 16, k: int = 128, reps: int = 2) -> list[dict]:
+    """The all-gather against the log-depth scan (``combine=``), measured on ``worlds`` local ranks: the most
+    bytes through one rank (``CountTraffic``) and the time, forward + backward."""
+    from ringattn.training.launch import spawn_collect
+
+    rows = []
+    for w in worlds:
+        for r in spawn_collect(_combine_rank, w, (w, reps), heads, k, 8):
+            rows.append(r)
+            print(f"  combine W={w} {r['combine']:<6}: {r['max_sent_mib']:.1f} MiB through the busiest rank, "
+                  f"{r['time_s'] * 1e3:.0f} ms", flush=True)
+    return rows
 
 
 def _kib(recs) -> str:
@@ -461,6 +537,15 @@ def summary(res: dict) -> str:
         for f in res["fold"]:
             lines.append(f"| {f['world']} | {f['gather_received_mib']:.0f} / {f['gather_held_mib']:.0f} | "
                          f"{f['fold_s']:.3f} | {f['scan_moved_mib']:.0f}, {f['scan_rounds']} | {f['scan_s']:.3f} |")
+    if res.get("combine"):
+        lines.append("\nThe two combines measured (`combine_table`: `scan_states` with `combine=\"gather\"` and "
+                     "`\"scan\"`, one Gated DeltaNet-size summary per rank, contiguous, forward + backward; W local "
+                     "ranks x 1 thread, so W above the core count shares cores):\n")
+        lines.append("| W | combine | MiB through the busiest rank (all-gather: the gathered buffer; all-reduce: its "
+                     "buffer; point-to-point: sent + received) | ms |")
+        lines.append("|---|---|---|---|")
+        for c in res["combine"]:
+            lines.append(f"| {c['world']} | {c['combine']} | {c['max_sent_mib']:.1f} | {c['time_s'] * 1e3:.0f} |")
     lines.append("\nWhere the time goes (2 ranks, the longest length, forward; the slowest rank's parts):\n")
     for name, rows in res["mixers"].items():
         keys = sorted(rows, key=int)
@@ -508,4 +593,4 @@ def summary(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["NAMES", "TINY", "fold_table", "inputs", "layer", "run", "summary", "weights"]
+__all__ = ["NAMES", "TINY", "combine_table", "fold_table", "inputs", "layer", "run", "summary", "weights"]

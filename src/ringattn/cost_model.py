@@ -312,7 +312,7 @@ def configured_hardware(device=None) -> Hardware:
 
 # --- token mixers of hybrid models (ringattn.mixers) ---------------------------------------------------
 
-MIXER_KINDS = ("scalar", "diagonal", "dense", "conv")
+MIXER_KINDS = ("scalar", "diagonal", "dense", "log", "conv")
 
 
 def _mixer_slots(layout: str, world: int, kind: str) -> int:
@@ -365,7 +365,10 @@ def mixer_cost(kind: str, *, seq_len: int, world: int, heads: int = 1, state: tu
     ``kind``: ``"scalar"`` (Mamba2 / SSD: state ``heads x (P, N)``, a scalar transition per head),
     ``"diagonal"`` (Mamba1, RG-LRU: state ``heads x (D, N)`` and a transition of the state's shape; pass
     ``heads=1, state=(d_inner, N)``), ``"dense"`` (Gated DeltaNet, KDA: state ``heads x (K, V)``, a K x K
-    transition), ``"conv"`` (a depthwise causal convolution of ``channels`` and ``kernel``: a halo of
+    transition), ``"log"`` (a stabilised state, ``run_fragments(kind="log")``: RWKV's WKV ``heads=1,
+    state=(2, channels)`` (num, den), xLSTM's mLSTM ``heads x (K, V + 1)`` (C, n); the value and its log scale
+    travel, and the log of a diagonal decay; no correction, so always the rerun path),
+    ``"conv"`` (a depthwise causal convolution of ``channels`` and ``kernel``: a halo of
     ``kernel - 1`` rows per fragment). ``slots``: summaries per rank, the most feeding pieces one holds
     (default without documents: 1 contiguous or striped; zigzag 1 on 2 ranks, else 2; a halo: the most
     fragments, 2 zigzag); ``Fragments.summary_slots()`` / ``fragment_slots()`` give them for a plan.
@@ -375,7 +378,8 @@ def mixer_cost(kind: str, *, seq_len: int, world: int, heads: int = 1, state: tu
     inputs, for striped's regroup. Summaries are float32 (float64 for ``dtype_bytes=8``).
 
     FLOPs per token are rough counts of the chunked pure-torch steps (scalar: ``2cN + 2cP + 6PN`` per
-    head; diagonal: ``6N`` per channel; dense: ``4cK + 4cV + 6KV`` per head; conv: ``2k`` per channel),
+    head; diagonal: ``6N`` per channel; dense: ``4cK + 4cV + 6KV`` per head; log: ``10`` per state
+    element, exponentials counted as one; conv: ``2k`` per channel),
     enough to compare the extra work with the pass; ``python -m benchmarks mixers`` measures them."""
     if kind not in MIXER_KINDS:
         raise ValueError(f"mixer_cost: kind must be one of {MIXER_KINDS}, got {kind!r}")
@@ -394,14 +398,18 @@ def mixer_cost(kind: str, *, seq_len: int, world: int, heads: int = 1, state: tu
         per_slot, elem = (kernel - 1) * channels, dtype_bytes
         pass_flops, extra = 2.0 * kernel * channels, 0.0
     else:
-        m = {"scalar": heads, "diagonal": heads * a * b, "dense": heads * a * a}[kind]
-        per_slot, elem = m + heads * a * b, sbytes
+        m = {"scalar": heads, "diagonal": heads * a * b, "dense": heads * a * a, "log": heads * a * b}[kind]
+        # kind="log" sends the state's log scale beside its value
+        per_slot, elem = m + (2 if kind == "log" else 1) * heads * a * b, sbytes
+        correct = correct and kind != "log"
         if kind == "scalar":  # state (P, N) = (a, b)
             pass_flops = heads * (2 * chunk * (a + b) + 6 * a * b)
             corr = heads * 2 * a * b + heads  # C . h_in per token, and the decay
         elif kind == "diagonal":
             pass_flops = 6.0 * heads * a * b
             corr = 4.0 * heads * a * b  # the decay of h_in per (channel, state), and C . that
+        elif kind == "log":
+            pass_flops = corr = 10.0 * heads * a * b
         else:  # dense (K, V) = (a, b)
             pass_flops = heads * (4 * chunk * (a + b) + 6 * a * b)
             corr = heads * (4 * chunk * a + 6 * a * a + 2 * a * b)  # K more value columns, then P_t . h_in

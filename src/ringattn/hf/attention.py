@@ -15,6 +15,7 @@ from ..validate import agree
 from . import features, forward, generation, positions
 from .batch import check_sharded_as
 from .features import LayerNeeds
+from .refusals import layer_index, where
 from .registry import SETTINGS, RingSettings
 
 
@@ -109,9 +110,9 @@ def _check_call(module, query, key, attention_mask, dropout, step, settings: Rin
                          "set config.attention_dropout = 0 or call model.eval()")
     if isinstance(attention_mask, torch.Tensor):
         raise features.UnsupportedModel(
-            f"{_where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
+            f"{where(module)}: the model built its own dense attention_mask (not transformers' mask interface), "
             "which ring attention cannot apply on global positions; not supported",
-            layer=_layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
+            layer=layer_index(module), feature="a dense attention_mask built by the model itself is not supported")
     if step is None and isinstance(kwargs.get("position_ids"), torch.Tensor):
         check_sharded_as(kwargs["position_ids"], settings)
     if key.shape[2] != query.shape[2] and (step is None or step.prefill):
@@ -132,9 +133,9 @@ def _documents(module, needs: LayerNeeds, batch: int, settings: RingSettings, kw
     if kwargs.get("cu_seq_lens_q") is None and any(r is not None for r in rows):  # read from position_ids
         if needs.chunk_size is not None:
             raise features.UnsupportedModel(
-                f"{_where(module)}: chunked attention with packed documents (transformers counts the chunks "
+                f"{where(module)}: chunked attention with packed documents (transformers counts the chunks "
                 "from each document's start); not supported yet",
-                layer=_layer_index(module), feature="chunked attention with packed documents is not supported yet")
+                layer=layer_index(module), feature="chunked attention with packed documents is not supported yet")
         elif len(rows) > 1 and all(r is not None and torch.equal(r, rows[0]) for r in rows):
             rows = rows[:1]
     return rows, real
@@ -165,15 +166,3 @@ def _call(q, k, v, cu, settings: RingSettings, kw: dict) -> torch.Tensor:
     from .. import attention
 
     return attention(q, k, v, strategy=settings.strategy, **kw)
-
-
-def _layer_index(module) -> int | None:
-    idx = getattr(module, "layer_idx", None)
-    return idx if isinstance(idx, int) else None
-
-
-def _where(module) -> str:
-    config = getattr(module, "config", None)
-    name = features.model_name(config) if config is not None else "model"
-    idx = getattr(module, "layer_idx", None)
-    return f"{name}: layer {idx} ({type(module).__name__})" if idx is not None else f"{name}: {type(module).__name__}"

@@ -39,7 +39,8 @@ def needs_ring(model, args, kwargs) -> None:
             raise ValueError(f"{type(model).__name__} was given this rank's shard of a batch (ringattn.hf.shard_batch "
                              f"over {entry[2]} ranks) but runs with attn_implementation={impl!r}, which would attend "
                              "within each rank's shard alone: build it with attn_implementation='ring' or call "
-                             "model.set_attn_implementation('ring') after ringattn.hf.register")
+                             "model.set_attn_implementation('ring') after ringattn.hf.register (a model transformers "
+                             "does not let switch, e.g. RWKV, only by building it so)")
 
 
 def check_sharded_as(position_ids: torch.Tensor, settings: RingSettings) -> None:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..callspec import Mask
-from .refusals import UnsupportedModel, model_name
+from . import refusals
+from .refusals import UnsupportedModel, layer_index, model_name
 
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention", "attention"})
 # Layer types that act on each token alone (Nemotron-H lists its MoE and MLP blocks as layers).
@@ -150,13 +151,13 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
                 f"{name}: {path} ({cls}) mixes tokens in {', '.join(unknown)}, which ringattn does not run "
                 "context-parallel (it knows: " + ", ".join(sorted(HANDLERS)) + "), so each rank would mix its own "
                 "shard alone; not supported yet (run this model without context parallelism)",
-                module=path, layer=_index(m), feature=f"token mixing in {unknown[0]} is not context-parallel yet")
+                module=path, layer=layer_index(m), feature=f"token mixing in {unknown[0]} is not context-parallel yet")
         if path in handled and not prepared:
             what = " and ".join(sorted(set(mixes(m))))
             raise UnsupportedModel(
                 f"{name}: {path} ({cls}) mixes tokens outside attention ({what}), which runs context-parallel "
                 "only in a prepared model: call ringattn.hf.prepare(model) once after loading",
-                module=path, layer=_index(m), feature="a token mixer outside attention needs prepare(model)")
+                module=path, layer=layer_index(m), feature="a token mixer outside attention needs prepare(model)")
     suspects = []
     for path, m in model.named_modules():
         cls = type(m).__name__
@@ -178,9 +179,9 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
             f"{', '.join(sorted(MODULE_HANDLERS)) or 'none'}), so each rank would mix its own shard alone; "
             "not supported "
             "(run this model without context parallelism)",
-            module=path, layer=_index(m), feature="token mixing outside attention that ringattn does not know")
+            module=path, layer=layer_index(m), feature="token mixing outside attention that ringattn does not know")
     if handled:
-        _MIXER_LAYERS[id(config)] = (weakref.ref(config), {_index(m) for m in handled.values()})
+        _MIXER_LAYERS[id(config)] = (weakref.ref(config), {layer_index(m) for m in handled.values()})
     _check_layer_types(config)
     on_interface = getattr(type(model), "_supports_attention_backend", False) or (
         bool(handled) and getattr(config, "model_type", None) in _HYBRIDS_ON_INTERFACE)
@@ -201,11 +202,6 @@ def _per_token_feed_forward(m: torch.nn.Module) -> bool:
     return bool(_FEED_FORWARD_NAMES.search(type(m).__name__)) and bool(parts) and all(
         isinstance(k, (torch.nn.Linear, torch.nn.Dropout, torch.nn.Identity))
         or type(k).__module__ in ("torch.nn.modules.activation", "transformers.activations") for k in parts)
-
-
-def _index(m) -> int | None:
-    idx = getattr(m, "layer_idx", None)
-    return idx if isinstance(idx, int) else None
 
 
 # Hybrids that transformers leaves off _supports_attention_backend (the flag means a vLLM/TGI backend can run
@@ -245,16 +241,14 @@ def needs_of(module, sliding_window, softcap, kwargs: dict) -> LayerNeeds:
     something the ring cannot do."""
     config = getattr(module, "config", None)
     cls = type(module).__name__
-    name = model_name(config) if config is not None else cls
     if config is not None:
         check_config(config)
-    idx = getattr(module, "layer_idx", None)
-    where = f"{name}: layer {idx} ({cls})" if idx is not None else f"{name}: {cls}"
+    where, idx = refusals.where(module, config), layer_index(module)
     if _INDEXER_NAMES.search(cls):
         raise UnsupportedModel(f"{where}: not plain softmax attention; not supported by ring attention",
-                               layer=idx if isinstance(idx, int) else None, feature="not plain softmax attention")
+                               layer=idx, feature="not plain softmax attention")
     types = _layer_types(config) if config is not None else None
-    layer_type = types[idx] if types and isinstance(idx, int) and idx < len(types) else None
+    layer_type = types[idx] if types and idx is not None and idx < len(types) else None
 
     window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
     if window is None and config is not None:

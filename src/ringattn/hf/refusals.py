@@ -20,3 +20,18 @@ class UnsupportedModel(NotImplementedError):
 def model_name(config) -> str:
     archs = getattr(config, "architectures", None)
     return archs[0] if archs else f"{type(config).__name__.removesuffix('Config')} (model_type={config.model_type!r})"
+
+
+def layer_index(module) -> int | None:
+    """The decoder-layer index a module carries, where it has one: a negative one (Zamba2's attention block,
+    shared by several layers, has -1) names no layer."""
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) and idx >= 0 else None
+
+
+def where(module, config=None) -> str:
+    """How messages name a module: ``"LlamaForCausalLM: layer 3 (LlamaAttention)"``."""
+    config = config if config is not None else getattr(module, "config", None)
+    name = model_name(config) if config is not None else "model"
+    idx = layer_index(module)
+    return f"{name}: layer {idx} ({type(module).__name__})" if idx is not None else f"{name}: {type(module).__name__}"

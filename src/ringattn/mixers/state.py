@@ -29,6 +29,10 @@ import torch
 from .fragments import Fragments, Piece, RowPlan, Tie, agree, all_gather, as_contiguous, check_sharding, regroup
 
 KINDS = ("diagonal", "dense", "log")
+COMBINES = ("auto", "gather", "scan")
+# From this many ranks "auto" combines the summaries by the log-depth scan (mixers/scan.py) rather than the
+# all-gather: past it each rank receives and folds more than the scan moves and composes (docs/api.md).
+SCAN_FROM = 16
 WHAT = "ringattn.mixers.run_fragments"
 # The log scale of an empty state under kind="log": exp of it (less any finite log scale) is 0, with no
 # infinities whose differences would be NaN.
@@ -110,7 +114,8 @@ def _rows(rp: RowPlan, batch: int) -> list[int]:
 def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], plan: Fragments, *, kind: str,
                 state_shape: Sequence[int], batch: int, transition_shape: Sequence[int] | None = None,
                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                anchor: torch.Tensor | None = None) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+                anchor: torch.Tensor | None = None, combine: str = "auto"
+                ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """The initial state of each of this rank's pieces (``local_pieces`` order; None: a document
     start, zero state) from every rank's summaries, by one all-gather and a fold in global order.
 
@@ -120,9 +125,17 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
     ``Tie`` so that every rank takes part in its backward). ``anchor``: where any rank's summaries need a
     gradient, a tensor on every rank, preferably an input that needs one (a buffer without a gradient
     is tied to it, so that every rank runs the gather's backward). ``dtype``: the summaries'
-    (``summary_dtype``). Every rank must call it."""
+    (``summary_dtype``). ``combine``: ``"gather"`` (one all-gather, then each rank folds what is before
+    its pieces), ``"scan"`` (the log-depth scan of ``mixers/scan.py``: point-to-point rounds, fewer bytes
+    and less work per rank on many ranks), ``"auto"`` (the scan from ``SCAN_FROM`` ranks). Every rank
+    must call it, with the same ``combine``."""
     state_shape = tuple(state_shape)
     mshape = transition_shape_of(kind, state_shape, transition_shape)
+    if _combine(combine, plan) == "scan":
+        from .scan import scan_states_p2p
+
+        return scan_states_p2p(summaries, plan, kind=kind, state_shape=state_shape, mshape=mshape, batch=batch,
+                               dtype=dtype, device=device, anchor=anchor)
     mn, sn = _numel(mshape), _numel(state_shape)
     slots = plan.summary_slots()
     mine = local_pieces(plan)
@@ -173,6 +186,12 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
     return [states[(index[id(rp)], p.local)] for rp, p in mine], gathered
 
 
+def _combine(combine: str, plan: Fragments) -> str:
+    if combine not in COMBINES:
+        raise ValueError(f"{WHAT}: combine must be one of {COMBINES}, got {combine!r}")
+    return combine if combine != "auto" else ("scan" if plan.world >= SCAN_FROM else "gather")
+
+
 def _numel(shape) -> int:
     n = 1
     for d in shape:
@@ -217,7 +236,7 @@ def _checked(what: str, t, shape: tuple[int, ...]) -> torch.Tensor:
 
 def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Tensor], *, plan: Fragments,
                   kind: str, state_shape: Sequence[int], transition_shape: Sequence[int] | None = None,
-                  correct: Correct | None = None) -> torch.Tensor:
+                  correct: Correct | None = None, combine: str = "auto") -> torch.Tensor:
     """Run an affine-state mixer over this rank's shard exactly as one process would over the whole
     sequence (every document from a zero state).
 
@@ -244,6 +263,8 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
     ``transition`` and ``correct`` of the same piece as ``aux=``: a step that computes the transition
     or the correction's operator in its own pass passes them on.
 
+    ``combine``: how the summaries meet (``scan_states``): ``"auto"`` (default), ``"gather"``, ``"scan"``.
+
     Striped layouts (every token its own fragment) are regrouped to contiguous for the mixer by one
     all-to-all each way. Every rank must call it (collectives)."""
     error, extra = None, None
@@ -258,7 +279,8 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
             raise ValueError(f"{WHAT}: correct= with kind='log': a stabilised mixer's outputs are not linear in "
                              "its state, so continuing pieces run again from their true state; drop correct")
         mshape = transition_shape_of(kind, state_shape, transition_shape)
-        extra = (kind, state_shape, mshape, batch, correct is None,
+        combine = _combine(combine, plan)
+        extra = (kind, state_shape, mshape, batch, correct is None, combine,
                  [(x.dtype, tuple(x.shape[2:]), x.requires_grad) for x in inputs])
     except Exception as e:  # noqa: BLE001 - raised on every rank by agree
         error = e
@@ -272,12 +294,12 @@ def run_fragments(step: Step, transition: Transition, inputs: Sequence[torch.Ten
         for idx in by_dtype.values():
             for i, x in zip(idx, regroup([inputs[i] for i in idx], plan, target)):
                 moved[i] = x
-        y = _run(step, transition, moved, target, kind, state_shape, mshape, batch, correct)
+        y = _run(step, transition, moved, target, kind, state_shape, mshape, batch, correct, combine)
         return regroup([y], target, plan)[0]
-    return _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, correct)
+    return _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, correct, combine)
 
 
-def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, correct=None):
+def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, correct=None, combine="auto"):
     mine = local_pieces(plan)
     sdtype = summary_dtype(inputs[0].dtype)
     outs: dict[int, torch.Tensor] = {}
@@ -323,7 +345,8 @@ def _run(step, transition, inputs, plan, kind, state_shape, mshape, batch, corre
     if plan.world > 1 or any(not p.fresh for _, p in mine):
         states, gathered = scan_states(summaries, plan, kind=kind, state_shape=state_shape, batch=batch,
                                        transition_shape=mshape, dtype=sdtype, device=inputs[0].device,
-                                       anchor=next((x for x in inputs if x.requires_grad), inputs[0]) if grad else None)
+                                       anchor=next((x for x in inputs if x.requires_grad), inputs[0]) if grad else None,
+                                       combine=combine)
     else:
         states, gathered = [None] * len(mine), None
     for i, (rp, p) in enumerate(mine):

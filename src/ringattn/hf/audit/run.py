@@ -191,10 +191,12 @@ def _ring_run(cp: torch.nn.Module, sb: dict, refused: bool, group):
     ``(None, None, the error)`` (a refusal or a crash is the audit's finding, on every rank alike)."""
     rank = comm.group_rank_world(group)[0]
     try:
-        # A class transformers cannot switch keeps its attention (prepare refuses it below); asked anyway,
-        # transformers logs that it cannot, once per rank.
+        # A class transformers cannot switch (RWKV: no attention at all) is given the name as building it with
+        # attn_implementation=NAME would; asked to switch, transformers would log that it cannot, once per rank.
         if getattr(type(cp), "_can_set_attn_implementation", lambda: True)():
             cp.set_attn_implementation(NAME)
+        else:
+            cp.config._attn_implementation = NAME
         if refused:
             _prepare_unchecked(cp, group)
         else:

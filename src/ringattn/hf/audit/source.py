@@ -64,8 +64,11 @@ class Source:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
+        # Built in float64: tables a module computes once when it is built (MiniMax's decay per position) are then
+        # float64 too, not float32 values widened.
+        kw = self._load_kwargs(attn) if device is not None else {**self._load_kwargs(attn), "dtype": torch.float64}
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            model = AutoModelForCausalLM.from_config(self.config, **self._load_kwargs(attn))
+            model = AutoModelForCausalLM.from_config(self.config, **kw)
         if device is None:
             _perturb_norms(model, seed)
         return model

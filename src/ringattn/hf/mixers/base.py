@@ -49,7 +49,7 @@ from ...layouts import global_positions, padded_len
 from ...sharding import shard
 from .. import forward, generation, positions
 from ..forward import Batch
-from ..refusals import UnsupportedModel, model_name
+from ..refusals import UnsupportedModel, layer_index, where
 from ..registry import SETTINGS, RingSettings
 
 
@@ -79,17 +79,20 @@ class ModuleHandler:
     match: Callable[[torch.nn.Module], bool]    # whether a module is one this handler runs (by what it does)
     run: Callable   # run(forward, call: MixerCall, *args, **kwargs): the module's forward's result, context-parallel;
     #                 forward(*args, **kwargs) is the module's own forward, bound
+    prepare: Callable[[torch.nn.Module], None] | None = None  # prepare(model), once per model holding a match
 
 
 MODULE_HANDLERS: dict[str, ModuleHandler] = {}
 
 
-def handles_module(name: str, what: str, match: Callable[[torch.nn.Module], bool]):
+def handles_module(name: str, what: str, match: Callable[[torch.nn.Module], bool],
+                   prepare: Callable[[torch.nn.Module], None] | None = None):
     """Register ``run`` as the context-parallel forward of every module ``match`` accepts: a mixer whose
     recurrence is inline in its forward, or a submodule that mixes tokens (a token shift, a convolution). ``match``
-    must not accept a module it cannot run exactly: the rest of the model is checked for token mixing it leaves."""
+    must not accept a module it cannot run exactly: the rest of the model is checked for token mixing it leaves.
+    ``prepare(model)``: what the model around such modules needs (``install`` calls it; it must be idempotent)."""
     def register(run: Callable) -> Callable:
-        MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run)
+        MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run, prepare)
         return run
     return register
 
@@ -173,11 +176,7 @@ class MixerCall:
 
     @property
     def where(self) -> str:
-        config = getattr(self.module, "config", None) or self.module.__dict__.get("_ringattn_config")
-        idx = getattr(self.module, "layer_idx", None)
-        name = model_name(config) if config is not None else "model"
-        return f"{name}: layer {idx} ({type(self.module).__name__})" if idx is not None else \
-            f"{name}: {type(self.module).__name__}"
+        return where(self.module, getattr(self.module, "config", None) or self.module.__dict__.get("_ringattn_config"))
 
     def plan(self, local_len: int, batch: int) -> mx.Fragments:
         """Every rank's fragments for this forward (built once per forward and length, shared by its layers)."""
@@ -293,7 +292,7 @@ def _dispatcher(name: str, original: Callable) -> Callable:
             raise UnsupportedModel(
                 f"{call.where}: model.generate() needs the state its {handler.what} leaves after the prompt, which "
                 f"ringattn's context-parallel {name} does not keep yet; generate with this model without context "
-                "parallelism", layer=getattr(call.module, "layer_idx", None),
+                "parallelism", layer=layer_index(call.module),
                 feature=f"generation through {name} is not supported yet")
         return out
 
@@ -365,7 +364,7 @@ def _mixer_pre(module, args, kwargs):
                 "rank holds a shard of the sequence, so no rank's cache would hold the state after it. Pass "
                 "use_cache=False to train or score (model(input_ids=..., use_cache=False)); to generate, call "
                 "model.generate(), which keeps every layer's states after the prompt on every rank",
-                layer=getattr(module, "layer_idx", None), feature="a cache outside model.generate() with recurrent or "
+                layer=layer_index(module), feature="a cache outside model.generate() with recurrent or "
                 "convolution layers")
         token = _ACTIVE.set(MixerCall(module, batch))
     module.__dict__.setdefault("_ringattn_call_tokens", []).append(token)
@@ -398,7 +397,7 @@ def _recomputed_batch(module) -> Batch:
         f"{MixerCall(module, None).where}: activation checkpointing recomputes this layer during backward, outside "
         "the model's forward that tells its context-parallel mixer where each rank's tokens sit, and ringattn "
         f"cannot tell which forward it replays ({why}); run backward after each forward, or train without "
-        "activation (gradient) checkpointing", layer=getattr(module, "layer_idx", None),
+        "activation (gradient) checkpointing", layer=layer_index(module),
         feature="activation checkpointing of layers with recurrent or convolution mixers")
 
 
@@ -424,7 +423,7 @@ def _prefill_mask(module, args, kwargs, gen) -> None:
         raise UnsupportedModel(
             f"{MixerCall(module, None).where}: model.generate() with a padded batch needs the mixer's attention_mask "
             "as a keyword argument, which ringattn replaces by this rank's shard of the padding mask; this layer "
-            "takes none: generate one unpadded prompt at a time", layer=getattr(module, "layer_idx", None),
+            "takes none: generate one unpadded prompt at a time", layer=layer_index(module),
             feature="padded generation with recurrent or convolution layers")
     s = gen.settings
     mask = gen.__dict__.get("mixer_mask")
@@ -456,6 +455,9 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     if not found:
         return found
     layers = _checkpointed_layers(model)
+    for h in dict.fromkeys(module_handler(m) for _, m in found):
+        if h is not None and h.prepare is not None:
+            h.prepare(model)
     for path, m in found:
         if module_handler(m) is not None:
             _patch_module(type(m))

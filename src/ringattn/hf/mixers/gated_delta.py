@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from ... import mixers as mx
-from ..refusals import UnsupportedModel
+from ..refusals import UnsupportedModel, layer_index
 from .base import MixerCall, handles
 
 # Keywords that describe the whole sequence (its packed documents), not this rank's spans: the plan cuts the
@@ -44,7 +44,7 @@ def delta_rule(original, call: MixerCall, what: str, *args, **kwargs):
         raise UnsupportedModel(
             f"{call.where}: a recurrent state carried into a context-parallel {what} (a cache continued by more "
             "than one token: prefill chunking); prefill the whole prompt at once, or pass use_cache=False to train "
-            "or score", layer=getattr(call.module, "layer_idx", None), feature=f"a cached state for {what}")
+            "or score", layer=layer_index(call.module), feature=f"a cached state for {what}")
     rest = {n: x for n, x in params.items() if n not in GLOBAL_KEYWORDS}
     b, n, heads, vd = v.shape
     kd = k.shape[-1]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import mixers as mx
-from ..refusals import UnsupportedModel
+from ..refusals import UnsupportedModel, layer_index
 from .base import MixerCall, StateCache, handles
 
 
@@ -86,7 +86,7 @@ def selective_scan(original, call: MixerCall, hidden_states, dt, A, B, C, D=None
             f"{call.where}: its selective scan was asked for its final state (a cache to fill), which under context "
             "parallelism only the rank holding the last token knows; generation of models with such layers is not "
             "supported yet: pass use_cache=False to train or score",
-            layer=getattr(call.module, "layer_idx", None), feature="generation with recurrent or convolution layers")
+            layer=layer_index(call.module), feature="generation with recurrent or convolution layers")
 
     def zero_start(x, d, b_, c, g):
         y, h = original(x.transpose(1, 2), d.transpose(1, 2), A, b_.transpose(1, 2), c.transpose(1, 2), D=D,
@@ -104,7 +104,7 @@ def state_update(original, call: MixerCall, *args, **kwargs):
     raise UnsupportedModel(
         f"{call.where}: a one-token step from a cached recurrent state (decoding) under context parallelism; "
         "generation of models with such layers is not supported yet: pass use_cache=False to train or score",
-        layer=getattr(call.module, "layer_idx", None), feature="generation with recurrent or convolution layers")
+        layer=layer_index(call.module), feature="generation with recurrent or convolution layers")
 
 
 @handles("mamba_inner_fn", "fused Mamba convolution, scan and projections")
