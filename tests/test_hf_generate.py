@@ -153,7 +153,7 @@ def test_generate_every_exact_family(ranks):
     hybrids = MUST_BE_EXACT_HYBRIDS if HYBRIDS_RUN else ()
     r = ranks.run(2, sweep_case, "zigzag", timeout=600)[0]
     assert set(r) == set(installed(MUST_BE_EXACT + hybrids)), set(MUST_BE_EXACT) ^ set(r)
-    # Hybrids whose scan keeps no decoding state yet are refused by name, never generated from a zero state.
+    # A hybrid whose scan keeps no decoding state would be refused by name, never generated from a zero state.
     refused = {k: v["refused"] for k, v in r.items() if "refused" in v}
     assert set(refused) == set(installed(hybrids)) - set(GENERATE_HYBRIDS), refused
     assert all("not supported" in v or "does not keep" in v for v in refused.values()), refused
@@ -165,14 +165,16 @@ def test_generate_every_exact_family(ranks):
     assert not bad, bad
 
 
-# Families whose one-process generate fails in the sweep's tiny configuration (the error it raises): Bamba's has
-# only Mamba layers, and transformers asks such a cache for an attention layer's mask sizes.
+# Families whose one-process generate fails in the sweep's tiny configuration (the error it raises): Bamba's and
+# Jamba's have only Mamba layers, the delta-rule families' only linear-attention layers, and transformers asks such
+# a cache for an attention layer's mask sizes (test_hf_mixers_generate.py compares them with an attention layer).
 REFERENCE_CANNOT_GENERATE = {name: "can only be called on Attention layers" for name in (
-    "bamba", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "kimi_linear", "bailing_hybrid")}
-# (the tiny configs of the delta-rule families have only linear-attention layers too, and so cannot generate in
-# one process either; context-parallel they are refused first, below)
-# The hybrids that generate: their convolutions and Mamba2 scans leave the states decoding needs on every rank.
+    "bamba", "jamba", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "kimi_linear",
+    "bailing_hybrid")}
+# The hybrids that generate: their convolutions, Mamba and Mamba2 scans and delta rules leave the states decoding
+# needs on every rank.
 GENERATE_HYBRIDS = ("mamba2", "lfm2", "lfm3", "granitemoehybrid", "bamba", "falcon_h1", "zamba2", "nemotron_h",
+                    "mamba", "falcon_mamba", "jamba", "jamba-attention", "zamba",
                     "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "olmo_hybrid", "lara_mini",
                     "kimi_linear", "bailing_hybrid")
 

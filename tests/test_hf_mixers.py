@@ -323,6 +323,61 @@ def test_mamba1_scan_runs_once_per_piece(ranks):
     # Zigzag on 2 ranks: rank 0 holds quarters 0 and 3 (two pieces, one of them first), rank 1 quarters 1 and 2
     # (one piece, which continues rank 0's and feeds it): rerunning it would make [2, 2].
     assert ranks.run(2, scans_per_rank, "zigzag") == [2, 1]
+
+
+def mamba2_scans_per_rank(layout: str) -> tuple[int, float]:
+    """How many times the handler ran transformers' Mamba2 scan on this rank for one call, and its outputs' worst
+    error against the scan over the whole sequence."""
+    from transformers import Mamba2Config
+    from transformers.models.mamba2 import modeling_mamba2 as mm
+
+    import ringattn
+    from ringattn.hf.audit.compare import Float64Throughout
+    from ringattn.hf.mixers import HANDLERS
+    from ringattn.hf.mixers.base import Batch, MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    from .reference import rel_err
+
+    torch.manual_seed(0)
+    heads, head_dim, groups, n = 4, 2, 2, 3
+    module = mm.Mamba2Mixer(Mamba2Config(hidden_size=4, expand=2, num_heads=heads, head_dim=head_dim,
+                                         n_groups=groups, state_size=n, chunk_size=4, num_hidden_layers=1),
+                            layer_idx=0).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        module.A_log.add_(0.3 * torch.randn(heads, generator=g, dtype=torch.float64))
+        module.D.add_(torch.randn(heads, generator=g, dtype=torch.float64))
+    inputs = [torch.randn(1, SCAN_LEN, w, generator=g, dtype=torch.float64)
+              for w in (heads * head_dim, groups * n, groups * n, heads)]
+    fn = mm.mamba2_scan_forward
+    original = getattr(fn, "_ringattn_original", fn)
+    # float64 where the scan computes in float32, in both runs alike
+    with Float64Throughout():
+        want = original(module, *inputs, None)
+    counted = [0]
+
+    def counting(*args, **kwargs):
+        counted[0] += 1
+        return original(*args, **kwargs)
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    pos = ringattn.global_positions(layout, rank, world, SCAN_LEN // world)
+    call = MixerCall(module, Batch(RingSettings(layout=layout), None, None))
+    with Float64Throughout():
+        y = HANDLERS["mamba2_scan_forward"].run(counting, call, module, *[t.index_select(1, pos) for t in inputs],
+                                                None)
+    return counted[0], rel_err(y, want.index_select(1, pos))
+
+
+def test_mamba2_scan_runs_once_per_piece(ranks):
+    # Every piece runs the scan once from a zero state; one that continues another adds what the state it inherits
+    # contributes (C_t . exp(cumsum A dt)_t h_in) instead of running again from it. Zigzag on 2 ranks: rank 0
+    # holds quarters 0 and 3, rank 1 quarters 1 and 2 (one piece, which continues rank 0's and feeds it): running
+    # the continuing pieces again would make [2, 2].
+    results = ranks.run(2, mamba2_scans_per_rank, "zigzag")
+    assert [c for c, _ in results] == [2, 1]
+    assert max(e for _, e in results) < 1e-12, results
 # --- Gated DeltaNet and Kimi delta attention --------------------------------------------------------------
 # compare runs these families' modeling files in float64 (test_hf_sweep.float64_inside: transformers' delta rules
 # cast to float32 themselves), so they are held to float64 rounding.

@@ -1,7 +1,8 @@
-"""``model.generate()`` of hybrid models (Mamba2 scans, short convolutions) with attn_implementation="ring": the
-prompt prefilled context-parallel, the conv and recurrent states after it kept on every rank, each decode step the
-module's own single-token path. Tokens equal to one process, every step's float64 logits to rounding, on 2 ranks
-in the contiguous and zigzag layouts, with left and right padding, seeded sampling and beam search."""
+"""``model.generate()`` of hybrid models (Mamba and Mamba2 scans, delta rules, short convolutions) with
+attn_implementation="ring": the prompt prefilled context-parallel, the conv and recurrent states after it kept on
+every rank, each decode step the module's own single-token path. Tokens equal to one process, every step's
+float64 logits to rounding, on 2 ranks in the contiguous and zigzag layouts (4 under -m slow), with left and right
+padding, seeded sampling and beam search."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ from .test_hf_generate import generate, prompts  # noqa: E402
 
 # A family whose mixer ringattn runs context-parallel joins by one entry here.
 FAMILIES = ("mamba2", "lfm2", "granitemoehybrid", "qwen3_next")
+# Mamba1's scans (mamba_scan_forward: Mamba, Falcon-Mamba, Jamba; mamba_selective_scan per head: Zamba) and Kimi
+# delta attention: in the default run one family per function, unpadded and padded on either side; every family
+# and case under -m slow.
+MORE_FAMILIES = ("mamba", "zamba", "kimi_linear")
+SLOW_FAMILIES = ("falcon_mamba", "jamba", "bailing_hybrid")
+PADDED = (0, 1, 2)  # CASES: unpadded, left and right padding
 TOL = 1e-9
 
 CASES = [  # (prompt length, batch, padding, generate kwargs)
@@ -34,29 +41,43 @@ CASES = [  # (prompt length, batch, padding, generate kwargs)
 ]
 
 
-# Families whose tiny config has only mixer layers, which transformers cannot generate with in one process:
-# the same with an attention layer.
-WITH_ATTENTION = {"qwen3_next": ["linear_attention", "full_attention"]}
+# Families whose tiny config has only mixer layers, which transformers cannot generate with in one process
+# (its cache is asked for an attention layer's mask sizes): the same with an attention layer. The MLA attention
+# of the Kimi-delta-attention families expands its latents to num_attention_heads keys, but sdpa repeats them by
+# num_attention_heads // num_key_value_heads: one process runs it only with as many kv heads as heads.
+MIXER_THEN_ATTENTION = ["linear_attention", "full_attention"]
+MLA = dict(layer_types=MIXER_THEN_ATTENTION, num_key_value_heads=4)  # the sweep's num_attention_heads
+WITH_ATTENTION = {"qwen3_next": dict(layer_types=MIXER_THEN_ATTENTION), "kimi_linear": MLA, "bailing_hybrid": MLA,
+                  "jamba": dict(attn_layer_period=2, attn_layer_offset=1)}
 
 
 def build(family: str, ring: bool):
-    extra = dict(sw.FEATURES.get(family, {}))
-    if family in WITH_ATTENTION:
-        extra["layer_types"] = WITH_ATTENTION[family]
+    extra = {**sw.FEATURES.get(family, {}), **WITH_ATTENTION.get(family, {})}
     model, _ = sw.build(family, extra, seed=0)
+    if family == "zamba":
+        # Its initialisation draws x_proj (B, C and dt) and out_proj with std 0.02, which leaves what the state after
+        # the prompt adds to the logits at ~1e-11 of them, below TOL: scaled, as training moves them, so that a
+        # wrong state shows
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "x_proj_weight"):
+                    m.x_proj_weight.mul_(50)
+                    m.out_proj.weight.mul_(20)
     if ring:
         hf.prepare(model)
         model.set_attn_implementation("ring")
     return model
 
 
-def case(layout: str, families: tuple[str, ...]) -> dict:
+def case(layout: str, families: tuple[str, ...], which: tuple[int, ...] | None = None) -> dict:
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()
     hf.register(layout=layout)
     out = {}
     for family in families:
         for i, (n, batch, pad, kw) in enumerate(CASES):
+            if which is not None and i not in which:
+                continue
             ids, mask = prompts(batch, n, pad)
             results = []
             for ring in (False, True):
@@ -87,6 +108,16 @@ def test_hybrid_generate_equals_one_process(ranks, layout):
 def test_hybrid_generate_4_ranks(ranks):
     # 4 ranks: a short prompt's last k conv inputs come from several ranks
     check(ranks.run(4, case, "zigzag", FAMILIES, timeout=900))
+
+
+def test_mamba1_and_kda_generate_equal_one_process(ranks):
+    check(ranks.run(2, case, "zigzag", MORE_FAMILIES, PADDED, timeout=600))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,layout", [(2, "contiguous"), (4, "zigzag")])
+def test_mamba1_and_kda_generate_every_case(ranks, world, layout):
+    check(ranks.run(world, case, layout, MORE_FAMILIES + SLOW_FAMILIES, timeout=1800))
 
 
 def plain_forward_case(use_cache) -> str:
@@ -172,3 +203,34 @@ def test_a_scan_asked_for_its_final_state_in_a_prefill_must_keep_it():
     finally:
         base._ACTIVE.reset(token)
         del base.HANDLERS["fake_rule"]
+
+
+def test_a_selective_scan_asked_for_its_last_state_in_a_prefill_must_keep_it():
+    # Zamba's per-head scans return their final state for the module to store (return_last_state=True).
+    from ringattn.hf.mixers import base
+
+    base.HANDLERS["fake_scan"] = base.Handler("fake_scan", "fake scan",
+                                              lambda original, call, *a, **k: original(*a, **k))
+    dispatch = base._dispatcher("fake_scan", lambda x, return_last_state=False: (x, x) if return_last_state else x)
+    token = base._ACTIVE.set(base.MixerCall(torch.nn.Linear(1, 1), None, seq_len=4))
+    try:
+        with pytest.raises(hf.UnsupportedModel, match="ringattn's context-parallel fake_scan does not keep yet"):
+            dispatch(torch.zeros(1), return_last_state=True)
+    finally:
+        base._ACTIVE.reset(token)
+        del base.HANDLERS["fake_scan"]
+
+
+def test_a_cache_recording_the_past_is_refused_by_the_mamba_scan():
+    # A cache that records the past (assisted decoding) asks the scan for the states after each of the last tokens.
+    from ringattn.hf.mixers import HANDLERS, base
+
+    class Recording:
+        def get_recurrent_states_to_keep(self, layer_idx=None):
+            return 3
+
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    call = base.MixerCall(module, None, seq_len=4)
+    with pytest.raises(hf.UnsupportedModel, match="records the past, for assisted decoding"):
+        HANDLERS["mamba_scan_forward"].run(None, call, module, None, None, None, None, None, Recording())

@@ -23,7 +23,10 @@ from .test_hf_sweep import needs_hybrids  # noqa: E402
 TOL = 1e-10
 TOL_FLOAT32_INSIDE = 1e-5  # as the HF sweep's, where Mamba2's scan keeps its float32 decays
 TOL_LOG = 1e-6  # Trainer sums the logged loss in float32
-HYBRIDS = ("mamba2", "granitemoehybrid")  # built as the HF sweep builds them; prepared (their mixers need it)
+# Built as the HF sweep builds them; prepared (their mixers need it).
+HYBRIDS = ("mamba2", "granitemoehybrid", "qwen3_next")
+# Qwen3-Next's tiny config has only Gated DeltaNet layers: one of each kind, as the model mixes them.
+HYBRID_LAYERS = {"qwen3_next": dict(layer_types=["linear_attention", "full_attention"])}
 SEQ, STEPS = 29, 3  # 29 tokens: padded on every layout
 
 
@@ -93,7 +96,7 @@ def model_for(family: str):
     if family in HYBRIDS:
         from . import test_hf_sweep as sw
 
-        return sw.build(family, sw.FEATURES.get(family, {}), seed=0)[0].train()
+        return sw.build(family, {**sw.FEATURES.get(family, {}), **HYBRID_LAYERS.get(family, {})}, seed=0)[0].train()
     return tiny_model(family)
 
 
@@ -110,7 +113,8 @@ def reference(family: str, batch: int, accum: int, checkpointing: bool = False, 
 
 
 def _float64(family: str, checkpointing: bool):
-    # Mamba2's scan computes its decays in float32 even in a float64 model: float64 there too, in both runs alike
+    # Mamba2's scan computes its decays in float32 even in a float64 model (the delta rule its whole recurrence):
+    # float64 there too, in both runs alike
     # (not where activation checkpointing replays the layer in backward, outside the mode: the model's own float32)
     from ringattn.hf.audit.compare import Float64Throughout
 
@@ -179,6 +183,15 @@ def test_trainer_hybrid(ranks, family, layout):
     # Granite-4.0-H: a Mamba2 layer (convolution and scan, context-parallel) and an attention layer.
     worst = check(ranks.run(2, ring_run, family, layout, 2, 2, 1), reference(family, 2, 1), family)
     print(f"{family} {layout}: max rel err {worst:.2e}")
+
+
+@needs_hybrids
+def test_trainer_gated_deltanet(ranks):
+    # Qwen3-Next: a Gated DeltaNet layer (its short convolution and delta rule, context-parallel) and an attention
+    # layer, in float64 throughout (the delta rule computes in float32 otherwise, in both runs alike).
+    worst = check(ranks.run(2, ring_run, "qwen3_next", "zigzag", 2, 2, 1), reference("qwen3_next", 2, 1),
+                  "qwen3_next")
+    print(f"qwen3_next zigzag: max rel err {worst:.2e}")
 
 
 @needs_hybrids

@@ -25,9 +25,9 @@ handler given the generation cache also leaves in it what the module's own singl
 every rank: a convolution the conv inputs of the prompt's last ``k`` positions (``MixerCall.save_conv_state``),
 a scan its state after the prompt's last position (``MixerCall.run_fragments(..., keep_final=True)``, written to
 the cache, or returned where the function returns its final state for the module to store, as
-``output_final_state=True`` asks). Every decode step then runs the module's own code, unchanged and alike on every
-rank, on those states. A handler that is given a cache (or asked for the final state) in a prefill and keeps none
-is refused, naming its function.
+``output_final_state=True`` or ``return_last_state=True`` asks). Every decode step then runs the module's own
+code, unchanged and alike on every rank, on those states. A handler that is given a cache (or asked for the
+final state) in a prefill and keeps none is refused, naming its function.
 """
 
 from __future__ import annotations
@@ -191,16 +191,18 @@ class MixerCall:
         return b.plans[key]
 
     def run_fragments(self, step: Callable, transition: Callable, inputs: list[torch.Tensor], *, keep_final: bool,
-                      **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      correct: Callable | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``ringattn.mixers.run_fragments`` over this forward's plan: ``(outputs, final)``. With ``keep_final``
         (the handler was given a cache, which only a generate prefill may) ``final`` is the state after the
-        prompt's last position, ``(batch, *state_shape)`` on every rank (else None): the run's step of the piece
-        ending there is the only one that sees that position last (the prefill's plan ends a document at it), and
-        one sum over the ranks brings its state from whichever rank ran it."""
+        prompt's last position, ``(batch, *state_shape)`` on every rank (else None): the piece ending there is the
+        only one that sees that position last (the prefill's plan ends a document at it), and one sum over the
+        ranks brings its state from whichever rank ran it. ``correct`` (and the ``aux`` a step returns with it)
+        pass through as ``run_fragments`` takes them; that piece's state is then ``M h_in`` plus its zero-state
+        run's, ``M`` its transition."""
         b, n = inputs[0].shape[:2]
         plan = self.plan(n, b)
         if not keep_final:
-            return mx.run_fragments(step, transition, inputs, plan=plan, **kwargs), None
+            return mx.run_fragments(step, transition, inputs, plan=plan, correct=correct, **kwargs), None
         self._need_prompt("a recurrent state")
         s = self.batch.settings
         rank, world = comm.group_rank_world(s.group)
@@ -212,14 +214,23 @@ class MixerCall:
 
         def tracked(*args):
             *pieces, pos, initial = args
-            y, h = step(*pieces, initial)
+            res = step(*pieces, initial)
             if initial is None:
-                seen["dtype"] = h.dtype
+                seen["dtype"] = res[1].dtype
             if int(pos[0, -1, 0]) == last:
-                seen["final"] = h
-            return y, h
+                seen["final"] = res[1]
+            return res
 
-        y = mx.run_fragments(tracked, lambda *a: transition(*a[:-1]), [*inputs, where], plan=plan, **kwargs)
+        def corrected(*args, **aux):
+            *pieces, pos, initial = args
+            if int(pos[0, -1, 0]) == last:
+                m = transition(*pieces, **aux)
+                zero = seen["final"]
+                seen["final"] = zero + mx.apply(kwargs["kind"], m.to(initial.dtype), initial).to(zero.dtype)
+            return correct(*pieces, initial, **aux)
+
+        y = mx.run_fragments(tracked, lambda *a, **aux: transition(*a[:-1], **aux), [*inputs, where], plan=plan,
+                             correct=None if correct is None else corrected, **kwargs)
         final = seen.get("final")
         shape = kwargs["state_shape"]
         # The state's dtype as the scan leaves it from a zero state, as one process keeps it (a scan may promote a
@@ -284,7 +295,7 @@ def _dispatcher(name: str, original: Callable) -> Callable:
         handler = HANDLERS[name]
         kept = call.kept
         out = handler.run(original, call, *args, **kwargs)
-        wants_state = kwargs.get("output_final_state") is True or \
+        wants_state = kwargs.get("output_final_state") is True or kwargs.get("return_last_state") is True or \
             any(isinstance(a, Cache) for a in (*args, *kwargs.values()))
         if call.seq_len and call.kept == kept and wants_state:
             # The module's decode steps would read a state this prefill never wrote (or the local shard's, returned
