@@ -121,8 +121,6 @@ def test_hybrids_packed_documents_balanced_3_ranks(ranks, group):
 # is the first such module of its recurrent block.
 UNKNOWN_MIXERS = {
     "recurrent_gemma": "model.layers.0.temporal_block.conv_1d (Conv1d) is a 1-D convolution along the sequence",
-    "xlstm": "backbone.blocks.0.mlstm_layer.mlstm_backend (xLSTMBackend) is a recurrent / state-space / "
-             "linear-attention mixer",
 }
 
 

@@ -26,6 +26,9 @@ MIXER_NAMES = re.compile(r"mamba|mixer|deltanet|gateddelta|linearattention|light
                           r"xlstm|rglru|recurrentblock|recurrent_block|lru", re.IGNORECASE)
 # Parts of a mixer's family that act on each token alone (its norms, MLPs, embeddings), named after the family.
 _PER_TOKEN_NAMES = re.compile(r"norm|mlp|embed", re.IGNORECASE)
+# A feed-forward named after the family acts on each token alone where all its parts do (xLSTM's); RWKV's holds a
+# token shift.
+_FEED_FORWARD_NAMES = re.compile(r"feedforward", re.IGNORECASE)
 # Sparse attention that picks keys with a learned scorer (DeepSeek-V3.2's indexer): the scorer sees only the
 # local shard, and ring attention has no top-k key selection.
 _INDEXER_NAMES = re.compile(r"indexer", re.IGNORECASE)
@@ -169,7 +172,8 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
         if not path or any(path == h or path.startswith(h + ".") or h.startswith(path + ".") for h in handled):
             continue  # the model, a handled mixer, a part of one (its convolution), or the block holding one
         conv = isinstance(m, torch.nn.Conv1d) and m.kernel_size[0] > 1
-        if conv or (MIXER_NAMES.search(cls) and not _PER_TOKEN_NAMES.search(cls) and not _calls_attention(type(m))):
+        if conv or (MIXER_NAMES.search(cls) and not _PER_TOKEN_NAMES.search(cls) and not _calls_attention(type(m))
+                    and not _per_token_feed_forward(m)):
             suspects.append((path, m, conv))
     # The first that holds no other, so that the mixer is named rather than the block or model holding it.
     for path, m, conv in suspects:
@@ -198,6 +202,14 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
             "(_supports_attention_backend is False: its attention does not, or not only, go through the attention "
             "interface), so attn_implementation='ring' would not be what runs; not supported",
             feature="attention off transformers' attention interface is not supported")
+
+
+def _per_token_feed_forward(m: torch.nn.Module) -> bool:
+    """A feed-forward whose parts are all linear maps, activations or dropout: nothing in it reaches another token."""
+    parts = list(m.modules())[1:]
+    return bool(_FEED_FORWARD_NAMES.search(type(m).__name__)) and bool(parts) and all(
+        isinstance(k, (torch.nn.Linear, torch.nn.Dropout, torch.nn.Identity))
+        or type(k).__module__ in ("torch.nn.modules.activation", "transformers.activations") for k in parts)
 
 
 # Hybrids that transformers leaves off _supports_attention_backend (the flag means a vLLM/TGI backend can run

@@ -5,7 +5,7 @@ function registered here (see ``base.py`` for why that, and not the class name, 
 and runs it over the ranks with ``ringattn.mixers``' state passing and convolution halos. One file per function:
 """
 
-from . import conv, gated_delta, kda, lightning, mamba, mamba2, rwkv, window  # noqa: F401 - each registers its handlers
+from . import conv, gated_delta, kda, lightning, mamba, mamba2, rwkv, window, xlstm  # noqa: F401 - each registers its handlers
 from .base import (
            HANDLERS,
            MODULE_HANDLERS,
