@@ -194,6 +194,10 @@ def generate_case(layout: str, n: int, kw: dict) -> dict:
     ids2, mask = prompts(2, n, "left")
     with pytest.raises(hf.UnsupportedModel, match="generate one unpadded prompt at a time"):
         generate(model, ids2, mask, max_new_tokens=2, do_sample=False)
+    # The refusal leaves no mixer call active in this thread (the next model's forward would run as its prefill).
+    from ringattn.hf.mixers.base import _ACTIVE
+
+    assert _ACTIVE.get() is None
     return {"same_tokens": torch.equal(got, want), "logits_err": rel_err(logits, want_logits)}
 
 

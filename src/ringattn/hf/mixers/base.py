@@ -378,8 +378,10 @@ def _mixer_pre(module, args, kwargs):
         # prefill left in the cache (alike on every rank).
         token = _ACTIVE.set(None)
     elif gen is not None:
-        token = _ACTIVE.set(MixerCall(module, _prefill_batch(gen), gen.seq_len))
+        # The mask first: a refusal raised here must leave no call active (the forward hook that resets it does
+        # not run after a failed pre-hook), or the next forward in this thread would run as this prefill.
         args = _prefill_mask(module, args, kwargs, gen)
+        token = _ACTIVE.set(MixerCall(module, _prefill_batch(gen), gen.seq_len))
     elif batch is None and _settings(module) is None:
         token = _ACTIVE.set(None)  # not running a ring: the module's own code, unchanged
     elif batch is None and torch._C._current_graph_task_id() != -1:
