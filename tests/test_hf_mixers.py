@@ -117,12 +117,10 @@ def test_hybrids_packed_documents_balanced_3_ranks(ranks, group):
 
 
 # Mixers whose recurrence is the module's own code (no function of the modeling file to run context-parallel):
-# refused by the model-wide check, naming the module and why. RecurrentGemma's convolution in front of its RG-LRU
-# is the first such module of its recurrent block.
+# refused by the model-wide check, naming the module and why.
 UNKNOWN_MIXERS = {
     "minimax": "model.layers.1.self_attn (MiniMaxLightningAttention) is a recurrent / state-space / linear-attention "
                "mixer",
-    "recurrent_gemma": "model.layers.0.temporal_block.conv_1d (Conv1d) is a 1-D convolution along the sequence",
     "xlstm": "backbone.blocks.0.mlstm_layer.mlstm_backend (xLSTMBackend) is a recurrent / state-space / "
              "linear-attention mixer",
     "rwkv": "rwkv.blocks.0.attention (RwkvSelfAttention) is a recurrent / state-space / linear-attention mixer",

@@ -99,6 +99,17 @@ def module_handler(module: torch.nn.Module) -> ModuleHandler | None:
     return next((h for h in MODULE_HANDLERS.values() if h.match(module)), None)
 
 
+def handled_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``root``'s submodules (``root`` itself as ``""``) that ringattn runs context-parallel, as ``(path, module)``.
+    A module matched whole inside a mixer whose functions ringattn runs is that mixer's part, not a mixer of its
+    own: the mixer's functions mix what it holds (Mamba's ``conv1d``, whose weights ``causal_conv1d_forward``
+    reads)."""
+    found = [(p, m) for p, m in root.named_modules() if mixes(m)]
+    by_function = [p for p, m in found if module_handler(m) is None]
+    return [(p, m) for p, m in found if module_handler(m) is None or
+            not any(p.startswith(q + ".") or (q == "" and p) for q in by_function)]
+
+
 def mixes(module: torch.nn.Module) -> list[str]:
     """What ``module`` mixes that ringattn runs context-parallel, one ``what`` per handler (empty: it is not such
     a mixer, or it also calls a function ringattn does not know: see ``unknown_functions``)."""
@@ -451,7 +462,7 @@ def _mixer_post(module, args, kwargs, output):
 
 def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Make ``model``'s mixers context-parallel; returns them as ``(path, module)``. Idempotent."""
-    found = [(p, m) for p, m in model.named_modules() if p and mixes(m)]
+    found = [(p, m) for p, m in handled_modules(model) if p]
     forward.install(model)
     if not found:
         return found
