@@ -113,3 +113,181 @@ def check(errs: dict, tol: float = TOL) -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_rgemma_exact_2_ranks(ranks, layout):
     check(ranks.run(2, case, layout)[0])
+
+
+def cases_2_ranks() -> dict:
+    """The 2-rank cases beyond one sequence: batch 2 of packed documents (a document inside one rank's shard, one
+    across the ranks, the last ending in the padding) through the model's default use_cache=True path; RG-LRU in
+    float32 as the model ships it (its own float32 noise)."""
+    return {"packed-batch2-cache": case("zigzag", batch=2, packed=[0, 5, 17, SEQ], use_cache=True),
+            "float32-scan": case("contiguous", float64=False)}
+
+
+def test_rgemma_packed_batch_and_float32_scan_2_ranks(ranks):
+    r = ranks.run(2, cases_2_ranks)[0]
+    check(r["packed-batch2-cache"])
+    check(r["float32-scan"], 1e-5)  # the sweep's TOL_FLOAT32_INSIDE
+
+
+def test_rgemma_balanced_packed_3_ranks(ranks):
+    # A one-token document: a piece of one token continuing nothing; the balanced layout places by document.
+    check(ranks.run(3, case, "balanced", 2, [0, 11, 12, SEQ])[0])
+
+
+def test_rgemma_striped_3_ranks(ranks):
+    # Striped: every token its own fragment, regrouped to contiguous for the scan and the convolution.
+    check(ranks.run(3, case, "striped", 1, [0, 1, 13, SEQ])[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped", "balanced"])
+def test_rgemma_exact_4_ranks(ranks, layout):
+    check(ranks.run(4, case, layout, 2, [0, 3, 4, 20, SEQ])[0])
+
+
+def generate_case() -> str:
+    warnings.filterwarnings("ignore")
+    hf.register(layout="zigzag")
+    model = hf.prepare(build())
+    model.set_attn_implementation("ring")
+    try:
+        model.generate(torch.arange(3, 14)[None], max_new_tokens=2, pad_token_id=0)
+    except hf.UnsupportedModel as e:
+        return str(e)
+    return "ran"
+
+
+def test_rgemma_generate_refused_on_every_rank(ranks):
+    # Decoding reads the conv inputs and RG-LRU state the recurrent block keeps on itself from its own shard: refused
+    # by name in the prefill, on every rank, before any rank could decode from a shard's state.
+    for msg in ranks.run(2, generate_case):
+        assert "model.generate() needs the convolution inputs" in msg and "not supported" in msg, msg
+
+
+# --- the handlers on one process (no group: the plan is one rank's) ---
+
+def _call(module, cu_seq_lens=None, position_ids=None, seq_len: int = 0):
+    from ringattn.hf.forward import Batch
+    from ringattn.hf.mixers.base import MixerCall
+    from ringattn.hf.registry import RingSettings
+
+    return MixerCall(module, Batch(RingSettings(), position_ids, cu_seq_lens), seq_len)
+
+
+def test_conv_module_handler_causal_with_a_nan_tail():
+    from ringattn.hf.mixers import MODULE_HANDLERS, module_handler
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    h = module_handler(conv)
+    assert h is MODULE_HANDLERS["Conv1d"]
+    x = torch.randn(2, 6, 9, dtype=torch.float64, requires_grad=True)
+    y = h.run(conv.forward, _call(conv), x)
+    want = conv(x)
+    assert y.shape == want.shape == (2, 6, 12)
+    torch.testing.assert_close(y[..., :9], want[..., :9], rtol=1e-12, atol=1e-12)
+    assert torch.isnan(y[..., 9:]).all()  # where one process reads the padding after the sequence
+    # The caller's slice: gradients as one process's.
+    g = torch.autograd.grad(y[..., :9].square().sum(), [x, conv.weight])
+    g_want = torch.autograd.grad(want[..., :9].square().sum(), [x, conv.weight])
+    for a, b in zip(g, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Packed documents: the convolution does not reach across a document start.
+    cut = h.run(conv.forward, _call(conv, torch.tensor([0, 4, 9], dtype=torch.int32)), x)
+    alone = torch.cat([conv(x[..., :4])[..., :4], conv(x[..., 4:])[..., :5]], -1)
+    torch.testing.assert_close(cut[..., :9], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_module_handler_refusals():
+    from ringattn.hf.mixers import module_handler
+
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    h = module_handler(conv)
+    with pytest.raises(hf.UnsupportedModel, match=r"one batched input \(batch, channels, len\), got \(6, 9\)"):
+        h.run(conv.forward, _call(conv), torch.randn(6, 9, dtype=torch.float64))
+    with pytest.raises(hf.UnsupportedModel, match="generation with this model under context parallelism is not "
+                                                  "supported"):
+        h.run(conv.forward, _call(conv, seq_len=9), torch.randn(1, 6, 9, dtype=torch.float64))
+
+    class Own(torch.nn.Conv1d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    # Only what the handler runs exactly: a depthwise, stride-1, undilated Conv1d padded by k - 1, its own forward.
+    for other in (torch.nn.Conv1d(6, 6, 4, groups=6, padding=1), torch.nn.Conv1d(6, 6, 4, groups=6, padding=3,
+                  stride=2), torch.nn.Conv1d(6, 6, 4, groups=6, padding=6, dilation=2),
+                  torch.nn.Conv1d(6, 6, 4, padding=3), torch.nn.Conv1d(6, 6, 4, groups=6, padding=3,
+                                                                        padding_mode="circular"),
+                  torch.nn.Conv1d(6, 6, 1, groups=6), Own(6, 6, 4, groups=6, padding=3)):
+        assert module_handler(other) is None, other
+
+
+def test_non_causal_conv_still_refused():
+    # A RecurrentGemma whose convolution is not the causal one (padding k // 2: centred) is refused by the model-wide
+    # check, naming it, as before the handler existed.
+    from .test_hf_sweep import tiny_config
+
+    with torch.device("meta"):
+        model = transformers.RecurrentGemmaForCausalLM(tiny_config("recurrent_gemma", CONFIG, "sdpa"))
+    model.model.layers[0].temporal_block.conv_1d = torch.nn.Conv1d(24, 24, 4, groups=24, padding=2)
+    model.config._attn_implementation = "ring"
+    with pytest.raises(hf.UnsupportedModel, match=r"model.layers.0.temporal_block.conv_1d \(Conv1d\) is a 1-D "
+                                                  "convolution along the sequence whose token mixing ringattn does "
+                                                  "not know"):
+        hf.prepare(model)
+
+
+def test_mamba_conv1d_stays_part_of_its_mixer():
+    # Mamba's conv1d is a depthwise Conv1d padded by k - 1 too, read by causal_conv1d_forward (its mixer's function):
+    # a part of that mixer, not a mixer of its own.
+    from ringattn.hf.mixers import handled_modules, module_handler
+
+    from .test_hf_sweep import tiny_config
+
+    with torch.device("meta"):
+        model = transformers.MambaForCausalLM(tiny_config("mamba", {}, "eager"))
+    conv = model.backbone.layers[0].mixer.conv1d
+    assert module_handler(conv) is not None
+    paths = [p for p, _ in handled_modules(model)]
+    assert "backbone.layers.0.mixer" in paths and not any(p.endswith("conv1d") for p in paths), paths
+
+
+def _rglru(width: int = 6):
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRglru
+
+    from .test_hf_sweep import tiny_config
+
+    return RecurrentGemmaRglru(tiny_config("recurrent_gemma", dict(CONFIG, lru_width=width), "sdpa"))
+
+
+def test_rglru_scan_handler_refusals():
+    from ringattn.hf.mixers import HANDLERS
+
+    module = _rglru()
+    scan = HANDLERS["_rnn_scan"]
+    original = type(module)._rnn_scan
+    original = getattr(original, "_ringattn_original", original)
+    x, a = torch.randn(1, 9, 6, dtype=torch.float64), torch.rand(1, 9, 6, dtype=torch.float64)
+    reset = torch.zeros(1, 9, 1, dtype=torch.bool)
+    reset[:, 0] = True
+    # One process's scan, through the handler (one rank): the same outputs, and a NaN state for the module to keep.
+    y, h = scan.run(original, _call(module), module, x, a, reset, None)
+    want, _ = original(module, x, a, reset, None)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    assert torch.isnan(h).all() and h.shape == (1, 6)
+    with pytest.raises(hf.UnsupportedModel, match="a recurrent state carried into a context-parallel RG-LRU"):
+        scan.run(original, _call(module), module, x, a, reset, torch.ones(1, 6))
+    with pytest.raises(hf.UnsupportedModel, match="a recurrent state carried into a context-parallel RG-LRU"):
+        scan.run(original, _call(module), module, x, a, reset, h)  # the NaN state a ring forward left
+    y0, _ = scan.run(original, _call(module), module, x, a, reset, torch.zeros(1, 6))  # a fresh cache: zeros
+    torch.testing.assert_close(y0, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(hf.UnsupportedModel, match="RG-LRU state after the prompt .* not supported"):
+        scan.run(original, _call(module, seq_len=9), module, x, a, reset, None)
+    # Packed documents whose position_ids do not restart at 0 where a document starts: the module would not reset.
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with pytest.raises(hf.UnsupportedModel, match="a packed document starts at position 4, where position_ids is "
+                                                  "not 0"):
+        scan.run(original, _call(module, cu), module, x, a, reset, None)
+    reset[:, 4] = True
+    y, _ = scan.run(original, _call(module, cu), module, x, a, reset, None)
+    torch.testing.assert_close(y, original(module, x, a, reset, None)[0], rtol=1e-6, atol=1e-6)
