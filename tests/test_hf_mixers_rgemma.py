@@ -145,23 +145,39 @@ def test_rgemma_exact_4_ranks(ranks, layout):
     check(ranks.run(4, case, layout, 2, [0, 3, 4, 20, SEQ])[0])
 
 
-def generate_case() -> str:
+def generate_cases() -> dict:
+    """Greedy generate, ring vs. one process: (same tokens, the float64 logits' error) per case."""
+    from .reference import rel_err
+    from .test_hf_generate import generate
+
     warnings.filterwarnings("ignore")
-    hf.register(layout="zigzag")
-    model = hf.prepare(build())
-    model.set_attn_implementation("ring")
-    try:
-        model.generate(torch.arange(3, 14)[None], max_new_tokens=2, pad_token_id=0)
-    except hf.UnsupportedModel as e:
-        return str(e)
-    return "ran"
+    out = {}
+    # Prompts longer than the attention window (5), one shorter than the convolution (4: its state spans both ranks),
+    # batch 2; a second generate on the same model (the block keeps the first one's states); no cache.
+    for name, layout, n, batch, kw in [("zigzag", "zigzag", 11, 1, {}), ("short", "contiguous", 3, 1, {}),
+                                       ("striped-batch2", "striped", 12, 2, {}), ("again", "zigzag", 9, 1, {}),
+                                       ("no-cache", "contiguous", 7, 1, {"use_cache": False})]:
+        hf.register(layout=layout)
+        ids = torch.randint(3, 61, (batch, n), generator=torch.Generator().manual_seed(n))
+        runs = []
+        for attn in (None, "ring"):
+            model = build()
+            if attn:
+                hf.prepare(model)
+                model.set_attn_implementation(attn)
+            with float64_inside():
+                if name == "again":
+                    generate(model, ids.flip(1), None, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+                runs.append(generate(model, ids, None, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kw))
+        (want, want_logits, _), (got, logits, _) = runs
+        out[name] = (torch.equal(got, want), rel_err(logits, want_logits))
+    return out
 
 
-def test_rgemma_generate_refused_on_every_rank(ranks):
-    # Decoding reads the conv inputs and RG-LRU state the recurrent block keeps on itself from its own shard: refused
-    # by name in the prefill, on every rank, before any rank could decode from a shard's state.
-    for msg in ranks.run(2, generate_case):
-        assert "model.generate() needs the convolution inputs" in msg and "not supported" in msg, msg
+def test_rgemma_generate_equals_one_process(ranks):
+    # The prefill leaves the prompt's conv inputs and RG-LRU state on every rank; decoding runs the module's own code.
+    for r in ranks.run(2, generate_cases):
+        assert all(same and err <= TOL for same, err in r.values()), r
 
 
 # --- the handlers on one process (no group: the plan is one rank's) ---
@@ -205,6 +221,7 @@ def test_conv_module_handler_refusals():
     h = module_handler(conv)
     with pytest.raises(hf.UnsupportedModel, match=r"one batched input \(batch, channels, len\), got \(6, 9\)"):
         h.run(conv.forward, _call(conv), torch.randn(6, 9, dtype=torch.float64))
+    # A generate prefill with no module holding it to keep the prompt's inputs for decoding.
     with pytest.raises(hf.UnsupportedModel, match="generation with this model under context parallelism is not "
                                                   "supported"):
         h.run(conv.forward, _call(conv, seq_len=9), torch.randn(1, 6, 9, dtype=torch.float64))
@@ -260,7 +277,7 @@ def _rglru(width: int = 6):
     return RecurrentGemmaRglru(tiny_config("recurrent_gemma", dict(CONFIG, lru_width=width), "sdpa"))
 
 
-def test_rglru_scan_handler_refusals():
+def test_rglru_scan_handler():
     from ringattn.hf.mixers import HANDLERS
 
     module = _rglru()
@@ -272,17 +289,24 @@ def test_rglru_scan_handler_refusals():
     reset[:, 0] = True
     # One process's scan, through the handler (one rank): the same outputs, and a NaN state for the module to keep.
     y, h = scan.run(original, _call(module), module, x, a, reset, None)
-    want, _ = original(module, x, a, reset, None)
+    want, want_h = original(module, x, a, reset, None)
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
     assert torch.isnan(h).all() and h.shape == (1, 6)
-    with pytest.raises(hf.UnsupportedModel, match="a recurrent state carried into a context-parallel RG-LRU"):
-        scan.run(original, _call(module), module, x, a, reset, torch.ones(1, 6))
-    with pytest.raises(hf.UnsupportedModel, match="a recurrent state carried into a context-parallel RG-LRU"):
-        scan.run(original, _call(module), module, x, a, reset, h)  # the NaN state a ring forward left
-    y0, _ = scan.run(original, _call(module), module, x, a, reset, torch.zeros(1, 6))  # a fresh cache: zeros
-    torch.testing.assert_close(y0, want, rtol=1e-6, atol=1e-6)
-    with pytest.raises(hf.UnsupportedModel, match="RG-LRU state after the prompt .* not supported"):
-        scan.run(original, _call(module, seq_len=9), module, x, a, reset, None)
+    # A generate prefill: the state after the prompt.
+    y, h = scan.run(original, _call(module, seq_len=9), module, x, a, reset, None)
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h, want_h, rtol=1e-6, atol=1e-6)
+    # A state the module kept from an earlier forward (the NaN one too) is not read where the first position resets.
+    for h0 in (torch.ones(1, 6), torch.full((1, 6), float("nan"))):
+        y, _ = scan.run(original, _call(module), module, x, a, reset, h0)
+        torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    # Where it does not (a cache continued by a forward of several tokens), refused.
+    cont = torch.zeros_like(reset)
+    with pytest.raises(hf.UnsupportedModel, match="a recurrent state carried into a context-parallel RG-LRU whose "
+                                                  "first position is not 0"):
+        scan.run(original, _call(module), module, x, a, cont, torch.ones(1, 6))
+    y, _ = scan.run(original, _call(module), module, x, a, cont, torch.zeros(1, 6))  # a fresh cache's zeros
+    torch.testing.assert_close(y, original(module, x, a, cont, None)[0], rtol=1e-6, atol=1e-6)
     # Packed documents whose position_ids do not restart at 0 where a document starts: the module would not reset.
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     with pytest.raises(hf.UnsupportedModel, match="a packed document starts at position 4, where position_ids is "

@@ -224,6 +224,13 @@ def _before(decoder, args, kwargs):
     device = x.device
     b, n = x.shape[:2]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    ring = cache.__dict__.get("_ringattn_ring") if cache is not None and not isinstance(cache, RingCache) else None
+    if ring is not None:
+        # A model whose output carries no cache (RecurrentGemma's) is given generate's own cache again at each
+        # step: the RingCache its prefill filled in its place.
+        cache = ring
+        kwargs.pop("past_key_values", None)
+        kwargs[_cache_key(decoder)] = ring
     error = _refuse(kwargs, decoder)
     if layout_of(s.layout).needs_documents and error is None:
         error = f"layout={str(s.layout)!r} places tokens by document; model.generate() with ring attention takes " \
@@ -292,6 +299,8 @@ def _before_prefill(decoder, kwargs, cache, b, n, error, s, device) -> _Step:
     ring = None
     if use_cache:
         ring = cache if isinstance(cache, RingCache) else RingCache(s.group, s.layout, getattr(decoder, "config", None))
+        if cache is not None and cache is not ring:
+            cache.__dict__["_ringattn_ring"] = ring
         lo = torch.tensor([r[0] for r in ranges], device=device)[:, None]
         hi = torch.tensor([r[1] for r in ranges], device=device)[:, None]
         ring.positions, ring.valid, ring.keep_new = pos, (pos[None] >= lo) & (pos[None] < hi), True

@@ -251,6 +251,11 @@ class MixerCall:
         """Write into ``cache`` the conv inputs of the prompt's last ``k`` positions (zeros before position 0),
         what transformers' single-token convolution reads next: ``x`` is this rank's ``(batch, channels,
         local_len)``; each position comes from the rank that holds it (one sum over the ranks)."""
+        cache.update_conv_state(self.prompt_tail(x, k), layer_idx, state_idx=state_idx, conv_kernel_size=k)
+
+    def prompt_tail(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The conv inputs of the prompt's last ``k`` positions (zeros before position 0), ``(batch, channels,
+        k)`` on every rank, from this rank's ``x`` ``(batch, channels, local_len)`` (one sum over the ranks)."""
         self._need_prompt("a convolution state")
         s = self.batch.settings
         rank, world = comm.group_rank_world(s.group)
@@ -262,8 +267,8 @@ class MixerCall:
         tail[:, :, pos[mine] - lo] = x.detach()[:, :, mine]
         if world > 1:
             dist.all_reduce(tail, group=s.group)
-        cache.update_conv_state(tail, layer_idx, state_idx=state_idx, conv_kernel_size=k)
         self.kept += 1
+        return tail
 
     def _need_prompt(self, what: str) -> None:
         if self.seq_len <= 0 or self.batch is None:
