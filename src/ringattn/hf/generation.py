@@ -16,8 +16,10 @@ change what one forward sees, never what generate does:
 
 Hybrid models (``ringattn.hf.mixers``): the prefill's mixers run context-parallel and leave in the cache, on
 every rank, the conv inputs of the prompt's last ``k`` positions and the recurrent state after its last position
-(``RingCache``'s linear-attention layers); each decode step runs the module's own single-token path on them, alike
-on every rank. A padded prompt gives each mixer this rank's shard of the padding mask.
+(``RingCache``'s linear-attention layers; RecurrentGemma's recurrent block keeps them on itself, and its output
+carries no cache, so generate passes its own cache again each step: the RingCache the prefill filled in its place
+stands in for it); each decode step runs the module's own single-token path on them, alike on every rank. A padded
+prompt gives each mixer this rank's shard of the padding mask.
 
 Padding (batch > 1): a row's ``attention_mask`` may be ones then zeros (right padding) or zeros then ones
 (left padding); its padded keys are never seen, as transformers' mask has it for sdpa. The mask is
@@ -224,7 +226,7 @@ def _before(decoder, args, kwargs):
     device = x.device
     b, n = x.shape[:2]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    ring = cache.__dict__.get("_ringattn_ring") if cache is not None and not isinstance(cache, RingCache) else None
+    ring = getattr(cache, "__dict__", {}).get("_ringattn_ring") if not isinstance(cache, RingCache) else None
     if ring is not None:
         # A model whose output carries no cache (RecurrentGemma's) is given generate's own cache again at each
         # step: the RingCache its prefill filled in its place.
