@@ -171,13 +171,26 @@ def generate_cases() -> dict:
                 runs.append(generate(model, ids, None, max_new_tokens=5, min_new_tokens=5, do_sample=False, **kw))
         (want, want_logits, _), (got, logits, _) = runs
         out[name] = (torch.equal(got, want), rel_err(logits, want_logits))
+    # A padded batch: the recurrent block takes no padding mask to shard; refused on every rank, by name.
+    model = hf.prepare(build())
+    model.set_attn_implementation("ring")
+    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    try:
+        generate(model, ids, mask, max_new_tokens=2)
+        out["padded"] = "ran"
+    except hf.UnsupportedModel as e:
+        out["padded"] = str(e)
     return out
 
 
 def test_rgemma_generate_equals_one_process(ranks):
     # The prefill leaves the prompt's conv inputs and RG-LRU state on every rank; decoding runs the module's own code.
     for r in ranks.run(2, generate_cases):
+        padded = r.pop("padded")
         assert all(same and err <= TOL for same, err in r.values()), r
+        assert "padded generation with this model is not supported" in padded, padded
 
 
 # --- the handlers on one process (no group: the plan is one rank's) ---

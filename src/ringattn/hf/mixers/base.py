@@ -440,7 +440,8 @@ def _prefill_mask(module, args, kwargs, gen) -> None:
         raise UnsupportedModel(
             f"{MixerCall(module, None).where}: model.generate() with a padded batch needs the mixer's attention_mask "
             "as a keyword argument, which ringattn replaces by this rank's shard of the padding mask; this layer "
-            "takes none: generate one unpadded prompt at a time", layer=getattr(module, "layer_idx", None),
+            "takes none, so padded generation with this model is not supported: generate one unpadded prompt at a "
+            "time", layer=getattr(module, "layer_idx", None),
             feature="padded generation with recurrent or convolution layers")
     s = gen.settings
     mask = gen.__dict__.get("mixer_mask")
