@@ -54,7 +54,7 @@ def build(seed: int = 0):
 
 
 def case(layout: str, batch: int = 1, packed: list | None = None, use_cache: bool = False,
-         float64: bool = True) -> dict:
+         float64: bool = True, checkpointing: bool = False) -> dict:
     """Ring vs. one process (``packed``: each document run alone), on every rank; rank 0's errors."""
     import ringattn
 
@@ -68,6 +68,9 @@ def case(layout: str, batch: int = 1, packed: list | None = None, use_cache: boo
     cp.load_state_dict(ref.state_dict())
     cp.set_attn_implementation("ring")
     hf.prepare(cp)
+    if checkpointing:  # the layers recomputed in backward, outside the model's forward
+        cp.gradient_checkpointing_enable()
+        cp.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (batch, SEQ), generator=g)
     labels = ids.clone()
@@ -118,14 +121,16 @@ def test_rgemma_exact_2_ranks(ranks, layout):
 def cases_2_ranks() -> dict:
     """The 2-rank cases beyond one sequence: batch 2 of packed documents (a document inside one rank's shard, one
     across the ranks, the last ending in the padding) through the model's default use_cache=True path; RG-LRU in
-    float32 as the model ships it (its own float32 noise)."""
+    float32 as the model ships it (its own float32 noise); activation checkpointing."""
     return {"packed-batch2-cache": case("zigzag", batch=2, packed=[0, 5, 17, SEQ], use_cache=True),
-            "float32-scan": case("contiguous", float64=False)}
+            "float32-scan": case("contiguous", float64=False),
+            "checkpointing": case("striped", checkpointing=True)}
 
 
 def test_rgemma_packed_batch_and_float32_scan_2_ranks(ranks):
     r = ranks.run(2, cases_2_ranks)[0]
     check(r["packed-batch2-cache"])
+    check(r["checkpointing"])
     check(r["float32-scan"], 1e-5)  # the sweep's TOL_FLOAT32_INSIDE
 
 
