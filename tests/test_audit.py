@@ -201,9 +201,9 @@ def test_refused_hybrids_name_the_layer(tmp_path):
     culprit = out.strip().splitlines()[-1]
     assert culprit.startswith("culprit: layer 0 (RwkvSelfAttention): token mixing outside attention that "
                               "ringattn does not know"), culprit
-    rg = hf.audit("recurrent_gemma")
-    assert rg.culprit.startswith("layer 0 (Conv1d): token mixing outside attention"), rg.culprit
-    assert "UnsupportedModel" in rg.refused and rg.rows == []
+    xl = hf.audit("xlstm")
+    assert xl.culprit.startswith("layer 0 (xLSTMBackend): token mixing outside attention"), xl.culprit
+    assert "UnsupportedModel" in xl.refused and xl.rows == []
     # Refused by the name of a layer type only (config.layer_types), not by any module: still the layer.
     # (transformers reads "mamba" there as "linear_attention").
     named = hf.audit(llama_config(layer_types=["full_attention", "mamba"]), nproc=2)

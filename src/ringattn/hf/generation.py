@@ -16,8 +16,10 @@ change what one forward sees, never what generate does:
 
 Hybrid models (``ringattn.hf.mixers``): the prefill's mixers run context-parallel and leave in the cache, on
 every rank, the conv inputs of the prompt's last ``k`` positions and the recurrent state after its last position
-(``RingCache``'s linear-attention layers); each decode step runs the module's own single-token path on them, alike
-on every rank. A padded prompt gives each mixer this rank's shard of the padding mask.
+(``RingCache``'s linear-attention layers; RecurrentGemma's recurrent block keeps them on itself, and its output
+carries no cache, so generate passes its own cache again each step: the RingCache the prefill filled in its place
+stands in for it); each decode step runs the module's own single-token path on them, alike on every rank. A padded
+prompt gives each mixer this rank's shard of the padding mask.
 
 Padding (batch > 1): a row's ``attention_mask`` may be ones then zeros (right padding) or zeros then ones
 (left padding); its padded keys are never seen, as transformers' mask has it for sdpa. The mask is
@@ -224,6 +226,13 @@ def _before(decoder, args, kwargs):
     device = x.device
     b, n = x.shape[:2]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    ring = getattr(cache, "__dict__", {}).get("_ringattn_ring") if not isinstance(cache, RingCache) else None
+    if ring is not None:
+        # A model whose output carries no cache (RecurrentGemma's) is given generate's own cache again at each
+        # step: the RingCache its prefill filled in its place.
+        cache = ring
+        kwargs.pop("past_key_values", None)
+        kwargs[_cache_key(decoder)] = ring
     error = _refuse(kwargs, decoder)
     if layout_of(s.layout).needs_documents and error is None:
         error = f"layout={str(s.layout)!r} places tokens by document; model.generate() with ring attention takes " \
@@ -292,6 +301,8 @@ def _before_prefill(decoder, kwargs, cache, b, n, error, s, device) -> _Step:
     ring = None
     if use_cache:
         ring = cache if isinstance(cache, RingCache) else RingCache(s.group, s.layout, getattr(decoder, "config", None))
+        if cache is not None and cache is not ring:
+            cache.__dict__["_ringattn_ring"] = ring
         lo = torch.tensor([r[0] for r in ranges], device=device)[:, None]
         hi = torch.tensor([r[1] for r in ranges], device=device)[:, None]
         ring.positions, ring.valid, ring.keep_new = pos, (pos[None] >= lo) & (pos[None] < hi), True

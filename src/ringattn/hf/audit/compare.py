@@ -228,13 +228,12 @@ def mixes(layer: torch.nn.Module) -> str | None:
     """What the layer's token mixers outside attention compute, as ringattn runs them context-parallel (None: none):
     ``"mamba: causal short convolution, Mamba2 selective scan (SSD)"``. Found by what each module's forward calls
     (``ringattn.hf.mixers``), as ``prepare`` finds them."""
+    from ..mixers import handled_modules
     from ..mixers import mixes as whats
 
     found = []
-    for name, m in layer.named_modules():
-        names = whats(m)
-        if names:
-            found.append(f"{name or type(m).__name__}: " + ", ".join(names))
+    for name, m in handled_modules(layer):
+        found.append(f"{name or type(m).__name__}: " + ", ".join(whats(m)))
     return "; ".join(found) or None
 
 

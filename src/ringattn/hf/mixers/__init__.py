@@ -5,12 +5,13 @@ function registered here (see ``base.py`` for why that, and not the class name, 
 and runs it over the ranks with ``ringattn.mixers``' state passing and convolution halos. One file per function:
 """
 
-from . import conv, gated_delta, kda, lightning, mamba, mamba2, rwkv, window, xlstm  # noqa: F401 - each registers its handlers
+from . import conv, gated_delta, kda, lightning, mamba, mamba2, rglru, rwkv, window, xlstm  # noqa: F401 - each registers its handlers
 from .base import (
            HANDLERS,
            MODULE_HANDLERS,
            Handler,
            ModuleHandler,
+           handled_modules,
            handles,
            handles_module,
            install,
@@ -20,5 +21,5 @@ from .base import (
            unknown_functions,
 )
 
-__all__ = ["HANDLERS", "MODULE_HANDLERS", "Handler", "ModuleHandler", "handles", "handles_module", "install",
-           "mixer_functions", "mixes", "module_handler", "unknown_functions"]
+__all__ = ["HANDLERS", "MODULE_HANDLERS", "Handler", "ModuleHandler", "handled_modules", "handles", "handles_module",
+           "install", "mixer_functions", "mixes", "module_handler", "unknown_functions"]

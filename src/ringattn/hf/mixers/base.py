@@ -102,6 +102,17 @@ def module_handler(module: torch.nn.Module) -> ModuleHandler | None:
     return next((h for h in MODULE_HANDLERS.values() if h.match(module)), None)
 
 
+def handled_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``root``'s submodules (``root`` itself as ``""``) that ringattn runs context-parallel, as ``(path, module)``.
+    A module matched whole inside a mixer whose functions ringattn runs is that mixer's part, not a mixer of its
+    own: the mixer's functions mix what it holds (Mamba's ``conv1d``, whose weights ``causal_conv1d_forward``
+    reads)."""
+    found = [(p, m) for p, m in root.named_modules() if mixes(m)]
+    by_function = [p for p, m in found if module_handler(m) is None]
+    return [(p, m) for p, m in found if module_handler(m) is None or
+            not any(p.startswith(q + ".") or (q == "" and p) for q in by_function)]
+
+
 def mixes(module: torch.nn.Module) -> list[str]:
     """What ``module`` mixes that ringattn runs context-parallel, one ``what`` per handler (empty: it is not such
     a mixer, or it also calls a function ringattn does not know: see ``unknown_functions``)."""
@@ -250,19 +261,14 @@ class MixerCall:
         """Write into ``cache`` the conv inputs of the prompt's last ``k`` positions (zeros before position 0),
         what transformers' single-token convolution reads next: ``x`` is this rank's ``(batch, channels,
         local_len)``; each position comes from the rank that holds it (one sum over the ranks)."""
-        self._need_prompt("a convolution state")
-        s = self.batch.settings
-        rank, world = comm.group_rank_world(s.group)
-        b, c, n = x.shape
-        pos = global_positions(str(s.layout), rank, world, n, x.device)
-        lo = self.seq_len - k
-        mine = torch.nonzero((pos >= lo) & (pos < self.seq_len)).flatten()
-        tail = x.new_zeros(b, c, k)
-        tail[:, :, pos[mine] - lo] = x.detach()[:, :, mine]
-        if world > 1:
-            dist.all_reduce(tail, group=s.group)
-        cache.update_conv_state(tail, layer_idx, state_idx=state_idx, conv_kernel_size=k)
+        cache.update_conv_state(self.conv_tail(x, k), layer_idx, state_idx=state_idx, conv_kernel_size=k)
+
+    def conv_tail(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The conv inputs of the prompt's last ``k`` positions (zeros before position 0), ``(batch, channels,
+        k)`` on every rank, from this rank's ``x`` ``(batch, channels, local_len)`` (one sum over the ranks)."""
+        tail = self.prompt_tail(x.transpose(1, 2), k).transpose(1, 2)
         self.kept += 1
+        return torch.nn.functional.pad(tail, (k - tail.shape[-1], 0))
 
     def prompt_tail(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """The prompt's last ``min(k, prompt length)`` positions of ``x``, this rank's ``(batch, local_len, ...)``,
@@ -460,9 +466,10 @@ def _prefill_mask(module, args: tuple, kwargs: dict, gen) -> tuple:
     if name is None:
         raise UnsupportedModel(
             f"{MixerCall(module, None).where}: model.generate() with a padded batch needs the mixer's attention_mask "
-            "as a keyword argument (or a conv_mask), which ringattn replaces by this rank's shard of the padding "
-            "mask; this layer takes none: generate one unpadded prompt at a time",
-            layer=layer_index(module), feature="padded generation with recurrent or convolution layers")
+            "as a keyword argument, which ringattn replaces by this rank's shard of the padding mask; this layer "
+            "takes none, so padded generation with this model is not supported: generate one unpadded prompt at a "
+            "time", layer=layer_index(module),
+            feature="padded generation with recurrent or convolution layers")
     s = gen.settings
     mask = gen.__dict__.get("mixer_mask")
     if mask is None:
@@ -493,7 +500,7 @@ def _mixer_post(module, args, kwargs, output):
 
 def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """Make ``model``'s mixers context-parallel; returns them as ``(path, module)``. Idempotent."""
-    found = [(p, m) for p, m in model.named_modules() if p and mixes(m)]
+    found = [(p, m) for p, m in handled_modules(model) if p]
     forward.install(model)
     if not found:
         return found
