@@ -192,16 +192,34 @@ def test_a_wrong_mixer_is_named(ranks):
     assert "ringattn runs its token mixing context-parallel (" in r.culprit and "ringattn bug" in r.culprit
 
 
+@contextlib.contextmanager
+def without_handlers(*names):
+    """RWKV as a family whose token mixing ringattn does not know would meet it: its handlers taken away."""
+    from ringattn.hf.mixers import HANDLERS, MODULE_HANDLERS
+
+    saved = {n: (t, t.pop(n)) for n in names for t in (HANDLERS, MODULE_HANDLERS) if n in t}
+    try:
+        yield
+    finally:
+        for n, (t, h) in saved.items():
+            t[n] = h
+
+
+RWKV_HANDLERS = ("token shift", "rwkv_linear_attention")
+
+
 def test_refused_hybrids_name_the_layer(tmp_path):
     # Refusals come from the structure alone (meta device): no rank is started, so this runs in the test process.
     path = tmp_path / "rwkv.json"
     auditing.tiny_config("rwkv").to_json_file(path)
-    code, out, _ = cli_main(["audit", "--model", str(path), "--nproc", "2"])
+    with without_handlers(*RWKV_HANDLERS):
+        code, out, _ = cli_main(["audit", "--model", str(path), "--nproc", "2"])
     assert code == 1, out
     culprit = out.strip().splitlines()[-1]
     assert culprit.startswith("culprit: layer 0 (RwkvSelfAttention): token mixing outside attention that "
                               "ringattn does not know"), culprit
-    xl = hf.audit("xlstm")
+    with without_handlers("xLSTMBackend"):
+        xl = hf.audit("xlstm")
     assert xl.culprit.startswith("layer 0 (xLSTMBackend): token mixing outside attention"), xl.culprit
     assert "UnsupportedModel" in xl.refused and xl.rows == []
     # Refused by the name of a layer type only (config.layer_types), not by any module: still the layer.
@@ -217,7 +235,8 @@ def test_refused_hybrids_name_the_layer(tmp_path):
 
 
 def compare_refused_case() -> dict:
-    return hf.audit("rwkv", seq_len=SEQ, compare_refused=True)
+    with without_handlers(*RWKV_HANDLERS):
+        return hf.audit("rwkv", seq_len=SEQ, compare_refused=True)
 
 
 def test_compare_refused_shows_where(ranks):

@@ -137,8 +137,8 @@ MUST_BE_EXACT_HYBRIDS = ("mamba2", "lfm2", "granitemoehybrid", "bamba", "mamba",
                          # Gated DeltaNet and Kimi delta attention
                          "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "kimi_linear",
                          "bailing_hybrid", "olmo_hybrid", "lara_mini",
-                         # stabilised states (kind="log") and one-token shifts
-                         "rwkv")
+                         # stabilised states (kind="log") and one-token shifts; mixers run whole by module handlers
+                         "rwkv", "xlstm", "minimax", "recurrent_gemma", "zaya")
 MUST_BE_REFUSED = ("bloom", "mpt", "falcon", "deepseek_v32")
 
 
