@@ -80,19 +80,23 @@ class ModuleHandler:
     run: Callable   # run(forward, call: MixerCall, *args, **kwargs): the module's forward's result, context-parallel;
     #                 forward(*args, **kwargs) is the module's own forward, bound
     prepare: Callable[[torch.nn.Module], None] | None = None  # prepare(model), once per model holding a match
+    # A match inside a mixer that ringattn runs by its functions is that mixer's part (its functions read the
+    # match's weights: Mamba's conv1d), not a mixer of its own; False: it runs on its own wherever it is (a token
+    # shift the mixer's module calls itself).
+    part_of_function_mixers: bool = False
 
 
 MODULE_HANDLERS: dict[str, ModuleHandler] = {}
 
 
 def handles_module(name: str, what: str, match: Callable[[torch.nn.Module], bool],
-                   prepare: Callable[[torch.nn.Module], None] | None = None):
+                   prepare: Callable[[torch.nn.Module], None] | None = None, *, part_of_function_mixers: bool = False):
     """Register ``run`` as the context-parallel forward of every module ``match`` accepts: a mixer whose
     recurrence is inline in its forward, or a submodule that mixes tokens (a token shift, a convolution). ``match``
     must not accept a module it cannot run exactly: the rest of the model is checked for token mixing it leaves.
     ``prepare(model)``: what the model around such modules needs (``install`` calls it; it must be idempotent)."""
     def register(run: Callable) -> Callable:
-        MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run, prepare)
+        MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run, prepare, part_of_function_mixers)
         return run
     return register
 
@@ -104,13 +108,14 @@ def module_handler(module: torch.nn.Module) -> ModuleHandler | None:
 
 def handled_modules(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``root``'s submodules (``root`` itself as ``""``) that ringattn runs context-parallel, as ``(path, module)``.
-    A module matched whole inside a mixer whose functions ringattn runs is that mixer's part, not a mixer of its
-    own: the mixer's functions mix what it holds (Mamba's ``conv1d``, whose weights ``causal_conv1d_forward``
-    reads)."""
+    A module matched whole inside a mixer whose functions ringattn runs is that mixer's part where its handler
+    says so (``part_of_function_mixers``): the mixer's functions mix what it holds (Mamba's ``conv1d``, whose
+    weights ``causal_conv1d_forward`` reads). Others run on their own (RWKV's token shift, which its mixer's
+    module calls before the WKV function)."""
     found = [(p, m) for p, m in root.named_modules() if mixes(m)]
     by_function = [p for p, m in found if module_handler(m) is None]
-    return [(p, m) for p, m in found if module_handler(m) is None or
-            not any(p.startswith(q + ".") or (q == "" and p) for q in by_function)]
+    return [(p, m) for p, m in found if module_handler(m) is None or not module_handler(m).part_of_function_mixers
+            or not any(p.startswith(q + ".") or (q == "" and p) for q in by_function)]
 
 
 def mixes(module: torch.nn.Module) -> list[str]:

@@ -41,7 +41,8 @@ def _depthwise_causal(m: torch.nn.Module) -> bool:
             and m.padding == (k - 1,) and m.padding_mode == "zeros")
 
 
-@handles_module("Conv1d", "causal depthwise convolution (Conv1d, padding k - 1)", _depthwise_causal)
+@handles_module("Conv1d", "causal depthwise convolution (Conv1d, padding k - 1)", _depthwise_causal,
+                part_of_function_mixers=True)
 def conv_module(forward, call: MixerCall, input: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: A002
     """The module's output on this rank's ``(batch, channels, local_len)``: the causal convolution of the whole
     sequence at the local positions, every document on its own (``ringattn.mixers.causal_conv1d``), then ``k - 1``
