@@ -87,4 +87,16 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x[fin] - ref[fin]).abs().max() / scale)
 
 
+def grad_errors(model: torch.nn.Module, ref: torch.nn.Module, err=rel_err) -> dict[str, float]:
+    """``{"grad NAME": err(model's gradient, ref's)}`` for every parameter the reference has a gradient for; a
+    parameter with a gradient on one side only is an error (inf), not left out."""
+    grads = dict(model.named_parameters())
+    out = {}
+    for n, p in ref.named_parameters():
+        if p.grad is None and grads[n].grad is None:
+            continue
+        out[f"grad {n}"] = float("inf") if p.grad is None or grads[n].grad is None else err(grads[n].grad, p.grad)
+    return out
+
+
 TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

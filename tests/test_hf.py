@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from ringattn import hf  # noqa: E402
 
-from .reference import rel_err  # noqa: E402
+from .reference import grad_errors, rel_err  # noqa: E402
 
 TOL = 1e-9
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -91,9 +91,7 @@ def compare_family(family: str, layout: str, seq_len: int, batch: int = 2, seed:
     full = ringattn.unshard(logits.detach(), layout=layout, seq_len=seq_len, cu_seqlens=sb.get("cu_seq_lens_q"))
 
     errs = {"logits": rel_err(full, out.logits.detach()), "loss": rel_err(loss.detach(), ref_loss.detach())}
-    grads = dict(cp.named_parameters())
-    for n, p in ref.named_parameters():
-        errs[f"grad {n}"] = rel_err(grads[n].grad, p.grad)
+    errs.update(grad_errors(cp, ref))
     return errs
 
 

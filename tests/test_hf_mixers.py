@@ -54,7 +54,7 @@ def packed_case(families: tuple[str, ...], layout: str, packed: list[int], via: 
 
     import ringattn
 
-    from .reference import rel_err
+    from .reference import grad_errors, rel_err
     from .test_hf_sweep import SEQ, VOCAB, build, float64_softmax
 
     hf.register(layout=layout)
@@ -87,10 +87,7 @@ def packed_case(families: tuple[str, ...], layout: str, packed: list[int], via: 
         ref_loss = torch.nn.functional.cross_entropy(ref_logits[0, :-1], labels[0, 1:], ignore_index=hf.IGNORE_INDEX)
         ref_loss.backward()
         errs = {"logits": rel_err(full, ref_logits.detach()), "loss": rel_err(loss.detach(), ref_loss.detach())}
-        grads = dict(cp.named_parameters())
-        for n, p in ref.named_parameters():
-            if p.grad is not None:
-                errs[f"grad {n}"] = rel_err(grads[n].grad, p.grad)
+        errs.update(grad_errors(cp, ref))
         out[fam] = max(errs.items(), key=lambda kv: kv[1])
     return out
 

@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from ringattn import hf  # noqa: E402
 
 from . import test_hf_sweep as sw  # noqa: E402
+from .reference import grad_errors  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sw.HYBRIDS_RUN, reason="transformers before 5.25 refuses hybrid models")
 
@@ -102,12 +103,7 @@ def case(ref, cp, layout: str, batch: int, seq: int, docs: list[list[int]] | Non
                                                      ignore_index=hf.IGNORE_INDEX)
         ref_loss.backward()
     errs = {"logits": rel(full, want.detach()), "loss": rel(loss.detach(), ref_loss.detach())}
-    grads = dict(cp.named_parameters())
-    for n, p in ref.named_parameters():
-        if p.grad is not None:
-            errs[f"grad {n}"] = rel(grads[n].grad, p.grad)
-    missing = [n for n, p in ref.named_parameters() if (p.grad is None) != (grads[n].grad is None)]
-    assert not missing, missing
+    errs.update(grad_errors(cp, ref, rel))
     return errs
 
 

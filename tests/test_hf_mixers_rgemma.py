@@ -58,7 +58,7 @@ def case(layout: str, batch: int = 1, packed: list | None = None, use_cache: boo
     """Ring vs. one process (``packed``: each document run alone), on every rank; rank 0's errors."""
     import ringattn
 
-    from .reference import rel_err
+    from .reference import grad_errors, rel_err
     from .test_hf_sweep import VOCAB, float64_softmax
 
     warnings.filterwarnings("ignore")
@@ -95,10 +95,7 @@ def case(layout: str, batch: int = 1, packed: list | None = None, use_cache: boo
                                                      ignore_index=hf.IGNORE_INDEX)
         ref_loss.backward()
     errs = {"logits": rel_err(full, ref_logits.detach()), "loss": rel_err(loss.detach(), ref_loss.detach())}
-    grads = dict(cp.named_parameters())
-    for n, p in ref.named_parameters():
-        if p.grad is not None:
-            errs[f"grad {n}"] = rel_err(grads[n].grad, p.grad)
+    errs.update(grad_errors(cp, ref))
     errs["n_grads"] = sum(p.grad is not None for p in ref.parameters())
     return errs
 

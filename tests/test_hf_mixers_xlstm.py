@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from ringattn import hf  # noqa: E402
 
-from .reference import rel_err  # noqa: E402
+from .reference import grad_errors, rel_err  # noqa: E402
 from .test_hf_sweep import HYBRIDS_RUN, VOCAB  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HYBRIDS_RUN or not hasattr(transformers, "xLSTMForCausalLM"),
@@ -89,9 +89,7 @@ def case(layout: str, mode: str, seq: int, batch: int = 1, packed: list | None =
                                                  ignore_index=hf.IGNORE_INDEX)
     ref_loss.backward()
     errs = {"logits": rel_err(full, ref_logits.detach()), "loss": rel_err(loss.detach(), ref_loss.detach())}
-    grads = dict(cp.named_parameters())
-    for n, p in ref.named_parameters():
-        errs[f"grad {n}"] = rel_err(grads[n].grad, p.grad)
+    errs.update(grad_errors(cp, ref))
     return errs
 
 

@@ -289,7 +289,7 @@ def test_mistakes(ranks):
     assert "inputs[0] has shape (2, 17, 2, 3)" in r1["short"] and "local_len=18" in r1["short"]
     assert "another rank failed its checks" in r0["short"]
     for r in (r0, r1):
-        assert "kind must be one of ('diagonal', 'dense')" in r["kind"]
+        assert "kind must be one of ('diagonal', 'dense', 'log')" in r["kind"]
         assert "ranks disagree on layout" in r["layout"]
         assert "weight must be (channels, k) or (channels, 1, k)" in r["conv"]
         assert "correct must be a callable (*pieces, initial_state) -> y_delta or None, got str" in r["correct"]

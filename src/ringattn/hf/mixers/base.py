@@ -49,7 +49,7 @@ from ...layouts import global_positions, padded_len
 from ...sharding import shard
 from .. import forward, generation, positions
 from ..forward import Batch
-from ..refusals import UnsupportedModel, layer_index, where
+from ..refusals import UnsupportedModel, layer_index, model_name, where
 from ..registry import SETTINGS, RingSettings
 
 
@@ -99,6 +99,38 @@ def handles_module(name: str, what: str, match: Callable[[torch.nn.Module], bool
         MODULE_HANDLERS[name] = ModuleHandler(name, what, match, run, prepare, part_of_function_mixers)
         return run
     return register
+
+
+def cached_generate_refusal(where: str, what: str, why: str) -> UnsupportedModel:
+    return UnsupportedModel(
+        f"{where}: model.generate() with a cache: this model's {what} keeps its state in a cache of its own ({why}), "
+        "which ringattn's sharded generation cache is not; pass use_cache=False to generate (each step then runs the "
+        "whole sequence context-parallel, exactly), or generate without context parallelism",
+        feature=f"model.generate() with a cache through {what}")
+
+
+def refuse_cached_generate(what: str, why: str) -> Callable[[torch.nn.Module], None]:
+    """A module handler's ``prepare``: ``model.generate()`` with a cache refused before the decoder runs, for a
+    mixer whose model keeps its state in a cache of its own that ringattn's sharded generation cache cannot stand
+    in for (``why``). Without a cache every step runs the whole sequence context-parallel, exactly."""
+    def prepare(model: torch.nn.Module) -> None:
+        decoder = generation._decoder(model)
+        if decoder is None or "_ringattn_cached_generate" in decoder.__dict__:
+            return
+
+        def check(module, args, kwargs):
+            if generation._settings(module) is None:
+                return
+            use = kwargs.get("use_cache")
+            use = getattr(getattr(module, "config", None), "use_cache", False) if use is None else use
+            if use or any(kwargs.get(k) is not None for k in ("cache", "past_key_values", "cache_params")):
+                config = getattr(module, "config", None)
+                raise cached_generate_refusal(model_name(config) if config is not None else type(module).__name__,
+                                              what, why)
+
+        decoder.__dict__["_ringattn_cached_generate"] = decoder.register_forward_pre_hook(check, with_kwargs=True,
+                                                                                          prepend=True)
+    return prepare
 
 
 def module_handler(module: torch.nn.Module) -> ModuleHandler | None:

@@ -20,9 +20,7 @@ import inspect
 
 import torch
 
-from .. import generation
-from ..refusals import UnsupportedModel, model_name
-from .base import MixerCall, calls, forward_of, handles_module
+from .base import MixerCall, cached_generate_refusal, calls, forward_of, handles_module, refuse_cached_generate
 
 # What the forward reads and writes that makes it this recurrence: the cache's linear state, the decay per head and
 # the blocked path's decay tables.
@@ -61,36 +59,10 @@ class LinearStateCache:
 WHAT = "lightning attention (linear attention with decay)"
 
 
-def _cached_generate(where: str) -> UnsupportedModel:
-    return UnsupportedModel(
-        f"{where}: model.generate() with a cache: this model's {WHAT} keeps its state in a cache class of its own, "
-        "which ringattn's sharded generation cache is not; pass use_cache=False to generate (each step then runs the "
-        "whole sequence context-parallel, exactly), or generate without context parallelism",
-        feature=f"model.generate() with a cache through {WHAT}")
+WHY = "MiniMax's decoder takes no cache but its own class, MiniMaxCache"
 
 
-def refuse_cached_generate(model: torch.nn.Module) -> None:
-    """``model.generate()`` with a cache is refused before the decoder runs: MiniMax's decoder takes no cache but its
-    own class (``MiniMaxCache``), which ringattn's sharded generation cache is not. Without a cache every step runs
-    the whole sequence context-parallel, exactly."""
-    decoder = generation._decoder(model)
-    if decoder is None or "_ringattn_lightning_generate" in decoder.__dict__:
-        return
-
-    def check(module, args, kwargs):
-        if generation._settings(module) is None:
-            return
-        use = kwargs.get("use_cache")
-        use = getattr(getattr(module, "config", None), "use_cache", False) if use is None else use
-        if use or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
-            config = getattr(module, "config", None)
-            raise _cached_generate(model_name(config) if config is not None else type(module).__name__)
-
-    decoder.__dict__["_ringattn_lightning_generate"] = decoder.register_forward_pre_hook(check, with_kwargs=True,
-                                                                                          prepend=True)
-
-
-@handles_module("lightning_attention", WHAT, is_lightning, refuse_cached_generate)
+@handles_module("lightning_attention", WHAT, is_lightning, refuse_cached_generate(WHAT, WHY))
 def run(forward, call: MixerCall, *args, **kwargs):
     """The module's forward over every rank's tokens: ``(output, None)``. The module returns its final state beside
     its output, which the decoder layer drops; no rank holds the whole sequence's."""
@@ -105,7 +77,7 @@ def run(forward, call: MixerCall, *args, **kwargs):
     if params.pop("cache", None) is not None:
         # A plain forward's cache is refused before the module runs (base._mixer_pre), a generate's before the
         # decoder runs (refuse_cached_generate); one that reaches here anyway keeps no state: refused the same.
-        raise _cached_generate(call.where)
+        raise cached_generate_refusal(call.where, WHAT, WHY)
     heads, d = module.num_attention_heads, module.head_dim
     slope = module.slope_rate
     masked = mask is not None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..refusals import UnsupportedModel
-from .base import MixerCall, _modeling_function, forward_of, handles_module
+from .base import MixerCall, _modeling_function, forward_of, handles_module, refuse_cached_generate
 
 WHAT = "mLSTM (xLSTM) matrix memory"
 # What the backend's forward takes: the per-token projections and gates, and the stabilised state (C, n, m).
@@ -46,7 +46,9 @@ def _refuse(call: MixerCall, why: str, feature: str):
     raise UnsupportedModel(f"{call.where}: {why}", feature=feature)
 
 
-@handles_module("xLSTMBackend", WHAT, is_mlstm_backend)
+@handles_module("xLSTMBackend", WHAT, is_mlstm_backend,
+                refuse_cached_generate(WHAT, "xLSTMCache, whose rnn_state the model reads; transformers' generate "
+                                             "runs xLSTM over the whole sequence at every step either way"))
 def mlstm(forward, call: MixerCall, *args, **kwargs):
     """The backend's ``forward(query, key, value, igate, fgate, c_initial, n_initial, m_initial,
     return_last_states, mode)`` (queries ``(batch, heads, len, K)``, gates ``(batch, heads, len)``), context-parallel.
