@@ -600,3 +600,24 @@ def test_rule_refuses_a_carried_state():
     with pytest.raises(hf.UnsupportedModel, match="recurrent state carried into a context-parallel Gated DeltaNet "
                                                   "delta rule .*prefill the whole prompt at once"):
         run(q, k, v, g=g, beta=beta, initial_state=torch.zeros(B, 4, 4, 3, dtype=torch.float64))
+
+
+def test_module_handlers_leave_classes_alone():
+    """A module run whole by a module handler gets a forward of its own: torch's classes (RWKV's token shift is a
+    ZeroPad2d, RecurrentGemma's convolution a Conv1d) keep theirs for every other instance, and a copy of the model
+    dispatches its own modules."""
+    import copy
+
+    import transformers
+
+    from .test_hf_sweep import tiny_config
+
+    pad, conv = torch.nn.modules.padding._ConstantPadNd.forward, torch.nn.Conv1d.forward
+    hf.register(layout="zigzag")
+    model = transformers.RwkvForCausalLM(tiny_config("rwkv", {}, "eager"))
+    model.config._attn_implementation = "ring"
+    hf.prepare(model)
+    assert torch.nn.modules.padding._ConstantPadNd.forward is pad and torch.nn.Conv1d.forward is conv
+    torch.jit.script(torch.nn.Sequential(torch.nn.ConstantPad1d(1, 0.0)))  # torch's own forward, scriptable
+    shift = copy.deepcopy(model).rwkv.blocks[0].attention.time_shift
+    assert shift.forward.__self__ is shift

@@ -16,9 +16,10 @@ rebound the same way.
 
 Some mixers keep their recurrence inline in their forward, or mix tokens in a submodule (a token shift, a
 ``Conv1d``), with no function to rebind. Such a module is recognised by what it is or calls, through a ``match``
-predicate registered with ``@handles_module(name, what, match)``; its class's forward is rebound to a dispatcher
-that, for a matched instance inside a ring forward, runs the handler with the module's own forward to call over
-this rank's pieces (with a state it reads from a cache, or a halo of the tokens before each piece).
+predicate registered with ``@handles_module(name, what, match)``; each matched instance gets a forward of its
+own (its class, torch's included, is left alone) that inside its ring forward runs the handler with the module's
+own forward to call over this rank's pieces (with a state it reads from a cache, or a halo of the tokens before
+each piece).
 
 ``model.generate()``: the prompt's forward (prefill) runs the mixers context-parallel as any forward, and each
 handler given the generation cache also leaves in it what the module's own single-token path reads next, on
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -373,17 +375,26 @@ def _dispatcher(name: str, original: Callable) -> Callable:
     return dispatch
 
 
-def _module_dispatcher(original: Callable) -> Callable:
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        call = _ACTIVE.get()
-        h = module_handler(self) if call is not None and call.module is self else None
-        if h is None:
-            return original(self, *args, **kwargs)
-        return h.run(functools.partial(original, self), call, *args, **kwargs)
+def _module_forward(self, *args, **kwargs):
+    """The forward ``install`` gives each module a module handler matches, on the instance (no class is changed:
+    other instances, of torch's own classes too, keep theirs): its own forward, or inside its ring forward the
+    handler with that forward to call."""
+    inner = self.__dict__.get("_ringattn_inner_forward")
+    run = inner if inner is not None else functools.partial(type(self).forward, self)
+    call = _ACTIVE.get()
+    h = MODULE_HANDLERS.get(self.__dict__.get("_ringattn_handler")) if call is not None and call.module is self \
+        else None
+    return run(*args, **kwargs) if h is None else h.run(run, call, *args, **kwargs)
 
-    forward._ringattn_original = original
-    return forward
+
+def _dispatch_module(m: torch.nn.Module, handler: ModuleHandler) -> None:
+    m.__dict__["_ringattn_handler"] = handler.name
+    current = m.__dict__.get("forward")
+    if isinstance(current, types.MethodType) and current.__func__ is _module_forward:
+        return
+    # A forward already set on the instance (accelerate's hooks) stays the one that runs.
+    m.__dict__["_ringattn_inner_forward"] = current
+    m.forward = types.MethodType(_module_forward, m)
 
 
 def _patch(cls: type) -> None:
@@ -395,14 +406,6 @@ def _patch(cls: type) -> None:
                 setattr(owner, n, _dispatcher(n, owner.__dict__[n]))
         elif not hasattr(g[n], "_ringattn_original"):
             g[n] = _dispatcher(n, g[n])
-
-
-def _patch_module(cls: type) -> None:
-    # The class that defines the forward instances run: rebound there, so that copies of the model and the
-    # module's subclasses dispatch alike; outside a matched instance's ring forward it is the original.
-    owner = next(c for c in cls.__mro__ if "forward" in c.__dict__)
-    if not hasattr(owner.__dict__["forward"], "_ringattn_original"):
-        owner.forward = _module_dispatcher(owner.__dict__["forward"])
 
 
 def _settings(module) -> RingSettings | None:
@@ -498,7 +501,8 @@ def _prefill_mask(module, args: tuple, kwargs: dict, gen) -> tuple:
     mask is passed by position."""
     if all(r == (0, gen.seq_len) for r in gen.ranges):
         return args
-    params = [p for p in inspect.signature(module.forward).parameters if p != "self"]
+    # The class's forward: a module handler's instance forward takes (*args, **kwargs)
+    params = [p for p in inspect.signature(type(module).forward).parameters if p != "self"]
     name = next((n for n in _MASK_PARAMS if n in params), None)
     if name is None:
         raise UnsupportedModel(
@@ -546,8 +550,9 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         if h is not None and h.prepare is not None:
             h.prepare(model)
     for path, m in found:
-        if module_handler(m) is not None:
-            _patch_module(type(m))
+        handler = module_handler(m)
+        if handler is not None:
+            _dispatch_module(m, handler)
         else:
             _patch(type(m))
         m.__dict__["_ringattn_config"] = getattr(model, "config", None)
