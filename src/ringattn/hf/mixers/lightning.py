@@ -62,6 +62,14 @@ WHAT = "lightning attention (linear attention with decay)"
 WHY = "MiniMax's decoder takes no cache but its own class, MiniMaxCache"
 
 
+def _check_shape(call: MixerCall, acts: int, norms: int) -> None:
+    if acts != 1 or norms != 1:
+        # The inherited state's part would be missing or misplaced: never a silently wrong output.
+        raise RuntimeError(f"{call.where}: its forward applied act_fn {acts} and norm {norms} times, where lightning "
+                           "attention applies each once (to the query-key-value projection, and to the mixed values "
+                           "before the output gate)")
+
+
 @handles_module("lightning_attention", WHAT, is_lightning, refuse_cached_generate(WHAT, WHY))
 def run(forward, call: MixerCall, *args, **kwargs):
     """The module's forward over every rank's tokens: ``(output, None)``. The module returns its final state beside
@@ -90,7 +98,17 @@ def run(forward, call: MixerCall, *args, **kwargs):
         m_ = m[0] if masked else None
         state = LinearStateCache()
         if initial is None:
-            y, _ = forward(x_, attention_mask=m_, cache=state, **params)
+            # The summary pass runs on every rank before the exchange: the forward's shape (act_fn and norm each
+            # applied once, which the correction below hooks into) is checked here, where a failure is every rank's.
+            seen = []
+            hooks = [mod.register_forward_hook(lambda *a, mod=mod: seen.append(mod))
+                     for mod in (module.act_fn, module.norm)]
+            try:
+                y, _ = forward(x_, attention_mask=m_, cache=state, **params)
+            finally:
+                for h in hooks:
+                    h.remove()
+            _check_shape(call, seen.count(module.act_fn), seen.count(module.norm))
             return y, state.final
         qkv, normed = [], []
         n = x_.shape[1]
@@ -113,11 +131,7 @@ def run(forward, call: MixerCall, *args, **kwargs):
         finally:
             for h in hooks:
                 h.remove()
-        if len(qkv) != 1 or len(normed) != 1:
-            # The inherited state's part would be missing or misplaced: never a silently wrong output.
-            raise RuntimeError(f"{call.where}: its forward applied act_fn {len(qkv)} and norm {len(normed)} times, "
-                               "where lightning attention applies each once (to the query-key-value projection, and "
-                               "to the mixed values before the output gate)")
+        _check_shape(call, len(qkv), len(normed))
         decay = transition(x_).to(initial.dtype)
         return y, decay * initial + state.final.to(initial.dtype)
 
