@@ -247,3 +247,30 @@ def test_feed_forward_per_token_only_where_its_parts_are():
         seen.update({type(m).__name__: features._per_token_feed_forward(m) for m in model.modules()
                      if "FeedForward" in type(m).__name__})
     assert seen == {"xLSTMFeedForward": True, "RwkvFeedForward": False}, seen
+
+
+def test_feed_forward_with_a_token_mixing_part_or_call_is_a_suspect():
+    """Named like a feed-forward, but holding attention or a softmax over some dim, or calling a roll in its forward:
+    not per token (the model-wide check then refuses or handles it)."""
+    from ringattn.hf import features
+
+    class XlstmFeedForward(torch.nn.Module):  # noqa: N801 - named as the families name theirs
+        def __init__(self, part):
+            super().__init__()
+            self.up, self.part = torch.nn.Linear(4, 4), part
+
+        def forward(self, x):
+            return self.part(self.up(x))
+
+    class RollingFeedForward(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.roll(self.up(x), 1, dims=1)
+
+    assert features._per_token_feed_forward(XlstmFeedForward(torch.nn.SiLU()))
+    assert not features._per_token_feed_forward(XlstmFeedForward(torch.nn.Softmax(dim=1)))
+    assert not features._per_token_feed_forward(XlstmFeedForward(torch.nn.MultiheadAttention(4, 1)))
+    assert not features._per_token_feed_forward(RollingFeedForward())

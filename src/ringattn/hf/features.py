@@ -204,12 +204,25 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
             feature="attention off transformers' attention interface is not supported")
 
 
+# Activations that act on each element alone (torch.nn.modules.activation also holds Softmax over a dim and
+# MultiheadAttention, which may reach other tokens).
+_ELEMENTWISE = (torch.nn.ReLU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Sigmoid, torch.nn.Tanh, torch.nn.Identity,
+                torch.nn.Dropout, torch.nn.Linear, torch.nn.Mish, torch.nn.LeakyReLU, torch.nn.ELU, torch.nn.Softplus)
+# Calls in a forward that reach along the sequence.
+_SEQUENCE_OPS = frozenset({"pad", "roll", "cumsum", "cumprod", "conv1d", "shift", "einsum", "bmm", "matmul", "scan",
+                           "softmax", "flip", "unfold"})
+
+
 def _per_token_feed_forward(m: torch.nn.Module) -> bool:
-    """A feed-forward whose parts are all linear maps, activations or dropout: nothing in it reaches another token."""
+    """A feed-forward whose parts are all linear maps, elementwise activations or dropout and whose forward calls
+    nothing that reaches along the sequence: a module named after a mixer family (xLSTM's) that mixes no tokens."""
+    from .mixers.base import forward_of
+
     parts = list(m.modules())[1:]
-    return bool(_FEED_FORWARD_NAMES.search(type(m).__name__)) and bool(parts) and all(
-        isinstance(k, (torch.nn.Linear, torch.nn.Dropout, torch.nn.Identity))
-        or type(k).__module__ in ("torch.nn.modules.activation", "transformers.activations") for k in parts)
+    fwd = forward_of(type(m))
+    return (bool(_FEED_FORWARD_NAMES.search(type(m).__name__)) and bool(parts) and fwd is not None
+            and not (_SEQUENCE_OPS & set(fwd.__code__.co_names))
+            and all(isinstance(k, _ELEMENTWISE) or type(k).__module__ == "transformers.activations" for k in parts))
 
 
 def _layer_of(model, path: str) -> int | None:
