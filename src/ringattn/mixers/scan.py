@@ -135,7 +135,7 @@ def scan_states_p2p(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None
     mine = local_pieces(plan)
     given = {(id(rp), p): s for (rp, p), s in zip(mine, summaries)}
     states: dict[tuple[int, object], torch.Tensor | None] = {}
-    ties = []
+    ties, last = [], None
     for rp in plan.plans:
         rows = len(rp.rows) if rp.rows is not None else batch
         local = [p for p in rp.pieces if p.rank == plan.rank]
@@ -157,6 +157,9 @@ def scan_states_p2p(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None
             torch.zeros(0, rows, mn + sn, dtype=dtype, device=device)
         if anchor is not None and not packed.requires_grad:
             packed = Tie.apply(packed, anchor) if anchor.requires_grad else packed.detach().requires_grad_()
+        if last is not None and packed.requires_grad:
+            # Row plans one after another in backward too, on every rank alike: their messages have the same shapes
+            packed = Tie.apply(packed, last)
         rounds = _rounds(rp, plan.rank)
         for j, (rnd, links) in enumerate(rounds):
             received = Exchange.apply(packed, plan.group, rnd) if plan.world > 1 else packed[:0]
@@ -168,6 +171,7 @@ def scan_states_p2p(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None
                     else:
                         states[(id(rp), p)] = shifted[li][:, mn:].reshape(rows, *state_shape)
                 ties.append(received.sum() * 0 + packed.sum() * 0)
+                last = received
                 break
             elems = list(packed.unbind(0))
             new = list(elems)
