@@ -117,15 +117,15 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
                 anchor: torch.Tensor | None = None, combine: str = "auto"
                 ) -> tuple[list[torch.Tensor | None], torch.Tensor]:
     """The initial state of each of this rank's pieces (``local_pieces`` order; None: a document
-    start, zero state) from every rank's summaries, by one all-gather and a fold in global order.
+    start, zero state) from every rank's summaries, combined in global order (``combine``).
 
     ``summaries[i]``: ``(M, S)`` of local piece i, shapes ``(rows, *transition_shape)`` and
     ``(rows, *state_shape)`` (``rows``: that piece's batch rows), given exactly where the piece ``feeds``
-    a later one, else None. Returns the states and the gathered buffer (tie it into the outputs with
-    ``Tie`` so that every rank takes part in its backward). ``anchor``: where any rank's summaries need a
-    gradient, a tensor on every rank, preferably an input that needs one (a buffer without a gradient
-    is tied to it, so that every rank runs the gather's backward). ``dtype``: the summaries'
-    (``summary_dtype``). ``combine``: ``"gather"`` (one all-gather, then each rank folds what is before
+    a later one, else None. Returns the states and a tensor to tie into the outputs with ``Tie`` so that
+    every rank takes part in the combine's backward (the gathered buffer; the scan's last round). ``anchor``:
+    where any rank's summaries need a gradient, a tensor on every rank, preferably an input that needs one
+    (a buffer without a gradient is tied to it, so that every rank runs the combine's backward). ``dtype``:
+    the summaries' (``summary_dtype``). ``combine``: ``"gather"`` (one all-gather, then each rank folds what is before
     its pieces), ``"scan"`` (the log-depth scan of ``mixers/scan.py``: point-to-point rounds, fewer bytes
     and less work per rank on many ranks), ``"auto"`` (the scan from ``SCAN_FROM`` ranks). Every rank
     must call it, with the same ``combine``."""
