@@ -189,7 +189,7 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
             "(run this model without context parallelism)",
             module=path, layer=layer_index(m), feature="token mixing outside attention that ringattn does not know")
     if handled:
-        _MIXER_LAYERS[id(config)] = (weakref.ref(config), {_layer_of(model, p) for p in handled})
+        _MIXER_LAYERS[id(config)] = (weakref.ref(config), {refusals.layer_of(model, p) for p in handled})
     _check_layer_types(config)
     on_interface = getattr(type(model), "_supports_attention_backend", False) or (
         bool(handled) and getattr(config, "model_type", None) in _HYBRIDS_ON_INTERFACE)
@@ -223,17 +223,6 @@ def _per_token_feed_forward(m: torch.nn.Module) -> bool:
     return (bool(_FEED_FORWARD_NAMES.search(type(m).__name__)) and bool(parts) and fwd is not None
             and not (_SEQUENCE_OPS & set(fwd.__code__.co_names))
             and all(isinstance(k, _ELEMENTWISE) or type(k).__module__ == "transformers.activations" for k in parts))
-
-
-def _layer_of(model, path: str) -> int | None:
-    """The layer a mixer at ``path`` belongs to: its own ``layer_idx``, else its nearest holder's (RecurrentGemma's
-    RG-LRU and convolution keep none), else the index of the layer list entry holding it."""
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        idx = layer_index(model.get_submodule(".".join(parts[:i])))
-        if idx is not None:
-            return idx
-    return next((int(p) for p in parts if p.isdigit()), None)
 
 
 # Hybrids that transformers leaves off _supports_attention_backend (the flag means a vLLM/TGI backend can run

@@ -23,10 +23,23 @@ def model_name(config) -> str:
 
 
 def layer_index(module) -> int | None:
-    """The decoder-layer index a module carries, where it has one: a negative one (Zamba2's attention block,
-    shared by several layers, has -1) names no layer."""
+    """The decoder-layer index a module carries, where it has one (or ``prepare`` found for it: ``layer_of``): a
+    negative one (Zamba2's attention block, shared by several layers, has -1) names no layer."""
     idx = getattr(module, "layer_idx", None)
+    if not isinstance(idx, int):
+        idx = getattr(module, "__dict__", {}).get("_ringattn_layer_idx")
     return idx if isinstance(idx, int) and idx >= 0 else None
+
+
+def layer_of(model, path: str) -> int | None:
+    """The layer a module at ``path`` belongs to: its own index, else its nearest holder's (RecurrentGemma's RG-LRU
+    and convolution keep none), else the index of the layer list entry holding it."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        idx = layer_index(model.get_submodule(".".join(parts[:i])))
+        if idx is not None:
+            return idx
+    return next((int(p) for p in parts if p.isdigit()), None)
 
 
 def where(module, config=None) -> str:

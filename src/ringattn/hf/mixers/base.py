@@ -51,7 +51,7 @@ from ...layouts import global_positions, padded_len
 from ...sharding import shard
 from .. import forward, generation, positions
 from ..forward import Batch
-from ..refusals import UnsupportedModel, layer_index, model_name, where
+from ..refusals import UnsupportedModel, layer_index, layer_of, model_name, where
 from ..registry import SETTINGS, RingSettings
 
 
@@ -161,6 +161,20 @@ def mixes(module: torch.nn.Module) -> list[str]:
 
 # Functions of the modeling files that mixers call and that act on each token alone.
 PER_TOKEN = frozenset({"apply_mask_to_padding_states", "l2norm", "rms_norm_gated"})
+
+
+def arguments(fn: Callable, args: tuple, kwargs: dict, *, defaults: bool = False) -> dict:
+    """``fn(*args, **kwargs)``'s arguments by name, its ``**kwargs`` flattened in (with ``defaults``, the unpassed
+    ones at their defaults): what a handler reads of the call it stands in for."""
+    sig = inspect.signature(fn)
+    bound = sig.bind(*args, **kwargs)
+    if defaults:
+        bound.apply_defaults()
+    params = dict(bound.arguments)
+    for name, p in sig.parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            params.update(params.pop(name, {}))
+    return params
 
 
 def forward_of(cls: type):
@@ -556,6 +570,8 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         else:
             _patch(type(m))
         m.__dict__["_ringattn_config"] = getattr(model, "config", None)
+        if layer_index(m) is None:  # messages name the layer of a mixer that keeps no index (RecurrentGemma's)
+            m.__dict__["_ringattn_layer_idx"] = layer_of(model, path)
         layer = next((lay for p, lay in layers if path.startswith(p + ".")), None)
         if layer is not None:
             m.__dict__["_ringattn_layer"] = layer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ... import mixers as mx
-from ..refusals import UnsupportedModel
+from ..refusals import UnsupportedModel, layer_index
 from .base import MixerCall, handles, handles_module
 
 
@@ -58,7 +58,7 @@ def conv_module(forward, call: MixerCall, input: torch.Tensor, *args, **kwargs) 
         raise UnsupportedModel(
             f"{call.where}: a context-parallel Conv1d takes one batched input (batch, channels, len), got {shape}"
             f"{' and more arguments' if args or kwargs else ''}; run this model without context parallelism",
-            layer=getattr(m, "layer_idx", None), feature="a Conv1d called other than on one batched input")
+            layer=layer_index(m), feature="a Conv1d called other than on one batched input")
     holder = _holder(call) if call.seq_len else None
     if call.seq_len:
         if holder is None or not hasattr(holder, "conv1d_state"):
@@ -66,7 +66,7 @@ def conv_module(forward, call: MixerCall, input: torch.Tensor, *args, **kwargs) 
                 f"{call.where}: model.generate() needs the convolution inputs of the prompt's last {k - 1} positions "
                 "where its caller keeps them for decoding, which ringattn knows only for RecurrentGemma's recurrent "
                 "block (conv1d_state): generation with this model under context parallelism is not supported; "
-                "generate without context parallelism", layer=getattr(m, "layer_idx", None),
+                "generate without context parallelism", layer=layer_index(m),
                 feature="generation with a Conv1d whose caller keeps its state")
         if holder.conv1d_state is not None:  # (None: generating without a cache, it keeps none)
             # The caller kept its own shard's last inputs: the prompt's, on every rank (zeros before position 0).

@@ -8,13 +8,11 @@ state is ``M``. ``delta_rule`` is shared with Kimi's delta attention (``kda.py``
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from ... import mixers as mx
 from ..refusals import UnsupportedModel, layer_index
-from .base import MixerCall, handles
+from .base import MixerCall, arguments, handles
 
 # Keywords that describe the whole sequence (its packed documents), not this rank's spans: the plan cuts the
 # documents, so they are dropped (transformers' torch rules refuse cu_seqlens; a fused kernel would misread it).
@@ -31,12 +29,7 @@ def delta_rule(original, call: MixerCall, what: str, *args, **kwargs):
     queries and keys ``(batch, len, heads_k, K)``, values ``(batch, len, heads, V)``, context-parallel: every
     rank's pieces from their true initial states (``ringattn.mixers.run_fragments``, kind ``dense``)."""
     # transformers wraps the rule in a module for kernelize; its forward carries the signature.
-    sig = inspect.signature(original.forward if isinstance(original, torch.nn.Module) else original)
-    bound = sig.bind(*args, **kwargs)
-    params = dict(bound.arguments)
-    for name, p in sig.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            params.update(params.pop(name, {}))
+    params = arguments(original.forward if isinstance(original, torch.nn.Module) else original, args, kwargs)
     q, k, v, g, beta = (params.pop(n) for n in ("query", "key", "value", "g", "beta"))
     initial_state = params.pop("initial_state", None)
     final = bool(params.pop("output_final_state", False))

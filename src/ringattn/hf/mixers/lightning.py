@@ -16,11 +16,17 @@ follow are nonlinear, so the correction cannot be added to the module's output: 
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from .base import MixerCall, cached_generate_refusal, calls, forward_of, handles_module, refuse_cached_generate
+from .base import (
+    MixerCall,
+    arguments,
+    cached_generate_refusal,
+    calls,
+    forward_of,
+    handles_module,
+    refuse_cached_generate,
+)
 
 # What the forward reads and writes that makes it this recurrence: the cache's linear state, the decay per head and
 # the blocked path's decay tables.
@@ -75,11 +81,7 @@ def run(forward, call: MixerCall, *args, **kwargs):
     """The module's forward over every rank's tokens: ``(output, None)``. The module returns its final state beside
     its output, which the decoder layer drops; no rank holds the whole sequence's."""
     module = call.module
-    bound = inspect.signature(forward).bind(*args, **kwargs)
-    params = dict(bound.arguments)
-    for name, p in inspect.signature(forward).parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            params.update(params.pop(name, {}))
+    params = arguments(forward, args, kwargs)
     x = params.pop("hidden_states")
     mask = params.pop("attention_mask", None)
     if params.pop("cache", None) is not None:

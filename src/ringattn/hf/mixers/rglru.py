@@ -19,7 +19,7 @@ import torch
 
 from ... import mixers as mx
 from ...mixers.fragments import agree
-from ..refusals import UnsupportedModel
+from ..refusals import UnsupportedModel, layer_index
 from .base import MixerCall, handles
 
 _DEFAULT = object()
@@ -44,7 +44,7 @@ def rnn_scan(original, call: MixerCall, module, hidden_states: torch.Tensor, rec
         error = UnsupportedModel(
             f"{call.where}: a recurrent state carried into a context-parallel RG-LRU whose first position is not 0 "
             "(a cache continued by more than one token); prefill the whole prompt at once, or pass use_cache=False "
-            "to train or score", layer=getattr(call.module, "layer_idx", None),
+            "to train or score", layer=layer_index(call.module),
             feature="a carried recurrent state for the RG-LRU")
     # (A generate prefill's plan has the prompt and the layout's padding after it as its documents.)
     start = None if error is not None or call.seq_len else _start_not_reset(plan, keep, call.batch.position_ids)
@@ -56,7 +56,7 @@ def rnn_scan(original, call: MixerCall, module, hidden_states: torch.Tensor, rec
             "starts a document where position_ids is 0 (its own rule), so it would run this one as neither the "
             "packed sequence nor the document alone: pass position_ids that restart at 0 at every document "
             "(ringattn.hf.shard_batch(..., position_ids=...) shards them)",
-            layer=getattr(call.module, "layer_idx", None),
+            layer=layer_index(call.module),
             feature="packed documents whose position_ids do not restart at 0 with RG-LRU layers")
     agree(plan, error, f"{call.where}: RG-LRU")
 

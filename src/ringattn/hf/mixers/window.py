@@ -20,7 +20,7 @@ import torch
 from ... import mixers as mx
 from ...mixers.fragments import agree
 from ..refusals import UnsupportedModel, layer_index
-from .base import MixerCall, forward_of, handles_module
+from .base import MixerCall, arguments, forward_of, handles_module
 
 # What the forward must call: a padding of its own, and the cache's conv and recurrent states.
 _CALLS = frozenset({"pad", "get_conv_state", "update_conv_state", "get_recurrent_state", "update_recurrent_state"})
@@ -55,9 +55,7 @@ def matches(module: torch.nn.Module) -> bool:
 
 
 def _bind(forward, args, kwargs) -> tuple[torch.Tensor, object, torch.Tensor | None]:
-    bound = inspect.signature(forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
+    a = arguments(forward, args, kwargs, defaults=True)
     return a["hidden_states"], a.get("cache"), a.get("conv_mask")
 
 

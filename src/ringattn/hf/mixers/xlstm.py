@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..refusals import UnsupportedModel
-from .base import MixerCall, _modeling_function, forward_of, handles_module, refuse_cached_generate
+from .base import MixerCall, _modeling_function, arguments, forward_of, handles_module, refuse_cached_generate
 
 WHAT = "mLSTM (xLSTM) matrix memory"
 # What the backend's forward takes: the per-token projections and gates, and the stabilised state (C, n, m).
@@ -55,9 +55,7 @@ def mlstm(forward, call: MixerCall, *args, **kwargs):
     In a generate prefill it returns the state after the prompt on every rank, as the model stores it in its cache."""
     module = call.module
     config = module.config
-    bound = inspect.signature(forward).bind(*args, **kwargs)
-    bound.apply_defaults()
-    p = bound.arguments
+    p = arguments(forward, args, kwargs, defaults=True)
     q, k, v, ig, fg = (p[n] for n in _ARGS[:5])
     c0, n0, m0 = p["c_initial"], p["n_initial"], p["m_initial"]
     mode = p["mode"] or config.mode
