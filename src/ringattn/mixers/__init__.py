@@ -10,18 +10,8 @@ forward and backward, against one process over the whole sequence, every documen
 
 from .fragments import Fragments, Piece, RowPlan, fragments
 from .halo import causal_conv1d, causal_windows
-from .state import (
-                    EMPTY_LOG_SCALE,
-                    KINDS,
-                    apply,
-                    compose,
-                    empty_state,
-                    fold,
-                    local_pieces,
-                    run_fragments,
-                    scan_states,
-                    summary_dtype,
-)
+from .state import run_fragments, scan_states
+from .summaries import EMPTY_LOG_SCALE, KINDS, apply, compose, empty_state, fold, local_pieces, summary_dtype
 
 __all__ = ["EMPTY_LOG_SCALE", "KINDS", "Fragments", "Piece", "RowPlan", "apply", "causal_conv1d", "causal_windows",
            "compose", "empty_state", "fold", "fragments", "local_pieces", "run_fragments", "scan_states",

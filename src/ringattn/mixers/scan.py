@@ -12,7 +12,7 @@ which stops paying past about 16 ranks for K x K transitions (numbers in docs/ap
     shift                    each piece's initial state = S of the composition ending just before it
 
 A piece that starts a document enters with ``M = 0`` (it ignores what came before); a piece that feeds
-nothing enters as zero. Composition is ``state.compose``, so every kind (diagonal, dense, log) works alike.
+nothing enters as zero. Composition is ``summaries.compose``, so every kind (diagonal, dense, log) works alike.
 
 Autograd: each round is one ``Exchange`` (forward: the messages; backward: the same messages reversed,
 carrying the gradients of what was received back to its sender). Every rank runs every round, also one
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from .fragments import Fragments, RowPlan, Tie
-from .state import EMPTY_LOG_SCALE, compose, local_pieces
+from .summaries import EMPTY_LOG_SCALE, compose, local_pieces
 
 
 @dataclass(frozen=True)

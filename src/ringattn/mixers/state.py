@@ -26,85 +26,26 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .fragments import Fragments, Piece, RowPlan, Tie, agree, all_gather, as_contiguous, check_sharding, regroup
+from .fragments import Fragments, RowPlan, Tie, agree, all_gather, as_contiguous, check_sharding, regroup
+from .scan import scan_states_p2p
+from .summaries import (
+    KINDS,
+    WHAT,
+    empty_state,
+    fold,
+    local_pieces,
+    summary_dtype,
+    transition_shape_of,
+)
 
-KINDS = ("diagonal", "dense", "log")
 COMBINES = ("auto", "gather", "scan")
 # From this many ranks "auto" combines the summaries by the log-depth scan (mixers/scan.py) rather than the
 # all-gather: past it each rank receives and folds more than the scan moves and composes (docs/api.md).
 SCAN_FROM = 16
-WHAT = "ringattn.mixers.run_fragments"
-# The log scale of an empty state under kind="log": exp of it (less any finite log scale) is 0, with no
-# infinities whose differences would be NaN.
-EMPTY_LOG_SCALE = -1e30
 
 Step = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 Transition = Callable[..., torch.Tensor]
 Correct = Callable[..., torch.Tensor]
-
-
-def summary_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Summaries and passed states: float64 for float64 inputs, float32 otherwise (half-precision chains
-    of transitions lose the state)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def transition_shape_of(kind: str, state_shape: tuple[int, ...], transition_shape=None) -> tuple[int, ...]:
-    if kind == "dense":
-        if len(state_shape) < 2:
-            raise ValueError(f"{WHAT}: kind='dense' needs a state of shape (..., K, V), got {state_shape}")
-        return (*state_shape[:-1], state_shape[-2])
-    if kind == "log":
-        if len(state_shape) < 2 or state_shape[0] != 2:
-            raise ValueError(f"{WHAT}: kind='log' needs a state of shape (2, ...): its value and its log scale, "
-                             f"got {state_shape}")
-        shape = tuple(transition_shape) if transition_shape is not None else tuple(state_shape[1:])
-        if len(shape) != len(state_shape) - 1:
-            # (rows, *shape) must broadcast against the (rows, *state_shape[1:]) halves dim for dim
-            raise ValueError(f"{WHAT}: kind='log' takes a transition_shape with one dim fewer than the state "
-                             f"{state_shape} (it applies to the value and the log scale alike), got {shape}")
-        return shape
-    return tuple(transition_shape) if transition_shape is not None else tuple(state_shape)
-
-
-def apply(kind: str, m: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``M`` applied to a state: elementwise (diagonal, broadcast) or as a K x K matrix on (..., K, V); for
-    ``kind="log"``, ``log M`` added to the log scale (dim 1 of a ``(rows, 2, ...)`` state)."""
-    if kind == "log":
-        return torch.stack([h[:, 0], m + h[:, 1]], 1)
-    return m @ h if kind == "dense" else m * h
-
-
-def fold(kind: str, m: torch.Tensor, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The state after a span with summary ``(M, S)`` entered with state ``h``: ``M h + S``."""
-    if kind != "log":
-        return apply(kind, m, h) + s
-    a = m + h[:, 1]
-    top = torch.maximum(a, s[:, 1])
-    return torch.stack([torch.exp(a - top) * h[:, 0] + torch.exp(s[:, 1] - top) * s[:, 0], top], 1)
-
-
-def empty_state(kind: str, rows: int, state_shape: Sequence[int], dtype: torch.dtype,
-                device: torch.device | str | None = None) -> torch.Tensor:
-    """The state a span adds nothing to: zeros, and for ``kind="log"`` the log scale ``EMPTY_LOG_SCALE``."""
-    h = torch.zeros(rows, *state_shape, dtype=dtype, device=device)
-    if kind == "log":
-        h[:, 1] = EMPTY_LOG_SCALE
-    return h
-
-
-def compose(kind: str, later: tuple[torch.Tensor, torch.Tensor],
-            earlier: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summary of two consecutive spans: ``(M2, S2) o (M1, S1) = (M2 M1, M2 S1 + S2)`` (associative; for
-    ``kind="log"`` the transitions are logs, so ``M2 M1`` is their sum)."""
-    (m2, s2), (m1, s1) = later, earlier
-    return (m2 + m1 if kind == "log" else apply(kind, m2, m1)), fold(kind, m2, s2, s1)
-
-
-def local_pieces(plan: Fragments) -> list[tuple[RowPlan, Piece]]:
-    """This rank's pieces, row plan by row plan, each in local order: the order ``scan_states`` takes
-    summaries in and returns initial states in."""
-    return [(rp, p) for rp in plan.plans for p in rp.local_pieces(plan.rank)]
 
 
 def _rows(rp: RowPlan, batch: int) -> list[int]:
@@ -132,8 +73,6 @@ def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], p
     state_shape = tuple(state_shape)
     mshape = transition_shape_of(kind, state_shape, transition_shape)
     if _combine(combine, plan) == "scan":
-        from .scan import scan_states_p2p
-
         return scan_states_p2p(summaries, plan, kind=kind, state_shape=state_shape, mshape=mshape, batch=batch,
                                dtype=dtype, device=device, anchor=anchor)
     mn, sn = _numel(mshape), _numel(state_shape)
