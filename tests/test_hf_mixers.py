@@ -621,3 +621,35 @@ def test_module_handlers_leave_classes_alone():
     torch.jit.script(torch.nn.Sequential(torch.nn.ConstantPad1d(1, 0.0)))  # torch's own forward, scriptable
     shift = copy.deepcopy(model).rwkv.blocks[0].attention.time_shift
     assert shift.forward.__self__ is shift
+
+
+def _short_conv_fn(x, weight, bias):  # a modeling file's own convolution function, as LFM2's before 5.25
+    return torch.nn.functional.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=x.shape[1])
+
+
+_short_conv_fn.__module__ = "transformers.models.fake.modeling_fake"
+
+
+class FakeShortConv(torch.nn.Module):
+    """Holds a Conv1d that the Conv1d module handler would run, but hands its weights to a function of its own."""
+
+    def __init__(self, c: int = 4, k: int = 3):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(c, c, k, groups=c, padding=k - 1)
+
+    def forward(self, x):
+        return _short_conv_fn(x.transpose(1, 2), self.conv.weight, self.conv.bias)[..., :x.shape[1]].transpose(1, 2)
+
+
+def test_a_conv_whose_holder_calls_its_own_function_is_refused():
+    """The Conv1d looks handled, but its holder convolves with the weights in a function of its modeling file (LFM2
+    under transformers 5.24): refused naming the function, never run on each shard alone."""
+    from .test_hf_sweep import build
+
+    model, _ = build("llama", {}, 0)
+    model.model.layers[0].mixer = FakeShortConv()
+    model.config._attn_implementation = "ring"
+    hf.register(layout="zigzag")
+    with pytest.raises(hf.UnsupportedModel, match=r"model.layers.0.mixer \(FakeShortConv\) mixes tokens in "
+                                                  r"_short_conv_fn"):
+        hf.prepare(model)

@@ -153,7 +153,7 @@ def check_model(model: torch.nn.Module, *, prepared: bool = True) -> None:
                 "which ring attention has no way to apply on global positions (it would drop it); not supported "
                 "(run this model without context parallelism)", module=path, layer=layer_index(m),
                 feature="a learned position bias added to the attention scores (position_bias) is not supported")
-        unknown = unknown_functions(m)
+        unknown = unknown_functions(m) or _holder_calls(m, path, handled)
         if unknown:
             raise UnsupportedModel(
                 f"{name}: {path} ({cls}) mixes tokens in {', '.join(unknown)}, which ringattn does not run "
@@ -211,6 +211,23 @@ _ELEMENTWISE = (torch.nn.ReLU, torch.nn.GELU, torch.nn.SiLU, torch.nn.Sigmoid, t
 # Calls in a forward that reach along the sequence.
 _SEQUENCE_OPS = frozenset({"pad", "roll", "cumsum", "cumprod", "conv1d", "shift", "einsum", "bmm", "matmul", "scan",
                            "softmax", "flip", "unfold"})
+
+
+def _holder_calls(m: torch.nn.Module, path: str, handled: dict) -> list[str]:
+    """Where ``m`` holds a module ringattn runs whole whose weights a function may read instead of its forward (a
+    ``Conv1d``: ``part_of_function_mixers``) and is no handled mixer itself, the modeling functions its forward
+    calls that no handler runs: a holder may hand its part's weights to a function of its own (LFM2's short
+    convolution before transformers 5.25: ``causal_conv1d_fn(x, self.conv.weight)``), which would then mix each
+    rank's shard alone while the part it holds looks handled."""
+    from .mixers.base import calls, module_handler
+
+    def weights_part(h):
+        handler = module_handler(handled[h])
+        return handler is not None and handler.part_of_function_mixers
+
+    if path in handled or not any(h.startswith(path + ".") and weights_part(h) for h in handled):
+        return []
+    return calls(type(m))[2]
 
 
 def _per_token_feed_forward(m: torch.nn.Module) -> bool:
