@@ -653,3 +653,39 @@ def test_a_conv_whose_holder_calls_its_own_function_is_refused():
     with pytest.raises(hf.UnsupportedModel, match=r"model.layers.0.mixer \(FakeShortConv\) mixes tokens in "
                                                   r"_short_conv_fn"):
         hf.prepare(model)
+
+
+class TorchShortConv(torch.nn.Module):
+    """Holds a Conv1d that the Conv1d module handler runs, but convolves with its weights through torch directly."""
+
+    def __init__(self, c: int = 32, k: int = 3):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(c, c, k, groups=c, padding=k - 1)
+
+    def forward(self, x):
+        y = torch.nn.functional.conv1d(x.transpose(1, 2), self.conv.weight, self.conv.bias, padding=2, groups=32)
+        return x + y[..., :x.shape[1]].transpose(1, 2)
+
+
+def bypassed_conv_case() -> str:
+    from .test_hf_sweep import build
+
+    hf.register(layout="zigzag")
+    model, _ = build("llama", {}, 0)
+    layer = model.model.layers[0]
+    layer.mixer = TorchShortConv().to(next(model.parameters()).dtype)
+    inner = layer.mlp.forward
+    layer.mlp.forward = lambda x: inner(layer.mixer(x))
+    model.config._attn_implementation = "ring"
+    hf.prepare(model)
+    sb = hf.shard_batch(torch.randint(3, 50, (1, 16)), layout="zigzag")
+    with pytest.raises(hf.UnsupportedModel) as e:
+        model(input_ids=sb["input_ids"], position_ids=sb["position_ids"], use_cache=False)
+    return str(e.value)
+
+
+def test_a_conv_bypassed_by_its_holder_is_refused_at_the_forward(ranks):
+    """The holder's forward convolves with the Conv1d's weights through torch (no modeling function to see):
+    refused on every rank at the first forward, since the Conv1d never ran through its forward."""
+    for msg in ranks.run(2, bypassed_conv_case):
+        assert "layer 0 (TorchShortConv): its Conv1d did not run through its forward" in msg, msg

@@ -398,7 +398,48 @@ def _module_forward(self, *args, **kwargs):
     call = _ACTIVE.get()
     h = MODULE_HANDLERS.get(self.__dict__.get("_ringattn_handler")) if call is not None and call.module is self \
         else None
-    return run(*args, **kwargs) if h is None else h.run(run, call, *args, **kwargs)
+    if h is None:
+        return run(*args, **kwargs)
+    self.__dict__["_ringattn_ran"] = True
+    return h.run(run, call, *args, **kwargs)
+
+
+def _holder_pre(holder, args, kwargs):
+    for part in holder.__dict__["_ringattn_parts"]:
+        part.__dict__["_ringattn_ran"] = False
+
+
+def _holder_post(holder, args, kwargs, output):
+    """A part whose weights a function may read instead of its forward (a ``Conv1d``) must have run through its
+    forward in the holder's ring forward: a holder that convolved with the weights another way would have mixed
+    this rank's shard alone. Every rank runs the same code, so every rank raises here alike."""
+    gen = generation.active()
+    if forward.current() is None or (gen is not None and not gen.prefill):
+        return
+    for part in holder.__dict__["_ringattn_parts"]:
+        if not part.__dict__.get("_ringattn_ran"):
+            raise UnsupportedModel(
+                f"{where(holder, holder.__dict__.get('_ringattn_config'))}: its {type(part).__name__} did not run "
+                "through its forward in this context-parallel forward, so the holder mixed the tokens with its "
+                "weights some other way, on this rank's shard alone; not supported (run this model without context "
+                "parallelism)", layer=layer_index(holder) or layer_index(part),
+                feature=f"a {type(part).__name__} whose weights its holder uses directly")
+
+
+def _watch_holder(model: torch.nn.Module, path: str, part: torch.nn.Module) -> None:
+    holder_path = path.rsplit(".", 1)[0] if "." in path else ""
+    holder = model.get_submodule(holder_path)
+    if holder_path and layer_index(holder) is None:
+        holder.__dict__["_ringattn_layer_idx"] = layer_of(model, holder_path)
+    parts = holder.__dict__.setdefault("_ringattn_parts", [])
+    if any(p is part for p in parts):
+        return
+    parts.append(part)
+    holder.__dict__.setdefault("_ringattn_config", getattr(model, "config", None))
+    if "_ringattn_holder_hooks" not in holder.__dict__:
+        holder.__dict__["_ringattn_holder_hooks"] = (
+            holder.register_forward_pre_hook(_holder_pre, with_kwargs=True),
+            holder.register_forward_hook(_holder_post, with_kwargs=True))
 
 
 def _dispatch_module(m: torch.nn.Module, handler: ModuleHandler) -> None:
@@ -567,6 +608,8 @@ def install(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         handler = module_handler(m)
         if handler is not None:
             _dispatch_module(m, handler)
+            if handler.part_of_function_mixers:
+                _watch_holder(model, path, m)
         else:
             _patch(type(m))
         m.__dict__["_ringattn_config"] = getattr(model, "config", None)
