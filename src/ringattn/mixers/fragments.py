@@ -57,6 +57,10 @@ class RowPlan:
     fragments: tuple[tuple[tuple[int, int, int], ...], ...]  # per rank: (local, start, length) of each fragment
     pieces: tuple[Piece, ...]
 
+    def batch_rows(self, batch: int) -> list[int]:
+        """The batch rows this plan covers, of a batch of ``batch``."""
+        return list(self.rows) if self.rows is not None else list(range(batch))
+
     def doc_start(self, pos: int) -> int:
         return self.bounds[bisect.bisect_right(self.bounds, pos) - 1]
 

@@ -85,7 +85,7 @@ def _conv(x: torch.Tensor, w: torch.Tensor, plan: Fragments, k: int) -> torch.Te
 
     outs, order = [], []
     for rp in plan.plans:
-        rows = list(rp.rows) if rp.rows is not None else list(range(batch))
+        rows = rp.batch_rows(batch)
         xr = x if rp.rows is None else x.index_select(0, torch.tensor(rows, device=x.device))
         g = gathered if rp.rows is None else gathered[:, torch.tensor(rows, device=x.device)]
         # (rows, W * slots * (k - 1) + 1, channels): every tail row, then a zero row for positions < 0
@@ -185,7 +185,7 @@ def _windows(fn, inputs: list[torch.Tensor], h: int, plan: Fragments):
     gathered = [_gather_tails(x, plan, h, slots) for x in inputs] if h > 0 else []
     outs, order, single = [], [], None
     for rp in plan.plans:
-        rows = list(rp.rows) if rp.rows is not None else list(range(batch))
+        rows = rp.batch_rows(batch)
         index = None if rp.rows is None else torch.tensor(rows, device=inputs[0].device)
         xs = [x if index is None else x.index_select(0, index) for x in inputs]
         # (rows, W * slots * h, ...): every tail row of every rank
@@ -234,7 +234,7 @@ def _gather_tails(x: torch.Tensor, plan: Fragments, h: int, slots: int) -> torch
     batch, rest = x.shape[0], x.shape[2:]
     parts, order = [], []
     for rp in plan.plans:
-        rows = list(rp.rows) if rp.rows is not None else list(range(batch))
+        rows = rp.batch_rows(batch)
         xr = x if rp.rows is None else x.index_select(0, torch.tensor(rows, device=x.device))
         tails = []
         for local, _, length in rp.fragments[plan.rank]:

@@ -49,7 +49,7 @@ Correct = Callable[..., torch.Tensor]
 
 
 def _rows(rp: RowPlan, batch: int) -> list[int]:
-    return list(rp.rows) if rp.rows is not None else list(range(batch))
+    return rp.batch_rows(batch)
 
 
 def scan_states(summaries: Sequence[tuple[torch.Tensor, torch.Tensor] | None], plan: Fragments, *, kind: str,

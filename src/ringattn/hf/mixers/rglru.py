@@ -89,7 +89,7 @@ def _start_not_reset(plan: mx.Fragments, keep: torch.Tensor, position_ids: torch
     b, n = keep.shape[:2]
     pos = position_ids.expand(b, n) if position_ids is not None and position_ids.shape[-1] == n else None
     for rp in plan.plans:
-        rows = list(rp.rows) if rp.rows is not None else list(range(b))
+        rows = rp.batch_rows(b)
         for p in rp.local_pieces(plan.rank):
             if not p.fresh or p.start == 0 or not bool((keep[rows, p.local] != 0).any()):
                 continue
@@ -103,7 +103,7 @@ def _start_not_reset(plan: mx.Fragments, keep: torch.Tensor, position_ids: torch
 def _continues(plan: mx.Fragments, keep: torch.Tensor) -> bool:
     """Whether the sequence's first position is among this rank's tokens and does not reset in some row."""
     for rp in plan.plans:
-        rows = list(rp.rows) if rp.rows is not None else list(range(keep.shape[0]))
+        rows = rp.batch_rows(keep.shape[0])
         for p in rp.local_pieces(plan.rank):
             if p.start == 0 and bool((keep[rows, p.local] != 0).any()):
                 return True
